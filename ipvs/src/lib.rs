@@ -1,0 +1,1 @@
+//! Typed async client for the kernel IPVS generic-netlink family (placeholder).

@@ -1,0 +1,1 @@
+//! eBPF datapath programs and the `#[repr(C)]` mirrors of their maps (placeholder).
