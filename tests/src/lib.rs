@@ -7,9 +7,12 @@
 pub mod cmd;
 pub mod ipvsadm;
 pub mod netns;
+pub mod topology;
+pub mod traffic;
 
 pub use cmd::{sh, sh_ok, sh_status};
 pub use netns::Netns;
+pub use topology::Topology;
 
 /// Panics with a clear message unless running inside the kernel lab (`scripts/lab test`
 /// sets `LAB=1`): lab tests change the kernel's global state and need IPVS.

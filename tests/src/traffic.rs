@@ -1,0 +1,152 @@
+//! Bounded test traffic inside namespaces: a TCP/UDP server that answers with its own
+//! address, and clients that make one request each. Every call has a timeout.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::netns::Netns;
+
+/// How long any single test connection may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn enter(ns_path: &str) {
+    let f = std::fs::File::open(ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {ns_path}: {e}"));
+}
+
+/// A server in a namespace answering every TCP connection (and UDP datagram) on `addr` with
+/// `"<peer> -> <local>\n"`: the client learns which source address the server saw.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts a TCP server on `addr` inside `ns`.
+    pub fn tcp(ns: &Netns, addr: SocketAddr) -> Server {
+        let (stop, served) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let path = ns.path();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, n) = (stop.clone(), served.clone());
+        let t = std::thread::spawn(move || {
+            enter(&path);
+            let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            l.set_nonblocking(true).expect("nonblocking");
+            let _ = ready_tx.send(());
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, peer)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(IO_TIMEOUT));
+                        let mut buf = [0u8; 4096];
+                        let _ = c.read(&mut buf);
+                        let local = c.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let _ = c.write_all(format!("{peer} -> {local}\n").as_bytes());
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(IO_TIMEOUT).expect("server ready");
+        Server {
+            stop,
+            served,
+            threads: vec![t],
+        }
+    }
+
+    /// Starts a UDP server on `addr` inside `ns` (answers each datagram; `reply_size` pads the
+    /// answer, e.g. to force IP fragmentation).
+    pub fn udp(ns: &Netns, addr: SocketAddr, reply_size: usize) -> Server {
+        let (stop, served) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let path = ns.path();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, n) = (stop.clone(), served.clone());
+        let t = std::thread::spawn(move || {
+            enter(&path);
+            let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                    let mut msg = format!("{peer} -> {addr}\n").into_bytes();
+                    if msg.len() < reply_size {
+                        msg.resize(reply_size, b'.');
+                    }
+                    let _ = sock.send_to(&msg, peer);
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        ready_rx.recv_timeout(IO_TIMEOUT).expect("server ready");
+        Server {
+            stop,
+            served,
+            threads: vec![t],
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP request from inside `ns` to `to`; returns the server's answer ("peer -> local").
+pub fn tcp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    ns.run(move || {
+        let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+        c.set_read_timeout(Some(IO_TIMEOUT))?;
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+/// One UDP request from inside `ns` to `to`; returns the answer (first line).
+pub fn udp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    ns.run(move || {
+        let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .expect("addr");
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.send_to(b"ping", to)?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = s.recv_from(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        Ok(text.lines().next().unwrap_or_default().to_string())
+    })
+}
+
+/// Parses "peer -> local" into the source address the server saw.
+pub fn seen_source(answer: &str) -> Option<SocketAddr> {
+    answer.split(" -> ").next()?.trim().parse().ok()
+}
