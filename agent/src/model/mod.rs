@@ -1,0 +1,468 @@
+//! The service model: what this node should program, computed from Kubernetes objects.
+//!
+//! This module owns the public types of the model and [`build`], the single entry point. It is
+//! pure code: no I/O, no clocks, no randomness, and its output order is deterministic, so the
+//! same objects always give the same [`DesiredState`] (the reconcilers diff it against the
+//! kernel).
+//!
+//! The rules are kube-proxy's (v1.36). Where its modes disagree, the model follows the
+//! iptables/nftables modes, upstream's reference; the differences from IPVS mode are listed on
+//! the items they affect. The work is split as follows:
+//! - `validate`: a `Service` object → a checked, typed service (or a reason to reject or ignore
+//!   it);
+//! - `endpoints`: EndpointSlices → de-duplicated endpoints per service port, and kube-proxy's
+//!   endpoint categorisation (ready / serving-terminating fallback, node-local, topology hints);
+//! - `service`: a checked service and its endpoints → virtual services, and the resolution of
+//!   addresses claimed twice.
+
+mod endpoints;
+mod service;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Serialize;
+
+pub use validate::{ServiceError, is_known_scheduler};
+
+/// Annotation on a Service choosing its IPVS scheduler (one of [`KNOWN_SCHEDULERS`]); without
+/// it the service gets [`ModelConfig::default_scheduler`]. An unknown value rejects the Service.
+pub const SCHEDULER_ANNOTATION: &str = "kube-ipvs-bpf.io/scheduler";
+
+/// Label naming the proxy that owns a Service (KEP-2447). kube-proxy ignores every Service that
+/// carries it; we ignore those whose value differs from [`ModelConfig::proxy_name`].
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Node label holding the node's zone, used for topology hints.
+pub const TOPOLOGY_ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The dummy interface holding service addresses (as in kube-proxy's IPVS mode).
+pub const DUMMY_INTERFACE: &str = "kube-ipvs0";
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h), as the API server defaults it.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// IPVS schedulers accepted in [`SCHEDULER_ANNOTATION`] and as the default scheduler.
+pub const KNOWN_SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+];
+
+/// A Service's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`; case-sensitive, as the API is).
+    pub fn from_k8s(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which of a Service's addresses a virtual service serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum VirtualServiceKind {
+    /// `spec.clusterIPs` (internal traffic policy applies).
+    ClusterIp,
+    /// `spec.ports[].nodePort` on a selected node address (external traffic policy applies).
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip` in VIP mode (external traffic policy and
+    /// `loadBalancerSourceRanges` apply).
+    LoadBalancer,
+    /// `spec.externalIPs` (external traffic policy applies).
+    ExternalIp,
+}
+
+impl VirtualServiceKind {
+    /// Whether traffic to this address is "external" in Kubernetes' sense.
+    pub fn is_external(self) -> bool {
+        !matches!(self, Self::ClusterIp)
+    }
+}
+
+/// One real server of a virtual service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Destination {
+    pub address: IpAddr,
+    pub port: u16,
+    /// Always 1, as kube-proxy's IPVS mode programs it (0 is the reconciler's graceful drain).
+    pub weight: u32,
+}
+
+/// One IPVS virtual service and its destinations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VirtualService {
+    pub service: ServiceRef,
+    /// `spec.ports[].name` ("" for an unnamed port).
+    pub port_name: String,
+    pub kind: VirtualServiceKind,
+    pub protocol: Protocol,
+    pub address: IpAddr,
+    pub port: u16,
+    pub scheduler: String,
+    /// `sessionAffinity: ClientIP` → IPVS persistence with this timeout in seconds.
+    pub persistence_timeout: Option<u32>,
+    /// Every connection is masqueraded: an external address with `externalTrafficPolicy:
+    /// Cluster`, or any address with [`ModelConfig::masquerade_all`].
+    pub snat: bool,
+    /// ClusterIP: masquerade clients outside the cluster CIDRs. Set when a cluster CIDR of this
+    /// address's family is configured and `snat` is not already set (kube-proxy's
+    /// `! -s <clusterCIDR> -j KUBE-MARK-MASQ` on KUBE-CLUSTER-IP).
+    pub masq_off_cluster: bool,
+    /// `loadBalancerSourceRanges` of this address's family. Non-empty only on LoadBalancer
+    /// addresses: kube-proxy applies them to LB ingress IPs only (KUBE-LOAD-BALANCER-FW).
+    pub source_ranges: Vec<IpNet>,
+    /// Sorted by (address, port); may be empty (IPVS then refuses new connections).
+    pub destinations: Vec<Destination>,
+}
+
+impl VirtualService {
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+}
+
+impl fmt::Display for VirtualService {
+    /// `TCP 10.96.0.10:53 rr persistent 10800 snat (ClusterIp kube-system/kube-dns:dns-tcp)
+    /// -> 10.244.1.5:53 10.244.2.7:53`: ipvsadm-like, for logs and tests.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            self.protocol,
+            self.socket_addr(),
+            self.scheduler
+        )?;
+        if let Some(t) = self.persistence_timeout {
+            write!(f, " persistent {t}")?;
+        }
+        if self.snat {
+            f.write_str(" snat")?;
+        }
+        if self.masq_off_cluster {
+            f.write_str(" masq-off-cluster")?;
+        }
+        if !self.source_ranges.is_empty() {
+            f.write_str(" source-ranges")?;
+            for (i, r) in self.source_ranges.iter().enumerate() {
+                write!(f, "{}{r}", if i == 0 { " " } else { "," })?;
+            }
+        }
+        write!(
+            f,
+            " ({:?} {}:{}) ->",
+            self.kind, self.service, self.port_name
+        )?;
+        if self.destinations.is_empty() {
+            f.write_str(" none")?;
+        }
+        for d in &self.destinations {
+            write!(f, " {}", SocketAddr::new(d.address, d.port))?;
+            if d.weight != 1 {
+                write!(f, "@{}", d.weight)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Service whose `externalTrafficPolicy: Local` load balancer needs a health-check node port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheckNodePort {
+    pub service: ServiceRef,
+    pub port: u16,
+    /// Distinct ready endpoint IPs on this node (kube-proxy's `LocalReadyEndpoints`): the health
+    /// check answers 200 when this is non-zero.
+    pub local_endpoints: usize,
+}
+
+/// An object (or part of one) that was skipped because it is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Rejection {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    pub reason: String,
+}
+
+/// Everything this node should program.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredState {
+    /// Sorted by (address, protocol, port); no two share that key.
+    pub virtual_services: Vec<VirtualService>,
+    /// Addresses to assign to [`DUMMY_INTERFACE`]: every ClusterIP, and every external IP and
+    /// LB ingress IP that is not already a node address (as kube-proxy's IPVS mode binds them).
+    pub bound_addresses: BTreeSet<IpAddr>,
+    /// Service addresses on which traffic to any other port is dropped (kubernetes#72236). This
+    /// is kube-proxy's KUBE-IPVS-IPS set, i.e. the same set as `bound_addresses`: an external
+    /// IP that is also a node address must keep serving the node's own ports.
+    pub service_addresses: BTreeSet<IpAddr>,
+    /// Node addresses carrying at least one NodePort.
+    pub node_port_addresses: BTreeSet<IpAddr>,
+    /// Sorted by service.
+    pub health_check_node_ports: Vec<HealthCheckNodePort>,
+    /// Sorted by (object, reason).
+    pub rejected: Vec<Rejection>,
+}
+
+/// An address configured on this node and the interface it is on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LocalAddress {
+    pub address: IpAddr,
+    pub interface: String,
+}
+
+/// What the model needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// The Node's name; endpoints whose `nodeName` equals it are local. Empty: nothing is local.
+    pub name: String,
+    /// Every address on every interface, including loopback and [`DUMMY_INTERFACE`].
+    pub addresses: Vec<LocalAddress>,
+    /// The Node object's `InternalIP` addresses (for [`NodePortAddresses::Primary`]).
+    pub internal_ips: Vec<IpAddr>,
+    /// The node's zone; when `None`, the [`TOPOLOGY_ZONE_LABEL`] label is used.
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// The zone used for topology hints.
+    pub fn effective_zone(&self) -> Option<&str> {
+        self.zone
+            .as_deref()
+            .or_else(|| self.labels.get(TOPOLOGY_ZONE_LABEL).map(String::as_str))
+            .filter(|z| !z.is_empty())
+    }
+}
+
+/// Which node addresses carry NodePorts (kube-proxy's `--nodeport-addresses`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum NodePortAddresses {
+    /// Every local address except loopback, IPv6 link-local and those on [`DUMMY_INTERFACE`]
+    /// (kube-proxy IPVS mode's default).
+    #[default]
+    AllLocal,
+    /// The Node's InternalIPs that are configured on this node (`--nodeport-addresses
+    /// primary`, nftables mode's default).
+    Primary,
+    /// Local addresses inside these CIDRs (loopback and [`DUMMY_INTERFACE`] excluded). As in
+    /// kube-proxy, a family with no CIDR in the list, or with its zero CIDR (`0.0.0.0/0`,
+    /// `::/0`), behaves as [`Self::AllLocal`].
+    Cidrs(Vec<IpNet>),
+}
+
+/// Configuration of the model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelConfig {
+    /// Pod CIDRs (kube-proxy's `--cluster-cidr`); ClusterIP clients outside them are
+    /// masqueraded. Empty: no off-cluster masquerading.
+    pub cluster_cidrs: Vec<IpNet>,
+    pub node_port_addresses: NodePortAddresses,
+    /// Scheduler of services without [`SCHEDULER_ANNOTATION`]; default `rr`.
+    pub default_scheduler: String,
+    /// Masquerade every service connection.
+    pub masquerade_all: bool,
+    /// This proxy's `service.kubernetes.io/service-proxy-name`: Services labelled with another
+    /// name are ignored; unlabelled Services are always handled.
+    pub proxy_name: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            cluster_cidrs: Vec::new(),
+            node_port_addresses: NodePortAddresses::AllLocal,
+            default_scheduler: "rr".to_owned(),
+            masquerade_all: false,
+            proxy_name: None,
+        }
+    }
+}
+
+/// An invalid [`ModelConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown IPVS scheduler {0:?} (known: {list})", list = KNOWN_SCHEDULERS.join(" "))]
+    UnknownScheduler(String),
+}
+
+impl ModelConfig {
+    /// Checks the configuration; [`build`] uses it as given.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_known_scheduler(&self.default_scheduler) {
+            return Err(ConfigError::UnknownScheduler(
+                self.default_scheduler.clone(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The Service an EndpointSlice belongs to: its namespace (default "default") and its
+/// [`SERVICE_NAME_LABEL`]; `None` without that label. [`build`] ignores slices whose Service it
+/// does not proxy; a caller that wants to log them can compare this with its Services.
+pub fn endpoint_slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .filter(|s| !s.is_empty())?;
+    let namespace = slice
+        .metadata
+        .namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some(ServiceRef::new(namespace, service.as_str()))
+}
+
+/// Computes the desired state of this node from all Services and EndpointSlices.
+///
+/// Invalid objects are listed in [`DesiredState::rejected`] and skipped; they never affect the
+/// others. Runs in O(n log n) of the number of objects, ports and endpoints.
+pub fn build(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    cfg: &ModelConfig,
+) -> DesiredState {
+    let mut rejected = Vec::new();
+
+    // 1. Services: validate, drop duplicates of one namespace/name (the first wins).
+    let mut parsed: Vec<validate::ParsedService> = Vec::with_capacity(services.len());
+    let mut seen: HashSet<ServiceRef> = HashSet::with_capacity(services.len());
+    for svc in services {
+        let sref = validate::service_ref(svc);
+        match validate::parse_service(svc, cfg) {
+            Ok(Some(p)) => {
+                if !seen.insert(p.service.clone()) {
+                    rejected.push(Rejection {
+                        object: format!("Service {}", p.service),
+                        reason: ServiceError::Duplicate.to_string(),
+                    });
+                } else {
+                    parsed.push(p);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => rejected.push(Rejection {
+                object: format!("Service {sref}"),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    parsed.sort_by(|a, b| a.service.cmp(&b.service));
+
+    // 2. EndpointSlices of the services we handle.
+    let index = endpoints::SliceIndex::build(
+        slices,
+        |s| seen.contains(s),
+        &node.name,
+        cfg.proxy_name.as_deref(),
+        &mut rejected,
+    );
+
+    // 3. Virtual services.
+    let ctx = service::NodeContext::new(node, cfg);
+    let mut candidates: Vec<service::Candidate> = Vec::new();
+    let mut health = Vec::new();
+    for p in &parsed {
+        let eps = index.get(&p.service);
+        service::virtual_services(p, eps, &ctx, cfg, &mut candidates);
+        if let Some(port) = p.health_check_node_port {
+            health.push(HealthCheckNodePort {
+                service: p.service.clone(),
+                port,
+                local_endpoints: eps.map_or(0, |e| e.local_ready_ips()),
+            });
+        }
+    }
+
+    // 4. One virtual service per (address, protocol, port): the oldest Service keeps it.
+    let virtual_services = service::resolve_conflicts(candidates, &mut rejected);
+
+    let mut bound_addresses = BTreeSet::new();
+    let mut node_port_addresses = BTreeSet::new();
+    for vs in &virtual_services {
+        match vs.kind {
+            VirtualServiceKind::ClusterIp => {
+                bound_addresses.insert(vs.address);
+            }
+            VirtualServiceKind::LoadBalancer | VirtualServiceKind::ExternalIp => {
+                if !ctx.is_node_address(vs.address) {
+                    bound_addresses.insert(vs.address);
+                }
+            }
+            VirtualServiceKind::NodePort => {
+                node_port_addresses.insert(vs.address);
+            }
+        }
+    }
+
+    rejected.sort();
+    rejected.dedup();
+    DesiredState {
+        virtual_services,
+        service_addresses: bound_addresses.clone(),
+        bound_addresses,
+        node_port_addresses,
+        health_check_node_ports: health,
+        rejected,
+    }
+}
