@@ -1,1 +1,17 @@
-//! eBPF datapath programs and the `#[repr(C)]` mirrors of their maps (placeholder).
+//! The eBPF datapath of kube-ipvs-bpf: the C programs under `bpf/` (compiled by `build.rs` and
+//! embedded), the Rust mirrors of their maps, typed map access, and the loader that pins,
+//! attaches and replaces them. The contract is docs/datapath.md.
+
+pub mod error;
+pub mod loader;
+pub mod maps;
+pub mod objects;
+pub mod typed_map;
+
+pub use error::{Error, Result};
+pub use loader::{
+    AttachedPrograms, Datapath, DatapathOptions, DeviceKind, MapReuse, MapSizes, ProbeKind,
+    ProbePreference, ProgramRunStats, SkbContext, TcAttachMode, TcAttachPolicy, TestRunOutput,
+};
+pub use objects::DatapathProgram;
+pub use typed_map::{DatapathMaps, PerCpuArray, TypedMap, UpdateFlags};

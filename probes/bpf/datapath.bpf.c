@@ -1,0 +1,356 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * datapath.bpf.c: the packet programs of kube-ipvs-bpf (docs/datapath.md).
+ *   tc_ingress / tc_ingress_l3: reverse SNAT, ICMP error translation, reply and service
+ *     classification (marks), loadBalancerSourceRanges and other-port filtering;
+ *   tc_egress / tc_egress_l3: established SNAT fast path, SNAT decision and port allocation;
+ *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
+ * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
+ * body with the link-layer length as a constant parameter. TC programs return TC_ACT_UNSPEC (the
+ * next program or the default action runs) unless they drop with TC_ACT_SHOT.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "nat.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+static __always_inline struct svc_value *svc_port_lookup(const __u8 addr[ADDR_LEN], __be16 port,
+							 __u8 proto)
+{
+	struct svc_key key = {};
+
+	addr_copy(key.addr, addr);
+	key.port = port;
+	key.proto = proto;
+	return bpf_map_lookup_elem(&svc_ports, &key);
+}
+
+static __always_inline int addr_is_service(const __u8 addr[ADDR_LEN])
+{
+	struct addr_key key = {};
+	struct addr_value *value;
+
+	addr_copy(key.addr, addr);
+	value = bpf_map_lookup_elem(&svc_addrs, &key);
+	return value && (value->flags & ADDR_F_SERVICE);
+}
+
+static __always_inline int addr_in_cluster(const __u8 addr[ADDR_LEN])
+{
+	struct cidr_key key = { .prefixlen = ADDR_LEN * 8 };
+
+	addr_copy(key.addr, addr);
+	return bpf_map_lookup_elem(&cluster_cidrs, &key) != NULL;
+}
+
+static __always_inline int src_range_allows(__u32 svc_id, const __u8 addr[ADDR_LEN])
+{
+	struct range_key key = { .prefixlen = 32 + ADDR_LEN * 8, .svc_id = svc_id };
+
+	addr_copy(key.addr, addr);
+	return bpf_map_lookup_elem(&src_ranges, &key) != NULL;
+}
+
+static __always_inline int conns_has(const struct tuple *client_to_backend)
+{
+	return bpf_map_lookup_elem(&conns, client_to_backend) != NULL;
+}
+
+/* Ingress, IPv4/IPv6 non-first fragment: reverse translation from the first fragment's ports. */
+static __always_inline int ingress_later_fragment(struct __sk_buff *skb, struct pkt *p,
+						  const struct config *cfg)
+{
+	struct tuple key = {};
+	struct snat_entry *e;
+
+	if (!frag_lookup_ports(p))
+		return TC_ACT_UNSPEC;
+	tuple_from_pkt(p, &key);
+	e = bpf_map_lookup_elem(&snat_rev, &key);
+	if (!e)
+		return TC_ACT_UNSPEC;
+	if (nat_rewrite(skb, p, NAT_DST, e->addr, e->port)) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_SHOT;
+	}
+	skb->mark |= cfg->mark_svc;
+	stat_inc(STAT_FRAG_XLATE);
+	return TC_ACT_UNSPEC;
+}
+
+static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
+{
+	struct config *cfg = config_get();
+	struct pkt p = {};
+	struct tuple key = {};
+	struct snat_entry *e;
+	struct svc_value *svc;
+	int ret;
+
+	/* mark_svc == 0: not configured yet, everything passes untouched. */
+	if (!cfg || !cfg->mark_svc)
+		return TC_ACT_UNSPEC;
+	ret = parse_packet(skb, l2_len, &p);
+	if (ret == PARSE_NOT_IP)
+		return TC_ACT_UNSPEC;
+	if (ret != PARSE_OK) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_UNSPEC;
+	}
+	if (p.frag == FRAG_LATER)
+		return ingress_later_fragment(skb, &p, cfg);
+
+	/* 1. Reverse SNAT: ICMP errors quoting a translated flow, then replies. */
+	if (pkt_is_icmp_error(&p)) {
+		ret = icmp_error_xlate_ingress(skb, &p);
+		if (ret == ICMP_XLATED) {
+			skb->mark |= cfg->mark_svc;
+			stat_inc(STAT_ICMP_XLATE);
+		} else if (ret == ICMP_FAILED) {
+			stat_inc(STAT_PARSE_ERROR);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
+	if (!p.has_ports)
+		return TC_ACT_UNSPEC;
+	tuple_from_pkt(&p, &key);
+	e = bpf_map_lookup_elem(&snat_rev, &key);
+	if (e) {
+		if (nat_rewrite(skb, &p, NAT_DST, e->addr, e->port)) {
+			stat_inc(STAT_PARSE_ERROR);
+			return TC_ACT_SHOT;
+		}
+		entry_touch(e, pkt_state_bits(&p) | STATE_REPLY, bpf_ktime_get_coarse_ns());
+		frag_record(&p);
+		skb->mark |= cfg->mark_svc;
+		stat_inc(STAT_REV_HIT);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 2. Reply of an untranslated service connection (the probe saw client -> backend). */
+	tuple_reversed_from_pkt(&p, &key);
+	if (conns_has(&key)) {
+		skb->mark |= cfg->mark_svc;
+		stat_inc(STAT_REPLY_MARKED);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 3. Service port. */
+	svc = svc_port_lookup(p.daddr, p.dport, p.proto);
+	if (svc) {
+		__u32 bits = cfg->mark_svc;
+
+		if ((svc->flags & SVC_F_SRC_RANGES) && !src_range_allows(svc->svc_id, p.saddr)) {
+			stat_inc(STAT_FILTERED_SRC_RANGE);
+			return TC_ACT_SHOT;
+		}
+		if ((svc->flags & SVC_F_MASQ) || (cfg->flags & CFG_F_MASQ_ALL) ||
+		    ((svc->flags & SVC_F_MASQ_OFFCLUSTER) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
+		     !addr_in_cluster(p.saddr)))
+			bits |= cfg->mark_masq;
+		skb->mark |= bits;
+		stat_inc(STAT_SVC_MARKED);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 4. Other ports on a service address. */
+	if (addr_is_service(p.daddr)) {
+		stat_inc(STAT_FILTERED_PORT);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
+/* Egress, non-first fragment: forward translation from the first fragment's ports. */
+static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct pkt *p,
+						 const struct config *cfg)
+{
+	struct tuple key = {};
+	struct snat_entry *e = NULL;
+
+	if (frag_lookup_ports(p)) {
+		tuple_from_pkt(p, &key);
+		e = bpf_map_lookup_elem(&snat_fwd, &key);
+	}
+	if (!e) {
+		/* Only a fragment known to need SNAT is dropped; others are not ours. */
+		if (skb->mark & cfg->mark_masq) {
+			stat_inc(STAT_FRAG_MISS);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
+	if (nat_rewrite(skb, p, NAT_SRC, e->addr, e->port)) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_SHOT;
+	}
+	stat_inc(STAT_FRAG_XLATE);
+	return TC_ACT_UNSPEC;
+}
+
+/* Why the first packet of this connection needs SNAT (SNAT_F_* reason), 0 when it does not. */
+static __always_inline __u8 snat_reason(const struct pkt *p, __u32 mark, const struct config *cfg)
+{
+	if (mark & cfg->mark_masq)
+		return SNAT_F_MASQ;
+	if (addr_equal(p->saddr, p->daddr))
+		return SNAT_F_HAIRPIN;
+	/*
+	 * A service port as the source means an IPVS reply (reverse-DNATed) leaving towards a client:
+	 * never translated, whatever the client's address.
+	 */
+	if ((mark & cfg->mark_svc) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
+	    !addr_in_cluster(p->daddr) && !svc_port_lookup(p->saddr, p->sport, p->proto))
+		return SNAT_F_OFFCLUSTER;
+	if (addr_is_service(p->saddr) && !svc_port_lookup(p->saddr, p->sport, p->proto))
+		return SNAT_F_HOST;
+	return 0;
+}
+
+static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
+{
+	struct config *cfg = config_get();
+	struct pkt p = {};
+	struct tuple key = {};
+	struct snat_entry entry = {};
+	struct snat_entry *e;
+	struct dev_value *dev;
+	struct conn_value *conn;
+	const __u8 *node_addr;
+	__u32 ifindex = skb->ifindex;
+	__u32 svc_id = 0;
+	__u64 now;
+	__u8 flags;
+	int ret;
+
+	if (!cfg || !cfg->mark_svc)
+		return TC_ACT_UNSPEC;
+	ret = parse_packet(skb, l2_len, &p);
+	if (ret == PARSE_NOT_IP)
+		return TC_ACT_UNSPEC;
+	if (ret != PARSE_OK) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_UNSPEC;
+	}
+	if (p.frag == FRAG_LATER)
+		return egress_later_fragment(skb, &p, cfg);
+	if (!p.has_ports)
+		return TC_ACT_UNSPEC;
+
+	/* 1. Established fast path. */
+	tuple_from_pkt(&p, &key);
+	e = bpf_map_lookup_elem(&snat_fwd, &key);
+	if (e) {
+		if (nat_rewrite(skb, &p, NAT_SRC, e->addr, e->port)) {
+			stat_inc(STAT_PARSE_ERROR);
+			return TC_ACT_SHOT;
+		}
+		entry_touch(e, pkt_state_bits(&p), bpf_ktime_get_coarse_ns());
+		frag_record(&p);
+		stat_inc(STAT_FWD_HIT);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 2. Does this connection need SNAT? */
+	flags = snat_reason(&p, skb->mark, cfg);
+	if (!flags)
+		return TC_ACT_UNSPEC;
+
+	/* 3. Allocation. */
+	dev = bpf_map_lookup_elem(&devices, &ifindex);
+	if (!dev) {
+		stat_inc(STAT_NO_SNAT_ADDR);
+		return TC_ACT_UNSPEC;
+	}
+	node_addr = p.family == 4 ? dev->addr4 : dev->addr6;
+	if (addr_is_zero(node_addr)) {
+		stat_inc(STAT_NO_SNAT_ADDR);
+		return TC_ACT_UNSPEC;
+	}
+	conn = bpf_map_lookup_elem(&conns, &key);
+	if (conn) {
+		struct svc_value *svc = svc_port_lookup(conn->vaddr, conn->vport, p.proto);
+
+		if (svc)
+			svc_id = svc->svc_id;
+		flags |= SNAT_F_PROBE_HIT;
+		stat_inc(STAT_PROBE_HIT);
+	} else {
+		stat_inc(STAT_PROBE_MISS);
+	}
+	now = bpf_ktime_get_coarse_ns();
+	ret = snat_allocate(&key, cfg, node_addr, svc_id, flags, pkt_state_bits(&p), now, &entry);
+	if (ret == ALLOC_EXHAUSTED) {
+		stat_inc(STAT_PORT_EXHAUSTED);
+		return TC_ACT_SHOT;
+	}
+	if (ret == ALLOC_MAP_FULL) {
+		stat_inc(STAT_MAP_FULL);
+		return TC_ACT_SHOT;
+	}
+	if (ret == ALLOC_NEW) {
+		stat_inc(STAT_SNAT_ALLOC);
+		if (entry.flags & SNAT_F_PORT_KEPT)
+			stat_inc(STAT_SNAT_PORT_REUSE);
+	}
+	if (nat_rewrite(skb, &p, NAT_SRC, entry.addr, entry.port)) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_SHOT;
+	}
+	/* 4. First fragment of a translated flow. */
+	frag_record(&p);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int tc_ingress(struct __sk_buff *skb)
+{
+	return handle_ingress(skb, ETH_HEADER_LEN);
+}
+
+SEC("tc")
+int tc_ingress_l3(struct __sk_buff *skb)
+{
+	return handle_ingress(skb, 0);
+}
+
+SEC("tc")
+int tc_egress(struct __sk_buff *skb)
+{
+	return handle_egress(skb, ETH_HEADER_LEN);
+}
+
+SEC("tc")
+int tc_egress_l3(struct __sk_buff *skb)
+{
+	return handle_egress(skb, 0);
+}
+
+/*
+ * iptables `-m bpf --object-pinned` in raw OUTPUT: the skb starts at the IP header. Matches (1) a
+ * packet to a service port, or (2) a reply of a service connection the probe saw. Never modifies.
+ */
+SEC("socket")
+int xt_svc(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct tuple key = {};
+
+	if (parse_from_l3(skb, 0, &p) != PARSE_OK || !p.has_ports)
+		return 0;
+	if (svc_port_lookup(p.daddr, p.dport, p.proto))
+		return 1;
+	tuple_reversed_from_pkt(&p, &key);
+	if (conns_has(&key))
+		return 1;
+	return 0;
+}

@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ipvs_probe.bpf.c: the hook on IPVS connection creation. When ip_vs_conn_new() returns a new
+ * connection, it is recorded in `conns` keyed by (client -> backend, protocol) with the service
+ * address:port and the IPVS flags. Persistence templates (IP_VS_CONN_F_TEMPLATE, client port 0)
+ * are skipped.
+ *
+ * Two programs with one body: fexit (kernels whose trampoline takes 7 arguments) and kretprobe
+ * (every kernel). Neither is autoloaded: the loader enables the one it tries.
+ * struct ip_vs_conn is read with CO-RE against the ip_vs module's BTF; only the fields read are
+ * declared. Integer fields are read with their relocated size (BPF_CORE_READ_BITFIELD_PROBED),
+ * so a kernel that narrows one (af and daf became u8 in later reworks) still reads right.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <asm/ptrace.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+
+#include "maps.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+
+union nf_inet_addr {
+	__u32 all[4];
+	__be32 ip;
+	__be32 ip6[4];
+} __attribute__((preserve_access_index));
+
+struct ip_vs_conn {
+	__be16 cport;
+	__be16 dport;
+	__be16 vport;
+	__u16 af;
+	union nf_inet_addr caddr;
+	union nf_inet_addr vaddr;
+	union nf_inet_addr daddr;
+	__u32 flags;
+	__u16 protocol;
+	__u16 daf;
+} __attribute__((preserve_access_index));
+
+/* Opaque argument types of ip_vs_conn_new (only passed through). */
+struct ip_vs_conn_param;
+struct ip_vs_dest;
+
+static __always_inline void read_addr(__u8 out[ADDR_LEN], const union nf_inet_addr *addr,
+				      __u16 family)
+{
+	__u32 *words = (__u32 *)out;
+
+	if (family == AF_INET6) {
+		bpf_core_read(out, ADDR_LEN, &addr->ip6);
+		return;
+	}
+	words[0] = 0;
+	words[1] = 0;
+	words[2] = bpf_htonl(0x0000ffff);
+	words[3] = BPF_CORE_READ(addr, ip);
+}
+
+static __always_inline int record_conn(struct ip_vs_conn *cp)
+{
+	struct tuple key = {};
+	struct conn_value value = {};
+	__u32 flags;
+	__u16 af;
+	__u16 daf;
+	__be16 cport;
+
+	if (!cp)
+		return 0;
+	flags = BPF_CORE_READ_BITFIELD_PROBED(cp, flags);
+	cport = BPF_CORE_READ_BITFIELD_PROBED(cp, cport);
+	if ((flags & IP_VS_CONN_F_TEMPLATE) || cport == 0) {
+		stat_inc(STAT_PROBE_TEMPLATE_SKIPPED);
+		return 0;
+	}
+	af = BPF_CORE_READ_BITFIELD_PROBED(cp, af);
+	daf = BPF_CORE_READ_BITFIELD_PROBED(cp, daf);
+	read_addr(key.saddr, &cp->caddr, af);
+	read_addr(key.daddr, &cp->daddr, daf);
+	key.sport = cport;
+	key.dport = BPF_CORE_READ_BITFIELD_PROBED(cp, dport);
+	key.proto = BPF_CORE_READ_BITFIELD_PROBED(cp, protocol);
+	read_addr(value.vaddr, &cp->vaddr, af);
+	value.vport = BPF_CORE_READ_BITFIELD_PROBED(cp, vport);
+	value.ipvs_flags = flags;
+	value.created_ns = bpf_ktime_get_ns();
+	bpf_map_update_elem(&conns, &key, &value, BPF_ANY);
+	stat_inc(STAT_PROBE_CONN);
+	return 0;
+}
+
+SEC("?fexit/ip_vs_conn_new")
+int BPF_PROG(ipvs_conn_new_fexit, const struct ip_vs_conn_param *p, int dest_af,
+	     const union nf_inet_addr *daddr, __be16 dport, unsigned int flags,
+	     struct ip_vs_dest *dest, __u32 fwmark, struct ip_vs_conn *ret)
+{
+	return record_conn(ret);
+}
+
+SEC("?kretprobe/ip_vs_conn_new")
+int BPF_KRETPROBE(ipvs_conn_new_kretprobe, struct ip_vs_conn *ret)
+{
+	return record_conn(ret);
+}

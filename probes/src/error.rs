@@ -1,0 +1,115 @@
+//! The crate's error type: every failure of opening, loading, attaching, pinning and map access,
+//! with the object, map, program, device or path it concerns.
+
+use std::path::PathBuf;
+
+/// An error of the datapath loader or of a map access.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening or loading a BPF object failed (verifier log on stderr via libbpf).
+    #[error("BPF object {object}: {action}: {source}")]
+    Object {
+        /// Which object (`datapath`, `ipvs_probe`).
+        object: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {action}: {source}")]
+    Map {
+        /// The map's name.
+        map: String,
+        /// What was being done.
+        action: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// A program operation failed.
+    #[error("program {program}: {action}: {source}")]
+    Program {
+        /// The program's name.
+        program: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// A map's key or value size is not the size of the Rust type used with it.
+    #[error(
+        "map {map}: key/value size {key_size}/{value_size}, expected {expected_key}/{expected_value}"
+    )]
+    MapLayout {
+        /// The map's name.
+        map: String,
+        /// Its key size.
+        key_size: u32,
+        /// Its value size.
+        value_size: u32,
+        /// The Rust key size.
+        expected_key: usize,
+        /// The Rust value size.
+        expected_value: usize,
+    },
+    /// A map is missing from an object.
+    #[error("map {0} is not in the object")]
+    MissingMap(&'static str),
+    /// A program is missing from an object.
+    #[error("program {0} is not in the object")]
+    MissingProgram(&'static str),
+    /// Attaching a TC program failed.
+    #[error("attach {program} to ifindex {ifindex} ({mode}): {source}")]
+    TcAttach {
+        /// The program.
+        program: &'static str,
+        /// The device.
+        ifindex: u32,
+        /// `tcx` or `netlink`.
+        mode: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// Detaching TC programs failed.
+    #[error("detach from ifindex {ifindex} ({mode}): {source}")]
+    TcDetach {
+        /// The device.
+        ifindex: u32,
+        /// `tcx` or `netlink`.
+        mode: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// Neither probe flavour could be loaded and attached.
+    #[error("IPVS probe unavailable: {0}")]
+    ProbeUnavailable(String),
+    /// Pinning or unpinning an object failed.
+    #[error("pin {path}: {source}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+    /// A file-system operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// BPF_PROG_TEST_RUN failed.
+    #[error("test run of {program}: {source}")]
+    TestRun {
+        /// The program.
+        program: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,930 @@
+//! Loading and attaching the datapath: [`Datapath`] owns the loaded datapath object, its pinned
+//! maps and `xt_svc` pin, the TC attachments (TCX links or netlink clsact filters) and the IPVS
+//! probe.
+//!
+//! Restart semantics. Every map is pinned by name under a versioned pin root, and `load()` reuses
+//! whatever is pinned there (with its size), so a restarted agent keeps every SNAT entry. The
+//! programs left attached by the previous agent keep running until the new ones replace them,
+//! and the replacement is atomic on both paths:
+//! - TCX (kernel ≥ 6.6): each link is pinned (`<pin root>/links/tcx_<ifindex>_<dir>`); a new
+//!   agent opens the pinned link and swaps the program inside it with `BPF_LINK_UPDATE`, so there
+//!   is no instant with no program and no instant with two;
+//! - netlink clsact (older kernels): the filter has a fixed handle and priority and is written
+//!   with `BPF_TC_F_REPLACE` (`tc filter replace`), which swaps the program in one operation.
+//!
+//! The IPVS probe link is pinned too (`<pin root>/links/ipvs_probe`): a new probe is attached
+//! before the old one is detached (for an instant both record, which is harmless).
+//!
+//! `xt_svc` is pinned at `<pin root>/prog_xt_svc` by rename over the old pin; the iptables rule
+//! keeps the program it resolved when it was written (same maps), so the agent re-applies its
+//! rules after a load to pick up the new one.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use libbpf_rs::{
+    AsRawLibbpf, Link, MapCore, MapHandle, Object, ObjectBuilder, OpenObject, Program,
+    ProgramAttachType, ProgramInput, ProgramMut, TC_EGRESS, TC_INGRESS, TcHook,
+};
+
+use crate::error::{Error, Result};
+use crate::maps::{self, Stats, map_names};
+use crate::objects::{
+    DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, PROBE_FEXIT_PROGRAM,
+    PROBE_KRETPROBE_PROGRAM, PROBE_TARGET_FUNCTION,
+};
+use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
+
+/// Default pin root; `v1` is the map layout version (a layout change gets a new directory).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kube-ipvs-bpf/v1";
+/// File name of the pinned `xt_svc` program under the pin root.
+pub const XT_SVC_PIN_NAME: &str = "prog_xt_svc";
+/// Directory of pinned links under the pin root.
+pub const LINKS_DIR: &str = "links";
+/// File name of the pinned IPVS probe link under [`LINKS_DIR`].
+pub const PROBE_LINK_NAME: &str = "ipvs_probe";
+/// Handle of the clsact filters (netlink path).
+pub const CLSACT_HANDLE: u32 = 0x4b49;
+/// Priority of the clsact filters (netlink path).
+pub const CLSACT_PRIORITY: u32 = 0x4b49;
+
+/// Sizes (max_entries) of the maps whose size is configurable. Applied when a map is created;
+/// a map already pinned keeps its size (see [`Datapath::map_reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `svc_ports` (default 65 536).
+    pub svc_ports: u32,
+    /// `svc_addrs` (default 16 384).
+    pub svc_addrs: u32,
+    /// `src_ranges` (default 16 384).
+    pub src_ranges: u32,
+    /// `cluster_cidrs` (default 256).
+    pub cluster_cidrs: u32,
+    /// `devices` (default 1 024).
+    pub devices: u32,
+    /// `snat_fwd` and `snat_rev`, each (default 262 144).
+    pub snat: u32,
+    /// `conns` (default 262 144).
+    pub conns: u32,
+    /// `frags` (default 8 192).
+    pub frags: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            svc_ports: maps::DEFAULT_SVC_PORTS_SIZE,
+            svc_addrs: maps::DEFAULT_SVC_ADDRS_SIZE,
+            src_ranges: maps::DEFAULT_SRC_RANGES_SIZE,
+            cluster_cidrs: maps::DEFAULT_CLUSTER_CIDRS_SIZE,
+            devices: maps::DEFAULT_DEVICES_SIZE,
+            snat: maps::DEFAULT_SNAT_SIZE,
+            conns: maps::DEFAULT_CONNS_SIZE,
+            frags: maps::DEFAULT_FRAGS_SIZE,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The size for a map name; `None` for fixed-size maps (`config`, `stats`).
+    pub fn for_map(&self, name: &str) -> Option<u32> {
+        match name {
+            map_names::SVC_PORTS => Some(self.svc_ports),
+            map_names::SVC_ADDRS => Some(self.svc_addrs),
+            map_names::SRC_RANGES => Some(self.src_ranges),
+            map_names::CLUSTER_CIDRS => Some(self.cluster_cidrs),
+            map_names::DEVICES => Some(self.devices),
+            map_names::SNAT_FWD | map_names::SNAT_REV => Some(self.snat),
+            map_names::CONNS => Some(self.conns),
+            map_names::FRAGS => Some(self.frags),
+            _ => None,
+        }
+    }
+}
+
+/// How TC programs are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcAttachPolicy {
+    /// TCX where the kernel has it (≥ 6.6), netlink clsact otherwise.
+    Auto,
+    /// TCX only (fails on older kernels).
+    Tcx,
+    /// Netlink clsact only.
+    Netlink,
+}
+
+/// What [`Datapath::load`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Where maps, links and `xt_svc` are pinned (default [`DEFAULT_PIN_ROOT`]).
+    pub pin_root: PathBuf,
+    /// Map sizes for maps that do not exist yet.
+    pub map_sizes: MapSizes,
+    /// TC attachment mechanism.
+    pub tc_attach: TcAttachPolicy,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        DatapathOptions {
+            pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
+            map_sizes: MapSizes::default(),
+            tc_attach: TcAttachPolicy::Auto,
+        }
+    }
+}
+
+/// The link layer of a device, which picks the program variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Ethernet header (most devices).
+    Ethernet,
+    /// No link-layer header (`tunl0`, `wg0`, tun devices).
+    L3,
+}
+
+impl DeviceKind {
+    fn programs(self) -> (DatapathProgram, DatapathProgram) {
+        match self {
+            DeviceKind::Ethernet => (DatapathProgram::TcIngress, DatapathProgram::TcEgress),
+            DeviceKind::L3 => (DatapathProgram::TcIngressL3, DatapathProgram::TcEgressL3),
+        }
+    }
+}
+
+/// How the TC programs of a device are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcAttachMode {
+    /// TCX links (pinned).
+    Tcx,
+    /// Netlink clsact filters with [`CLSACT_HANDLE`]/[`CLSACT_PRIORITY`].
+    Netlink,
+}
+
+impl TcAttachMode {
+    /// `tcx` or `netlink`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcAttachMode::Tcx => "tcx",
+            TcAttachMode::Netlink => "netlink",
+        }
+    }
+}
+
+/// Which IPVS probe flavour to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbePreference {
+    /// fexit, falling back to kretprobe.
+    Auto,
+    /// fexit only.
+    Fexit,
+    /// kretprobe only.
+    Kretprobe,
+}
+
+/// The IPVS probe flavour attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `fexit/ip_vs_conn_new` (BPF trampoline; needs 7-argument support, ≥ 6.x).
+    Fexit,
+    /// `kretprobe/ip_vs_conn_new` (every kernel).
+    Kretprobe,
+}
+
+impl ProbeKind {
+    fn program(self) -> &'static str {
+        match self {
+            ProbeKind::Fexit => PROBE_FEXIT_PROGRAM,
+            ProbeKind::Kretprobe => PROBE_KRETPROBE_PROGRAM,
+        }
+    }
+}
+
+/// What happened to one map at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapReuse {
+    /// The map's name.
+    pub name: String,
+    /// Whether the pinned map was reused (its entries kept).
+    pub reused: bool,
+    /// The size asked for in [`MapSizes`] (`None` for fixed-size maps).
+    pub requested_max_entries: Option<u32>,
+    /// The map's size (a reused map keeps its own).
+    pub max_entries: u32,
+}
+
+/// The `struct __sk_buff` fields a test run may set (others must be zero for the kernel).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkbContext {
+    /// `skb->mark`.
+    pub mark: u32,
+    /// The device (`skb->dev`); 0 or 1 means loopback, anything else must exist.
+    pub ifindex: u32,
+    /// `skb->skb_iif`.
+    pub ingress_ifindex: u32,
+}
+
+/// Program ids attached to one direction of a device, per mechanism.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttachedPrograms {
+    /// The program in our pinned TCX link.
+    pub tcx: Option<u32>,
+    /// The program in our clsact filter.
+    pub netlink: Option<u32>,
+}
+
+/// The kernel's run-time accounting of a program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    /// Total time spent in the program, ns.
+    pub run_time_ns: u64,
+    /// Number of runs.
+    pub run_cnt: u64,
+}
+
+/// What a test run returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The program's return value (`TC_ACT_*`, or the socket filter's verdict).
+    pub return_value: u32,
+    /// The packet after the run.
+    pub packet: Vec<u8>,
+    /// `skb->mark` after the run.
+    pub mark: u32,
+    /// The kernel-measured duration per repetition.
+    pub duration: Duration,
+}
+
+/// `TC_ACT_UNSPEC` as returned in [`TestRunOutput::return_value`].
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+/// `TC_ACT_SHOT`.
+pub const TC_ACT_SHOT: u32 = 2;
+
+#[derive(Debug)]
+struct AttachedDevice {
+    kind: DeviceKind,
+    mode: TcAttachMode,
+    /// TCX links (ingress, egress), held open while attached; empty on the netlink path.
+    _links: Vec<Link>,
+}
+
+#[derive(Debug)]
+struct AttachedProbe {
+    kind: ProbeKind,
+    link: Link,
+    _object: Object,
+}
+
+/// The loaded datapath. Dropping it leaves everything attached and pinned (a restarted agent
+/// relies on that); [`Datapath::detach_tc`], [`Datapath::detach_ipvs_probe`] and [`remove_pins`]
+/// undo it.
+#[derive(Debug)]
+pub struct Datapath {
+    object: Object,
+    options: DatapathOptions,
+    tcx_attach_types: bool,
+    map_reuse: Vec<MapReuse>,
+    maps: DatapathMaps,
+    devices: BTreeMap<u32, AttachedDevice>,
+    probe: Option<AttachedProbe>,
+}
+
+fn object_error(
+    object: &'static str,
+    action: &'static str,
+) -> impl FnOnce(libbpf_rs::Error) -> Error {
+    move |source| Error::Object {
+        object,
+        action,
+        source,
+    }
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// `(major, minor)` of the running kernel, from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether the running kernel has TCX (6.6 and later).
+pub fn kernel_has_tcx() -> bool {
+    kernel_version().is_some_and(|v| v >= (6, 6))
+}
+
+/// Sets each map's size: the pinned map's own when one exists (libbpf then reuses it), else the
+/// requested size.
+fn size_maps(
+    open: &mut OpenObject,
+    pin_root: &Path,
+    sizes: &MapSizes,
+    object: &'static str,
+) -> Result<Vec<MapReuse>> {
+    let mut reuse = Vec::new();
+    for mut map in open.maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        if !map_names::ALL.contains(&name.as_str()) {
+            continue;
+        }
+        let requested = sizes.for_map(&name);
+        let pinned = pin_root.join(&name);
+        let (reused, max_entries) = if pinned.exists() {
+            let handle = MapHandle::from_pinned_path(&pinned).map_err(|source| Error::Map {
+                map: name.clone(),
+                action: "open pinned",
+                source,
+            })?;
+            (true, handle.max_entries())
+        } else {
+            (false, requested.unwrap_or_else(|| map.max_entries()))
+        };
+        map.set_max_entries(max_entries)
+            .map_err(object_error(object, "set map size"))?;
+        reuse.push(MapReuse {
+            name,
+            reused,
+            requested_max_entries: requested,
+            max_entries,
+        });
+    }
+    Ok(reuse)
+}
+
+fn open_datapath(options: &DatapathOptions, tcx: bool) -> Result<(Object, Vec<MapReuse>)> {
+    let mut builder = ObjectBuilder::default();
+    builder
+        .pin_root_path(&options.pin_root)
+        .map_err(object_error("datapath", "set pin root"))?;
+    let mut open = builder
+        .open_memory(DATAPATH_OBJECT)
+        .map_err(object_error("datapath", "open"))?;
+    let reuse = size_maps(&mut open, &options.pin_root, &options.map_sizes, "datapath")?;
+    if tcx {
+        for mut prog in open.progs_mut() {
+            let attach = match prog.name().to_str() {
+                Some("tc_ingress" | "tc_ingress_l3") => ProgramAttachType::TcxIngress,
+                Some("tc_egress" | "tc_egress_l3") => ProgramAttachType::TcxEgress,
+                _ => continue,
+            };
+            prog.set_attach_type(attach);
+        }
+    }
+    let object = open.load().map_err(object_error("datapath", "load"))?;
+    Ok((object, reuse))
+}
+
+fn find_program<'obj>(object: &'obj Object, name: &'static str) -> Result<ProgramMut<'obj>> {
+    object
+        .progs_mut()
+        .find(|p| p.name() == name)
+        .ok_or(Error::MissingProgram(name))
+}
+
+fn map_handle(object: &Object, name: &'static str) -> Result<MapHandle> {
+    let map = object
+        .maps()
+        .find(|m| m.name() == name)
+        .ok_or(Error::MissingMap(name))?;
+    MapHandle::try_from(&map).map_err(|source| Error::Map {
+        map: name.to_owned(),
+        action: "duplicate handle",
+        source,
+    })
+}
+
+fn datapath_maps(object: &Object) -> Result<DatapathMaps> {
+    Ok(DatapathMaps {
+        svc_ports: TypedMap::from_handle(map_handle(object, map_names::SVC_PORTS)?)?,
+        svc_addrs: TypedMap::from_handle(map_handle(object, map_names::SVC_ADDRS)?)?,
+        src_ranges: TypedMap::from_handle(map_handle(object, map_names::SRC_RANGES)?)?,
+        cluster_cidrs: TypedMap::from_handle(map_handle(object, map_names::CLUSTER_CIDRS)?)?,
+        devices: TypedMap::from_handle(map_handle(object, map_names::DEVICES)?)?,
+        config: TypedMap::from_handle(map_handle(object, map_names::CONFIG)?)?,
+        snat_fwd: TypedMap::from_handle(map_handle(object, map_names::SNAT_FWD)?)?,
+        snat_rev: TypedMap::from_handle(map_handle(object, map_names::SNAT_REV)?)?,
+        conns: TypedMap::from_handle(map_handle(object, map_names::CONNS)?)?,
+        frags: TypedMap::from_handle(map_handle(object, map_names::FRAGS)?)?,
+        stats: PerCpuArray::from_handle(map_handle(object, map_names::STATS)?)?,
+    })
+}
+
+/// Pins `xt_svc` under a temporary name and renames it over the final pin (atomic on bpffs;
+/// bpffs refuses dots in names).
+fn pin_xt_svc(object: &Object, pin_root: &Path) -> Result<()> {
+    let target = pin_root.join(XT_SVC_PIN_NAME);
+    let temporary = pin_root.join(format!("{XT_SVC_PIN_NAME}_new_{}", std::process::id()));
+    if temporary.exists() {
+        fs::remove_file(&temporary).map_err(io_error("remove", &temporary))?;
+    }
+    let mut program = find_program(object, DatapathProgram::XtSvc.name())?;
+    program.pin(&temporary).map_err(|source| Error::Pin {
+        path: temporary.clone(),
+        source,
+    })?;
+    fs::rename(&temporary, &target).map_err(io_error("rename pin", &target))
+}
+
+/// Creates a TCX link (appended after the device's other TCX programs).
+fn tcx_attach(program: &Program<'_>, ifindex: u32) -> std::result::Result<Link, libbpf_rs::Error> {
+    let ifindex = i32::try_from(ifindex)
+        .map_err(|_| libbpf_rs::Error::from(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let opts = libbpf_rs::libbpf_sys::bpf_tcx_opts {
+        sz: size_of::<libbpf_rs::libbpf_sys::bpf_tcx_opts>() as _,
+        ..Default::default()
+    };
+    // SAFETY: the program pointer is valid for the borrow of `program`, and `opts` outlives the
+    // call; libbpf returns a new link or NULL with errno set.
+    let link = unsafe {
+        libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
+            program.as_libbpf_object().as_ptr(),
+            ifindex,
+            &opts,
+        )
+    };
+    match NonNull::new(link) {
+        // SAFETY: a non-NULL pointer from bpf_program__attach_tcx is a valid link we now own.
+        Some(link) => Ok(unsafe { Link::from_ptr(link) }),
+        None => Err(libbpf_rs::Error::from(std::io::Error::last_os_error())),
+    }
+}
+
+fn is_unsupported(error: &libbpf_rs::Error) -> bool {
+    matches!(
+        error.kind(),
+        libbpf_rs::ErrorKind::InvalidInput | libbpf_rs::ErrorKind::Unsupported
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+fn clsact_hook(program: &Program<'_>, ifindex: u32, direction: Direction) -> TcHook {
+    let mut hook = TcHook::new(program.as_fd());
+    hook.ifindex(ifindex as i32)
+        .handle(CLSACT_HANDLE)
+        .priority(CLSACT_PRIORITY)
+        .attach_point(match direction {
+            Direction::Ingress => TC_INGRESS,
+            Direction::Egress => TC_EGRESS,
+        });
+    hook
+}
+
+impl Datapath {
+    /// Opens the datapath object, sizes its maps (reusing every map pinned under
+    /// `options.pin_root`), loads it, and pins `xt_svc`. Nothing is attached yet.
+    pub fn load(options: DatapathOptions) -> Result<Datapath> {
+        fs::create_dir_all(&options.pin_root).map_err(io_error("create", &options.pin_root))?;
+        let tcx_attach_types = match options.tc_attach {
+            TcAttachPolicy::Netlink => false,
+            TcAttachPolicy::Tcx => true,
+            TcAttachPolicy::Auto => kernel_has_tcx(),
+        };
+        let (object, map_reuse) = open_datapath(&options, tcx_attach_types)?;
+        pin_xt_svc(&object, &options.pin_root)?;
+        let maps = datapath_maps(&object)?;
+        Ok(Datapath {
+            object,
+            options,
+            tcx_attach_types,
+            map_reuse,
+            maps,
+            devices: BTreeMap::new(),
+            probe: None,
+        })
+    }
+
+    /// The pin root.
+    pub fn pin_root(&self) -> &Path {
+        &self.options.pin_root
+    }
+
+    /// Path of the pinned `xt_svc` program (for `-m bpf --object-pinned`).
+    pub fn xt_svc_pin_path(&self) -> PathBuf {
+        self.options.pin_root.join(XT_SVC_PIN_NAME)
+    }
+
+    /// Per map: reused from a pin or created, and its size.
+    pub fn map_reuse(&self) -> &[MapReuse] {
+        &self.map_reuse
+    }
+
+    /// Typed handles on every map.
+    pub fn maps(&self) -> &DatapathMaps {
+        &self.maps
+    }
+
+    /// Every counter summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        self.maps.stats()
+    }
+
+    fn tcx_link_path(&self, ifindex: u32, direction: Direction) -> PathBuf {
+        self.options
+            .pin_root
+            .join(LINKS_DIR)
+            .join(format!("tcx_{ifindex}_{}", direction.label()))
+    }
+
+    fn links_dir(&self) -> Result<PathBuf> {
+        let dir = self.options.pin_root.join(LINKS_DIR);
+        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        Ok(dir)
+    }
+
+    /// Attaches one direction by TCX: swaps the program inside the pinned link when there is
+    /// one (atomic), else creates and pins a link.
+    fn attach_tcx_direction(
+        &self,
+        program: DatapathProgram,
+        ifindex: u32,
+        direction: Direction,
+    ) -> Result<Link> {
+        let prog = find_program(&self.object, program.name())?;
+        let path = self.tcx_link_path(ifindex, direction);
+        let attach_error = |source| Error::TcAttach {
+            program: program.name(),
+            ifindex,
+            mode: "tcx",
+            source,
+        };
+        if path.exists() {
+            if let Ok(mut link) = Link::open(&path) {
+                if link.update_prog(&prog).is_ok() {
+                    return Ok(link);
+                }
+                // A defunct link (its device went away, the ifindex was reused): replace it.
+                let _ = link.detach();
+            }
+            fs::remove_file(&path).map_err(io_error("remove stale link", &path))?;
+        }
+        self.links_dir()?;
+        let mut link = tcx_attach(&prog, ifindex).map_err(attach_error)?;
+        link.pin(&path).map_err(|source| Error::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(link)
+    }
+
+    fn attach_netlink_direction(
+        &self,
+        program: DatapathProgram,
+        ifindex: u32,
+        direction: Direction,
+    ) -> Result<()> {
+        let prog = find_program(&self.object, program.name())?;
+        let attach_error = |source| Error::TcAttach {
+            program: program.name(),
+            ifindex,
+            mode: "netlink",
+            source,
+        };
+        let mut hook = clsact_hook(&prog, ifindex, direction);
+        hook.create().map_err(attach_error)?;
+        hook.replace(true);
+        hook.attach().map_err(attach_error)?;
+        Ok(())
+    }
+
+    /// Removes our clsact filter of one direction, if present.
+    fn detach_netlink_direction(&self, ifindex: u32, direction: Direction) -> Result<()> {
+        let prog = find_program(&self.object, DatapathProgram::TcIngress.name())?;
+        let mut hook = clsact_hook(&prog, ifindex, direction);
+        if hook.query().is_err() {
+            return Ok(());
+        }
+        hook.detach().map_err(|source| Error::TcDetach {
+            ifindex,
+            mode: "netlink",
+            source,
+        })
+    }
+
+    /// Removes the pinned TCX link of one direction, if present.
+    fn detach_tcx_direction(&self, ifindex: u32, direction: Direction) -> Result<()> {
+        let path = self.tcx_link_path(ifindex, direction);
+        if !path.exists() {
+            return Ok(());
+        }
+        if let Ok(link) = Link::open(&path) {
+            // A defunct link cannot be detached again; its pin is removed all the same.
+            let _ = link.detach();
+        }
+        fs::remove_file(&path).map_err(io_error("remove link pin", &path))
+    }
+
+    fn attach_tcx_device(&self, ifindex: u32, kind: DeviceKind) -> Result<Vec<Link>> {
+        let (ingress, egress) = kind.programs();
+        let ingress_link = self.attach_tcx_direction(ingress, ifindex, Direction::Ingress)?;
+        let egress_link = self.attach_tcx_direction(egress, ifindex, Direction::Egress)?;
+        Ok(vec![ingress_link, egress_link])
+    }
+
+    /// Attaches the TC programs for `kind` to both directions of device `ifindex`, replacing
+    /// whatever version of them is attached (atomically, see the module documentation). With
+    /// [`TcAttachPolicy::Auto`], TCX is used where it works and netlink clsact otherwise. A
+    /// leftover attachment of the other mechanism is removed afterwards.
+    pub fn attach_tc(&mut self, ifindex: u32, kind: DeviceKind) -> Result<TcAttachMode> {
+        let (mode, links) = match self.options.tc_attach {
+            TcAttachPolicy::Netlink => (TcAttachMode::Netlink, Vec::new()),
+            TcAttachPolicy::Tcx => (TcAttachMode::Tcx, self.attach_tcx_device(ifindex, kind)?),
+            TcAttachPolicy::Auto if !self.tcx_attach_types => (TcAttachMode::Netlink, Vec::new()),
+            TcAttachPolicy::Auto => match self.attach_tcx_device(ifindex, kind) {
+                Ok(links) => (TcAttachMode::Tcx, links),
+                Err(Error::TcAttach { source, .. }) if is_unsupported(&source) => {
+                    (TcAttachMode::Netlink, Vec::new())
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        let (ingress, egress) = kind.programs();
+        match mode {
+            TcAttachMode::Netlink => {
+                self.attach_netlink_direction(ingress, ifindex, Direction::Ingress)?;
+                self.attach_netlink_direction(egress, ifindex, Direction::Egress)?;
+                self.detach_tcx_direction(ifindex, Direction::Ingress)?;
+                self.detach_tcx_direction(ifindex, Direction::Egress)?;
+            }
+            TcAttachMode::Tcx => {
+                self.detach_netlink_direction(ifindex, Direction::Ingress)?;
+                self.detach_netlink_direction(ifindex, Direction::Egress)?;
+            }
+        }
+        self.devices.insert(
+            ifindex,
+            AttachedDevice {
+                kind,
+                mode,
+                _links: links,
+            },
+        );
+        Ok(mode)
+    }
+
+    /// Detaches our TC programs from device `ifindex` (both mechanisms, whoever attached them).
+    pub fn detach_tc(&mut self, ifindex: u32) -> Result<()> {
+        self.devices.remove(&ifindex);
+        for direction in [Direction::Ingress, Direction::Egress] {
+            self.detach_tcx_direction(ifindex, direction)?;
+            self.detach_netlink_direction(ifindex, direction)?;
+        }
+        Ok(())
+    }
+
+    /// Devices this `Datapath` attached: ifindex, kind, mode.
+    pub fn attached_devices(&self) -> impl Iterator<Item = (u32, DeviceKind, TcAttachMode)> + '_ {
+        self.devices
+            .iter()
+            .map(|(&ifindex, device)| (ifindex, device.kind, device.mode))
+    }
+
+    /// The kernel ids of our programs attached to one direction of a device, per mechanism
+    /// (whoever attached them: the pinned TCX link, and the clsact filter with our handle and
+    /// priority).
+    pub fn attached_programs(&self, ifindex: u32, ingress: bool) -> Result<AttachedPrograms> {
+        let direction = if ingress {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let path = self.tcx_link_path(ifindex, direction);
+        let tcx = path
+            .exists()
+            .then(|| Link::open(&path).ok())
+            .flatten()
+            .and_then(|link| link.info().ok())
+            .map(|info| info.prog_id);
+        let prog = find_program(&self.object, DatapathProgram::TcIngress.name())?;
+        let mut hook = clsact_hook(&prog, ifindex, direction);
+        let netlink = hook.query().ok();
+        Ok(AttachedPrograms { tcx, netlink })
+    }
+
+    /// The kernel's id of one of our loaded programs.
+    pub fn program_id(&self, program: DatapathProgram) -> Result<u32> {
+        let prog = find_program(&self.object, program.name())?;
+        Program::id_from_fd(prog.as_fd()).map_err(|source| Error::Program {
+            program: program.name(),
+            action: "get id",
+            source,
+        })
+    }
+
+    /// The kernel's run-time accounting of one of our programs (`run_time_ns`/`run_cnt` move
+    /// only while `kernel.bpf_stats_enabled` is 1).
+    pub fn program_run_stats(&self, program: DatapathProgram) -> Result<ProgramRunStats> {
+        let id = self.program_id(program)?;
+        libbpf_rs::query::ProgInfoIter::default()
+            .find(|info| info.id == id)
+            .map(|info| ProgramRunStats {
+                run_time_ns: info.run_time_ns,
+                run_cnt: info.run_cnt,
+            })
+            .ok_or(Error::MissingProgram(program.name()))
+    }
+
+    fn try_probe(&self, kind: ProbeKind) -> Result<(Object, Link)> {
+        let mut builder = ObjectBuilder::default();
+        builder
+            .pin_root_path(&self.options.pin_root)
+            .map_err(object_error("ipvs_probe", "set pin root"))?;
+        let mut open = builder
+            .open_memory(IPVS_PROBE_OBJECT)
+            .map_err(object_error("ipvs_probe", "open"))?;
+        size_maps(
+            &mut open,
+            &self.options.pin_root,
+            &self.options.map_sizes,
+            "ipvs_probe",
+        )?;
+        for mut prog in open.progs_mut() {
+            let wanted = prog.name() == kind.program();
+            prog.set_autoload(wanted);
+        }
+        let object = open.load().map_err(object_error("ipvs_probe", "load"))?;
+        let program = find_program(&object, kind.program())?;
+        let link = match kind {
+            ProbeKind::Fexit => program.attach_trace(),
+            ProbeKind::Kretprobe => program.attach_kprobe(true, PROBE_TARGET_FUNCTION),
+        }
+        .map_err(object_error("ipvs_probe", "attach"))?;
+        Ok((object, link))
+    }
+
+    /// Attaches the IPVS connection probe: fexit first (when allowed by `preference`), then
+    /// kretprobe. The new probe is attached before a previous one (pinned by an earlier run) is
+    /// detached. Returns the flavour attached.
+    pub fn attach_ipvs_probe(&mut self, preference: ProbePreference) -> Result<ProbeKind> {
+        if !Path::new("/sys/module/ip_vs").exists() {
+            return Err(Error::ProbeUnavailable(
+                "the ip_vs module is not loaded (/sys/module/ip_vs is missing)".to_owned(),
+            ));
+        }
+        let candidates: &[ProbeKind] = match preference {
+            ProbePreference::Auto => &[ProbeKind::Fexit, ProbeKind::Kretprobe],
+            ProbePreference::Fexit => &[ProbeKind::Fexit],
+            ProbePreference::Kretprobe => &[ProbeKind::Kretprobe],
+        };
+        let mut failures = Vec::new();
+        for &kind in candidates {
+            match self.try_probe(kind) {
+                Ok((object, mut link)) => {
+                    let path = self.links_dir()?.join(PROBE_LINK_NAME);
+                    if path.exists() {
+                        if let Ok(old) = Link::open(&path) {
+                            let _ = old.detach();
+                        }
+                        fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
+                    }
+                    if let Some(previous) = self.probe.take() {
+                        let _ = previous.link.detach();
+                    }
+                    link.pin(&path).map_err(|source| Error::Pin {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    self.probe = Some(AttachedProbe {
+                        kind,
+                        link,
+                        _object: object,
+                    });
+                    return Ok(kind);
+                }
+                Err(error) => failures.push(format!("{kind:?}: {error}")),
+            }
+        }
+        Err(Error::ProbeUnavailable(failures.join("; ")))
+    }
+
+    /// The IPVS probe flavour attached by this `Datapath`, if any.
+    pub fn ipvs_probe(&self) -> Option<ProbeKind> {
+        self.probe.as_ref().map(|p| p.kind)
+    }
+
+    /// Detaches the IPVS probe (ours, or one pinned by an earlier run).
+    pub fn detach_ipvs_probe(&mut self) -> Result<()> {
+        if let Some(probe) = self.probe.take() {
+            let _ = probe.link.detach();
+        }
+        let path = self.options.pin_root.join(LINKS_DIR).join(PROBE_LINK_NAME);
+        if path.exists() {
+            if let Ok(link) = Link::open(&path) {
+                let _ = link.detach();
+            }
+            fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one of the datapath programs once on `packet` with BPF_PROG_TEST_RUN.
+    ///
+    /// The kernel treats `packet` as an Ethernet frame (it must be at least 14 bytes): TC
+    /// programs see all of it (the `_l3` variants parse it as IP from its first byte), the
+    /// socket filter `xt_svc` sees it from byte 14, as xt_bpf would from the IP header.
+    pub fn test_run(
+        &self,
+        program: DatapathProgram,
+        packet: &[u8],
+        context: &SkbContext,
+    ) -> Result<TestRunOutput> {
+        let prog = find_program(&self.object, program.name())?;
+        let mut context_in = skb_context_bytes(context);
+        let mut context_out = vec![0u8; context_in.len()];
+        let mut data_out = vec![0u8; packet.len() + 256];
+        let input = ProgramInput {
+            context_in: Some(&mut context_in),
+            context_out: Some(&mut context_out),
+            data_in: Some(packet),
+            data_out: Some(&mut data_out),
+            repeat: 1,
+            ..ProgramInput::default()
+        };
+        let output = prog.test_run(input).map_err(|source| Error::TestRun {
+            program: program.name(),
+            source,
+        })?;
+        let packet = output.data.map(|d| d.to_vec()).unwrap_or_default();
+        let mark = output.context.map_or(0, |c| read_u32(c, SKB_MARK_OFFSET));
+        Ok(TestRunOutput {
+            return_value: output.return_value,
+            packet,
+            mark,
+            duration: output.duration,
+        })
+    }
+}
+
+/// Removes everything pinned under `pin_root` (detaching pinned links first): the programs and
+/// maps go away once nothing else uses them. Netlink clsact filters are per device: detach them
+/// with [`Datapath::detach_tc`] first.
+pub fn remove_pins(pin_root: &Path) -> Result<()> {
+    let links = pin_root.join(LINKS_DIR);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            if let Ok(link) = Link::open(entry.path()) {
+                let _ = link.detach();
+            }
+        }
+    }
+    if pin_root.exists() {
+        fs::remove_dir_all(pin_root).map_err(io_error("remove", pin_root))?;
+    }
+    Ok(())
+}
+
+/// Offsets in the uapi `struct __sk_buff` (a stable ABI) of the fields a test run sets.
+const SKB_MARK_OFFSET: usize = 8;
+const SKB_INGRESS_IFINDEX_OFFSET: usize = 36;
+const SKB_IFINDEX_OFFSET: usize = 40;
+/// Room for `struct __sk_buff` (192 bytes on 6.18): the kernel wants the output buffer at least
+/// as large as its own struct and accepts a longer input whose tail is zero.
+const SKB_CONTEXT_SIZE: usize = 256;
+
+fn read_u32(bytes: &[u8], offset: usize) -> u32 {
+    bytes
+        .get(offset..offset + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+}
+
+/// A `struct __sk_buff` as bytes with only the fields the kernel accepts from user space set.
+fn skb_context_bytes(context: &SkbContext) -> Vec<u8> {
+    let mut bytes = vec![0u8; SKB_CONTEXT_SIZE];
+    let mut put = |offset: usize, value: u32| {
+        if let Some(slot) = bytes.get_mut(offset..offset + 4) {
+            slot.copy_from_slice(&value.to_ne_bytes());
+        }
+    };
+    put(SKB_MARK_OFFSET, context.mark);
+    put(SKB_IFINDEX_OFFSET, context.ifindex);
+    put(SKB_INGRESS_IFINDEX_OFFSET, context.ingress_ifindex);
+    bytes
+}

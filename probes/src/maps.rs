@@ -1,0 +1,713 @@
+//! Rust mirrors of the datapath's map keys and values (`bpf/maps.h`, docs/datapath.md): the
+//! `#[repr(C)]` structs with their explicit padding, the flag, state and counter constants, the
+//! default marks, port ranges and map sizes, and the conversions between `IpAddr` and the 16-byte
+//! (IPv4-mapped) form every map uses. Byte conversion is zerocopy's; `tests/btf_layout.rs` checks
+//! every struct against the BTF of the compiled objects.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use zerocopy::byteorder::network_endian::{U16 as Be16, U32 as Be32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// A 16-byte address as stored in every map (IPv4 as `::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// Default service mark (`config.mark_svc`): notrack, accepted by the filter chains.
+pub const DEFAULT_MARK_SVC: u32 = 0x0020_0000;
+/// Default masquerade mark (`config.mark_masq`).
+pub const DEFAULT_MARK_MASQ: u32 = 0x0040_0000;
+/// Default lowest SNAT port: below it are privileged ports.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 1024;
+/// Default highest SNAT port: below the NodePort range (30000-32767) and below Linux's default
+/// `ip_local_port_range` (32768-60999), so translated connections never collide with the node's
+/// own sockets' ephemeral ports.
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
+/// Linux's default `net.ipv4.ip_local_port_range` lower bound.
+pub const DEFAULT_LOCAL_PORT_MIN: u16 = 32_768;
+/// Linux's default `net.ipv4.ip_local_port_range` upper bound.
+pub const DEFAULT_LOCAL_PORT_MAX: u16 = 60_999;
+
+/// `svc_value.flags`: masquerade every connection (external address with `Cluster` policy, or
+/// masquerade-all).
+pub const SVC_F_MASQ: u32 = 0x1;
+/// `svc_value.flags`: masquerade clients outside the cluster CIDRs (ClusterIPs).
+pub const SVC_F_MASQ_OFFCLUSTER: u32 = 0x2;
+/// `svc_value.flags`: `loadBalancerSourceRanges` apply (`src_ranges`).
+pub const SVC_F_SRC_RANGES: u32 = 0x4;
+
+/// `addr_value.flags`: a ClusterIP/LB/external IP; TCP/UDP/SCTP to any other port is dropped.
+pub const ADDR_F_SERVICE: u32 = 0x1;
+/// `addr_value.flags`: a node address carrying NodePorts.
+pub const ADDR_F_NODE: u32 = 0x2;
+
+/// `config.flags`: masquerade every service connection.
+pub const CFG_F_MASQ_ALL: u32 = 0x1;
+/// `config.flags`: `cluster_cidrs` holds at least one prefix (set it whenever it does).
+pub const CFG_F_CLUSTER_CIDRS: u32 = 0x2;
+
+/// `snat_entry.state`: a TCP SYN was seen.
+pub const STATE_SYN: u8 = 0x01;
+/// `snat_entry.state`: a TCP FIN was seen (either side).
+pub const STATE_FIN: u8 = 0x02;
+/// `snat_entry.state`: a TCP RST was seen (either side).
+pub const STATE_RST: u8 = 0x04;
+/// `snat_entry.state`: a reply was seen.
+pub const STATE_REPLY: u8 = 0x08;
+
+/// `snat_entry.flags`: the client's own port was kept.
+pub const SNAT_F_PORT_KEPT: u8 = 0x01;
+/// `snat_entry.flags`: `svc_id` came from the IPVS probe's `conns` entry.
+pub const SNAT_F_PROBE_HIT: u8 = 0x02;
+/// `snat_entry.flags`: translated because of the masquerade mark.
+pub const SNAT_F_MASQ: u8 = 0x04;
+/// `snat_entry.flags`: translated as a hairpin (source == destination).
+pub const SNAT_F_HAIRPIN: u8 = 0x08;
+/// `snat_entry.flags`: translated because the service backend is outside the cluster CIDRs.
+pub const SNAT_F_OFFCLUSTER: u8 = 0x10;
+/// `snat_entry.flags`: a host-originated connection from a service address.
+pub const SNAT_F_HOST: u8 = 0x20;
+
+/// `conn_value.ipvs_flags`: IPVS persistence template (never recorded by the probe).
+pub const IP_VS_CONN_F_TEMPLATE: u32 = 0x1000;
+
+/// Default `svc_ports` size.
+pub const DEFAULT_SVC_PORTS_SIZE: u32 = 65_536;
+/// Default `svc_addrs` size.
+pub const DEFAULT_SVC_ADDRS_SIZE: u32 = 16_384;
+/// Default `src_ranges` size.
+pub const DEFAULT_SRC_RANGES_SIZE: u32 = 16_384;
+/// Default `cluster_cidrs` size.
+pub const DEFAULT_CLUSTER_CIDRS_SIZE: u32 = 256;
+/// Default `devices` size.
+pub const DEFAULT_DEVICES_SIZE: u32 = 1_024;
+/// Default size of `snat_fwd` and of `snat_rev` each.
+pub const DEFAULT_SNAT_SIZE: u32 = 262_144;
+/// Default `conns` size.
+pub const DEFAULT_CONNS_SIZE: u32 = 262_144;
+/// Default `frags` size.
+pub const DEFAULT_FRAGS_SIZE: u32 = 8_192;
+
+/// Names of the pinned maps, as they appear under the pin root.
+pub mod map_names {
+    /// `svc_ports`: service (address, port, protocol) → flags, id.
+    pub const SVC_PORTS: &str = "svc_ports";
+    /// `svc_addrs`: service or node address → flags.
+    pub const SVC_ADDRS: &str = "svc_addrs";
+    /// `src_ranges`: (service id, source prefix) → allowed.
+    pub const SRC_RANGES: &str = "src_ranges";
+    /// `cluster_cidrs`: cluster prefixes.
+    pub const CLUSTER_CIDRS: &str = "cluster_cidrs";
+    /// `devices`: ifindex → SNAT source addresses.
+    pub const DEVICES: &str = "devices";
+    /// `config`: marks, port ranges, flags.
+    pub const CONFIG: &str = "config";
+    /// `snat_fwd`: tuple as the packet leaves → translated source.
+    pub const SNAT_FWD: &str = "snat_fwd";
+    /// `snat_rev`: tuple as the reply arrives → original client.
+    pub const SNAT_REV: &str = "snat_rev";
+    /// `conns`: IPVS connections seen by the probe.
+    pub const CONNS: &str = "conns";
+    /// `frags`: ports of first fragments.
+    pub const FRAGS: &str = "frags";
+    /// `stats`: per-CPU counters.
+    pub const STATS: &str = "stats";
+    /// Every map name.
+    pub const ALL: [&str; 11] = [
+        SVC_PORTS,
+        SVC_ADDRS,
+        SRC_RANGES,
+        CLUSTER_CIDRS,
+        DEVICES,
+        CONFIG,
+        SNAT_FWD,
+        SNAT_REV,
+        CONNS,
+        FRAGS,
+        STATS,
+    ];
+}
+
+/// Error building a key from user input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A prefix length longer than the address family allows.
+    #[error("prefix length {len} is too long for {addr}")]
+    PrefixTooLong {
+        /// The address.
+        addr: IpAddr,
+        /// The prefix length given.
+        len: u8,
+    },
+}
+
+/// The 16-byte form of an address: IPv6 as is, IPv4 mapped (`::ffff:a.b.c.d`).
+pub fn addr_to_bytes(addr: IpAddr) -> Addr {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address of a 16-byte form: IPv4-mapped addresses come back as IPv4.
+pub fn addr_from_bytes(bytes: Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Prefix length in the 128-bit space: `96 + n` for IPv4, `n` for IPv6; host bits of the
+/// address cleared.
+fn prefix_in_v6_space(addr: IpAddr, len: u8) -> Result<(u32, Addr), KeyError> {
+    let (bits, max) = match addr {
+        IpAddr::V4(_) => (96 + u32::from(len), 32),
+        IpAddr::V6(_) => (u32::from(len), 128),
+    };
+    if len > max {
+        return Err(KeyError::PrefixTooLong { addr, len });
+    }
+    let mut bytes = addr_to_bytes(addr);
+    let value = u128::from_be_bytes(bytes);
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    bytes = (value & mask).to_be_bytes();
+    Ok((bits, bytes))
+}
+
+/// An L4 protocol that has ports (the only ones in service keys and tuples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum L4Proto {
+    /// TCP (6).
+    Tcp = 6,
+    /// UDP (17).
+    Udp = 17,
+    /// SCTP (132).
+    Sctp = 132,
+}
+
+impl L4Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The protocol of an IP protocol number, if it has ports.
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            6 => Some(L4Proto::Tcp),
+            17 => Some(L4Proto::Udp),
+            132 => Some(L4Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// `struct svc_key`: a service port (address, port, protocol).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct SvcKey {
+    /// Service address (16-byte form).
+    pub addr: Addr,
+    /// Port, network byte order.
+    pub port: Be16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Padding, zero.
+    pub pad: u8,
+}
+
+impl SvcKey {
+    /// The key of `addr:port/proto`.
+    pub fn new(addr: IpAddr, port: u16, proto: L4Proto) -> Self {
+        SvcKey {
+            addr: addr_to_bytes(addr),
+            port: Be16::new(port),
+            proto: proto.number(),
+            pad: 0,
+        }
+    }
+}
+
+/// `struct svc_value`: what the datapath knows of a service port.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct SvcValue {
+    /// `SVC_F_*`.
+    pub flags: u32,
+    /// The agent's id of the service port (keys `src_ranges`, recorded in SNAT entries).
+    pub svc_id: u32,
+}
+
+/// `struct addr_key`: an address.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct AddrKey {
+    /// The address (16-byte form).
+    pub addr: Addr,
+}
+
+impl AddrKey {
+    /// The key of `addr`.
+    pub fn new(addr: IpAddr) -> Self {
+        AddrKey {
+            addr: addr_to_bytes(addr),
+        }
+    }
+}
+
+/// `struct addr_value`: what an address is.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct AddrValue {
+    /// `ADDR_F_*`.
+    pub flags: u32,
+    /// Padding, zero.
+    pub pad: u32,
+}
+
+/// `struct range_key`: LPM key of `src_ranges`; `prefixlen` counts the 32 bits of `svc_id` first.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct RangeKey {
+    /// Prefix length in bits, over `svc_id` then `addr`.
+    pub prefixlen: u32,
+    /// Service port id.
+    pub svc_id: u32,
+    /// Source prefix (16-byte form).
+    pub addr: Addr,
+}
+
+impl RangeKey {
+    /// The entry allowing `addr/len` for service port `svc_id`.
+    pub fn new(svc_id: u32, addr: IpAddr, len: u8) -> Result<Self, KeyError> {
+        let (bits, addr) = prefix_in_v6_space(addr, len)?;
+        Ok(RangeKey {
+            prefixlen: 32 + bits,
+            svc_id,
+            addr,
+        })
+    }
+}
+
+/// `struct cidr_key`: LPM key of `cluster_cidrs`.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct CidrKey {
+    /// Prefix length in bits over the 16-byte form (`96 + n` for IPv4).
+    pub prefixlen: u32,
+    /// The prefix (16-byte form).
+    pub addr: Addr,
+}
+
+impl CidrKey {
+    /// The key of `addr/len`.
+    pub fn new(addr: IpAddr, len: u8) -> Result<Self, KeyError> {
+        let (prefixlen, addr) = prefix_in_v6_space(addr, len)?;
+        Ok(CidrKey { prefixlen, addr })
+    }
+}
+
+/// `struct dev_value`: the SNAT source addresses of a device (the addresses MASQUERADE would
+/// pick); all-zero for a family means "none" (`no_snat_addr`).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct DevValue {
+    /// IPv4 source, IPv4-mapped; zero when none.
+    pub addr4: Addr,
+    /// IPv6 source; zero when none.
+    pub addr6: Addr,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// Padding, zero.
+    pub pad: u32,
+}
+
+impl DevValue {
+    /// The value for a device with these SNAT sources.
+    pub fn new(addr4: Option<Ipv4Addr>, addr6: Option<Ipv6Addr>) -> Self {
+        DevValue {
+            addr4: addr4.map_or([0; 16], |a| addr_to_bytes(IpAddr::V4(a))),
+            addr6: addr6.map_or([0; 16], |a| a.octets()),
+            flags: 0,
+            pad: 0,
+        }
+    }
+}
+
+/// `struct tuple`: a connection as one packet carries it (key of `snat_fwd`, `snat_rev`, `conns`).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct Tuple {
+    /// Source address (16-byte form).
+    pub saddr: Addr,
+    /// Destination address (16-byte form).
+    pub daddr: Addr,
+    /// Source port, network byte order.
+    pub sport: Be16,
+    /// Destination port, network byte order.
+    pub dport: Be16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Padding, zero.
+    pub pad: [u8; 3],
+}
+
+impl Tuple {
+    /// The tuple `saddr:sport -> daddr:dport/proto`.
+    pub fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16, proto: L4Proto) -> Self {
+        Tuple {
+            saddr: addr_to_bytes(saddr),
+            daddr: addr_to_bytes(daddr),
+            sport: Be16::new(sport),
+            dport: Be16::new(dport),
+            proto: proto.number(),
+            pad: [0; 3],
+        }
+    }
+
+    /// The other direction of the same connection.
+    pub fn reversed(&self) -> Self {
+        Tuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// Source address.
+    pub fn source(&self) -> IpAddr {
+        addr_from_bytes(self.saddr)
+    }
+
+    /// Destination address.
+    pub fn destination(&self) -> IpAddr {
+        addr_from_bytes(self.daddr)
+    }
+}
+
+/// `struct snat_entry`: in `snat_fwd`, the translated source (node address, SNAT port); in
+/// `snat_rev`, the original client. The sweeper combines the twins: `state` of the connection is
+/// `fwd.state | rev.state`, its last activity `max(fwd.last_seen_ns, rev.last_seen_ns)`.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct SnatEntry {
+    /// Address (16-byte form).
+    pub addr: Addr,
+    /// Port, network byte order.
+    pub port: Be16,
+    /// `STATE_*` bits seen.
+    pub state: u8,
+    /// `SNAT_F_*`.
+    pub flags: u8,
+    /// Service port id (0 when the probe missed the connection).
+    pub svc_id: u32,
+    /// Creation, CLOCK_MONOTONIC ns.
+    pub created_ns: u64,
+    /// Last packet in this entry's direction (refreshed at most once a second), CLOCK_MONOTONIC ns.
+    pub last_seen_ns: u64,
+}
+
+impl SnatEntry {
+    /// The address.
+    pub fn address(&self) -> IpAddr {
+        addr_from_bytes(self.addr)
+    }
+}
+
+/// `struct conn_value`: an IPVS connection seen by the probe.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct ConnValue {
+    /// Service (virtual) address (16-byte form).
+    pub vaddr: Addr,
+    /// Service port, network byte order.
+    pub vport: Be16,
+    /// Padding, zero.
+    pub pad: u16,
+    /// IPVS connection flags (`IP_VS_CONN_F_*`).
+    pub ipvs_flags: u32,
+    /// When the probe saw it, CLOCK_MONOTONIC ns.
+    pub created_ns: u64,
+}
+
+/// `struct frag_key`: a fragmented datagram as its fragments arrive (before translation).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct FragKey {
+    /// Source address (16-byte form).
+    pub saddr: Addr,
+    /// Destination address (16-byte form).
+    pub daddr: Addr,
+    /// Fragment id, network byte order (IPv4: the 16-bit id in the low-order bytes).
+    pub id: Be32,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Padding, zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct frag_value`: the ports of a datagram's first fragment.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct FragValue {
+    /// Source port, network byte order.
+    pub sport: Be16,
+    /// Destination port, network byte order.
+    pub dport: Be16,
+}
+
+/// `struct config`: the datapath's settings (the single entry of `config`). While `mark_svc` is
+/// 0 the programs pass every packet untouched.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Config {
+    /// Service mark bit(s).
+    pub mark_svc: u32,
+    /// Masquerade mark bit(s).
+    pub mark_masq: u32,
+    /// Lowest SNAT port (host byte order, inclusive).
+    pub snat_port_min: u16,
+    /// Highest SNAT port (host byte order, inclusive).
+    pub snat_port_max: u16,
+    /// `ip_local_port_range` lower bound (host byte order).
+    pub local_port_min: u16,
+    /// `ip_local_port_range` upper bound (host byte order).
+    pub local_port_max: u16,
+    /// `CFG_F_*`.
+    pub flags: u32,
+    /// Padding, zero.
+    pub pad: u32,
+}
+
+impl Default for Config {
+    /// Default marks, SNAT range and Linux's default local port range; no flags.
+    fn default() -> Self {
+        Config {
+            mark_svc: DEFAULT_MARK_SVC,
+            mark_masq: DEFAULT_MARK_MASQ,
+            snat_port_min: DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: DEFAULT_SNAT_PORT_MAX,
+            local_port_min: DEFAULT_LOCAL_PORT_MIN,
+            local_port_max: DEFAULT_LOCAL_PORT_MAX,
+            flags: 0,
+            pad: 0,
+        }
+    }
+}
+
+/// Parses the content of `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999\n").
+pub fn parse_local_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut fields = text.split_whitespace();
+    let low = fields.next()?.parse().ok()?;
+    let high = fields.next()?.parse().ok()?;
+    (low <= high).then_some((low, high))
+}
+
+/// Declares [`Counter`] (the `stats` indices, in order) and [`Stats`] (one named field each).
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident => $field:ident, )*) => {
+        /// A per-CPU counter of `stats` (its index is the enum value).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant),*];
+            /// Number of counters (`STAT_MAX`, the size of `stats`).
+            pub const COUNT: usize = Counter::ALL.len();
+
+            /// The counter's name in docs/datapath.md.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => stringify!($field),)*
+                }
+            }
+        }
+
+        /// The counters of `stats`, summed over CPUs.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $field: u64, )*
+        }
+
+        impl Stats {
+            /// The value of one counter.
+            pub fn get(&self, counter: Counter) -> u64 {
+                match counter {
+                    $(Counter::$variant => self.$field,)*
+                }
+            }
+
+            /// Sets one counter.
+            pub fn set(&mut self, counter: Counter, value: u64) {
+                match counter {
+                    $(Counter::$variant => self.$field = value,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// New SNAT mappings.
+    SnatAlloc => snat_alloc,
+    /// New SNAT mappings that kept the client's port.
+    SnatPortReuse => snat_port_reuse,
+    /// Packets dropped: no free SNAT port after 32 probes.
+    PortExhausted => port_exhausted,
+    /// Packets dropped: `snat_fwd`/`snat_rev` full.
+    MapFull => map_full,
+    /// Replies reverse-translated.
+    RevHit => rev_hit,
+    /// Packets translated by the established fast path.
+    FwdHit => fwd_hit,
+    /// ICMP errors translated.
+    IcmpXlate => icmp_xlate,
+    /// Non-first fragments translated.
+    FragXlate => frag_xlate,
+    /// Non-first fragments of a flow needing SNAT dropped (first fragment unknown).
+    FragMiss => frag_miss,
+    /// Connections recorded by the IPVS probe.
+    ProbeConn => probe_conn,
+    /// IPVS persistence templates skipped by the probe.
+    ProbeTemplateSkipped => probe_template_skipped,
+    /// SNAT allocations that found the probe's `conns` entry.
+    ProbeHit => probe_hit,
+    /// SNAT allocations without a `conns` entry.
+    ProbeMiss => probe_miss,
+    /// Packets dropped: other port on a service address.
+    FilteredPort => filtered_port,
+    /// Packets dropped: source outside `loadBalancerSourceRanges`.
+    FilteredSrcRange => filtered_src_range,
+    /// Packets to a service port marked.
+    SvcMarked => svc_marked,
+    /// Replies of untranslated service connections marked.
+    ReplyMarked => reply_marked,
+    /// Packets needing SNAT passed untranslated: no SNAT address for the device and family.
+    NoSnatAddr => no_snat_addr,
+    /// Malformed or truncated IP packets (passed), or rewrites a helper refused (dropped).
+    ParseError => parse_error,
+}
+
+impl Counter {
+    /// Index in `stats`.
+    pub fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+impl Stats {
+    /// Every counter with its value, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (Counter, u64)> + '_ {
+        Counter::ALL.iter().map(|&c| (c, self.get(c)))
+    }
+
+    /// `self - earlier` per counter (saturating): what moved in between.
+    pub fn delta(&self, earlier: &Stats) -> Stats {
+        let mut delta = Stats::default();
+        for &counter in Counter::ALL {
+            delta.set(
+                counter,
+                self.get(counter).saturating_sub(earlier.get(counter)),
+            );
+        }
+        delta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_is_mapped_and_round_trips() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+        let bytes = addr_to_bytes(v4);
+        assert_eq!(bytes[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(bytes[12..], [10, 1, 2, 3]);
+        assert_eq!(addr_from_bytes(bytes), v4);
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(addr_from_bytes(addr_to_bytes(v6)), v6);
+    }
+
+    #[test]
+    fn prefixes_live_in_the_v6_space() {
+        let key = CidrKey::new("10.244.1.7".parse().unwrap(), 16).unwrap();
+        assert_eq!(key.prefixlen, 112);
+        assert_eq!(
+            addr_from_bytes(key.addr),
+            "10.244.0.0".parse::<IpAddr>().unwrap()
+        );
+        let key = RangeKey::new(7, "fd00::1:2".parse().unwrap(), 64).unwrap();
+        assert_eq!(key.prefixlen, 96);
+        assert_eq!(key.svc_id, 7);
+        assert_eq!(
+            addr_from_bytes(key.addr),
+            "fd00::".parse::<IpAddr>().unwrap()
+        );
+        assert!(CidrKey::new("10.0.0.0".parse().unwrap(), 33).is_err());
+        assert_eq!(CidrKey::new("::".parse().unwrap(), 0).unwrap().prefixlen, 0);
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        assert_eq!(Counter::COUNT, 19);
+        for (i, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.index() as usize, i);
+        }
+        assert_eq!(Counter::ParseError.name(), "parse_error");
+        let mut stats = Stats::default();
+        stats.set(Counter::RevHit, 3);
+        assert_eq!(stats.rev_hit, 3);
+    }
+
+    #[test]
+    fn local_port_range_parses() {
+        assert_eq!(
+            parse_local_port_range("32768\t60999\n"),
+            Some((32768, 60999))
+        );
+        assert_eq!(parse_local_port_range("5 4"), None);
+    }
+
+    #[test]
+    fn ports_are_network_order_on_the_wire() {
+        let key = SvcKey::new("10.0.0.1".parse().unwrap(), 0x1234, L4Proto::Tcp);
+        assert_eq!(key.as_bytes()[16..20], [0x12, 0x34, 6, 0]);
+    }
+}

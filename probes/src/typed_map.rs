@@ -1,0 +1,296 @@
+//! Typed access to the datapath's maps over libbpf-rs `MapHandle`s: get, update with flags,
+//! delete, key iteration and per-CPU lookups summed. [`DatapathMaps`] opens every pinned map by
+//! path without loading any program, which is what `inspect` and the agent's reconcilers use.
+
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::error::{Error, Result};
+use crate::maps::{
+    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DevValue, FragKey, FragValue,
+    RangeKey, SnatEntry, Stats, SvcKey, SvcValue, Tuple, map_names,
+};
+
+/// A plain-old-data type that can be a map key or value.
+pub trait MapPod: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {}
+impl<T: FromBytes + IntoBytes + Immutable + KnownLayout + Copy> MapPod for T {}
+
+/// How an update treats an existing entry (`BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateFlags {
+    /// Create or replace.
+    Any,
+    /// Create only (fails with `EEXIST` if present).
+    NoExist,
+    /// Replace only (fails with `ENOENT` if absent).
+    Exist,
+}
+
+impl UpdateFlags {
+    fn map_flags(self) -> MapFlags {
+        match self {
+            UpdateFlags::Any => MapFlags::ANY,
+            UpdateFlags::NoExist => MapFlags::NO_EXIST,
+            UpdateFlags::Exist => MapFlags::EXIST,
+        }
+    }
+}
+
+/// A map whose keys are `K` and values `V`, sizes checked when opened.
+#[derive(Debug)]
+pub struct TypedMap<K, V> {
+    handle: MapHandle,
+    name: String,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+fn check_layout<K>(handle: &MapHandle, name: &str, value_size: usize) -> Result<()> {
+    let key = size_of::<K>();
+    if handle.key_size() as usize != key || handle.value_size() as usize != value_size {
+        return Err(Error::MapLayout {
+            map: name.to_owned(),
+            key_size: handle.key_size(),
+            value_size: handle.value_size(),
+            expected_key: key,
+            expected_value: value_size,
+        });
+    }
+    Ok(())
+}
+
+fn open_pinned_handle(path: &Path) -> Result<(MapHandle, String)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    let handle = MapHandle::from_pinned_path(path).map_err(|source| Error::Map {
+        map: name.clone(),
+        action: "open pinned",
+        source,
+    })?;
+    Ok((handle, name))
+}
+
+impl<K: MapPod, V: MapPod> TypedMap<K, V> {
+    /// Wraps a handle, checking the map's key and value sizes against `K` and `V`.
+    pub fn from_handle(handle: MapHandle) -> Result<Self> {
+        let name = handle.name().to_string_lossy().into_owned();
+        check_layout::<K>(&handle, &name, size_of::<V>())?;
+        Ok(TypedMap {
+            handle,
+            name,
+            _types: PhantomData,
+        })
+    }
+
+    /// Opens a pinned map.
+    pub fn open_pinned(path: &Path) -> Result<Self> {
+        let (handle, name) = open_pinned_handle(path)?;
+        check_layout::<K>(&handle, &name, size_of::<V>())?;
+        Ok(TypedMap {
+            handle,
+            name,
+            _types: PhantomData,
+        })
+    }
+
+    /// The map's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The map's capacity.
+    pub fn max_entries(&self) -> u32 {
+        self.handle.max_entries()
+    }
+
+    /// The underlying handle.
+    pub fn handle(&self) -> &MapHandle {
+        &self.handle
+    }
+
+    fn error(&self, action: &'static str, source: libbpf_rs::Error) -> Error {
+        Error::Map {
+            map: self.name.clone(),
+            action,
+            source,
+        }
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &K) -> Result<Option<V>> {
+        let mut value = V::new_zeroed();
+        let found = self
+            .handle
+            .lookup_into(key.as_bytes(), value.as_mut_bytes(), MapFlags::ANY)
+            .map_err(|e| self.error("lookup", e))?;
+        Ok(found.then_some(value))
+    }
+
+    /// Writes `key` → `value`.
+    pub fn update(&self, key: &K, value: &V, flags: UpdateFlags) -> Result<()> {
+        self.handle
+            .update(key.as_bytes(), value.as_bytes(), flags.map_flags())
+            .map_err(|e| self.error("update", e))
+    }
+
+    /// Creates or replaces `key` → `value`.
+    pub fn insert(&self, key: &K, value: &V) -> Result<()> {
+        self.update(key, value, UpdateFlags::Any)
+    }
+
+    /// Deletes `key`; `false` when it was absent.
+    pub fn delete(&self, key: &K) -> Result<bool> {
+        match self.handle.delete(key.as_bytes()) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.error("delete", e)),
+        }
+    }
+
+    /// The keys present now (the kernel's iteration: entries changing meanwhile may be missed).
+    pub fn keys(&self) -> impl Iterator<Item = K> + '_ {
+        self.handle
+            .keys()
+            .filter_map(|bytes| K::read_from_bytes(&bytes).ok())
+    }
+
+    /// Every entry present now; entries deleted during the walk are skipped.
+    pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        let mut entries = Vec::new();
+        for key in self.keys() {
+            if let Some(value) = self.get(&key)? {
+                entries.push((key, value));
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// A per-CPU array whose values are `V`.
+#[derive(Debug)]
+pub struct PerCpuArray<V> {
+    handle: MapHandle,
+    name: String,
+    _types: PhantomData<fn() -> V>,
+}
+
+impl<V: MapPod> PerCpuArray<V> {
+    /// Wraps a handle, checking sizes.
+    pub fn from_handle(handle: MapHandle) -> Result<Self> {
+        let name = handle.name().to_string_lossy().into_owned();
+        check_layout::<u32>(&handle, &name, size_of::<V>())?;
+        Ok(PerCpuArray {
+            handle,
+            name,
+            _types: PhantomData,
+        })
+    }
+
+    /// Opens a pinned per-CPU array.
+    pub fn open_pinned(path: &Path) -> Result<Self> {
+        let (handle, name) = open_pinned_handle(path)?;
+        check_layout::<u32>(&handle, &name, size_of::<V>())?;
+        Ok(PerCpuArray {
+            handle,
+            name,
+            _types: PhantomData,
+        })
+    }
+
+    /// The values of every possible CPU at `index`.
+    pub fn get_per_cpu(&self, index: u32) -> Result<Vec<V>> {
+        let per_cpu = self
+            .handle
+            .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: self.name.clone(),
+                action: "per-CPU lookup",
+                source,
+            })?
+            .unwrap_or_default();
+        Ok(per_cpu
+            .iter()
+            .filter_map(|bytes| V::read_from_prefix(bytes).ok().map(|(v, _)| v))
+            .collect())
+    }
+}
+
+impl PerCpuArray<u64> {
+    /// The sum over CPUs of the counter at `index`.
+    pub fn sum(&self, index: u32) -> Result<u64> {
+        Ok(self
+            .get_per_cpu(index)?
+            .iter()
+            .fold(0u64, |acc, v| acc.wrapping_add(*v)))
+    }
+}
+
+/// Every map of the datapath, typed.
+#[derive(Debug)]
+pub struct DatapathMaps {
+    /// `svc_ports`.
+    pub svc_ports: TypedMap<SvcKey, SvcValue>,
+    /// `svc_addrs`.
+    pub svc_addrs: TypedMap<AddrKey, AddrValue>,
+    /// `src_ranges` (value: 1).
+    pub src_ranges: TypedMap<RangeKey, u8>,
+    /// `cluster_cidrs` (value: 1).
+    pub cluster_cidrs: TypedMap<CidrKey, u8>,
+    /// `devices`, keyed by ifindex.
+    pub devices: TypedMap<u32, DevValue>,
+    /// `config` (one entry, key 0).
+    pub config: TypedMap<u32, Config>,
+    /// `snat_fwd`.
+    pub snat_fwd: TypedMap<Tuple, SnatEntry>,
+    /// `snat_rev`.
+    pub snat_rev: TypedMap<Tuple, SnatEntry>,
+    /// `conns`.
+    pub conns: TypedMap<Tuple, ConnValue>,
+    /// `frags`.
+    pub frags: TypedMap<FragKey, FragValue>,
+    /// `stats`.
+    pub stats: PerCpuArray<u64>,
+}
+
+impl DatapathMaps {
+    /// Opens every map pinned under `pin_root` (no program is loaded).
+    pub fn open_pinned(pin_root: &Path) -> Result<Self> {
+        let path = |name: &str| -> PathBuf { pin_root.join(name) };
+        Ok(DatapathMaps {
+            svc_ports: TypedMap::open_pinned(&path(map_names::SVC_PORTS))?,
+            svc_addrs: TypedMap::open_pinned(&path(map_names::SVC_ADDRS))?,
+            src_ranges: TypedMap::open_pinned(&path(map_names::SRC_RANGES))?,
+            cluster_cidrs: TypedMap::open_pinned(&path(map_names::CLUSTER_CIDRS))?,
+            devices: TypedMap::open_pinned(&path(map_names::DEVICES))?,
+            config: TypedMap::open_pinned(&path(map_names::CONFIG))?,
+            snat_fwd: TypedMap::open_pinned(&path(map_names::SNAT_FWD))?,
+            snat_rev: TypedMap::open_pinned(&path(map_names::SNAT_REV))?,
+            conns: TypedMap::open_pinned(&path(map_names::CONNS))?,
+            frags: TypedMap::open_pinned(&path(map_names::FRAGS))?,
+            stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,
+        })
+    }
+
+    /// Every counter summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for &counter in Counter::ALL {
+            stats.set(counter, self.stats.sum(counter.index())?);
+        }
+        Ok(stats)
+    }
+
+    /// The datapath configuration (all zero until the agent writes it).
+    pub fn config(&self) -> Result<Option<Config>> {
+        self.config.get(&0)
+    }
+
+    /// Writes the datapath configuration.
+    pub fn set_config(&self, config: &Config) -> Result<()> {
+        self.config.insert(&0, config)
+    }
+}

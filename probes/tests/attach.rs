@@ -1,0 +1,289 @@
+//! Host-kernel tests of the loader: TC attachment by TCX and by netlink clsact on a veth, the
+//! in-place replacement a restarted agent does, map reuse across a restart, the pinned `xt_svc`,
+//! opening pinned maps without programs, and the IPVS probe's error where ip_vs is missing.
+//! Needs root.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+use libbpf_rs::{Link, ProgramHandle};
+use probes::maps::{Counter, L4Proto, Tuple};
+use probes::{
+    Datapath, DatapathMaps, DatapathOptions, DatapathProgram, DeviceKind, Error, MapSizes,
+    ProbePreference, TcAttachMode, TcAttachPolicy,
+};
+
+/// A veth pair, deleted on drop.
+struct Veth {
+    name: String,
+    ifindex: u32,
+}
+
+impl Veth {
+    fn new(tag: &str) -> Veth {
+        let name = format!("kib{}{tag}", std::process::id() % 100_000);
+        let peer = format!("{name}p");
+        let _ = Command::new("ip")
+            .args(["link", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let status = Command::new("ip")
+            .args(["link", "add", &name, "type", "veth", "peer", "name", &peer])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip link add {name}");
+        let ifindex = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .expect("ifindex")
+            .trim()
+            .parse()
+            .expect("ifindex number");
+        Veth { name, ifindex }
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+fn load(root: &Path, tc_attach: TcAttachPolicy) -> Datapath {
+    Datapath::load(DatapathOptions {
+        pin_root: root.to_path_buf(),
+        map_sizes: test_map_sizes(),
+        tc_attach,
+    })
+    .expect("load datapath")
+}
+
+fn link_id(path: &Path) -> u32 {
+    Link::open(path)
+        .expect("pinned link")
+        .info()
+        .expect("link info")
+        .id
+}
+
+#[test]
+fn tcx_attach_and_restart_replace_in_place() {
+    if !probes::loader::kernel_has_tcx() {
+        eprintln!("kernel without TCX: skipped");
+        return;
+    }
+    let pins = PinDir::new("tcx_restart");
+    let veth = Veth::new("t");
+    let mut first = load(&pins.root, TcAttachPolicy::Auto);
+    let mode = first
+        .attach_tc(veth.ifindex, DeviceKind::Ethernet)
+        .expect("attach");
+    assert_eq!(mode, TcAttachMode::Tcx);
+    let ingress = first.attached_programs(veth.ifindex, true).expect("query");
+    let egress = first.attached_programs(veth.ifindex, false).expect("query");
+    assert_eq!(
+        ingress.tcx,
+        Some(first.program_id(DatapathProgram::TcIngress).expect("id"))
+    );
+    assert_eq!(
+        egress.tcx,
+        Some(first.program_id(DatapathProgram::TcEgress).expect("id"))
+    );
+    assert_eq!((ingress.netlink, egress.netlink), (None, None));
+    let link_path = pins
+        .root
+        .join("links")
+        .join(format!("tcx_{}_ingress", veth.ifindex));
+    let link_before = link_id(&link_path);
+
+    // Restart: a new agent loads (reusing the pinned maps) and swaps the programs inside the
+    // same links; the L3 variants this time, to see the swap.
+    let mut second = load(&pins.root, TcAttachPolicy::Auto);
+    drop(first);
+    let mode = second
+        .attach_tc(veth.ifindex, DeviceKind::L3)
+        .expect("re-attach");
+    assert_eq!(mode, TcAttachMode::Tcx);
+    assert_eq!(
+        link_id(&link_path),
+        link_before,
+        "the same link was updated"
+    );
+    let ingress = second.attached_programs(veth.ifindex, true).expect("query");
+    assert_eq!(
+        ingress.tcx,
+        Some(second.program_id(DatapathProgram::TcIngressL3).expect("id"))
+    );
+
+    second.detach_tc(veth.ifindex).expect("detach");
+    let ingress = second.attached_programs(veth.ifindex, true).expect("query");
+    assert_eq!((ingress.tcx, ingress.netlink), (None, None));
+    assert!(!link_path.exists());
+}
+
+#[test]
+fn netlink_attach_and_restart_replace() {
+    let pins = PinDir::new("netlink_restart");
+    let veth = Veth::new("n");
+    let mut first = load(&pins.root, TcAttachPolicy::Netlink);
+    let mode = first
+        .attach_tc(veth.ifindex, DeviceKind::Ethernet)
+        .expect("attach");
+    assert_eq!(mode, TcAttachMode::Netlink);
+    let egress = first.attached_programs(veth.ifindex, false).expect("query");
+    assert_eq!(
+        egress.netlink,
+        Some(first.program_id(DatapathProgram::TcEgress).expect("id"))
+    );
+    assert_eq!(egress.tcx, None);
+
+    let mut second = load(&pins.root, TcAttachPolicy::Netlink);
+    second
+        .attach_tc(veth.ifindex, DeviceKind::Ethernet)
+        .expect("re-attach");
+    let egress = second
+        .attached_programs(veth.ifindex, false)
+        .expect("query");
+    assert_eq!(
+        egress.netlink,
+        Some(second.program_id(DatapathProgram::TcEgress).expect("id")),
+        "the filter now runs the new program"
+    );
+    drop(first);
+
+    if probes::loader::kernel_has_tcx() {
+        // Switching mechanism removes the other one's attachment.
+        let mut third = load(&pins.root, TcAttachPolicy::Tcx);
+        assert_eq!(
+            third
+                .attach_tc(veth.ifindex, DeviceKind::Ethernet)
+                .expect("tcx"),
+            TcAttachMode::Tcx
+        );
+        let egress = third.attached_programs(veth.ifindex, false).expect("query");
+        assert_eq!(egress.netlink, None);
+        assert!(egress.tcx.is_some());
+        third.detach_tc(veth.ifindex).expect("detach");
+    } else {
+        second.detach_tc(veth.ifindex).expect("detach");
+    }
+    let egress = second
+        .attached_programs(veth.ifindex, false)
+        .expect("query");
+    assert_eq!((egress.tcx, egress.netlink), (None, None));
+}
+
+#[test]
+fn restart_keeps_snat_entries_and_pinned_sizes() {
+    let pins = PinDir::new("restart_maps");
+    let f = Family::V4;
+    let first = load(&pins.root, TcAttachPolicy::Auto);
+    let fixture_config = probes::maps::Config::default();
+    first.maps().set_config(&fixture_config).expect("config");
+    first
+        .maps()
+        .devices
+        .insert(
+            &LOOPBACK_IFINDEX,
+            &probes::maps::DevValue::new(Some("192.0.2.1".parse().expect("ip")), None),
+        )
+        .expect("devices");
+    let run = |dp: &Datapath, mark: u32| {
+        dp.test_run(
+            DatapathProgram::TcEgress,
+            &tcp(client(f), 40_000, backend(f), 8080, TCP_ACK),
+            &probes::SkbContext {
+                mark,
+                ifindex: LOOPBACK_IFINDEX,
+                ingress_ifindex: 0,
+            },
+        )
+        .expect("run")
+    };
+    let out = run(&first, probes::maps::DEFAULT_MARK_MASQ);
+    let port = parse_frame(&out.packet).sport();
+    assert!(first.map_reuse().iter().all(|m| !m.reused));
+    drop(first);
+
+    // Bigger sizes requested: pinned maps keep theirs (and their entries).
+    let second = Datapath::load(DatapathOptions {
+        pin_root: pins.root.clone(),
+        map_sizes: MapSizes {
+            snat: 4096,
+            ..test_map_sizes()
+        },
+        tc_attach: TcAttachPolicy::Auto,
+    })
+    .expect("reload");
+    for reuse in second.map_reuse() {
+        assert!(reuse.reused, "{} not reused", reuse.name);
+        if reuse.name == "snat_fwd" {
+            assert_eq!(reuse.requested_max_entries, Some(4096));
+            assert_eq!(reuse.max_entries, test_map_sizes().snat);
+        }
+    }
+    let out = run(&second, 0);
+    assert_eq!(
+        parse_frame(&out.packet).sport(),
+        port,
+        "fast path after restart"
+    );
+    let stats = second.stats().expect("stats");
+    assert_eq!(stats.get(Counter::SnatAlloc), 1);
+    assert_eq!(stats.get(Counter::FwdHit), 1);
+
+    // `inspect`: the pinned maps open by path, without programs.
+    let maps = DatapathMaps::open_pinned(&pins.root).expect("open pinned maps");
+    let entry = maps
+        .snat_fwd
+        .get(&Tuple::new(
+            client(f),
+            40_000,
+            backend(f),
+            8080,
+            L4Proto::Tcp,
+        ))
+        .expect("lookup")
+        .expect("entry kept");
+    assert_eq!(entry.port.get(), port);
+    assert_eq!(maps.snat_rev.entries().expect("entries").len(), 1);
+    assert_eq!(maps.stats().expect("stats"), stats);
+    assert_eq!(maps.config().expect("config"), Some(fixture_config));
+}
+
+#[test]
+fn xt_svc_pin_is_replaced_on_reload() {
+    let pins = PinDir::new("xt_svc_pin");
+    let first = load(&pins.root, TcAttachPolicy::Auto);
+    let path = first.xt_svc_pin_path();
+    let pinned = ProgramHandle::from_pinned_path(&path).expect("pinned xt_svc");
+    assert_eq!(
+        pinned.id(),
+        first.program_id(DatapathProgram::XtSvc).expect("id")
+    );
+    let second = load(&pins.root, TcAttachPolicy::Auto);
+    let pinned = ProgramHandle::from_pinned_path(&path).expect("pinned xt_svc");
+    assert_eq!(
+        pinned.id(),
+        second.program_id(DatapathProgram::XtSvc).expect("id")
+    );
+    drop(first);
+}
+
+#[test]
+fn ipvs_probe_reports_missing_ip_vs() {
+    if Path::new("/sys/module/ip_vs").exists() {
+        eprintln!("ip_vs is loaded here: this test is for hosts without it");
+        return;
+    }
+    let pins = PinDir::new("probe_missing");
+    let mut dp = load(&pins.root, TcAttachPolicy::Auto);
+    match dp.attach_ipvs_probe(ProbePreference::Auto) {
+        Err(Error::ProbeUnavailable(reason)) => assert!(reason.contains("ip_vs"), "{reason}"),
+        other => panic!("expected ProbeUnavailable, got {other:?}"),
+    }
+    assert_eq!(dp.ipvs_probe(), None);
+}

@@ -1,0 +1,251 @@
+//! The Rust mirrors in `probes::maps` against the BTF of the compiled objects: for every key and
+//! value struct, its size and each member's name, offset and size; and every map's key/value
+//! size against the Rust type used with it. No kernel access needed.
+
+use std::ffi::OsStr;
+
+use libbpf_rs::btf::types::{Array, Enum, Int, MemberAttr, Struct, Union};
+use libbpf_rs::btf::{BtfKind, BtfType};
+use libbpf_rs::{Btf, HasSize, ObjectBuilder};
+use probes::maps::{
+    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DevValue, FragKey, FragValue,
+    RangeKey, SnatEntry, SvcKey, SvcValue, Tuple, map_names,
+};
+use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
+
+struct RustLayout {
+    size: usize,
+    members: Vec<(&'static str, usize, usize)>,
+}
+
+fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+    size_of::<F>()
+}
+
+macro_rules! rust_layout {
+    ($t:ty { $($field:ident),* $(,)? }) => {
+        RustLayout {
+            size: size_of::<$t>(),
+            members: vec![$((
+                stringify!($field),
+                std::mem::offset_of!($t, $field),
+                field_size(|s: &$t| &s.$field),
+            )),*],
+        }
+    };
+}
+
+fn rust_layouts() -> Vec<(&'static str, RustLayout)> {
+    vec![
+        (
+            "svc_key",
+            rust_layout!(SvcKey {
+                addr,
+                port,
+                proto,
+                pad
+            }),
+        ),
+        ("svc_value", rust_layout!(SvcValue { flags, svc_id })),
+        ("addr_key", rust_layout!(AddrKey { addr })),
+        ("addr_value", rust_layout!(AddrValue { flags, pad })),
+        (
+            "range_key",
+            rust_layout!(RangeKey {
+                prefixlen,
+                svc_id,
+                addr
+            }),
+        ),
+        ("cidr_key", rust_layout!(CidrKey { prefixlen, addr })),
+        (
+            "dev_value",
+            rust_layout!(DevValue {
+                addr4,
+                addr6,
+                flags,
+                pad
+            }),
+        ),
+        (
+            "tuple",
+            rust_layout!(Tuple {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                pad
+            }),
+        ),
+        (
+            "snat_entry",
+            rust_layout!(SnatEntry {
+                addr,
+                port,
+                state,
+                flags,
+                svc_id,
+                created_ns,
+                last_seen_ns
+            }),
+        ),
+        (
+            "conn_value",
+            rust_layout!(ConnValue {
+                vaddr,
+                vport,
+                pad,
+                ipvs_flags,
+                created_ns
+            }),
+        ),
+        (
+            "frag_key",
+            rust_layout!(FragKey {
+                saddr,
+                daddr,
+                id,
+                proto,
+                pad
+            }),
+        ),
+        ("frag_value", rust_layout!(FragValue { sport, dport })),
+        (
+            "config",
+            rust_layout!(Config {
+                mark_svc,
+                mark_masq,
+                snat_port_min,
+                snat_port_max,
+                local_port_min,
+                local_port_max,
+                flags,
+                pad
+            }),
+        ),
+    ]
+}
+
+/// Size in bytes of a BTF type (through typedefs and modifiers).
+fn btf_size(ty: BtfType<'_>) -> usize {
+    let ty = ty.skip_mods_and_typedefs();
+    match ty.kind() {
+        BtfKind::Int => Int::try_from(ty).expect("int").size(),
+        BtfKind::Enum => Enum::try_from(ty).expect("enum").size(),
+        BtfKind::Struct => Struct::try_from(ty).expect("struct").size(),
+        BtfKind::Union => Union::try_from(ty).expect("union").size(),
+        BtfKind::Array => {
+            let array = Array::try_from(ty).expect("array");
+            array.capacity() * btf_size(array.contained_type())
+        }
+        kind => panic!("unexpected BTF kind {kind:?} in a map struct"),
+    }
+}
+
+fn check_object(object_name: &str, bytes: &[u8]) {
+    let btf = Btf::from_raw(object_name, bytes)
+        .expect("parse BTF")
+        .expect("object has BTF");
+    for (name, rust) in rust_layouts() {
+        // By kind: maps named like their value struct (`config`) are BTF variables too.
+        let ty: Struct<'_> = btf
+            .type_by_kind::<Struct<'_>>()
+            .find(|s| s.name() == Some(OsStr::new(name)))
+            .unwrap_or_else(|| panic!("{object_name}: struct {name} not in BTF"));
+        assert_eq!(ty.size(), rust.size, "{object_name}: sizeof(struct {name})");
+        assert_eq!(
+            ty.len(),
+            rust.members.len(),
+            "{object_name}: member count of struct {name}"
+        );
+        for (member, (rust_name, rust_offset, rust_size)) in ty.iter().zip(&rust.members) {
+            assert_eq!(
+                member.name,
+                Some(OsStr::new(rust_name)),
+                "{object_name}: struct {name} member order"
+            );
+            let MemberAttr::Normal { offset } = member.attr else {
+                panic!("{object_name}: {name}.{rust_name} is a bitfield");
+            };
+            assert_eq!(
+                offset as usize,
+                rust_offset * 8,
+                "{object_name}: offset of {name}.{rust_name}"
+            );
+            let member_ty: BtfType<'_> = btf.type_by_id(member.ty).expect("member type");
+            assert_eq!(
+                btf_size(member_ty),
+                *rust_size,
+                "{object_name}: size of {name}.{rust_name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn datapath_object_structs_match_rust_mirrors() {
+    check_object("datapath", DATAPATH_OBJECT);
+}
+
+#[test]
+fn ipvs_probe_object_structs_match_rust_mirrors() {
+    check_object("ipvs_probe", IPVS_PROBE_OBJECT);
+}
+
+/// Every map of both objects has the key/value sizes of its Rust types.
+#[test]
+fn map_key_and_value_sizes_match_rust_types() {
+    let expected = |name: &str| -> (usize, usize) {
+        match name {
+            map_names::SVC_PORTS => (size_of::<SvcKey>(), size_of::<SvcValue>()),
+            map_names::SVC_ADDRS => (size_of::<AddrKey>(), size_of::<AddrValue>()),
+            map_names::SRC_RANGES => (size_of::<RangeKey>(), 1),
+            map_names::CLUSTER_CIDRS => (size_of::<CidrKey>(), 1),
+            map_names::DEVICES => (4, size_of::<DevValue>()),
+            map_names::CONFIG => (4, size_of::<Config>()),
+            map_names::SNAT_FWD | map_names::SNAT_REV => {
+                (size_of::<Tuple>(), size_of::<SnatEntry>())
+            }
+            map_names::CONNS => (size_of::<Tuple>(), size_of::<ConnValue>()),
+            map_names::FRAGS => (size_of::<FragKey>(), size_of::<FragValue>()),
+            map_names::STATS => (4, 8),
+            other => panic!("unexpected map {other}"),
+        }
+    };
+    for (object_name, bytes) in [
+        ("datapath", DATAPATH_OBJECT),
+        ("ipvs_probe", IPVS_PROBE_OBJECT),
+    ] {
+        let open = ObjectBuilder::default()
+            .open_memory(bytes)
+            .expect("open object");
+        let mut seen = Vec::new();
+        for map in open.maps() {
+            let name = map.name().to_string_lossy().into_owned();
+            let (key, value) = expected(&name);
+            assert_eq!(
+                map.key_size() as usize,
+                key,
+                "{object_name}: {name} key size"
+            );
+            assert_eq!(
+                map.value_size() as usize,
+                value,
+                "{object_name}: {name} value size"
+            );
+            if name == map_names::STATS {
+                assert_eq!(
+                    map.max_entries() as usize,
+                    Counter::COUNT,
+                    "{object_name}: STAT_MAX matches the Rust counters"
+                );
+            }
+            seen.push(name);
+        }
+        seen.sort();
+        let mut all: Vec<String> = map_names::ALL.iter().map(|s| s.to_string()).collect();
+        all.sort();
+        assert_eq!(seen, all, "{object_name}: declares every shared map");
+    }
+}

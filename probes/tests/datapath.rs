@@ -1,0 +1,920 @@
+//! Host-kernel tests of the datapath programs with BPF_PROG_TEST_RUN: crafted packets in,
+//! rewritten packets (every checksum re-verified independently), marks, map contents and counters
+//! out. One test per path, for IPv4 and IPv6. Needs root and bpffs (mounted when missing).
+
+mod common;
+
+use std::net::IpAddr;
+
+use common::*;
+use probes::DatapathProgram;
+use probes::maps::{
+    ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, CidrKey, Config,
+    ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX, DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ,
+    DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey,
+    SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ, SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT,
+    SNAT_F_PROBE_HIT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER,
+    SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, Tuple, addr_to_bytes,
+};
+use zerocopy::byteorder::network_endian::U16;
+
+const SVC: u32 = DEFAULT_MARK_SVC;
+const MASQ: u32 = DEFAULT_MARK_MASQ;
+const CLIENT_PORT: u16 = 40_000;
+const BACKEND_PORT: u16 = 8080;
+const VIP_PORT: u16 = 80;
+
+/// Runs `$body(Family, test_name)` as `$name::v4` and `$name::v6`.
+macro_rules! both_families {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn v4() {
+                super::$name(Family::V4, concat!(stringify!($name), "_v4"));
+            }
+            #[test]
+            fn v6() {
+                super::$name(Family::V6, concat!(stringify!($name), "_v6"));
+            }
+        }
+    };
+}
+
+fn in_snat_range(port: u16) -> bool {
+    (DEFAULT_SNAT_PORT_MIN..=DEFAULT_SNAT_PORT_MAX).contains(&port)
+}
+
+fn in_local_range(port: u16) -> bool {
+    (DEFAULT_LOCAL_PORT_MIN..=DEFAULT_LOCAL_PORT_MAX).contains(&port)
+}
+
+fn fwd(fx: &Fixture, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<SnatEntry> {
+    fx.dp
+        .maps()
+        .snat_fwd
+        .get(&Tuple::new(src, sport, dst, dport, L4Proto::Tcp))
+        .expect("lookup snat_fwd")
+}
+
+fn rev(fx: &Fixture, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<SnatEntry> {
+    fx.dp
+        .maps()
+        .snat_rev
+        .get(&Tuple::new(src, sport, dst, dport, L4Proto::Tcp))
+        .expect("lookup snat_rev")
+}
+
+/// Only these counters moved, by these amounts.
+fn assert_counters(stats: &Stats, expected: &[(Counter, u64)]) {
+    for (counter, value) in stats.iter() {
+        let want = expected
+            .iter()
+            .find(|(c, _)| *c == counter)
+            .map_or(0, |(_, v)| *v);
+        assert_eq!(value, want, "counter {}", counter.name());
+    }
+}
+
+fn add_service(fx: &Fixture, addr: IpAddr, port: u16, proto: L4Proto, flags: u32, svc_id: u32) {
+    fx.dp
+        .maps()
+        .svc_ports
+        .insert(&SvcKey::new(addr, port, proto), &SvcValue { flags, svc_id })
+        .expect("svc_ports");
+    fx.dp
+        .maps()
+        .svc_addrs
+        .insert(
+            &AddrKey::new(addr),
+            &AddrValue {
+                flags: ADDR_F_SERVICE,
+                pad: 0,
+            },
+        )
+        .expect("svc_addrs");
+}
+
+fn set_cluster_cidr(fx: &Fixture, f: Family, extra_flags: u32) {
+    let (net, len) = cluster_cidr(f);
+    fx.dp
+        .maps()
+        .cluster_cidrs
+        .insert(&CidrKey::new(net, len).expect("cidr"), &1)
+        .expect("cluster_cidrs");
+    fx.set_config(Config {
+        flags: CFG_F_CLUSTER_CIDRS | extra_flags,
+        ..Config::default()
+    });
+}
+
+/// Sends the client's first packet through egress with the masquerade mark; returns the
+/// translated frame and its SNAT port.
+fn snat_first(fx: &Fixture, f: Family, src: IpAddr, sport: u16) -> (Vec<u8>, u16) {
+    let out = fx.egress(
+        &tcp(src, sport, backend(f), BACKEND_PORT, TCP_SYN),
+        SVC | MASQ,
+    );
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    let p = check_frame(&out.packet);
+    assert_eq!(p.src, node(f));
+    assert_eq!(p.dst, backend(f));
+    assert_eq!(p.dport(), BACKEND_PORT);
+    let port = p.sport();
+    (out.packet, port)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn first_packet_snat(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let out = fx.egress(
+        &tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN),
+        SVC | MASQ | 0x1,
+    );
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.mark, SVC | MASQ | 0x1, "egress never changes the mark");
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.dst), (node(f), backend(f)));
+    let port = p.sport();
+    assert!(in_snat_range(port) && !in_local_range(port), "port {port}");
+    assert_eq!(p.dport(), BACKEND_PORT);
+
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.address(), node(f));
+    assert_eq!(entry.port.get(), port);
+    assert_eq!(entry.state, STATE_SYN);
+    assert_eq!(entry.flags, SNAT_F_MASQ);
+    assert!(entry.created_ns > 0 && entry.last_seen_ns == entry.created_ns);
+    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
+    assert_eq!(reverse.address(), client(f));
+    assert_eq!(reverse.port.get(), CLIENT_PORT);
+    assert_eq!(reverse.state, 0);
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SnatAlloc, 1), (Counter::ProbeMiss, 1)],
+    );
+}
+both_families!(first_packet_snat);
+
+fn client_port_inside_local_range_is_remapped(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    for (src, port) in [
+        (client(f), DEFAULT_LOCAL_PORT_MIN),
+        (client_b(f), DEFAULT_LOCAL_PORT_MAX),
+    ] {
+        let (_, translated) = snat_first(&fx, f, src, port);
+        assert!(in_snat_range(translated), "{port} -> {translated}");
+        let entry = fwd(&fx, src, port, backend(f), BACKEND_PORT).expect("snat_fwd");
+        assert_eq!(entry.flags & SNAT_F_PORT_KEPT, 0);
+    }
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SnatAlloc, 2), (Counter::ProbeMiss, 2)],
+    );
+}
+both_families!(client_port_inside_local_range_is_remapped);
+
+fn client_port_outside_local_range_is_kept(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    for port in [5000, DEFAULT_LOCAL_PORT_MIN - 1, DEFAULT_LOCAL_PORT_MAX + 1] {
+        let (_, translated) = snat_first(&fx, f, client(f), port);
+        assert_eq!(translated, port);
+        let entry = fwd(&fx, client(f), port, backend(f), BACKEND_PORT).expect("snat_fwd");
+        assert_eq!(entry.flags, SNAT_F_MASQ | SNAT_F_PORT_KEPT);
+    }
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 3),
+            (Counter::SnatPortReuse, 3),
+            (Counter::ProbeMiss, 3),
+        ],
+    );
+}
+both_families!(client_port_outside_local_range_is_kept);
+
+fn second_client_same_port_gets_another_port(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let (_, first) = snat_first(&fx, f, client(f), 5000);
+    let (_, second) = snat_first(&fx, f, client_b(f), 5000);
+    assert_eq!(first, 5000, "the first client keeps its port");
+    assert_ne!(second, first);
+    assert!(in_snat_range(second));
+    let a = rev(&fx, backend(f), BACKEND_PORT, node(f), first).expect("first reverse entry");
+    let b = rev(&fx, backend(f), BACKEND_PORT, node(f), second).expect("second reverse entry");
+    assert_eq!((a.address(), a.port.get()), (client(f), 5000));
+    assert_eq!((b.address(), b.port.get()), (client_b(f), 5000));
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 2),
+            (Counter::SnatPortReuse, 1),
+            (Counter::ProbeMiss, 2),
+        ],
+    );
+}
+both_families!(second_client_same_port_gets_another_port);
+
+fn established_fast_path(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    // The mark is only on the first packet's path in these tests: the fast path does not need it.
+    for (flags, mark) in [(TCP_ACK, 0), (TCP_ACK | TCP_FIN, SVC)] {
+        let out = fx.egress(
+            &tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, flags),
+            mark,
+        );
+        assert_eq!(out.return_value, TC_ACT_UNSPEC);
+        assert_eq!(out.mark, mark);
+        let p = check_frame(&out.packet);
+        assert_eq!((p.src, p.sport()), (node(f), port));
+        assert_eq!((p.dst, p.dport()), (backend(f), BACKEND_PORT));
+    }
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.state, STATE_SYN | STATE_FIN);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::FwdHit, 2),
+        ],
+    );
+}
+both_families!(established_fast_path);
+
+fn reply_reverse_translated(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let reply = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_SYN | TCP_ACK);
+    let out = fx.ingress(&reply, 0x1);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.mark, 0x1 | SVC);
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.sport()), (backend(f), BACKEND_PORT));
+    assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+    // The reply is now exactly what the client would have received without SNAT.
+    assert_eq!(
+        out.packet,
+        tcp(
+            backend(f),
+            BACKEND_PORT,
+            client(f),
+            CLIENT_PORT,
+            TCP_SYN | TCP_ACK
+        )
+    );
+    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
+    assert_eq!(reverse.state, STATE_SYN | STATE_REPLY);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::RevHit, 1),
+        ],
+    );
+}
+both_families!(reply_reverse_translated);
+
+fn reply_of_untranslated_service_connection_marked(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let conn = Tuple::new(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    );
+    fx.dp
+        .maps()
+        .conns
+        .insert(
+            &conn,
+            &ConnValue {
+                vaddr: addr_to_bytes(vip(f)),
+                vport: U16::new(VIP_PORT),
+                pad: 0,
+                ipvs_flags: 0x0100,
+                created_ns: 1,
+            },
+        )
+        .expect("conns");
+    let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
+    let out = fx.ingress(&reply, 0);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.mark, SVC);
+    assert_eq!(out.packet, reply, "no SNAT: the packet is untouched");
+    assert!(
+        fx.dp.maps().snat_fwd.keys().next().is_none(),
+        "no SNAT entry"
+    );
+    // A reply the probe did not see stays unmarked.
+    let other = tcp(backend(f), BACKEND_PORT, client_b(f), CLIENT_PORT, TCP_ACK);
+    let out = fx.ingress(&other, 0);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, 0));
+    assert_eq!(out.packet, other);
+    assert_counters(&fx.stats(), &[(Counter::ReplyMarked, 1)]);
+}
+both_families!(reply_of_untranslated_service_connection_marked);
+
+fn snat_entry_takes_service_id_from_conns(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 42);
+    let conn = Tuple::new(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    );
+    fx.dp
+        .maps()
+        .conns
+        .insert(
+            &conn,
+            &ConnValue {
+                vaddr: addr_to_bytes(vip(f)),
+                vport: U16::new(VIP_PORT),
+                pad: 0,
+                ipvs_flags: 0,
+                created_ns: 1,
+            },
+        )
+        .expect("conns");
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.svc_id, 42);
+    assert_eq!(entry.flags, SNAT_F_MASQ | SNAT_F_PROBE_HIT);
+    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
+    assert_eq!(reverse.svc_id, 42);
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SnatAlloc, 1), (Counter::ProbeHit, 1)],
+    );
+}
+both_families!(snat_entry_takes_service_id_from_conns);
+
+fn icmp_error_translated(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let original = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let out = fx.egress(&original, SVC | MASQ);
+    let translated_ip = &out.packet[ETH_LEN..];
+    let port = parse_ip(translated_ip).sport();
+    assert_ne!(port, CLIENT_PORT);
+
+    let error = icmp_too_big(router(f), node(f), translated_ip);
+    check_frame(&error);
+    let out = fx.ingress(&error, 0);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.mark, SVC);
+    // Outer IP and ICMP checksums, quoted IPv4 header and quoted TCP checksums all verify.
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.dst), (router(f), client(f)));
+    let quoted = &p.l4[8..];
+    assert_eq!(
+        quoted,
+        &original[ETH_LEN..],
+        "the quoted packet is the client's own again"
+    );
+    assert_eq!(out.packet.len(), error.len());
+    // An error about a flow we never translated is untouched.
+    let stranger = tcp(client_b(f), 1234, backend(f), BACKEND_PORT, TCP_SYN);
+    let error = icmp_too_big(router(f), node(f), &stranger[ETH_LEN..]);
+    let out = fx.ingress(&error, 0);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, 0));
+    assert_eq!(out.packet, error);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::IcmpXlate, 1),
+        ],
+    );
+}
+both_families!(icmp_error_translated);
+
+/// Splits a UDP datagram into two fragments at `split` (a multiple of 8).
+fn udp_fragments(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    payload: &[u8],
+    id: u32,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let l4 = l4_segment(src, dst, &Transport::Udp { sport, dport }, payload);
+    let split = 24;
+    let first = ethernet(&ip_packet(
+        src,
+        dst,
+        PROTO_UDP,
+        &l4[..split],
+        id,
+        Some((0, true)),
+    ));
+    let later = ethernet(&ip_packet(
+        src,
+        dst,
+        PROTO_UDP,
+        &l4[split..],
+        id,
+        Some((split, false)),
+    ));
+    (first, later, l4)
+}
+
+fn later_fragment_translated(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let payload: Vec<u8> = (0..40u8).collect();
+    let (first, later, _) = udp_fragments(client(f), CLIENT_PORT, backend(f), 53, &payload, 0x4242);
+
+    let out_first = fx.egress(&first, SVC | MASQ);
+    let out_later = fx.egress(&later, SVC | MASQ);
+    assert_eq!(out_first.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out_later.return_value, TC_ACT_UNSPEC);
+    let a = check_frame(&out_first.packet);
+    let b = check_frame(&out_later.packet);
+    assert!(a.is_fragment && a.more_fragments && b.is_fragment && b.frag_offset == 24);
+    assert_eq!((a.src, b.src), (node(f), node(f)));
+    let port = a.sport();
+    assert!(in_snat_range(port));
+    // Reassembled, the translated datagram's UDP checksum verifies.
+    let datagram = [a.l4.clone(), b.l4.clone()].concat();
+    check_l4_checksum(f, node(f), backend(f), PROTO_UDP, &datagram);
+    assert_eq!(&datagram[8..], &payload[..]);
+
+    // The reply, fragmented too, comes back to the client.
+    let (first, later, _) = udp_fragments(backend(f), 53, node(f), port, &payload, 0x5151);
+    let out_first = fx.ingress(&first, 0);
+    let out_later = fx.ingress(&later, 0);
+    assert_eq!((out_first.mark, out_later.mark), (SVC, SVC));
+    let a = check_frame(&out_first.packet);
+    let b = check_frame(&out_later.packet);
+    assert_eq!((a.dst, b.dst), (client(f), client(f)));
+    assert_eq!(a.dport(), CLIENT_PORT);
+    let datagram = [a.l4, b.l4].concat();
+    check_l4_checksum(f, backend(f), client(f), PROTO_UDP, &datagram);
+
+    // A later fragment whose first fragment is unknown: dropped when it needs SNAT, else passed.
+    let (_, orphan, _) = udp_fragments(client(f), CLIENT_PORT, backend(f), 53, &payload, 0x7777);
+    assert_eq!(fx.egress(&orphan, SVC | MASQ).return_value, TC_ACT_SHOT);
+    let out = fx.egress(&orphan, 0);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.packet, orphan);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::RevHit, 1),
+            (Counter::FragXlate, 2),
+            (Counter::FragMiss, 1),
+        ],
+    );
+}
+both_families!(later_fragment_translated);
+
+fn no_snat_traffic_untouched(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
+    let packets = [
+        tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN),
+        udp(client(f), CLIENT_PORT, backend(f), 53, b"query"),
+        frame(
+            client(f),
+            backend(f),
+            Transport::Icmp {
+                kind: if f == Family::V4 { 8 } else { 128 },
+                code: 0,
+                rest: [0, 1, 0, 1],
+            },
+            b"ping",
+        ),
+    ];
+    for packet in &packets {
+        for program in [DatapathProgram::TcEgress, DatapathProgram::TcIngress] {
+            let out = fx.run(program, packet, 0x1);
+            assert_eq!(out.return_value, TC_ACT_UNSPEC);
+            assert_eq!(out.mark, 0x1, "other mark bits are kept, none added");
+            assert_eq!(&out.packet, packet, "{program:?} changed bytes");
+        }
+    }
+    assert_counters(&fx.stats(), &[]);
+}
+both_families!(no_snat_traffic_untouched);
+
+fn unconfigured_datapath_passes_everything(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    fx.set_config(Config {
+        mark_svc: 0,
+        ..Config::default()
+    });
+    let packet = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let out = fx.egress(&packet, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.packet, packet);
+    assert_counters(&fx.stats(), &[]);
+}
+both_families!(unconfigured_datapath_passes_everything);
+
+fn non_service_port_on_service_address_dropped(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    let to_other_tcp = tcp(client(f), CLIENT_PORT, vip(f), 22, TCP_SYN);
+    let to_other_udp = udp(client(f), CLIENT_PORT, vip(f), VIP_PORT, b"x");
+    for packet in [&to_other_tcp, &to_other_udp] {
+        assert_eq!(fx.ingress(packet, 0).return_value, TC_ACT_SHOT);
+    }
+    let echo = frame(
+        client(f),
+        vip(f),
+        Transport::Icmp {
+            kind: if f == Family::V4 { 8 } else { 128 },
+            code: 0,
+            rest: [0, 1, 0, 1],
+        },
+        b"ping",
+    );
+    let out = fx.ingress(&echo, 0);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, 0));
+    let out = fx.ingress(&tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_SYN), 0);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, SVC));
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::FilteredPort, 2), (Counter::SvcMarked, 1)],
+    );
+}
+both_families!(non_service_port_on_service_address_dropped);
+
+fn load_balancer_source_ranges(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), 443, L4Proto::Tcp, SVC_F_SRC_RANGES, 7);
+    let (allowed_net, len) = match f {
+        Family::V4 => ("198.51.100.0".parse().expect("ip"), 24),
+        Family::V6 => ("2001:db8:100::".parse().expect("ip"), 64),
+    };
+    fx.dp
+        .maps()
+        .src_ranges
+        .insert(&RangeKey::new(7, allowed_net, len).expect("range"), &1)
+        .expect("src_ranges");
+    // The same prefix for another service does not open this one.
+    fx.dp
+        .maps()
+        .src_ranges
+        .insert(&RangeKey::new(8, client(f), 8).expect("range"), &1)
+        .expect("src_ranges");
+    let allowed = fx.ingress(&tcp(offcluster(f), CLIENT_PORT, vip(f), 443, TCP_SYN), 0);
+    assert_eq!((allowed.return_value, allowed.mark), (TC_ACT_UNSPEC, SVC));
+    let denied = fx.ingress(&tcp(client(f), CLIENT_PORT, vip(f), 443, TCP_SYN), 0);
+    assert_eq!(denied.return_value, TC_ACT_SHOT);
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SvcMarked, 1), (Counter::FilteredSrcRange, 1)],
+    );
+}
+both_families!(load_balancer_source_ranges);
+
+fn l3_device_programs(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let packet = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let ip_only = &packet[ETH_LEN..];
+    let out = fx.run(DatapathProgram::TcEgressL3, ip_only, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    let p = check_ip(&out.packet);
+    assert_eq!(p.src, node(f));
+    let port = p.sport();
+    assert!(in_snat_range(port));
+
+    let reply = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_SYN | TCP_ACK);
+    let out = fx.run(DatapathProgram::TcIngressL3, &reply[ETH_LEN..], 0);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, SVC));
+    let p = check_ip(&out.packet);
+    assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::RevHit, 1),
+        ],
+    );
+}
+both_families!(l3_device_programs);
+
+fn port_exhaustion_counted(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    fx.set_config(Config {
+        snat_port_min: 20_000,
+        snat_port_max: 20_001,
+        ..Config::default()
+    });
+    let (_, a) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let (_, b) = snat_first(&fx, f, client_b(f), CLIENT_PORT);
+    let mut ports = [a, b];
+    ports.sort_unstable();
+    assert_eq!(ports, [20_000, 20_001]);
+    let out = fx.egress(
+        &tcp(client_c(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN),
+        SVC | MASQ,
+    );
+    assert_eq!(out.return_value, TC_ACT_SHOT);
+    assert!(fwd(&fx, client_c(f), CLIENT_PORT, backend(f), BACKEND_PORT).is_none());
+    // Another backend port is another reply tuple: ports are free again there.
+    let out = fx.egress(
+        &tcp(client_c(f), CLIENT_PORT, backend(f), 9090, TCP_SYN),
+        SVC | MASQ,
+    );
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 3),
+            (Counter::ProbeMiss, 4),
+            (Counter::PortExhausted, 1),
+        ],
+    );
+}
+both_families!(port_exhaustion_counted);
+
+fn map_full_counted(f: Family, name: &str) {
+    let mut sizes = test_map_sizes();
+    sizes.snat = 1;
+    let fx = Fixture::with_sizes(name, sizes);
+    snat_first(&fx, f, client(f), CLIENT_PORT);
+    let out = fx.egress(
+        &tcp(client_b(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN),
+        SVC | MASQ,
+    );
+    assert_eq!(out.return_value, TC_ACT_SHOT);
+    assert_eq!(
+        fx.dp.maps().snat_rev.keys().count(),
+        1,
+        "reservation released"
+    );
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 2),
+            (Counter::MapFull, 1),
+        ],
+    );
+}
+both_families!(map_full_counted);
+
+fn hairpin(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    // A pod reached itself through a service: after IPVS, source == destination.
+    let out = fx.egress(
+        &tcp(client(f), CLIENT_PORT, client(f), BACKEND_PORT, TCP_SYN),
+        0,
+    );
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.dst), (node(f), client(f)));
+    let entry = fwd(&fx, client(f), CLIENT_PORT, client(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.flags, SNAT_F_HAIRPIN);
+    let reply = tcp(client(f), BACKEND_PORT, node(f), p.sport(), TCP_ACK);
+    let out = fx.ingress(&reply, 0);
+    let p = check_frame(&out.packet);
+    assert_eq!(
+        (p.src, p.dst, p.dport()),
+        (client(f), client(f), CLIENT_PORT)
+    );
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::RevHit, 1),
+        ],
+    );
+}
+both_families!(hairpin);
+
+fn host_originated_and_offcluster_backend(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    set_cluster_cidr(&fx, f, 0);
+    // The host connected to a ClusterIP from the ClusterIP itself (its source for a local route).
+    let out = fx.egress(&tcp(vip(f), 45_000, backend(f), BACKEND_PORT, TCP_SYN), 0);
+    let p = check_frame(&out.packet);
+    assert_eq!(p.src, node(f));
+    let entry = fwd(&fx, vip(f), 45_000, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.flags, SNAT_F_HOST);
+    // A service backend outside the cluster CIDRs (marked as service traffic at ingress).
+    let out = fx.egress(
+        &tcp(client(f), CLIENT_PORT, offcluster(f), 443, TCP_SYN),
+        SVC,
+    );
+    let p = check_frame(&out.packet);
+    assert_eq!(p.src, node(f));
+    let entry = fwd(&fx, client(f), CLIENT_PORT, offcluster(f), 443).expect("snat_fwd");
+    assert_eq!(entry.flags, SNAT_F_OFFCLUSTER);
+    // IPVS's replies leave from the service port: never translated, even towards an off-cluster
+    // client and with the service mark the reply got at ingress.
+    for mark in [0, SVC] {
+        let reply = tcp(vip(f), VIP_PORT, offcluster(f), CLIENT_PORT, TCP_ACK);
+        let out = fx.egress(&reply, mark);
+        assert_eq!(out.packet, reply);
+    }
+    // Untranslated service traffic to an in-cluster backend stays untouched.
+    let inside = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    assert_eq!(fx.egress(&inside, SVC).packet, inside);
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SnatAlloc, 2), (Counter::ProbeMiss, 2)],
+    );
+}
+both_families!(host_originated_and_offcluster_backend);
+
+fn no_snat_address_passes_untranslated(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let other_family_only = match f {
+        Family::V4 => DevValue::new(None, Some("2001:db8::1".parse().expect("ip"))),
+        Family::V6 => DevValue::new(Some("192.0.2.1".parse().expect("ip")), None),
+    };
+    fx.dp
+        .maps()
+        .devices
+        .insert(&LOOPBACK_IFINDEX, &other_family_only)
+        .expect("devices");
+    let packet = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let out = fx.egress(&packet, SVC | MASQ);
+    assert_eq!((out.return_value, &out.packet), (TC_ACT_UNSPEC, &packet));
+    fx.dp
+        .maps()
+        .devices
+        .delete(&LOOPBACK_IFINDEX)
+        .expect("devices");
+    let out = fx.egress(&packet, SVC | MASQ);
+    assert_eq!((out.return_value, &out.packet), (TC_ACT_UNSPEC, &packet));
+    assert_counters(&fx.stats(), &[(Counter::NoSnatAddr, 2)]);
+}
+both_families!(no_snat_address_passes_untranslated);
+
+fn sctp_keeps_ports(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let transport = Transport::Sctp {
+        sport: CLIENT_PORT,
+        dport: 9000,
+    };
+    let packet = frame(client(f), backend(f), transport, b"chunk");
+    let out = fx.egress(&packet, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    let p = check_frame(&out.packet);
+    assert_eq!(p.src, node(f));
+    // Ports and the CRC32c are untouched: the CRC covers ports, not addresses.
+    assert_eq!(p.l4, parse_frame(&packet).l4);
+    // A second client with the same port cannot get another one.
+    let other = frame(client_b(f), backend(f), transport_sctp(), b"chunk");
+    assert_eq!(fx.egress(&other, SVC | MASQ).return_value, TC_ACT_SHOT);
+    let reply = frame(
+        backend(f),
+        node(f),
+        Transport::Sctp {
+            sport: 9000,
+            dport: CLIENT_PORT,
+        },
+        b"ack",
+    );
+    let out = fx.ingress(&reply, 0);
+    let p = check_frame(&out.packet);
+    assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::SnatPortReuse, 1),
+            (Counter::ProbeMiss, 2),
+            (Counter::PortExhausted, 1),
+            (Counter::RevHit, 1),
+        ],
+    );
+}
+both_families!(sctp_keeps_ports);
+
+fn transport_sctp() -> Transport {
+    Transport::Sctp {
+        sport: CLIENT_PORT,
+        dport: 9000,
+    }
+}
+
+fn ingress_service_classification(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), 80, L4Proto::Tcp, 0, 1);
+    add_service(&fx, vip(f), 81, L4Proto::Tcp, SVC_F_MASQ, 2);
+    add_service(&fx, vip(f), 82, L4Proto::Tcp, SVC_F_MASQ_OFFCLUSTER, 3);
+    add_service(&fx, vip(f), 53, L4Proto::Udp, 0, 4);
+    let mark_of = |src: IpAddr, dport: u16| {
+        let out = fx.ingress(&tcp(src, CLIENT_PORT, vip(f), dport, TCP_SYN), 0x1);
+        assert_eq!(out.return_value, TC_ACT_UNSPEC);
+        out.mark
+    };
+    // No cluster CIDRs configured: off-cluster masquerading cannot apply.
+    assert_eq!(mark_of(offcluster(f), 82), 0x1 | SVC);
+    set_cluster_cidr(&fx, f, 0);
+    assert_eq!(mark_of(client(f), 80), 0x1 | SVC);
+    assert_eq!(mark_of(offcluster(f), 80), 0x1 | SVC);
+    assert_eq!(mark_of(client(f), 81), 0x1 | SVC | MASQ);
+    assert_eq!(mark_of(client(f), 82), 0x1 | SVC);
+    assert_eq!(mark_of(offcluster(f), 82), 0x1 | SVC | MASQ);
+    let out = fx.ingress(&udp(client(f), CLIENT_PORT, vip(f), 53, b"q"), 0);
+    assert_eq!(out.mark, SVC);
+    set_cluster_cidr(&fx, f, CFG_F_MASQ_ALL);
+    assert_eq!(mark_of(client(f), 80), 0x1 | SVC | MASQ);
+    assert_counters(&fx.stats(), &[(Counter::SvcMarked, 8)]);
+}
+both_families!(ingress_service_classification);
+
+fn xt_svc_matches_service_traffic(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    fx.dp
+        .maps()
+        .conns
+        .insert(
+            &Tuple::new(client(f), CLIENT_PORT, node(f), BACKEND_PORT, L4Proto::Tcp),
+            &ConnValue::default(),
+        )
+        .expect("conns");
+    let verdict = |packet: &[u8]| fx.run(DatapathProgram::XtSvc, packet, 0).return_value;
+    // Host-originated connection to a service port.
+    assert_eq!(verdict(&tcp(vip(f), 45_000, vip(f), VIP_PORT, TCP_SYN)), 1);
+    // Reply of a known service connection (host-network backend answering the client).
+    assert_eq!(
+        verdict(&tcp(node(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK)),
+        1
+    );
+    // Anything else.
+    assert_eq!(verdict(&tcp(vip(f), 45_000, vip(f), 22, TCP_SYN)), 0);
+    assert_eq!(
+        verdict(&tcp(
+            node(f),
+            BACKEND_PORT,
+            client_b(f),
+            CLIENT_PORT,
+            TCP_ACK
+        )),
+        0
+    );
+    assert_eq!(verdict(&udp(vip(f), 45_000, vip(f), VIP_PORT, b"x")), 0);
+}
+both_families!(xt_svc_matches_service_traffic);
+
+/// IPv4 options move the L4 header: the address and port are written separately.
+#[test]
+fn ipv4_options_packet_translated() {
+    let fx = Fixture::new("ipv4_options_packet_translated");
+    let f = Family::V4;
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (client(f), backend(f)) else {
+        unreachable!()
+    };
+    let transport = Transport::Udp {
+        sport: CLIENT_PORT,
+        dport: 53,
+    };
+    let l4 = l4_segment(client(f), backend(f), &transport, b"query");
+    let packet = ethernet(&ipv4_with_options(src, dst, PROTO_UDP, &l4));
+    let out = fx.egress(&packet, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    let p = check_frame(&out.packet);
+    assert_eq!(p.header_len, 24);
+    assert_eq!(p.src, node(f));
+    let port = p.sport();
+    assert!(in_snat_range(port));
+    assert_eq!(
+        &out.packet[ETH_LEN + 20..ETH_LEN + 24],
+        &[1, 1, 1, 0],
+        "options kept"
+    );
+    let (IpAddr::V4(node4), _) = (node(f), ()) else {
+        unreachable!()
+    };
+    let reply_l4 = l4_segment(
+        backend(f),
+        node(f),
+        &Transport::Udp {
+            sport: 53,
+            dport: port,
+        },
+        b"answer",
+    );
+    let reply = ethernet(&ipv4_with_options(dst, node4, PROTO_UDP, &reply_l4));
+    let out = fx.ingress(&reply, 0);
+    let p = check_frame(&out.packet);
+    assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::RevHit, 1),
+        ],
+    );
+}
