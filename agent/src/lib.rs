@@ -1,6 +1,19 @@
-//! kube-ipvs-bpf agent library: the service model and the object sources that feed it.
+//! kube-ipvs-bpf agent library. Data flows one way: sources → model → reconcilers → kernel.
+//!
+//! - [`source`]: where Services and EndpointSlices come from (files; Kubernetes later);
+//! - [`model`]: the desired state of the node, computed from them (pure);
+//! - [`reconcile`]: diffs of desired against the kernel's own view, and their appliers;
+//! - [`sync`]: the loop that ties them together;
+//! - [`node`]: the node's interfaces and addresses (rtnetlink);
+//! - [`state`]: the state file `inspect` reads;
+//! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
+pub mod cli;
 pub mod model;
+pub mod node;
+pub mod reconcile;
 pub mod source;
+pub mod state;
+pub mod sync;

@@ -1,5 +1,46 @@
-//! kube-ipvs-bpf command-line entry point.
+//! kube-ipvs-bpf command-line entry point: parses the command line, sets up logging and runs
+//! the chosen command (see `agent::cli`).
 
-fn main() {
-    println!("kube-ipvs-bpf {}", env!("CARGO_PKG_VERSION"));
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use agent::cli::{self, Cli, Command, InspectWhat, LogFormat};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => cli::run(args).await,
+            Command::Plan { source, output } => cli::plan(source, output).await,
+            Command::Inspect {
+                what: InspectWhat::Services { output, state_dir },
+            } => cli::inspect_services(output, state_dir).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,5 +1,21 @@
 //! Object sources: where the Services and EndpointSlices fed to the [`crate::model`] come from.
 //!
-//! - [`file`](mod@file): manifests on disk (a file or a directory), in the formats kubectl reads.
+//! - [`file`](mod@file): manifests on disk (a file or a directory), in the formats kubectl reads;
+//! - [`watch`]: re-reading a file source when it changes.
+//!
+//! A source publishes [`Snapshot`]s: the complete set of objects, each time it changes.
 
 pub mod file;
+pub mod watch;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// Every Service and EndpointSlice a source knows at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Increases with every change.
+    pub generation: u64,
+}

@@ -1,0 +1,419 @@
+//! The command line: `run`, `plan` and `inspect`, their flags, and how each prints (text for
+//! people, `--output json` for tools).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use serde_json::{Value, json};
+
+use crate::model::{self, ModelConfig, NodePortAddresses};
+use crate::node::Rtnl;
+use crate::reconcile::{addresses, ipvs as ipvs_rec};
+use crate::source::watch::{load_snapshot, watch_path};
+use crate::state;
+use crate::sync::{self, SyncConfig, Syncer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kube-ipvs-bpf",
+    version,
+    about = "A kube-proxy replacement: IPVS services with conntrack-free eBPF SNAT"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Program the kernel from a source and keep it in sync.
+    Run(RunArgs),
+    /// Print the desired state and the changes that would be made, changing nothing.
+    Plan {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show what is programmed in the kernel.
+    Inspect {
+        #[command(subcommand)]
+        what: InspectWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InspectWhat {
+    /// Virtual services with their Kubernetes Service, destinations, weights and counters.
+    Services {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Where objects come from and who this node is.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// `file:PATH` (a manifest file or a directory of them).
+    #[arg(long)]
+    pub source: String,
+    /// This node's name (endpoints with this nodeName are local). Default: the hostname.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// This node's InternalIP (repeatable). Default: the host's addresses.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<IpAddr>,
+    /// Pod CIDR (repeatable): ClusterIP clients outside it are masqueraded.
+    #[arg(long = "cluster-cidr", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Node addresses that carry NodePorts: `primary`, or CIDRs. Default: every local address.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// Default IPVS scheduler.
+    #[arg(long, default_value = "rr")]
+    pub scheduler: String,
+    /// Masquerade every service connection.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// This proxy's service.kubernetes.io/service-proxy-name.
+    #[arg(long)]
+    pub proxy_name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Shortest interval between two syncs (bursts of changes are coalesced).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_sync_period: Duration,
+    /// Interval of full resyncs, which repair drift.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+    /// Longest drain of a removed TCP/SCTP destination before it is deleted anyway.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Where the state file for `inspect` is written.
+    #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+impl SourceArgs {
+    fn file_path(&self) -> anyhow::Result<PathBuf> {
+        match self.source.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+            _ => bail!("--source {:?}: expected file:PATH", self.source),
+        }
+    }
+
+    fn model_config(&self) -> anyhow::Result<ModelConfig> {
+        let node_port_addresses = match self.nodeport_addresses.as_slice() {
+            [] => NodePortAddresses::AllLocal,
+            [p] if p == "primary" => NodePortAddresses::Primary,
+            cidrs => NodePortAddresses::Cidrs(
+                cidrs
+                    .iter()
+                    .map(|c| {
+                        c.parse()
+                            .with_context(|| format!("--nodeport-addresses: bad CIDR {c:?}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+        };
+        let cfg = ModelConfig {
+            cluster_cidrs: self.cluster_cidrs.clone(),
+            node_port_addresses,
+            default_scheduler: self.scheduler.clone(),
+            masquerade_all: self.masquerade_all,
+            proxy_name: self.proxy_name.clone(),
+        };
+        cfg.validate().context("--scheduler")?;
+        Ok(cfg)
+    }
+
+    fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default()
+        })
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let path = args.source.file_path()?;
+    let cfg = SyncConfig {
+        model: args.source.model_config()?,
+        node_name: args.source.node_name(),
+        node_ips: args.source.node_ips.clone(),
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        drain_timeout: args.drain_timeout,
+        state_dir: args.state_dir,
+        ..SyncConfig::default()
+    };
+    tracing::info!(source = %path.display(), node = %cfg.node_name, "starting");
+    let syncer = Syncer::start(cfg).await?;
+    let snapshots = watch_path(path, Duration::from_secs(1));
+    sync::run(syncer, snapshots, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn vs_json(v: &model::VirtualService) -> Value {
+    json!({
+        "service": v.service.to_string(),
+        "port_name": v.port_name,
+        "kind": format!("{:?}", v.kind),
+        "protocol": v.protocol.as_str(),
+        "address": v.address,
+        "port": v.port,
+        "scheduler": v.scheduler,
+        "persistence_timeout": v.persistence_timeout,
+        "snat": v.snat,
+        "masq_off_cluster": v.masq_off_cluster,
+        "source_ranges": v.source_ranges,
+        "destinations": v.destinations.iter().map(|d| json!({"address": d.address, "port": d.port, "weight": d.weight})).collect::<Vec<_>>(),
+    })
+}
+
+fn op_text(op: &ipvs_rec::IpvsOp) -> String {
+    use ipvs_rec::IpvsOp::*;
+    match op {
+        AddService(s) | EditService(s) => format!("{} {} {}", op.kind(), s.key, s.scheduler),
+        DeleteService(k) => format!("{} {k}", op.kind()),
+        AddDestination(k, d) | EditDestination(k, d) => {
+            format!(
+                "{} {k} -> {} weight {}",
+                op.kind(),
+                std::net::SocketAddr::new(d.address, d.port),
+                d.weight
+            )
+        }
+        DeleteDestination(k, a, p) => {
+            format!("{} {k} -> {}", op.kind(), std::net::SocketAddr::new(*a, *p))
+        }
+    }
+}
+
+/// `plan`: the desired state and, where IPVS is available, the diff against the kernel.
+pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
+    let snapshot = load_snapshot(&args.file_path()?, 1);
+    let cfg = args.model_config()?;
+    let rtnl = Rtnl::connect()?;
+    let node = sync::node_info(&rtnl, &args.node_name(), &args.node_ips).await?;
+    let desired = model::build(&snapshot.services, &snapshot.endpoint_slices, &node, &cfg);
+    let mut warnings = Vec::new();
+    let diff = match ipvs::IpvsHandle::connect().await {
+        Ok(h) => {
+            let observed = ipvs_rec::observe(&h).await.context("dumping IPVS")?;
+            let bound = match rtnl.link_index(model::DUMMY_INTERFACE).await? {
+                Some(i) => rtnl.addresses_on(i).await?,
+                None => Default::default(),
+            };
+            let ownership = ipvs_rec::Ownership {
+                bound: bound.clone(),
+                node_addresses: node.addresses.iter().map(|a| a.address).collect(),
+                node_port_range: 30000..=32767,
+            };
+            let ops = ipvs_rec::plan(
+                &ipvs_rec::desired(&desired.virtual_services),
+                &observed,
+                &ownership,
+                &mut Default::default(),
+                Duration::from_secs(300),
+                std::time::Instant::now(),
+            );
+            Some((ops, addresses::plan(&desired.bound_addresses, &bound)))
+        }
+        Err(e) => {
+            warnings.push(format!(
+                "no IPVS on this machine ({e}): showing the desired state only"
+            ));
+            None
+        }
+    };
+    match output {
+        Output::Json => {
+            let diff_json = diff.as_ref().map(|(ops, a)| {
+                json!({"ipvs": ops.iter().map(op_text).collect::<Vec<_>>(), "addresses": {"add": a.add, "remove": a.remove}})
+            });
+            let out = json!({
+                "node": node.name,
+                "virtual_services": desired.virtual_services.iter().map(vs_json).collect::<Vec<_>>(),
+                "bound_addresses": desired.bound_addresses,
+                "rejected": desired.rejected.iter().map(|r| json!({"object": r.object, "reason": r.reason})).collect::<Vec<_>>(),
+                "diff": diff_json,
+                "warnings": warnings,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Output::Text => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "# desired ({} virtual services)",
+                desired.virtual_services.len()
+            );
+            for v in &desired.virtual_services {
+                println!("{v}");
+            }
+            for r in &desired.rejected {
+                println!("# rejected {}: {}", r.object, r.reason);
+            }
+            if let Some((ops, a)) = diff {
+                println!(
+                    "# changes ({} IPVS operations, {} address changes)",
+                    ops.len(),
+                    a.add.len() + a.remove.len()
+                );
+                for op in &ops {
+                    println!("{}", op_text(op));
+                }
+                for x in &a.add {
+                    println!("add_address {x}");
+                }
+                for x in &a.remove {
+                    println!("remove_address {x}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `inspect services`: the kernel's virtual services, named from the state file.
+pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Result<()> {
+    let h = ipvs::IpvsHandle::connect()
+        .await
+        .context("connecting to IPVS")?;
+    let observed = ipvs_rec::observe(&h).await.context("dumping IPVS")?;
+    let rec = state::read(&state_dir)?;
+    let mut rows = Vec::new();
+    for (key, (svc, dests)) in &observed {
+        let (proto, address, port) = match key {
+            ipvs::ServiceKey::Tuple {
+                protocol,
+                address,
+                port,
+            } => (protocol.to_string(), Some(*address), *port),
+            ipvs::ServiceKey::Fwmark { mark, .. } => (format!("FWM {mark}"), None, 0),
+        };
+        let named = rec
+            .virtual_services
+            .iter()
+            .find(|r| Some(r.address) == address && r.port == port && r.protocol == proto);
+        let st = svc.stats.unwrap_or_default();
+        rows.push(json!({
+            "service": named.map_or("-".to_string(), |r| format!("{}:{}", r.service, r.port_name)),
+            "kind": named.map_or("foreign".to_string(), |r| r.kind.clone()),
+            "protocol": proto,
+            "address": address,
+            "port": port,
+            "scheduler": svc.scheduler,
+            "persistence_timeout": svc.flags.contains(ipvs::ServiceFlags::PERSISTENT).then_some(svc.timeout),
+            "snat": named.map(|r| r.snat),
+            "connections": st.conns,
+            "packets_in": st.inpkts,
+            "packets_out": st.outpkts,
+            "bytes_in": st.inbytes,
+            "bytes_out": st.outbytes,
+            "destinations": dests.values().map(|d| {
+                let ds = d.stats.unwrap_or_default();
+                json!({"address": d.address, "port": d.port, "weight": d.weight,
+                       "active_connections": d.active_conns, "inactive_connections": d.inactive_conns,
+                       "connections": ds.conns, "packets_in": ds.inpkts, "packets_out": ds.outpkts})
+            }).collect::<Vec<_>>(),
+        }));
+    }
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"services": rows}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<12} {:<5} {:<24} {:<6} {:>7} {:>8} {:>8}  DESTINATIONS (weight active/inactive)",
+        "SERVICE", "KIND", "PROTO", "ADDRESS:PORT", "SCHED", "CONNS", "PKTS-IN", "PKTS-OUT"
+    );
+    for r in &rows {
+        let addr = match r["address"].as_str() {
+            Some(a) if a.contains(':') => format!("[{a}]:{}", r["port"]),
+            Some(a) => format!("{a}:{}", r["port"]),
+            None => "-".into(),
+        };
+        let dests: Vec<String> = r["destinations"]
+            .as_array()
+            .map(|ds| {
+                ds.iter()
+                    .map(|d| {
+                        format!(
+                            "{}:{}({} {}/{})",
+                            d["address"].as_str().unwrap_or("?"),
+                            d["port"],
+                            d["weight"],
+                            d["active_connections"],
+                            d["inactive_connections"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<32} {:<12} {:<5} {:<24} {:<6} {:>7} {:>8} {:>8}  {}",
+            r["service"].as_str().unwrap_or("-"),
+            r["kind"].as_str().unwrap_or("-"),
+            r["protocol"].as_str().unwrap_or("-"),
+            addr,
+            r["scheduler"].as_str().unwrap_or("-"),
+            r["connections"],
+            r["packets_in"],
+            r["packets_out"],
+            if dests.is_empty() {
+                "none".to_string()
+            } else {
+                dests.join(" ")
+            }
+        );
+    }
+    Ok(())
+}

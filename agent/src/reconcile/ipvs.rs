@@ -1,0 +1,691 @@
+//! IPVS reconciler: the desired virtual services (from the model) against what the kernel
+//! holds, as the smallest list of netlink operations, and the applier that issues them.
+//!
+//! **Ownership** (what this agent may change or delete) is a rule that survives restarts, so the
+//! agent never needs a record of its own: a kernel virtual service is ours when its address is
+//! bound on `kube-ipvs0`, or when it is on a node address with a port in the NodePort range.
+//! Firewall-mark services and everything else belong to others and are never touched (nor
+//! flushed). Desired services are always programmed, whoever held the key before.
+//!
+//! **Graceful termination**: a TCP or SCTP destination that is no longer desired first gets
+//! weight 0 (IPVS sends it no new connections) and is deleted once its active and inactive
+//! connection counts reach 0, or when it has drained for longer than the configured timeout.
+//! UDP destinations are deleted at once. A destination that comes back while draining gets its
+//! weight back. Drain start times live in memory; after a restart a draining destination (weight
+//! 0, not desired) starts a fresh timeout.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ipvs::{Destination, ForwardMethod, IpvsError, IpvsHandle, Service, ServiceFlags, ServiceKey};
+
+use crate::model::{Protocol, VirtualService};
+
+/// A destination's identity within its service.
+pub type DestKey = (IpAddr, u16);
+
+/// One virtual service as the kernel should hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    pub service: Service,
+    /// Destination → weight.
+    pub destinations: BTreeMap<DestKey, u32>,
+    /// `namespace/name:port` of the Kubernetes Service, for logs.
+    pub origin: String,
+}
+
+/// The IPVS table this node should have.
+pub type DesiredIpvs = BTreeMap<ServiceKey, DesiredService>;
+
+/// What the kernel holds (a dump, or the applier's cache of it).
+pub type ObservedIpvs = BTreeMap<ServiceKey, (Service, BTreeMap<DestKey, Destination>)>;
+
+fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
+    match p {
+        Protocol::Tcp => ipvs::Protocol::Tcp,
+        Protocol::Udp => ipvs::Protocol::Udp,
+        Protocol::Sctp => ipvs::Protocol::Sctp,
+    }
+}
+
+/// The kernel form of the model's virtual services: masquerading destinations, persistence for
+/// session affinity, and the `mh` scheduler with its source-port flag (as kube-proxy sets it).
+pub fn desired(virtual_services: &[VirtualService]) -> DesiredIpvs {
+    virtual_services
+        .iter()
+        .map(|vs| {
+            let key = ServiceKey::Tuple {
+                protocol: ipvs_protocol(vs.protocol),
+                address: vs.address,
+                port: vs.port,
+            };
+            let mut service = Service::new(key, vs.scheduler.clone());
+            if let Some(timeout) = vs.persistence_timeout {
+                service.flags |= ServiceFlags::PERSISTENT;
+                service.timeout = timeout;
+            }
+            if vs.scheduler == "mh" {
+                service.flags |= ServiceFlags::MH_PORT;
+            }
+            let destinations = vs
+                .destinations
+                .iter()
+                .map(|d| ((d.address, d.port), d.weight))
+                .collect();
+            let origin = format!("{}:{}", vs.service, vs.port_name);
+            (
+                key,
+                DesiredService {
+                    service,
+                    destinations,
+                    origin,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Which kernel virtual services are this agent's (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    /// Addresses bound on `kube-ipvs0`.
+    pub bound: BTreeSet<IpAddr>,
+    /// The node's own addresses.
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// The NodePort range (kube-apiserver's `--service-node-port-range`).
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+impl Ownership {
+    pub fn owns(&self, key: &ServiceKey) -> bool {
+        match key {
+            ServiceKey::Tuple { address, port, .. } => {
+                self.bound.contains(address)
+                    || (self.node_addresses.contains(address)
+                        && self.node_port_range.contains(port))
+            }
+            ServiceKey::Fwmark { .. } => false,
+        }
+    }
+}
+
+/// One netlink operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpvsOp {
+    AddService(Service),
+    EditService(Service),
+    DeleteService(ServiceKey),
+    AddDestination(ServiceKey, Destination),
+    EditDestination(ServiceKey, Destination),
+    DeleteDestination(ServiceKey, IpAddr, u16),
+}
+
+impl IpvsOp {
+    /// The metric/log name of this kind of operation.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AddService(_) => "add_service",
+            Self::EditService(_) => "edit_service",
+            Self::DeleteService(_) => "delete_service",
+            Self::AddDestination(..) => "add_destination",
+            Self::EditDestination(..) => "edit_destination",
+            Self::DeleteDestination(..) => "delete_destination",
+        }
+    }
+
+    /// The virtual service the operation is about.
+    pub fn service(&self) -> ServiceKey {
+        match self {
+            Self::AddService(s) | Self::EditService(s) => s.key,
+            Self::DeleteService(k)
+            | Self::AddDestination(k, _)
+            | Self::EditDestination(k, _)
+            | Self::DeleteDestination(k, ..) => *k,
+        }
+    }
+
+    /// Operations run in three phases: services created or edited, then destinations, then
+    /// services deleted.
+    fn phase(&self) -> u8 {
+        match self {
+            Self::AddService(_) | Self::EditService(_) => 0,
+            Self::AddDestination(..) | Self::EditDestination(..) | Self::DeleteDestination(..) => 1,
+            Self::DeleteService(_) => 2,
+        }
+    }
+}
+
+/// Graceful-termination bookkeeping: when each draining destination started draining.
+#[derive(Debug, Default)]
+pub struct Drains {
+    started: HashMap<(ServiceKey, DestKey), Instant>,
+}
+
+impl Drains {
+    /// Destinations currently draining.
+    pub fn len(&self) -> usize {
+        self.started.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty()
+    }
+}
+
+/// Whether a service's kernel settings differ from the desired ones.
+fn service_differs(want: &Service, have: &Service) -> bool {
+    let persistent = want.flags.contains(ServiceFlags::PERSISTENT);
+    want.scheduler != have.scheduler
+        || want.flags.without_hashed() != have.flags.without_hashed()
+        || (persistent && want.timeout != have.timeout)
+        || want.netmask != have.netmask
+        || want.pe_name != have.pe_name
+}
+
+fn masq(address: IpAddr, port: u16, weight: u32) -> Destination {
+    Destination {
+        weight,
+        ..Destination::new(address, port)
+    }
+}
+
+/// Computes the operations that turn `observed` into `desired`, touching only what
+/// `ownership` says is ours, and updates `drains`. Pure apart from `drains`.
+pub fn plan(
+    desired: &DesiredIpvs,
+    observed: &ObservedIpvs,
+    ownership: &Ownership,
+    drains: &mut Drains,
+    drain_timeout: Duration,
+    now: Instant,
+) -> Vec<IpvsOp> {
+    let mut ops = Vec::new();
+    let mut still_draining = HashMap::new();
+    for (key, want) in desired {
+        let Some((have, have_dests)) = observed.get(key) else {
+            ops.push(IpvsOp::AddService(want.service.clone()));
+            for (&(a, p), &w) in &want.destinations {
+                ops.push(IpvsOp::AddDestination(*key, masq(a, p, w)));
+            }
+            continue;
+        };
+        if service_differs(&want.service, have) {
+            ops.push(IpvsOp::EditService(want.service.clone()));
+        }
+        for (&(a, p), &w) in &want.destinations {
+            match have_dests.get(&(a, p)) {
+                None => ops.push(IpvsOp::AddDestination(*key, masq(a, p, w))),
+                Some(d) if d.weight != w || d.forward != ForwardMethod::Masquerade => {
+                    ops.push(IpvsOp::EditDestination(*key, masq(a, p, w)))
+                }
+                Some(_) => {}
+            }
+        }
+        let udp = matches!(
+            key,
+            ServiceKey::Tuple {
+                protocol: ipvs::Protocol::Udp,
+                ..
+            }
+        );
+        for (&(a, p), d) in have_dests {
+            if want.destinations.contains_key(&(a, p)) {
+                continue;
+            }
+            let id = (*key, (a, p));
+            if udp {
+                ops.push(IpvsOp::DeleteDestination(*key, a, p));
+            } else if d.weight != 0 {
+                ops.push(IpvsOp::EditDestination(*key, masq(a, p, 0)));
+                still_draining.insert(id, now);
+            } else {
+                let since = drains.started.get(&id).copied().unwrap_or(now);
+                let idle = d.active_conns == 0 && d.inactive_conns == 0;
+                if idle || now.duration_since(since) >= drain_timeout {
+                    ops.push(IpvsOp::DeleteDestination(*key, a, p));
+                } else {
+                    still_draining.insert(id, since);
+                }
+            }
+        }
+    }
+    for key in observed.keys() {
+        if !desired.contains_key(key) && ownership.owns(key) {
+            ops.push(IpvsOp::DeleteService(*key));
+        }
+    }
+    drains.started = still_draining;
+    ops
+}
+
+/// Per-kind counts of operations issued and failed during one sync.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OpCounts {
+    pub issued: BTreeMap<&'static str, u64>,
+    pub failed: BTreeMap<&'static str, u64>,
+}
+
+impl OpCounts {
+    pub fn total(&self) -> u64 {
+        self.issued.values().sum()
+    }
+}
+
+/// A failed operation, with the Kubernetes object it came from when known.
+#[derive(Debug)]
+pub struct OpFailure {
+    pub op: IpvsOp,
+    pub error: IpvsError,
+}
+
+/// Issues `ops` (phase by phase, each phase pipelined `concurrency` deep) and updates `cache`
+/// (the observed table) with what succeeded, so the next plan diffs against the kernel without
+/// dumping it again. A failed operation never stops the others.
+pub async fn apply(
+    handle: &IpvsHandle,
+    ops: Vec<IpvsOp>,
+    cache: &mut ObservedIpvs,
+    concurrency: usize,
+) -> (OpCounts, Vec<OpFailure>) {
+    let mut counts = OpCounts::default();
+    let mut failures = Vec::new();
+    let mut phases: [Vec<IpvsOp>; 3] = Default::default();
+    for op in ops {
+        phases[op.phase() as usize].push(op);
+    }
+    for phase in phases {
+        let results: Vec<(IpvsOp, Result<(), IpvsError>)> = futures::stream::iter(phase)
+            .map(|op| async move {
+                let r = match &op {
+                    IpvsOp::AddService(s) => handle.add_service(s).await,
+                    IpvsOp::EditService(s) => handle.edit_service(s).await,
+                    IpvsOp::DeleteService(k) => handle.delete_service(k).await,
+                    IpvsOp::AddDestination(k, d) => handle.add_destination(k, d).await,
+                    IpvsOp::EditDestination(k, d) => handle.edit_destination(k, d).await,
+                    IpvsOp::DeleteDestination(k, a, p) => {
+                        handle.delete_destination(k, *a, *p).await
+                    }
+                };
+                (op, r)
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        for (op, r) in results {
+            *counts.issued.entry(op.kind()).or_default() += 1;
+            match r {
+                Ok(()) => record(cache, &op),
+                Err(error) => {
+                    *counts.failed.entry(op.kind()).or_default() += 1;
+                    failures.push(OpFailure { op, error });
+                }
+            }
+        }
+    }
+    (counts, failures)
+}
+
+/// Applies a successful operation to the cached kernel table.
+fn record(cache: &mut ObservedIpvs, op: &IpvsOp) {
+    match op {
+        IpvsOp::AddService(s) | IpvsOp::EditService(s) => {
+            let entry = cache
+                .entry(s.key)
+                .or_insert_with(|| (s.clone(), BTreeMap::new()));
+            entry.0 = s.clone();
+        }
+        IpvsOp::DeleteService(k) => {
+            cache.remove(k);
+        }
+        IpvsOp::AddDestination(k, d) | IpvsOp::EditDestination(k, d) => {
+            if let Some((_, dests)) = cache.get_mut(k) {
+                let e = dests
+                    .entry((d.address, d.port))
+                    .or_insert_with(|| d.clone());
+                e.weight = d.weight;
+                e.forward = d.forward;
+            }
+        }
+        IpvsOp::DeleteDestination(k, a, p) => {
+            if let Some((_, dests)) = cache.get_mut(k) {
+                dests.remove(&(*a, *p));
+            }
+        }
+    }
+}
+
+/// Dumps the kernel's IPVS table (services and their destinations).
+pub async fn observe(handle: &IpvsHandle) -> Result<ObservedIpvs, IpvsError> {
+    let mut out = ObservedIpvs::new();
+    for s in handle.services().await? {
+        let dests = match handle.destinations(&s.key).await {
+            Ok(d) => d,
+            // Deleted between the two dumps (by someone else): skip it.
+            Err(IpvsError::ServiceNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let dests = dests
+            .into_iter()
+            .map(|d| ((d.address, d.port), d))
+            .collect();
+        out.insert(s.key, (s, dests));
+    }
+    Ok(out)
+}
+
+/// Refreshes the connection counts of draining destinations in `cache` (one destination dump
+/// per service with a draining destination), so [`plan`] can delete the idle ones.
+pub async fn refresh_draining(
+    handle: &IpvsHandle,
+    cache: &mut ObservedIpvs,
+    drains: &Drains,
+) -> Result<(), IpvsError> {
+    let services: BTreeSet<ServiceKey> = drains.started.keys().map(|(k, _)| *k).collect();
+    for key in services {
+        match handle.destinations(&key).await {
+            Ok(dests) => {
+                if let Some((_, cached)) = cache.get_mut(&key) {
+                    *cached = dests
+                        .into_iter()
+                        .map(|d| ((d.address, d.port), d))
+                        .collect();
+                }
+            }
+            Err(IpvsError::ServiceNotFound(_)) => {
+                cache.remove(&key);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Destination as ModelDest, ServiceRef, VirtualServiceKind};
+    use std::net::Ipv4Addr;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 244, 0, last))
+    }
+    fn vip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 96, 0, last))
+    }
+
+    fn vs(vip_last: u8, protocol: Protocol, backends: &[u8]) -> VirtualService {
+        VirtualService {
+            service: ServiceRef::new("default", format!("svc{vip_last}")),
+            port_name: "http".into(),
+            kind: VirtualServiceKind::ClusterIp,
+            protocol,
+            address: vip(vip_last),
+            port: 80,
+            scheduler: "rr".into(),
+            persistence_timeout: None,
+            snat: false,
+            masq_off_cluster: false,
+            source_ranges: vec![],
+            destinations: backends
+                .iter()
+                .map(|&b| ModelDest {
+                    address: ip(b),
+                    port: 8080,
+                    weight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    /// The kernel table that `desired` would produce (what a perfect apply leaves).
+    fn kernel_of(d: &DesiredIpvs) -> ObservedIpvs {
+        d.iter()
+            .map(|(k, s)| {
+                let mut svc = s.service.clone();
+                svc.flags |= ServiceFlags::HASHED;
+                let dests = s
+                    .destinations
+                    .iter()
+                    .map(|(&(a, p), &w)| ((a, p), masq(a, p, w)))
+                    .collect();
+                (*k, (svc, dests))
+            })
+            .collect()
+    }
+
+    fn owner() -> Ownership {
+        Ownership {
+            bound: [vip(1), vip(2), vip(3)].into_iter().collect(),
+            node_addresses: [IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))]
+                .into_iter()
+                .collect(),
+            node_port_range: 30000..=32767,
+        }
+    }
+
+    fn run(d: &DesiredIpvs, o: &ObservedIpvs, drains: &mut Drains) -> Vec<IpvsOp> {
+        plan(
+            d,
+            o,
+            &owner(),
+            drains,
+            Duration::from_secs(60),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn empty_kernel_gets_every_service_and_destination() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let ops = run(&d, &ObservedIpvs::new(), &mut Drains::default());
+        assert_eq!(ops.len(), 3);
+        assert!(matches!(ops[0], IpvsOp::AddService(_)));
+    }
+
+    #[test]
+    fn nothing_changed_means_no_operation() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1, 2]), vs(2, Protocol::Udp, &[3])]);
+        assert!(run(&d, &kernel_of(&d), &mut Drains::default()).is_empty());
+    }
+
+    #[test]
+    fn one_endpoint_added_is_one_destination_add() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let after = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let ops = run(&after, &kernel_of(&before), &mut Drains::default());
+        assert_eq!(
+            ops,
+            vec![IpvsOp::AddDestination(
+                ServiceKey::tcp(vip(1), 80),
+                masq(ip(2), 8080, 1)
+            )]
+        );
+    }
+
+    #[test]
+    fn removed_tcp_destination_drains_then_goes_when_idle() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let after = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let key = ServiceKey::tcp(vip(1), 80);
+        let mut drains = Drains::default();
+        let mut kernel = kernel_of(&before);
+        let ops = run(&after, &kernel, &mut drains);
+        assert_eq!(
+            ops,
+            vec![IpvsOp::EditDestination(key, masq(ip(2), 8080, 0))]
+        );
+        assert_eq!(drains.len(), 1);
+        // Weight 0 with an open connection: nothing to do yet.
+        let d = kernel
+            .get_mut(&key)
+            .unwrap()
+            .1
+            .get_mut(&(ip(2), 8080))
+            .unwrap();
+        d.weight = 0;
+        d.active_conns = 1;
+        assert!(run(&after, &kernel, &mut drains).is_empty());
+        // Connection gone: deleted.
+        kernel
+            .get_mut(&key)
+            .unwrap()
+            .1
+            .get_mut(&(ip(2), 8080))
+            .unwrap()
+            .active_conns = 0;
+        assert_eq!(
+            run(&after, &kernel, &mut drains),
+            vec![IpvsOp::DeleteDestination(key, ip(2), 8080)]
+        );
+        assert!(drains.is_empty());
+    }
+
+    #[test]
+    fn draining_destination_is_deleted_after_the_timeout() {
+        let after = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let mut kernel = kernel_of(&desired(&[vs(1, Protocol::Tcp, &[1, 2])]));
+        let key = ServiceKey::tcp(vip(1), 80);
+        let d = kernel
+            .get_mut(&key)
+            .unwrap()
+            .1
+            .get_mut(&(ip(2), 8080))
+            .unwrap();
+        d.weight = 0;
+        d.inactive_conns = 3;
+        let mut drains = Drains::default();
+        let t0 = Instant::now();
+        let ops = plan(
+            &after,
+            &kernel,
+            &owner(),
+            &mut drains,
+            Duration::from_secs(60),
+            t0,
+        );
+        assert!(ops.is_empty());
+        let later = t0 + Duration::from_secs(61);
+        let ops = plan(
+            &after,
+            &kernel,
+            &owner(),
+            &mut drains,
+            Duration::from_secs(60),
+            later,
+        );
+        assert_eq!(ops, vec![IpvsOp::DeleteDestination(key, ip(2), 8080)]);
+    }
+
+    #[test]
+    fn removed_udp_destination_goes_at_once() {
+        let before = desired(&[vs(1, Protocol::Udp, &[1, 2])]);
+        let after = desired(&[vs(1, Protocol::Udp, &[1])]);
+        let ops = run(&after, &kernel_of(&before), &mut Drains::default());
+        assert_eq!(
+            ops,
+            vec![IpvsOp::DeleteDestination(
+                ServiceKey::udp(vip(1), 80),
+                ip(2),
+                8080
+            )]
+        );
+    }
+
+    #[test]
+    fn destination_back_while_draining_gets_its_weight_back() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let mut kernel = kernel_of(&d);
+        let key = ServiceKey::tcp(vip(1), 80);
+        kernel
+            .get_mut(&key)
+            .unwrap()
+            .1
+            .get_mut(&(ip(2), 8080))
+            .unwrap()
+            .weight = 0;
+        let ops = run(&d, &kernel, &mut Drains::default());
+        assert_eq!(
+            ops,
+            vec![IpvsOp::EditDestination(key, masq(ip(2), 8080, 1))]
+        );
+    }
+
+    #[test]
+    fn deleted_service_is_removed_but_foreign_services_are_not() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1]), vs(2, Protocol::Tcp, &[1])]);
+        let mut kernel = kernel_of(&before);
+        // Foreign: an address not on kube-ipvs0, a node address off the NodePort range, a fwmark.
+        for key in [
+            ServiceKey::tcp(vip(9), 80),
+            ServiceKey::tcp(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 22),
+            ServiceKey::fwmark(ipvs::Family::Inet, 7),
+        ] {
+            kernel.insert(key, (Service::new(key, "rr"), BTreeMap::new()));
+        }
+        let after = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let ops = run(&after, &kernel, &mut Drains::default());
+        assert_eq!(
+            ops,
+            vec![IpvsOp::DeleteService(ServiceKey::tcp(vip(2), 80))]
+        );
+    }
+
+    #[test]
+    fn node_port_services_on_node_addresses_are_owned() {
+        let np = ServiceKey::tcp(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 30080);
+        assert!(owner().owns(&np));
+    }
+
+    #[test]
+    fn scheduler_and_persistence_changes_are_edits() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let mut v = vs(1, Protocol::Tcp, &[1]);
+        v.scheduler = "mh".into();
+        v.persistence_timeout = Some(10800);
+        let after = desired(&[v]);
+        let ops = run(&after, &kernel_of(&before), &mut Drains::default());
+        assert_eq!(ops.len(), 1);
+        let IpvsOp::EditService(s) = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(s.scheduler, "mh");
+        assert!(
+            s.flags
+                .contains(ServiceFlags::PERSISTENT | ServiceFlags::MH_PORT)
+        );
+        assert_eq!(s.timeout, 10800);
+    }
+
+    #[test]
+    fn a_service_deleted_by_hand_is_restored() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let mut kernel = kernel_of(&d);
+        kernel.clear();
+        let ops = run(&d, &kernel, &mut Drains::default());
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, IpvsOp::AddService(_)))
+                .count(),
+            1
+        );
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, IpvsOp::AddDestination(..)))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn cache_follows_applied_operations() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1, 2])]);
+        let mut cache = ObservedIpvs::new();
+        for op in run(&d, &cache.clone(), &mut Drains::default()) {
+            record(&mut cache, &op);
+        }
+        assert!(run(&d, &cache, &mut Drains::default()).is_empty());
+    }
+}

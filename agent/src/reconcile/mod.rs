@@ -1,0 +1,8 @@
+//! Reconcilers: each compares the desired state with what the kernel reports and applies the
+//! smallest set of changes, touching only what this agent owns.
+//!
+//! - [`ipvs`]: virtual services and destinations (generic netlink), graceful termination;
+//! - [`addresses`]: service addresses on `kube-ipvs0` (rtnetlink).
+
+pub mod addresses;
+pub mod ipvs;

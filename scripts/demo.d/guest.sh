@@ -1,0 +1,68 @@
+#!/bin/sh
+# The demo, inside the lab VM (the VM's root namespace is the node). Staged by scripts/demo:
+# /lab/bin/kube-ipvs-bpf, /lab/examples (manifests/examples).
+set -e
+export PATH=/lab/bin:$PATH LD_LIBRARY_PATH=/lab/lib
+say() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
+
+say "node: $(uname -r); building a client namespace and three pods behind cni0"
+sysctl -qw net.ipv4.ip_forward=1
+ip link add cni0 type bridge && ip addr add 10.244.1.1/24 dev cni0 && ip link set cni0 up
+for p in a:2 b:3 c:4; do
+	name=pod-${p%%:*} ip=10.244.1.${p##*:}
+	ip netns add "$name"
+	ip link add "veth-$name" type veth peer name eth0 netns "$name"
+	ip link set "veth-$name" master cni0 up
+	nsenter --net=/run/netns/$name sh -c "ip link set lo up; ip addr add $ip/24 dev eth0; ip link set eth0 up; ip route add default via 10.244.1.1"
+	nsenter --net=/run/netns/$name socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo hello from $name" &
+	nsenter --net=/run/netns/$name socat UDP-RECVFROM:5353,fork SYSTEM:"echo dns answer from $name" &
+done
+ip netns add client
+ip link add veth-client type veth peer name eth0 netns client
+ip addr add 10.0.1.1/24 dev veth-client && ip link set veth-client up
+nsenter --net=/run/netns/client sh -c 'ip link set lo up; ip addr add 10.0.1.2/24 dev eth0; ip link set eth0 up; ip route add default via 10.0.1.1'
+
+mkdir -p /tmp/services && cp /lab/examples/*.yaml /tmp/services/
+say "kube-ipvs-bpf run --source file:/tmp/services   (the sample file of Services)"
+sed -n '1,200p' /tmp/services/services.yaml | grep -E '^\s+(name|clusterIP|type|port|nodePort|protocol|sessionAffinity):' | head -20
+kube-ipvs-bpf run --source file:/tmp/services --node-name lab --min-sync-period 200ms 2>/tmp/agent.log &
+agent=$!
+for _ in $(seq 50); do [ -s /run/kube-ipvs-bpf/state.json ] && break; sleep 0.2; done
+sleep 0.5
+
+say "kube-ipvs-bpf inspect services"
+kube-ipvs-bpf inspect services
+
+say "the kernel's own view: ipvsadm -Ln, ip addr show kube-ipvs0"
+ipvsadm -Ln
+ip -brief addr show kube-ipvs0
+
+say "client -> ClusterIP 10.96.0.10:80, six connections (rr over two pods)"
+for i in 1 2 3 4 5 6; do nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0.10:80 </dev/null; done
+say "client -> NodePort 10.0.1.1:30080, and UDP 10.96.0.53:53"
+nsenter --net=/run/netns/client socat -T2 - TCP:10.0.1.1:30080 </dev/null
+echo query | nsenter --net=/run/netns/client socat -T2 - UDP:10.96.0.53:53
+say "session affinity: client -> 10.96.0.11:80 three times (same pod each time)"
+for i in 1 2 3; do nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0.11:80 </dev/null; done
+
+sleep 2.2 # IPVS folds its per-CPU counters on its 2 s estimator tick
+say "counters moved: kube-ipvs-bpf inspect services"
+kube-ipvs-bpf inspect services
+
+say "scaling web to three pods: the EndpointSlice file changes"
+cp /lab/examples/scaled/endpointslices.yaml /tmp/services/endpointslices.yaml
+for _ in $(seq 50); do ipvsadm -Ln -t 10.96.0.10:80 | grep -q 10.244.1.4 && break; sleep 0.2; done
+grep 'sync done' /tmp/agent.log | tail -n 1
+kube-ipvs-bpf inspect services
+say "client -> ClusterIP 10.96.0.10:80, six connections (now over three pods)"
+for i in 1 2 3 4 5 6; do nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0.10:80 </dev/null; done
+sleep 2.2
+say "ipvsadm -Ln --stats (the kernel's counters)"
+ipvsadm -Ln --stats
+
+kill "$agent"
+wait "$agent" 2>/dev/null || true
+say "agent stopped; the kernel keeps serving (nothing is flushed on exit)"
+nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0.10:80 </dev/null
+say "agent log"
+cat /tmp/agent.log
