@@ -146,14 +146,36 @@ impl Syncer {
         Ok(())
     }
 
-    fn log_rejections(&mut self, desired: &DesiredState) {
-        let now: BTreeSet<(String, String)> = desired
+    /// Logs each rejected object, and each EndpointSlice whose Service is unknown, once.
+    fn log_rejections(&mut self, desired: &DesiredState, snapshot: &Snapshot) {
+        let mut now: BTreeSet<(String, String)> = desired
             .rejected
             .iter()
-            .map(|r| (r.object.clone(), r.reason.clone()))
+            .map(|r| (r.object.clone(), format!("rejected: {}", r.reason)))
             .collect();
+        let known: BTreeSet<model::ServiceRef> = snapshot
+            .services
+            .iter()
+            .map(|s| {
+                model::ServiceRef::new(
+                    s.metadata.namespace.as_deref().unwrap_or("default"),
+                    s.metadata.name.as_deref().unwrap_or(""),
+                )
+            })
+            .collect();
+        for slice in &snapshot.endpoint_slices {
+            if let Some(svc) = model::endpoint_slice_service(slice)
+                && !known.contains(&svc)
+            {
+                let name = slice.metadata.name.as_deref().unwrap_or("");
+                now.insert((
+                    format!("EndpointSlice {}/{name}", svc.namespace),
+                    format!("ignored: its Service {svc} is unknown"),
+                ));
+            }
+        }
         for (object, reason) in now.difference(&self.logged_rejections) {
-            tracing::warn!(object = %object, "rejected: {reason}");
+            tracing::warn!(object = %object, "{reason}");
         }
         self.logged_rejections = now;
     }
@@ -171,7 +193,7 @@ impl Syncer {
             &node,
             &self.cfg.model,
         );
-        self.log_rejections(&desired);
+        self.log_rejections(&desired, snapshot);
         let mut report = SyncReport {
             full,
             generation: snapshot.generation,
@@ -180,11 +202,15 @@ impl Syncer {
             ..SyncReport::default()
         };
 
-        // Addresses first, so a new virtual service answers as soon as it exists.
+        // Addresses are added first, so a new virtual service answers as soon as it exists, and
+        // removed last: an address on kube-ipvs0 is what makes its IPVS services ours.
         let addr_plan = addresses::plan(&desired.bound_addresses, &self.bound);
-        report.addresses_added = addr_plan.add.len();
-        report.addresses_removed = addr_plan.remove.len();
-        for e in addresses::apply(&self.rtnl, self.dummy_index, &addr_plan, &mut self.bound).await {
+        let adds = addresses::AddressPlan {
+            add: addr_plan.add,
+            remove: Vec::new(),
+        };
+        report.addresses_added = adds.add.len();
+        for e in addresses::apply(&self.rtnl, self.dummy_index, &adds, &mut self.bound).await {
             report.failures += 1;
             tracing::error!("{e}");
         }
@@ -214,6 +240,30 @@ impl Syncer {
         for f in &failures {
             let origin = want.get(&f.op.service()).map_or("", |d| d.origin.as_str());
             tracing::error!(service = origin, op = f.op.kind(), "{}", f.error);
+        }
+
+        // An address still carrying one of our IPVS services (its deletion failed) stays, so
+        // the service stays ours and the next sync retries.
+        let in_use: BTreeSet<IpAddr> = self
+            .cache
+            .keys()
+            .filter_map(|k| match k {
+                ipvs::ServiceKey::Tuple { address, .. } => Some(*address),
+                ipvs::ServiceKey::Fwmark { .. } => None,
+            })
+            .collect();
+        let removes = addresses::AddressPlan {
+            add: Vec::new(),
+            remove: addr_plan
+                .remove
+                .into_iter()
+                .filter(|a| !in_use.contains(a))
+                .collect(),
+        };
+        report.addresses_removed = removes.remove.len();
+        for e in addresses::apply(&self.rtnl, self.dummy_index, &removes, &mut self.bound).await {
+            report.failures += 1;
+            tracing::error!("{e}");
         }
         report.failures += failures.len();
         report.ipvs_ops = counts;
@@ -245,6 +295,7 @@ pub async fn run(
     let mut pending = true;
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
+    let mut first = true;
     let mut next_full = Instant::now() + cfg.sync_period;
     loop {
         let now = Instant::now();
@@ -278,8 +329,10 @@ pub async fn run(
         match syncer.sync(&snapshot, full).await {
             Ok(r) => {
                 let ops = r.ipvs_ops.total();
-                if ops > 0 || r.addresses_added + r.addresses_removed > 0 || r.failures > 0 || full
-                {
+                let changed = ops > 0 || r.addresses_added + r.addresses_removed > 0;
+                // Every sync that did something is logged, and the first one (a restart that
+                // finds nothing to do says so).
+                if changed || r.failures > 0 || full || std::mem::take(&mut first) {
                     tracing::info!(
                         full = r.full,
                         generation = r.generation,

@@ -22,7 +22,12 @@ fn vip(i: usize) -> IpAddr {
 }
 
 fn backend(i: usize, j: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 244, (i % 250) as u8, (j * 25 + i / 250 % 25) as u8 + 1))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        244,
+        (i % 250) as u8,
+        (j * 25 + i / 250 % 25) as u8 + 1,
+    ))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -43,9 +48,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await;
     results.into_iter().collect::<Result<Vec<_>, _>>()?;
     let t_services = t0.elapsed();
-    let adds = svc.iter().enumerate().flat_map(|(i, s)| {
-        (0..dests).map(move |j| (s.key, Destination::new(backend(i, j), 8080)))
-    });
+    let adds = svc
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..dests).map(move |j| (s.key, Destination::new(backend(i, j), 8080))));
     let results: Vec<_> = futures::stream::iter(adds.map(|(k, d)| {
         let h = h.clone();
         async move { h.add_destination(&k, &d).await }

@@ -4,6 +4,7 @@
 //! `scripts/lab test` builds them and runs them inside the QEMU kernel lab, where
 //! [`require_lab`] holds.
 
+pub mod agent;
 pub mod cmd;
 pub mod ipvsadm;
 pub mod netns;

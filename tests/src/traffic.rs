@@ -67,6 +67,58 @@ impl Server {
         }
     }
 
+    /// Starts a TCP echo server on `addr` inside `ns`: each connection is served on its own
+    /// thread and stays open until the client closes it (for long-lived connection tests).
+    pub fn tcp_echo(ns: &Netns, addr: SocketAddr) -> Server {
+        let (stop, served) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let path = ns.path();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s, n) = (stop.clone(), served.clone());
+        let t = std::thread::spawn(move || {
+            enter(&path);
+            let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            l.set_nonblocking(true).expect("nonblocking");
+            let _ = ready_tx.send(());
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        n.fetch_add(1, Ordering::Relaxed);
+                        let stop = s.clone();
+                        std::thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                            let mut buf = [0u8; 4096];
+                            while !stop.load(Ordering::Relaxed) {
+                                match c.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(k) => {
+                                        if c.write_all(&buf[..k]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(IO_TIMEOUT).expect("server ready");
+        Server {
+            stop,
+            served,
+            threads: vec![t],
+        }
+    }
+
     /// Starts a UDP server on `addr` inside `ns` (answers each datagram; `reply_size` pads the
     /// answer, e.g. to force IP fragmentation).
     pub fn udp(ns: &Netns, addr: SocketAddr, reply_size: usize) -> Server {
@@ -149,4 +201,31 @@ pub fn udp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
 /// Parses "peer -> local" into the source address the server saw.
 pub fn seen_source(answer: &str) -> Option<SocketAddr> {
     answer.split(" -> ").next()?.trim().parse().ok()
+}
+
+/// An open TCP connection made from inside a namespace (the socket keeps its namespace and can
+/// be used from any thread).
+pub struct HeldConnection {
+    stream: TcpStream,
+}
+
+impl HeldConnection {
+    pub fn open(ns: &Netns, to: SocketAddr) -> std::io::Result<HeldConnection> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, IO_TIMEOUT))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(HeldConnection { stream })
+    }
+
+    /// Sends `msg` and reads the echo back: proves the connection still carries data.
+    pub fn echo(&mut self, msg: &str) -> std::io::Result<String> {
+        self.stream.write_all(msg.as_bytes())?;
+        let mut buf = vec![0u8; msg.len()];
+        self.stream.read_exact(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// The local (client) address of the connection.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
 }

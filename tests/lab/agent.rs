@@ -1,0 +1,399 @@
+//! The agent against a real kernel: `kube-ipvs-bpf run --source file:` in a node namespace,
+//! checked with ipvsadm and `ip -j addr show kube-ipvs0`; the netlink operations it issued are
+//! read from its own log ("sync done" events).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lab::agent::{Agent, Manifests, ops_issued, service_yaml, slice_yaml};
+use lab::ipvsadm;
+use lab::traffic::{HeldConnection, Server};
+use lab::{Netns, Topology, require_lab};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn kernel(ns: &Netns) -> Vec<ipvsadm::Service> {
+    ipvsadm::view(|cmd| ns.sh(cmd))
+}
+
+fn find<'a>(k: &'a [ipvsadm::Service], key: &str) -> Option<&'a ipvsadm::Service> {
+    k.iter().find(|s| s.key() == key)
+}
+
+/// Addresses on kube-ipvs0, from `ip -j addr show`.
+fn bound(ns: &Netns) -> Vec<String> {
+    let out = ns.sh("ip -j addr show kube-ipvs0");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    let mut addrs: Vec<String> = v[0]["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| format!("{}/{}", x["local"].as_str().unwrap_or(""), x["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    addrs.sort();
+    addrs
+}
+
+/// Polls `f` until it is true (or panics after `timeout` with `what`).
+fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ops_total(event: &serde_json::Value) -> u64 {
+    ops_issued(event).values().sum()
+}
+
+#[test]
+fn an_empty_kernel_gets_the_file_applied() {
+    require_lab();
+    let t = Topology::new("ag-apply");
+    let m = Manifests::new("apply");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
+            + &service_yaml("api", "10.96.0.11", 443, None)),
+    );
+    m.write(
+        "eps.yaml",
+        &(slice_yaml("web", &["10.0.2.2", "10.0.2.3"], 8080)
+            + &slice_yaml("api", &["10.0.2.2"], 8443)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    let ev = agent.wait_sync(0, 1);
+    let k = kernel(&t.node);
+    let web = find(&k, "TCP 10.96.0.10:80").expect("web ClusterIP");
+    assert_eq!(web.destinations.len(), 2);
+    assert!(web.dest(ip("10.0.2.2"), 8080).is_some() && web.dest(ip("10.0.2.3"), 8080).is_some());
+    assert!(
+        web.destinations
+            .iter()
+            .all(|d| d.forward == "Masq" && d.weight == 1)
+    );
+    let api = find(&k, "TCP 10.96.0.11:443").expect("api ClusterIP");
+    assert_eq!(api.destinations.len(), 1);
+    // NodePorts on every node address (not on kube-ipvs0's or loopback).
+    for node_ip in ["10.0.1.1", "10.0.2.1"] {
+        assert!(
+            find(&k, &format!("TCP {node_ip}:30080")).is_some(),
+            "NodePort on {node_ip}: {k:?}"
+        );
+    }
+    assert_eq!(k.len(), 4, "{k:?}");
+    assert_eq!(bound(&t.node), vec!["10.96.0.10/32", "10.96.0.11/32"]);
+    // 4 services, 2 + 2 + 2 + 1 destinations.
+    assert_eq!(ops_issued(&ev).get("add_service"), Some(&4));
+    assert_eq!(ops_issued(&ev).get("add_destination"), Some(&7));
+}
+
+#[test]
+fn one_endpoint_added_is_one_destination_add_and_removed_drains_then_goes() {
+    require_lab();
+    let t = Topology::new("ag-ep");
+    let m = Manifests::new("ep");
+    m.write("svc.yaml", &service_yaml("api", "10.96.0.20", 80, None));
+    m.write("eps.yaml", &slice_yaml("api", &["10.0.2.2"], 8080));
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+
+    let mark = agent.mark();
+    m.write(
+        "eps.yaml",
+        &slice_yaml("api", &["10.0.2.2", "10.0.2.3"], 8080),
+    );
+    let ev = agent.wait_sync(mark, 2);
+    assert_eq!(
+        ops_issued(&ev),
+        [("add_destination".to_string(), 1)].into_iter().collect()
+    );
+    assert!(
+        find(&kernel(&t.node), "TCP 10.96.0.20:80")
+            .unwrap()
+            .dest(ip("10.0.2.3"), 8080)
+            .is_some()
+    );
+
+    let mark = agent.mark();
+    m.write("eps.yaml", &slice_yaml("api", &["10.0.2.2"], 8080));
+    let ev = agent.wait_sync(mark, 3);
+    assert_eq!(
+        ops_issued(&ev),
+        [("edit_destination".to_string(), 1)].into_iter().collect()
+    );
+    // Drain first: weight 0, still present.
+    let d = find(&kernel(&t.node), "TCP 10.96.0.20:80")
+        .unwrap()
+        .dest(ip("10.0.2.3"), 8080)
+        .cloned();
+    assert!(
+        d.is_some_and(|d| d.weight == 0),
+        "draining destination must have weight 0"
+    );
+    // No connection on it: the drain check deletes it.
+    let ev = agent.wait_for(mark, Duration::from_secs(20), |v| {
+        v["message"] == "sync done" && ops_issued(v).contains_key("delete_destination")
+    });
+    assert_eq!(
+        ops_issued(&ev),
+        [("delete_destination".to_string(), 1)]
+            .into_iter()
+            .collect()
+    );
+    let svc = find(&kernel(&t.node), "TCP 10.96.0.20:80")
+        .cloned()
+        .unwrap();
+    assert_eq!(svc.destinations.len(), 1);
+}
+
+#[test]
+fn a_deleted_service_takes_its_addresses_and_ipvs_service_with_it() {
+    require_lab();
+    let t = Topology::new("ag-del");
+    let m = Manifests::new("del");
+    m.write(
+        "a.yaml",
+        &(service_yaml("a", "10.96.0.30", 80, None) + &slice_yaml("a", &["10.0.2.2"], 8080)),
+    );
+    m.write(
+        "b.yaml",
+        &(service_yaml("b", "10.96.0.31", 80, None) + &slice_yaml("b", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+    assert_eq!(bound(&t.node), vec!["10.96.0.30/32", "10.96.0.31/32"]);
+    let mark = agent.mark();
+    m.remove("b.yaml");
+    let ev = agent.wait_sync(mark, 2);
+    assert_eq!(
+        ops_issued(&ev),
+        [("delete_service".to_string(), 1)].into_iter().collect()
+    );
+    assert_eq!(ev["addresses_removed"], 1);
+    assert_eq!(bound(&t.node), vec!["10.96.0.30/32"]);
+    let k = kernel(&t.node);
+    assert!(find(&k, "TCP 10.96.0.31:80").is_none() && find(&k, "TCP 10.96.0.30:80").is_some());
+}
+
+#[test]
+fn a_restart_with_nothing_changed_issues_nothing_and_keeps_an_open_connection() {
+    require_lab();
+    let t = Topology::new("ag-restart");
+    let _srv = Server::tcp_echo(&t.backend, "10.0.2.2:8080".parse().unwrap());
+    let m = Manifests::new("restart");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("echo", "10.96.0.40", 80, Some(30040))
+            + &slice_yaml("echo", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+    let mut conn = HeldConnection::open(&t.client, "10.96.0.40:80".parse().unwrap())
+        .expect("connect via service");
+    assert_eq!(conn.echo("before\n").expect("echo"), "before\n");
+    let before = t.node.sh("ipvsadm -Sn");
+    agent.stop();
+    assert_eq!(
+        conn.echo("while stopped\n")
+            .expect("echo with the agent stopped"),
+        "while stopped\n"
+    );
+
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    let ev = agent.wait_sync(0, 1);
+    assert_eq!(ops_total(&ev), 0, "restart issued operations: {ev}");
+    assert_eq!(ev["addresses_added"], 0);
+    assert_eq!(ev["addresses_removed"], 0);
+    assert_eq!(t.node.sh("ipvsadm -Sn"), before);
+    assert_eq!(conn.echo("after\n").expect("echo after restart"), "after\n");
+}
+
+#[test]
+fn an_ipvs_service_deleted_by_hand_is_restored_by_the_resync() {
+    require_lab();
+    let t = Topology::new("ag-drift");
+    let m = Manifests::new("drift");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("d", "10.96.0.50", 80, None)
+            + &slice_yaml("d", &["10.0.2.2", "10.0.2.3"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &["--sync-period", "2s"]);
+    agent.wait_sync(0, 1);
+    t.node.sh("ipvsadm -D -t 10.96.0.50:80");
+    assert!(find(&kernel(&t.node), "TCP 10.96.0.50:80").is_none());
+    let mark = agent.mark();
+    let ev = agent.wait_for(mark, Duration::from_secs(20), |v| {
+        v["message"] == "sync done" && v["full"] == true
+    });
+    assert_eq!(ops_issued(&ev).get("add_service"), Some(&1), "{ev}");
+    assert_eq!(
+        find(&kernel(&t.node), "TCP 10.96.0.50:80")
+            .expect("restored")
+            .destinations
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn foreign_ipvs_services_are_left_untouched() {
+    require_lab();
+    let t = Topology::new("ag-foreign");
+    // Someone else's: a fwmark service, an address not on kube-ipvs0, a node address outside
+    // the NodePort range; each with a destination.
+    t.node
+        .sh("ipvsadm -A -f 77 -s rr && ipvsadm -a -f 77 -r 10.0.2.9 -m");
+    t.node
+        .sh("ipvsadm -A -t 10.200.0.1:80 -s wlc && ipvsadm -a -t 10.200.0.1:80 -r 10.0.2.9:80 -m");
+    t.node
+        .sh("ipvsadm -A -t 10.0.1.1:2222 -s rr && ipvsadm -a -t 10.0.1.1:2222 -r 10.0.2.9:22 -m");
+    let foreign = |ns: &Netns| -> String {
+        ns.sh("ipvsadm -Sn")
+            .lines()
+            .filter(|l| l.contains("77") || l.contains("10.200.0.1") || l.contains(":2222"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = foreign(&t.node);
+    let m = Manifests::new("foreign");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("f", "10.96.0.60", 80, Some(30060)) + &slice_yaml("f", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &["--sync-period", "1s"]);
+    agent.wait_sync(0, 1);
+    // Also across a deletion and a full resync.
+    let mark = agent.mark();
+    m.remove("svc.yaml");
+    agent.wait_sync(mark, 2);
+    let mark = agent.mark();
+    agent.wait_for(mark, Duration::from_secs(20), |v| {
+        v["message"] == "sync done" && v["full"] == true
+    });
+    assert_eq!(foreign(&t.node), before);
+    assert_eq!(kernel(&t.node).len(), 3, "only the foreign services remain");
+}
+
+#[test]
+fn graceful_termination_keeps_an_open_connection_until_the_drain_ends() {
+    require_lab();
+    let t = Topology::new("ag-drain");
+    let _a = Server::tcp_echo(&t.backend, "10.0.2.2:8080".parse().unwrap());
+    t.backend.sh("ip addr add 10.0.2.3/24 dev eth0");
+    let _b = Server::tcp_echo(&t.backend, "10.0.2.3:8080".parse().unwrap());
+    let m = Manifests::new("drain");
+    m.write("svc.yaml", &service_yaml("g", "10.96.0.70", 80, None));
+    m.write("eps.yaml", &slice_yaml("g", &["10.0.2.2"], 8080));
+    let agent = Agent::start(&t.node, &m.dir, &["--drain-timeout", "8s"]);
+    agent.wait_sync(0, 1);
+    let vip: SocketAddr = "10.96.0.70:80".parse().unwrap();
+    let mut conn = HeldConnection::open(&t.client, vip).expect("connect");
+    assert_eq!(conn.echo("hello\n").unwrap(), "hello\n");
+
+    // The endpoint goes away (replaced by another): its destination drains.
+    let mark = agent.mark();
+    m.write("eps.yaml", &slice_yaml("g", &["10.0.2.3"], 8080));
+    agent.wait_sync(mark, 2);
+    let svc = find(&kernel(&t.node), "TCP 10.96.0.70:80")
+        .cloned()
+        .unwrap();
+    let old = svc
+        .dest(ip("10.0.2.2"), 8080)
+        .expect("draining destination kept");
+    assert_eq!((old.weight, old.active), (0, 1));
+    // The open connection keeps working; new connections go to the new endpoint.
+    assert_eq!(conn.echo("still here\n").unwrap(), "still here\n");
+    let mut fresh = HeldConnection::open(&t.client, vip).expect("new connection");
+    assert_eq!(fresh.echo("new\n").unwrap(), "new\n");
+    drop(fresh);
+    let conns = ipvsadm::parse_conns(&t.node.sh("ipvsadm -Lnc"));
+    assert!(
+        conns
+            .iter()
+            .any(|c| c.destination == (ip("10.0.2.3"), 8080)),
+        "{conns:?}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        find(&kernel(&t.node), "TCP 10.96.0.70:80")
+            .unwrap()
+            .dest(ip("10.0.2.2"), 8080)
+            .is_some(),
+        "deleted while a connection was open"
+    );
+    assert_eq!(conn.echo("after 3s\n").unwrap(), "after 3s\n");
+    // Connection closed (it lingers in IPVS as inactive): deleted by the drain timeout.
+    drop(conn);
+    eventually(
+        Duration::from_secs(20),
+        "draining destination deleted",
+        || {
+            find(&kernel(&t.node), "TCP 10.96.0.70:80")
+                .unwrap()
+                .dest(ip("10.0.2.2"), 8080)
+                .is_none()
+        },
+    );
+}
+
+#[test]
+fn bad_objects_are_logged_by_name_and_the_rest_is_applied() {
+    require_lab();
+    let t = Topology::new("ag-bad");
+    let m = Manifests::new("bad");
+    let svc = |name: &str, ip: &str, port: &str, proto: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: lab}}\nspec:\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n    - {{name: p, protocol: {proto}, port: {port}}}\n---\n"
+        )
+    };
+    let mut bad = String::new();
+    bad += &svc("bad-ip", "10.96.0.999", "80", "TCP");
+    bad += &svc("port-zero", "10.96.0.81", "0", "TCP");
+    bad += &svc("port-big", "10.96.0.82", "70000", "TCP");
+    bad += &svc("bad-proto", "10.96.0.83", "80", "ICMP");
+    bad += "apiVersion: v1\nkind: Service\nmetadata: {name: dup-ports, namespace: lab}\nspec:\n  clusterIP: 10.96.0.84\n  clusterIPs: [10.96.0.84]\n  ports:\n    - {name: a, protocol: TCP, port: 80}\n    - {name: b, protocol: TCP, port: 80}\n---\n";
+    bad += &slice_yaml("no-such-service", &["10.0.2.2"], 8080);
+    m.write("bad.yaml", &bad);
+    m.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n  spec: [\n",
+    );
+    // A good Service with 5,000 endpoints.
+    let ips: Vec<String> = (0..5000)
+        .map(|i| format!("10.{}.{}.{}", 100 + i / 62500, (i / 250) % 250, i % 250 + 1))
+        .collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    m.write(
+        "good.yaml",
+        &(service_yaml("big", "10.96.0.80", 80, None) + &slice_yaml("big", &refs, 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    // Parsing and programming 5,000 endpoints takes a while in a debug build under TCG.
+    let ev = agent.wait_for(0, Duration::from_secs(240), |v| v["message"] == "sync done");
+    let log = agent.log_text();
+    for name in [
+        "lab/bad-ip",
+        "lab/port-zero",
+        "lab/port-big",
+        "lab/bad-proto",
+        "lab/dup-ports",
+        "lab/no-such-service-1",
+        "broken.yaml",
+    ] {
+        assert!(log.contains(name), "{name} not named in the log:\n{log}");
+    }
+    assert!(ev["rejected"].as_u64() >= Some(5), "{ev}");
+    let k = kernel(&t.node);
+    assert_eq!(k.len(), 1, "only the good Service is programmed");
+    assert_eq!(
+        find(&k, "TCP 10.96.0.80:80").unwrap().destinations.len(),
+        5000
+    );
+}

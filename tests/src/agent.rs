@@ -1,0 +1,187 @@
+//! Running the real `kube-ipvs-bpf` binary in a lab namespace, with manifests in a temporary
+//! directory, and following its JSON log (what it did, e.g. how many netlink operations each
+//! sync issued).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::Netns;
+
+/// The agent binary staged into the lab (`KUBE_IPVS_BPF_BIN`).
+pub fn agent_bin() -> String {
+    std::env::var("KUBE_IPVS_BPF_BIN").unwrap_or_else(|_| "kube-ipvs-bpf".to_string())
+}
+
+/// A directory of manifests the agent watches.
+pub struct Manifests {
+    pub dir: PathBuf,
+}
+
+impl Manifests {
+    pub fn new(name: &str) -> Manifests {
+        let dir = PathBuf::from(format!("/tmp/manifests-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("manifest dir");
+        Manifests { dir }
+    }
+
+    /// Writes (or replaces) one manifest file.
+    pub fn write(&self, file: &str, content: &str) {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, content).expect("write manifest");
+        std::fs::rename(&tmp, self.dir.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove(&self, file: &str) {
+        let _ = std::fs::remove_file(self.dir.join(file));
+    }
+}
+
+/// A ClusterIP (or, with `node_port`, NodePort) Service manifest with one TCP port.
+pub fn service_yaml(name: &str, cluster_ip: &str, port: u16, node_port: Option<u16>) -> String {
+    let (ty, np) = match node_port {
+        Some(n) => ("NodePort", format!("\n      nodePort: {n}")),
+        None => ("ClusterIP", String::new()),
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: lab\nspec:\n  type: {ty}\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n  ports:\n    - name: p\n      protocol: TCP\n      port: {port}\n      targetPort: 8080{np}\n---\n"
+    )
+}
+
+/// An EndpointSlice for `service` with ready endpoints `ips` on port `port`, all on node "lab".
+pub fn slice_yaml(service: &str, ips: &[&str], port: u16) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: lab\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: p\n    protocol: TCP\n    port: {port}\nendpoints:\n"
+    );
+    for ip in ips {
+        s.push_str(&format!(
+            "  - addresses: [{ip}]\n    conditions: {{ready: true}}\n    nodeName: lab\n"
+        ));
+    }
+    s.push_str("---\n");
+    s
+}
+
+/// A running agent; killed on drop.
+pub struct Agent {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+    raw: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `kube-ipvs-bpf run --source file:DIR` inside `ns` with JSON logs and fast syncs;
+    /// `extra` adds flags.
+    pub fn start(ns: &Netns, manifests: &Path, extra: &[&str]) -> Agent {
+        let state = format!("/tmp/agent-state-{}", ns.name());
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path()))
+            .arg(agent_bin())
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--node-name",
+                "lab",
+                "--min-sync-period",
+                "100ms",
+            ])
+            .arg("--source")
+            .arg(format!("file:{}", manifests.display()))
+            .args(["--state-dir", &state])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start kube-ipvs-bpf");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let (l, r) = (lines.clone(), raw.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    l.lock().expect("log lock").push(v);
+                }
+                r.lock().expect("log lock").push(line);
+            }
+        });
+        Agent { child, lines, raw }
+    }
+
+    /// Every log line so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        self.raw.lock().expect("log lock").join("\n")
+    }
+
+    /// Parsed log events so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// Waits (up to `timeout`) for the first event after `skip` events that satisfies `pred`.
+    pub fn wait_for(&self, skip: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.events().into_iter().skip(skip).find(|v| pred(v)) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no matching agent log event within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the next "sync done" event (after `skip` events) whose source generation is at
+    /// least `generation`.
+    pub fn wait_sync(&self, skip: usize, generation: u64) -> Value {
+        self.wait_for(skip, Duration::from_secs(30), |v| {
+            v["message"] == "sync done" && v["generation"].as_u64() >= Some(generation)
+        })
+    }
+
+    /// Number of events so far (a mark to wait from).
+    pub fn mark(&self) -> usize {
+        self.lines.lock().expect("log lock").len()
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The IPVS operations a "sync done" event reports: kind → count (issued).
+pub fn ops_issued(event: &Value) -> std::collections::BTreeMap<String, u64> {
+    let parsed: Value = event["ipvs_ops"]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    parsed["issued"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
