@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use crate::model::{self, ModelConfig, NodePortAddresses};
 use crate::node::Rtnl;
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
+use crate::source::Snapshot;
+use crate::source::kubernetes::{self, KubernetesSourceConfig};
 use crate::source::watch::{load_snapshot, watch_path};
 use crate::state;
 use crate::sync::{self, SyncConfig, Syncer};
@@ -70,16 +72,54 @@ pub enum InspectWhat {
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Source-NAT entries: client, node address:port, backend, service, state, age.
+    Snat {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+        bpf_pin_root: PathBuf,
+    },
+    /// The datapath's counters (summed over CPUs).
+    Counters {
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+        bpf_pin_root: PathBuf,
+    },
+}
+
+/// Which datapath `run` uses.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DatapathKind {
+    /// IPVS plus the eBPF SNAT datapath (conntrack-free).
+    Bpf,
+    /// IPVS alone: no SNAT (for hosts without BPF; external and hairpin traffic needs SNAT).
+    None,
+}
+
+/// Which iptables the agent writes its few rules with.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum IptablesBackend {
+    /// `iptables-restore` as installed.
+    Default,
+    Nft,
+    Legacy,
 }
 
 /// Where objects come from and who this node is.
 #[derive(Args, Debug, Clone)]
 pub struct SourceArgs {
-    /// `file:PATH` (a manifest file or a directory of them).
-    #[arg(long)]
+    /// `kubernetes` (watch the API server) or `file:PATH` (a manifest file or a directory).
+    #[arg(long, default_value = "kubernetes")]
     pub source: String,
-    /// This node's name (endpoints with this nodeName are local). Default: the hostname.
+    /// kubeconfig for `--source kubernetes` (default: in-cluster configuration, else
+    /// $KUBECONFIG / ~/.kube/config).
     #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local). Default: the hostname.
+    #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// This node's InternalIP (repeatable). Default: the host's addresses.
     #[arg(long = "node-ip")]
@@ -117,14 +157,52 @@ pub struct RunArgs {
     /// Where the state file for `inspect` is written.
     #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// The datapath.
+    #[arg(long, value_enum, default_value_t = DatapathKind::Bpf)]
+    pub datapath: DatapathKind,
+    /// Where the datapath's maps and programs are pinned (versioned).
+    #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
+    /// iptables flavour for the agent's rules.
+    #[arg(long, value_enum, default_value_t = IptablesBackend::Default)]
+    pub iptables_backend: IptablesBackend,
+}
+
+/// A parsed `--source`.
+enum Source {
+    File(PathBuf),
+    Kubernetes,
 }
 
 impl SourceArgs {
-    fn file_path(&self) -> anyhow::Result<PathBuf> {
+    fn parsed(&self) -> anyhow::Result<Source> {
         match self.source.split_once(':') {
-            Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-            _ => bail!("--source {:?}: expected file:PATH", self.source),
+            Some(("file", path)) if !path.is_empty() => Ok(Source::File(PathBuf::from(path))),
+            None if self.source == "kubernetes" => Ok(Source::Kubernetes),
+            _ => bail!(
+                "--source {:?}: expected kubernetes or file:PATH",
+                self.source
+            ),
         }
+    }
+
+    fn kubernetes(&self) -> KubernetesSourceConfig {
+        KubernetesSourceConfig {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name: self.node_name(),
+        }
+    }
+
+    /// Loads the objects once (for `plan`).
+    async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(match self.parsed()? {
+            Source::File(path) => load_snapshot(&path, 1),
+            Source::Kubernetes => {
+                let cfg = self.kubernetes();
+                let client = kubernetes::client(&cfg).await?;
+                kubernetes::list_once(client, &cfg.node_name).await?
+            }
+        })
     }
 
     fn model_config(&self) -> anyhow::Result<ModelConfig> {
@@ -163,7 +241,7 @@ impl SourceArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let path = args.source.file_path()?;
+    let source = args.source.parsed()?;
     let cfg = SyncConfig {
         model: args.source.model_config()?,
         node_name: args.source.node_name(),
@@ -174,9 +252,35 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         ..SyncConfig::default()
     };
-    tracing::info!(source = %path.display(), node = %cfg.node_name, "starting");
+    let cfg = SyncConfig {
+        datapath: (args.datapath == DatapathKind::Bpf).then(|| crate::datapath::DatapathConfig {
+            pin_root: args.bpf_pin_root.clone(),
+            masquerade_all: cfg.model.masquerade_all,
+            cluster_cidrs: cfg.model.cluster_cidrs.clone(),
+            rules_backend: match args.iptables_backend {
+                IptablesBackend::Default => crate::datapath::rules::Backend::Default,
+                IptablesBackend::Nft => crate::datapath::rules::Backend::Nft,
+                IptablesBackend::Legacy => crate::datapath::rules::Backend::Legacy,
+            },
+            ..Default::default()
+        }),
+        ..cfg
+    };
+    tracing::info!(source = %args.source.source, node = %cfg.node_name, "starting");
+    let snapshots = match source {
+        Source::File(path) => watch_path(path, Duration::from_secs(1)),
+        Source::Kubernetes => {
+            let kcfg = args.source.kubernetes();
+            let client = kubernetes::client(&kcfg).await?;
+            // The first snapshot waits for complete lists of every kind: never sync a half
+            // listed state (it would delete what is missing).
+            tokio::select! {
+                r = kubernetes::watch(client, kcfg.node_name.clone()) => r?,
+                _ = shutdown_signal() => return Ok(()),
+            }
+        }
+    };
     let syncer = Syncer::start(cfg).await?;
-    let snapshots = watch_path(path, Duration::from_secs(1));
     sync::run(syncer, snapshots, shutdown_signal()).await
 }
 
@@ -235,10 +339,17 @@ fn op_text(op: &ipvs_rec::IpvsOp) -> String {
 
 /// `plan`: the desired state and, where IPVS is available, the diff against the kernel.
 pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
-    let snapshot = load_snapshot(&args.file_path()?, 1);
+    let snapshot = args.snapshot().await?;
     let cfg = args.model_config()?;
     let rtnl = Rtnl::connect()?;
-    let node = sync::node_info(&rtnl, &args.node_name(), &args.node_ips).await?;
+    let (links, entries) = sync::read_node(&rtnl).await?;
+    let node = sync::node_info(
+        &args.node_name(),
+        &args.node_ips,
+        snapshot.node.as_ref(),
+        &links,
+        &entries,
+    );
     let desired = model::build(&snapshot.services, &snapshot.endpoint_slices, &node, &cfg);
     let mut warnings = Vec::new();
     let diff = match ipvs::IpvsHandle::connect().await {
@@ -414,6 +525,155 @@ pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Res
                 dests.join(" ")
             }
         );
+    }
+    Ok(())
+}
+
+fn state_names(
+    rec: &state::Recorded,
+) -> std::collections::HashMap<(std::net::IpAddr, u16, String), String> {
+    rec.virtual_services
+        .iter()
+        .map(|r| {
+            (
+                (r.address, r.port, r.protocol.clone()),
+                format!("{}:{}", r.service, r.port_name),
+            )
+        })
+        .collect()
+}
+
+fn proto_name(p: u8) -> String {
+    match probes::maps::L4Proto::from_number(p) {
+        Some(probes::maps::L4Proto::Tcp) => "TCP".into(),
+        Some(probes::maps::L4Proto::Udp) => "UDP".into(),
+        Some(probes::maps::L4Proto::Sctp) => "SCTP".into(),
+        _ => format!("proto-{p}"),
+    }
+}
+
+/// Why a connection was source-NATed (the entry's `SNAT_F_*` reason bits).
+fn reason_text(flags: u8) -> String {
+    use probes::maps::{SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ, SNAT_F_OFFCLUSTER};
+    let mut v = Vec::new();
+    for (b, n) in [
+        (SNAT_F_MASQ, "masquerade"),
+        (SNAT_F_HAIRPIN, "hairpin"),
+        (SNAT_F_OFFCLUSTER, "off-cluster-backend"),
+        (SNAT_F_HOST, "host"),
+    ] {
+        if flags & b != 0 {
+            v.push(n);
+        }
+    }
+    v.join(",")
+}
+
+fn state_text(bits: u8) -> String {
+    use probes::maps::{STATE_FIN, STATE_REPLY, STATE_RST, STATE_SYN};
+    let mut v = Vec::new();
+    for (b, n) in [
+        (STATE_SYN, "syn"),
+        (STATE_REPLY, "reply"),
+        (STATE_FIN, "fin"),
+        (STATE_RST, "rst"),
+    ] {
+        if bits & b != 0 {
+            v.push(n);
+        }
+    }
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// `inspect snat`: every translated connection, from the pinned maps.
+pub fn inspect_snat(output: Output, state_dir: PathBuf, pin_root: PathBuf) -> anyhow::Result<()> {
+    use crate::datapath::sweep;
+    let maps = probes::DatapathMaps::open_pinned(&pin_root).with_context(|| {
+        format!(
+            "opening the datapath maps under {} (is the agent running?)",
+            pin_root.display()
+        )
+    })?;
+    let names = state_names(&state::read(&state_dir)?);
+    let now = sweep::monotonic_ns();
+    let mut rows = Vec::new();
+    for (key, fwd) in maps.snat_fwd.entries()? {
+        let rev = maps.snat_rev.get(&sweep::reverse_key(&key, &fwd))?;
+        let conn = maps.conns.get(&key)?;
+        let proto = proto_name(key.proto);
+        let service = conn.map(|c| {
+            let vaddr = probes::maps::addr_from_bytes(c.vaddr);
+            let vport = c.vport.get();
+            names
+                .get(&(vaddr, vport, proto.clone()))
+                .cloned()
+                .unwrap_or_else(|| std::net::SocketAddr::new(vaddr, vport).to_string())
+        });
+        let state = fwd.state | rev.map_or(0, |r| r.state);
+        let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+        rows.push(json!({
+            "protocol": proto,
+            "client": std::net::SocketAddr::new(key.source(), key.sport.get()).to_string(),
+            "node": std::net::SocketAddr::new(fwd.address(), fwd.port.get()).to_string(),
+            "backend": std::net::SocketAddr::new(key.destination(), key.dport.get()).to_string(),
+            "service": service,
+            "state": state_text(state),
+            "reason": reason_text(fwd.flags),
+            "age_seconds": now.saturating_sub(fwd.created_ns) / 1_000_000_000,
+            "idle_seconds": now.saturating_sub(last) / 1_000_000_000,
+            "reverse_entry": rev.is_some(),
+        }));
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&json!({"snat": rows}))?);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<28} {:<28} {:<28} {:<32} {:<16} {:>6} {:>6}",
+        "PROTO", "CLIENT", "NODE ADDRESS", "BACKEND", "SERVICE", "STATE", "AGE", "IDLE"
+    );
+    for r in &rows {
+        println!(
+            "{:<5} {:<28} {:<28} {:<28} {:<32} {:<16} {:>6} {:>6}",
+            r["protocol"].as_str().unwrap_or(""),
+            r["client"].as_str().unwrap_or(""),
+            r["node"].as_str().unwrap_or(""),
+            r["backend"].as_str().unwrap_or(""),
+            r["service"].as_str().unwrap_or("-"),
+            r["state"].as_str().unwrap_or(""),
+            r["age_seconds"],
+            r["idle_seconds"],
+        );
+    }
+    Ok(())
+}
+
+/// `inspect counters`: the datapath's counters.
+pub fn inspect_counters(output: Output, pin_root: PathBuf) -> anyhow::Result<()> {
+    let maps = probes::DatapathMaps::open_pinned(&pin_root).with_context(|| {
+        format!(
+            "opening the datapath maps under {} (is the agent running?)",
+            pin_root.display()
+        )
+    })?;
+    let stats = maps.stats()?;
+    let counters: serde_json::Map<String, Value> = stats
+        .iter()
+        .map(|(c, v)| (c.name().to_string(), json!(v)))
+        .collect();
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"counters": counters}))?
+        );
+    } else {
+        for (name, v) in &counters {
+            println!("{name:<24} {v}");
+        }
     }
     Ok(())
 }

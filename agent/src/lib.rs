@@ -4,6 +4,7 @@
 //! - [`model`]: the desired state of the node, computed from them (pure);
 //! - [`reconcile`]: diffs of desired against the kernel's own view, and their appliers;
 //! - [`sync`]: the loop that ties them together;
+//! - [`datapath`]: the eBPF datapath (programs, maps, sysctls, iptables rules, expiry);
 //! - [`node`]: the node's interfaces and addresses (rtnetlink);
 //! - [`state`]: the state file `inspect` reads;
 //! - [`cli`]: the command line.
@@ -11,6 +12,7 @@
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
 pub mod cli;
+pub mod datapath;
 pub mod model;
 pub mod node;
 pub mod reconcile;

@@ -33,6 +33,21 @@ fn main() -> std::process::ExitCode {
             Command::Inspect {
                 what: InspectWhat::Services { output, state_dir },
             } => cli::inspect_services(output, state_dir).await,
+            Command::Inspect {
+                what:
+                    InspectWhat::Snat {
+                        output,
+                        state_dir,
+                        bpf_pin_root,
+                    },
+            } => cli::inspect_snat(output, state_dir, bpf_pin_root),
+            Command::Inspect {
+                what:
+                    InspectWhat::Counters {
+                        output,
+                        bpf_pin_root,
+                    },
+            } => cli::inspect_counters(output, bpf_pin_root),
         }
     });
     match result {

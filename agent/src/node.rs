@@ -47,6 +47,30 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub kind: LinkKind,
+    /// The device it is enslaved to (a bridge port, a bond slave), if any.
+    pub master: Option<u32>,
+}
+
+/// An address on an interface, as rtnetlink lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AddressEntry {
+    pub index: u32,
+    pub address: IpAddr,
+    pub prefix_len: u8,
+    /// IPv4 secondary address (not the one the kernel picks as a source).
+    pub secondary: bool,
+}
+
+impl AddressEntry {
+    /// An address a masquerading source could be: not secondary, not link-local, not loopback.
+    pub fn usable_as_source(&self) -> bool {
+        !self.secondary
+            && !self.address.is_loopback()
+            && match self.address {
+                IpAddr::V4(a) => !a.is_link_local(),
+                IpAddr::V6(a) => (a.segments()[0] & 0xffc0) != 0xfe80,
+            }
+    }
 }
 
 /// An rtnetlink client in the namespace of the thread that opened it.
@@ -76,9 +100,8 @@ impl Rtnl {
         Ok(msgs.iter().map(link_of).collect())
     }
 
-    /// Every address on every interface, with the interface's name.
-    pub async fn addresses(&self) -> Result<Vec<LocalAddress>, NodeError> {
-        let links = self.links().await?;
+    /// Every address on every interface, in the kernel's order (primary addresses first).
+    pub async fn address_entries(&self) -> Result<Vec<AddressEntry>, NodeError> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -90,15 +113,23 @@ impl Rtnl {
         Ok(msgs
             .iter()
             .filter_map(|m| {
-                let address = address_of(m)?;
-                let interface = links
-                    .iter()
-                    .find(|l| l.index == m.header.index)
-                    .map(|l| l.name.clone())
-                    .unwrap_or_default();
-                Some(LocalAddress { address, interface })
+                Some(AddressEntry {
+                    index: m.header.index,
+                    address: address_of(m)?,
+                    prefix_len: m.header.prefix_len,
+                    secondary: m
+                        .header
+                        .flags
+                        .contains(netlink_packet_route::address::AddressHeaderFlags::Secondary),
+                })
             })
             .collect())
+    }
+
+    /// Every address on every interface, with the interface's name.
+    pub async fn addresses(&self) -> Result<Vec<LocalAddress>, NodeError> {
+        let links = self.links().await?;
+        Ok(local_addresses(&links, &self.address_entries().await?))
     }
 
     /// The index of interface `name`, if it exists.
@@ -203,6 +234,45 @@ impl Rtnl {
     }
 }
 
+/// Names each address with its interface's name.
+pub fn local_addresses(links: &[Link], entries: &[AddressEntry]) -> Vec<LocalAddress> {
+    entries
+        .iter()
+        .map(|e| LocalAddress {
+            address: e.address,
+            interface: links
+                .iter()
+                .find(|l| l.index == e.index)
+                .map(|l| l.name.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A notification for every link or address change on the node (rtnetlink multicast groups
+/// RTMGRP_LINK, RTMGRP_IPV4_IFADDR and RTMGRP_IPV6_IFADDR).
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError> {
+    use futures::StreamExt;
+    use netlink_sys::AsyncSocket;
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(NodeError::Connect)?;
+    let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(0, groups))
+        .map_err(NodeError::Connect)?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 fn link_of(m: &LinkMessage) -> Link {
     let name = m
         .attributes
@@ -217,10 +287,15 @@ fn link_of(m: &LinkMessage) -> Link {
         LinkLayerType::Ether => LinkKind::Ethernet,
         _ => LinkKind::L3,
     };
+    let master = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    });
     Link {
         index: m.header.index,
         name,
         kind,
+        master,
     }
 }
 

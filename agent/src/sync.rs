@@ -17,8 +17,10 @@ use anyhow::Context;
 use ipvs::IpvsHandle;
 use tokio::sync::watch;
 
+use crate::datapath::{Datapath, DatapathConfig};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
-use crate::node::Rtnl;
+use crate::node::{AddressEntry, Link, Rtnl};
+use crate::reconcile::datapath::{MapPlan, sctp_not_source_nated};
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
 use crate::source::Snapshot;
 use crate::state;
@@ -41,6 +43,10 @@ pub struct SyncConfig {
     pub state_dir: PathBuf,
     /// IPVS requests in flight at once.
     pub ipvs_concurrency: usize,
+    /// The eBPF datapath; `None` runs IPVS alone (no SNAT, no conntrack bypass).
+    pub datapath: Option<DatapathConfig>,
+    /// How often expired SNAT entries are swept.
+    pub sweep_period: Duration,
 }
 
 impl Default for SyncConfig {
@@ -56,6 +62,8 @@ impl Default for SyncConfig {
             node_port_range: 30000..=32767,
             state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
             ipvs_concurrency: 64,
+            datapath: Some(DatapathConfig::default()),
+            sweep_period: Duration::from_secs(10),
         }
     }
 }
@@ -70,6 +78,8 @@ pub struct SyncReport {
     pub addresses_added: usize,
     pub addresses_removed: usize,
     pub draining: usize,
+    pub map_changes: usize,
+    pub devices_attached: usize,
     pub rejected: usize,
     pub failures: usize,
     pub duration_ms: f64,
@@ -84,31 +94,70 @@ pub struct Syncer {
     cache: ipvs_rec::ObservedIpvs,
     bound: BTreeSet<IpAddr>,
     drains: ipvs_rec::Drains,
+    datapath: Option<Datapath>,
     /// Rejections already logged, so each is logged once.
     logged_rejections: BTreeSet<(String, String)>,
+    /// SCTP services reported as not source-NATed, so each is reported once.
+    logged_sctp: BTreeSet<String>,
 }
 
-/// The node as the model sees it: name, every local address, InternalIPs.
-pub async fn node_info(rtnl: &Rtnl, name: &str, node_ips: &[IpAddr]) -> anyhow::Result<NodeInfo> {
-    let addresses = rtnl
-        .addresses()
-        .await
-        .context("reading the node's addresses")?;
-    let internal_ips = if node_ips.is_empty() {
+/// The node as the model sees it: name, every local address, InternalIPs (`--node-ip`, else
+/// the Node object's, else the host's addresses) and labels (from the Node object).
+pub fn node_info(
+    name: &str,
+    node_ips: &[IpAddr],
+    node: Option<&k8s_openapi::api::core::v1::Node>,
+    links: &[Link],
+    entries: &[AddressEntry],
+) -> NodeInfo {
+    let addresses = crate::node::local_addresses(links, entries);
+    let from_node: Vec<IpAddr> = node
+        .and_then(|n| n.status.as_ref()?.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let internal_ips = if !node_ips.is_empty() {
+        node_ips.to_vec()
+    } else if !from_node.is_empty() {
+        from_node
+    } else {
+        let usable: BTreeSet<IpAddr> = entries
+            .iter()
+            .filter(|e| e.usable_as_source())
+            .map(|e| e.address)
+            .collect();
         addresses
             .iter()
-            .filter(|a| a.interface != DUMMY_INTERFACE && !a.address.is_loopback())
+            .filter(|a| a.interface != DUMMY_INTERFACE && usable.contains(&a.address))
             .map(|a| a.address)
             .collect()
-    } else {
-        node_ips.to_vec()
     };
-    Ok(NodeInfo {
+    NodeInfo {
         name: name.to_string(),
         addresses,
         internal_ips,
+        labels: node
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default(),
         ..NodeInfo::default()
-    })
+    }
+}
+
+/// Reads the node's links and addresses.
+pub async fn read_node(rtnl: &Rtnl) -> anyhow::Result<(Vec<Link>, Vec<AddressEntry>)> {
+    let links = rtnl
+        .links()
+        .await
+        .context("listing the node's interfaces")?;
+    let entries = rtnl
+        .address_entries()
+        .await
+        .context("reading the node's addresses")?;
+    Ok((links, entries))
 }
 
 impl Syncer {
@@ -128,8 +177,13 @@ impl Syncer {
             cache: Default::default(),
             bound: Default::default(),
             drains: Default::default(),
+            datapath: None,
             logged_rejections: Default::default(),
+            logged_sctp: Default::default(),
         };
+        if let Some(dp) = s.cfg.datapath.clone() {
+            s.datapath = Some(Datapath::start(dp)?);
+        }
         s.observe().await?;
         Ok(s)
     }
@@ -143,6 +197,9 @@ impl Syncer {
             .addresses_on(self.dummy_index)
             .await
             .with_context(|| format!("reading {DUMMY_INTERFACE}'s addresses"))?;
+        if let Some(dp) = &mut self.datapath {
+            dp.observe().context("reading the datapath maps")?;
+        }
         Ok(())
     }
 
@@ -183,10 +240,34 @@ impl Syncer {
     /// One sync of `snapshot` into the kernel; `full` dumps the kernel first.
     pub async fn sync(&mut self, snapshot: &Snapshot, full: bool) -> anyhow::Result<SyncReport> {
         let start = Instant::now();
+        let (mut report_devices, mut device_failures) = (0, 0);
         if full {
             self.observe().await?;
         }
-        let node = node_info(&self.rtnl, &self.cfg.node_name, &self.cfg.node_ips).await?;
+        let (links, entries) = read_node(&self.rtnl).await?;
+        let node = node_info(
+            &self.cfg.node_name,
+            &self.cfg.node_ips,
+            snapshot.node.as_ref(),
+            &links,
+            &entries,
+        );
+        if let Some(dp) = &mut self.datapath {
+            let primary4 = node.internal_ips.iter().find_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                IpAddr::V6(_) => None,
+            });
+            let primary6 = node.internal_ips.iter().find_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                IpAddr::V4(_) => None,
+            });
+            let r = dp.sync_devices(&links, &entries, (primary4, primary6));
+            for f in &r.failures {
+                tracing::error!("{f}");
+            }
+            report_devices = r.attached.len();
+            device_failures = r.failures.len();
+        }
         let desired = model::build(
             &snapshot.services,
             &snapshot.endpoint_slices,
@@ -199,8 +280,23 @@ impl Syncer {
             generation: snapshot.generation,
             virtual_services: desired.virtual_services.len(),
             rejected: desired.rejected.len(),
+            devices_attached: report_devices,
+            failures: device_failures,
             ..SyncReport::default()
         };
+        let sctp: BTreeSet<String> = sctp_not_source_nated(&desired).into_iter().collect();
+        for s in sctp.difference(&self.logged_sctp) {
+            tracing::warn!(service = %s, "SCTP is passed to IPVS untranslated: this virtual service is not source-NATed");
+        }
+        self.logged_sctp = sctp;
+        let map_plan = self
+            .datapath
+            .as_ref()
+            .map(|dp| dp.plan_maps(&desired))
+            .unwrap_or_default();
+        for e in &map_plan.errors {
+            tracing::error!("{e}");
+        }
 
         // Addresses are added first, so a new virtual service answers as soon as it exists, and
         // removed last: an address on kube-ipvs0 is what makes its IPVS services ours.
@@ -214,6 +310,8 @@ impl Syncer {
             report.failures += 1;
             tracing::error!("{e}");
         }
+
+        self.apply_maps(&map_plan, true, &mut report);
 
         if !self.drains.is_empty()
             && let Err(e) =
@@ -241,6 +339,8 @@ impl Syncer {
             let origin = want.get(&f.op.service()).map_or("", |d| d.origin.as_str());
             tracing::error!(service = origin, op = f.op.kind(), "{}", f.error);
         }
+
+        self.apply_maps(&map_plan, false, &mut report);
 
         // An address still carrying one of our IPVS services (its deletion failed) stays, so
         // the service stays ours and the next sync retries.
@@ -276,6 +376,38 @@ impl Syncer {
         Ok(report)
     }
 
+    fn apply_maps(&mut self, plan: &MapPlan, additions: bool, report: &mut SyncReport) {
+        let Some(dp) = &mut self.datapath else { return };
+        let ops = if additions {
+            &plan.additions
+        } else {
+            &plan.removals
+        };
+        let (done, failures) = dp.apply_maps(ops);
+        report.map_changes += done;
+        report.failures += failures.len();
+        for f in failures {
+            tracing::error!("datapath map: {f}");
+        }
+    }
+
+    /// Removes expired datapath entries.
+    pub fn sweep(&self) {
+        let Some(dp) = &self.datapath else { return };
+        match dp.sweep() {
+            Ok(r) if r.snat_expired + r.conns_expired > 0 => {
+                tracing::debug!(
+                    snat_expired = r.snat_expired,
+                    snat_live = r.snat_live,
+                    conns_expired = r.conns_expired,
+                    "swept"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("sweeping the datapath maps: {e}"),
+        }
+    }
+
     /// Whether destinations are draining (the loop then checks them periodically).
     pub fn draining(&self) -> bool {
         !self.drains.is_empty()
@@ -292,6 +424,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let cfg = syncer.cfg.clone();
+    // Devices and addresses that appear later get the datapath and count as node addresses.
+    let mut link_events = match crate::node::link_events() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!("not following interface changes: {e}");
+            None
+        }
+    };
+    let mut sweep = tokio::time::interval(cfg.sweep_period);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending = true;
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
@@ -317,6 +459,17 @@ pub async fn run(
                 }
                 continue;
             }
+            event = async { link_events.as_mut()?.recv().await }, if link_events.is_some() => {
+                match event {
+                    Some(()) => pending = true,
+                    None => link_events = None,
+                }
+                continue;
+            }
+            _ = sweep.tick() => {
+                syncer.sweep();
+                continue;
+            }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
         let full = Instant::now() >= next_full;
@@ -329,7 +482,9 @@ pub async fn run(
         match syncer.sync(&snapshot, full).await {
             Ok(r) => {
                 let ops = r.ipvs_ops.total();
-                let changed = ops > 0 || r.addresses_added + r.addresses_removed > 0;
+                let changed = ops > 0
+                    || r.addresses_added + r.addresses_removed + r.map_changes + r.devices_attached
+                        > 0;
                 // Every sync that did something is logged, and the first one (a restart that
                 // finds nothing to do says so).
                 if changed || r.failures > 0 || full || std::mem::take(&mut first) {
@@ -341,6 +496,8 @@ pub async fn run(
                         addresses_added = r.addresses_added,
                         addresses_removed = r.addresses_removed,
                         draining = r.draining,
+                        map_changes = r.map_changes,
+                        devices_attached = r.devices_attached,
                         rejected = r.rejected,
                         failures = r.failures,
                         duration_ms = r.duration_ms,

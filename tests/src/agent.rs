@@ -67,11 +67,20 @@ pub fn slice_yaml(service: &str, ips: &[&str], port: u16) -> String {
     s
 }
 
-/// A running agent; killed on drop.
+/// A running agent; killed on drop, and then its pinned datapath (programs, links, maps) is
+/// removed (unless it was [`Agent::stop`]ped for a restart test).
 pub struct Agent {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
     raw: Arc<Mutex<Vec<String>>>,
+    pin_root: String,
+    remove_pins: bool,
+}
+
+/// The datapath pin root of the agent running in `ns` (one per namespace, so tests that share
+/// a lab boot never share maps).
+pub fn pin_root(ns: &Netns) -> String {
+    format!("/sys/fs/bpf/lab-{}", ns.name())
 }
 
 impl Agent {
@@ -79,6 +88,7 @@ impl Agent {
     /// `extra` adds flags.
     pub fn start(ns: &Netns, manifests: &Path, extra: &[&str]) -> Agent {
         let state = format!("/tmp/agent-state-{}", ns.name());
+        let pin_root = pin_root(ns);
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path()))
             .arg(agent_bin())
@@ -93,7 +103,7 @@ impl Agent {
             ])
             .arg("--source")
             .arg(format!("file:{}", manifests.display()))
-            .args(["--state-dir", &state])
+            .args(["--state-dir", &state, "--bpf-pin-root", &pin_root])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -110,7 +120,13 @@ impl Agent {
                 r.lock().expect("log lock").push(line);
             }
         });
-        Agent { child, lines, raw }
+        Agent {
+            child,
+            lines,
+            raw,
+            pin_root,
+            remove_pins: true,
+        }
     }
 
     /// Every log line so far (for failure messages).
@@ -153,8 +169,39 @@ impl Agent {
         self.lines.lock().expect("log lock").len()
     }
 
-    /// Stops the agent with SIGTERM and waits for it.
+    /// `inspect snat --output json` for this agent (its state and pins), run inside `ns`.
+    pub fn inspect_snat(&self, ns: &Netns) -> Value {
+        let out = ns.sh(&format!(
+            "{} inspect snat --output json --state-dir /tmp/agent-state-{} --bpf-pin-root {}",
+            agent_bin(),
+            ns.name(),
+            self.pin_root
+        ));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect snat output: {e}: {out}"))
+    }
+
+    /// `inspect counters --output json` for this agent: counter name → value.
+    pub fn counters(&self, ns: &Netns) -> std::collections::BTreeMap<String, u64> {
+        let out = ns.sh(&format!(
+            "{} inspect counters --output json --bpf-pin-root {}",
+            agent_bin(),
+            self.pin_root
+        ));
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("inspect counters output: {e}: {out}"));
+        v["counters"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stops the agent with SIGTERM and waits for it; its pinned datapath stays (a restart).
     pub fn stop(mut self) {
+        self.remove_pins = false;
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -167,6 +214,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.remove_pins {
+            let _ = std::fs::remove_dir_all(&self.pin_root);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cmd;
+pub mod fake_apiserver;
 pub mod ipvsadm;
 pub mod netns;
 pub mod topology;

@@ -71,3 +71,107 @@ impl Topology {
             .sh(&format!("ip addr add {addr} dev kube-ipvs0{nodad}"));
     }
 }
+
+/// The datapath topology: an off-cluster client, the node under test (IPVS, the agent), a local
+/// pod behind the node's `cni0` bridge, and a remote pod on another node ("router") one hop
+/// further. The other node routes the local pod CIDR back through the node but has no route to
+/// the client's network, so a NodePort reply reaches the client only if the node source-NATed
+/// the request (as a real cluster's remote backends reply to the node, not to the client).
+///
+/// ```text
+/// client 10.0.1.2 ── eth0 10.0.1.1 [node] eth1 10.0.2.1 ── 10.0.2.254 [router] 10.244.2.1 ── remote 10.244.2.2
+///                                  cni0 10.244.1.1 ── pod 10.244.1.2
+/// ```
+/// IPv6: client fd00:1::2, node fd00:1::1 / fd00:2::1 / fd00:244:1::1, router fd00:2::254 /
+/// fd00:244:2::1, remote fd00:244:2::2, pod fd00:244:1::2. Cluster CIDRs: 10.244.0.0/16,
+/// fd00:244::/32.
+pub struct SnatTopology {
+    pub client: Netns,
+    pub node: Netns,
+    pub pod: Netns,
+    pub router: Netns,
+    pub remote: Netns,
+}
+
+impl SnatTopology {
+    pub const CLUSTER_CIDRS: &'static str = "10.244.0.0/16,fd00:244::/32";
+
+    pub fn new(name: &str) -> SnatTopology {
+        let client = Netns::new(&format!("{name}-cl"));
+        let node = Netns::new(&format!("{name}-nd"));
+        let pod = Netns::new(&format!("{name}-pd"));
+        let router = Netns::new(&format!("{name}-rt"));
+        let remote = Netns::new(&format!("{name}-rm"));
+        veth(
+            &client,
+            "eth0",
+            &["10.0.1.2/24", "fd00:1::2/64"],
+            &node,
+            "eth0",
+            &["10.0.1.1/24", "fd00:1::1/64"],
+        );
+        veth(
+            &node,
+            "eth1",
+            &["10.0.2.1/24", "fd00:2::1/64"],
+            &router,
+            "eth0",
+            &["10.0.2.254/24", "fd00:2::254/64"],
+        );
+        veth(
+            &router,
+            "eth1",
+            &["10.244.2.1/24", "fd00:244:2::1/64"],
+            &remote,
+            "eth0",
+            &["10.244.2.2/24", "fd00:244:2::2/64"],
+        );
+        node.sh("ip link add cni0 type bridge && ip link set cni0 up");
+        node.sh(
+            "ip addr add 10.244.1.1/24 dev cni0 && ip addr add fd00:244:1::1/64 dev cni0 nodad",
+        );
+        crate::sh(&format!(
+            "ip link add veth-pod netns {} type veth peer name eth0 netns {}",
+            node.name(),
+            pod.name()
+        ));
+        node.sh("ip link set veth-pod master cni0 && ip link set veth-pod up");
+        pod.sh("ip addr add 10.244.1.2/24 dev eth0 && ip addr add fd00:244:1::2/64 dev eth0 nodad && ip link set eth0 up");
+        client.sh("ip route add default via 10.0.1.1 && ip -6 route add default via fd00:1::1");
+        pod.sh("ip route add default via 10.244.1.1 && ip -6 route add default via fd00:244:1::1");
+        remote
+            .sh("ip route add default via 10.244.2.1 && ip -6 route add default via fd00:244:2::1");
+        node.sh("ip route add 10.244.2.0/24 via 10.0.2.254 && ip -6 route add fd00:244:2::/64 via fd00:2::254");
+        router.sh("ip route add 10.244.1.0/24 via 10.0.2.1 && ip -6 route add fd00:244:1::/64 via fd00:2::1");
+        for ns in [&node, &router] {
+            ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+        }
+        SnatTopology {
+            client,
+            node,
+            pod,
+            router,
+            remote,
+        }
+    }
+
+    /// A conntrack-using firewall on the node, as real nodes have (`ct state
+    /// established,related accept`); with `drop`, INPUT and FORWARD drop everything else.
+    pub fn node_firewall(&self, drop: bool) {
+        let policy = if drop { "DROP" } else { "ACCEPT" };
+        for ipt in ["iptables", "ip6tables"] {
+            self.node.sh(&format!(
+                "{ipt} -P INPUT {policy} && {ipt} -P FORWARD {policy} && {ipt} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && {ipt} -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && {ipt} -A INPUT -i lo -j ACCEPT"
+            ));
+        }
+    }
+
+    /// Confirmed conntrack entries in the node's namespace.
+    pub fn conntrack_count(&self) -> u64 {
+        self.node
+            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}

@@ -6,16 +6,20 @@
 //! A source publishes [`Snapshot`]s: the complete set of objects, each time it changes.
 
 pub mod file;
+pub mod kubernetes;
 pub mod watch;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// Every Service and EndpointSlice a source knows at one moment.
+/// Every Service and EndpointSlice a source knows at one moment, and this node's Node object
+/// when the source has one (its InternalIPs, zone and labels feed the model; its deletion and
+/// taints feed the health check).
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    pub node: Option<Node>,
     /// Increases with every change.
     pub generation: u64,
 }

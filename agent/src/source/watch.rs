@@ -38,6 +38,7 @@ pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
     Snapshot {
         services: loaded.services,
         endpoint_slices: loaded.endpoint_slices,
+        node: None,
         generation,
     }
 }

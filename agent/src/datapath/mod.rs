@@ -1,0 +1,423 @@
+//! The node's eBPF datapath as the agent runs it (docs/datapath.md): loading (or re-using) the
+//! pinned programs and maps, the sysctls and iptables rules it needs, attaching the TC programs
+//! to every device that can carry service traffic, the per-device SNAT source addresses, the
+//! service maps (through [`crate::reconcile::datapath`]), counters and expiry.
+//!
+//! Restarts drop nothing: maps are pinned and re-used, TC programs are replaced in place (TCX
+//! link update, or `tc filter replace` on clsact), and nothing is detached on exit.
+
+pub mod rules;
+pub mod sweep;
+pub mod sysctl;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ipnet::IpNet;
+use probes::maps::{CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, Config, DevValue, parse_local_port_range};
+use probes::{
+    Datapath as Loaded, DatapathOptions, DeviceKind, MapSizes, ProbeKind, ProbePreference,
+    UpdateFlags,
+};
+
+use crate::model::{DUMMY_INTERFACE, DesiredState};
+use crate::node::{AddressEntry, Link, LinkKind};
+use crate::reconcile::datapath as maps_rec;
+
+/// How the datapath is set up.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub pin_root: PathBuf,
+    pub mark_svc: u32,
+    pub mark_masq: u32,
+    /// SNAT ports; `None`: the largest range outside `ip_local_port_range` and the NodePorts.
+    pub snat_ports: Option<(u16, u16)>,
+    pub node_ports: (u16, u16),
+    pub masquerade_all: bool,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub rules_backend: rules::Backend,
+    pub strict_arp: bool,
+    pub map_sizes: MapSizes,
+    pub timeouts: sweep::Timeouts,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+            mark_svc: probes::maps::DEFAULT_MARK_SVC,
+            mark_masq: probes::maps::DEFAULT_MARK_MASQ,
+            snat_ports: None,
+            node_ports: (30000, 32767),
+            masquerade_all: false,
+            cluster_cidrs: Vec::new(),
+            rules_backend: rules::Backend::Default,
+            strict_arp: false,
+            map_sizes: MapSizes::default(),
+            timeouts: sweep::Timeouts::default(),
+        }
+    }
+}
+
+/// The widest port range outside both the node's ephemeral ports and the NodePorts (SNAT ports
+/// must never collide with the node's own sockets nor look like NodePort traffic).
+pub fn snat_port_range(local: (u16, u16), node_ports: (u16, u16)) -> Option<(u16, u16)> {
+    let mut taken = [local, node_ports];
+    taken.sort();
+    let mut best: Option<(u16, u16)> = None;
+    let mut start: u32 = 1024;
+    for (lo, hi) in taken {
+        if (lo as u32) > start {
+            let cand = (start as u16, lo - 1);
+            if best.is_none_or(|b| cand.1 - cand.0 > b.1 - b.0) {
+                best = Some(cand);
+            }
+        }
+        start = start.max(hi as u32 + 1);
+    }
+    if start <= 65535 {
+        let cand = (start as u16, 65535);
+        if best.is_none_or(|b| cand.1 - cand.0 > b.1 - b.0) {
+            best = Some(cand);
+        }
+    }
+    best
+}
+
+/// Whether a device gets the TC programs: everything that can carry service traffic, except
+/// loopback, `kube-ipvs0` (nothing leaves by it) and devices enslaved to another (a bridge's
+/// ports: the bridge device itself has the programs, and translating twice would be wrong).
+pub fn eligible(link: &Link) -> bool {
+    link.kind != LinkKind::Loopback && link.name != DUMMY_INTERFACE && link.master.is_none()
+}
+
+/// The SNAT sources of each device: its own first usable address per family (the one
+/// MASQUERADE would choose), else the node's primary address of that family (what MASQUERADE
+/// picks for a device without one, e.g. a pod's host-side veth).
+pub fn device_sources(
+    links: &[Link],
+    addresses: &[AddressEntry],
+    primary: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+) -> BTreeMap<u32, DevValue> {
+    let mut out = BTreeMap::new();
+    for l in links.iter().filter(|l| eligible(l)) {
+        let own = |v6: bool| {
+            addresses
+                .iter()
+                .filter(|a| a.index == l.index && a.usable_as_source() && a.address.is_ipv6() == v6)
+                .map(|a| a.address)
+                .next()
+        };
+        let v4 = match own(false) {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => primary.0,
+        };
+        let v6 = match own(true) {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => primary.1,
+        };
+        out.insert(l.index, DevValue::new(v4, v6));
+    }
+    out
+}
+
+/// The running datapath.
+pub struct Datapath {
+    loaded: Loaded,
+    cfg: DatapathConfig,
+    observed: maps_rec::ObservedMaps,
+    attached: HashMap<u32, (String, DeviceKind)>,
+    sources: BTreeMap<u32, DevValue>,
+    probe: Option<ProbeKind>,
+}
+
+/// What a device sync did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DeviceReport {
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+impl Datapath {
+    /// Sets the sysctls, loads the programs (re-using pinned maps), writes the configuration,
+    /// attaches the IPVS probe and writes the iptables rules.
+    pub fn start(cfg: DatapathConfig) -> anyhow::Result<Datapath> {
+        for s in sysctl::owned(probes::loader::kernel_version(), cfg.strict_arp) {
+            match sysctl::set(&s) {
+                Ok(Some(old)) => {
+                    tracing::info!(sysctl = s.name, old = %old, new = s.value, "sysctl set")
+                }
+                Ok(None) => {}
+                Err(e) => anyhow::bail!("setting {} = {}: {e}", s.name, s.value),
+            }
+        }
+        let loaded = Loaded::load(DatapathOptions {
+            pin_root: cfg.pin_root.clone(),
+            map_sizes: cfg.map_sizes,
+            ..DatapathOptions::default()
+        })
+        .context("loading the eBPF datapath")?;
+        for r in loaded.map_reuse() {
+            tracing::debug!(?r, "pinned map");
+        }
+        let mut dp = Datapath {
+            loaded,
+            cfg,
+            observed: Default::default(),
+            attached: HashMap::new(),
+            sources: BTreeMap::new(),
+            probe: None,
+        };
+        dp.write_config()?;
+        match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
+            Ok(kind) => {
+                tracing::info!(probe = ?kind, "IPVS connection probe attached");
+                dp.probe = Some(kind);
+            }
+            // Nothing depends on the probe alone (docs/datapath.md): run without it.
+            Err(e) => tracing::warn!("IPVS connection probe not attached: {e}"),
+        }
+        dp.write_rules()?;
+        dp.observed = maps_rec::observe(dp.loaded.maps()).context("reading the service maps")?;
+        dp.sources = dp.loaded.maps().devices.entries()?.into_iter().collect();
+        Ok(dp)
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
+        let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| parse_local_port_range(&t))
+            .unwrap_or((
+                probes::maps::DEFAULT_LOCAL_PORT_MIN,
+                probes::maps::DEFAULT_LOCAL_PORT_MAX,
+            ));
+        let (snat_min, snat_max) = match self.cfg.snat_ports {
+            Some(r) => r,
+            None => snat_port_range(local, self.cfg.node_ports).context(
+                "no port range is left for SNAT outside ip_local_port_range and the NodePorts",
+            )?,
+        };
+        let mut flags = 0;
+        if self.cfg.masquerade_all {
+            flags |= CFG_F_MASQ_ALL;
+        }
+        if !self.cfg.cluster_cidrs.is_empty() {
+            flags |= CFG_F_CLUSTER_CIDRS;
+        }
+        let config = Config {
+            mark_svc: self.cfg.mark_svc,
+            mark_masq: self.cfg.mark_masq,
+            snat_port_min: snat_min,
+            snat_port_max: snat_max,
+            local_port_min: local.0,
+            local_port_max: local.1,
+            flags,
+            pad: 0,
+        };
+        if self.loaded.maps().config()? != Some(config) {
+            self.loaded.maps().set_config(&config)?;
+            tracing::info!(snat_ports = %format!("{snat_min}-{snat_max}"), local_ports = %format!("{}-{}", local.0, local.1), "datapath configured");
+        }
+        Ok(())
+    }
+
+    fn write_rules(&self) -> anyhow::Result<()> {
+        let pin = self.loaded.xt_svc_pin_path();
+        rules::apply(self.cfg.rules_backend, false, self.cfg.mark_svc, &pin)
+            .context("writing the IPv4 iptables rules")?;
+        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            rules::apply(self.cfg.rules_backend, true, self.cfg.mark_svc, &pin)
+                .context("writing the IPv6 iptables rules")?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the programs to new eligible devices, forgets vanished ones, and keeps each
+    /// device's SNAT sources up to date.
+    pub fn sync_devices(
+        &mut self,
+        links: &[Link],
+        addresses: &[AddressEntry],
+        primary: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    ) -> DeviceReport {
+        let mut report = DeviceReport::default();
+        let present: HashMap<u32, &Link> = links
+            .iter()
+            .filter(|l| eligible(l))
+            .map(|l| (l.index, l))
+            .collect();
+        let gone: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|i| !present.contains_key(i))
+            .copied()
+            .collect();
+        for index in gone {
+            if let Some((name, _)) = self.attached.remove(&index) {
+                // The device is gone (its programs with it), or no longer eligible.
+                let _ = self.loaded.detach_tc(index);
+                report.detached.push(name);
+            }
+        }
+        for (&index, link) in &present {
+            let kind = if link.kind == LinkKind::L3 {
+                DeviceKind::L3
+            } else {
+                DeviceKind::Ethernet
+            };
+            if self.attached.get(&index).is_some_and(|(_, k)| *k == kind) {
+                continue;
+            }
+            match self.loaded.attach_tc(index, kind) {
+                Ok(mode) => {
+                    tracing::info!(device = %link.name, mode = mode.as_str(), "datapath attached");
+                    self.attached.insert(index, (link.name.clone(), kind));
+                    report.attached.push(link.name.clone());
+                }
+                Err(e) => report
+                    .failures
+                    .push(format!("attaching to {}: {e}", link.name)),
+            }
+        }
+        let want = device_sources(links, addresses, primary);
+        let maps = self.loaded.maps();
+        for (index, value) in &want {
+            if self.sources.get(index) != Some(value) {
+                match maps.devices.update(index, value, UpdateFlags::Any) {
+                    Ok(()) => {
+                        self.sources.insert(*index, *value);
+                    }
+                    Err(e) => report
+                        .failures
+                        .push(format!("device {index} SNAT address: {e}")),
+                }
+            }
+        }
+        let stale: Vec<u32> = self
+            .sources
+            .keys()
+            .filter(|i| !want.contains_key(i))
+            .copied()
+            .collect();
+        for index in stale {
+            if maps.devices.delete(&index).is_ok() {
+                self.sources.remove(&index);
+            }
+        }
+        report
+    }
+
+    /// The map changes for `desired` (see [`maps_rec::plan`]).
+    pub fn plan_maps(&self, desired: &DesiredState) -> maps_rec::MapPlan {
+        maps_rec::plan(
+            &maps_rec::desired(desired, &self.cfg.cluster_cidrs),
+            &self.observed,
+        )
+    }
+
+    /// Applies map changes; returns how many were applied and the failures.
+    pub fn apply_maps(&mut self, ops: &[maps_rec::MapOp]) -> (usize, Vec<String>) {
+        maps_rec::apply(self.loaded.maps(), ops, &mut self.observed)
+    }
+
+    /// Re-reads the service maps (full resync: repairs drift).
+    pub fn observe(&mut self) -> anyhow::Result<()> {
+        self.observed = maps_rec::observe(self.loaded.maps())?;
+        Ok(())
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn stats(&self) -> probes::Result<probes::maps::Stats> {
+        self.loaded.stats()
+    }
+
+    /// Removes expired SNAT and connection entries.
+    pub fn sweep(&self) -> probes::Result<sweep::SweepReport> {
+        sweep::sweep(
+            self.loaded.maps(),
+            sweep::monotonic_ns(),
+            &self.cfg.timeouts,
+        )
+    }
+
+    /// Which IPVS probe is attached, if any.
+    pub fn probe(&self) -> Option<ProbeKind> {
+        self.probe
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snat_ports_avoid_the_local_range_and_the_node_ports() {
+        assert_eq!(
+            snat_port_range((32768, 60999), (30000, 32767)),
+            Some((1024, 29999))
+        );
+        assert_eq!(
+            snat_port_range((1024, 40000), (30000, 32767)),
+            Some((40001, 65535))
+        );
+        assert_eq!(snat_port_range((1024, 65535), (30000, 32767)), None);
+        assert_eq!(
+            snat_port_range((10000, 20000), (30000, 32767)),
+            Some((32768, 65535))
+        );
+    }
+
+    fn link(index: u32, name: &str, kind: LinkKind, master: Option<u32>) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            kind,
+            master,
+        }
+    }
+
+    fn addr(index: u32, a: &str, secondary: bool) -> AddressEntry {
+        AddressEntry {
+            index,
+            address: a.parse().unwrap(),
+            prefix_len: 24,
+            secondary,
+        }
+    }
+
+    #[test]
+    fn devices_get_their_own_address_or_the_node_primary() {
+        let links = vec![
+            link(1, "lo", LinkKind::Loopback, None),
+            link(2, "eth0", LinkKind::Ethernet, None),
+            link(3, "cni0", LinkKind::Ethernet, None),
+            link(4, "veth1", LinkKind::Ethernet, Some(3)),
+            link(5, "kube-ipvs0", LinkKind::Ethernet, None),
+            link(6, "tunl0", LinkKind::L3, None),
+        ];
+        let addrs = vec![
+            addr(1, "127.0.0.1", false),
+            addr(2, "10.0.0.5", false),
+            addr(2, "10.0.0.6", true),
+            addr(2, "fe80::1", false),
+            addr(2, "2001:db8::5", false),
+            addr(3, "10.244.1.1", false),
+            addr(5, "10.96.0.1", false),
+        ];
+        let primary = (
+            Some("10.0.0.5".parse().unwrap()),
+            Some("2001:db8::5".parse().unwrap()),
+        );
+        let d = device_sources(&links, &addrs, primary);
+        assert_eq!(d.keys().copied().collect::<Vec<_>>(), vec![2, 3, 6]);
+        assert_eq!(d[&2], DevValue::new(primary.0, primary.1));
+        assert_eq!(
+            d[&3],
+            DevValue::new(Some("10.244.1.1".parse().unwrap()), primary.1)
+        );
+        assert_eq!(d[&6], DevValue::new(primary.0, primary.1));
+    }
+}

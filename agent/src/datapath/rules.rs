@@ -1,0 +1,180 @@
+//! The agent's iptables rules, written with `iptables-restore --noflush` (and
+//! `ip6tables-restore`), as kube-proxy writes its own: the one place the agent runs a program
+//! rather than a library. Every chain is named `KUBE-IPVS-BPF-*`; the only changes outside them
+//! are the jumps inserted first in the built-in chains.
+//!
+//! - raw PREROUTING: packets carrying the service mark (set by TC ingress) are not tracked;
+//! - raw OUTPUT: host-originated service traffic never crosses TC ingress, so the `xt_svc`
+//!   program (`-m bpf --object-pinned`) recognizes it from the same maps, and it is not tracked;
+//! - filter INPUT and FORWARD: untracked packets never match `ct state established`, so where a
+//!   firewall drops by default the service-marked packets are accepted here, before it (as
+//!   kube-proxy keeps KUBE-FORWARD). An nftables-only firewall in another table cannot be
+//!   overridden this way: its drop still applies (docs/datapath.md).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+pub const CHAIN_PREROUTING: &str = "KUBE-IPVS-BPF-PREROUTING";
+pub const CHAIN_OUTPUT: &str = "KUBE-IPVS-BPF-OUTPUT";
+pub const CHAIN_FILTER: &str = "KUBE-IPVS-BPF-FILTER";
+
+/// Errors running iptables-save/-restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("running {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {stderr}")]
+    Failed { program: String, stderr: String },
+}
+
+/// Which iptables binaries to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables-restore` as installed (Debian's alternatives pick nft by default).
+    Default,
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    fn program(self, ipv6: bool, what: &str) -> String {
+        let base = if ipv6 { "ip6tables" } else { "iptables" };
+        match self {
+            Backend::Default => format!("{base}-{what}"),
+            Backend::Nft => format!("{base}-nft-{what}"),
+            Backend::Legacy => format!("{base}-legacy-{what}"),
+        }
+    }
+}
+
+/// The restore input that (re)writes the agent's chains, plus a jump for each built-in chain
+/// whose current rules (`save`, the output of `iptables-save` for that table set) lack it.
+pub fn restore_input(save: &str, mark_svc: u32, xt_svc_pin: &Path) -> String {
+    let has_jump = |chain: &str, target: &str| {
+        save.lines()
+            .any(|l| l.starts_with(&format!("-A {chain} ")) && l.contains(&format!("-j {target}")))
+    };
+    let mut out = String::new();
+    out.push_str("*raw\n");
+    out.push_str(&format!(
+        ":{CHAIN_PREROUTING} - [0:0]\n:{CHAIN_OUTPUT} - [0:0]\n"
+    ));
+    out.push_str(&format!(
+        "-A {CHAIN_PREROUTING} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic is not tracked\" -j CT --notrack\n"
+    ));
+    out.push_str(&format!(
+        "-A {CHAIN_OUTPUT} -m bpf --object-pinned {} -m comment --comment \"kube-ipvs-bpf: host service traffic is not tracked\" -j CT --notrack\n",
+        xt_svc_pin.display()
+    ));
+    if !has_jump("PREROUTING", CHAIN_PREROUTING) {
+        out.push_str(&format!("-I PREROUTING 1 -j {CHAIN_PREROUTING}\n"));
+    }
+    if !has_jump("OUTPUT", CHAIN_OUTPUT) {
+        out.push_str(&format!("-I OUTPUT 1 -j {CHAIN_OUTPUT}\n"));
+    }
+    out.push_str("COMMIT\n*filter\n");
+    out.push_str(&format!(":{CHAIN_FILTER} - [0:0]\n"));
+    out.push_str(&format!(
+        "-A {CHAIN_FILTER} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT\n"
+    ));
+    for chain in ["INPUT", "FORWARD"] {
+        if !has_jump(chain, CHAIN_FILTER) {
+            out.push_str(&format!("-I {chain} 1 -j {CHAIN_FILTER}\n"));
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, RulesError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| RulesError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|source| RulesError::Spawn {
+                program: program.to_string(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RulesError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RulesError::Failed {
+            program: program.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes the rules for one family.
+pub fn apply(
+    backend: Backend,
+    ipv6: bool,
+    mark_svc: u32,
+    xt_svc_pin: &Path,
+) -> Result<(), RulesError> {
+    let mut save = String::new();
+    for table in ["raw", "filter"] {
+        save.push_str(&run(&backend.program(ipv6, "save"), &["-t", table], None)?);
+    }
+    let input = restore_input(&save, mark_svc, xt_svc_pin);
+    run(
+        &backend.program(ipv6, "restore"),
+        &["--noflush"],
+        Some(&input),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_run_inserts_jumps_and_later_runs_only_rewrite_the_chains() {
+        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc");
+        let first = restore_input("*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", 0x200000, pin);
+        assert!(first.contains("-I PREROUTING 1 -j KUBE-IPVS-BPF-PREROUTING\n"));
+        assert!(first.contains("-I OUTPUT 1 -j KUBE-IPVS-BPF-OUTPUT\n"));
+        assert!(first.contains("-I INPUT 1 -j KUBE-IPVS-BPF-FILTER\n"));
+        assert!(first.contains("-I FORWARD 1 -j KUBE-IPVS-BPF-FILTER\n"));
+        assert!(first.contains("-m mark --mark 0x200000/0x200000"));
+        assert!(first.contains("-m bpf --object-pinned /sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc"));
+        let save = "*raw\n-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING\n-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT\nCOMMIT\n*filter\n-A INPUT -j KUBE-IPVS-BPF-FILTER\n-A FORWARD -j KUBE-IPVS-BPF-FILTER\nCOMMIT\n";
+        let again = restore_input(save, 0x200000, pin);
+        assert!(!again.contains("-I "), "{again}");
+        assert!(again.contains(":KUBE-IPVS-BPF-FILTER - [0:0]"));
+    }
+
+    #[test]
+    fn programs_per_backend_and_family() {
+        assert_eq!(
+            Backend::Default.program(false, "restore"),
+            "iptables-restore"
+        );
+        assert_eq!(Backend::Nft.program(true, "save"), "ip6tables-nft-save");
+        assert_eq!(
+            Backend::Legacy.program(false, "save"),
+            "iptables-legacy-save"
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! The Kubernetes source's object stores: one per watched resource, fed by kube-rs watcher
+//! events. A (re)list is buffered and swapped in whole at its `InitDone`, so a relist never
+//! exposes a state missing objects; each event says whether it changed anything the model
+//! sees, so bookkeeping-only updates (a new resourceVersion, a Node heartbeat) publish nothing.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+
+use crate::source::Snapshot;
+
+/// What the snapshot-worthy content of an object is: the object without the fields the API
+/// server changes on its own.
+pub(crate) trait Significant: ResourceExt + Clone + PartialEq {
+    /// Clears the fields whose changes alone publish nothing.
+    fn strip(&mut self) {
+        let meta = self.meta_mut();
+        meta.resource_version = None;
+        meta.managed_fields = None;
+    }
+
+    /// Whether `a` and `b` differ only in stripped fields.
+    fn same(a: &Self, b: &Self) -> bool {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        a.strip();
+        b.strip();
+        a == b
+    }
+}
+
+impl Significant for Service {}
+impl Significant for EndpointSlice {}
+
+impl Significant for Node {
+    fn strip(&mut self) {
+        let meta = self.meta_mut();
+        meta.resource_version = None;
+        meta.managed_fields = None;
+        // The kubelet's status heartbeats.
+        if let Some(conds) = self.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+            for c in conds {
+                c.last_heartbeat_time = None;
+            }
+        }
+    }
+}
+
+/// Objects of one resource, by namespace and name.
+#[derive(Debug)]
+pub(crate) struct Reflected<K> {
+    objects: BTreeMap<(String, String), K>,
+    /// The relist in progress, from its `Init` to its `InitDone`.
+    relist: Option<BTreeMap<(String, String), K>>,
+    /// The first list has completed.
+    listed: bool,
+}
+
+impl<K> Default for Reflected<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relist: None,
+            listed: false,
+        }
+    }
+}
+
+fn key<K: ResourceExt>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn same_maps<K: Significant>(
+    a: &BTreeMap<(String, String), K>,
+    b: &BTreeMap<(String, String), K>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((ka, va), (kb, vb))| ka == kb && K::same(va, vb))
+}
+
+impl<K: Significant> Reflected<K> {
+    /// Applies one watcher event; returns whether what the model sees changed (always true
+    /// at the end of the first list).
+    pub(crate) fn apply(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(&obj), obj);
+                false
+            }
+            Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = !self.listed || !same_maps(&self.objects, &listed);
+                self.objects = listed;
+                self.listed = true;
+                changed
+            }
+            Event::Apply(obj) => {
+                let k = key(&obj);
+                let changed = self.objects.get(&k).is_none_or(|old| !K::same(old, &obj));
+                self.objects.insert(k, obj);
+                changed
+            }
+            Event::Delete(obj) => self.objects.remove(&key(&obj)).is_some(),
+        }
+    }
+
+    pub(crate) fn listed(&self) -> bool {
+        self.listed
+    }
+
+    pub(crate) fn objects(&self) -> impl Iterator<Item = &K> {
+        self.objects.values()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+/// The three stores of the source.
+#[derive(Debug, Default)]
+pub(crate) struct Stores {
+    pub(crate) services: Reflected<Service>,
+    pub(crate) endpoint_slices: Reflected<EndpointSlice>,
+    pub(crate) node: Reflected<Node>,
+}
+
+impl Stores {
+    /// Whether the first list of every resource has completed.
+    pub(crate) fn all_listed(&self) -> bool {
+        self.services.listed() && self.endpoint_slices.listed() && self.node.listed()
+    }
+
+    pub(crate) fn snapshot(&self, node_name: &str, generation: u64) -> Snapshot {
+        Snapshot {
+            services: self.services.objects().cloned().collect(),
+            endpoint_slices: self.endpoint_slices.objects().cloned().collect(),
+            node: self
+                .node
+                .objects()
+                .find(|n| n.metadata.name.as_deref() == Some(node_name))
+                .cloned(),
+            generation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn svc(name: &str, rv: &str, ip: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn names(r: &Reflected<Service>) -> Vec<String> {
+        r.objects().map(|s| s.name_any()).collect()
+    }
+
+    #[test]
+    fn relist_is_swapped_in_whole_at_init_done() {
+        let mut r = Reflected::default();
+        assert!(!r.apply(Event::Init));
+        assert!(!r.apply(Event::InitApply(svc("a", "1", "10.0.0.1"))));
+        assert!(!r.listed());
+        assert!(r.apply(Event::InitDone), "the first list always publishes");
+        assert!(r.listed());
+        assert!(r.apply(Event::Apply(svc("b", "2", "10.0.0.2"))));
+        // A relist: until InitDone the old objects stay, even if the list fails midway and
+        // restarts.
+        assert!(!r.apply(Event::Init));
+        assert!(!r.apply(Event::InitApply(svc("a", "3", "10.0.0.1"))));
+        assert_eq!(names(&r), ["a", "b"]);
+        assert!(!r.apply(Event::Init));
+        assert!(!r.apply(Event::InitApply(svc("b", "3", "10.0.0.2"))));
+        assert_eq!(names(&r), ["a", "b"]);
+        // "a" was deleted during the gap.
+        assert!(r.apply(Event::InitDone));
+        assert_eq!(names(&r), ["b"]);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn bookkeeping_only_changes_publish_nothing() {
+        let mut r = Reflected::default();
+        r.apply(Event::Init);
+        r.apply(Event::InitApply(svc("a", "1", "10.0.0.1")));
+        assert!(r.apply(Event::InitDone));
+        assert!(!r.apply(Event::Apply(svc("a", "2", "10.0.0.1"))));
+        // ...but the new object is kept.
+        assert_eq!(
+            r.objects().next().and_then(|s| s.resource_version()),
+            Some("2".to_string())
+        );
+        // A relist with the same content publishes nothing either.
+        r.apply(Event::Init);
+        r.apply(Event::InitApply(svc("a", "5", "10.0.0.1")));
+        assert!(!r.apply(Event::InitDone));
+        assert!(r.apply(Event::Apply(svc("a", "6", "10.0.0.9"))));
+        assert!(r.apply(Event::Delete(svc("a", "7", "10.0.0.9"))));
+        assert!(!r.apply(Event::Delete(svc("a", "7", "10.0.0.9"))));
+    }
+
+    #[test]
+    fn node_heartbeats_publish_nothing() {
+        use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let node = |rv: &str, beat: i64, ready: &str| Node {
+            metadata: ObjectMeta {
+                name: Some("n".into()),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    last_heartbeat_time: Some(Time(
+                        k8s_openapi::jiff::Timestamp::from_second(beat).expect("time"),
+                    )),
+                    ..NodeCondition::default()
+                }]),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        };
+        let mut r = Reflected::default();
+        r.apply(Event::Init);
+        r.apply(Event::InitApply(node("1", 100, "True")));
+        assert!(r.apply(Event::InitDone));
+        assert!(!r.apply(Event::Apply(node("2", 200, "True"))));
+        assert!(r.apply(Event::Apply(node("3", 300, "False"))));
+    }
+}

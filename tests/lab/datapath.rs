@@ -1,0 +1,429 @@
+//! The conntrack-free SNAT datapath on a real kernel: the agent (IPVS + TC programs + IPVS
+//! probe) on a node namespace between an off-cluster client, a local pod and a remote pod one
+//! hop away (see `lab::topology::SnatTopology`). Checked with what the peers see (the source
+//! address the server reports), the kernel's conntrack table (`nf_conntrack_count`,
+//! `conntrack -L`, `conntrack -E`) and the agent's inspect output.
+
+use std::io::Read;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lab::agent::{Agent, Manifests};
+use lab::topology::SnatTopology;
+use lab::traffic::{HeldConnection, Server, seen_source, tcp_request, udp_request};
+use lab::{Netns, require_lab};
+
+/// Services of the datapath tests (dual-stack where it matters).
+fn manifests(name: &str) -> Manifests {
+    let m = Manifests::new(name);
+    let svc = |name: &str, ty: &str, cips: &[&str], ports: &str| {
+        let fam = if cips.len() == 2 {
+            "\n  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: lab}}\nspec:\n  type: {ty}\n  clusterIP: {}\n  clusterIPs: [{}]{fam}\n  ports:\n{ports}---\n",
+            cips[0],
+            cips.join(", ")
+        )
+    };
+    let slice = |svc: &str, fam: &str, ips: &[&str], port_name: &str, proto: &str, port: u16| {
+        let eps: String = ips
+            .iter()
+            .map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    nodeName: other\n"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-{}\n  namespace: lab\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: {fam}\nports:\n  - {{name: {port_name}, protocol: {proto}, port: {port}}}\nendpoints:\n{eps}---\n",
+            fam.to_lowercase()
+        )
+    };
+    let mut y = String::new();
+    y += &svc(
+        "web",
+        "NodePort",
+        &["10.96.0.10", "fd00:96::10"],
+        "    - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}\n",
+    );
+    y += &slice("web", "IPv4", &["10.244.2.2"], "http", "TCP", 8080);
+    y += &slice("web", "IPv6", &["fd00:244:2::2"], "http", "TCP", 8080);
+    y += &svc(
+        "dns",
+        "NodePort",
+        &["10.96.0.53"],
+        "    - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}\n",
+    );
+    y += &slice("dns", "IPv4", &["10.244.2.2"], "dns", "UDP", 5353);
+    y += &svc(
+        "bulk",
+        "NodePort",
+        &["10.96.0.54"],
+        "    - {name: bulk, protocol: UDP, port: 54, targetPort: 5354, nodePort: 30054}\n",
+    );
+    y += &slice("bulk", "IPv4", &["10.244.2.2"], "bulk", "UDP", 5354);
+    y += &svc(
+        "echo",
+        "NodePort",
+        &["10.96.0.30"],
+        "    - {name: echo, protocol: TCP, port: 80, targetPort: 9000, nodePort: 30090}\n",
+    );
+    y += &slice("echo", "IPv4", &["10.244.2.2"], "echo", "TCP", 9000);
+    // The local pod behind its own Service (hairpin).
+    y += &svc(
+        "self",
+        "ClusterIP",
+        &["10.96.0.20"],
+        "    - {name: http, protocol: TCP, port: 80, targetPort: 8080}\n",
+    );
+    y += &slice("self", "IPv4", &["10.244.1.2"], "http", "TCP", 8080);
+    m.write("services.yaml", &y);
+    m
+}
+
+/// The topology with servers on both pods and the agent running.
+struct Lab {
+    t: SnatTopology,
+    agent: Agent,
+    _m: Manifests,
+    _servers: Vec<Server>,
+}
+
+fn lab(name: &str, firewall_drop: Option<bool>) -> Lab {
+    require_lab();
+    let t = SnatTopology::new(name);
+    if let Some(drop) = firewall_drop {
+        t.node_firewall(drop);
+    } else {
+        t.node_firewall(false);
+    }
+    let servers = vec![
+        Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap()),
+        Server::tcp(&t.remote, "[fd00:244:2::2]:8080".parse().unwrap()),
+        Server::udp(&t.remote, "10.244.2.2:5353".parse().unwrap(), 0),
+        Server::udp(&t.remote, "10.244.2.2:5354".parse().unwrap(), 3000),
+        Server::tcp_echo(&t.remote, "10.244.2.2:9000".parse().unwrap()),
+        Server::tcp(&t.pod, "10.244.1.2:8080".parse().unwrap()),
+    ];
+    let m = manifests(name);
+    let agent = Agent::start(
+        &t.node,
+        &m.dir,
+        &["--cluster-cidr", SnatTopology::CLUSTER_CIDRS],
+    );
+    agent.wait_sync(0, 1);
+    Lab {
+        t,
+        agent,
+        _m: m,
+        _servers: servers,
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// `conntrack -E` in a namespace, collected until [`Events::stop`].
+struct Events {
+    child: Child,
+}
+
+impl Events {
+    fn start(ns: &Netns) -> Events {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path()))
+            .args(["conntrack", "-E", "-o", "timestamp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("conntrack -E");
+        std::thread::sleep(Duration::from_millis(300));
+        Events { child }
+    }
+
+    fn stop(mut self) -> String {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        let _ = self.child.wait();
+        out
+    }
+}
+
+#[test]
+fn nodeport_from_an_external_client_is_source_natted_without_conntrack() {
+    let l = lab("dp-np", None);
+    let before = l.t.conntrack_count();
+    let events = Events::start(&l.t.node);
+    for _ in 0..20 {
+        let a = tcp_request(&l.t.client, addr("10.0.1.1:30080")).expect("NodePort request");
+        assert_eq!(
+            seen_source(&a).map(|s| s.ip()),
+            Some("10.0.2.1".parse().unwrap()),
+            "the remote pod must see the node's address: {a}"
+        );
+    }
+    let events = events.stop();
+    assert_eq!(l.t.conntrack_count(), before, "nf_conntrack_count grew");
+    assert_eq!(l.t.node.sh("conntrack -C").trim(), before.to_string());
+    let listed = l.t.node.sh("conntrack -L 2>/dev/null");
+    assert!(
+        !listed.contains("dport=30080") && !listed.contains("sport=8080"),
+        "service flows in conntrack:\n{listed}"
+    );
+    assert!(
+        !events.contains("30080") && !events.contains("8080"),
+        "conntrack events for service flows:\n{events}"
+    );
+    let snat = l.agent.inspect_snat(&l.t.node);
+    let rows = snat["snat"].as_array().expect("snat rows");
+    assert!(
+        rows.iter()
+            .filter(|r| r["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("10.0.1.2:")))
+            .count()
+            >= 20,
+        "{snat}"
+    );
+    assert!(
+        rows.iter().all(|r| r["node"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("10.0.2.1:"))),
+        "{snat}"
+    );
+    let c = l.agent.counters(&l.t.node);
+    assert!(c.get("snat_alloc").copied().unwrap_or(0) >= 20, "{c:?}");
+    assert!(c.get("rev_hit").copied().unwrap_or(0) >= 20, "{c:?}");
+}
+
+/// The control: kube-proxy's way (vs.conntrack=1 + iptables MASQUERADE) costs one conntrack
+/// entry per connection, which the measurements above would see.
+#[test]
+fn kube_proxy_masquerade_creates_one_conntrack_entry_per_connection() {
+    require_lab();
+    let t = SnatTopology::new("dp-kp");
+    t.node_firewall(false);
+    let _srv = Server::tcp(&t.remote, addr("10.244.2.2:8080"));
+    t.node.sh("sysctl -qw net.ipv4.vs.conntrack=1");
+    t.node.sh(
+        "ipvsadm -A -t 10.0.1.1:30080 -s rr && ipvsadm -a -t 10.0.1.1:30080 -r 10.244.2.2:8080 -m",
+    );
+    t.node
+        .sh("iptables -t nat -A PREROUTING -p tcp --dport 30080 -j MARK --set-xmark 0x4000/0x4000");
+    t.node
+        .sh("iptables -t nat -A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE");
+    let before = t.conntrack_count();
+    for _ in 0..20 {
+        let a = tcp_request(&t.client, addr("10.0.1.1:30080")).expect("request via MASQUERADE");
+        assert!(a.starts_with("10.0.2.1:"), "{a}");
+    }
+    assert_eq!(t.conntrack_count(), before + 20);
+}
+
+#[test]
+fn clusterip_from_a_pod_to_a_remote_backend_keeps_the_pod_address_untracked() {
+    let l = lab("dp-cip", None);
+    let before = l.t.conntrack_count();
+    for _ in 0..10 {
+        let a = tcp_request(&l.t.pod, addr("10.96.0.10:80")).expect("ClusterIP from the pod");
+        assert!(a.starts_with("10.244.1.2:"), "no SNAT expected: {a}");
+    }
+    assert_eq!(
+        l.t.conntrack_count(),
+        before,
+        "replies must be untracked too"
+    );
+    let c = l.agent.counters(&l.t.node);
+    assert!(c.get("reply_marked").copied().unwrap_or(0) >= 10, "{c:?}");
+}
+
+#[test]
+fn host_to_clusterip_is_source_natted_to_the_node() {
+    let l = lab("dp-host", None);
+    let before = l.t.conntrack_count();
+    for _ in 0..5 {
+        let a = tcp_request(&l.t.node, addr("10.96.0.10:80")).expect("ClusterIP from the host");
+        assert!(a.starts_with("10.0.2.1:"), "{a}");
+    }
+    assert_eq!(l.t.conntrack_count(), before);
+}
+
+#[test]
+fn hairpin_through_a_service_reaches_the_pod_itself() {
+    let l = lab("dp-hair", None);
+    for _ in 0..5 {
+        let a = tcp_request(&l.t.pod, addr("10.96.0.20:80")).expect("hairpin");
+        assert!(
+            a.starts_with("10.244.1.1:"),
+            "the pod must see the node's bridge address: {a}"
+        );
+    }
+}
+
+#[test]
+fn udp_nodeport_is_source_natted_without_conntrack() {
+    let l = lab("dp-udp", None);
+    let before = l.t.conntrack_count();
+    for _ in 0..10 {
+        let a = udp_request(&l.t.client, addr("10.0.1.1:30053")).expect("UDP NodePort");
+        assert!(a.starts_with("10.0.2.1:"), "{a}");
+    }
+    assert_eq!(l.t.conntrack_count(), before);
+}
+
+#[test]
+fn ipv6_nodeport_and_clusterip() {
+    let l = lab("dp-v6", None);
+    let before = l.t.conntrack_count();
+    for _ in 0..5 {
+        let a = tcp_request(&l.t.client, addr("[fd00:1::1]:30080")).expect("IPv6 NodePort");
+        assert!(a.starts_with("[fd00:2::1]:"), "{a}");
+        let a = tcp_request(&l.t.pod, addr("[fd00:96::10]:80")).expect("IPv6 ClusterIP");
+        assert!(
+            a.starts_with("[fd00:244:1::2]:"),
+            "{a}\n{}\n{}",
+            l.agent.inspect_snat(&l.t.node),
+            l.t.node.sh(&format!(
+                "bpftool map dump pinned {}/cluster_cidrs; bpftool map dump pinned {}/svc_ports",
+                lab::agent::pin_root(&l.t.node),
+                lab::agent::pin_root(&l.t.node)
+            ))
+        );
+    }
+    assert_eq!(l.t.conntrack_count(), before);
+}
+
+#[test]
+fn icmp_fragmentation_needed_reaches_the_client() {
+    let l = lab("dp-icmp", None);
+    // A narrower link beyond the node: the router sends "fragmentation needed" to the source
+    // it sees (the node's SNAT address); the node must translate it back to the client.
+    l.t.router.sh("ip link set eth1 mtu 1200");
+    l.t.remote.sh("ip link set eth0 mtu 1200");
+    let mtu = l.t.client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect("10.0.1.1:30053").expect("connect");
+        let pmtudisc_do: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                &pmtudisc_do as *const _ as *const libc::c_void,
+                4,
+            )
+        };
+        assert_eq!(rc, 0);
+        let _ = s.send(&[0u8; 1400]);
+        std::thread::sleep(Duration::from_millis(500));
+        let mut mtu: libc::c_int = 0;
+        let mut len: libc::socklen_t = 4;
+        // SAFETY: as above, reading a c_int.
+        unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                &mut mtu as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        mtu
+    });
+    assert_eq!(mtu, 1200, "the client did not learn the path MTU");
+    let c = l.agent.counters(&l.t.node);
+    assert!(c.get("icmp_xlate").copied().unwrap_or(0) >= 1, "{c:?}");
+}
+
+#[test]
+fn a_large_fragmented_udp_reply_arrives_whole() {
+    let l = lab("dp-frag", None);
+    let got = l.t.client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(b"big", "10.0.1.1:30054").expect("send");
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = s.recv_from(&mut buf).expect("fragmented reply");
+        buf.truncate(n);
+        buf
+    });
+    assert_eq!(got.len(), 3000);
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("10.0.2.1:"),
+        "reply: {}",
+        String::from_utf8_lossy(&got[..40])
+    );
+    let c = l.agent.counters(&l.t.node);
+    assert!(c.get("frag_xlate").copied().unwrap_or(0) >= 1, "{c:?}");
+}
+
+#[test]
+fn a_drop_policy_firewall_with_established_accept_lets_service_traffic_through() {
+    let l = lab("dp-fw", Some(true));
+    let a = tcp_request(&l.t.client, addr("10.0.1.1:30080"))
+        .expect("NodePort through a drop-policy firewall");
+    assert!(a.starts_with("10.0.2.1:"), "{a}");
+    let a = tcp_request(&l.t.pod, addr("10.96.0.10:80"))
+        .expect("ClusterIP through a drop-policy firewall");
+    assert!(a.starts_with("10.244.1.2:"), "{a}");
+    let a = udp_request(&l.t.client, addr("10.0.1.1:30053"))
+        .expect("UDP through a drop-policy firewall");
+    assert!(a.starts_with("10.0.2.1:"), "{a}");
+}
+
+/// veth keeps checksum offload on (CHECKSUM_PARTIAL, GSO): a 1 MiB transfer through SNAT.
+#[test]
+fn veth_checksum_offload_left_on_bulk_transfer_is_intact() {
+    let l = lab("dp-csum", None);
+    let mut conn = HeldConnection::open(&l.t.client, addr("10.0.1.1:30090")).expect("connect");
+    let chunk: String = (0..64 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    for i in 0..16 {
+        assert_eq!(
+            conn.echo(&chunk).expect("echo"),
+            chunk,
+            "chunk {i} corrupted"
+        );
+    }
+}
+
+#[test]
+fn an_agent_restart_keeps_an_open_source_natted_connection() {
+    let l = lab("dp-restart", None);
+    let mut conn = HeldConnection::open(&l.t.client, addr("10.0.1.1:30090")).expect("connect");
+    assert_eq!(conn.echo("before\n").unwrap(), "before\n");
+    let Lab {
+        t,
+        agent,
+        _m,
+        _servers,
+    } = l;
+    agent.stop();
+    assert_eq!(conn.echo("agent stopped\n").unwrap(), "agent stopped\n");
+    let agent = Agent::start(
+        &t.node,
+        &_m.dir,
+        &["--cluster-cidr", SnatTopology::CLUSTER_CIDRS],
+    );
+    let ev = agent.wait_sync(0, 1);
+    assert_eq!(lab::agent::ops_issued(&ev).values().sum::<u64>(), 0, "{ev}");
+    assert_eq!(conn.echo("after restart\n").unwrap(), "after restart\n");
+    let local = conn.local_addr().unwrap();
+    let snat = agent.inspect_snat(&t.node);
+    assert!(
+        snat["snat"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["client"] == local.to_string()),
+        "{snat}"
+    );
+}
