@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
-use crate::model::{self, ModelConfig, NodePortAddresses};
+use crate::model::{self, NodePortAddresses};
 use crate::node::Rtnl;
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
 use crate::source::Snapshot;
@@ -18,6 +18,7 @@ use crate::source::kubernetes::{self, KubernetesSourceConfig};
 use crate::source::watch::{load_snapshot, watch_path};
 use crate::state;
 use crate::sync::{self, SyncConfig, Syncer};
+use crate::{config, health, metrics};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,6 +57,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Remove what kube-proxy left on this node (`--kube-proxy`), or this agent's own state.
+    Cleanup(CleanupArgs),
     /// Show what is programmed in the kernel.
     Inspect {
         #[command(subcommand)]
@@ -88,6 +91,59 @@ pub enum InspectWhat {
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// Remove kube-proxy's state (iptables, ipvs and nftables modes): KUBE-* chains, its nft
+    /// tables and ipsets, IPVS services on kube-ipvs0. Without it: this agent's own state.
+    #[arg(long)]
+    pub kube_proxy: bool,
+    /// With --kube-proxy: leave IPVS services and kube-ipvs0 for this agent to adopt.
+    #[arg(long, requires = "kube_proxy")]
+    pub keep_ipvs: bool,
+    /// Report what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// This agent's bpffs pin root (all versions).
+    #[arg(long, default_value = crate::cleanup::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// This agent's state directory.
+    #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Configuration file (for the NodePort range and ipvs.excludeCIDRs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// `cleanup` and `cleanup --kube-proxy`; fails unless everything was removed.
+pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    let file = args.config.as_deref().map(config::load).transpose()?;
+    let cfg = config::resolve(file.as_ref(), &config::Overrides::default())?;
+    let opts = crate::cleanup::CleanupOptions {
+        dry_run: args.dry_run,
+        keep_ipvs: args.keep_ipvs,
+        node_port_range: cfg.node_port_range.clone(),
+        ipvs_exclude_cidrs: cfg.ipvs_exclude_cidrs.clone(),
+        pin_root: args.pin_root,
+        state_dir: args.state_dir,
+        ..Default::default()
+    };
+    let report = if args.kube_proxy {
+        crate::cleanup::cleanup_kube_proxy(&opts).await?
+    } else {
+        crate::cleanup::cleanup_self(&opts).await?
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => print!("{report}"),
+    }
+    if !report.is_ok() {
+        bail!("cleanup incomplete (see the errors above)");
+    }
+    Ok(())
 }
 
 /// Which datapath `run` uses.
@@ -130,33 +186,42 @@ pub struct SourceArgs {
     /// Node addresses that carry NodePorts: `primary`, or CIDRs. Default: every local address.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// Default IPVS scheduler.
-    #[arg(long, default_value = "rr")]
-    pub scheduler: String,
+    /// Default IPVS scheduler (default rr).
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Masquerade every service connection.
     #[arg(long)]
     pub masquerade_all: bool,
     /// This proxy's service.kubernetes.io/service-proxy-name.
     #[arg(long)]
     pub proxy_name: Option<String>,
+    /// Configuration file (a KubeProxyConfiguration or KubeIpvsBpfConfiguration); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Shortest interval between two syncs (bursts of changes are coalesced).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    pub min_sync_period: Duration,
-    /// Interval of full resyncs, which repair drift.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub sync_period: Duration,
-    /// Longest drain of a removed TCP/SCTP destination before it is deleted anyway.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-    /// Where the state file for `inspect` is written.
-    #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Shortest interval between two syncs (bursts of changes are coalesced; default 1s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// Interval of full resyncs, which repair drift (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub sync_period: Option<Duration>,
+    /// Longest drain of a removed TCP/SCTP destination before it is deleted anyway (default 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Where the state file for `inspect` is written (default /run/kube-ipvs-bpf).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// /healthz and /livez (default 0.0.0.0:10256, as kube-proxy).
+    #[arg(long)]
+    pub healthz_bind_address: Option<std::net::SocketAddr>,
+    /// /metrics (default 127.0.0.1:10249, as kube-proxy).
+    #[arg(long)]
+    pub metrics_bind_address: Option<std::net::SocketAddr>,
     /// The datapath.
     #[arg(long, value_enum, default_value_t = DatapathKind::Bpf)]
     pub datapath: DatapathKind,
@@ -205,73 +270,175 @@ impl SourceArgs {
         })
     }
 
-    fn model_config(&self) -> anyhow::Result<ModelConfig> {
-        let node_port_addresses = match self.nodeport_addresses.as_slice() {
-            [] => NodePortAddresses::AllLocal,
-            [p] if p == "primary" => NodePortAddresses::Primary,
-            cidrs => NodePortAddresses::Cidrs(
-                cidrs
-                    .iter()
-                    .map(|c| {
-                        c.parse()
-                            .with_context(|| format!("--nodeport-addresses: bad CIDR {c:?}"))
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-            ),
-        };
-        let cfg = ModelConfig {
+    /// The resolved configuration: these flags (and `extra`), over the config file, over the
+    /// defaults. An unknown or invalid setting is an error naming it.
+    fn agent_config(&self, extra: config::Overrides) -> anyhow::Result<config::AgentConfig> {
+        let file = self.config.as_deref().map(config::load).transpose()?;
+        let flags = config::Overrides {
+            node_name: self.node_name.clone(),
+            node_ips: self.node_ips.clone(),
             cluster_cidrs: self.cluster_cidrs.clone(),
-            node_port_addresses,
-            default_scheduler: self.scheduler.clone(),
-            masquerade_all: self.masquerade_all,
+            node_port_addresses: self.nodeport_addresses.clone(),
+            scheduler: self.scheduler.clone(),
+            masquerade_all: self.masquerade_all.then_some(true),
             proxy_name: self.proxy_name.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            ..extra
         };
-        cfg.validate().context("--scheduler")?;
+        let cfg = config::resolve(file.as_ref(), &flags)?;
+        cfg.model_config().validate().context("scheduler")?;
         Ok(cfg)
     }
 
     fn node_name(&self) -> String {
-        self.node_name.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default()
-        })
+        hostname_or(self.node_name.clone())
     }
+}
+
+/// `name`, else the host's name.
+fn hostname_or(name: Option<String>) -> String {
+    name.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = args.source.parsed()?;
-    let cfg = SyncConfig {
-        model: args.source.model_config()?,
-        node_name: args.source.node_name(),
-        node_ips: args.source.node_ips.clone(),
+    let cfg = args.source.agent_config(config::Overrides {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         drain_timeout: args.drain_timeout,
-        state_dir: args.state_dir,
-        ..SyncConfig::default()
+        state_dir: args.state_dir.clone(),
+        healthz_bind_address: args.healthz_bind_address,
+        metrics_bind_address: args.metrics_bind_address,
+        ..Default::default()
+    })?;
+    if let Some(adj) = cfg.oom_score_adj
+        && let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+    {
+        tracing::warn!("setting oom_score_adj {adj}: {e}");
+    }
+    let node_name = hostname_or(cfg.node_name.clone());
+    let ipvs_timeouts = ipvs::Timeouts {
+        tcp: cfg.ipvs_timeouts.tcp.map_or(0, |d| d.as_secs() as u32),
+        tcp_fin: cfg.ipvs_timeouts.tcp_fin.map_or(0, |d| d.as_secs() as u32),
+        udp: cfg.ipvs_timeouts.udp.map_or(0, |d| d.as_secs() as u32),
     };
-    let cfg = SyncConfig {
+    let mut sweep_timeouts = crate::datapath::sweep::Timeouts::default();
+    if let Some(t) = cfg.ipvs_timeouts.tcp {
+        sweep_timeouts.tcp = t;
+    }
+    if let Some(t) = cfg.ipvs_timeouts.tcp_fin {
+        sweep_timeouts.tcp_fin = t;
+    }
+    if let Some(t) = cfg.ipvs_timeouts.udp {
+        sweep_timeouts.udp = t;
+    }
+    let sync_cfg = SyncConfig {
+        model: cfg.model_config(),
+        node_name: node_name.clone(),
+        node_ips: cfg.node_ips.clone(),
+        min_sync_period: cfg.min_sync_period,
+        sync_period: cfg.sync_period,
+        drain_timeout: cfg.drain_timeout,
+        node_port_range: cfg.node_port_range.clone(),
+        state_dir: cfg.state_dir.clone(),
+        ipvs_timeouts,
+        ipvs_exclude_cidrs: cfg.ipvs_exclude_cidrs.clone(),
         datapath: (args.datapath == DatapathKind::Bpf).then(|| crate::datapath::DatapathConfig {
             pin_root: args.bpf_pin_root.clone(),
-            masquerade_all: cfg.model.masquerade_all,
-            cluster_cidrs: cfg.model.cluster_cidrs.clone(),
+            mark_svc: cfg.datapath.mark_service,
+            mark_masq: cfg.datapath.mark_masquerade,
+            snat_ports: cfg
+                .datapath
+                .snat_port_range
+                .as_ref()
+                .map(|r| (*r.start(), *r.end())),
+            node_ports: (*cfg.node_port_range.start(), *cfg.node_port_range.end()),
+            masquerade_all: cfg.masquerade_all,
+            cluster_cidrs: cfg.cluster_cidrs.clone(),
             rules_backend: match args.iptables_backend {
                 IptablesBackend::Default => crate::datapath::rules::Backend::Default,
                 IptablesBackend::Nft => crate::datapath::rules::Backend::Nft,
                 IptablesBackend::Legacy => crate::datapath::rules::Backend::Legacy,
             },
+            strict_arp: cfg.strict_arp,
+            timeouts: sweep_timeouts,
             ..Default::default()
         }),
-        ..cfg
+        ..SyncConfig::default()
     };
-    tracing::info!(source = %args.source.source, node = %cfg.node_name, "starting");
+    tracing::info!(source = %args.source.source, node = %node_name, "starting");
+
+    // Health and metrics first: a probe answers while the first sync is still coming.
+    let families: Vec<metrics::IpFamily> = {
+        let mut f: Vec<metrics::IpFamily> = cfg
+            .cluster_cidrs
+            .iter()
+            .map(|c| metrics::IpFamily::of(c.addr()))
+            .chain(cfg.node_ips.iter().map(|a| metrics::IpFamily::of(*a)))
+            .collect();
+        if f.is_empty() {
+            f.push(metrics::IpFamily::of(IpAddr::V4(
+                std::net::Ipv4Addr::UNSPECIFIED,
+            )));
+        }
+        f.sort();
+        f.dedup();
+        f
+    };
+    let metrics = metrics::Metrics::new(&families);
+    let health = health::HealthState::new(cfg.health_timeout()).with_metrics(metrics.clone());
+    for (what, r) in [
+        (
+            "health",
+            health::serve(cfg.healthz_bind_address, health.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        ),
+        (
+            "metrics",
+            metrics::serve(cfg.metrics_bind_address, metrics.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        ),
+    ] {
+        if let Err(e) = r {
+            if cfg.bind_address_hard_fail {
+                bail!("{what} server: {e}");
+            }
+            tracing::warn!("{what} server not started: {e}");
+        }
+    }
+    let hc_bind = match &cfg.node_port_addresses {
+        NodePortAddresses::AllLocal => Vec::new(),
+        _ => cfg.node_ips.clone(),
+    };
+    let mut observers = sync::Observers {
+        health: health.clone(),
+        metrics: metrics.clone(),
+        health_checks: health::HealthCheckServers::new(health, hc_bind),
+        changes: metrics::ChangeTracker::new(std::time::SystemTime::now()),
+        events: None,
+    };
+
     let snapshots = match source {
         Source::File(path) => watch_path(path, Duration::from_secs(1)),
         Source::Kubernetes => {
-            let kcfg = args.source.kubernetes();
+            let kcfg = KubernetesSourceConfig {
+                kubeconfig: cfg.kubeconfig.clone(),
+                node_name: node_name.clone(),
+            };
             let client = kubernetes::client(&kcfg).await?;
+            observers.events = Some(std::sync::Arc::new(kubernetes::ServiceEvents::new(
+                client.clone(),
+                &node_name,
+            )));
             // The first snapshot waits for complete lists of every kind: never sync a half
             // listed state (it would delete what is missing).
             tokio::select! {
@@ -280,8 +447,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let syncer = Syncer::start(cfg).await?;
-    sync::run(syncer, snapshots, shutdown_signal()).await
+    let syncer = Syncer::start(sync_cfg).await?;
+    sync::run(syncer, snapshots, observers, shutdown_signal()).await
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -340,7 +507,8 @@ fn op_text(op: &ipvs_rec::IpvsOp) -> String {
 /// `plan`: the desired state and, where IPVS is available, the diff against the kernel.
 pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
     let snapshot = args.snapshot().await?;
-    let cfg = args.model_config()?;
+    let agent_cfg = args.agent_config(config::Overrides::default())?;
+    let cfg = agent_cfg.model_config();
     let rtnl = Rtnl::connect()?;
     let (links, entries) = sync::read_node(&rtnl).await?;
     let node = sync::node_info(
@@ -351,7 +519,10 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
         &entries,
     );
     let desired = model::build(&snapshot.services, &snapshot.endpoint_slices, &node, &cfg);
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = crate::reconcile::datapath::sctp_not_source_nated(&desired)
+        .into_iter()
+        .map(|v| format!("{v}: SCTP is passed to IPVS untranslated, not source-NATed"))
+        .collect();
     let diff = match ipvs::IpvsHandle::connect().await {
         Ok(h) => {
             let observed = ipvs_rec::observe(&h).await.context("dumping IPVS")?;
@@ -362,7 +533,8 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
             let ownership = ipvs_rec::Ownership {
                 bound: bound.clone(),
                 node_addresses: node.addresses.iter().map(|a| a.address).collect(),
-                node_port_range: 30000..=32767,
+                node_port_range: agent_cfg.node_port_range.clone(),
+                exclude: agent_cfg.ipvs_exclude_cidrs.clone(),
             };
             let ops = ipvs_rec::plan(
                 &ipvs_rec::desired(&desired.virtual_services),

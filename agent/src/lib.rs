@@ -11,8 +11,12 @@
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
+pub mod cleanup;
 pub mod cli;
+pub mod config;
 pub mod datapath;
+pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod reconcile;

@@ -30,6 +30,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => cli::run(args).await,
             Command::Plan { source, output } => cli::plan(source, output).await,
+            Command::Cleanup(args) => cli::cleanup(args).await,
             Command::Inspect {
                 what: InspectWhat::Services { output, state_dir },
             } => cli::inspect_services(output, state_dir).await,

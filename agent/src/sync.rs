@@ -47,6 +47,10 @@ pub struct SyncConfig {
     pub datapath: Option<DatapathConfig>,
     /// How often expired SNAT entries are swept.
     pub sweep_period: Duration,
+    /// IPVS connection timeouts to set (0: leave the kernel's).
+    pub ipvs_timeouts: ipvs::Timeouts,
+    /// IPVS services on these addresses are never touched (`ipvs.excludeCIDRs`).
+    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for SyncConfig {
@@ -64,6 +68,8 @@ impl Default for SyncConfig {
             ipvs_concurrency: 64,
             datapath: Some(DatapathConfig::default()),
             sweep_period: Duration::from_secs(10),
+            ipvs_timeouts: ipvs::Timeouts::default(),
+            ipvs_exclude_cidrs: Vec::new(),
         }
     }
 }
@@ -184,6 +190,13 @@ impl Syncer {
         if let Some(dp) = s.cfg.datapath.clone() {
             s.datapath = Some(Datapath::start(dp)?);
         }
+        let t = s.cfg.ipvs_timeouts;
+        if t.tcp + t.tcp_fin + t.udp > 0 {
+            s.ipvs
+                .set_timeouts(&t)
+                .await
+                .context("setting the IPVS timeouts")?;
+        }
         s.observe().await?;
         Ok(s)
     }
@@ -238,7 +251,11 @@ impl Syncer {
     }
 
     /// One sync of `snapshot` into the kernel; `full` dumps the kernel first.
-    pub async fn sync(&mut self, snapshot: &Snapshot, full: bool) -> anyhow::Result<SyncReport> {
+    pub async fn sync(
+        &mut self,
+        snapshot: &Snapshot,
+        full: bool,
+    ) -> anyhow::Result<(SyncReport, DesiredState)> {
         let start = Instant::now();
         let (mut report_devices, mut device_failures) = (0, 0);
         if full {
@@ -324,6 +341,7 @@ impl Syncer {
             bound: self.bound.clone(),
             node_addresses: node.addresses.iter().map(|a| a.address).collect(),
             node_port_range: self.cfg.node_port_range.clone(),
+            exclude: self.cfg.ipvs_exclude_cidrs.clone(),
         };
         let ops = ipvs_rec::plan(
             &want,
@@ -373,7 +391,21 @@ impl Syncer {
             tracing::warn!("writing the state file: {e:#}");
         }
         report.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok(report)
+        Ok((report, desired))
+    }
+
+    /// The datapath's counters, for metrics (empty without a datapath).
+    pub fn datapath_counters(&self) -> Vec<(&'static str, u64)> {
+        let Some(dp) = &self.datapath else {
+            return Vec::new();
+        };
+        match dp.stats() {
+            Ok(stats) => stats.iter().map(|(c, v)| (c.name(), v)).collect(),
+            Err(e) => {
+                tracing::warn!("reading the datapath counters: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn apply_maps(&mut self, plan: &MapPlan, additions: bool, report: &mut SyncReport) {
@@ -414,15 +446,101 @@ impl Syncer {
     }
 }
 
+/// What watches the loop from outside: health, metrics, the per-Service health check servers,
+/// the change tracker (network programming latency) and, with a Kubernetes source, Events on
+/// Services that cannot be programmed.
+pub struct Observers {
+    pub health: crate::health::HealthState,
+    pub metrics: crate::metrics::Metrics,
+    pub health_checks: crate::health::HealthCheckServers,
+    pub changes: crate::metrics::ChangeTracker,
+    pub events: Option<Arc<crate::source::kubernetes::ServiceEvents>>,
+}
+
+impl Observers {
+    fn snapshot_changed(&mut self, snapshot: &Snapshot) {
+        let now = std::time::SystemTime::now();
+        self.health.queued(now);
+        self.metrics.queued(now);
+        self.metrics.changes(self.changes.observe(snapshot));
+        self.health.node(snapshot.node.as_ref());
+    }
+
+    async fn synced(
+        &mut self,
+        syncer: &Syncer,
+        snapshot: &Snapshot,
+        report: &SyncReport,
+        desired: &DesiredState,
+        rejected_before: &mut BTreeSet<model::ServiceRef>,
+    ) {
+        let now = std::time::SystemTime::now();
+        self.health.synced(now);
+        self.metrics.observe_sync(
+            Duration::from_secs_f64(report.duration_ms / 1e3),
+            report.full,
+        );
+        self.metrics.ipvs_ops(&report.ipvs_ops);
+        self.metrics.rejected(&desired.rejected);
+        self.metrics
+            .no_local_endpoints(&crate::metrics::no_local_endpoints(
+                &snapshot.services,
+                desired,
+            ));
+        self.metrics
+            .programmed(&self.changes.take_trigger_times(), now);
+        self.metrics.datapath_counters(&syncer.datapath_counters());
+        for e in self
+            .health_checks
+            .sync(&desired.health_check_node_ports)
+            .await
+        {
+            tracing::warn!("health check server: {e}");
+        }
+        // A Kubernetes Event on each Service that newly cannot be programmed, saying why.
+        let mut rejected = BTreeSet::new();
+        for r in &desired.rejected {
+            let Some(name) = r.object.strip_prefix("Service ") else {
+                continue;
+            };
+            let Some((ns, n)) = name.split_once('/') else {
+                continue;
+            };
+            let svc = model::ServiceRef::new(ns, n);
+            if let Some(events) = &self.events
+                && !rejected_before.contains(&svc)
+            {
+                let events = events.clone();
+                let uid =
+                    crate::source::kubernetes::service_uid(snapshot, &svc).map(str::to_string);
+                let (svc2, reason) = (svc.clone(), r.reason.clone());
+                tokio::spawn(async move {
+                    events.warn(&svc2, uid.as_deref(), "Invalid", &reason).await;
+                });
+            }
+            rejected.insert(svc);
+        }
+        if let Some(events) = &self.events {
+            for gone in rejected_before.difference(&rejected) {
+                events.resolved(gone);
+            }
+        }
+        *rejected_before = rejected;
+    }
+}
+
 /// Runs until `shutdown` resolves: syncs on every new snapshot (coalesced by
 /// `min_sync_period`), checks draining destinations, and resyncs fully every `sync_period`.
 /// The kernel state is left in place on exit.
 pub async fn run(
     mut syncer: Syncer,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut observers: Observers,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    let mut rejected_before = BTreeSet::new();
+    observers.snapshot_changed(&snapshots.borrow());
     let cfg = syncer.cfg.clone();
     // Devices and addresses that appear later get the datapath and count as node addresses.
     let mut link_events = match crate::node::link_events() {
@@ -450,11 +568,15 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => {
                 tracing::info!("shutting down; kernel state left in place");
+                observers.health_checks.shutdown().await;
                 return Ok(());
             }
             changed = snapshots.changed(), if source_open => {
                 match changed {
-                    Ok(()) => pending = true,
+                    Ok(()) => {
+                        pending = true;
+                        observers.snapshot_changed(&snapshots.borrow());
+                    }
                     Err(_) => source_open = false,
                 }
                 continue;
@@ -479,8 +601,12 @@ pub async fn run(
         let snapshot = snapshots.borrow_and_update().clone();
         pending = false;
         last_sync = Some(Instant::now());
+        let started = Instant::now();
         match syncer.sync(&snapshot, full).await {
-            Ok(r) => {
+            Ok((r, desired)) => {
+                observers
+                    .synced(&syncer, &snapshot, &r, &desired, &mut rejected_before)
+                    .await;
                 let ops = r.ipvs_ops.total();
                 let changed = ops > 0
                     || r.addresses_added + r.addresses_removed + r.map_changes + r.devices_attached
@@ -507,6 +633,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::error!("sync failed: {e:#}");
+                observers.metrics.sync_failed(started.elapsed(), full);
                 pending = true;
             }
         }

@@ -87,6 +87,12 @@ impl Agent {
     /// Starts `kube-ipvs-bpf run --source file:DIR` inside `ns` with JSON logs and fast syncs;
     /// `extra` adds flags.
     pub fn start(ns: &Netns, manifests: &Path, extra: &[&str]) -> Agent {
+        Agent::start_source(ns, &format!("file:{}", manifests.display()), extra)
+    }
+
+    /// Like [`Agent::start`] with any `--source` (e.g. `kubernetes`, with `--kubeconfig` in
+    /// `extra`).
+    pub fn start_source(ns: &Netns, source: &str, extra: &[&str]) -> Agent {
         let state = format!("/tmp/agent-state-{}", ns.name());
         let pin_root = pin_root(ns);
         let mut cmd = Command::new("nsenter");
@@ -101,8 +107,7 @@ impl Agent {
                 "--min-sync-period",
                 "100ms",
             ])
-            .arg("--source")
-            .arg(format!("file:{}", manifests.display()))
+            .args(["--source", source])
             .args(["--state-dir", &state, "--bpf-pin-root", &pin_root])
             .args(extra)
             .stdout(Stdio::null())

@@ -52,8 +52,12 @@ pub fn owned(kernel: Option<(u32, u32)>, strict_arp: bool) -> Vec<Sysctl> {
     v
 }
 
+/// Where sysctls are written: `$KUBE_IPVS_BPF_PROC_SYS` (the DaemonSet mounts the host's
+/// `/proc/sys/net` writable there, as container runtimes mount `/proc/sys` read-only), else
+/// `/proc/sys`.
 fn path(name: &str) -> PathBuf {
-    PathBuf::from("/proc/sys").join(name.replace('.', "/"))
+    let root = std::env::var_os("KUBE_IPVS_BPF_PROC_SYS").unwrap_or_else(|| "/proc/sys".into());
+    PathBuf::from(root).join(name.replace('.', "/"))
 }
 
 /// Reads a sysctl (trimmed).

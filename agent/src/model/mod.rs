@@ -320,6 +320,9 @@ pub struct ModelConfig {
     /// This proxy's `service.kubernetes.io/service-proxy-name`: Services labelled with another
     /// name are ignored; unlabelled Services are always handled.
     pub proxy_name: Option<String>,
+    /// Handle only Services labelled with [`Self::proxy_name`] (running beside kube-proxy's
+    /// iptables or nftables mode, which handles the unlabelled ones).
+    pub only_labelled_services: bool,
 }
 
 impl Default for ModelConfig {
@@ -330,6 +333,7 @@ impl Default for ModelConfig {
             default_scheduler: "rr".to_owned(),
             masquerade_all: false,
             proxy_name: None,
+            only_labelled_services: false,
         }
     }
 }

@@ -1079,6 +1079,31 @@ fn cases() -> Vec<Case> {
             ],
             ..case("service_proxy_name_label")
         },
+        Case {
+            services: vec![
+                svc_full(
+                    "ns",
+                    "ours",
+                    json!({"labels": {SERVICE_PROXY_NAME_LABEL: "ipvs-bpf"}}),
+                    json!({"clusterIP": "10.96.0.61", "ports": [{"name": "http", "port": 80}]}),
+                    json!({}),
+                ),
+                // Unlabelled: kube-proxy's, when running beside it.
+                bystander(),
+            ],
+            slices: vec![http_slice(
+                "ours-1",
+                "ours",
+                json!([ep("10.244.1.2", "node-a")]),
+            )],
+            cfg: ModelConfig {
+                proxy_name: Some("ipvs-bpf".into()),
+                only_labelled_services: true,
+                ..ModelConfig::default()
+            },
+            want: vec!["TCP 10.96.0.61:80 rr (ClusterIp ns/ours:http) -> 10.244.1.2:8080"],
+            ..case("only_labelled_services_beside_kube_proxy")
+        },
         // --- Rejections ---------------------------------------------------------------------
         Case {
             services: vec![
@@ -1379,6 +1404,7 @@ rule_tests! {
     health_check_node_port_for_local_load_balancers,
     headless_and_external_name_ignored,
     service_proxy_name_label,
+    only_labelled_services_beside_kube_proxy,
     invalid_ips_rejected,
     invalid_port_rejected,
     node_port_out_of_range_rejected,

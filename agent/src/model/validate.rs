@@ -147,14 +147,16 @@ pub(crate) fn parse_service(
     if service.name.is_empty() {
         return Err(ServiceError::MissingName);
     }
-    if let Some(owner) = svc
+    let owner = svc
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-        && cfg.proxy_name.as_deref() != Some(owner.as_str())
-    {
-        return Ok(None);
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    match owner {
+        Some(owner) if cfg.proxy_name.as_deref() != Some(owner.as_str()) => return Ok(None),
+        // Beside another proxy (kube-proxy handles the unlabelled ones): only ours.
+        None if cfg.only_labelled_services => return Ok(None),
+        _ => {}
     }
     let empty = ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&empty);

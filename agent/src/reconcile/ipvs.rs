@@ -97,11 +97,18 @@ pub struct Ownership {
     pub node_addresses: BTreeSet<IpAddr>,
     /// The NodePort range (kube-apiserver's `--service-node-port-range`).
     pub node_port_range: RangeInclusive<u16>,
+    /// Addresses never touched, whatever the rest says (kube-proxy's `ipvs.excludeCIDRs`).
+    pub exclude: Vec<ipnet::IpNet>,
 }
 
 impl Ownership {
     pub fn owns(&self, key: &ServiceKey) -> bool {
         match key {
+            ServiceKey::Tuple { address, .. }
+                if self.exclude.iter().any(|n| n.contains(address)) =>
+            {
+                false
+            }
             ServiceKey::Tuple { address, port, .. } => {
                 self.bound.contains(address)
                     || (self.node_addresses.contains(address)
@@ -463,6 +470,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             node_port_range: 30000..=32767,
+            exclude: vec!["10.96.0.3/32".parse().unwrap()],
         }
     }
 
@@ -631,6 +639,12 @@ mod tests {
             ops,
             vec![IpvsOp::DeleteService(ServiceKey::tcp(vip(2), 80))]
         );
+    }
+
+    #[test]
+    fn excluded_addresses_are_never_owned() {
+        assert!(owner().owns(&ServiceKey::tcp(vip(2), 80)));
+        assert!(!owner().owns(&ServiceKey::tcp(vip(3), 80)));
     }
 
     #[test]

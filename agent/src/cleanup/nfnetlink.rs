@@ -1,0 +1,637 @@
+//! The two nfnetlink conversations cleanup needs, without shelling out: nf_tables tables (list,
+//! and delete in a one-message batch) and ipset sets (list names, destroy one). This module owns
+//! the message layouts (pure builders and parsers, byte-tested) and a small blocking socket
+//! ([`Nfnl`]) that speaks them in the network namespace of the calling thread.
+//!
+//! Layouts (all from the kernel's uapi headers):
+//! - `struct nlmsghdr` (16 bytes, host order) + `struct nfgenmsg` (`nfgen_family` u8, `version`
+//!   u8 = `NFNETLINK_V0`, `res_id` u16 big-endian) + attributes (`struct nlattr`, 4-byte
+//!   aligned);
+//! - message type = subsystem << 8 | command: `NFNL_SUBSYS_NFTABLES` = 10, `NFNL_SUBSYS_IPSET` = 6;
+//! - nf_tables changes go in a batch: `NFNL_MSG_BATCH_BEGIN` (16) and `NFNL_MSG_BATCH_END` (17)
+//!   with `res_id` = `NFNL_SUBSYS_NFTABLES`, around `NFT_MSG_DELTABLE` (2) carrying
+//!   `NFTA_TABLE_NAME` (1) and the table's family in `nfgen_family`;
+//! - ipset: `IPSET_CMD_LIST` (7) dumps sets (`IPSET_ATTR_FLAGS` with `IPSET_FLAG_LIST_SETNAME`
+//!   asks for names only), `IPSET_CMD_DESTROY` (3) with `IPSET_ATTR_SETNAME` (2) destroys one;
+//!   every request carries `IPSET_ATTR_PROTOCOL` (1) = 6, the oldest protocol, which every
+//!   kernel since 2.6.39 accepts. A destroy without a name destroys *every* set: the builder
+//!   refuses to make one.
+
+use std::os::fd::AsFd;
+
+use netlink_sys::{Socket, SocketAddr};
+
+pub const NETLINK_NETFILTER: isize = 12;
+
+pub const NLM_F_REQUEST: u16 = 0x1;
+pub const NLM_F_ACK: u16 = 0x4;
+pub const NLM_F_DUMP: u16 = 0x300;
+pub const NLMSG_ERROR: u16 = 2;
+pub const NLMSG_DONE: u16 = 3;
+pub const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+pub const NFNETLINK_V0: u8 = 0;
+pub const NFNL_SUBSYS_IPSET: u8 = 6;
+pub const NFNL_SUBSYS_NFTABLES: u8 = 10;
+pub const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+pub const NFNL_MSG_BATCH_END: u16 = 17;
+
+pub const NFT_MSG_NEWTABLE: u8 = 0;
+pub const NFT_MSG_GETTABLE: u8 = 1;
+pub const NFT_MSG_DELTABLE: u8 = 2;
+pub const NFTA_TABLE_NAME: u16 = 1;
+
+pub const NFPROTO_UNSPEC: u8 = 0;
+pub const NFPROTO_INET: u8 = 1;
+pub const NFPROTO_IPV4: u8 = 2;
+pub const NFPROTO_ARP: u8 = 3;
+pub const NFPROTO_NETDEV: u8 = 5;
+pub const NFPROTO_BRIDGE: u8 = 7;
+pub const NFPROTO_IPV6: u8 = 10;
+
+pub const IPSET_CMD_DESTROY: u8 = 3;
+pub const IPSET_CMD_LIST: u8 = 7;
+pub const IPSET_ATTR_PROTOCOL: u16 = 1;
+pub const IPSET_ATTR_SETNAME: u16 = 2;
+pub const IPSET_ATTR_FLAGS: u16 = 6;
+pub const IPSET_PROTOCOL: u8 = 6;
+pub const IPSET_FLAG_LIST_SETNAME: u32 = 1 << 1;
+/// `IPSET_MAXNAMELEN`, including the terminating NUL.
+pub const IPSET_MAXNAMELEN: usize = 32;
+/// `IPSET_ERR_BUSY`: the set is referenced (by an iptables rule or another set).
+pub const IPSET_ERR_BUSY: i32 = 4100;
+
+/// An nfnetlink failure.
+#[derive(Debug, thiserror::Error)]
+pub enum NfnlError {
+    #[error("netfilter netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The kernel refused the request (`errno` is positive).
+    #[error("{what}: {}", describe(*errno))]
+    Kernel { what: String, errno: i32 },
+    #[error("malformed netlink reply: {0}")]
+    Malformed(&'static str),
+    #[error("invalid ipset name {0:?} (1 to 31 bytes)")]
+    BadSetName(String),
+}
+
+fn describe(errno: i32) -> String {
+    match errno {
+        IPSET_ERR_BUSY => "set is in use (referenced by a rule or another set)".to_owned(),
+        e if e > 4096 => format!("ipset error {e}"),
+        e => std::io::Error::from_raw_os_error(e).to_string(),
+    }
+}
+
+/// One netlink attribute, padded to 4 bytes.
+pub fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 4 + payload.len();
+    let mut b = Vec::with_capacity(len.div_ceil(4) * 4);
+    b.extend_from_slice(&(len as u16).to_ne_bytes());
+    b.extend_from_slice(&ty.to_ne_bytes());
+    b.extend_from_slice(payload);
+    b.resize(len.div_ceil(4) * 4, 0);
+    b
+}
+
+/// A NUL-terminated string attribute.
+pub fn attr_str(ty: u16, s: &str) -> Vec<u8> {
+    let mut p = s.as_bytes().to_vec();
+    p.push(0);
+    attr(ty, &p)
+}
+
+/// One nfnetlink message: header, `nfgenmsg`, attributes.
+pub fn message(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + 4 + attrs.len();
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(&(len as u32).to_ne_bytes());
+    b.extend_from_slice(&ty.to_ne_bytes());
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.push(family);
+    b.push(NFNETLINK_V0);
+    b.extend_from_slice(&res_id.to_be_bytes());
+    b.extend_from_slice(attrs);
+    b
+}
+
+fn nft_type(cmd: u8) -> u16 {
+    u16::from(NFNL_SUBSYS_NFTABLES) << 8 | u16::from(cmd)
+}
+
+fn ipset_type(cmd: u8) -> u16 {
+    u16::from(NFNL_SUBSYS_IPSET) << 8 | u16::from(cmd)
+}
+
+/// Dump of every nf_tables table of every family.
+pub fn nft_list_tables(seq: u32) -> Vec<u8> {
+    message(
+        nft_type(NFT_MSG_GETTABLE),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        NFPROTO_UNSPEC,
+        0,
+        &[],
+    )
+}
+
+/// A batch deleting table `name` of `family`: begin (`seq`), delete (`seq + 1`, acknowledged),
+/// end (`seq + 2`).
+pub fn nft_delete_table_batch(seq: u32, family: u8, name: &str) -> Vec<u8> {
+    let res_id = u16::from(NFNL_SUBSYS_NFTABLES);
+    let mut b = message(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        NFPROTO_UNSPEC,
+        res_id,
+        &[],
+    );
+    b.extend(message(
+        nft_type(NFT_MSG_DELTABLE),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq.wrapping_add(1),
+        family,
+        0,
+        &attr_str(NFTA_TABLE_NAME, name),
+    ));
+    b.extend(message(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq.wrapping_add(2),
+        NFPROTO_UNSPEC,
+        res_id,
+        &[],
+    ));
+    b
+}
+
+/// Dump of every ipset's name.
+pub fn ipset_list_names(seq: u32) -> Vec<u8> {
+    let mut attrs = attr(IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
+    attrs.extend(attr(
+        IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER,
+        &IPSET_FLAG_LIST_SETNAME.to_be_bytes(),
+    ));
+    message(
+        ipset_type(IPSET_CMD_LIST),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        NFPROTO_IPV4,
+        0,
+        &attrs,
+    )
+}
+
+/// Destroys set `name` (which must be named: the kernel destroys every set otherwise).
+pub fn ipset_destroy(seq: u32, name: &str) -> Result<Vec<u8>, NfnlError> {
+    if name.is_empty() || name.len() >= IPSET_MAXNAMELEN || name.contains('\0') {
+        return Err(NfnlError::BadSetName(name.to_owned()));
+    }
+    let mut attrs = attr(IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
+    attrs.extend(attr_str(IPSET_ATTR_SETNAME, name));
+    Ok(message(
+        ipset_type(IPSET_CMD_DESTROY),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NFPROTO_IPV4,
+        0,
+        &attrs,
+    ))
+}
+
+/// One received netlink message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub ty: u16,
+    pub flags: u16,
+    pub seq: u32,
+    /// Everything after the 16-byte header.
+    pub payload: Vec<u8>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Splits a receive buffer into messages.
+pub fn parse_messages(mut buf: &[u8]) -> Result<Vec<Received>, NfnlError> {
+    let mut out = Vec::new();
+    while buf.len() >= 16 {
+        let len = u32_at(buf, 0).ok_or(NfnlError::Malformed("header"))? as usize;
+        if len < 16 || len > buf.len() {
+            return Err(NfnlError::Malformed("message length"));
+        }
+        out.push(Received {
+            ty: u16_at(buf, 4).ok_or(NfnlError::Malformed("header"))?,
+            flags: u16_at(buf, 6).ok_or(NfnlError::Malformed("header"))?,
+            seq: u32_at(buf, 8).ok_or(NfnlError::Malformed("header"))?,
+            payload: buf[16..len].to_vec(),
+        });
+        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
+    }
+    Ok(out)
+}
+
+/// The attributes of an nfnetlink payload (after `nfgenmsg`): (type without flags, value).
+pub fn parse_attrs(payload: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut b = payload.get(4..).unwrap_or(&[]);
+    while b.len() >= 4 {
+        let (Some(len), Some(ty)) = (u16_at(b, 0), u16_at(b, 2)) else {
+            break;
+        };
+        let len = len as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((ty & NLA_TYPE_MASK, &b[4..len]));
+        b = &b[(len.div_ceil(4) * 4).min(b.len())..];
+    }
+    out
+}
+
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// An nf_tables table: family (`NFPROTO_*`) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NftTable {
+    pub family: u8,
+    pub name: String,
+}
+
+impl NftTable {
+    /// `nft`'s spelling of the family.
+    pub fn family_name(&self) -> &'static str {
+        match self.family {
+            NFPROTO_INET => "inet",
+            NFPROTO_IPV4 => "ip",
+            NFPROTO_ARP => "arp",
+            NFPROTO_NETDEV => "netdev",
+            NFPROTO_BRIDGE => "bridge",
+            NFPROTO_IPV6 => "ip6",
+            _ => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for NftTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.family_name(), self.name)
+    }
+}
+
+/// The tables in a `NFT_MSG_GETTABLE` dump's replies.
+pub fn parse_nft_tables(msgs: &[Received]) -> Vec<NftTable> {
+    msgs.iter()
+        .filter(|m| m.ty == nft_type(NFT_MSG_NEWTABLE))
+        .filter_map(|m| {
+            let family = *m.payload.first()?;
+            let name = parse_attrs(&m.payload)
+                .into_iter()
+                .find(|(t, _)| *t == NFTA_TABLE_NAME)
+                .map(|(_, v)| c_string(v))?;
+            Some(NftTable { family, name })
+        })
+        .collect()
+}
+
+/// The set names in an `IPSET_CMD_LIST` dump's replies.
+pub fn parse_ipset_names(msgs: &[Received]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.ty == ipset_type(IPSET_CMD_LIST))
+        .filter_map(|m| {
+            parse_attrs(&m.payload)
+                .into_iter()
+                .find(|(t, _)| *t == IPSET_ATTR_SETNAME)
+                .map(|(_, v)| c_string(v))
+        })
+        .collect()
+}
+
+/// The error code of an `NLMSG_ERROR` (0 is an acknowledgement), as a positive errno.
+fn error_code(m: &Received) -> Option<i32> {
+    let raw = i32::from_ne_bytes(m.payload.get(0..4)?.try_into().ok()?);
+    Some(-raw)
+}
+
+/// A blocking `NETLINK_NETFILTER` socket in the calling thread's network namespace.
+pub struct Nfnl {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Nfnl {
+    pub fn open() -> Result<Self, NfnlError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let timeout = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(
+            &socket.as_fd(),
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &timeout,
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(Self { socket, seq: 1 })
+    }
+
+    fn next_seq(&mut self, n: u32) -> u32 {
+        let s = self.seq;
+        self.seq = self.seq.wrapping_add(n);
+        s
+    }
+
+    fn recv(&self) -> Result<Vec<Received>, NfnlError> {
+        let (buf, _) = self.socket.recv_from_full()?;
+        parse_messages(&buf)
+    }
+
+    /// Sends a dump request and collects its replies until `NLMSG_DONE`.
+    fn dump(
+        &mut self,
+        what: &str,
+        build: impl FnOnce(u32) -> Vec<u8>,
+    ) -> Result<Vec<Received>, NfnlError> {
+        let seq = self.next_seq(1);
+        self.socket.send(&build(seq), 0)?;
+        let mut out = Vec::new();
+        loop {
+            for m in self.recv()? {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno = error_code(&m).ok_or(NfnlError::Malformed("error"))?;
+                        if errno == 0 {
+                            return Ok(out);
+                        }
+                        return Err(NfnlError::Kernel {
+                            what: what.to_owned(),
+                            errno,
+                        });
+                    }
+                    _ => out.push(m),
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` (whose messages use sequence numbers `seq..seq + count`) and waits for the
+    /// acknowledgement of `ack_seq`; any error among them is returned.
+    fn request(
+        &mut self,
+        what: &str,
+        msg: &[u8],
+        seqs: std::ops::Range<u32>,
+        ack_seq: u32,
+    ) -> Result<(), NfnlError> {
+        self.socket.send(msg, 0)?;
+        loop {
+            for m in self.recv()? {
+                if m.ty != NLMSG_ERROR || !seqs.contains(&m.seq) {
+                    continue;
+                }
+                let errno = error_code(&m).ok_or(NfnlError::Malformed("error"))?;
+                if errno != 0 {
+                    return Err(NfnlError::Kernel {
+                        what: what.to_owned(),
+                        errno,
+                    });
+                }
+                if m.seq == ack_seq {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Every nf_tables table.
+    pub fn nft_tables(&mut self) -> Result<Vec<NftTable>, NfnlError> {
+        let msgs = self.dump("listing nf_tables tables", nft_list_tables)?;
+        Ok(parse_nft_tables(&msgs))
+    }
+
+    /// Deletes a table with everything in it; `Ok(false)` when it does not exist.
+    pub fn nft_delete_table(&mut self, table: &NftTable) -> Result<bool, NfnlError> {
+        let seq = self.next_seq(3);
+        let msg = nft_delete_table_batch(seq, table.family, &table.name);
+        match self.request(
+            &format!("deleting nf_tables table {table}"),
+            &msg,
+            seq..seq.wrapping_add(3),
+            seq.wrapping_add(1),
+        ) {
+            Ok(()) => Ok(true),
+            Err(NfnlError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every ipset's name.
+    pub fn ipset_names(&mut self) -> Result<Vec<String>, NfnlError> {
+        let msgs = self.dump("listing ipsets", ipset_list_names)?;
+        Ok(parse_ipset_names(&msgs))
+    }
+
+    /// Destroys set `name`; `Ok(false)` when it does not exist.
+    pub fn ipset_destroy(&mut self, name: &str) -> Result<bool, NfnlError> {
+        let seq = self.next_seq(1);
+        let msg = ipset_destroy(seq, name)?;
+        match self.request(
+            &format!("destroying ipset {name}"),
+            &msg,
+            seq..seq.wrapping_add(1),
+            seq,
+        ) {
+            Ok(()) => Ok(true),
+            Err(NfnlError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 16-byte header, little-endian (the byte tests assume a little-endian host).
+    fn hdr(len: u32, ty: u16, flags: u16, seq: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0]);
+        b
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn nft_delete_table_batch_bytes() {
+        let got = nft_delete_table_batch(7, NFPROTO_IPV4, "kube-proxy");
+        let mut want = Vec::new();
+        // NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, res_id = htons(NFNL_SUBSYS_NFTABLES).
+        want.extend(hdr(20, 0x0010, 0x0001, 7));
+        want.extend([0, 0, 0x00, 0x0a]);
+        // NFT_MSG_DELTABLE (0x0a02), NLM_F_REQUEST|NLM_F_ACK, family ip, NFTA_TABLE_NAME.
+        want.extend(hdr(36, 0x0a02, 0x0005, 8));
+        want.extend([2, 0, 0, 0]);
+        want.extend([15, 0, 1, 0]);
+        want.extend(b"kube-proxy\0");
+        want.push(0);
+        // NFNL_MSG_BATCH_END.
+        want.extend(hdr(20, 0x0011, 0x0001, 9));
+        want.extend([0, 0, 0x00, 0x0a]);
+        assert_eq!(got, want);
+        assert_eq!(
+            nft_delete_table_batch(1, NFPROTO_IPV6, "kube-proxy")[20 + 16],
+            10,
+            "ip6 family in the delete's nfgenmsg"
+        );
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn nft_list_tables_bytes() {
+        let mut want = hdr(20, 0x0a01, 0x0301, 3);
+        want.extend([0, 0, 0, 0]);
+        assert_eq!(nft_list_tables(3), want);
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn ipset_list_names_bytes() {
+        let mut want = hdr(36, 0x0607, 0x0301, 4);
+        want.extend([2, 0, 0, 0]);
+        // IPSET_ATTR_PROTOCOL = 6, padded.
+        want.extend([5, 0, 1, 0, 6, 0, 0, 0]);
+        // IPSET_ATTR_FLAGS | NLA_F_NET_BYTEORDER, IPSET_FLAG_LIST_SETNAME big-endian.
+        want.extend([8, 0, 0x06, 0x40, 0, 0, 0, 2]);
+        assert_eq!(ipset_list_names(4), want);
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn ipset_destroy_bytes() {
+        let mut want = hdr(48, 0x0603, 0x0005, 9);
+        want.extend([2, 0, 0, 0]);
+        want.extend([5, 0, 1, 0, 6, 0, 0, 0]);
+        // "KUBE-CLUSTER-IP\0": 16 bytes, attribute length 20.
+        want.extend([20, 0, 2, 0]);
+        want.extend(b"KUBE-CLUSTER-IP\0");
+        assert_eq!(ipset_destroy(9, "KUBE-CLUSTER-IP").unwrap(), want);
+    }
+
+    #[test]
+    fn ipset_destroy_refuses_to_destroy_everything() {
+        assert!(matches!(
+            ipset_destroy(1, ""),
+            Err(NfnlError::BadSetName(_))
+        ));
+        assert!(ipset_destroy(1, &"K".repeat(32)).is_err());
+        assert!(ipset_destroy(1, &"K".repeat(31)).is_ok());
+        assert!(ipset_destroy(1, "A\0B").is_err());
+    }
+
+    #[test]
+    fn attributes_are_padded() {
+        assert_eq!(
+            attr(1, &[]),
+            4u16.to_ne_bytes()
+                .iter()
+                .chain(&1u16.to_ne_bytes())
+                .copied()
+                .collect::<Vec<u8>>()
+        );
+        for n in 0..9 {
+            let a = attr(2, &vec![0xaa; n]);
+            assert_eq!(a.len() % 4, 0);
+            assert_eq!(u16::from_ne_bytes([a[0], a[1]]) as usize, 4 + n);
+        }
+    }
+
+    #[test]
+    fn parses_replies() {
+        // A NEWTABLE reply for "ip kube-proxy" and one for "inet filter", then DONE.
+        let mut buf = Vec::new();
+        for (family, name) in [(NFPROTO_IPV4, "kube-proxy"), (NFPROTO_INET, "filter")] {
+            let mut attrs = attr_str(NFTA_TABLE_NAME, name);
+            attrs.extend(attr(2, &0u32.to_be_bytes()));
+            buf.extend(message(
+                nft_type(NFT_MSG_NEWTABLE),
+                0x2,
+                5,
+                family,
+                0,
+                &attrs,
+            ));
+        }
+        buf.extend(message(NLMSG_DONE, 0x2, 5, 0, 0, &[]));
+        let msgs = parse_messages(&buf).unwrap();
+        assert_eq!(msgs.len(), 3);
+        let tables = parse_nft_tables(&msgs);
+        assert_eq!(
+            tables,
+            vec![
+                NftTable {
+                    family: NFPROTO_IPV4,
+                    name: "kube-proxy".into()
+                },
+                NftTable {
+                    family: NFPROTO_INET,
+                    name: "filter".into()
+                }
+            ]
+        );
+        assert_eq!(tables[0].to_string(), "ip kube-proxy");
+
+        let mut buf = Vec::new();
+        for name in ["KUBE-CLUSTER-IP", "other"] {
+            let mut attrs = attr(IPSET_ATTR_PROTOCOL, &[7]);
+            attrs.extend(attr_str(IPSET_ATTR_SETNAME, name));
+            buf.extend(message(
+                ipset_type(IPSET_CMD_LIST),
+                0x2,
+                6,
+                NFPROTO_IPV4,
+                0,
+                &attrs,
+            ));
+        }
+        assert_eq!(
+            parse_ipset_names(&parse_messages(&buf).unwrap()),
+            vec!["KUBE-CLUSTER-IP".to_string(), "other".to_string()]
+        );
+    }
+
+    #[test]
+    fn parses_errors_and_rejects_truncation() {
+        let mut payload = (-libc::ENOENT).to_ne_bytes().to_vec();
+        payload.extend([0u8; 16]);
+        let mut buf = Vec::new();
+        buf.extend(((16 + payload.len()) as u32).to_ne_bytes());
+        buf.extend(NLMSG_ERROR.to_ne_bytes());
+        buf.extend(0u16.to_ne_bytes());
+        buf.extend(8u32.to_ne_bytes());
+        buf.extend(0u32.to_ne_bytes());
+        buf.extend(&payload);
+        let msgs = parse_messages(&buf).unwrap();
+        assert_eq!(error_code(&msgs[0]), Some(libc::ENOENT));
+        buf.truncate(buf.len() - 1);
+        assert!(parse_messages(&buf).is_err());
+        assert!(describe(IPSET_ERR_BUSY).contains("in use"));
+    }
+}

@@ -1,0 +1,599 @@
+use super::*;
+
+fn ours(body: &str) -> String {
+    format!("apiVersion: kube-ipvs-bpf.io/v1alpha1\nkind: KubeIpvsBpfConfiguration\n{body}")
+}
+
+fn kp(body: &str) -> String {
+    format!("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{body}")
+}
+
+fn resolved(yaml: &str) -> AgentConfig {
+    let file = parse(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    resolve(Some(&file), &Overrides::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The error message of a file that must not load.
+fn error(yaml: &str) -> String {
+    match parse(yaml) {
+        Ok(f) => panic!("loaded: {f:?}\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[track_caller]
+fn assert_names(yaml: &str, setting: &str) {
+    let e = error(yaml);
+    assert!(e.contains(setting), "error {e:?} does not name {setting:?}");
+}
+
+/// What `kubeadm` writes into the kube-proxy ConfigMap (v1.36): every field, zero values.
+const KUBEADM_DEFAULT: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+featureGates: {}
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: ""
+mode: ipvs
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+windowsRunAsService: false
+"#;
+
+#[test]
+fn kubeadm_kube_proxy_configmap_loads() {
+    let cfg = resolved(KUBEADM_DEFAULT);
+    assert_eq!(
+        cfg.cluster_cidrs,
+        vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(
+        cfg.kubeconfig,
+        Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+    );
+    let expected = AgentConfig {
+        cluster_cidrs: cfg.cluster_cidrs.clone(),
+        kubeconfig: cfg.kubeconfig.clone(),
+        ..AgentConfig::default()
+    };
+    assert_eq!(cfg, expected);
+}
+
+#[test]
+fn defaults_without_a_file() {
+    let cfg = resolve(None, &Overrides::default()).unwrap();
+    assert_eq!(cfg, AgentConfig::default());
+    assert_eq!(cfg.healthz_bind_address.to_string(), "0.0.0.0:10256");
+    assert_eq!(cfg.metrics_bind_address.to_string(), "127.0.0.1:10249");
+    assert_eq!(cfg.sync_period, Duration::from_secs(30));
+    assert_eq!(cfg.min_sync_period, Duration::from_secs(1));
+    assert_eq!(cfg.health_timeout(), Duration::from_secs(60));
+    assert_eq!(cfg.node_port_range, 30000..=32767);
+    assert_eq!(cfg.scheduler, "rr");
+}
+
+#[test]
+fn empty_own_kind_loads() {
+    assert_eq!(resolved(&ours("")), AgentConfig::default());
+}
+
+// --- apiVersion / kind -------------------------------------------------------------------
+
+#[test]
+fn api_version_and_kind_are_required_and_paired() {
+    assert_names("kind: KubeIpvsBpfConfiguration\n", "apiVersion");
+    assert_names("apiVersion: kube-ipvs-bpf.io/v1alpha1\n", "kind");
+    assert_names(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeIpvsBpfConfiguration\n",
+        "kind",
+    );
+    assert_names(
+        "apiVersion: kube-ipvs-bpf.io/v1alpha1\nkind: KubeProxyConfiguration\n",
+        "kind",
+    );
+    assert_names("apiVersion: v1\nkind: ConfigMap\n", "apiVersion");
+}
+
+#[test]
+fn unknown_fields_are_named() {
+    assert_names(&ours("bogus: 1\n"), "bogus");
+    assert_names(&ours("ipvs:\n  sheduler: rr\n"), "sheduler");
+    assert_names(&ours("kubeIpvsBpf:\n  drainTimout: 1m\n"), "drainTimout");
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    markSvc: 1\n"),
+        "markSvc",
+    );
+    assert_names(&ours("conntrack:\n  maxPerCpu: 1\n"), "maxPerCpu");
+}
+
+#[test]
+fn wrong_types_are_named() {
+    assert_names(&ours("masqueradeAll: maybe\n"), "masqueradeAll");
+    assert_names(&ours("oomScoreAdj: low\n"), "oomScoreAdj");
+}
+
+#[test]
+fn not_yaml_is_a_parse_error() {
+    assert!(matches!(
+        parse(": : :\n  - ["),
+        Err(ConfigError::Parse { .. })
+    ));
+}
+
+// --- honoured fields -----------------------------------------------------------------------
+
+#[test]
+fn hostname_override_is_trimmed_and_lowercased() {
+    assert_eq!(
+        resolved(&kp("hostnameOverride: ' Node-1 '\n"))
+            .node_name
+            .as_deref(),
+        Some("node-1")
+    );
+}
+
+#[test]
+fn bind_address() {
+    let cfg = resolved(&kp("bindAddress: 10.0.0.5\n"));
+    assert_eq!(cfg.node_ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+    assert!(resolved(&kp("bindAddress: 0.0.0.0\n")).node_ips.is_empty());
+    let v6 = resolved(&kp("bindAddress: '::'\n"));
+    assert!(v6.node_ips.is_empty());
+    assert_eq!(v6.healthz_bind_address.to_string(), "[::]:10256");
+    assert_eq!(v6.metrics_bind_address.to_string(), "[::1]:10249");
+    assert_names(&kp("bindAddress: node-1\n"), "bindAddress");
+}
+
+#[test]
+fn healthz_and_metrics_bind_addresses() {
+    let cfg = resolved(&kp(
+        "healthzBindAddress: 127.0.0.1:20256\nmetricsBindAddress: 0.0.0.0\n",
+    ));
+    assert_eq!(cfg.healthz_bind_address.to_string(), "127.0.0.1:20256");
+    assert_eq!(cfg.metrics_bind_address.to_string(), "0.0.0.0:10249");
+    let v6 = resolved(&kp("metricsBindAddress: '[::]:9999'\n"));
+    assert_eq!(v6.metrics_bind_address.to_string(), "[::]:9999");
+    assert_names(
+        &kp("healthzBindAddress: localhost:1\n"),
+        "healthzBindAddress",
+    );
+    assert_names(&kp("metricsBindAddress: x\n"), "metricsBindAddress");
+}
+
+#[test]
+fn bind_address_hard_fail() {
+    assert!(resolved(&kp("bindAddressHardFail: true\n")).bind_address_hard_fail);
+}
+
+#[test]
+fn client_connection_kubeconfig() {
+    let cfg = resolved(&kp(
+        "clientConnection:\n  kubeconfig: /k.conf\n  qps: 5\n  burst: 10\n",
+    ));
+    assert_eq!(cfg.kubeconfig, Some(PathBuf::from("/k.conf")));
+}
+
+#[test]
+fn oom_score_adj() {
+    assert_eq!(
+        resolved(&kp("oomScoreAdj: -999\n")).oom_score_adj,
+        Some(-999)
+    );
+    assert_names(&kp("oomScoreAdj: -1001\n"), "oomScoreAdj");
+}
+
+#[test]
+fn cluster_cidr_is_comma_separated_one_per_family() {
+    let cfg = resolved(&kp("clusterCIDR: 10.244.0.0/16, fd00:10:244::/56\n"));
+    assert_eq!(cfg.cluster_cidrs.len(), 2);
+    assert_names(&kp("clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n"), "clusterCIDR");
+    assert_names(&kp("clusterCIDR: 10.0.0.0\n"), "clusterCIDR");
+}
+
+#[test]
+fn node_port_addresses_forms() {
+    assert_eq!(
+        resolved(&kp("nodePortAddresses: [primary]\n")).node_port_addresses,
+        NodePortAddresses::Primary
+    );
+    assert_eq!(
+        resolved(&kp("nodePortAddresses: [all]\n")).node_port_addresses,
+        NodePortAddresses::AllLocal
+    );
+    assert_eq!(
+        resolved(&kp("nodePortAddresses: [10.0.0.0/8, 'fd00::/64']\n")).node_port_addresses,
+        NodePortAddresses::Cidrs(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "fd00::/64".parse().unwrap()
+        ])
+    );
+    assert_eq!(
+        resolved(&kp("nodePortAddresses: []\n")).node_port_addresses,
+        NodePortAddresses::AllLocal
+    );
+    assert_names(&kp("nodePortAddresses: [localhost]\n"), "nodePortAddresses");
+    assert_names(
+        &kp("nodePortAddresses: [primary, 10.0.0.0/8]\n"),
+        "nodePortAddresses",
+    );
+    assert_names(&kp("nodePortAddresses: [10.0.0.1]\n"), "nodePortAddresses");
+}
+
+#[test]
+fn scheduler() {
+    assert_eq!(resolved(&kp("ipvs:\n  scheduler: mh\n")).scheduler, "mh");
+    assert_names(&kp("ipvs:\n  scheduler: fastest\n"), "ipvs.scheduler");
+}
+
+#[test]
+fn masquerade_all_top_level_or_iptables_section() {
+    assert!(resolved(&ours("masqueradeAll: true\n")).masquerade_all);
+    assert!(resolved(&kp("iptables:\n  masqueradeAll: true\n")).masquerade_all);
+    assert!(
+        !resolved(&kp(
+            "masqueradeAll: false\niptables:\n  masqueradeAll: true\n"
+        ))
+        .masquerade_all
+    );
+    // nftables' copy is ignored (kube-proxy reads it in nftables mode only).
+    assert!(!resolved(&kp("nftables:\n  masqueradeAll: true\n")).masquerade_all);
+}
+
+#[test]
+fn sync_periods_follow_the_mode_section() {
+    let ipvs = resolved(&kp(
+        "mode: ipvs\nipvs:\n  syncPeriod: 1m\n  minSyncPeriod: 2s\niptables:\n  syncPeriod: 5m\n",
+    ));
+    assert_eq!(ipvs.sync_period, Duration::from_secs(60));
+    assert_eq!(ipvs.min_sync_period, Duration::from_secs(2));
+    let default_mode = resolved(&kp(
+        "iptables:\n  syncPeriod: 45s\n  minSyncPeriod: 500ms\nipvs:\n  syncPeriod: 5m\n",
+    ));
+    assert_eq!(default_mode.sync_period, Duration::from_secs(45));
+    assert_eq!(default_mode.min_sync_period, Duration::from_millis(500));
+    let top = resolved(&ours("syncPeriod: 2m\nminSyncPeriod: 0s\n"));
+    assert_eq!(top.sync_period, Duration::from_secs(120));
+    assert_eq!(top.min_sync_period, DEFAULT_MIN_SYNC_PERIOD);
+}
+
+#[test]
+fn sync_period_conflicts_and_limits() {
+    assert_names(
+        &kp("mode: ipvs\nsyncPeriod: 1m\nipvs:\n  syncPeriod: 2m\n"),
+        "syncPeriod",
+    );
+    // The same value twice is fine.
+    resolved(&kp(
+        "mode: ipvs\nsyncPeriod: 1m\nipvs:\n  syncPeriod: 60s\n",
+    ));
+    assert_names(
+        &ours("syncPeriod: 10s\nminSyncPeriod: 20s\n"),
+        "minSyncPeriod",
+    );
+    assert_names(&ours("syncPeriod: ten\n"), "syncPeriod");
+    assert_names(&ours("syncPeriod: -5s\n"), "syncPeriod");
+    assert_names(
+        &kp("mode: ipvs\nipvs:\n  minSyncPeriod: 5\n"),
+        "ipvs.minSyncPeriod",
+    );
+}
+
+#[test]
+fn ipvs_timeouts() {
+    let cfg = resolved(&kp(
+        "ipvs:\n  tcpTimeout: 15m\n  tcpFinTimeout: 2m\n  udpTimeout: 0s\n",
+    ));
+    assert_eq!(
+        cfg.ipvs_timeouts,
+        IpvsTimeouts {
+            tcp: Some(Duration::from_secs(900)),
+            tcp_fin: Some(Duration::from_secs(120)),
+            udp: None,
+        }
+    );
+    assert_names(&kp("ipvs:\n  udpTimeout: 1500ms\n"), "ipvs.udpTimeout");
+    assert_names(&kp("ipvs:\n  tcpTimeout: 1x\n"), "ipvs.tcpTimeout");
+}
+
+#[test]
+fn strict_arp_and_exclude_cidrs() {
+    let cfg = resolved(&kp(
+        "ipvs:\n  strictARP: true\n  excludeCIDRs: [10.200.0.0/16]\n",
+    ));
+    assert!(cfg.strict_arp);
+    assert_eq!(
+        cfg.ipvs_exclude_cidrs,
+        vec!["10.200.0.0/16".parse::<IpNet>().unwrap()]
+    );
+    assert_names(
+        &kp("ipvs:\n  excludeCIDRs: [nope]\n"),
+        "ipvs.excludeCIDRs[0]",
+    );
+}
+
+#[test]
+fn own_section() {
+    let cfg = resolved(&ours(
+        "kubeIpvsBpf:\n  drainTimeout: 90s\n  stateDir: /var/run/kib\n  nodePortRange: 31000-32767\n  serviceProxyName: kube-ipvs-bpf\n",
+    ));
+    assert_eq!(cfg.drain_timeout, Duration::from_secs(90));
+    assert_eq!(cfg.state_dir, PathBuf::from("/var/run/kib"));
+    assert_eq!(cfg.node_port_range, 31000..=32767);
+    assert_eq!(cfg.proxy_name.as_deref(), Some("kube-ipvs-bpf"));
+    assert!(!cfg.only_labelled_services);
+    let only = resolved(&ours(
+        "kubeIpvsBpf:\n  serviceProxyName: kube-ipvs-bpf\n  onlyLabelledServices: true\n",
+    ));
+    assert!(only.only_labelled_services);
+    assert_names(
+        &ours("kubeIpvsBpf:\n  onlyLabelledServices: true\n"),
+        "kubeIpvsBpf.onlyLabelledServices",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  nodePortRange: 32767-30000\n"),
+        "kubeIpvsBpf.nodePortRange",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  nodePortRange: 30000\n"),
+        "kubeIpvsBpf.nodePortRange",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  drainTimeout: soon\n"),
+        "kubeIpvsBpf.drainTimeout",
+    );
+}
+
+#[test]
+fn datapath_section() {
+    let cfg = resolved(&ours(
+        "kubeIpvsBpf:\n  datapath:\n    markService: 0x100000\n    markMasquerade: 0x800000\n    snatPortRange: 2000-20000\n",
+    ));
+    assert_eq!(cfg.datapath.mark_service, 0x10_0000);
+    assert_eq!(cfg.datapath.mark_masquerade, 0x80_0000);
+    assert_eq!(cfg.datapath.snat_port_range, Some(2000..=20000));
+    assert_eq!(AgentConfig::default().datapath.snat_port_range, None);
+    assert_eq!(AgentConfig::default().datapath.mark_service, 0x20_0000);
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    markService: 0\n"),
+        "markService",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    markService: 0x600000\n"),
+        "markMasquerade",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    markMasquerade: 0x4000\n"),
+        "markMasquerade",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    snatPortRange: 20000-31000\n"),
+        "snatPortRange",
+    );
+}
+
+// --- accepted and ignored ------------------------------------------------------------------
+
+#[test]
+fn ignored_fields_load() {
+    resolved(&kp(
+        "showHiddenMetricsForVersion: '1.35'\nconfigSyncPeriod: 15m\nportRange: 30000-30100\nwindowsRunAsService: true\nwinkernel:\n  enableDSR: true\nnftables:\n  syncPeriod: 1m\n  masqueradeBit: 3\ndetectLocal:\n  bridgeInterface: cbr0\nlogging:\n  format: json\n  verbosity: 4\n",
+    ));
+    resolved(&kp(
+        "mode: ''\ndetectLocalMode: ClusterCIDR\niptables:\n  masqueradeBit: 14\n  localhostNodePorts: false\n",
+    ));
+}
+
+// --- refused kube-proxy settings ------------------------------------------------------------
+
+#[test]
+fn refused_settings_are_named() {
+    for (body, setting) in [
+        ("mode: iptables\n", "mode"),
+        ("mode: nftables\n", "mode"),
+        ("mode: kernelspace\n", "mode"),
+        ("featureGates:\n  AllAlpha: true\n", "featureGates.AllAlpha"),
+        ("enableProfiling: true\n", "enableProfiling"),
+        ("iptables:\n  masqueradeBit: 12\n", "iptables.masqueradeBit"),
+        (
+            "iptables:\n  localhostNodePorts: true\n",
+            "iptables.localhostNodePorts",
+        ),
+        (
+            "iptables:\n  snatNodeInternalIP: true\n",
+            "iptables.snatNodeInternalIP",
+        ),
+        ("detectLocalMode: NodeCIDR\n", "detectLocalMode"),
+        ("detectLocalMode: BridgeInterface\n", "detectLocalMode"),
+        ("conntrack:\n  maxPerCore: 32768\n", "conntrack.maxPerCore"),
+        ("conntrack:\n  min: 131072\n", "conntrack.min"),
+        (
+            "conntrack:\n  tcpEstablishedTimeout: 24h0m0s\n",
+            "conntrack.tcpEstablishedTimeout",
+        ),
+        (
+            "conntrack:\n  tcpCloseWaitTimeout: 1h\n",
+            "conntrack.tcpCloseWaitTimeout",
+        ),
+        (
+            "conntrack:\n  tcpBeLiberal: true\n",
+            "conntrack.tcpBeLiberal",
+        ),
+        ("conntrack:\n  udpTimeout: 30s\n", "conntrack.udpTimeout"),
+        (
+            "conntrack:\n  udpStreamTimeout: 2m\n",
+            "conntrack.udpStreamTimeout",
+        ),
+        ("configSyncPeriod: often\n", "configSyncPeriod"),
+    ] {
+        let e = error(&kp(body));
+        assert!(
+            e.contains(setting),
+            "{body:?}: error {e:?} does not name {setting}"
+        );
+    }
+    assert!(matches!(
+        parse(&kp("mode: iptables\n")),
+        Err(ConfigError::Unsupported { .. })
+    ));
+}
+
+// --- precedence ----------------------------------------------------------------------------
+
+#[test]
+fn flags_override_file_override_defaults() {
+    let file = parse(&kp(
+        "hostnameOverride: from-file\nclusterCIDR: 10.244.0.0/16\nmode: ipvs\nipvs:\n  scheduler: wrr\n  syncPeriod: 1m\niptables:\n  masqueradeAll: true\nmetricsBindAddress: 0.0.0.0:10249\n",
+    ))
+    .unwrap();
+    let flags = Overrides {
+        node_name: Some("from-flag".into()),
+        scheduler: Some("lc".into()),
+        masquerade_all: Some(false),
+        min_sync_period: Some(Duration::from_secs(5)),
+        healthz_bind_address: Some("127.0.0.1:1".parse().unwrap()),
+        node_port_addresses: vec!["primary".into()],
+        ..Overrides::default()
+    };
+    let cfg = resolve(Some(&file), &flags).unwrap();
+    assert_eq!(cfg.node_name.as_deref(), Some("from-flag"));
+    assert_eq!(cfg.scheduler, "lc");
+    assert!(!cfg.masquerade_all);
+    assert_eq!(cfg.min_sync_period, Duration::from_secs(5));
+    assert_eq!(cfg.healthz_bind_address.to_string(), "127.0.0.1:1");
+    assert_eq!(cfg.node_port_addresses, NodePortAddresses::Primary);
+    // From the file.
+    assert_eq!(cfg.sync_period, Duration::from_secs(60));
+    assert_eq!(cfg.cluster_cidrs.len(), 1);
+    assert_eq!(cfg.metrics_bind_address.to_string(), "0.0.0.0:10249");
+    // Defaults.
+    assert_eq!(cfg.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+}
+
+#[test]
+fn flags_are_validated_too() {
+    let bad = Overrides {
+        scheduler: Some("bogus".into()),
+        ..Overrides::default()
+    };
+    assert!(resolve(None, &bad).is_err());
+    let bad = Overrides {
+        node_port_addresses: vec!["localhost".into()],
+        ..Overrides::default()
+    };
+    assert!(
+        resolve(None, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("--nodeport-addresses")
+    );
+}
+
+#[test]
+fn model_config_mirrors_the_agent_config() {
+    let cfg = resolved(&ours(
+        "clusterCIDR: 10.244.0.0/16\nmasqueradeAll: true\nkubeIpvsBpf:\n  serviceProxyName: x\n",
+    ));
+    let m = cfg.model_config();
+    assert_eq!(m.cluster_cidrs, cfg.cluster_cidrs);
+    assert!(m.masquerade_all);
+    assert_eq!(m.proxy_name.as_deref(), Some("x"));
+    assert_eq!(m.default_scheduler, "rr");
+}
+
+#[test]
+fn load_reads_a_file_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.yaml");
+    std::fs::write(&p, ours("syncPeriod: 10s\n")).unwrap();
+    assert_eq!(load(&p).unwrap().sync_period.as_deref(), Some("10s"));
+    std::fs::write(&p, ours("nope: 1\n")).unwrap();
+    let e = load(&p).unwrap_err().to_string();
+    assert!(e.contains("config.yaml") && e.contains("nope"), "{e}");
+    let missing = dir.path().join("missing.yaml");
+    assert!(matches!(load(&missing), Err(ConfigError::Read { .. })));
+}
+
+// --- Go durations --------------------------------------------------------------------------
+
+#[test]
+fn go_durations() {
+    for (s, d) in [
+        ("0", Duration::ZERO),
+        ("0s", Duration::ZERO),
+        ("30s", Duration::from_secs(30)),
+        ("1m0s", Duration::from_secs(60)),
+        ("2h22m", Duration::from_secs(2 * 3600 + 22 * 60)),
+        ("1.5h", Duration::from_secs(5400)),
+        ("300ms", Duration::from_millis(300)),
+        ("10us", Duration::from_micros(10)),
+        ("10µs", Duration::from_micros(10)),
+        ("5ns", Duration::from_nanos(5)),
+        ("24h0m0s", Duration::from_secs(86400)),
+        ("+1s", Duration::from_secs(1)),
+    ] {
+        assert_eq!(parse_go_duration(s), Ok(d), "{s}");
+    }
+    for s in ["", "5", "-1s", "1d", "s", "1..5s", "1h x"] {
+        assert!(parse_go_duration(s).is_err(), "{s:?} parsed");
+    }
+}

@@ -1,0 +1,732 @@
+//! Prometheus metrics: this module owns the registry ([`Metrics`]), the HTTP server on
+//! `metricsBindAddress` ([`serve`], `/metrics` and `/healthz`), and the bookkeeping that turns
+//! snapshots into kube-proxy's change counters and network-programming latencies
+//! ([`ChangeTracker`], [`no_local_endpoints`]).
+//!
+//! # Naming
+//!
+//! Where a metric means what a kube-proxy metric means, it has kube-proxy's name, type, labels
+//! and buckets (v1.36, `pkg/proxy/metrics`), so kube-proxy dashboards and alerts keep working:
+//!
+//! | metric | type | labels | fed by |
+//! |---|---|---|---|
+//! | `kubeproxy_sync_proxy_rules_duration_seconds` | histogram | `ip_family` | every sync, [`Metrics::observe_sync`] / [`Metrics::sync_failed`] |
+//! | `kubeproxy_sync_full_proxy_rules_duration_seconds` | histogram | `ip_family` | syncs that dump the kernel first (full resyncs) |
+//! | `kubeproxy_sync_partial_proxy_rules_duration_seconds` | histogram | `ip_family` | syncs against the cached kernel state |
+//! | `kubeproxy_sync_proxy_rules_last_timestamp_seconds` | gauge | `ip_family` | last successful sync |
+//! | `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds` | gauge | `ip_family` | [`Metrics::queued`] |
+//! | `kubeproxy_network_programming_duration_seconds` | histogram | `ip_family` | EndpointSlice `endpoints.kubernetes.io/last-change-trigger-time` → programmed |
+//! | `kubeproxy_sync_proxy_rules_endpoint_changes_total`, `..._service_changes_total` | counter | | [`Metrics::changes`] |
+//! | `kubeproxy_sync_proxy_rules_endpoint_changes_pending`, `..._service_changes_pending` | gauge | | changes not yet synced |
+//! | `kubeproxy_sync_proxy_rules_no_local_endpoints_total` | gauge | `ip_family`, `traffic_policy` | [`Metrics::no_local_endpoints`] |
+//! | `kubeproxy_proxy_healthz_total`, `kubeproxy_proxy_livez_total` | counter | `code` | the health server |
+//!
+//! One sync here programs both IP families, where kube-proxy runs one proxier per family: the
+//! `ip_family` series are written once for each configured family ([`Metrics::new`]), with the
+//! same values, as a dual-stack kube-proxy's two proxiers would each report their sync. The
+//! change counters count each changed object once (a dual-stack kube-proxy counts a change once
+//! per family that sees it). kube-proxy's iptables/nftables-only metrics (`..._iptables_*`,
+//! `..._nftables_*`, conntrack reconciler) have no meaning here and are not exported.
+//!
+//! This agent's own metrics are under `kube_ipvs_bpf_`:
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `kube_ipvs_bpf_ipvs_operations_total` | counter | `operation` (`add_service`, …), `result` (`success`, `failure`) |
+//! | `kube_ipvs_bpf_datapath_events_total` | counter | `event` (the datapath's counters: `snat_alloc`, `port_exhausted`, `map_full`, `rev_hit`, `icmp_xlate`, `frag_xlate`, `probe_hit`, `probe_miss`, `filtered_port`, …) |
+//! | `kube_ipvs_bpf_rejected_objects` | gauge | `kind` (`Service`, `EndpointSlice`) |
+//! | `kube_ipvs_bpf_sync_failures_total` | counter | |
+//!
+//! The text is OpenMetrics (`application/openmetrics-text`), which Prometheus scrapes natively;
+//! sample names are kube-proxy's (`..._total`, `..._bucket`, `..._sum`, `..._count`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::Metadata;
+use k8s_openapi::api::core::v1::Service;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+
+use crate::model::{DesiredState, Rejection, ServiceRef, VirtualServiceKind};
+use crate::reconcile::ipvs::OpCounts;
+use crate::source::Snapshot;
+
+/// The EndpointSlice annotation holding the time of the change that triggered its update.
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// An IP family, as kube-proxy's `ip_family` label spells it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        if ip.is_ipv4() { Self::IPv4 } else { Self::IPv6 }
+    }
+}
+
+/// kube-proxy's `traffic_policy` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TrafficPolicy {
+    Internal,
+    External,
+}
+
+impl EncodeLabelValue for TrafficPolicy {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            Self::Internal => "internal",
+            Self::External => "external",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    ip_family: IpFamily,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoLocalLabels {
+    ip_family: IpFamily,
+    traffic_policy: TrafficPolicy,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    operation: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn sync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// kube-proxy's buckets: 0.25 s, 0.5 s, 1..59 s, 60..115 s by 5, 2..5 min by 30 s.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+fn programming_histogram() -> Histogram {
+    Histogram::new(programming_buckets())
+}
+
+struct Inner {
+    registry: Registry,
+    families: Vec<IpFamily>,
+    sync_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    sync_full_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    sync_partial_duration: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    network_programming: Family<FamilyLabels, Histogram, fn() -> Histogram>,
+    last_timestamp: Family<FamilyLabels, FloatGauge>,
+    last_queued: Family<FamilyLabels, FloatGauge>,
+    endpoint_changes_total: Counter,
+    service_changes_total: Counter,
+    endpoint_changes_pending: Gauge,
+    service_changes_pending: Gauge,
+    no_local_endpoints: Family<NoLocalLabels, Gauge>,
+    healthz: Family<CodeLabels, Counter>,
+    livez: Family<CodeLabels, Counter>,
+    ipvs_operations: Family<OpLabels, Counter>,
+    datapath_events: Family<EventLabels, Counter>,
+    datapath_seen: Mutex<HashMap<String, u64>>,
+    rejected: Family<KindLabels, Gauge>,
+    sync_failures: Counter,
+}
+
+/// The agent's metrics. Cheap to clone; every method takes `&self`.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("families", &self.inner.families)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Service and EndpointSlice changes seen in a new snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    pub endpoint_slices: u64,
+}
+
+/// Services with a `Local` traffic policy and no local endpoints, per family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub counts: BTreeMap<(IpFamily, TrafficPolicy), i64>,
+}
+
+impl Metrics {
+    /// `families`: the IP families this node proxies (from its node IPs or cluster CIDRs);
+    /// empty means IPv4 only.
+    pub fn new(families: &[IpFamily]) -> Self {
+        let mut families: Vec<IpFamily> = families.to_vec();
+        families.sort();
+        families.dedup();
+        if families.is_empty() {
+            families.push(IpFamily::IPv4);
+        }
+        let mut registry = Registry::default();
+        let hist = || {
+            Family::<FamilyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                sync_histogram as fn() -> Histogram,
+            )
+        };
+        let inner = Inner {
+            families,
+            sync_duration: hist(),
+            sync_full_duration: hist(),
+            sync_partial_duration: hist(),
+            network_programming: Family::new_with_constructor(
+                programming_histogram as fn() -> Histogram,
+            ),
+            last_timestamp: Family::default(),
+            last_queued: Family::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_total: Counter::default(),
+            endpoint_changes_pending: Gauge::default(),
+            service_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            ipvs_operations: Family::default(),
+            datapath_events: Family::default(),
+            datapath_seen: Mutex::default(),
+            rejected: Family::default(),
+            sync_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        // Counters are registered without their `_total` suffix: the encoder adds it.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            inner.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            inner.sync_full_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            inner.sync_partial_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            inner.network_programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            inner.last_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            inner.last_queued.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            inner.endpoint_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            inner.service_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            inner.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            inner.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            inner.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            inner.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            inner.livez.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_ipvs_operations",
+            "IPVS netlink operations issued, by operation and result",
+            inner.ipvs_operations.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_datapath_events",
+            "Events counted by the eBPF datapath (summed over CPUs)",
+            inner.datapath_events.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_rejected_objects",
+            "Objects (or parts of objects) skipped because they are invalid, by kind",
+            inner.rejected.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_sync_failures",
+            "Syncs that failed before programming the kernel",
+            inner.sync_failures.clone(),
+        );
+        let inner = Inner { registry, ..inner };
+        // The no-local-endpoints gauges exist from the start, at 0 (kube-proxy sets them on
+        // every sync); timestamps appear once set, as kube-proxy's do.
+        for f in &inner.families {
+            for p in [TrafficPolicy::Internal, TrafficPolicy::External] {
+                let _ = inner.no_local_endpoints.get_or_create(&NoLocalLabels {
+                    ip_family: *f,
+                    traffic_policy: p,
+                });
+            }
+        }
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    fn each_family(&self, mut f: impl FnMut(&FamilyLabels)) {
+        for fam in &self.inner.families {
+            f(&FamilyLabels { ip_family: *fam });
+        }
+    }
+
+    /// A change was queued for the next sync (call with each new snapshot).
+    pub fn queued(&self, now: SystemTime) {
+        let t = unix_seconds(now);
+        self.each_family(|l| {
+            self.inner.last_queued.get_or_create(l).set(t);
+        });
+    }
+
+    /// Counts the changes a new snapshot brings ([`ChangeTracker::observe`]); they stay pending
+    /// until the next successful sync.
+    pub fn changes(&self, c: Changes) {
+        let i = &self.inner;
+        i.service_changes_total.inc_by(c.services);
+        i.endpoint_changes_total.inc_by(c.endpoint_slices);
+        i.service_changes_pending
+            .inc_by(i64::try_from(c.services).unwrap_or(i64::MAX));
+        i.endpoint_changes_pending
+            .inc_by(i64::try_from(c.endpoint_slices).unwrap_or(i64::MAX));
+    }
+
+    fn observe_duration(&self, duration: Duration, full: bool) {
+        let secs = duration.as_secs_f64();
+        self.each_family(|l| {
+            self.inner.sync_duration.get_or_create(l).observe(secs);
+            let h = if full {
+                &self.inner.sync_full_duration
+            } else {
+                &self.inner.sync_partial_duration
+            };
+            h.get_or_create(l).observe(secs);
+        });
+    }
+
+    /// A successful sync that took `duration`; `full` when it dumped the kernel first. Sets the
+    /// last-sync time to now and clears the pending change counts.
+    pub fn observe_sync(&self, duration: Duration, full: bool) {
+        self.observe_sync_at(duration, full, SystemTime::now());
+    }
+
+    /// [`Self::observe_sync`] at a given time.
+    pub fn observe_sync_at(&self, duration: Duration, full: bool, now: SystemTime) {
+        self.observe_duration(duration, full);
+        let t = unix_seconds(now);
+        self.each_family(|l| {
+            self.inner.last_timestamp.get_or_create(l).set(t);
+        });
+        self.inner.service_changes_pending.set(0);
+        self.inner.endpoint_changes_pending.set(0);
+    }
+
+    /// A sync that failed after `duration` (kube-proxy records its duration too).
+    pub fn sync_failed(&self, duration: Duration, full: bool) {
+        self.observe_duration(duration, full);
+        self.inner.sync_failures.inc();
+    }
+
+    /// One network-programming latency: from an EndpointSlice's last-change trigger time to the
+    /// end of the sync that programmed it.
+    pub fn network_programming(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        self.each_family(|l| {
+            self.inner
+                .network_programming
+                .get_or_create(l)
+                .observe(secs);
+        });
+    }
+
+    /// The latencies of `trigger_times` ([`ChangeTracker::take_trigger_times`]) programmed at
+    /// `now`.
+    pub fn programmed(&self, trigger_times: &[SystemTime], now: SystemTime) {
+        for t in trigger_times {
+            self.network_programming(now.duration_since(*t).unwrap_or_default());
+        }
+    }
+
+    /// The IPVS operations of one sync.
+    pub fn ipvs_ops(&self, counts: &OpCounts) {
+        for (op, issued) in &counts.issued {
+            let failed = counts.failed.get(op).copied().unwrap_or(0);
+            let ok = issued.saturating_sub(failed);
+            for (result, n) in [("success", ok), ("failure", failed)] {
+                if n > 0 {
+                    self.inner
+                        .ipvs_operations
+                        .get_or_create(&OpLabels {
+                            operation: (*op).to_owned(),
+                            result: result.to_owned(),
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
+    }
+
+    /// A snapshot of the datapath's cumulative counters (name, value summed over CPUs). Each is
+    /// exported as a counter that advances by the difference with the previous snapshot; a
+    /// value lower than before (the maps were recreated) counts as a reset.
+    pub fn datapath_counters(&self, snapshot: &[(&str, u64)]) {
+        let mut seen = self
+            .inner
+            .datapath_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (name, value) in snapshot {
+            let prev = seen.insert((*name).to_owned(), *value);
+            let delta = match prev {
+                Some(p) if *value >= p => value - p,
+                _ => *value,
+            };
+            let c = self.inner.datapath_events.get_or_create(&EventLabels {
+                event: (*name).to_owned(),
+            });
+            c.inc_by(delta);
+        }
+    }
+
+    /// The objects the last model build rejected, counted by kind (`Service`, `EndpointSlice`).
+    pub fn rejected(&self, rejected: &[Rejection]) {
+        let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+        for kind in ["Service", "EndpointSlice"] {
+            by_kind.insert(kind.to_owned(), 0);
+        }
+        for r in rejected {
+            let kind = r.object.split(' ').next().unwrap_or("").to_owned();
+            *by_kind.entry(kind).or_default() += 1;
+        }
+        for (kind, n) in by_kind {
+            self.inner
+                .rejected
+                .get_or_create(&KindLabels { kind })
+                .set(n);
+        }
+    }
+
+    /// The Services with a `Local` traffic policy and no local endpoints ([`no_local_endpoints`]).
+    pub fn no_local_endpoints(&self, n: &NoLocalEndpoints) {
+        for fam in &self.inner.families {
+            for p in [TrafficPolicy::Internal, TrafficPolicy::External] {
+                let v = n.counts.get(&(*fam, p)).copied().unwrap_or(0);
+                self.inner
+                    .no_local_endpoints
+                    .get_or_create(&NoLocalLabels {
+                        ip_family: *fam,
+                        traffic_policy: p,
+                    })
+                    .set(v);
+            }
+        }
+    }
+
+    /// Counts one `/healthz` answer.
+    pub fn healthz(&self, code: u16) {
+        self.inner
+            .healthz
+            .get_or_create(&CodeLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one `/livez` answer.
+    pub fn livez(&self, code: u16) {
+        self.inner
+            .livez
+            .get_or_create(&CodeLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+async fn metrics_handler(State(m): State<Metrics>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        m.encode(),
+    )
+        .into_response()
+}
+
+/// The router of the metrics server: `/metrics`, and `/healthz` answering `ok` as kube-proxy's
+/// metrics server does.
+pub fn router(metrics: Metrics) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(metrics)
+}
+
+/// Failure to open the metrics listener.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct ServeError {
+    pub address: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Starts the metrics server on `address` (kube-proxy's `metricsBindAddress`, default
+/// `127.0.0.1:10249`). Binding happens before this returns; serving runs in the returned task.
+pub async fn serve(address: SocketAddr, metrics: Metrics) -> Result<JoinHandle<()>, ServeError> {
+    let listener = crate::health::listen(address)
+        .await
+        .map_err(|source| ServeError { address, source })?;
+    let app = router(metrics);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(%address, "metrics server stopped: {e}");
+        }
+    }))
+}
+
+/// What identifies a version of an object: its resourceVersion, or a hash of its content when
+/// it has none (file sources).
+fn fingerprint<
+    T: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> + serde::Serialize,
+>(
+    obj: &T,
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match obj.metadata().resource_version.as_deref() {
+        Some(rv) if !rv.is_empty() => rv.hash(&mut h),
+        _ => serde_json::to_vec(obj).unwrap_or_default().hash(&mut h),
+    }
+    h.finish()
+}
+
+fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Follows successive snapshots to count Service and EndpointSlice changes (adds, updates and
+/// deletions, as kube-proxy counts its events) and to collect the last-change trigger times of
+/// the EndpointSlices that changed, for `kubeproxy_network_programming_duration_seconds`.
+#[derive(Debug)]
+pub struct ChangeTracker {
+    started: SystemTime,
+    services: HashMap<(String, String), u64>,
+    slices: HashMap<(String, String), u64>,
+    trigger_times: Vec<SystemTime>,
+}
+
+impl ChangeTracker {
+    /// `started`: trigger times before it are ignored (they predate this agent, as kube-proxy
+    /// ignores those before its tracker started).
+    pub fn new(started: SystemTime) -> Self {
+        Self {
+            started,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            trigger_times: Vec::new(),
+        }
+    }
+
+    /// The changes `snapshot` brings over the previous one (the first counts every object).
+    pub fn observe(&mut self, snapshot: &Snapshot) -> Changes {
+        let mut changes = Changes::default();
+        let services: HashMap<_, _> = snapshot
+            .services
+            .iter()
+            .map(|s| (object_key(&s.metadata), fingerprint(s)))
+            .collect();
+        changes.services = diff_count(&self.services, &services);
+        self.services = services;
+
+        let mut slices = HashMap::with_capacity(snapshot.endpoint_slices.len());
+        for s in &snapshot.endpoint_slices {
+            let key = object_key(&s.metadata);
+            let fp = fingerprint(s);
+            if self.slices.get(&key) != Some(&fp)
+                && let Some(t) = trigger_time(&s.metadata)
+                && t > self.started
+            {
+                self.trigger_times.push(t);
+            }
+            slices.insert(key, fp);
+        }
+        changes.endpoint_slices = diff_count(&self.slices, &slices);
+        self.slices = slices;
+        changes
+    }
+
+    /// The trigger times collected since the last call (call after a successful sync and pass
+    /// them to [`Metrics::programmed`]).
+    pub fn take_trigger_times(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.trigger_times)
+    }
+}
+
+fn diff_count(old: &HashMap<(String, String), u64>, new: &HashMap<(String, String), u64>) -> u64 {
+    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).count();
+    let deleted = old.keys().filter(|k| !new.contains_key(*k)).count();
+    (changed + deleted) as u64
+}
+
+/// An object's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339).
+pub fn trigger_time(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<SystemTime> {
+    let s = meta
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION)?;
+    let ts: jiff::Timestamp = s.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
+/// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: per family, the service ports with
+/// `internalTrafficPolicy: Local` whose ClusterIP has no local endpoint, and those with
+/// `externalTrafficPolicy: Local` whose external addresses (NodePort, load balancer, external
+/// IPs) have none. Computed from the model's output, whose destinations for a `Local` policy
+/// are the local endpoints.
+pub fn no_local_endpoints(services: &[Service], desired: &DesiredState) -> NoLocalEndpoints {
+    let policies: HashMap<ServiceRef, (bool, bool)> = services
+        .iter()
+        .map(|s| {
+            let (ns, name) = object_key(&s.metadata);
+            let spec = s.spec.as_ref();
+            let itp = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+            let etp = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+            (ServiceRef::new(ns, name), (itp, etp))
+        })
+        .collect();
+    // (service, port name, family, policy) → has a destination
+    let mut groups: BTreeMap<(ServiceRef, String, IpFamily, TrafficPolicy), bool> = BTreeMap::new();
+    for vs in &desired.virtual_services {
+        let Some(&(itp, etp)) = policies.get(&vs.service) else {
+            continue;
+        };
+        let policy = match vs.kind {
+            VirtualServiceKind::ClusterIp if itp => TrafficPolicy::Internal,
+            k if k.is_external() && etp => TrafficPolicy::External,
+            _ => continue,
+        };
+        let e = groups
+            .entry((
+                vs.service.clone(),
+                vs.port_name.clone(),
+                IpFamily::of(vs.address),
+                policy,
+            ))
+            .or_insert(false);
+        *e |= !vs.destinations.is_empty();
+    }
+    let mut out = NoLocalEndpoints::default();
+    for ((_, _, fam, policy), has) in groups {
+        if !has {
+            *out.counts.entry((fam, policy)).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
