@@ -49,7 +49,7 @@ pub enum Output {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Program the kernel from a source and keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the desired state and the changes that would be made, changing nothing.
     Plan {
         #[command(flatten)]
@@ -231,6 +231,45 @@ pub struct RunArgs {
     /// iptables flavour for the agent's rules.
     #[arg(long, value_enum, default_value_t = IptablesBackend::Default)]
     pub iptables_backend: IptablesBackend,
+    /// A datapath map's size, NAME=ENTRIES (repeatable; names: svc_ports, svc_addrs,
+    /// src_ranges, cluster_cidrs, devices, snat, conns, frags; defaults in docs/datapath.md).
+    /// Applies when the maps are created: a pinned map keeps its size.
+    #[arg(long = "bpf-map-size", value_parser = parse_map_size)]
+    pub bpf_map_sizes: Vec<(String, u32)>,
+    /// How often expired SNAT entries are swept.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub sweep_period: Duration,
+}
+
+fn parse_map_size(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=ENTRIES"))?;
+    let n: u32 = n.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n == 0 {
+        return Err(format!("{s:?}: a map needs at least one entry"));
+    }
+    Ok((name.to_string(), n))
+}
+
+/// Map sizes from `--bpf-map-size` over the defaults; an unknown name is an error naming it.
+fn map_sizes(overrides: &[(String, u32)]) -> anyhow::Result<probes::MapSizes> {
+    let mut m = probes::MapSizes::default();
+    for (name, n) in overrides {
+        let slot = match name.as_str() {
+            "svc_ports" => &mut m.svc_ports,
+            "svc_addrs" => &mut m.svc_addrs,
+            "src_ranges" => &mut m.src_ranges,
+            "cluster_cidrs" => &mut m.cluster_cidrs,
+            "devices" => &mut m.devices,
+            "snat" => &mut m.snat,
+            "conns" => &mut m.conns,
+            "frags" => &mut m.frags,
+            other => bail!("--bpf-map-size: unknown map {other:?}"),
+        };
+        *slot = *n;
+    }
+    Ok(m)
 }
 
 /// A parsed `--source`.
@@ -337,6 +376,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(t) = cfg.ipvs_timeouts.udp {
         sweep_timeouts.udp = t;
     }
+    let map_sizes = map_sizes(&args.bpf_map_sizes)?;
     let sync_cfg = SyncConfig {
         model: cfg.model_config(),
         node_name: node_name.clone(),
@@ -367,8 +407,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             strict_arp: cfg.strict_arp,
             timeouts: sweep_timeouts,
-            ..Default::default()
+            map_sizes,
         }),
+        sweep_period: args.sweep_period,
         ..SyncConfig::default()
     };
     tracing::info!(source = %args.source.source, node = %node_name, "starting");
@@ -519,10 +560,12 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
         &entries,
     );
     let desired = model::build(&snapshot.services, &snapshot.endpoint_slices, &node, &cfg);
-    let mut warnings: Vec<String> = crate::reconcile::datapath::sctp_not_source_nated(&desired)
-        .into_iter()
-        .map(|v| format!("{v}: SCTP is passed to IPVS untranslated, not source-NATed"))
-        .collect();
+    let mut warnings: Vec<String> = crate::reconcile::datapath::sctp_not_source_nated(
+        desired.virtual_services.iter().map(|v| &**v),
+    )
+    .into_iter()
+    .map(|v| format!("{v}: SCTP is passed to IPVS untranslated, not source-NATed"))
+    .collect();
     let diff = match ipvs::IpvsHandle::connect().await {
         Ok(h) => {
             let observed = ipvs_rec::observe(&h).await.context("dumping IPVS")?;
@@ -537,12 +580,13 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
                 exclude: agent_cfg.ipvs_exclude_cidrs.clone(),
             };
             let ops = ipvs_rec::plan(
-                &ipvs_rec::desired(&desired.virtual_services),
+                &ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v)),
                 &observed,
                 &ownership,
                 &mut Default::default(),
                 Duration::from_secs(300),
                 std::time::Instant::now(),
+                None,
             );
             Some((ops, addresses::plan(&desired.bound_addresses, &bound)))
         }
@@ -560,7 +604,7 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
             });
             let out = json!({
                 "node": node.name,
-                "virtual_services": desired.virtual_services.iter().map(vs_json).collect::<Vec<_>>(),
+                "virtual_services": desired.virtual_services.iter().map(|v| vs_json(v)).collect::<Vec<_>>(),
                 "bound_addresses": desired.bound_addresses,
                 "rejected": desired.rejected.iter().map(|r| json!({"object": r.object, "reason": r.reason})).collect::<Vec<_>>(),
                 "diff": diff_json,
@@ -608,7 +652,9 @@ pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Res
     let h = ipvs::IpvsHandle::connect()
         .await
         .context("connecting to IPVS")?;
-    let observed = ipvs_rec::observe(&h).await.context("dumping IPVS")?;
+    let observed = ipvs_rec::observe_with(&h, true)
+        .await
+        .context("dumping IPVS")?;
     let rec = state::read(&state_dir)?;
     let mut rows = Vec::new();
     for (key, (svc, dests)) in &observed {

@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => cli::run(args).await,
+            Command::Run(args) => cli::run(*args).await,
             Command::Plan { source, output } => cli::plan(source, output).await,
             Command::Cleanup(args) => cli::cleanup(args).await,
             Command::Inspect {

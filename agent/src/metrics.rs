@@ -41,7 +41,7 @@
 //! sample names are kube-proxy's (`..._total`, `..._bucket`, `..._sum`, `..._count`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,7 +53,6 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::Metadata;
-use k8s_openapi::api::core::v1::Service;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -62,9 +61,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
-use crate::model::{DesiredState, Rejection, ServiceRef, VirtualServiceKind};
+use crate::model::{DesiredState, Rejection, ServiceRef};
 use crate::reconcile::ipvs::OpCounts;
 use crate::source::Snapshot;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The EndpointSlice annotation holding the time of the change that triggered its update.
 pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
@@ -582,38 +582,13 @@ pub async fn serve(address: SocketAddr, metrics: Metrics) -> Result<JoinHandle<(
     }))
 }
 
-/// What identifies a version of an object: its resourceVersion, or a hash of its content when
-/// it has none (file sources).
-fn fingerprint<
-    T: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> + serde::Serialize,
->(
-    obj: &T,
-) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match obj.metadata().resource_version.as_deref() {
-        Some(rv) if !rv.is_empty() => rv.hash(&mut h),
-        _ => serde_json::to_vec(obj).unwrap_or_default().hash(&mut h),
-    }
-    h.finish()
-}
-
-fn object_key(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
 /// Follows successive snapshots to count Service and EndpointSlice changes (adds, updates and
 /// deletions, as kube-proxy counts its events) and to collect the last-change trigger times of
 /// the EndpointSlices that changed, for `kubeproxy_network_programming_duration_seconds`.
 #[derive(Debug)]
 pub struct ChangeTracker {
     started: SystemTime,
-    services: HashMap<(String, String), u64>,
-    slices: HashMap<(String, String), u64>,
+    previous: Option<Arc<Snapshot>>,
     trigger_times: Vec<SystemTime>,
 }
 
@@ -623,37 +598,30 @@ impl ChangeTracker {
     pub fn new(started: SystemTime) -> Self {
         Self {
             started,
-            services: HashMap::new(),
-            slices: HashMap::new(),
+            previous: None,
             trigger_times: Vec::new(),
         }
     }
 
     /// The changes `snapshot` brings over the previous one (the first counts every object).
-    pub fn observe(&mut self, snapshot: &Snapshot) -> Changes {
+    /// Objects are compared by identity: a source shares unchanged objects between its
+    /// snapshots, so this costs no copy and no hashing.
+    pub fn observe(&mut self, snapshot: &Arc<Snapshot>) -> Changes {
         let mut changes = Changes::default();
-        let services: HashMap<_, _> = snapshot
-            .services
-            .iter()
-            .map(|s| (object_key(&s.metadata), fingerprint(s)))
-            .collect();
-        changes.services = diff_count(&self.services, &services);
-        self.services = services;
-
-        let mut slices = HashMap::with_capacity(snapshot.endpoint_slices.len());
-        for s in &snapshot.endpoint_slices {
-            let key = object_key(&s.metadata);
-            let fp = fingerprint(s);
-            if self.slices.get(&key) != Some(&fp)
-                && let Some(t) = trigger_time(&s.metadata)
-                && t > self.started
+        let (old_services, old_slices) = match &self.previous {
+            Some(p) => (&p.services[..], &p.endpoint_slices[..]),
+            None => (&[][..], &[][..]),
+        };
+        changes.services = diff_objects(old_services, &snapshot.services, |_| {});
+        let (started, trigger_times) = (self.started, &mut self.trigger_times);
+        changes.endpoint_slices = diff_objects(old_slices, &snapshot.endpoint_slices, |s| {
+            if let Some(t) = trigger_time(&s.metadata)
+                && t > started
             {
-                self.trigger_times.push(t);
+                trigger_times.push(t);
             }
-            slices.insert(key, fp);
-        }
-        changes.endpoint_slices = diff_count(&self.slices, &slices);
-        self.slices = slices;
+        });
+        self.previous = Some(snapshot.clone());
         changes
     }
 
@@ -664,10 +632,53 @@ impl ChangeTracker {
     }
 }
 
-fn diff_count(old: &HashMap<(String, String), u64>, new: &HashMap<(String, String), u64>) -> u64 {
-    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).count();
-    let deleted = old.keys().filter(|k| !new.contains_key(*k)).count();
-    (changed + deleted) as u64
+/// Counts the objects added, changed (a different object) or deleted between two lists, and
+/// calls `changed` on each new or changed one. Sources keep their objects in (namespace, name)
+/// order and share unchanged ones, so the walk compares pointers and allocates nothing until
+/// the lists stop lining up.
+fn diff_objects<K: Metadata<Ty = ObjectMeta>>(
+    old: &[Arc<K>],
+    new: &[Arc<K>],
+    mut changed: impl FnMut(&K),
+) -> u64 {
+    fn key<K: Metadata<Ty = ObjectMeta>>(o: &K) -> (&str, &str) {
+        let m = o.metadata();
+        (
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.as_deref().unwrap_or(""),
+        )
+    }
+    let mut count = 0;
+    let mut i = 0;
+    while i < old.len() && i < new.len() {
+        if !Arc::ptr_eq(&old[i], &new[i]) {
+            if key(&*old[i]) != key(&*new[i]) {
+                break;
+            }
+            count += 1;
+            changed(&new[i]);
+        }
+        i += 1;
+    }
+    // The rest (an insertion or deletion shifted the lists): by key.
+    let by_key: HashMap<(&str, &str), &Arc<K>> = old[i..].iter().map(|o| (key(&**o), o)).collect();
+    let mut seen = 0;
+    for o in &new[i..] {
+        match by_key.get(&key(&**o)) {
+            Some(prev) => {
+                seen += 1;
+                if !Arc::ptr_eq(prev, o) {
+                    count += 1;
+                    changed(o);
+                }
+            }
+            None => {
+                count += 1;
+                changed(o);
+            }
+        }
+    }
+    count + (old.len() - i).saturating_sub(seen) as u64
 }
 
 /// An object's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339).
@@ -686,33 +697,20 @@ pub fn trigger_time(
 /// `internalTrafficPolicy: Local` whose ClusterIP has no local endpoint, and those with
 /// `externalTrafficPolicy: Local` whose external addresses (NodePort, load balancer, external
 /// IPs) have none. Computed from the model's output, whose destinations for a `Local` policy
-/// are the local endpoints.
-pub fn no_local_endpoints(services: &[Service], desired: &DesiredState) -> NoLocalEndpoints {
-    let policies: HashMap<ServiceRef, (bool, bool)> = services
-        .iter()
-        .map(|s| {
-            let (ns, name) = object_key(&s.metadata);
-            let spec = s.spec.as_ref();
-            let itp = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
-            let etp = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-            (ServiceRef::new(ns, name), (itp, etp))
-        })
-        .collect();
+/// are the local endpoints ([`crate::model::VirtualService::local_only`]).
+pub fn no_local_endpoints(desired: &DesiredState) -> NoLocalEndpoints {
     // (service, port name, family, policy) → has a destination
-    let mut groups: BTreeMap<(ServiceRef, String, IpFamily, TrafficPolicy), bool> = BTreeMap::new();
-    for vs in &desired.virtual_services {
-        let Some(&(itp, etp)) = policies.get(&vs.service) else {
-            continue;
-        };
-        let policy = match vs.kind {
-            VirtualServiceKind::ClusterIp if itp => TrafficPolicy::Internal,
-            k if k.is_external() && etp => TrafficPolicy::External,
-            _ => continue,
+    let mut groups: BTreeMap<(&ServiceRef, &str, IpFamily, TrafficPolicy), bool> = BTreeMap::new();
+    for vs in desired.virtual_services.iter().filter(|v| v.local_only) {
+        let policy = if vs.kind.is_external() {
+            TrafficPolicy::External
+        } else {
+            TrafficPolicy::Internal
         };
         let e = groups
             .entry((
-                vs.service.clone(),
-                vs.port_name.clone(),
+                &vs.service,
+                vs.port_name.as_str(),
                 IpFamily::of(vs.address),
                 policy,
             ))

@@ -249,10 +249,12 @@ pub fn local_addresses(links: &[Link], entries: &[AddressEntry]) -> Vec<LocalAdd
         .collect()
 }
 
-/// A notification for every link or address change on the node (rtnetlink multicast groups
-/// RTMGRP_LINK, RTMGRP_IPV4_IFADDR and RTMGRP_IPV6_IFADDR).
-pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError> {
+/// The interface index of every link or address change on the node (rtnetlink multicast
+/// groups RTMGRP_LINK, RTMGRP_IPV4_IFADDR and RTMGRP_IPV6_IFADDR).
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<u32>, NodeError> {
     use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage as M;
     use netlink_sys::AsyncSocket;
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().map_err(NodeError::Connect)?;
@@ -264,8 +266,13 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeErr
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while messages.next().await.is_some() {
-            if tx.send(()).is_err() {
+        while let Some((msg, _)) = messages.next().await {
+            let index = match msg.payload {
+                NetlinkPayload::InnerMessage(M::NewLink(m) | M::DelLink(m)) => m.header.index,
+                NetlinkPayload::InnerMessage(M::NewAddress(m) | M::DelAddress(m)) => m.header.index,
+                _ => continue,
+            };
+            if tx.send(index).is_err() {
                 break;
             }
         }

@@ -7,7 +7,7 @@
 //! comes back). Start-up adopts what the kernel already holds: it is dumped, never flushed, so
 //! a restart with nothing changed issues no operation and disturbs no connection.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +24,28 @@ use crate::reconcile::datapath::{MapPlan, sctp_not_source_nated};
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
 use crate::source::Snapshot;
 use crate::state;
+
+/// Gives the heap's free pages back to the system. glibc keeps what a burst freed (the first
+/// list of 10,000 objects, 100,000 netlink replies) resident otherwise.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The state file is rewritten at most this often (and on full syncs).
+const STATE_WRITE_PERIOD: Duration = Duration::from_secs(2);
+
+/// The model's protocol of an IPVS one (the agent only programs TCP, UDP and SCTP).
+fn model_protocol(p: ipvs::Protocol) -> Option<model::Protocol> {
+    match p {
+        ipvs::Protocol::Tcp => Some(model::Protocol::Tcp),
+        ipvs::Protocol::Udp => Some(model::Protocol::Udp),
+        ipvs::Protocol::Sctp => Some(model::Protocol::Sctp),
+        _ => None,
+    }
+}
 
 /// Settings of the loop and the reconcilers.
 #[derive(Debug, Clone)]
@@ -89,6 +111,8 @@ pub struct SyncReport {
     pub rejected: usize,
     pub failures: usize,
     pub duration_ms: f64,
+    /// Where the time went, per phase (ms).
+    pub phases: BTreeMap<&'static str, f64>,
 }
 
 /// The agent's view of the node: kernel handles and the cached kernel state.
@@ -101,10 +125,22 @@ pub struct Syncer {
     bound: BTreeSet<IpAddr>,
     drains: ipvs_rec::Drains,
     datapath: Option<Datapath>,
+    /// The model's memo: a change recomputes only the Services it touches.
+    model: model::ModelCache,
+    /// The node's links and addresses, re-read when they change (rtnetlink events) and on
+    /// full syncs.
+    node: Option<(Vec<Link>, Vec<AddressEntry>)>,
     /// Rejections already logged, so each is logged once.
     logged_rejections: BTreeSet<(String, String)>,
     /// SCTP services reported as not source-NATed, so each is reported once.
     logged_sctp: BTreeSet<String>,
+    /// The state file is behind the kernel (written at most every few seconds).
+    state_dirty: bool,
+    state_written: Option<Instant>,
+    /// Which IPVS services are ours, refreshed when the addresses it depends on change.
+    ownership: Option<ipvs_rec::Ownership>,
+    state_writer: Option<tokio::task::JoinHandle<()>>,
+    syncs: u64,
 }
 
 /// The node as the model sees it: name, every local address, InternalIPs (`--node-ip`, else
@@ -184,8 +220,15 @@ impl Syncer {
             bound: Default::default(),
             drains: Default::default(),
             datapath: None,
+            model: Default::default(),
+            node: None,
             logged_rejections: Default::default(),
             logged_sctp: Default::default(),
+            state_dirty: false,
+            state_written: None,
+            ownership: None,
+            state_writer: None,
+            syncs: 0,
         };
         if let Some(dp) = s.cfg.datapath.clone() {
             s.datapath = Some(Datapath::start(dp)?);
@@ -217,37 +260,25 @@ impl Syncer {
     }
 
     /// Logs each rejected object, and each EndpointSlice whose Service is unknown, once.
-    fn log_rejections(&mut self, desired: &DesiredState, snapshot: &Snapshot) {
-        let mut now: BTreeSet<(String, String)> = desired
+    fn log_rejections(&mut self, desired: &DesiredState) {
+        let now: BTreeSet<(String, String)> = desired
             .rejected
             .iter()
             .map(|r| (r.object.clone(), format!("rejected: {}", r.reason)))
+            .chain(desired.ignored_slices.iter().map(|s| {
+                let (object, reason) = s.split_once(": ").unwrap_or((s, ""));
+                (object.to_string(), reason.to_string())
+            }))
             .collect();
-        let known: BTreeSet<model::ServiceRef> = snapshot
-            .services
-            .iter()
-            .map(|s| {
-                model::ServiceRef::new(
-                    s.metadata.namespace.as_deref().unwrap_or("default"),
-                    s.metadata.name.as_deref().unwrap_or(""),
-                )
-            })
-            .collect();
-        for slice in &snapshot.endpoint_slices {
-            if let Some(svc) = model::endpoint_slice_service(slice)
-                && !known.contains(&svc)
-            {
-                let name = slice.metadata.name.as_deref().unwrap_or("");
-                now.insert((
-                    format!("EndpointSlice {}/{name}", svc.namespace),
-                    format!("ignored: its Service {svc} is unknown"),
-                ));
-            }
-        }
         for (object, reason) in now.difference(&self.logged_rejections) {
             tracing::warn!(object = %object, "{reason}");
         }
         self.logged_rejections = now;
+    }
+
+    /// The node's links and addresses have changed: re-read them at the next sync.
+    pub fn node_changed(&mut self) {
+        self.node = None;
     }
 
     /// One sync of `snapshot` into the kernel; `full` dumps the kernel first.
@@ -257,19 +288,38 @@ impl Syncer {
         full: bool,
     ) -> anyhow::Result<(SyncReport, DesiredState)> {
         let start = Instant::now();
+        let mut phases = BTreeMap::new();
+        let mut mark = Instant::now();
+        let mut phase = |name: &'static str| {
+            let now = Instant::now();
+            phases.insert(name, (now - mark).as_secs_f64() * 1e3);
+            mark = now;
+        };
         let (mut report_devices, mut device_failures) = (0, 0);
         if full {
             self.observe().await?;
+            phase("observe");
         }
-        let (links, entries) = read_node(&self.rtnl).await?;
+        if full {
+            self.node = None;
+        }
+        let refreshed = self.node.is_none();
+        if refreshed {
+            self.node = Some(read_node(&self.rtnl).await?);
+        }
+        let (links, entries) = self
+            .node
+            .as_ref()
+            .map(|(l, e)| (l.as_slice(), e.as_slice()))
+            .unwrap_or_default();
         let node = node_info(
             &self.cfg.node_name,
             &self.cfg.node_ips,
             snapshot.node.as_ref(),
-            &links,
-            &entries,
+            links,
+            entries,
         );
-        if let Some(dp) = &mut self.datapath {
+        if refreshed && let Some(dp) = &mut self.datapath {
             let primary4 = node.internal_ips.iter().find_map(|a| match a {
                 IpAddr::V4(v) => Some(*v),
                 IpAddr::V6(_) => None,
@@ -278,20 +328,23 @@ impl Syncer {
                 IpAddr::V6(v) => Some(*v),
                 IpAddr::V4(_) => None,
             });
-            let r = dp.sync_devices(&links, &entries, (primary4, primary6));
+            let r = dp.sync_devices(links, entries, (primary4, primary6));
             for f in &r.failures {
                 tracing::error!("{f}");
             }
             report_devices = r.attached.len();
             device_failures = r.failures.len();
         }
-        let desired = model::build(
-            &snapshot.services,
-            &snapshot.endpoint_slices,
+        phase("node");
+        let (desired, changed) = self.model.build_shared(
+            snapshot.services.clone(),
+            snapshot.endpoint_slices.clone(),
             &node,
             &self.cfg.model,
         );
-        self.log_rejections(&desired, snapshot);
+        let changed = if full { model::Changed::All } else { changed };
+        phase("model");
+        self.log_rejections(&desired);
         let mut report = SyncReport {
             full,
             generation: snapshot.generation,
@@ -301,23 +354,63 @@ impl Syncer {
             failures: device_failures,
             ..SyncReport::default()
         };
-        let sctp: BTreeSet<String> = sctp_not_source_nated(&desired).into_iter().collect();
+        // SCTP virtual services that would need SNAT are reported once each (all of them after
+        // a full rebuild, else only among the changed ones).
+        let sctp: BTreeSet<String> = match &changed {
+            model::Changed::All => {
+                sctp_not_source_nated(desired.virtual_services.iter().map(|v| &**v))
+            }
+            model::Changed::Keys(keys) => sctp_not_source_nated(
+                keys.iter()
+                    .filter(|k| k.1 == model::Protocol::Sctp)
+                    .filter_map(|k| desired.find(k))
+                    .map(|v| &**v),
+            ),
+        }
+        .into_iter()
+        .collect();
         for s in sctp.difference(&self.logged_sctp) {
             tracing::warn!(service = %s, "SCTP is passed to IPVS untranslated: this virtual service is not source-NATed");
         }
-        self.logged_sctp = sctp;
+        match &changed {
+            model::Changed::All => self.logged_sctp = sctp,
+            model::Changed::Keys(_) => self.logged_sctp.extend(sctp),
+        }
         let map_plan = self
             .datapath
-            .as_ref()
-            .map(|dp| dp.plan_maps(&desired))
+            .as_mut()
+            .map(|dp| dp.plan_maps(&desired, &changed))
             .unwrap_or_default();
         for e in &map_plan.errors {
             tracing::error!("{e}");
         }
+        phase("maps_plan");
 
         // Addresses are added first, so a new virtual service answers as soon as it exists, and
-        // removed last: an address on kube-ipvs0 is what makes its IPVS services ours.
-        let addr_plan = addresses::plan(&desired.bound_addresses, &self.bound);
+        // removed last: an address on kube-ipvs0 is what makes its IPVS services ours. An
+        // incremental sync only looks at the addresses of the changed virtual services.
+        let addr_plan = match &changed {
+            model::Changed::All => addresses::plan(&desired.bound_addresses, &self.bound),
+            model::Changed::Keys(keys) => {
+                let touched: BTreeSet<IpAddr> = keys.iter().map(|k| k.0).collect();
+                addresses::AddressPlan {
+                    add: touched
+                        .iter()
+                        .filter(|a| {
+                            desired.bound_addresses.contains(*a) && !self.bound.contains(*a)
+                        })
+                        .copied()
+                        .collect(),
+                    remove: touched
+                        .iter()
+                        .filter(|a| {
+                            !desired.bound_addresses.contains(*a) && self.bound.contains(*a)
+                        })
+                        .copied()
+                        .collect(),
+                }
+            }
+        };
         let adds = addresses::AddressPlan {
             add: addr_plan.add,
             remove: Vec::new(),
@@ -336,23 +429,61 @@ impl Syncer {
         {
             tracing::warn!("reading draining destinations: {e}");
         }
-        let want = ipvs_rec::desired(&desired.virtual_services);
-        let ownership = ipvs_rec::Ownership {
-            bound: self.bound.clone(),
-            node_addresses: node.addresses.iter().map(|a| a.address).collect(),
-            node_port_range: self.cfg.node_port_range.clone(),
-            exclude: self.cfg.ipvs_exclude_cidrs.clone(),
+        phase("maps_add");
+        // The virtual services to diff: all, or the changed ones plus those still draining.
+        let scope: Option<BTreeSet<ipvs::ServiceKey>> = match &changed {
+            model::Changed::All => None,
+            model::Changed::Keys(keys) => Some(
+                keys.iter()
+                    .map(|&(address, protocol, port)| ipvs::ServiceKey::Tuple {
+                        protocol: ipvs_rec::ipvs_protocol(protocol),
+                        address,
+                        port,
+                    })
+                    .chain(self.drains.services())
+                    .collect(),
+            ),
         };
-        let ops = ipvs_rec::plan(
-            &want,
-            &self.cache,
-            &ownership,
-            &mut self.drains,
-            self.cfg.drain_timeout,
-            Instant::now(),
-        );
+        let want = match &scope {
+            None => ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v)),
+            Some(scope) => ipvs_rec::desired(
+                scope
+                    .iter()
+                    .filter_map(|k| match k {
+                        ipvs::ServiceKey::Tuple {
+                            protocol,
+                            address,
+                            port,
+                        } => desired.find(&(*address, model_protocol(*protocol)?, *port)),
+                        ipvs::ServiceKey::Fwmark { .. } => None,
+                    })
+                    .map(|v| &**v),
+            ),
+        };
+        if refreshed || adds.add.len() + addr_plan.remove.len() > 0 || self.ownership.is_none() {
+            self.ownership = Some(ipvs_rec::Ownership {
+                bound: self.bound.clone(),
+                node_addresses: node.addresses.iter().map(|a| a.address).collect(),
+                node_port_range: self.cfg.node_port_range.clone(),
+                exclude: self.cfg.ipvs_exclude_cidrs.clone(),
+            });
+        }
+        let ops = match &self.ownership {
+            Some(ownership) => ipvs_rec::plan(
+                &want,
+                &self.cache,
+                ownership,
+                &mut self.drains,
+                self.cfg.drain_timeout,
+                Instant::now(),
+                scope.as_ref(),
+            ),
+            None => Vec::new(),
+        };
+        phase("ipvs_plan");
         let (counts, failures) =
             ipvs_rec::apply(&self.ipvs, ops, &mut self.cache, self.cfg.ipvs_concurrency).await;
+        phase("ipvs_apply");
         for f in &failures {
             let origin = want.get(&f.op.service()).map_or("", |d| d.origin.as_str());
             tracing::error!(service = origin, op = f.op.kind(), "{}", f.error);
@@ -362,36 +493,80 @@ impl Syncer {
 
         // An address still carrying one of our IPVS services (its deletion failed) stays, so
         // the service stays ours and the next sync retries.
-        let in_use: BTreeSet<IpAddr> = self
-            .cache
-            .keys()
-            .filter_map(|k| match k {
-                ipvs::ServiceKey::Tuple { address, .. } => Some(*address),
-                ipvs::ServiceKey::Fwmark { .. } => None,
-            })
-            .collect();
-        let removes = addresses::AddressPlan {
-            add: Vec::new(),
-            remove: addr_plan
+        let remove: Vec<IpAddr> = if addr_plan.remove.is_empty() {
+            Vec::new()
+        } else {
+            let in_use: BTreeSet<IpAddr> = self
+                .cache
+                .keys()
+                .filter_map(|k| match k {
+                    ipvs::ServiceKey::Tuple { address, .. } => Some(*address),
+                    ipvs::ServiceKey::Fwmark { .. } => None,
+                })
+                .collect();
+            addr_plan
                 .remove
                 .into_iter()
                 .filter(|a| !in_use.contains(a))
-                .collect(),
+                .collect()
+        };
+        let removes = addresses::AddressPlan {
+            add: Vec::new(),
+            remove,
         };
         report.addresses_removed = removes.remove.len();
         for e in addresses::apply(&self.rtnl, self.dummy_index, &removes, &mut self.bound).await {
             report.failures += 1;
             tracing::error!("{e}");
         }
+        if report.addresses_removed > 0 {
+            self.ownership = None;
+        }
         report.failures += failures.len();
         report.ipvs_ops = counts;
         report.draining = self.drains.len();
+        phase("remove");
 
-        if let Err(e) = state::write(&self.cfg.state_dir, &node, &desired) {
-            tracing::warn!("writing the state file: {e:#}");
+        // The state file (for `inspect`) follows at most every few seconds: it is a full dump,
+        // kept off the path of every change.
+        self.state_dirty |= !changed.is_empty();
+        if self.state_dirty
+            && (full
+                || self
+                    .state_written
+                    .is_none_or(|t| t.elapsed() >= STATE_WRITE_PERIOD))
+        {
+            self.write_state(&node, &desired);
         }
+        phase("state");
+        self.syncs += 1;
+        if full || self.syncs == 1 {
+            release_free_memory();
+        }
+        report.phases = phases;
         report.duration_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((report, desired))
+    }
+
+    /// Writes the state file on a blocking thread (serializing every virtual service takes a
+    /// while at 10,000 Services; the loop does not wait for it). One write at a time.
+    fn write_state(&mut self, node: &NodeInfo, desired: &DesiredState) {
+        if self.state_writer.as_ref().is_some_and(|h| !h.is_finished()) {
+            return; // still writing the previous one: stays dirty, written next time
+        }
+        let (dir, node, desired) = (self.cfg.state_dir.clone(), node.clone(), desired.clone());
+        self.state_writer = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = state::write(&dir, &node, &desired) {
+                tracing::warn!("writing the state file: {e:#}");
+            }
+        }));
+        self.state_dirty = false;
+        self.state_written = Some(Instant::now());
+    }
+
+    /// Whether the state file is behind (the loop then comes back to write it).
+    pub fn state_pending(&self) -> bool {
+        self.state_dirty
     }
 
     /// The datapath's counters, for metrics (empty without a datapath).
@@ -458,7 +633,7 @@ pub struct Observers {
 }
 
 impl Observers {
-    fn snapshot_changed(&mut self, snapshot: &Snapshot) {
+    fn snapshot_changed(&mut self, snapshot: &Arc<Snapshot>) {
         let now = std::time::SystemTime::now();
         self.health.queued(now);
         self.metrics.queued(now);
@@ -483,10 +658,7 @@ impl Observers {
         self.metrics.ipvs_ops(&report.ipvs_ops);
         self.metrics.rejected(&desired.rejected);
         self.metrics
-            .no_local_endpoints(&crate::metrics::no_local_endpoints(
-                &snapshot.services,
-                desired,
-            ));
+            .no_local_endpoints(&crate::metrics::no_local_endpoints(desired));
         self.metrics
             .programmed(&self.changes.take_trigger_times(), now);
         self.metrics.datapath_counters(&syncer.datapath_counters());
@@ -564,6 +736,8 @@ pub async fn run(
             wake = wake.min(last_sync.map_or(now, |t| (t + cfg.min_sync_period).max(now)));
         } else if syncer.draining() {
             wake = wake.min(now + cfg.drain_check_period);
+        } else if syncer.state_pending() {
+            wake = wake.min(now + STATE_WRITE_PERIOD);
         }
         tokio::select! {
             _ = &mut shutdown => {
@@ -583,7 +757,12 @@ pub async fn run(
             }
             event = async { link_events.as_mut()?.recv().await }, if link_events.is_some() => {
                 match event {
-                    Some(()) => pending = true,
+                    // Our own service addresses on kube-ipvs0 change nothing the node view needs.
+                    Some(index) if index == syncer.dummy_index => {}
+                    Some(_) => {
+                        syncer.node_changed();
+                        pending = true;
+                    }
                     None => link_events = None,
                 }
                 continue;
@@ -627,6 +806,7 @@ pub async fn run(
                         rejected = r.rejected,
                         failures = r.failures,
                         duration_ms = r.duration_ms,
+                        phases = %serde_json::to_string(&r.phases).unwrap_or_default(),
                         "sync done"
                     );
                 }

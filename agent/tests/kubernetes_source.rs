@@ -109,7 +109,7 @@ async fn start(server: &FakeApiServer) -> (tempfile::TempDir, watch::Receiver<Ar
     (dir, rx)
 }
 
-fn names<K: kube::ResourceExt>(objs: &[K]) -> Vec<String> {
+fn names<K: kube::ResourceExt>(objs: &[std::sync::Arc<K>]) -> Vec<String> {
     objs.iter()
         .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
         .collect()
@@ -281,6 +281,7 @@ async fn initial_list_has_all_three_kinds() {
             s.services
                 .iter()
                 .find(|x| x.metadata.name.as_deref() == Some("web"))
+                .map(|v| &**v)
         );
 
         let reqs = server.requests();

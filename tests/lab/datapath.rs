@@ -78,6 +78,14 @@ fn manifests(name: &str) -> Manifests {
         "    - {name: http, protocol: TCP, port: 80, targetPort: 8080}\n",
     );
     y += &slice("self", "IPv4", &["10.244.1.2"], "http", "TCP", 8080);
+    // A pod on a bridge created after the agent started.
+    y += &svc(
+        "late",
+        "ClusterIP",
+        &["10.96.0.22"],
+        "    - {name: http, protocol: TCP, port: 80, targetPort: 8080}\n",
+    );
+    y += &slice("late", "IPv4", &["10.244.3.2"], "http", "TCP", 8080);
     m.write("services.yaml", &y);
     m
 }
@@ -197,9 +205,15 @@ fn nodeport_from_an_external_client_is_source_natted_without_conntrack() {
             .is_some_and(|n| n.starts_with("10.0.2.1:"))),
         "{snat}"
     );
+    // The IPVS probe saw each connection: the entries name their Service.
+    assert!(
+        rows.iter().all(|r| r["service"] == "lab/web:http"),
+        "{snat}"
+    );
     let c = l.agent.counters(&l.t.node);
     assert!(c.get("snat_alloc").copied().unwrap_or(0) >= 20, "{c:?}");
     assert!(c.get("rev_hit").copied().unwrap_or(0) >= 20, "{c:?}");
+    assert!(c.get("probe_hit").copied().unwrap_or(0) >= 20, "{c:?}");
 }
 
 /// The control: kube-proxy's way (vs.conntrack=1 + iptables MASQUERADE) costs one conntrack
@@ -426,4 +440,83 @@ fn an_agent_restart_keeps_an_open_source_natted_connection() {
             .any(|r| r["client"] == local.to_string()),
         "{snat}"
     );
+}
+
+/// Entries expire from their own state: with short IPVS timeouts (a kube-proxy style config
+/// file), a finished TCP connection and an idle UDP flow leave `inspect snat` within a few
+/// sweeps.
+#[test]
+fn snat_entries_expire_after_their_connections_end() {
+    require_lab();
+    let t = SnatTopology::new("dp-exp");
+    t.node_firewall(false);
+    let _a = Server::tcp(&t.remote, addr("10.244.2.2:8080"));
+    let _b = Server::udp(&t.remote, addr("10.244.2.2:5353"), 0);
+    let m = manifests("dp-exp");
+    m.write_other(
+        "config.yaml",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nipvs:\n  tcpFinTimeout: 2s\n  udpTimeout: 2s\n",
+    );
+    let config = format!("{}/config.yaml", m.other_dir.display());
+    let agent = Agent::start(
+        &t.node,
+        &m.dir,
+        &[
+            "--cluster-cidr",
+            SnatTopology::CLUSTER_CIDRS,
+            "--config",
+            &config,
+            "--sweep-period",
+            "1s",
+        ],
+    );
+    agent.wait_sync(0, 1);
+    tcp_request(&t.client, addr("10.0.1.1:30080")).expect("TCP");
+    udp_request(&t.client, addr("10.0.1.1:30053")).expect("UDP");
+    let rows = |a: &Agent| {
+        a.inspect_snat(&t.node)["snat"]
+            .as_array()
+            .map_or(0, |r| r.len())
+    };
+    assert_eq!(rows(&agent), 2, "{}", agent.inspect_snat(&t.node));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rows(&agent) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries did not expire: {}",
+            agent.inspect_snat(&t.node)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A device that appears after the agent started gets the datapath (rtnetlink events): a pod
+/// behind a new bridge reaches itself through its Service and sees that bridge's address.
+#[test]
+fn a_device_that_appears_later_gets_the_datapath() {
+    let l = lab("dp-late", None);
+    let pod2 = Netns::new("dp-late-p2");
+    l.t.node.sh(
+        "ip link add cni1 type bridge && ip addr add 10.244.3.1/24 dev cni1 && ip link set cni1 up",
+    );
+    lab::sh(&format!(
+        "ip link add veth-p2 netns {} type veth peer name eth0 netns {}",
+        l.t.node.name(),
+        pod2.name()
+    ));
+    l.t.node
+        .sh("ip link set veth-p2 master cni1 && ip link set veth-p2 up");
+    pod2.sh("ip addr add 10.244.3.2/24 dev eth0 && ip link set eth0 up && ip route add default via 10.244.3.1");
+    let _srv = Server::tcp(&pod2, addr("10.244.3.2:8080"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tcp_request(&pod2, addr("10.96.0.22:80")) {
+            Ok(a) if a.starts_with("10.244.3.1:") => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "hairpin through the new bridge: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

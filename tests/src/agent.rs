@@ -17,17 +17,27 @@ pub fn agent_bin() -> String {
     std::env::var("KUBE_IPVS_BPF_BIN").unwrap_or_else(|_| "kube-ipvs-bpf".to_string())
 }
 
-/// A directory of manifests the agent watches.
+/// A directory of manifests the agent watches (and one beside it for other files, such as a
+/// configuration file, which the watched directory must not hold).
 pub struct Manifests {
     pub dir: PathBuf,
+    pub other_dir: PathBuf,
 }
 
 impl Manifests {
     pub fn new(name: &str) -> Manifests {
         let dir = PathBuf::from(format!("/tmp/manifests-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("manifest dir");
-        Manifests { dir }
+        let other_dir = PathBuf::from(format!("/tmp/files-{name}-{}", std::process::id()));
+        for d in [&dir, &other_dir] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).expect("manifest dir");
+        }
+        Manifests { dir, other_dir }
+    }
+
+    /// Writes a file outside the watched directory.
+    pub fn write_other(&self, file: &str, content: &str) {
+        std::fs::write(self.other_dir.join(file), content).expect("write file");
     }
 
     /// Writes (or replaces) one manifest file.
@@ -93,8 +103,19 @@ impl Agent {
     /// Like [`Agent::start`] with any `--source` (e.g. `kubernetes`, with `--kubeconfig` in
     /// `extra`).
     pub fn start_source(ns: &Netns, source: &str, extra: &[&str]) -> Agent {
+        Agent::try_start_source(ns, source, &pin_root(ns), extra)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Agent::start_source`] with the datapath pinned under `pin_root`, and a failure to
+    /// start is an error.
+    pub fn try_start_source(
+        ns: &Netns,
+        source: &str,
+        pin_root: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let state = format!("/tmp/agent-state-{}", ns.name());
-        let pin_root = pin_root(ns);
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path()))
             .arg(agent_bin())
@@ -108,30 +129,35 @@ impl Agent {
                 "100ms",
             ])
             .args(["--source", source])
-            .args(["--state-dir", &state, "--bpf-pin-root", &pin_root])
+            .args(["--state-dir", &state, "--bpf-pin-root", pin_root])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start kube-ipvs-bpf");
-        let stderr = child.stderr.take().expect("stderr");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start {}: {e}", agent_bin()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the agent's stderr is not piped"))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
         let (l, r) = (lines.clone(), raw.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    l.lock().expect("log lock").push(v);
+                    l.lock().unwrap_or_else(|p| p.into_inner()).push(v);
                 }
-                r.lock().expect("log lock").push(line);
+                r.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Agent {
+        Ok(Agent {
             child,
             lines,
             raw,
-            pin_root,
+            pin_root: pin_root.to_string(),
             remove_pins: true,
-        }
+        })
     }
 
     /// Every log line so far (for failure messages).
@@ -153,6 +179,31 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 panic!(
+                    "no matching agent log event within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Like [`Agent::wait_for`], but a timeout (or the agent exiting) is an error.
+    pub fn try_wait_for(
+        &mut self,
+        skip: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.events().into_iter().skip(skip).find(|v| pred(v)) {
+                return Ok(v);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!("the agent exited ({status}); log:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
                     "no matching agent log event within {timeout:?}; log:\n{}",
                     self.log_text()
                 );

@@ -10,9 +10,10 @@ pub mod rules;
 pub mod sweep;
 pub mod sysctl;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use ipnet::IpNet;
@@ -22,7 +23,7 @@ use probes::{
     UpdateFlags,
 };
 
-use crate::model::{DUMMY_INTERFACE, DesiredState};
+use crate::model::{Changed, DUMMY_INTERFACE, DesiredState};
 use crate::node::{AddressEntry, Link, LinkKind};
 use crate::reconcile::datapath as maps_rec;
 
@@ -131,6 +132,8 @@ pub struct Datapath {
     attached: HashMap<u32, (String, DeviceKind)>,
     sources: BTreeMap<u32, DevValue>,
     probe: Option<ProbeKind>,
+    /// The address sets (service, NodePort) the service maps were last planned with.
+    last_addresses: Option<[Arc<BTreeSet<IpAddr>>; 2]>,
 }
 
 /// What a device sync did.
@@ -170,6 +173,7 @@ impl Datapath {
             attached: HashMap::new(),
             sources: BTreeMap::new(),
             probe: None,
+            last_addresses: None,
         };
         dp.write_config()?;
         match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
@@ -310,12 +314,39 @@ impl Datapath {
         report
     }
 
-    /// The map changes for `desired` (see [`maps_rec::plan`]).
-    pub fn plan_maps(&self, desired: &DesiredState) -> maps_rec::MapPlan {
-        maps_rec::plan(
-            &maps_rec::desired(desired, &self.cfg.cluster_cidrs),
-            &self.observed,
-        )
+    /// The map changes for `desired` (see [`maps_rec::plan`]): every service port, or only
+    /// the `changed` ones.
+    pub fn plan_maps(&mut self, desired: &DesiredState, changed: &Changed) -> maps_rec::MapPlan {
+        let plan = self.plan_maps_inner(desired, changed);
+        self.last_addresses = Some([
+            desired.service_addresses.clone(),
+            desired.node_port_addresses.clone(),
+        ]);
+        plan
+    }
+
+    fn plan_maps_inner(&self, desired: &DesiredState, changed: &Changed) -> maps_rec::MapPlan {
+        let cidrs = &self.cfg.cluster_cidrs;
+        match changed {
+            Changed::All => {
+                maps_rec::plan(&maps_rec::desired(desired, cidrs), &self.observed, None)
+            }
+            Changed::Keys(keys) => {
+                let vss = keys.iter().filter_map(|k| desired.find(k)).map(|v| &**v);
+                // The model replaces an address set only when its membership changes.
+                let same_addresses = self.last_addresses.as_ref().is_some_and(|[a, b]| {
+                    Arc::ptr_eq(a, &desired.service_addresses)
+                        && Arc::ptr_eq(b, &desired.node_port_addresses)
+                });
+                let want = if same_addresses {
+                    maps_rec::desired_ports_only(vss)
+                } else {
+                    maps_rec::desired_of(vss, desired, cidrs)
+                };
+                let scope = keys.iter().map(maps_rec::svc_key_of).collect();
+                maps_rec::plan(&want, &self.observed, Some(&scope))
+            }
+        }
     }
 
     /// Applies map changes; returns how many were applied and the failures.

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -260,7 +261,13 @@ fn rejected_by_kind() {
     );
 }
 
-fn service(name: &str, itp: &str, etp: &str, cluster_ip: &str, node_port: u16) -> Service {
+fn service(
+    name: &str,
+    itp: &str,
+    etp: &str,
+    cluster_ip: &str,
+    node_port: u16,
+) -> k8s_openapi::api::core::v1::Service {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "ns", "name": name, "resourceVersion": "1"},
@@ -314,7 +321,7 @@ fn no_local_endpoints_counts_local_policies_without_local_endpoints() {
         ..NodeInfo::default()
     };
     let desired = model::build(&services, &slices, &node, &ModelConfig::default());
-    let n = no_local_endpoints(&services, &desired);
+    let n = no_local_endpoints(&desired);
     let expected: BTreeMap<_, _> = [
         ((IpFamily::IPv4, TrafficPolicy::Internal), 1),
         ((IpFamily::IPv4, TrafficPolicy::External), 1),
@@ -340,18 +347,18 @@ fn change_tracker_counts_adds_updates_and_deletes() {
     let mut tr = ChangeTracker::new(started);
     let mut snap = Snapshot {
         services: vec![
-            service("a", "Cluster", "Cluster", "10.96.0.10", 30010),
-            service("b", "Cluster", "Cluster", "10.96.0.11", 30011),
+            Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010)),
+            Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011)),
         ],
         endpoint_slices: vec![
-            slice("a-1", "a", "n1", Some("2026-11-22T00:18:00Z"), "1"),
+            Arc::new(slice("a-1", "a", "n1", Some("2026-11-22T00:18:00Z"), "1")),
             // Before the agent started: not a programming latency.
-            slice("b-1", "b", "n1", Some("2026-11-21T00:00:00Z"), "1"),
+            Arc::new(slice("b-1", "b", "n1", Some("2026-11-21T00:00:00Z"), "1")),
         ],
         ..Snapshot::default()
     };
     assert_eq!(
-        tr.observe(&snap),
+        tr.observe(&Arc::new(snap.clone())),
         Changes {
             services: 2,
             endpoint_slices: 2
@@ -361,15 +368,16 @@ fn change_tracker_counts_adds_updates_and_deletes() {
     assert_eq!(t, vec![UNIX_EPOCH + Duration::from_secs(1_795_306_680)]);
     assert!(tr.take_trigger_times().is_empty());
 
-    // Nothing changed.
-    assert_eq!(tr.observe(&snap), Changes::default());
+    // Nothing changed: the same objects.
+    assert_eq!(tr.observe(&Arc::new(snap.clone())), Changes::default());
     assert!(tr.take_trigger_times().is_empty());
 
-    // One slice updated (new resourceVersion, new trigger time), one Service deleted.
-    snap.endpoint_slices[0] = slice("a-1", "a", "n1", Some("2026-11-22T00:20:00.5Z"), "2");
+    // One slice updated (a new object with a new trigger time), one Service deleted.
+    snap.endpoint_slices[0] =
+        Arc::new(slice("a-1", "a", "n1", Some("2026-11-22T00:20:00.5Z"), "2"));
     snap.services.pop();
     assert_eq!(
-        tr.observe(&snap),
+        tr.observe(&Arc::new(snap.clone())),
         Changes {
             services: 1,
             endpoint_slices: 1
@@ -391,19 +399,27 @@ fn change_tracker_counts_adds_updates_and_deletes() {
 }
 
 #[test]
-fn change_tracker_without_resource_versions_compares_content() {
+fn change_tracker_compares_objects_by_identity_even_out_of_order() {
     let mut tr = ChangeTracker::new(SystemTime::UNIX_EPOCH);
-    let mut s = service("a", "Cluster", "Cluster", "10.96.0.10", 30010);
-    s.metadata.resource_version = None;
-    let mut snap = Snapshot {
-        services: vec![s.clone()],
-        ..Snapshot::default()
+    let a = Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010));
+    let b = Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011));
+    let snap = |services: Vec<Arc<k8s_openapi::api::core::v1::Service>>| {
+        Arc::new(Snapshot {
+            services,
+            ..Snapshot::default()
+        })
     };
-    assert_eq!(tr.observe(&snap).services, 1);
-    assert_eq!(tr.observe(&snap).services, 0);
-    s.metadata.labels = Some([("x".to_string(), "y".to_string())].into());
-    snap.services = vec![s];
-    assert_eq!(tr.observe(&snap).services, 1);
+    assert_eq!(tr.observe(&snap(vec![a.clone(), b.clone()])).services, 2);
+    // Reordered, same objects: nothing changed.
+    assert_eq!(tr.observe(&snap(vec![b.clone(), a.clone()])).services, 0);
+    // An object re-created by the source counts as a change (sources share unchanged ones).
+    let a2 = Arc::new((*a).clone());
+    assert_eq!(tr.observe(&snap(vec![a2, b.clone()])).services, 1);
+    // Inserted in the middle: one addition.
+    let c = Arc::new(service("c", "Cluster", "Cluster", "10.96.0.12", 30012));
+    let a3 = Arc::new((*a).clone());
+    tr.observe(&snap(vec![a3.clone(), b.clone()]));
+    assert_eq!(tr.observe(&snap(vec![a3, c, b])).services, 1);
 }
 
 #[tokio::test]

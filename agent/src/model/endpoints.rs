@@ -107,8 +107,8 @@ impl SliceIndex {
     /// Indexes the slices of the services for which `known` is true; slices of other services
     /// are ignored (the caller logs that at info level if it wants). Slices are applied in
     /// (namespace, name) order so that de-duplication is deterministic.
-    pub fn build(
-        slices: &[EndpointSlice],
+    pub fn build<'a>(
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
         known: impl Fn(&ServiceRef) -> bool,
         node_name: &str,
         proxy_name: Option<&str>,

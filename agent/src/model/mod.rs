@@ -15,6 +15,7 @@
 //! - `service`: a checked service and its endpoints → virtual services, and the resolution of
 //!   addresses claimed twice.
 
+mod cache;
 mod endpoints;
 mod service;
 mod validate;
@@ -22,15 +23,18 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
+pub use cache::{Changed, ModelCache, VsKey};
 pub use validate::{ServiceError, is_known_scheduler};
 
 /// Annotation on a Service choosing its IPVS scheduler (one of [`KNOWN_SCHEDULERS`]); without
@@ -167,6 +171,9 @@ pub struct VirtualService {
     /// `loadBalancerSourceRanges` of this address's family. Non-empty only on LoadBalancer
     /// addresses: kube-proxy applies them to LB ingress IPs only (KUBE-LOAD-BALANCER-FW).
     pub source_ranges: Vec<IpNet>,
+    /// The destinations are this node's endpoints only: `internalTrafficPolicy: Local` on a
+    /// ClusterIP, `externalTrafficPolicy: Local` on an external address.
+    pub local_only: bool,
     /// Sorted by (address, port); may be empty (IPVS then refuses new connections).
     pub destinations: Vec<Destination>,
 }
@@ -242,21 +249,35 @@ pub struct Rejection {
 /// Everything this node should program.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    /// Sorted by (address, protocol, port); no two share that key.
-    pub virtual_services: Vec<VirtualService>,
+    /// Sorted by (address, protocol, port); no two share that key. Shared with the model's
+    /// memo ([`ModelCache`]): cloning the list is cheap.
+    pub virtual_services: Vec<Arc<VirtualService>>,
     /// Addresses to assign to [`DUMMY_INTERFACE`]: every ClusterIP, and every external IP and
     /// LB ingress IP that is not already a node address (as kube-proxy's IPVS mode binds them).
-    pub bound_addresses: BTreeSet<IpAddr>,
+    pub bound_addresses: Arc<BTreeSet<IpAddr>>,
     /// Service addresses on which traffic to any other port is dropped (kubernetes#72236). This
     /// is kube-proxy's KUBE-IPVS-IPS set, i.e. the same set as `bound_addresses`: an external
     /// IP that is also a node address must keep serving the node's own ports.
-    pub service_addresses: BTreeSet<IpAddr>,
+    pub service_addresses: Arc<BTreeSet<IpAddr>>,
     /// Node addresses carrying at least one NodePort.
-    pub node_port_addresses: BTreeSet<IpAddr>,
+    pub node_port_addresses: Arc<BTreeSet<IpAddr>>,
     /// Sorted by service.
     pub health_check_node_ports: Vec<HealthCheckNodePort>,
     /// Sorted by (object, reason).
     pub rejected: Vec<Rejection>,
+    /// EndpointSlices whose Service does not exist (ignored, as kube-proxy does; reported for
+    /// logs), sorted.
+    pub ignored_slices: Vec<String>,
+}
+
+impl DesiredState {
+    /// The virtual service with this key (address, protocol, port), if any.
+    pub fn find(&self, key: &VsKey) -> Option<&Arc<VirtualService>> {
+        self.virtual_services
+            .binary_search_by(|v| (v.address, v.protocol, v.port).cmp(key))
+            .ok()
+            .map(|i| &self.virtual_services[i])
+    }
 }
 
 /// An address configured on this node and the interface it is on.
@@ -379,94 +400,14 @@ pub fn endpoint_slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
 /// Computes the desired state of this node from all Services and EndpointSlices.
 ///
 /// Invalid objects are listed in [`DesiredState::rejected`] and skipped; they never affect the
-/// others. Runs in O(n log n) of the number of objects, ports and endpoints.
-pub fn build(
-    services: &[Service],
-    slices: &[EndpointSlice],
+/// others. Runs in O(n log n) of the number of objects, ports and endpoints. This is a fresh
+/// [`ModelCache`]'s first build; the agent keeps a cache so that a change recomputes only the
+/// Services it touches.
+pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
     node: &NodeInfo,
     cfg: &ModelConfig,
 ) -> DesiredState {
-    let mut rejected = Vec::new();
-
-    // 1. Services: validate, drop duplicates of one namespace/name (the first wins).
-    let mut parsed: Vec<validate::ParsedService> = Vec::with_capacity(services.len());
-    let mut seen: HashSet<ServiceRef> = HashSet::with_capacity(services.len());
-    for svc in services {
-        let sref = validate::service_ref(svc);
-        match validate::parse_service(svc, cfg) {
-            Ok(Some(p)) => {
-                if !seen.insert(p.service.clone()) {
-                    rejected.push(Rejection {
-                        object: format!("Service {}", p.service),
-                        reason: ServiceError::Duplicate.to_string(),
-                    });
-                } else {
-                    parsed.push(p);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => rejected.push(Rejection {
-                object: format!("Service {sref}"),
-                reason: e.to_string(),
-            }),
-        }
-    }
-    parsed.sort_by(|a, b| a.service.cmp(&b.service));
-
-    // 2. EndpointSlices of the services we handle.
-    let index = endpoints::SliceIndex::build(
-        slices,
-        |s| seen.contains(s),
-        &node.name,
-        cfg.proxy_name.as_deref(),
-        &mut rejected,
-    );
-
-    // 3. Virtual services.
-    let ctx = service::NodeContext::new(node, cfg);
-    let mut candidates: Vec<service::Candidate> = Vec::new();
-    let mut health = Vec::new();
-    for p in &parsed {
-        let eps = index.get(&p.service);
-        service::virtual_services(p, eps, &ctx, cfg, &mut candidates);
-        if let Some(port) = p.health_check_node_port {
-            health.push(HealthCheckNodePort {
-                service: p.service.clone(),
-                port,
-                local_endpoints: eps.map_or(0, |e| e.local_ready_ips()),
-            });
-        }
-    }
-
-    // 4. One virtual service per (address, protocol, port): the oldest Service keeps it.
-    let virtual_services = service::resolve_conflicts(candidates, &mut rejected);
-
-    let mut bound_addresses = BTreeSet::new();
-    let mut node_port_addresses = BTreeSet::new();
-    for vs in &virtual_services {
-        match vs.kind {
-            VirtualServiceKind::ClusterIp => {
-                bound_addresses.insert(vs.address);
-            }
-            VirtualServiceKind::LoadBalancer | VirtualServiceKind::ExternalIp => {
-                if !ctx.is_node_address(vs.address) {
-                    bound_addresses.insert(vs.address);
-                }
-            }
-            VirtualServiceKind::NodePort => {
-                node_port_addresses.insert(vs.address);
-            }
-        }
-    }
-
-    rejected.sort();
-    rejected.dedup();
-    DesiredState {
-        virtual_services,
-        service_addresses: bound_addresses.clone(),
-        bound_addresses,
-        node_port_addresses,
-        health_check_node_ports: health,
-        rejected,
-    }
+    ModelCache::default().build(services, slices, node, cfg).0
 }

@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -106,9 +107,11 @@ impl<'a> NodeContext<'a> {
 }
 
 /// A virtual service and the age of the Service that wants it.
+#[derive(Debug, Clone)]
 pub(crate) struct Candidate {
     pub created: Option<Time>,
-    pub vs: VirtualService,
+    /// Shared: the model's memo and every build's output hold the same virtual service.
+    pub vs: Arc<VirtualService>,
 }
 
 fn destinations(eps: &[&Endpoint]) -> Vec<Destination> {
@@ -192,6 +195,11 @@ fn port_family(
             } else {
                 Vec::new()
             },
+            local_only: if external_kind {
+                svc.external_local
+            } else {
+                svc.internal_local
+            },
             destinations: if external_kind {
                 external.clone()
             } else {
@@ -202,7 +210,7 @@ fn port_family(
     let mut push = |vs: VirtualService| {
         out.push(Candidate {
             created: svc.created.clone(),
-            vs,
+            vs: Arc::new(vs),
         })
     };
 
@@ -231,47 +239,31 @@ fn kind_rank(kind: VirtualServiceKind) -> u8 {
     }
 }
 
-/// Keeps one virtual service per (address, protocol, port), sorted by that key. Between
-/// Services, the oldest (by `creationTimestamp`; objects without one count as newest; then by
+/// The order in which Services' candidates for one (address, protocol, port) win: the oldest
+/// Service (by `creationTimestamp`; objects without one count as newest; then by
 /// namespace/name) keeps it and the others are reported: this stops a new Service from taking
-/// over another's address with `externalIPs` (CVE-2020-8554).
-pub(crate) fn resolve_conflicts(
-    mut candidates: Vec<Candidate>,
-    rejected: &mut Vec<Rejection>,
-) -> Vec<VirtualService> {
-    candidates.sort_by(|a, b| {
-        let key = |c: &Candidate| (c.vs.address, c.vs.protocol, c.vs.port);
-        key(a)
-            .cmp(&key(b))
-            .then_with(|| match (&a.created, &b.created) {
-                (Some(x), Some(y)) => x.cmp(y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            })
-            .then_with(|| a.vs.service.cmp(&b.vs.service))
-            .then_with(|| kind_rank(a.vs.kind).cmp(&kind_rank(b.vs.kind)))
-    });
-    let mut out: Vec<VirtualService> = Vec::with_capacity(candidates.len());
-    for c in candidates {
-        if let Some(last) = out.last()
-            && (last.address, last.protocol, last.port) == (c.vs.address, c.vs.protocol, c.vs.port)
-        {
-            if last.service != c.vs.service {
-                rejected.push(Rejection {
-                    object: format!("Service {}", c.vs.service),
-                    reason: format!(
-                        "{} {} ({:?}) is already served for Service {}; not programmed",
-                        c.vs.protocol,
-                        c.vs.socket_addr(),
-                        c.vs.kind,
-                        last.service
-                    ),
-                });
-            }
-            continue;
-        }
-        out.push(c.vs);
+/// over another's address with `externalIPs` (CVE-2020-8554). Within one Service, by kind.
+pub(crate) fn candidate_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    (match (&a.created, &b.created) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    })
+    .then_with(|| a.vs.service.cmp(&b.vs.service))
+    .then_with(|| kind_rank(a.vs.kind).cmp(&kind_rank(b.vs.kind)))
+}
+
+/// The report for a Service that lost an address:port to another.
+pub(crate) fn conflict_rejection(loser: &VirtualService, winner: &VirtualService) -> Rejection {
+    Rejection {
+        object: format!("Service {}", loser.service),
+        reason: format!(
+            "{} {} ({:?}) is already served for Service {}; not programmed",
+            loser.protocol,
+            loser.socket_addr(),
+            loser.kind,
+            winner.service
+        ),
     }
-    out
 }

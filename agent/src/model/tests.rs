@@ -193,8 +193,8 @@ fn cases() -> Vec<Case> {
                 "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             extra: Some(|s| {
-                assert_eq!(s.bound_addresses, ips(&["10.96.0.10"]));
-                assert_eq!(s.service_addresses, ips(&["10.96.0.10"]));
+                assert_eq!(*s.bound_addresses, ips(&["10.96.0.10"]));
+                assert_eq!(*s.service_addresses, ips(&["10.96.0.10"]));
                 assert!(s.node_port_addresses.is_empty());
             }),
             ..case("cluster_ip_from_cluster_ips")
@@ -220,7 +220,7 @@ fn cases() -> Vec<Case> {
                 "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
                 "TCP [fd00::10]:80 rr (ClusterIp ns/web:http) -> [fd00:244::2]:8080",
             ],
-            extra: Some(|s| assert_eq!(s.bound_addresses, ips(&["10.96.0.10", "fd00::10"]))),
+            extra: Some(|s| assert_eq!(*s.bound_addresses, ips(&["10.96.0.10", "fd00::10"]))),
             ..case("cluster_ips_dual_stack")
         },
         Case {
@@ -259,8 +259,8 @@ fn cases() -> Vec<Case> {
             ],
             extra: Some(|s| {
                 // Not loopback, not kube-ipvs0's 10.96.0.99, not the IPv6 family.
-                assert_eq!(s.node_port_addresses, ips(&["10.0.0.5", "192.168.1.10"]));
-                assert_eq!(s.bound_addresses, ips(&["10.96.0.11"]));
+                assert_eq!(*s.node_port_addresses, ips(&["10.0.0.5", "192.168.1.10"]));
+                assert_eq!(*s.bound_addresses, ips(&["10.96.0.11"]));
             }),
             ..case("node_port_on_all_local_addresses")
         },
@@ -343,7 +343,7 @@ fn cases() -> Vec<Case> {
             ],
             extra: Some(|s| {
                 assert_eq!(
-                    s.bound_addresses,
+                    *s.bound_addresses,
                     ips(&["10.96.0.12", "203.0.113.1", "203.0.113.2"])
                 )
             }),
@@ -359,7 +359,7 @@ fn cases() -> Vec<Case> {
                 json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.3", "ipMode": "Proxy"}]}}),
             )],
             want: vec!["TCP 10.96.0.12:80 rr (ClusterIp ns/web:http) -> none"],
-            extra: Some(|s| assert_eq!(s.bound_addresses, ips(&["10.96.0.12"]))),
+            extra: Some(|s| assert_eq!(*s.bound_addresses, ips(&["10.96.0.12"]))),
             ..case("load_balancer_ip_mode_proxy_skipped")
         },
         Case {
@@ -382,7 +382,7 @@ fn cases() -> Vec<Case> {
             ],
             extra: Some(|s| {
                 // A node address is not bound again; the IPv6 one has no IPv6 ClusterIP.
-                assert_eq!(s.bound_addresses, ips(&["10.96.0.13", "198.51.100.7"]));
+                assert_eq!(*s.bound_addresses, ips(&["10.96.0.13", "198.51.100.7"]));
                 assert_eq!(s.service_addresses, s.bound_addresses);
             }),
             ..case("external_ips")
@@ -1620,11 +1620,11 @@ fn golden_kube_proxy_v1_36_ipvs_node_state() {
     assert_eq!(ours, parse_ipvsadm(GOLDEN_IPVSADM));
 
     // Addresses on kube-ipvs0.
-    assert_eq!(state.bound_addresses, ips(GOLDEN_KUBE_IPVS0));
+    assert_eq!(*state.bound_addresses, ips(GOLDEN_KUBE_IPVS0));
     // KUBE-IPVS-IPS (ipset.txt) holds the same five addresses.
-    assert_eq!(state.service_addresses, ips(GOLDEN_KUBE_IPVS0));
+    assert_eq!(*state.service_addresses, ips(GOLDEN_KUBE_IPVS0));
     assert_eq!(
-        state.node_port_addresses,
+        *state.node_port_addresses,
         ips(&["10.0.2.15", "10.10.1.1", "10.10.3.1", "10.244.1.1"])
     );
     // No LoadBalancer service: KUBE-HEALTH-CHECK-NODE-PORT is empty there too.
@@ -1653,7 +1653,7 @@ fn golden_kube_proxy_v1_36_ipvs_node_state() {
         ..cfg
     };
     let state = build(&services, &slices, &node, &primary);
-    assert_eq!(state.node_port_addresses, ips(&["10.10.1.1"]));
+    assert_eq!(*state.node_port_addresses, ips(&["10.10.1.1"]));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use probes::maps::{
 };
 use probes::{DatapathMaps, UpdateFlags};
 
-use crate::model::{DesiredState, Protocol};
+use crate::model::{DesiredState, Protocol, VirtualService};
 
 /// A service port: address, port, protocol.
 pub type PortKey = (IpAddr, u16, Protocol);
@@ -34,6 +34,8 @@ pub struct DesiredMaps {
     /// Address → `ADDR_F_*` flags.
     pub svc_addrs: BTreeMap<IpAddr, u32>,
     pub cluster_cidrs: BTreeSet<IpNet>,
+    /// Whether `svc_addrs` and `cluster_cidrs` are given (else they are left as they are).
+    pub addresses_included: bool,
 }
 
 fn l4(p: Protocol) -> L4Proto {
@@ -48,8 +50,38 @@ fn l4(p: Protocol) -> L4Proto {
 /// carries addresses inside the payload), so SCTP ports never get SNAT flags: the caller
 /// reports those that would have needed them.
 pub fn desired(state: &DesiredState, cluster_cidrs: &[IpNet]) -> DesiredMaps {
+    desired_of(
+        state.virtual_services.iter().map(|v| &**v),
+        state,
+        cluster_cidrs,
+    )
+}
+
+/// The service ports of `virtual_services` only, addresses and cluster CIDRs left as they are
+/// (an incremental sync whose address sets did not change).
+pub fn desired_ports_only<'a>(
+    virtual_services: impl IntoIterator<Item = &'a VirtualService>,
+) -> DesiredMaps {
+    desired_ports(virtual_services, None)
+}
+
+/// [`desired`] with the service ports of `virtual_services` only (an incremental sync).
+pub fn desired_of<'a>(
+    virtual_services: impl IntoIterator<Item = &'a VirtualService>,
+    state: &DesiredState,
+    cluster_cidrs: &[IpNet],
+) -> DesiredMaps {
+    desired_ports(virtual_services, Some((state, cluster_cidrs)))
+}
+
+/// The service ports of `virtual_services`, and the addresses and cluster CIDRs when `rest` is
+/// given.
+fn desired_ports<'a>(
+    virtual_services: impl IntoIterator<Item = &'a VirtualService>,
+    rest: Option<(&DesiredState, &[IpNet])>,
+) -> DesiredMaps {
     let mut out = DesiredMaps::default();
-    for vs in &state.virtual_services {
+    for vs in virtual_services {
         let mut flags = 0;
         if vs.protocol != Protocol::Sctp {
             if vs.snat {
@@ -67,21 +99,30 @@ pub fn desired(state: &DesiredState, cluster_cidrs: &[IpNet]) -> DesiredMaps {
             (flags, vs.source_ranges.clone()),
         );
     }
-    for a in &state.service_addresses {
-        *out.svc_addrs.entry(*a).or_default() |= ADDR_F_SERVICE;
+    if let Some((state, cluster_cidrs)) = rest {
+        for a in state.service_addresses.iter() {
+            *out.svc_addrs.entry(*a).or_default() |= ADDR_F_SERVICE;
+        }
+        for a in state.node_port_addresses.iter() {
+            *out.svc_addrs.entry(*a).or_default() |= ADDR_F_NODE;
+        }
+        out.cluster_cidrs = cluster_cidrs.iter().map(|n| n.trunc()).collect();
+        out.addresses_included = true;
     }
-    for a in &state.node_port_addresses {
-        *out.svc_addrs.entry(*a).or_default() |= ADDR_F_NODE;
-    }
-    out.cluster_cidrs = cluster_cidrs.iter().map(|n| n.trunc()).collect();
     out
 }
 
+/// The map key of a model key (address, protocol, port).
+pub fn svc_key_of(key: &crate::model::VsKey) -> SvcKey {
+    SvcKey::new(key.0, key.2, l4(key.1))
+}
+
 /// SCTP virtual services that would need SNAT, which the datapath does not do (reported).
-pub fn sctp_not_source_nated(state: &DesiredState) -> Vec<String> {
-    state
-        .virtual_services
-        .iter()
+pub fn sctp_not_source_nated<'a>(
+    virtual_services: impl IntoIterator<Item = &'a VirtualService>,
+) -> Vec<String> {
+    virtual_services
+        .into_iter()
         .filter(|v| v.protocol == Protocol::Sctp && (v.snat || v.masq_off_cluster))
         .map(|v| format!("{} {}", v.service, v.socket_addr()))
         .collect()
@@ -91,6 +132,8 @@ pub fn sctp_not_source_nated(state: &DesiredState) -> Vec<String> {
 #[derive(Debug, Default, Clone)]
 pub struct ObservedMaps {
     pub svc_ports: HashMap<SvcKey, SvcValue>,
+    /// The largest service id in use (new ports take the next ones).
+    pub max_id: u32,
     pub svc_addrs: HashMap<AddrKey, AddrValue>,
     pub src_ranges: HashSet<RangeKey>,
     pub cluster_cidrs: HashSet<CidrKey>,
@@ -98,8 +141,10 @@ pub struct ObservedMaps {
 
 /// Reads every entry of the service maps.
 pub fn observe(maps: &DatapathMaps) -> probes::Result<ObservedMaps> {
+    let svc_ports: HashMap<SvcKey, SvcValue> = maps.svc_ports.entries()?.into_iter().collect();
     Ok(ObservedMaps {
-        svc_ports: maps.svc_ports.entries()?.into_iter().collect(),
+        max_id: svc_ports.values().map(|v| v.svc_id).max().unwrap_or(0),
+        svc_ports,
         svc_addrs: maps.svc_addrs.entries()?.into_iter().collect(),
         src_ranges: maps
             .src_ranges
@@ -140,23 +185,28 @@ pub struct MapPlan {
     pub errors: Vec<String>,
 }
 
-/// Computes the minimal changes from `observed` to `desired`.
-pub fn plan(desired: &DesiredMaps, observed: &ObservedMaps) -> MapPlan {
+/// Computes the minimal changes from `observed` to `desired`. With a `scope`, only those
+/// service ports (and their source ranges) are compared, and `desired.svc_ports` need only hold
+/// the scoped ports that should exist; addresses and cluster CIDRs are always compared.
+pub fn plan(
+    desired: &DesiredMaps,
+    observed: &ObservedMaps,
+    scope: Option<&HashSet<SvcKey>>,
+) -> MapPlan {
     let mut plan = MapPlan::default();
-    let mut used: BTreeSet<u32> = observed.svc_ports.values().map(|v| v.svc_id).collect();
-    let mut next_free = 1u32;
+    let mut next_id = observed.max_id;
     let mut want_ports: HashMap<SvcKey, SvcValue> = HashMap::new();
     let mut want_ranges: HashSet<RangeKey> = HashSet::new();
     for (&(addr, port, proto), (flags, ranges)) in &desired.svc_ports {
         let key = SvcKey::new(addr, port, l4(proto));
+        if scope.is_some_and(|s| !s.contains(&key)) {
+            continue;
+        }
         let svc_id = match observed.svc_ports.get(&key) {
             Some(v) => v.svc_id,
             None => {
-                while used.contains(&next_free) {
-                    next_free += 1;
-                }
-                used.insert(next_free);
-                next_free
+                next_id += 1;
+                next_id
             }
         };
         let value = SvcValue {
@@ -180,6 +230,10 @@ pub fn plan(desired: &DesiredMaps, observed: &ObservedMaps) -> MapPlan {
                     .push(format!("{addr}:{port}: source range {r}: {e}")),
             }
         }
+    }
+    if !desired.addresses_included {
+        plan_port_removals(&mut plan, observed, scope, &want_ports, &want_ranges);
+        return plan;
     }
     let mut want_cidrs = HashSet::new();
     for n in &desired.cluster_cidrs {
@@ -209,20 +263,7 @@ pub fn plan(desired: &DesiredMaps, observed: &ObservedMaps) -> MapPlan {
     {
         plan.removals.push(MapOp::DelAddr(*k));
     }
-    for k in observed
-        .svc_ports
-        .keys()
-        .filter(|k| !want_ports.contains_key(*k))
-    {
-        plan.removals.push(MapOp::DelPort(*k));
-    }
-    for k in observed
-        .src_ranges
-        .iter()
-        .filter(|k| !want_ranges.contains(*k))
-    {
-        plan.removals.push(MapOp::DelRange(*k));
-    }
+    plan_port_removals(&mut plan, observed, scope, &want_ports, &want_ranges);
     for k in observed
         .cluster_cidrs
         .iter()
@@ -231,6 +272,39 @@ pub fn plan(desired: &DesiredMaps, observed: &ObservedMaps) -> MapPlan {
         plan.removals.push(MapOp::DelCidr(*k));
     }
     plan
+}
+
+/// The service ports (and their source ranges) to remove: every observed one not wanted, or
+/// only the scope's.
+fn plan_port_removals(
+    plan: &mut MapPlan,
+    observed: &ObservedMaps,
+    scope: Option<&HashSet<SvcKey>>,
+    want_ports: &HashMap<SvcKey, SvcValue>,
+    want_ranges: &HashSet<RangeKey>,
+) {
+    let ports: Box<dyn Iterator<Item = &SvcKey>> = match scope {
+        None => Box::new(observed.svc_ports.keys()),
+        Some(s) => Box::new(s.iter().filter(|k| observed.svc_ports.contains_key(*k))),
+    };
+    let mut ids = HashSet::new();
+    for k in ports {
+        if let Some(v) = observed.svc_ports.get(k) {
+            ids.insert(v.svc_id);
+        }
+        if !want_ports.contains_key(k) {
+            plan.removals.push(MapOp::DelPort(*k));
+        }
+    }
+    if !ids.is_empty() {
+        for k in observed
+            .src_ranges
+            .iter()
+            .filter(|k| ids.contains(&k.svc_id) && !want_ranges.contains(*k))
+        {
+            plan.removals.push(MapOp::DelRange(*k));
+        }
+    }
 }
 
 /// Applies `ops` in order, updating `observed`; returns how many were applied and the failures
@@ -245,6 +319,7 @@ pub fn apply(
     for op in ops {
         let r = match op {
             MapOp::PutPort(k, v) => maps.svc_ports.update(k, v, UpdateFlags::Any).map(|()| {
+                observed.max_id = observed.max_id.max(v.svc_id);
                 observed.svc_ports.insert(*k, *v);
             }),
             MapOp::DelPort(k) => maps.svc_ports.delete(k).map(|_| {
@@ -305,6 +380,7 @@ mod tests {
             port,
             scheduler: "rr".into(),
             persistence_timeout: None,
+            local_only: false,
             snat,
             masq_off_cluster: !snat,
             source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
@@ -313,22 +389,25 @@ mod tests {
     }
 
     fn state(vss: Vec<VirtualService>) -> DesiredState {
+        let vss = vss.into_iter().map(std::sync::Arc::new).collect();
         let mut s = DesiredState {
             virtual_services: vss,
             ..Default::default()
         };
-        s.service_addresses = s
-            .virtual_services
-            .iter()
-            .filter(|v| !v.snat)
-            .map(|v| v.address)
-            .collect();
-        s.node_port_addresses = s
-            .virtual_services
-            .iter()
-            .filter(|v| v.snat)
-            .map(|v| v.address)
-            .collect();
+        s.service_addresses = std::sync::Arc::new(
+            s.virtual_services
+                .iter()
+                .filter(|v| !v.snat)
+                .map(|v| v.address)
+                .collect(),
+        );
+        s.node_port_addresses = std::sync::Arc::new(
+            s.virtual_services
+                .iter()
+                .filter(|v| v.snat)
+                .map(|v| v.address)
+                .collect(),
+        );
         s
     }
 
@@ -338,6 +417,7 @@ mod tests {
         for op in plan.additions.iter().chain(&plan.removals) {
             match op {
                 MapOp::PutPort(k, v) => {
+                    o.max_id = o.max_id.max(v.svc_id);
                     o.svc_ports.insert(*k, *v);
                 }
                 MapOp::DelPort(k) => {
@@ -384,7 +464,7 @@ mod tests {
             SVC_F_MASQ | SVC_F_SRC_RANGES
         );
         assert_eq!(
-            sctp_not_source_nated(&s),
+            sctp_not_source_nated(s.virtual_services.iter().map(|v| &**v)),
             vec!["ns/svc 10.0.0.1:30081".to_string()]
         );
         assert_eq!(
@@ -410,7 +490,7 @@ mod tests {
             ),
         ]);
         let d = desired(&s, &["10.244.0.0/16".parse().unwrap()]);
-        let p = plan(&d, &ObservedMaps::default());
+        let p = plan(&d, &ObservedMaps::default(), None);
         assert!(p.removals.is_empty());
         // 2 ports, 2 ranges, 1 cidr, 2 addresses.
         assert_eq!(p.additions.len(), 7, "{p:?}");
@@ -431,7 +511,7 @@ mod tests {
                 .all(|o| matches!(o, MapOp::PutAddr(..)))
         );
         let o = after(&ObservedMaps::default(), &p);
-        assert_eq!(plan(&d, &o), MapPlan::default());
+        assert_eq!(plan(&d, &o, None), MapPlan::default());
     }
 
     #[test]
@@ -441,13 +521,13 @@ mod tests {
         let d1 = desired(&state(vec![a.clone(), b.clone()]), &[]);
         let o1 = after(
             &ObservedMaps::default(),
-            &plan(&d1, &ObservedMaps::default()),
+            &plan(&d1, &ObservedMaps::default(), None),
         );
         let id_b = o1.svc_ports[&SvcKey::new(b.address, 80, L4Proto::Tcp)].svc_id;
         // A new service sorting before b does not change b's id.
         let c = vs("10.96.0.0", 80, Protocol::Tcp, false, &[]);
         let d2 = desired(&state(vec![c, b.clone()]), &[]);
-        let p2 = plan(&d2, &o1);
+        let p2 = plan(&d2, &o1, None);
         let o2 = after(&o1, &p2);
         assert_eq!(
             o2.svc_ports[&SvcKey::new(b.address, 80, L4Proto::Tcp)].svc_id,

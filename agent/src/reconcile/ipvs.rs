@@ -43,7 +43,8 @@ pub type DesiredIpvs = BTreeMap<ServiceKey, DesiredService>;
 /// What the kernel holds (a dump, or the applier's cache of it).
 pub type ObservedIpvs = BTreeMap<ServiceKey, (Service, BTreeMap<DestKey, Destination>)>;
 
-fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
+/// The IPVS protocol of a model protocol.
+pub fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
     match p {
         Protocol::Tcp => ipvs::Protocol::Tcp,
         Protocol::Udp => ipvs::Protocol::Udp,
@@ -53,9 +54,9 @@ fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
 
 /// The kernel form of the model's virtual services: masquerading destinations, persistence for
 /// session affinity, and the `mh` scheduler with its source-port flag (as kube-proxy sets it).
-pub fn desired(virtual_services: &[VirtualService]) -> DesiredIpvs {
+pub fn desired<'a>(virtual_services: impl IntoIterator<Item = &'a VirtualService>) -> DesiredIpvs {
     virtual_services
-        .iter()
+        .into_iter()
         .map(|vs| {
             let key = ServiceKey::Tuple {
                 protocol: ipvs_protocol(vs.protocol),
@@ -180,6 +181,11 @@ impl Drains {
     pub fn is_empty(&self) -> bool {
         self.started.is_empty()
     }
+
+    /// The virtual services with a draining destination.
+    pub fn services(&self) -> BTreeSet<ServiceKey> {
+        self.started.keys().map(|(k, _)| *k).collect()
+    }
 }
 
 /// Whether a service's kernel settings differ from the desired ones.
@@ -201,6 +207,10 @@ fn masq(address: IpAddr, port: u16, weight: u32) -> Destination {
 
 /// Computes the operations that turn `observed` into `desired`, touching only what
 /// `ownership` says is ours, and updates `drains`. Pure apart from `drains`.
+///
+/// With a `scope`, only those virtual services are considered (an incremental sync: `desired`
+/// then holds at least the scoped services that should exist); drains of other services are
+/// kept as they are.
 pub fn plan(
     desired: &DesiredIpvs,
     observed: &ObservedIpvs,
@@ -208,10 +218,12 @@ pub fn plan(
     drains: &mut Drains,
     drain_timeout: Duration,
     now: Instant,
+    scope: Option<&BTreeSet<ServiceKey>>,
 ) -> Vec<IpvsOp> {
     let mut ops = Vec::new();
     let mut still_draining = HashMap::new();
-    for (key, want) in desired {
+    let in_scope = |k: &ServiceKey| scope.is_none_or(|s| s.contains(k));
+    for (key, want) in desired.iter().filter(|(k, _)| in_scope(k)) {
         let Some((have, have_dests)) = observed.get(key) else {
             ops.push(IpvsOp::AddService(want.service.clone()));
             for (&(a, p), &w) in &want.destinations {
@@ -259,12 +271,28 @@ pub fn plan(
             }
         }
     }
-    for key in observed.keys() {
-        if !desired.contains_key(key) && ownership.owns(key) {
-            ops.push(IpvsOp::DeleteService(*key));
+    let gone = |key: &ServiceKey| !desired.contains_key(key) && ownership.owns(key);
+    match scope {
+        None => {
+            ops.extend(
+                observed
+                    .keys()
+                    .filter(|k| gone(k))
+                    .map(|k| IpvsOp::DeleteService(*k)),
+            );
+            drains.started = still_draining;
+        }
+        Some(scope) => {
+            ops.extend(
+                scope
+                    .iter()
+                    .filter(|k| observed.contains_key(*k) && gone(k))
+                    .map(|k| IpvsOp::DeleteService(*k)),
+            );
+            drains.started.retain(|(k, _), _| !scope.contains(k));
+            drains.started.extend(still_draining);
         }
     }
-    drains.started = still_draining;
     ops
 }
 
@@ -366,8 +394,17 @@ fn record(cache: &mut ObservedIpvs, op: &IpvsOp) {
 
 /// Dumps the kernel's IPVS table (services and their destinations).
 pub async fn observe(handle: &IpvsHandle) -> Result<ObservedIpvs, IpvsError> {
+    observe_with(handle, false).await
+}
+
+/// [`observe`], keeping the statistics when `stats` is set (for `inspect`; the reconciler
+/// does not need them, and at 100,000 destinations they are megabytes).
+pub async fn observe_with(handle: &IpvsHandle, stats: bool) -> Result<ObservedIpvs, IpvsError> {
     let mut out = ObservedIpvs::new();
-    for s in handle.services().await? {
+    for mut s in handle.services().await? {
+        if !stats {
+            s.stats = None;
+        }
         let dests = match handle.destinations(&s.key).await {
             Ok(d) => d,
             // Deleted between the two dumps (by someone else): skip it.
@@ -376,7 +413,14 @@ pub async fn observe(handle: &IpvsHandle) -> Result<ObservedIpvs, IpvsError> {
         };
         let dests = dests
             .into_iter()
-            .map(|d| ((d.address, d.port), d))
+            .map(|d| {
+                let d = if stats {
+                    d
+                } else {
+                    Destination { stats: None, ..d }
+                };
+                ((d.address, d.port), d)
+            })
             .collect();
         out.insert(s.key, (s, dests));
     }
@@ -390,8 +434,7 @@ pub async fn refresh_draining(
     cache: &mut ObservedIpvs,
     drains: &Drains,
 ) -> Result<(), IpvsError> {
-    let services: BTreeSet<ServiceKey> = drains.started.keys().map(|(k, _)| *k).collect();
-    for key in services {
+    for key in drains.services() {
         match handle.destinations(&key).await {
             Ok(dests) => {
                 if let Some((_, cached)) = cache.get_mut(&key) {
@@ -433,6 +476,7 @@ mod tests {
             port: 80,
             scheduler: "rr".into(),
             persistence_timeout: None,
+            local_only: false,
             snat: false,
             masq_off_cluster: false,
             source_ranges: vec![],
@@ -482,6 +526,7 @@ mod tests {
             drains,
             Duration::from_secs(60),
             Instant::now(),
+            None,
         )
     }
 
@@ -573,6 +618,7 @@ mod tests {
             &mut drains,
             Duration::from_secs(60),
             t0,
+            None,
         );
         assert!(ops.is_empty());
         let later = t0 + Duration::from_secs(61);
@@ -583,6 +629,7 @@ mod tests {
             &mut drains,
             Duration::from_secs(60),
             later,
+            None,
         );
         assert_eq!(ops, vec![IpvsOp::DeleteDestination(key, ip(2), 8080)]);
     }
@@ -690,6 +737,53 @@ mod tests {
                 .filter(|o| matches!(o, IpvsOp::AddDestination(..)))
                 .count(),
             2
+        );
+    }
+
+    #[test]
+    fn a_scoped_plan_touches_only_its_services_and_keeps_other_drains() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1, 2]), vs(2, Protocol::Tcp, &[1, 2])]);
+        let after = desired(&[vs(1, Protocol::Tcp, &[1]), vs(2, Protocol::Tcp, &[1])]);
+        let (k1, k2) = (ServiceKey::tcp(vip(1), 80), ServiceKey::tcp(vip(2), 80));
+        let kernel = kernel_of(&before);
+        let mut drains = Drains::default();
+        let only1: BTreeSet<ServiceKey> = [k1].into_iter().collect();
+        let t = Instant::now();
+        let ops = plan(
+            &after,
+            &kernel,
+            &owner(),
+            &mut drains,
+            Duration::from_secs(60),
+            t,
+            Some(&only1),
+        );
+        assert_eq!(ops, vec![IpvsOp::EditDestination(k1, masq(ip(2), 8080, 0))]);
+        let only2: BTreeSet<ServiceKey> = [k2].into_iter().collect();
+        let ops = plan(
+            &after,
+            &kernel,
+            &owner(),
+            &mut drains,
+            Duration::from_secs(60),
+            t,
+            Some(&only2),
+        );
+        assert_eq!(ops, vec![IpvsOp::EditDestination(k2, masq(ip(2), 8080, 0))]);
+        assert_eq!(drains.services(), [k1, k2].into_iter().collect());
+        // A service deleted in scope goes; out of scope it stays.
+        let none = desired(&[]);
+        assert_eq!(
+            plan(
+                &none,
+                &kernel,
+                &owner(),
+                &mut Drains::default(),
+                Duration::from_secs(60),
+                t,
+                Some(&only2)
+            ),
+            vec![IpvsOp::DeleteService(k2)]
         );
     }
 

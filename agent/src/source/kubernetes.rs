@@ -360,8 +360,8 @@ pub async fn list_once(client: Client, node_name: &str) -> anyhow::Result<Snapsh
             .with_context(|| format!("getting Node {node_name:?}"))?
     };
     Ok(Snapshot {
-        services,
-        endpoint_slices,
+        services: services.into_iter().map(Arc::new).collect(),
+        endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
         node,
         generation: 1,
     })

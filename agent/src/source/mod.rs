@@ -9,6 +9,8 @@ pub mod file;
 pub mod kubernetes;
 pub mod watch;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -17,8 +19,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 /// taints feed the health check).
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Shared with the source's store: publishing a change copies pointers, not objects.
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub node: Option<Node>,
     /// Increases with every change.
     pub generation: u64,

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
 
 use super::Snapshot;
@@ -29,6 +32,33 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
+/// Gives an object without a `resourceVersion` a hash of its content as one (so unchanged
+/// objects of a re-read file are recognized, as the API server's versions are), and returns it
+/// shared, with its (namespace, name).
+fn versioned<K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize>(mut obj: K) -> Arc<K> {
+    if obj.metadata().resource_version.is_none() {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_vec(&obj).unwrap_or_default().hash(&mut h);
+        obj.metadata_mut().resource_version = Some(format!("file-{:016x}", h.finish()));
+    }
+    Arc::new(obj)
+}
+
+/// Objects in (namespace, name) order, as the Kubernetes source keeps them.
+fn sorted<K: k8s_openapi::Metadata<Ty = ObjectMeta>>(mut v: Vec<Arc<K>>) -> Vec<Arc<K>> {
+    v.sort_by(|a, b| {
+        let k = |o: &Arc<K>| {
+            let m = o.metadata();
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        k(a).cmp(&k(b))
+    });
+    v
+}
+
 /// Loads `path` once, logging every error with the file and object it is about.
 pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
     let loaded = load_path(path);
@@ -36,8 +66,8 @@ pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
         tracing::warn!(file = %e.file.display(), object = e.object.as_deref().unwrap_or(""), "{}", e.message);
     }
     Snapshot {
-        services: loaded.services,
-        endpoint_slices: loaded.endpoint_slices,
+        services: sorted(loaded.services.into_iter().map(versioned).collect()),
+        endpoint_slices: sorted(loaded.endpoint_slices.into_iter().map(versioned).collect()),
         node: None,
         generation,
     }

@@ -4,6 +4,7 @@
 //! sees, so bookkeeping-only updates (a new resourceVersion, a Node heartbeat) publish nothing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -51,9 +52,10 @@ impl Significant for Node {
 /// Objects of one resource, by namespace and name.
 #[derive(Debug)]
 pub(crate) struct Reflected<K> {
-    objects: BTreeMap<(String, String), K>,
+    /// Shared with the published snapshots.
+    objects: BTreeMap<(String, String), Arc<K>>,
     /// The relist in progress, from its `Init` to its `InitDone`.
-    relist: Option<BTreeMap<(String, String), K>>,
+    relist: Option<BTreeMap<(String, String), Arc<K>>>,
     /// The first list has completed.
     listed: bool,
 }
@@ -73,13 +75,24 @@ fn key<K: ResourceExt>(obj: &K) -> (String, String) {
 }
 
 fn same_maps<K: Significant>(
-    a: &BTreeMap<(String, String), K>,
-    b: &BTreeMap<(String, String), K>,
+    a: &BTreeMap<(String, String), Arc<K>>,
+    b: &BTreeMap<(String, String), Arc<K>>,
 ) -> bool {
     a.len() == b.len()
         && a.iter()
             .zip(b.iter())
             .all(|((ka, va), (kb, vb))| ka == kb && K::same(va, vb))
+}
+
+/// What the agent never reads and a real API server sends in bulk: managed fields and
+/// `kubectl apply`'s copy of the whole object.
+fn slim<K: Resource>(mut obj: K) -> K {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    obj
 }
 
 impl<K: Significant> Reflected<K> {
@@ -94,7 +107,7 @@ impl<K: Significant> Reflected<K> {
             Event::InitApply(obj) => {
                 self.relist
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&obj), obj);
+                    .insert(key(&obj), Arc::new(slim(obj)));
                 false
             }
             Event::InitDone => {
@@ -106,8 +119,9 @@ impl<K: Significant> Reflected<K> {
             }
             Event::Apply(obj) => {
                 let k = key(&obj);
+                let obj = slim(obj);
                 let changed = self.objects.get(&k).is_none_or(|old| !K::same(old, &obj));
-                self.objects.insert(k, obj);
+                self.objects.insert(k, Arc::new(obj));
                 changed
             }
             Event::Delete(obj) => self.objects.remove(&key(&obj)).is_some(),
@@ -118,7 +132,7 @@ impl<K: Significant> Reflected<K> {
         self.listed
     }
 
-    pub(crate) fn objects(&self) -> impl Iterator<Item = &K> {
+    pub(crate) fn objects(&self) -> impl Iterator<Item = &Arc<K>> {
         self.objects.values()
     }
 
@@ -150,7 +164,7 @@ impl Stores {
                 .node
                 .objects()
                 .find(|n| n.metadata.name.as_deref() == Some(node_name))
-                .cloned(),
+                .map(|n| (**n).clone()),
             generation,
         }
     }
