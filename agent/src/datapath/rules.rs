@@ -67,6 +67,11 @@ pub fn restore_input(save: &str, mark_svc: u32, xt_svc_pin: &Path) -> String {
     out.push_str(&format!(
         "-A {CHAIN_PREROUTING} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic is not tracked\" -j CT --notrack\n"
     ));
+    // IPVS sends what it forwards through LOCAL_OUT: those packets carry the mark TC ingress
+    // set and were untracked in PREROUTING, so they skip the (costlier) program match.
+    out.push_str(&format!(
+        "-A {CHAIN_OUTPUT} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: forwarded by IPVS, already untracked\" -j RETURN\n"
+    ));
     out.push_str(&format!(
         "-A {CHAIN_OUTPUT} -m bpf --object-pinned {} -m comment --comment \"kube-ipvs-bpf: host service traffic is not tracked\" -j CT --notrack\n",
         xt_svc_pin.display()
@@ -159,6 +164,17 @@ mod tests {
         assert!(first.contains("-I FORWARD 1 -j KUBE-IPVS-BPF-FILTER\n"));
         assert!(first.contains("-m mark --mark 0x200000/0x200000"));
         assert!(first.contains("-m bpf --object-pinned /sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc"));
+        // Forwarded (already marked) packets return before the program match.
+        let ret = first
+            .find("-A KUBE-IPVS-BPF-OUTPUT -m mark --mark 0x200000/0x200000")
+            .expect("mark return in OUTPUT");
+        assert!(ret < first.find("-m bpf").expect("bpf match"), "{first}");
+        assert!(
+            first[ret..]
+                .lines()
+                .next()
+                .is_some_and(|l| l.ends_with("-j RETURN"))
+        );
         let save = "*raw\n-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING\n-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT\nCOMMIT\n*filter\n-A INPUT -j KUBE-IPVS-BPF-FILTER\n-A FORWARD -j KUBE-IPVS-BPF-FILTER\nCOMMIT\n";
         let again = restore_input(save, 0x200000, pin);
         assert!(!again.contains("-I "), "{again}");

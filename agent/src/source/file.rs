@@ -73,11 +73,7 @@ pub fn load_path(path: &Path) -> LoadedObjects {
         match entry {
             Ok(entry) => {
                 let p = entry.path();
-                let is_manifest = p
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-                if is_manifest && p.is_file() {
+                if is_manifest_name(&p) && p.is_file() {
                     files.push(p);
                 }
             }
@@ -89,6 +85,14 @@ pub fn load_path(path: &Path) -> LoadedObjects {
         load_file(f, &mut out);
     }
     out
+}
+
+/// Whether a directory entry is read as manifests: a `.yaml`, `.yml` or `.json` name. (Anything
+/// else in the directory, such as an editor's or a writer's temporary file, is ignored.)
+pub(crate) fn is_manifest_name(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 impl LoadedObjects {

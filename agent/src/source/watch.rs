@@ -12,14 +12,19 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
 
 use super::Snapshot;
-use super::file::load_path;
+use super::file::{is_manifest_name, load_path};
 
-/// What identifies the content of a path cheaply: each file's name, size and modification time.
+/// What identifies the content of a path cheaply: the name, size and modification time of each
+/// file the loader reads (a directory's other entries, e.g. a temporary file being written
+/// before it is renamed into place, change nothing).
 fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut files = vec![path.to_path_buf()];
-    if let Ok(rd) = std::fs::read_dir(path) {
-        files.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
-    }
+    let files: Vec<PathBuf> = match std::fs::read_dir(path) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_manifest_name(p))
+            .collect(),
+        Err(_) => vec![path.to_path_buf()],
+    };
     let mut out: Vec<_> = files
         .into_iter()
         .map(|f| {
@@ -94,4 +99,59 @@ pub fn watch_path(path: PathBuf, poll: Duration) -> watch::Receiver<Arc<Snapshot
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: ns1}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+";
+
+    #[test]
+    fn fingerprint_ignores_files_the_loader_does_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("services.yaml"), SVC).expect("write");
+        let before = fingerprint(dir.path());
+        // A writer's temporary file, before it is renamed into place.
+        std::fs::write(dir.path().join(".services.yaml.tmp"), SVC).expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "x").expect("write");
+        assert_eq!(fingerprint(dir.path()), before);
+        std::fs::write(dir.path().join("more.json"), "{}").expect("write");
+        assert_ne!(fingerprint(dir.path()), before);
+    }
+
+    #[test]
+    fn fingerprint_of_a_single_file_follows_its_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("services.yaml");
+        std::fs::write(&file, SVC).expect("write");
+        let before = fingerprint(&file);
+        std::fs::write(&file, format!("{SVC}---\n{SVC}")).expect("write");
+        assert_ne!(fingerprint(&file), before);
+    }
+
+    #[tokio::test]
+    async fn a_temporary_file_publishes_nothing_until_renamed_into_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("services.yaml"), SVC).expect("write");
+        let mut rx = watch_path(dir.path().to_path_buf(), Duration::from_millis(5));
+        assert_eq!(rx.borrow_and_update().generation, 1);
+        let tmp = dir.path().join(".services.yaml.tmp");
+        std::fs::write(&tmp, SVC.replace("name: a", "name: b")).expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!rx.has_changed().expect("watcher alive"));
+        std::fs::rename(&tmp, dir.path().join("services.yaml")).expect("rename");
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a snapshot after the rename")
+            .expect("watcher alive");
+        let snap = rx.borrow_and_update().clone();
+        assert_eq!(snap.generation, 2);
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.services[0].metadata.name.as_deref(), Some("b"));
+    }
 }
