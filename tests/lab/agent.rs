@@ -137,7 +137,7 @@ fn one_endpoint_added_is_one_destination_add_and_removed_drains_then_goes() {
         "draining destination must have weight 0"
     );
     // No connection on it: the drain check deletes it.
-    let ev = agent.wait_for(mark, Duration::from_secs(20), |v| {
+    let ev = agent.wait_for(mark, Duration::from_secs(60), |v| {
         v["message"] == "sync done" && ops_issued(v).contains_key("delete_destination")
     });
     assert_eq!(
@@ -229,7 +229,7 @@ fn an_ipvs_service_deleted_by_hand_is_restored_by_the_resync() {
     t.node.sh("ipvsadm -D -t 10.96.0.50:80");
     assert!(find(&kernel(&t.node), "TCP 10.96.0.50:80").is_none());
     let mark = agent.mark();
-    let ev = agent.wait_for(mark, Duration::from_secs(20), |v| {
+    let ev = agent.wait_for(mark, Duration::from_secs(60), |v| {
         v["message"] == "sync done" && v["full"] == true
     });
     assert_eq!(ops_issued(&ev).get("add_service"), Some(&1), "{ev}");
@@ -274,7 +274,7 @@ fn foreign_ipvs_services_are_left_untouched() {
     m.remove("svc.yaml");
     agent.wait_sync(mark, 2);
     let mark = agent.mark();
-    agent.wait_for(mark, Duration::from_secs(20), |v| {
+    agent.wait_for(mark, Duration::from_secs(60), |v| {
         v["message"] == "sync done" && v["full"] == true
     });
     assert_eq!(foreign(&t.node), before);
@@ -332,7 +332,7 @@ fn graceful_termination_keeps_an_open_connection_until_the_drain_ends() {
     // Connection closed (it lingers in IPVS as inactive): deleted by the drain timeout.
     drop(conn);
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "draining destination deleted",
         || {
             find(&kernel(&t.node), "TCP 10.96.0.70:80")

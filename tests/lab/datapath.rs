@@ -479,7 +479,7 @@ fn snat_entries_expire_after_their_connections_end() {
             .map_or(0, |r| r.len())
     };
     assert_eq!(rows(&agent), 2, "{}", agent.inspect_snat(&t.node));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while rows(&agent) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -508,7 +508,7 @@ fn a_device_that_appears_later_gets_the_datapath() {
         .sh("ip link set veth-p2 master cni1 && ip link set veth-p2 up");
     pod2.sh("ip addr add 10.244.3.2/24 dev eth0 && ip link set eth0 up && ip route add default via 10.244.3.1");
     let _srv = Server::tcp(&pod2, addr("10.244.3.2:8080"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         match tcp_request(&pod2, addr("10.96.0.22:80")) {
             Ok(a) if a.starts_with("10.244.3.1:") => break,

@@ -33,7 +33,7 @@ impl ApiServer {
             .spawn()
             .expect("start fake-apiserver");
         let s = ApiServer { child };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while control(ns, "GET", "/control/resource-version", "").is_err() {
             assert!(Instant::now() < deadline, "fake-apiserver did not come up");
             std::thread::sleep(Duration::from_millis(100));
@@ -118,7 +118,7 @@ fn the_agent_follows_the_api_server_and_keeps_traffic_flowing_while_it_is_gone()
     .expect("apply");
     eventually(
         "the new endpoint programmed",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || destinations(&t.node, "TCP 10.96.0.10:80") == 2,
     );
 
@@ -139,7 +139,7 @@ fn the_agent_follows_the_api_server_and_keeps_traffic_flowing_while_it_is_gone()
     );
 
     // Back: a change made now is picked up (the watch resumes or relists).
-    eventually("the API server back", Duration::from_secs(30), || {
+    eventually("the API server back", Duration::from_secs(90), || {
         control(&t.node, "GET", "/control/resource-version", "").is_ok()
     });
     control(
@@ -151,7 +151,7 @@ fn the_agent_follows_the_api_server_and_keeps_traffic_flowing_while_it_is_gone()
     .expect("apply after restart");
     eventually(
         "the removed endpoint drained",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             ipvsadm::view(|c| t.node.sh(c))
                 .iter()

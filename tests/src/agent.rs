@@ -162,12 +162,15 @@ impl Agent {
 
     /// Every log line so far (for failure messages).
     pub fn log_text(&self) -> String {
-        self.raw.lock().expect("log lock").join("\n")
+        self.raw
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
     }
 
     /// Parsed log events so far.
     pub fn events(&self) -> Vec<Value> {
-        self.lines.lock().expect("log lock").clone()
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits (up to `timeout`) for the first event after `skip` events that satisfies `pred`.
@@ -215,14 +218,21 @@ impl Agent {
     /// Waits for the next "sync done" event (after `skip` events) whose source generation is at
     /// least `generation`.
     pub fn wait_sync(&self, skip: usize, generation: u64) -> Value {
-        self.wait_for(skip, Duration::from_secs(30), |v| {
+        // Generous: a cold start loads and verifies the BPF programs under TCG, slower still
+        // on a busy machine. The bound only caps how long a failure takes.
+        self.wait_for(skip, Duration::from_secs(120), |v| {
             v["message"] == "sync done" && v["generation"].as_u64() >= Some(generation)
         })
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Number of events so far (a mark to wait from).
     pub fn mark(&self) -> usize {
-        self.lines.lock().expect("log lock").len()
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// `inspect snat --output json` for this agent (its state and pins), run inside `ns`.

@@ -5,20 +5,25 @@ use std::process::Command;
 
 /// Runs `cmd` with `sh -c` and returns its stdout; panics with stderr when it fails.
 pub fn sh(cmd: &str) -> String {
+    try_sh(cmd).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Like [`sh`], but a failure is an error (for the benchmark programs, which must not panic).
+pub fn try_sh(cmd: &str) -> anyhow::Result<String> {
     let out = Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `{cmd}`: {e}"));
+        .map_err(|e| anyhow::anyhow!("cannot run `{cmd}`: {e}"))?;
     if !out.status.success() {
-        panic!(
+        anyhow::bail!(
             "`{cmd}` failed ({}):\nstdout: {}\nstderr: {}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `cmd` and returns (exit code, stdout, stderr) without judging it.

@@ -8,11 +8,12 @@ pub mod agent;
 pub mod cmd;
 pub mod fake_apiserver;
 pub mod ipvsadm;
+pub mod kube_proxy;
 pub mod netns;
 pub mod topology;
 pub mod traffic;
 
-pub use cmd::{sh, sh_ok, sh_status};
+pub use cmd::{sh, sh_ok, sh_status, try_sh};
 pub use netns::Netns;
 pub use topology::Topology;
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::cmd::sh;
+use crate::cmd::{sh, try_sh};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -20,15 +20,20 @@ pub struct Netns {
 impl Netns {
     /// Creates a fresh namespace named `<prefix>-<pid>-<n>` with loopback up.
     pub fn new(prefix: &str) -> Netns {
+        Netns::try_new(prefix).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Netns::new`], but a failure is an error.
+    pub fn try_new(prefix: &str) -> anyhow::Result<Netns> {
         let name = format!(
             "{prefix}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        sh(&format!("ip netns add {name}"));
+        try_sh(&format!("ip netns add {name}"))?;
         let ns = Netns { name };
-        ns.sh("ip link set lo up");
-        ns
+        ns.try_sh("ip link set lo up")?;
+        Ok(ns)
     }
 
     /// The namespace's name (for `ip netns exec`, `ip link set … netns NAME`).
@@ -45,6 +50,11 @@ impl Netns {
     /// and would hide bpffs) and returns stdout; panics when it fails.
     pub fn sh(&self, cmd: &str) -> String {
         sh(&self.wrap(cmd))
+    }
+
+    /// Like [`Netns::sh`], but a failure is an error.
+    pub fn try_sh(&self, cmd: &str) -> anyhow::Result<String> {
+        try_sh(&self.wrap(cmd))
     }
 
     /// Like [`crate::sh_status`], inside the namespace.
