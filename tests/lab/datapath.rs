@@ -520,3 +520,65 @@ fn a_device_that_appears_later_gets_the_datapath() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// The benchmark's two kube-proxy datapaths (`lab::kube_proxy`, checked byte for byte against a
+/// real kube-proxy's node state by its unit tests) work on a real kernel: NodePort from the
+/// off-cluster client is masqueraded to the node (the router has no route back to the client),
+/// ClusterIP from a pod keeps the pod address, and every connection costs exactly one conntrack
+/// entry in both modes.
+#[test]
+fn kube_proxy_ipvs_and_nftables_modes_as_generated_serve_with_one_conntrack_entry_per_connection() {
+    use lab::kube_proxy::{self, NodeConfig, Protocol, ServicePort};
+    require_lab();
+    let t = SnatTopology::new("dp-kpm");
+    let _srv = Server::tcp(&t.remote, addr("10.244.2.2:8080"));
+    let services = vec![ServicePort {
+        node_port: Some(30080),
+        ..ServicePort::cluster_ip(
+            "lab",
+            "web",
+            "http",
+            Protocol::Tcp,
+            "10.96.0.10".parse().expect("address"),
+            80,
+            &[("10.244.2.2".parse().expect("address"), 8080)],
+        )
+    }];
+    let node = NodeConfig {
+        cluster_cidr: "10.244.0.0/16".into(),
+        service_cidr: "10.96.0.0/16".into(),
+        nodeport_addresses: vec!["10.0.1.1".parse().expect("address")],
+    };
+    for mode in ["ipvs", "nftables"] {
+        match mode {
+            "ipvs" => kube_proxy::apply_ipvs_mode(&t.node, &services, &node),
+            _ => kube_proxy::apply_nftables_mode(&t.node, &services, &node),
+        }
+        .unwrap_or_else(|e| panic!("programming kube-proxy's {mode} mode: {e:#}"));
+        t.node_firewall(false);
+        let before = t.conntrack_count();
+        for _ in 0..5 {
+            let a = tcp_request(&t.client, addr("10.0.1.1:30080"))
+                .unwrap_or_else(|e| panic!("{mode} mode NodePort: {e}"));
+            assert!(
+                a.starts_with("10.0.2.1:"),
+                "{mode} mode NodePort seen as {a}"
+            );
+            let a = tcp_request(&t.pod, addr("10.96.0.10:80"))
+                .unwrap_or_else(|e| panic!("{mode} mode ClusterIP: {e}"));
+            assert!(
+                a.starts_with("10.244.1.2:"),
+                "{mode} mode ClusterIP seen as {a}"
+            );
+        }
+        assert_eq!(t.conntrack_count(), before + 10, "{mode} mode");
+        match mode {
+            "ipvs" => kube_proxy::teardown_ipvs_mode(&t.node),
+            _ => kube_proxy::teardown_nftables_mode(&t.node),
+        }
+        .unwrap_or_else(|e| panic!("removing kube-proxy's {mode} mode: {e:#}"));
+        t.node
+            .sh("iptables -F && iptables -X && ip6tables -F && ip6tables -X");
+        t.node.sh("conntrack -F 2>/dev/null; true");
+    }
+}
