@@ -228,9 +228,11 @@ fn an_ipvs_service_deleted_by_hand_is_restored_by_the_resync() {
     agent.wait_sync(0, 1);
     t.node.sh("ipvsadm -D -t 10.96.0.50:80");
     assert!(find(&kernel(&t.node), "TCP 10.96.0.50:80").is_none());
+    // A full sync that was already under way when the service was deleted may have read the
+    // kernel before: the next one that restores it is the resync under test.
     let mark = agent.mark();
-    let ev = agent.wait_for(mark, Duration::from_secs(60), |v| {
-        v["message"] == "sync done" && v["full"] == true
+    let ev = agent.wait_for(mark, Duration::from_secs(90), |v| {
+        v["message"] == "sync done" && v["full"] == true && !ops_issued(v).is_empty()
     });
     assert_eq!(ops_issued(&ev).get("add_service"), Some(&1), "{ev}");
     assert_eq!(
@@ -291,7 +293,8 @@ fn graceful_termination_keeps_an_open_connection_until_the_drain_ends() {
     let m = Manifests::new("drain");
     m.write("svc.yaml", &service_yaml("g", "10.96.0.70", 80, None));
     m.write("eps.yaml", &slice_yaml("g", &["10.0.2.2"], 8080));
-    let agent = Agent::start(&t.node, &m.dir, &["--drain-timeout", "8s"]);
+    // The drain timeout must outlast the checks below on a slow, busy machine (TCG).
+    let agent = Agent::start(&t.node, &m.dir, &["--drain-timeout", "30s"]);
     agent.wait_sync(0, 1);
     let vip: SocketAddr = "10.96.0.70:80".parse().unwrap();
     let mut conn = HeldConnection::open(&t.client, vip).expect("connect");
@@ -332,7 +335,7 @@ fn graceful_termination_keeps_an_open_connection_until_the_drain_ends() {
     // Connection closed (it lingers in IPVS as inactive): deleted by the drain timeout.
     drop(conn);
     eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         "draining destination deleted",
         || {
             find(&kernel(&t.node), "TCP 10.96.0.70:80")
