@@ -570,19 +570,35 @@ async fn cps(
             (lat, fail)
         }));
     }
+    let (lat, fail) = join_workers(workers).await?;
+    let attempted = lat.len() as u64 + fail.total();
+    Ok(Some(window_report(
+        &w,
+        lat,
+        fail,
+        json!({ "mode": "cps", "to": t.to.to_string(), "concurrency": concurrency, "attempted": attempted }),
+    )))
+}
+
+/// Waits for every worker and gathers their latencies (µs) and failures.
+async fn join_workers(
+    workers: Vec<tokio::task::JoinHandle<(Vec<u64>, Failures)>>,
+) -> Result<(Vec<u64>, Failures)> {
     let (mut lat, mut fail) = (Vec::new(), Failures::default());
     for wk in workers {
         let (l, f) = wk.await.context("worker")?;
         lat.extend(l);
         fail.merge(f);
     }
+    Ok((lat, fail))
+}
+
+/// Closes the timed window and reports what every request mode reports (successes, failures,
+/// rate, latency percentiles, CPU), after the mode's own fields in `head`.
+fn window_report(w: &Window, mut lat: Vec<u64>, fail: Failures, mut head: Value) -> Value {
     let (elapsed, cpu) = w.close();
     let ok = lat.len() as u64;
-    Ok(Some(json!({
-        "mode": "cps",
-        "to": t.to.to_string(),
-        "concurrency": concurrency,
-        "attempted": ok + fail.total(),
+    let common = json!({
         "ok": ok,
         "failed": fail.total(),
         "failures": fail.0,
@@ -592,7 +608,11 @@ async fn cps(
         "latency_us": latency_json(&mut lat),
         "cpu": cpu,
         "rusage": rusage_json(),
-    })))
+    });
+    if let (Some(h), Value::Object(c)) = (head.as_object_mut(), common) {
+        h.extend(c);
+    }
+    head
 }
 
 async fn rr(
@@ -635,28 +655,13 @@ async fn rr(
             (lat, fail)
         }));
     }
-    let (mut lat, mut fail) = (Vec::new(), Failures::default());
-    for wk in workers {
-        let (l, f) = wk.await.context("worker")?;
-        lat.extend(l);
-        fail.merge(f);
-    }
-    let (elapsed, cpu) = w.close();
-    let ok = lat.len() as u64;
-    Ok(Some(json!({
-        "mode": "rr",
-        "to": t.to.to_string(),
-        "connections": connections,
-        "ok": ok,
-        "failed": fail.total(),
-        "failures": fail.0,
-        "truncated": w.expired(),
-        "elapsed_s": elapsed,
-        "rate_per_s": ok as f64 / elapsed,
-        "latency_us": latency_json(&mut lat),
-        "cpu": cpu,
-        "rusage": rusage_json(),
-    })))
+    let (lat, fail) = join_workers(workers).await?;
+    Ok(Some(window_report(
+        &w,
+        lat,
+        fail,
+        json!({ "mode": "rr", "to": t.to.to_string(), "connections": connections }),
+    )))
 }
 
 async fn bulk(t: Target, bytes: u64, streams: usize) -> Result<Option<Value>> {
@@ -782,22 +787,16 @@ async fn udp_rr(
         lat.extend(l);
         lost += n;
     }
-    let (elapsed, cpu) = w.close();
-    let ok = lat.len() as u64;
-    Ok(Some(json!({
-        "mode": "udp-rr",
-        "to": t.to.to_string(),
-        "concurrency": concurrency,
-        "ok": ok,
-        "failed": lost,
-        "failures": { "timeout": lost },
-        "truncated": w.expired(),
-        "elapsed_s": elapsed,
-        "rate_per_s": ok as f64 / elapsed,
-        "latency_us": latency_json(&mut lat),
-        "cpu": cpu,
-        "rusage": rusage_json(),
-    })))
+    let mut fail = Failures::default();
+    if lost > 0 {
+        fail.0.insert("timeout".into(), lost);
+    }
+    Ok(Some(window_report(
+        &w,
+        lat,
+        fail,
+        json!({ "mode": "udp-rr", "to": t.to.to_string(), "concurrency": concurrency }),
+    )))
 }
 
 async fn hold_conns(t: Target, conns: usize, in_flight: usize, hold: f64) -> Result<Option<Value>> {
