@@ -497,25 +497,9 @@ impl Active {
 
     /// The agent's counters (ours only).
     fn counters(&self, t: &SnatTopology) -> BTreeMap<String, u64> {
-        if self.dp != Datapath::Ours {
-            return BTreeMap::new();
-        }
-        let out = t.node.try_sh(&format!(
-            "{} inspect counters --output json --bpf-pin-root {}/v1",
-            agent_bin(),
-            self.pin_root
-        ));
-        let v: Value = out
-            .ok()
-            .and_then(|o| serde_json::from_str(&o).ok())
-            .unwrap_or(Value::Null);
-        v["counters"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                    .collect()
-            })
+        self.agent
+            .as_ref()
+            .and_then(|a| a.try_counters(&t.node).ok())
             .unwrap_or_default()
     }
 

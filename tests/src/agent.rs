@@ -248,21 +248,22 @@ impl Agent {
 
     /// `inspect counters --output json` for this agent: counter name → value.
     pub fn counters(&self, ns: &Netns) -> std::collections::BTreeMap<String, u64> {
-        let out = ns.sh(&format!(
+        self.try_counters(ns).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Agent::counters`], but a failure is an error (for the benchmark programs).
+    pub fn try_counters(
+        &self,
+        ns: &Netns,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let out = ns.try_sh(&format!(
             "{} inspect counters --output json --bpf-pin-root {}",
             agent_bin(),
             self.pin_root
-        ));
+        ))?;
         let v: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("inspect counters output: {e}: {out}"));
-        v["counters"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .map_err(|e| anyhow::anyhow!("inspect counters output: {e}: {out}"))?;
+        Ok(u64_map(&v["counters"]))
     }
 
     /// Stops the agent with SIGTERM and waits for it; its pinned datapath stays (a restart).
@@ -292,8 +293,12 @@ pub fn ops_issued(event: &Value) -> std::collections::BTreeMap<String, u64> {
         .as_str()
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or(Value::Null);
-    parsed["issued"]
-        .as_object()
+    u64_map(&parsed["issued"])
+}
+
+/// A JSON object of counts as a map (absent or not an object: empty).
+fn u64_map(v: &Value) -> std::collections::BTreeMap<String, u64> {
+    v.as_object()
         .map(|m| {
             m.iter()
                 .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))

@@ -588,14 +588,7 @@ pub fn ipvs_iptables(services: &[ServicePort], node: &NodeConfig) -> String {
     out.push_str(&save_table(
         "filter",
         &["INPUT", "FORWARD", "OUTPUT"],
-        &[
-            "KUBE-FORWARD",
-            "KUBE-IPVS-FILTER",
-            "KUBE-IPVS-OUT-FILTER",
-            "KUBE-NODE-PORT",
-            "KUBE-PROXY-FIREWALL",
-            "KUBE-SOURCE-RANGES-FIREWALL",
-        ],
+        IPVS_FILTER_CHAINS,
         &filter,
     ));
     out.push_str(&save_table(
@@ -613,19 +606,22 @@ pub fn ipvs_iptables(services: &[ServicePort], node: &NodeConfig) -> String {
     out
 }
 
+/// The chains kube-proxy's ipvs mode declares in the filter table (IPv4 and IPv6 alike).
+const IPVS_FILTER_CHAINS: &[&str] = &[
+    "KUBE-FORWARD",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+    "KUBE-NODE-PORT",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+];
+
 /// kube-proxy's ipvs-mode IPv6 rules on a node without IPv6 Services (as captured).
 pub fn ipvs_ip6tables() -> String {
     let mut out = save_table(
         "filter",
         &["INPUT", "FORWARD", "OUTPUT"],
-        &[
-            "KUBE-FORWARD",
-            "KUBE-IPVS-FILTER",
-            "KUBE-IPVS-OUT-FILTER",
-            "KUBE-NODE-PORT",
-            "KUBE-PROXY-FIREWALL",
-            "KUBE-SOURCE-RANGES-FIREWALL",
-        ],
+        IPVS_FILTER_CHAINS,
         &[
             r#"-A INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT"#
                 .into(),
