@@ -543,13 +543,7 @@ impl Active {
 /// Waits until process `pid` has used no CPU for `quiet` (its work after a sync — the state
 /// file, metrics, freeing memory — must not land in a timed window); at most `max`.
 fn wait_quiet(pid: u32, quiet: Duration, max: Duration) -> f64 {
-    let cpu = || -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command (which may hold spaces): state is field 3; utime 14, stime 15.
-        let rest = stat.rsplit_once(')')?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-    };
+    let cpu = || process_stat(pid).map(|(_, ticks)| ticks);
     let start = Instant::now();
     let mut last = cpu();
     let mut since = Instant::now();
@@ -749,18 +743,23 @@ fn process_cpu_ticks() -> BTreeMap<u32, (String, u64)> {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
-            continue;
-        };
-        let comm = head[open + 1..].to_string();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        out.insert(pid, (comm, ticks(11) + ticks(12)));
+        if let Some(stat) = process_stat(pid) {
+            out.insert(pid, stat);
+        }
     }
     out
+}
+
+/// A process's command name and utime+stime (clock ticks), from `/proc/PID/stat`.
+fn process_stat(pid: u32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command is in parentheses and may hold spaces; after it, state is field 3, utime 14
+    // and stime 15.
+    let open = stat.find('(')?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((head[open + 1..].to_string(), ticks))
 }
 
 /// The processes that used CPU between two [`process_cpu_ticks`] snapshots, in seconds, by
@@ -1332,4 +1331,25 @@ fn run() -> Result<()> {
     }
     log(&format!("done in {:.0}s", started.elapsed().as_secs_f64()));
     Ok(())
+}
+
+#[cfg(test)]
+mod process_stat_tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_name_and_cpu_ticks() {
+        // Burn a little CPU so the tick count is non-zero on any clock.
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(100) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let (comm, ticks) = process_stat(std::process::id()).expect("own /proc stat");
+        let own = std::fs::read_to_string("/proc/self/comm").expect("comm");
+        assert_eq!(comm, own.trim_end());
+        assert!(ticks > 0);
+        assert!(process_cpu_ticks().contains_key(&std::process::id()));
+    }
 }
