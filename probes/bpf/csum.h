@@ -15,6 +15,9 @@
  *   - ports: bpf_l4_csum_replace without the pseudo flag;
  *   - UDP: BPF_F_MARK_MANGLED_0, so an IPv4 UDP checksum of 0 ("none") stays 0 and a computed 0
  *     becomes 0xffff.
+ * The nat_write program (direct packet writes, kernels with bpf_cast_to_kern_ctx) does the same
+ * arithmetic inline, with the rules of the helpers above made explicit per skb->ip_summed (read
+ * through bpf_cast_to_kern_ctx with CO-RE): see csum_l4_direct() below.
  * Fields quoted inside an ICMP error are payload, not headers of this skb: they are updated with
  * the plain one's-complement arithmetic below, and the ICMP checksum gets the sum of their diffs.
  */
@@ -163,4 +166,39 @@ static __always_inline int csum_l4_port(struct __sk_buff *skb, __u32 l4_csum_at,
 	return bpf_l4_csum_replace(skb, l4_csum_at, old, new, sizeof(new) | l4_flags) ? -1 : 0;
 }
 
+/* skb->ip_summed values (include/linux/skbuff.h). */
+#define KIB_CHECKSUM_NONE 0
+#define KIB_CHECKSUM_UNNECESSARY 1
+#define KIB_CHECKSUM_COMPLETE 2
+#define KIB_CHECKSUM_PARTIAL 3
+
+/*
+ * The inline equivalent of bpf_l4_csum_replace() for one L4 checksum field `*field`, given the
+ * diff of the pseudo-header fields (`pseudo`, addresses) and of the covered header fields
+ * (`covered`, ports), for the skb checksum state `summed`:
+ *   - CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum the device completes; only
+ *     the pseudo-header diff goes into it (non-complemented);
+ *   - otherwise the checksum itself is updated by both diffs (RFC 1624);
+ *   - UDP (`udp`): a zero checksum ("none") is left alone, a computed zero becomes 0xffff
+ *     (BPF_F_MARK_MANGLED_0).
+ * Returns 0 when the field was left alone (UDP without checksum), 1 otherwise. The caller
+ * settles CHECKSUM_COMPLETE's skb->csum (csum_complete_diff()).
+ */
+static __always_inline int csum_l4_direct(__u16 *field, __u32 summed, __u64 pseudo, __u64 covered,
+					  int udp)
+{
+	__u16 old = *field;
+	__u16 new;
+
+	if (udp && old == 0)
+		return 0;
+	if (summed == KIB_CHECKSUM_PARTIAL)
+		new = csum_fold(pseudo + old);
+	else
+		new = csum_apply(old, pseudo + covered);
+	if (udp && new == 0)
+		new = 0xffff;
+	*field = new;
+	return 1;
+}
 #endif /* KIB_CSUM_H */

@@ -4,6 +4,8 @@
  *   tc_ingress / tc_ingress_l3: reverse SNAT, ICMP error translation, reply and service
  *     classification (marks), loadBalancerSourceRanges and other-port filtering;
  *   tc_egress / tc_egress_l3: established SNAT fast path, SNAT decision and port allocation;
+ *   nat_write_egress / nat_write_ingress: the direct-write rewrite the TC programs hand
+ *     translations to by tail call (nat_writers_*);
  *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
  * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
  * body with the link-layer length as a constant parameter. TC programs return TC_ACT_UNSPEC (the
@@ -14,6 +16,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "maps.h"
 #include "parsing.h"
@@ -77,12 +80,12 @@ static __always_inline int ingress_later_fragment(struct __sk_buff *skb, struct 
 	e = bpf_map_lookup_elem(&snat_rev, &key);
 	if (!e)
 		return TC_ACT_UNSPEC;
-	if (nat_rewrite(skb, p, NAT_DST, e->addr, e->port)) {
+	skb->mark |= cfg->mark_svc;
+	stat_inc(STAT_FRAG_XLATE);
+	if (nat_commit(skb, p, NAT_DST, e->addr, e->port)) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
-	skb->mark |= cfg->mark_svc;
-	stat_inc(STAT_FRAG_XLATE);
 	return TC_ACT_UNSPEC;
 }
 
@@ -93,6 +96,9 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	struct tuple key = {};
 	struct snat_entry *e;
 	struct svc_value *svc;
+	struct flow_slot *slot;
+	__u64 now_jiffies;
+	__u8 bits;
 	int ret;
 
 	/* mark_svc == 0: not configured yet, everything passes untouched. */
@@ -123,16 +129,27 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	if (!p.has_ports)
 		return TC_ACT_UNSPEC;
 	tuple_from_pkt(&p, &key);
+	bits = pkt_state_bits(&p) | STATE_REPLY;
+	now_jiffies = bpf_jiffies64();
+	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
+	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
+		skb->mark |= cfg->mark_svc;
+		stat_inc(STAT_REV_HIT);
+		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port) ? TC_ACT_SHOT
+									     : TC_ACT_UNSPEC;
+	}
 	e = bpf_map_lookup_elem(&snat_rev, &key);
 	if (e) {
-		if (nat_rewrite(skb, &p, NAT_DST, e->addr, e->port)) {
+		entry_touch(e, bits, bpf_ktime_get_coarse_ns());
+		frag_record(&p);
+		if (slot)
+			flow_slot_fill(slot, &key, NAT_DST, e, bits, now_jiffies);
+		skb->mark |= cfg->mark_svc;
+		stat_inc(STAT_REV_HIT);
+		if (nat_commit(skb, &p, NAT_DST, e->addr, e->port)) {
 			stat_inc(STAT_PARSE_ERROR);
 			return TC_ACT_SHOT;
 		}
-		entry_touch(e, pkt_state_bits(&p) | STATE_REPLY, bpf_ktime_get_coarse_ns());
-		frag_record(&p);
-		skb->mark |= cfg->mark_svc;
-		stat_inc(STAT_REV_HIT);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -189,11 +206,11 @@ static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct p
 		}
 		return TC_ACT_UNSPEC;
 	}
-	if (nat_rewrite(skb, p, NAT_SRC, e->addr, e->port)) {
+	stat_inc(STAT_FRAG_XLATE);
+	if (nat_commit(skb, p, NAT_SRC, e->addr, e->port)) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
-	stat_inc(STAT_FRAG_XLATE);
 	return TC_ACT_UNSPEC;
 }
 
@@ -225,8 +242,11 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 	struct snat_entry *e;
 	struct dev_value *dev;
 	struct conn_value *conn;
+	struct flow_slot *slot;
 	const __u8 *node_addr;
 	__u32 ifindex = skb->ifindex;
+	__u64 now_jiffies;
+	__u8 bits;
 	__u32 svc_id = 0;
 	__u64 now;
 	__u8 flags;
@@ -246,17 +266,27 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 	if (!p.has_ports)
 		return TC_ACT_UNSPEC;
 
-	/* 1. Established fast path. */
+	/* 1. Established fast path: the flow cache, then snat_fwd. */
 	tuple_from_pkt(&p, &key);
+	bits = pkt_state_bits(&p);
+	now_jiffies = bpf_jiffies64();
+	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
+	if (slot && flow_slot_hit(slot, &key, NAT_SRC, bits, now_jiffies)) {
+		stat_inc(STAT_FWD_HIT);
+		return nat_commit(skb, &p, NAT_SRC, slot->addr, slot->port) ? TC_ACT_SHOT
+									     : TC_ACT_UNSPEC;
+	}
 	e = bpf_map_lookup_elem(&snat_fwd, &key);
 	if (e) {
-		if (nat_rewrite(skb, &p, NAT_SRC, e->addr, e->port)) {
+		entry_touch(e, bits, bpf_ktime_get_coarse_ns());
+		frag_record(&p);
+		if (slot)
+			flow_slot_fill(slot, &key, NAT_SRC, e, bits, now_jiffies);
+		stat_inc(STAT_FWD_HIT);
+		if (nat_commit(skb, &p, NAT_SRC, e->addr, e->port)) {
 			stat_inc(STAT_PARSE_ERROR);
 			return TC_ACT_SHOT;
 		}
-		entry_touch(e, pkt_state_bits(&p), bpf_ktime_get_coarse_ns());
-		frag_record(&p);
-		stat_inc(STAT_FWD_HIT);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -288,7 +318,7 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 		stat_inc(STAT_PROBE_MISS);
 	}
 	now = bpf_ktime_get_coarse_ns();
-	ret = snat_allocate(&key, cfg, node_addr, svc_id, flags, pkt_state_bits(&p), now, &entry);
+	ret = snat_allocate(&key, cfg, node_addr, svc_id, flags, bits, now, &entry);
 	if (ret == ALLOC_EXHAUSTED) {
 		stat_inc(STAT_PORT_EXHAUSTED);
 		return TC_ACT_SHOT;
@@ -302,12 +332,12 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 		if (entry.flags & SNAT_F_PORT_KEPT)
 			stat_inc(STAT_SNAT_PORT_REUSE);
 	}
-	if (nat_rewrite(skb, &p, NAT_SRC, entry.addr, entry.port)) {
+	/* 4. First fragment of a translated flow. */
+	frag_record(&p);
+	if (nat_commit(skb, &p, NAT_SRC, entry.addr, entry.port)) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
-	/* 4. First fragment of a translated flow. */
-	frag_record(&p);
 	return TC_ACT_UNSPEC;
 }
 
@@ -333,6 +363,48 @@ SEC("tc")
 int tc_egress_l3(struct __sk_buff *skb)
 {
 	return handle_egress(skb, 0);
+}
+
+/* The checksum state of the skb (kernel struct sk_buff, CO-RE). */
+struct sk_buff___kib {
+	__u8 ip_summed : 2;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+/*
+ * The tail-call targets of nat_commit() (one per direction): rewrites the packet as the per-CPU nat_job says, with
+ * direct packet writes (so it, and only it, gets the verifier's unclone prologue: a cloned skb
+ * is made writable only when it is translated, as bpf_skb_store_bytes would). Loaded only where
+ * bpf_cast_to_kern_ctx exists (Linux 6.2+): it reads skb->ip_summed for the checksum rules.
+ */
+static __always_inline int nat_write(struct __sk_buff *skb)
+{
+	struct sk_buff___kib *kskb = bpf_cast_to_kern_ctx(skb);
+	__u32 zero = 0;
+	struct nat_job *job = bpf_map_lookup_elem(&nat_jobs, &zero);
+	__u32 summed;
+
+	if (!job)
+		return TC_ACT_SHOT;
+	summed = BPF_CORE_READ_BITFIELD(kskb, ip_summed);
+	if (nat_write_direct(skb, job, summed)) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int nat_write_egress(struct __sk_buff *skb)
+{
+	return nat_write(skb);
+}
+
+SEC("tc")
+int nat_write_ingress(struct __sk_buff *skb)
+{
+	return nat_write(skb);
 }
 
 /*

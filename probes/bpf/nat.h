@@ -3,7 +3,8 @@
  * nat.h: the source-NAT mechanics shared by the TC programs: tuples from parsed packets, rewriting
  * a packet's source (egress) or destination (ingress), entry state bits and last-seen refresh,
  * SNAT port allocation (reverse tuple reserved first with BPF_NOEXIST), fragment bookkeeping and
- * the translation of ICMP errors that quote a translated flow.
+ * the translation of ICMP errors that quote a translated flow; the per-CPU flow cache in front of
+ * snat_fwd/snat_rev, and the hand-off of a rewrite to the nat_write program (direct writes).
  */
 #ifndef KIB_NAT_H
 #define KIB_NAT_H
@@ -18,6 +19,90 @@
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
+
+/*
+ * The datapath object's own maps (not shared with the probe, never pinned): the flow cache, the
+ * rewrite hand-off and the direct-write programs. Their structs are mirrored in
+ * probes/src/maps.rs like the shared ones.
+ */
+/*
+ * A per-CPU flow cache slot (flow_cache): the translation of one connection direction, copied
+ * from its snat_fwd/snat_rev entry so that established packets translate without a hash-map
+ * call. Valid while key matches, dir matches and jiffies - filled_jiffies < FLOW_CACHE_TTL_JIFFIES;
+ * `state` holds the state bits the hash entry already has (a packet bringing new bits, and every
+ * refresh of last_seen_ns, goes to the hash entry).
+ */
+struct flow_slot {
+	struct tuple key;
+	__u8 addr[ADDR_LEN];
+	__be16 port;
+	__u8 state;
+	__u8 dir;
+	__u32 pad;
+	__u64 filled_jiffies;
+};
+
+/*
+ * What the nat_write program rewrites (nat_jobs, one per CPU): filled by tc_ingress/tc_egress
+ * right before their tail call, read by nat_write on the same CPU.
+ */
+struct nat_job {
+	__u8 addr[ADDR_LEN]; /* new address */
+	__be16 port;         /* new port (ignored without L4 header) */
+	__u8 dir;            /* NAT_SRC / NAT_DST */
+	__u8 family;         /* 4 or 6 */
+	__u8 proto;
+	__u8 has_l4; /* TCP/UDP header with ports and checksum present and linear */
+	__u16 l3_off;
+	__u16 l4_off;
+	__u16 pad;
+} __attribute__((aligned(4)));
+
+_Static_assert(sizeof(struct flow_slot) == 72, "flow_slot");
+_Static_assert(sizeof(struct nat_job) == 28, "nat_job");
+
+/* flow_cache slots per CPU (a power of two) and how long a slot stays valid. */
+#define FLOW_CACHE_SLOTS 1024
+#define FLOW_CACHE_TTL_JIFFIES 256
+
+/*
+ * Per-object, never pinned: a restarted agent's programs start with an empty cache, and an old
+ * program left attached keeps its own.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct flow_slot);
+} flow_cache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nat_job);
+} nat_jobs SEC(".maps");
+
+/*
+ * Slot 0: nat_write_egress / nat_write_ingress, set by the loader when the kernel has
+ * bpf_cast_to_kern_ctx (6.2+); one array per direction because a program array only takes
+ * programs of its first user's attach type (TCX ingress vs egress). Not pinned: when the agent
+ * exits the kernel empties them, and programs left attached fall back to the helper rewrite
+ * until the next agent replaces them.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} nat_writers_egress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} nat_writers_ingress SEC(".maps");
 
 /* Random ports tried before giving up (port_exhausted). */
 #define SNAT_PORT_PROBES 32
@@ -96,6 +181,182 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 			return -1;
 	}
 	return 0;
+}
+
+/*
+ * The direct-write rewrite done by nat_write: the same packet changes as nat_rewrite(), with the
+ * checksum arithmetic inline (csum_l4_direct) for the skb's checksum state `summed`.
+ * Returns -1 when the headers are not where the job says (the caller drops).
+ */
+static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct nat_job *job,
+					    __u32 summed)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 l3 = job->l3_off & PKT_OFF_MASK;
+	__u32 l4 = job->l4_off & PKT_OFF_MASK;
+	int src = job->dir == NAT_SRC;
+	__be32 old4 = 0, new4 = 0;
+	__u64 pseudo;
+	__u16 *csum;
+	__be16 *port;
+	__be16 old_port;
+	int udp;
+
+	if (job->family == 4) {
+		struct iphdr *ip = data + l3;
+		__be32 *field;
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		field = src ? &ip->saddr : &ip->daddr;
+		old4 = *field;
+		new4 = addr_get_v4(job->addr);
+		pseudo = csum_acc32(0, old4, new4);
+		ip->check = csum_apply(ip->check, pseudo);
+		*field = new4;
+	} else {
+		struct ipv6hdr *ip6 = data + l3;
+		__u32 *field;
+		const __u32 *new6 = (const __u32 *)job->addr;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		field = src ? (__u32 *)&ip6->saddr : (__u32 *)&ip6->daddr;
+		pseudo = csum_acc32(0, field[0], new6[0]);
+		pseudo = csum_acc32(pseudo, field[1], new6[1]);
+		pseudo = csum_acc32(pseudo, field[2], new6[2]);
+		pseudo = csum_acc32(pseudo, field[3], new6[3]);
+		field[0] = new6[0];
+		field[1] = new6[1];
+		field[2] = new6[2];
+		field[3] = new6[3];
+	}
+	if (!job->has_l4)
+		return 0;
+	udp = job->proto == IPPROTO_UDP;
+	if (udp) {
+		struct udphdr_min {
+			__be16 source;
+			__be16 dest;
+			__be16 len;
+			__u16 check;
+		} *uh = data + l4;
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		csum = &uh->check;
+		port = src ? &uh->source : &uh->dest;
+	} else {
+		__u8 *th = data + l4;
+
+		if ((void *)(th + TCP_CSUM_OFF + 2) > data_end)
+			return -1;
+		csum = (__u16 *)(th + TCP_CSUM_OFF);
+		port = (__be16 *)(th + (src ? 0 : 2));
+	}
+	old_port = *port;
+	if (csum_l4_direct(csum, summed, pseudo, csum_acc16(0, old_port, job->port), udp) &&
+	    summed == KIB_CHECKSUM_COMPLETE && job->family == 4)
+		/* As bpf_l4_csum_replace(BPF_F_PSEUDO_HDR) does: the IPv4 header absorbed the
+		 * address change, the L4 checksum's pseudo-header change is data to skb->csum. */
+		bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	*port = job->port;
+	return 0;
+}
+
+/*
+ * Applies a translation: hands it to nat_write (direct writes, tail call: it does not return
+ * when it succeeds) when the headers are linear and the kernel has nat_write, else rewrites with
+ * the helpers (nat_rewrite). Everything else the packet needs (entry state, counters, marks) is
+ * done before this call. Returns nat_rewrite's result.
+ */
+static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p, int dir,
+				      const __u8 new_addr[ADDR_LEN], __be16 new_port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	int has_l4 = p->frag != FRAG_LATER && p->has_ports;
+	__u32 end;
+	__u32 zero = 0;
+	struct nat_job *job;
+
+	if (has_l4 && p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		goto helpers; /* SCTP: no inet checksum (ports only) */
+	if (has_l4)
+		end = (p->l4_off & PKT_OFF_MASK) + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF + 2 : 8);
+	else
+		end = (p->l3_off & PKT_OFF_MASK) + (p->family == 4 ? 20 : 40);
+	if (data + end > data_end)
+		goto helpers;
+	job = bpf_map_lookup_elem(&nat_jobs, &zero);
+	if (!job)
+		goto helpers;
+	addr_copy(job->addr, new_addr);
+	job->port = new_port;
+	job->dir = dir;
+	job->family = p->family;
+	job->proto = p->proto;
+	job->has_l4 = has_l4;
+	job->l3_off = p->l3_off;
+	job->l4_off = p->l4_off;
+	if (dir == NAT_SRC)
+		bpf_tail_call(skb, &nat_writers_egress, 0);
+	else
+		bpf_tail_call(skb, &nat_writers_ingress, 0);
+helpers:
+	return nat_rewrite(skb, p, dir, new_addr, new_port);
+}
+
+/* The flow_cache slot of a tuple (a multiplicative hash of its words). */
+static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
+{
+	const __u32 *w = (const __u32 *)t;
+	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9];
+	__u32 index = ((h * 0x9E3779B1u) >> 16) & (FLOW_CACHE_SLOTS - 1);
+
+	return bpf_map_lookup_elem(&flow_cache, &index);
+}
+
+/*
+ * Whether slot translates t in direction dir now: same tuple, younger than
+ * FLOW_CACHE_TTL_JIFFIES, and the packet brings no state bits the entry lacks.
+ */
+static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct tuple *t,
+					 __u8 dir, __u8 bits, __u64 now_jiffies)
+{
+	const __u32 *a = (const __u32 *)&s->key;
+	const __u32 *b = (const __u32 *)t;
+	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
+		     (a[8] ^ b[8]) | (a[9] ^ b[9]);
+
+	return diff == 0 && s->dir == dir && now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
+	       (bits & ~s->state) == 0;
+}
+
+/* Copies an entry's translation into its flow_cache slot. */
+static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
+					   const struct snat_entry *e, __u8 bits, __u64 now_jiffies)
+{
+	__u32 *a = (__u32 *)&s->key;
+	const __u32 *b = (const __u32 *)t;
+
+	a[0] = b[0];
+	a[1] = b[1];
+	a[2] = b[2];
+	a[3] = b[3];
+	a[4] = b[4];
+	a[5] = b[5];
+	a[6] = b[6];
+	a[7] = b[7];
+	a[8] = b[8];
+	a[9] = b[9];
+	addr_copy(s->addr, e->addr);
+	s->port = e->port;
+	s->state = e->state | bits;
+	s->dir = dir;
+	s->filled_jiffies = now_jiffies;
 }
 
 /* State bits a packet contributes (TCP SYN/FIN/RST). */

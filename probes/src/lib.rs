@@ -11,7 +11,8 @@ pub mod typed_map;
 pub use error::{Error, Result};
 pub use loader::{
     AttachedPrograms, Datapath, DatapathOptions, DeviceKind, MapReuse, MapSizes, ProbeKind,
-    ProbePreference, ProgramRunStats, SkbContext, TcAttachMode, TcAttachPolicy, TestRunOutput,
+    ProbePreference, ProgramRunStats, RewritePolicy, SkbContext, TcAttachMode, TcAttachPolicy,
+    TestRunOutput,
 };
 pub use objects::DatapathProgram;
 pub use typed_map::{DatapathMaps, PerCpuArray, TypedMap, UpdateFlags};

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -34,7 +34,7 @@ use libbpf_rs::{
 use crate::error::{Error, Result};
 use crate::maps::{self, Stats, map_names};
 use crate::objects::{
-    DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, PROBE_FEXIT_PROGRAM,
+    DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
     PROBE_KRETPROBE_PROGRAM, PROBE_TARGET_FUNCTION,
 };
 use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
@@ -126,6 +126,18 @@ pub struct DatapathOptions {
     pub map_sizes: MapSizes,
     /// TC attachment mechanism.
     pub tc_attach: TcAttachPolicy,
+    /// How translated packets are rewritten.
+    pub rewrite: RewritePolicy,
+}
+
+/// How the TC programs rewrite a translated packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewritePolicy {
+    /// Direct packet writes with inline checksums (the `nat_write` tail call) where the kernel
+    /// has `bpf_cast_to_kern_ctx` (6.2+), the BPF helpers otherwise.
+    Auto,
+    /// Always the helpers (`bpf_skb_store_bytes`, `bpf_l4_csum_replace`).
+    Helpers,
 }
 
 impl Default for DatapathOptions {
@@ -134,6 +146,7 @@ impl Default for DatapathOptions {
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             map_sizes: MapSizes::default(),
             tc_attach: TcAttachPolicy::Auto,
+            rewrite: RewritePolicy::Auto,
         }
     }
 }
@@ -287,6 +300,7 @@ pub struct Datapath {
     object: Object,
     options: DatapathOptions,
     tcx_attach_types: bool,
+    direct_writes: bool,
     map_reuse: Vec<MapReuse>,
     maps: DatapathMaps,
     devices: BTreeMap<u32, AttachedDevice>,
@@ -327,6 +341,15 @@ pub fn kernel_has_tcx() -> bool {
     kernel_version().is_some_and(|v| v >= (6, 6))
 }
 
+/// Whether the kernel has the `bpf_cast_to_kern_ctx` kfunc (Linux 6.2+), which `nat_write`
+/// needs to read the skb's checksum state: looked up in the kernel's BTF.
+pub fn kernel_has_kern_ctx() -> bool {
+    libbpf_rs::btf::Btf::from_vmlinux().is_ok_and(|btf| {
+        btf.type_by_name::<libbpf_rs::btf::types::Func<'_>>("bpf_cast_to_kern_ctx")
+            .is_some()
+    })
+}
+
 /// Sets each map's size: the pinned map's own when one exists (libbpf then reuses it), else the
 /// requested size.
 fn size_maps(
@@ -365,7 +388,11 @@ fn size_maps(
     Ok(reuse)
 }
 
-fn open_datapath(options: &DatapathOptions, tcx: bool) -> Result<(Object, Vec<MapReuse>)> {
+fn open_datapath(
+    options: &DatapathOptions,
+    tcx: bool,
+    direct_writes: bool,
+) -> Result<(Object, Vec<MapReuse>)> {
     let mut builder = ObjectBuilder::default();
     builder
         .pin_root_path(&options.pin_root)
@@ -374,11 +401,20 @@ fn open_datapath(options: &DatapathOptions, tcx: bool) -> Result<(Object, Vec<Ma
         .open_memory(DATAPATH_OBJECT)
         .map_err(object_error("datapath", "open"))?;
     let reuse = size_maps(&mut open, &options.pin_root, &options.map_sizes, "datapath")?;
+    for mut prog in open.progs_mut() {
+        if NAT_WRITERS.iter().any(|(writer, _)| prog.name() == *writer) {
+            prog.set_autoload(direct_writes);
+        }
+    }
     if tcx {
         for mut prog in open.progs_mut() {
             let attach = match prog.name().to_str() {
-                Some("tc_ingress" | "tc_ingress_l3") => ProgramAttachType::TcxIngress,
-                Some("tc_egress" | "tc_egress_l3") => ProgramAttachType::TcxEgress,
+                Some("tc_ingress" | "tc_ingress_l3" | "nat_write_ingress") => {
+                    ProgramAttachType::TcxIngress
+                }
+                Some("tc_egress" | "tc_egress_l3" | "nat_write_egress") => {
+                    ProgramAttachType::TcxEgress
+                }
                 _ => continue,
             };
             prog.set_attach_type(attach);
@@ -421,6 +457,30 @@ fn datapath_maps(object: &Object) -> Result<DatapathMaps> {
         frags: TypedMap::from_handle(map_handle(object, map_names::FRAGS)?)?,
         stats: PerCpuArray::from_handle(map_handle(object, map_names::STATS)?)?,
     })
+}
+
+/// Puts each `nat_write_*` program into slot 0 of its `nat_writers_*` array, the tail call every
+/// translation goes through.
+fn install_nat_writers(object: &Object) -> Result<()> {
+    for (writer, array) in NAT_WRITERS {
+        let program = find_program(object, writer)?;
+        let fd = program.as_fd().as_raw_fd();
+        let map = object
+            .maps()
+            .find(|m| m.name() == array)
+            .ok_or(Error::MissingMap(array))?;
+        map.update(
+            &0u32.to_ne_bytes(),
+            &fd.to_ne_bytes(),
+            libbpf_rs::MapFlags::ANY,
+        )
+        .map_err(|source| Error::Map {
+            map: array.to_owned(),
+            action: "install the direct-write program",
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Pins `xt_svc` under a temporary name and renames it over the final pin (atomic on bpffs;
@@ -507,18 +567,32 @@ impl Datapath {
             TcAttachPolicy::Tcx => true,
             TcAttachPolicy::Auto => kernel_has_tcx(),
         };
-        let (object, map_reuse) = open_datapath(&options, tcx_attach_types)?;
+        let direct_writes = match options.rewrite {
+            RewritePolicy::Helpers => false,
+            RewritePolicy::Auto => kernel_has_kern_ctx(),
+        };
+        let (object, map_reuse) = open_datapath(&options, tcx_attach_types, direct_writes)?;
+        if direct_writes {
+            install_nat_writers(&object)?;
+        }
         pin_xt_svc(&object, &options.pin_root)?;
         let maps = datapath_maps(&object)?;
         Ok(Datapath {
             object,
             options,
             tcx_attach_types,
+            direct_writes,
             map_reuse,
             maps,
             devices: BTreeMap::new(),
             probe: None,
         })
+    }
+
+    /// Whether translated packets are rewritten by `nat_write` (direct writes) rather than
+    /// the helpers (see [`RewritePolicy`]).
+    pub fn direct_writes(&self) -> bool {
+        self.direct_writes
     }
 
     /// The pin root.
@@ -855,6 +929,19 @@ impl Datapath {
         packet: &[u8],
         context: &SkbContext,
     ) -> Result<TestRunOutput> {
+        self.test_run_repeat(program, packet, context, 1)
+    }
+
+    /// Runs one of the datapath programs `repeat` times on one skb made from `packet`
+    /// (BPF_PROG_TEST_RUN with `repeat`): every run sees the packet, mark and map state the
+    /// previous run left, and [`TestRunOutput::duration`] is the kernel's mean per run.
+    pub fn test_run_repeat(
+        &self,
+        program: DatapathProgram,
+        packet: &[u8],
+        context: &SkbContext,
+        repeat: u32,
+    ) -> Result<TestRunOutput> {
         let prog = find_program(&self.object, program.name())?;
         let mut context_in = skb_context_bytes(context);
         let mut context_out = vec![0u8; context_in.len()];
@@ -864,7 +951,7 @@ impl Datapath {
             context_out: Some(&mut context_out),
             data_in: Some(packet),
             data_out: Some(&mut data_out),
-            repeat: 1,
+            repeat: repeat.max(1),
             ..ProgramInput::default()
         };
         let output = prog.test_run(input).map_err(|source| Error::TestRun {

@@ -125,6 +125,22 @@ pub mod map_names {
         FRAGS,
         STATS,
     ];
+    /// `flow_cache`: per-CPU cache of translations in front of `snat_fwd`/`snat_rev`.
+    pub const FLOW_CACHE: &str = "flow_cache";
+    /// `nat_jobs`: per-CPU hand-off from the TC programs to `nat_write_*`.
+    pub const NAT_JOBS: &str = "nat_jobs";
+    /// `nat_writers_egress`: program array, slot 0 `nat_write_egress`.
+    pub const NAT_WRITERS_EGRESS: &str = "nat_writers_egress";
+    /// `nat_writers_ingress`: program array, slot 0 `nat_write_ingress`.
+    pub const NAT_WRITERS_INGRESS: &str = "nat_writers_ingress";
+    /// The datapath object's own maps: never pinned, each loaded object has its own (the
+    /// kernel empties the program arrays when the agent that loaded them exits).
+    pub const PER_OBJECT: [&str; 4] = [
+        FLOW_CACHE,
+        NAT_JOBS,
+        NAT_WRITERS_EGRESS,
+        NAT_WRITERS_INGRESS,
+    ];
 }
 
 /// Error building a key from user input.
@@ -486,6 +502,75 @@ pub struct FragValue {
     pub sport: Be16,
     /// Destination port, network byte order.
     pub dport: Be16,
+}
+
+/// Slots per CPU of `flow_cache` (`FLOW_CACHE_SLOTS`).
+pub const FLOW_CACHE_SLOTS: u32 = 1024;
+/// How long a `flow_cache` slot stays valid, in jiffies (`FLOW_CACHE_TTL_JIFFIES`: 0.256 s at
+/// HZ=1000, 2.56 s at HZ=100).
+pub const FLOW_CACHE_TTL_JIFFIES: u64 = 256;
+
+/// `struct flow_slot`: one `flow_cache` slot, a translation copied from its `snat_fwd` /
+/// `snat_rev` entry (only the programs read and write it; mirrored for the layout check and
+/// for tests).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct FlowSlot {
+    /// The tuple the slot translates.
+    pub key: Tuple,
+    /// Translated address (16-byte form).
+    pub addr: Addr,
+    /// Translated port, network byte order.
+    pub port: Be16,
+    /// State bits the hash entry already has.
+    pub state: u8,
+    /// 0: source (egress), 1: destination (ingress).
+    pub dir: u8,
+    /// Padding, zero.
+    pub pad: u32,
+    /// `bpf_jiffies64()` when the slot was filled.
+    pub filled_jiffies: u64,
+}
+
+impl FlowSlot {
+    /// The `flow_cache` slot a tuple uses (`flow_cache_slot()` in nat.h: the XOR of the tuple's
+    /// 32-bit words, multiplied by 0x9E3779B1, bits 16.. masked to the slot count).
+    pub fn index(key: &Tuple) -> u32 {
+        let h = key
+            .as_bytes()
+            .chunks_exact(4)
+            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+            .fold(0, |h, w| h ^ w);
+        (h.wrapping_mul(0x9E37_79B1) >> 16) & (FLOW_CACHE_SLOTS - 1)
+    }
+}
+
+/// `struct nat_job`: a rewrite handed from the TC programs to `nat_write_*` (per CPU).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct NatJob {
+    /// New address (16-byte form).
+    pub addr: Addr,
+    /// New port, network byte order.
+    pub port: Be16,
+    /// 0: source, 1: destination.
+    pub dir: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Whether the L4 header (ports, checksum) is rewritten.
+    pub has_l4: u8,
+    /// Offset of the IP header.
+    pub l3_off: u16,
+    /// Offset of the L4 header.
+    pub l4_off: u16,
+    /// Padding, zero.
+    pub pad: u16,
 }
 
 /// `struct config`: the datapath's settings (the single entry of `config`). While `mark_svc` is

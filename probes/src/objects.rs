@@ -44,6 +44,14 @@ impl DatapathProgram {
     }
 }
 
+/// The datapath object's tail-call targets that rewrite packets with direct writes, with the
+/// program array each sits in (slot 0), egress then ingress. Loaded only where the kernel has
+/// `bpf_cast_to_kern_ctx` (see [`crate::loader::kernel_has_kern_ctx`]).
+pub const NAT_WRITERS: [(&str, &str); 2] = [
+    ("nat_write_egress", "nat_writers_egress"),
+    ("nat_write_ingress", "nat_writers_ingress"),
+];
+
 /// Name of the fexit program on `ip_vs_conn_new` in [`IPVS_PROBE_OBJECT`].
 pub const PROBE_FEXIT_PROGRAM: &str = "ipvs_conn_new_fexit";
 /// Name of the kretprobe program on `ip_vs_conn_new` in [`IPVS_PROBE_OBJECT`].

@@ -13,7 +13,7 @@ use libbpf_rs::{Link, ProgramHandle};
 use probes::maps::{Counter, L4Proto, Tuple};
 use probes::{
     Datapath, DatapathMaps, DatapathOptions, DatapathProgram, DeviceKind, Error, MapSizes,
-    ProbePreference, TcAttachMode, TcAttachPolicy,
+    ProbePreference, RewritePolicy, TcAttachMode, TcAttachPolicy,
 };
 
 /// A veth pair, deleted on drop.
@@ -57,6 +57,7 @@ fn load(root: &Path, tc_attach: TcAttachPolicy) -> Datapath {
         pin_root: root.to_path_buf(),
         map_sizes: test_map_sizes(),
         tc_attach,
+        rewrite: RewritePolicy::Auto,
     })
     .expect("load datapath")
 }
@@ -216,6 +217,7 @@ fn restart_keeps_snat_entries_and_pinned_sizes() {
             ..test_map_sizes()
         },
         tc_attach: TcAttachPolicy::Auto,
+        rewrite: RewritePolicy::Auto,
     })
     .expect("reload");
     for reuse in second.map_reuse() {

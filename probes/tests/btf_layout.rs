@@ -8,8 +8,8 @@ use libbpf_rs::btf::types::{Array, Enum, Int, MemberAttr, Struct, Union};
 use libbpf_rs::btf::{BtfKind, BtfType};
 use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
-    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DevValue, FragKey, FragValue,
-    RangeKey, SnatEntry, SvcKey, SvcValue, Tuple, map_names,
+    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DevValue, FlowSlot, FragKey,
+    FragValue, NatJob, RangeKey, SnatEntry, SvcKey, SvcValue, Tuple, map_names,
 };
 use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
 
@@ -33,6 +33,38 @@ macro_rules! rust_layout {
             )),*],
         }
     };
+}
+
+/// The datapath object's own structs (not in the probe object).
+fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
+    vec![
+        (
+            "flow_slot",
+            rust_layout!(FlowSlot {
+                key,
+                addr,
+                port,
+                state,
+                dir,
+                pad,
+                filled_jiffies
+            }),
+        ),
+        (
+            "nat_job",
+            rust_layout!(NatJob {
+                addr,
+                port,
+                dir,
+                family,
+                proto,
+                has_l4,
+                l3_off,
+                l4_off,
+                pad
+            }),
+        ),
+    ]
 }
 
 fn rust_layouts() -> Vec<(&'static str, RustLayout)> {
@@ -143,11 +175,11 @@ fn btf_size(ty: BtfType<'_>) -> usize {
     }
 }
 
-fn check_object(object_name: &str, bytes: &[u8]) {
+fn check_object(object_name: &str, bytes: &[u8], layouts: Vec<(&'static str, RustLayout)>) {
     let btf = Btf::from_raw(object_name, bytes)
         .expect("parse BTF")
         .expect("object has BTF");
-    for (name, rust) in rust_layouts() {
+    for (name, rust) in layouts {
         // By kind: maps named like their value struct (`config`) are BTF variables too.
         let ty: Struct<'_> = btf
             .type_by_kind::<Struct<'_>>()
@@ -185,12 +217,14 @@ fn check_object(object_name: &str, bytes: &[u8]) {
 
 #[test]
 fn datapath_object_structs_match_rust_mirrors() {
-    check_object("datapath", DATAPATH_OBJECT);
+    let mut layouts = rust_layouts();
+    layouts.extend(datapath_only_layouts());
+    check_object("datapath", DATAPATH_OBJECT, layouts);
 }
 
 #[test]
 fn ipvs_probe_object_structs_match_rust_mirrors() {
-    check_object("ipvs_probe", IPVS_PROBE_OBJECT);
+    check_object("ipvs_probe", IPVS_PROBE_OBJECT, rust_layouts());
 }
 
 /// Every map of both objects has the key/value sizes of its Rust types.
@@ -210,6 +244,9 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::CONNS => (size_of::<Tuple>(), size_of::<ConnValue>()),
             map_names::FRAGS => (size_of::<FragKey>(), size_of::<FragValue>()),
             map_names::STATS => (4, 8),
+            map_names::FLOW_CACHE => (4, size_of::<FlowSlot>()),
+            map_names::NAT_JOBS => (4, size_of::<NatJob>()),
+            map_names::NAT_WRITERS_EGRESS | map_names::NAT_WRITERS_INGRESS => (4, 4),
             other => panic!("unexpected map {other}"),
         }
     };
@@ -244,8 +281,20 @@ fn map_key_and_value_sizes_match_rust_types() {
             seen.push(name);
         }
         seen.sort();
-        let mut all: Vec<String> = map_names::ALL.iter().map(|s| s.to_string()).collect();
+        let own: &[&str] = if object_name == "datapath" {
+            &map_names::PER_OBJECT
+        } else {
+            &[]
+        };
+        let mut all: Vec<String> = map_names::ALL
+            .iter()
+            .chain(own)
+            .map(|s| s.to_string())
+            .collect();
         all.sort();
-        assert_eq!(seen, all, "{object_name}: declares every shared map");
+        assert_eq!(
+            seen, all,
+            "{object_name}: declares every shared map (and the datapath its own)"
+        );
     }
 }

@@ -7,7 +7,6 @@ mod common;
 use std::net::IpAddr;
 
 use common::*;
-use probes::DatapathProgram;
 use probes::maps::{
     ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, CidrKey, Config,
     ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX, DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ,
@@ -16,6 +15,7 @@ use probes::maps::{
     SNAT_F_PROBE_HIT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER,
     SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, Tuple, addr_to_bytes,
 };
+use probes::{DatapathProgram, RewritePolicy};
 use zerocopy::byteorder::network_endian::U16;
 
 const SVC: u32 = DEFAULT_MARK_SVC;
@@ -24,7 +24,9 @@ const CLIENT_PORT: u16 = 40_000;
 const BACKEND_PORT: u16 = 8080;
 const VIP_PORT: u16 = 80;
 
-/// Runs `$body(Family, test_name)` as `$name::v4` and `$name::v6`.
+/// Runs `$body(Family, test_name)` as `$name::v4` and `$name::v6` (the kernel's rewrite: the
+/// direct-write `nat_write_*` programs where it has bpf_cast_to_kern_ctx), and as
+/// `$name::v4_helpers` / `$name::v6_helpers` with the helper rewrite older kernels use.
 macro_rules! both_families {
     ($name:ident) => {
         mod $name {
@@ -36,6 +38,18 @@ macro_rules! both_families {
             #[test]
             fn v6() {
                 super::$name(Family::V6, concat!(stringify!($name), "_v6"));
+            }
+            #[test]
+            fn v4_helpers() {
+                with_rewrite(RewritePolicy::Helpers, || {
+                    super::$name(Family::V4, concat!(stringify!($name), "_v4h"))
+                });
+            }
+            #[test]
+            fn v6_helpers() {
+                with_rewrite(RewritePolicy::Helpers, || {
+                    super::$name(Family::V6, concat!(stringify!($name), "_v6h"))
+                });
             }
         }
     };
@@ -243,6 +257,79 @@ fn established_fast_path(f: Family, name: &str) {
     );
 }
 both_families!(established_fast_path);
+
+/// The per-CPU flow cache: once a packet of each direction has gone through the hash entry, the
+/// next ones are translated from the cache (shown by deleting the entries: still translated),
+/// until the slot is FLOW_CACHE_TTL_JIFFIES old (at most 2.56 s, at HZ=100); then they go back
+/// to the (now empty) maps and pass untranslated. The sweeper never deletes an entry idle for
+/// less than 5 s, so a slot never outlives its entry.
+fn flow_cache_serves_established_packets_until_its_ttl(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let out_pkt = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
+    let in_pkt = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_ACK);
+    // First of each direction: through snat_fwd / snat_rev, which fills the slots.
+    assert_eq!(check_frame(&fx.egress(&out_pkt, 0).packet).sport(), port);
+    assert_eq!(
+        check_frame(&fx.ingress(&in_pkt, 0).packet).dport(),
+        CLIENT_PORT
+    );
+    let maps = fx.dp.maps();
+    let fwd_key = Tuple::new(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    );
+    let rev_key = Tuple::new(backend(f), BACKEND_PORT, node(f), port, L4Proto::Tcp);
+    maps.snat_fwd.delete(&fwd_key).expect("delete snat_fwd");
+    maps.snat_rev.delete(&rev_key).expect("delete snat_rev");
+
+    let out = fx.egress(&out_pkt, 0);
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.sport()), (node(f), port), "egress from the cache");
+    let back = fx.ingress(&in_pkt, 0);
+    let p = check_frame(&back.packet);
+    assert_eq!(
+        (p.dst, p.dport()),
+        (client(f), CLIENT_PORT),
+        "ingress from the cache"
+    );
+    assert_eq!(back.mark, SVC);
+
+    // A packet with a state bit the entry lacks (FIN) always goes to the entry: gone, untouched.
+    let fin = tcp(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        TCP_ACK | TCP_FIN,
+    );
+    assert_eq!(fx.egress(&fin, 0).packet, fin);
+
+    std::thread::sleep(std::time::Duration::from_millis(2700));
+    assert_eq!(
+        fx.egress(&out_pkt, 0).packet,
+        out_pkt,
+        "egress slot expired"
+    );
+    assert_eq!(
+        fx.ingress(&in_pkt, 0).packet,
+        in_pkt,
+        "ingress slot expired"
+    );
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 1),
+            (Counter::ProbeMiss, 1),
+            (Counter::FwdHit, 2),
+            (Counter::RevHit, 2),
+        ],
+    );
+}
+both_families!(flow_cache_serves_established_packets_until_its_ttl);
 
 fn reply_reverse_translated(f: Family, name: &str) {
     let fx = Fixture::new(name);

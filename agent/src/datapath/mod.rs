@@ -166,6 +166,14 @@ impl Datapath {
         for r in loaded.map_reuse() {
             tracing::debug!(?r, "pinned map");
         }
+        tracing::info!(
+            rewrite = if loaded.direct_writes() {
+                "direct writes (nat_write tail call)"
+            } else {
+                "BPF helpers (the kernel has no bpf_cast_to_kern_ctx)"
+            },
+            "eBPF datapath loaded"
+        );
         let mut dp = Datapath {
             loaded,
             cfg,

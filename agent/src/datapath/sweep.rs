@@ -37,6 +37,13 @@ impl Default for Timeouts {
     }
 }
 
+/// No translated connection is removed before it has been idle this long, whatever the
+/// configured timeouts say: a program's per-CPU flow cache keeps a translation for up to
+/// `FLOW_CACHE_TTL_JIFFIES` (2.56 s at HZ=100) after it last refreshed the entry, and entries'
+/// last-seen times have one second of resolution, so an entry removed sooner could outlive
+/// itself in a cache.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The idle timeout of a translated connection whose directions have seen `state` bits.
 pub fn timeout_for(proto: u8, state: u8, t: &Timeouts) -> Duration {
     match L4Proto::from_number(proto) {
@@ -68,7 +75,7 @@ pub fn expired(
     let state = fwd.state | rev.map_or(0, |r| r.state);
     let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
     let idle = Duration::from_nanos(now_ns.saturating_sub(last));
-    idle >= timeout_for(key.proto, state, t)
+    idle >= timeout_for(key.proto, state, t).max(MIN_IDLE_TIMEOUT)
 }
 
 /// The `snat_rev` key of a forward entry: the reply, from the backend to the node address.
@@ -180,6 +187,37 @@ mod tests {
             10 * S,
             &t
         ));
+    }
+
+    #[test]
+    fn no_connection_expires_before_the_flow_cache_lifetime() {
+        let t = Timeouts {
+            tcp_rst: Duration::from_secs(1),
+            udp: Duration::from_secs(2),
+            ..Timeouts::default()
+        };
+        let rst = Some(entry(STATE_REPLY | STATE_RST, 0));
+        assert!(!expired(
+            &key(L4Proto::Tcp),
+            &entry(STATE_SYN, 0),
+            rst.as_ref(),
+            4 * S,
+            &t
+        ));
+        assert!(expired(
+            &key(L4Proto::Tcp),
+            &entry(STATE_SYN, 0),
+            rst.as_ref(),
+            5 * S,
+            &t
+        ));
+        assert!(!expired(&key(L4Proto::Udp), &entry(0, 0), None, 4 * S, &t));
+        assert!(expired(&key(L4Proto::Udp), &entry(0, 0), None, 5 * S, &t));
+        assert!(
+            MIN_IDLE_TIMEOUT.as_millis()
+                > u128::from(probes::maps::FLOW_CACHE_TTL_JIFFIES) * 10 + 1000,
+            "the TTL at HZ=100 plus the last-seen resolution"
+        );
     }
 
     #[test]

@@ -10,8 +10,21 @@ use std::sync::Once;
 
 use probes::maps::{Config, DevValue};
 use probes::{
-    Datapath, DatapathOptions, DatapathProgram, MapSizes, SkbContext, TcAttachPolicy, TestRunOutput,
+    Datapath, DatapathOptions, DatapathProgram, MapSizes, RewritePolicy, SkbContext,
+    TcAttachPolicy, TestRunOutput,
 };
+
+thread_local! {
+    /// The rewrite policy of the fixtures this test thread loads (see [`with_rewrite`]).
+    static REWRITE: std::cell::Cell<RewritePolicy> = const { std::cell::Cell::new(RewritePolicy::Auto) };
+}
+
+/// Runs `body` with every [`Fixture`] it loads using `policy` (tests run one per thread).
+pub fn with_rewrite(policy: RewritePolicy, body: impl FnOnce()) {
+    REWRITE.with(|r| r.set(policy));
+    body();
+    REWRITE.with(|r| r.set(RewritePolicy::Auto));
+}
 
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -103,6 +116,7 @@ impl Fixture {
             pin_root: pins.root.clone(),
             map_sizes,
             tc_attach: TcAttachPolicy::Auto,
+            rewrite: REWRITE.with(|r| r.get()),
         })
         .expect("load datapath");
         let fixture = Fixture { dp, pins };
