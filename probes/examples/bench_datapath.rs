@@ -1,14 +1,22 @@
 //! Benchmark of the datapath programs: ns per packet for each path, measured with
-//! BPF_PROG_TEST_RUN on this host's kernel (root needed).
+//! BPF_PROG_TEST_RUN on this host's kernel (root needed). Two methods, each with every timed run
+//! taking the path it is counted for (checked by the path's counter moving by exactly the
+//! number of runs, and by the packet each run leaves):
 //!
-//! Every timed run takes the path it is counted for: each run gets a fresh copy of its input
-//! packet (repeat = 1), and the map state is prepared so the path is taken (an established entry
-//! for the fast path, reverse NAT and ICMP errors; a new client tuple per run for first packets,
-//! with the SNAT maps cleared every batch so they stay sparse). The counters are checked after
-//! each path to prove it. The primary figure is the kernel's own accounting
-//! (`kernel.bpf_stats_enabled`: run_time_ns / run_cnt deltas); the mean of the per-run duration
-//! BPF_PROG_TEST_RUN reports is printed too (it includes the test-run timer's overhead), and so
-//! is the floor: an empty program measured the same way.
+//! 1. **repeat** (the headline, `bpf.*`): one BPF_PROG_TEST_RUN with `repeat` = N and
+//!    `kernel.bpf_stats_enabled` off; the figure is the kernel's own mean duration per run. Each
+//!    run sees the packet and map state the previous one left, so the state is built so that the
+//!    path repeats: for the fast path and reverse NAT two entries translate the packet back and
+//!    forth (A → B → A …, a real rewrite every run, both tuples in different flow-cache slots);
+//!    for ICMP errors the same with the quoted packet; for first packets each translated packet
+//!    is itself a new connection (its SNAT source is a new client tuple), so every run allocates
+//!    a new mapping (batches of 2,000, maps cleared between batches; the local port range is set
+//!    to cover the SNAT ports so each run takes the common path: random port, no attempt to keep
+//!    the client's). `floor_ns` is an empty program measured the same way (the test loop and the
+//!    call into the program, which a real TC hook pays too): `bpf_own.*` = figure − floor.
+//! 2. **single runs** (`bpf_detail.single_run`): repeat = 1 on a fresh copy of the input per run
+//!    with `kernel.bpf_stats_enabled` on; run_time_ns / run_cnt deltas (each run also pays two
+//!    sched_clock reads for the accounting; the empty program's figure is given beside it).
 //!
 //! Usage: `cargo run --release -p probes --example bench_datapath [iterations]`
 
@@ -22,10 +30,13 @@ use libbpf_rs::query::ProgInfoIter;
 use libbpf_rs::{ObjectBuilder, Program, ProgramInput};
 use probes::maps::{
     ADDR_F_SERVICE, AddrKey, AddrValue, Config, Counter, DEFAULT_MARK_MASQ, DEFAULT_MARK_SVC,
-    DevValue, L4Proto, Stats, SvcKey, SvcValue,
+    DEFAULT_SNAT_PORT_MIN, DevValue, FlowSlot, L4Proto, SnatEntry, Stats, SvcKey, SvcValue, Tuple,
+    addr_to_bytes,
 };
 use probes::objects::BENCH_BASELINE_OBJECT;
-use probes::{Datapath, DatapathOptions, DatapathProgram, SkbContext, TestRunOutput};
+use probes::{
+    Datapath, DatapathOptions, DatapathProgram, RewritePolicy, SkbContext, TestRunOutput,
+};
 use serde_json::{Value, json};
 use std::os::fd::AsFd;
 
@@ -102,8 +113,67 @@ fn run(iterations: usize) -> BenchResult<Value> {
         "/sys/fs/bpf/kib-bench-{}",
         std::process::id()
     )));
+    let dp = load(pins.0.join("v1"), RewritePolicy::Auto)?;
+    // 1. repeat runs, bpf_stats off (it would add its own clock reads to every run).
+    let floor_repeat = baseline_repeat(iterations)?;
+    let v4 = bench_family_repeat(&dp, Family::V4, iterations)?;
+    let v6 = bench_family_repeat(&dp, Family::V6, iterations)?;
+    // The same on the helper rewrite (what kernels without bpf_cast_to_kern_ctx run).
+    let helpers_pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-bench-helpers-{}",
+        std::process::id()
+    )));
+    let helpers = load(helpers_pins.0.join("v1"), RewritePolicy::Helpers)?;
+    let v4_helpers = bench_family_repeat(&helpers, Family::V4, iterations)?;
+    drop(helpers);
+    drop(helpers_pins);
+
+    // 2. single runs, bpf_stats on.
+    let single = {
+        let _stats = StatsEnabled::enable()?;
+        let floor = baseline(iterations)?;
+        let v4 = bench_family(&dp, Family::V4, iterations)?;
+        let v6 = bench_family(&dp, Family::V6, iterations)?;
+        json!({
+            "ipv4": v4["stats"],
+            "ipv6": v6["stats"],
+            "test_run_duration_ns": { "ipv4": v4["test_run"], "ipv6": v6["test_run"] },
+            "floor_ns": {
+                "bpf_stats": round(floor.stats_ns),
+                "test_run": round(floor.test_run_ns),
+                "what": "an empty TC program measured the same way (bpf_stats adds two \
+                         sched_clock reads per run, the single test run its timer)",
+            },
+        })
+    };
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
+        .trim()
+        .to_owned();
+    let rewrite = if dp.direct_writes() {
+        "direct writes (nat_write_* tail call)"
+    } else {
+        "BPF helpers"
+    };
+    Ok(json!({
+        "bpf": figures(&v4, Some(floor_repeat), rewrite),
+        "bpf_own": own(&v4, floor_repeat),
+        "bpf_ipv6": figures(&v6, Some(floor_repeat), rewrite),
+        "bpf_ipv6_own": own(&v6, floor_repeat),
+        "bpf_helpers": figures(&v4_helpers, Some(floor_repeat), "BPF helpers"),
+        "single_run": single,
+        "iterations_per_path": iterations,
+        "kernel": kernel,
+    }))
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn load(pin_root: PathBuf, rewrite: RewritePolicy) -> BenchResult<Datapath> {
     let dp = Datapath::load(DatapathOptions {
-        pin_root: pins.0.join("v1"),
+        pin_root,
+        rewrite,
         ..DatapathOptions::default()
     })?;
     dp.maps().set_config(&Config::default())?;
@@ -114,26 +184,304 @@ fn run(iterations: usize) -> BenchResult<Value> {
             Some("2001:db8::1".parse()?),
         ),
     )?;
-    let _stats = StatsEnabled::enable()?;
-    let floor = baseline(iterations)?;
-    let v4 = bench_family(&dp, Family::V4, iterations)?;
-    let v6 = bench_family(&dp, Family::V6, iterations)?;
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
-        .trim()
-        .to_owned();
-    Ok(json!({
-        "bpf": v4["stats"],
-        "bpf_ipv6": v6["stats"],
-        "test_run_duration_ns": { "ipv4": v4["test_run"], "ipv6": v6["test_run"] },
-        "floor_ns": {
-            "bpf_stats": (floor.stats_ns * 10.0).round() / 10.0,
-            "test_run": (floor.test_run_ns * 10.0).round() / 10.0,
-            "what": "an empty TC program measured the same way: subtract it for the programs' \
-                     own cost (bpf_stats adds two sched_clock reads per run)",
+    Ok(dp)
+}
+
+/// The repeat method's figures of one family, with the method stated.
+fn figures(paths: &[(&'static str, f64)], floor: Option<f64>, rewrite: &str) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, ns) in paths {
+        out.insert(format!("{name}_ns"), json!(round(*ns)));
+    }
+    if let Some(floor) = floor {
+        out.insert("floor_ns".into(), json!(round(floor)));
+    }
+    out.insert("rewrite".into(), json!(rewrite));
+    out.insert(
+        "method".into(),
+        json!(
+            "BPF_PROG_TEST_RUN repeat=N with kernel.bpf_stats_enabled=0: the kernel's mean \
+             duration per run, median of the rounds; every run takes the path (counter moved \
+             by exactly the runs; a two-entry cycle rewrites the packet back and forth for the \
+             fast path, reverse NAT and ICMP errors; each first packet's translated packet is \
+             the next run's new connection, 2,000 per batch); floor_ns: an empty program \
+             measured the same way"
+        ),
+    );
+    Value::Object(out)
+}
+
+/// Figures minus the floor: what the program itself costs.
+fn own(paths: &[(&'static str, f64)], floor: f64) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, ns) in paths {
+        out.insert(format!("{name}_ns"), json!(round(ns - floor)));
+    }
+    Value::Object(out)
+}
+
+const REPEAT_ROUNDS: usize = 5;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The empty program with repeat runs.
+fn baseline_repeat(iterations: usize) -> BenchResult<f64> {
+    let object = ObjectBuilder::default()
+        .open_memory(BENCH_BASELINE_OBJECT)?
+        .load()?;
+    let program = object
+        .progs_mut()
+        .find(|p| p.name() == "bench_baseline")
+        .ok_or("bench_baseline program missing")?;
+    let packet = tcp(
+        IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
+        40_000,
+        IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
+        8080,
+        0x10,
+    );
+    let mut means = Vec::new();
+    for _ in 0..REPEAT_ROUNDS + 1 {
+        let mut out = vec![0u8; packet.len() + 64];
+        let input = ProgramInput {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            repeat: iterations as u32,
+            ..ProgramInput::default()
+        };
+        means.push(program.test_run(input)?.duration.as_nanos() as f64);
+    }
+    means.remove(0); // warm-up
+    Ok(median(means))
+}
+
+/// `rounds` + 1 test runs of `runs` repetitions each on `packet` (the first is a warm-up),
+/// each checked by `check` and by `counter` (when given) moving by exactly `runs`; the median
+/// of the per-run means. `between` runs (untimed) before each round.
+#[allow(clippy::too_many_arguments)]
+fn repeat_path(
+    dp: &Datapath,
+    program: DatapathProgram,
+    mark: u32,
+    packet: &[u8],
+    runs: u32,
+    rounds: usize,
+    counter: Option<Counter>,
+    mut between: impl FnMut() -> BenchResult<()>,
+    check: impl Fn(&TestRunOutput) -> bool,
+) -> BenchResult<f64> {
+    let context = SkbContext {
+        mark,
+        ifindex: 1,
+        ingress_ifindex: 0,
+    };
+    let mut means = Vec::new();
+    for round in 0..rounds + 1 {
+        between()?;
+        let before = dp.stats()?;
+        let out = dp.test_run_repeat(program, packet, &context, runs)?;
+        let delta = dp.stats()?.delta(&before);
+        if !check(&out) {
+            return Err(format!("{program:?}: a round did not leave the expected packet").into());
+        }
+        match counter {
+            Some(c) if delta.get(c) != u64::from(runs) => {
+                return Err(format!(
+                    "{program:?}: {} moved by {}, expected {runs}",
+                    c.name(),
+                    delta.get(c)
+                )
+                .into());
+            }
+            None if delta != Stats::default() => {
+                return Err(format!("{program:?}: a counter moved on passthrough").into());
+            }
+            _ => {}
+        }
+        if round > 0 {
+            means.push(out.duration.as_nanos() as f64);
+        }
+    }
+    Ok(median(means))
+}
+
+/// A SNAT port for the cycle client:CLIENT_PORT <-> node:port whose two tuples sit in different
+/// flow-cache slots (`collide` false) or in the same one (`collide` true: every run misses the
+/// cache and goes through the hash map).
+fn cycle_port(a: &Addresses, client: IpAddr, collide: bool) -> BenchResult<u16> {
+    let t1 = Tuple::new(client, 40_000, a.backend, 8080, L4Proto::Tcp);
+    let slot = FlowSlot::index(&t1);
+    (2_000..29_000)
+        .find(|&port| {
+            let t2 = Tuple::new(a.node, port, a.backend, 8080, L4Proto::Tcp);
+            (FlowSlot::index(&t2) == slot) == collide
+        })
+        .ok_or_else(|| "no port with the wanted flow-cache slot".into())
+}
+
+fn entry(addr: IpAddr, port: u16) -> SnatEntry {
+    SnatEntry {
+        addr: addr_to_bytes(addr),
+        port: Tuple::new(addr, port, addr, 0, L4Proto::Tcp).sport,
+        ..SnatEntry::default()
+    }
+}
+
+/// Every path of one family with the repeat method: (name, ns per run).
+fn bench_family_repeat(
+    dp: &Datapath,
+    f: Family,
+    iterations: usize,
+) -> BenchResult<Vec<(&'static str, f64)>> {
+    let a = addresses(f);
+    let runs = (iterations as u32).max(2) & !1; // even: a cycle ends where it started
+    let c = client(f, 0);
+    let maps = dp.maps();
+    clear_snat(dp)?;
+    let mut out = Vec::new();
+
+    // Fast path and its uncached variant (both tuples in one slot: each run takes snat_fwd).
+    for (name, collide) in [("fast_path", false), ("fast_path_uncached", true)] {
+        let port = cycle_port(&a, c, collide)?;
+        maps.snat_fwd.insert(
+            &Tuple::new(c, 40_000, a.backend, 8080, L4Proto::Tcp),
+            &entry(a.node, port),
+        )?;
+        maps.snat_fwd.insert(
+            &Tuple::new(a.node, port, a.backend, 8080, L4Proto::Tcp),
+            &entry(c, 40_000),
+        )?;
+        let packet = tcp(c, 40_000, a.backend, 8080, 0x10);
+        let ns = repeat_path(
+            dp,
+            DatapathProgram::TcEgress,
+            0,
+            &packet,
+            runs,
+            REPEAT_ROUNDS,
+            Some(Counter::FwdHit),
+            || Ok(()),
+            |o| o.packet == packet,
+        )?;
+        out.push((name, ns));
+        clear_snat(dp)?;
+    }
+
+    // Reverse NAT and ICMP errors: the reply tuple cycles between node:port and client.
+    let port = cycle_port(&a, c, false)?;
+    maps.snat_rev.insert(
+        &Tuple::new(a.backend, 8080, a.node, port, L4Proto::Tcp),
+        &entry(c, 40_000),
+    )?;
+    maps.snat_rev.insert(
+        &Tuple::new(a.backend, 8080, c, 40_000, L4Proto::Tcp),
+        &entry(a.node, port),
+    )?;
+    let reply = tcp(a.backend, 8080, a.node, port, 0x10);
+    out.push((
+        "reverse_nat",
+        repeat_path(
+            dp,
+            DatapathProgram::TcIngress,
+            0,
+            &reply,
+            runs,
+            REPEAT_ROUNDS,
+            Some(Counter::RevHit),
+            || Ok(()),
+            |o| o.packet == reply,
+        )?,
+    ));
+    let quoted = tcp(a.node, port, a.backend, 8080, 0x10);
+    let error = icmp_too_big(a.router, a.node, &quoted[14..]);
+    out.push((
+        "icmp_error",
+        repeat_path(
+            dp,
+            DatapathProgram::TcIngress,
+            0,
+            &error,
+            runs,
+            REPEAT_ROUNDS,
+            Some(Counter::IcmpXlate),
+            || Ok(()),
+            |o| o.packet == error,
+        )?,
+    ));
+    clear_snat(dp)?;
+
+    // Passthrough and service classification: the packet is left as it is.
+    let other = tcp(client(f, 1), 40_001, a.backend, 8080, 0x10);
+    out.push((
+        "passthrough",
+        repeat_path(
+            dp,
+            DatapathProgram::TcEgress,
+            0,
+            &other,
+            runs,
+            REPEAT_ROUNDS,
+            None,
+            || Ok(()),
+            |o| o.packet == other,
+        )?,
+    ));
+    maps.svc_ports.insert(
+        &SvcKey::new(a.vip, 80, L4Proto::Tcp),
+        &SvcValue {
+            flags: 0,
+            svc_id: 1,
         },
-        "iterations_per_path": iterations,
-        "kernel": kernel,
-    }))
+    )?;
+    maps.svc_addrs.insert(
+        &AddrKey::new(a.vip),
+        &AddrValue {
+            flags: ADDR_F_SERVICE,
+            pad: 0,
+        },
+    )?;
+    let to_service = tcp(client(f, 2), 40_002, a.vip, 80, 0x02);
+    out.push((
+        "service_classification",
+        repeat_path(
+            dp,
+            DatapathProgram::TcIngress,
+            0,
+            &to_service,
+            runs,
+            REPEAT_ROUNDS,
+            Some(Counter::SvcMarked),
+            || Ok(()),
+            |o| o.mark == SVC,
+        )?,
+    ));
+
+    // First packets: the local port range covers the SNAT ports, so every translated packet
+    // (node:port -> backend, the next run's input) is a new client whose port is remapped.
+    maps.set_config(&Config {
+        local_port_min: DEFAULT_SNAT_PORT_MIN,
+        ..Config::default()
+    })?;
+    let first = tcp(c, 40_000, a.backend, 8080, 0x02);
+    let batches = (iterations / ALLOC_BATCH).clamp(REPEAT_ROUNDS, 50);
+    let ns = repeat_path(
+        dp,
+        DatapathProgram::TcEgress,
+        SVC | MASQ,
+        &first,
+        ALLOC_BATCH as u32,
+        batches,
+        Some(Counter::SnatAlloc),
+        || clear_snat(dp),
+        |o| ip_of(&o.packet).0 == a.node,
+    )?;
+    out.push(("first_packet", ns));
+    maps.set_config(&Config::default())?;
+    clear_snat(dp)?;
+    Ok(out)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -432,7 +780,6 @@ fn bench_family(dp: &Datapath, f: Family, iterations: usize) -> BenchResult<Valu
     )?;
     counter_moved(dp, &before, Counter::SvcMarked, total)?;
 
-    let round = |v: f64| (v * 10.0).round() / 10.0;
     Ok(json!({
         "stats": {
             "fast_path_ns": round(fast.stats_ns),
