@@ -534,19 +534,6 @@ pub struct FlowSlot {
     pub filled_jiffies: u64,
 }
 
-impl FlowSlot {
-    /// The `flow_cache` slot a tuple uses (`flow_cache_slot()` in nat.h: the XOR of the tuple's
-    /// 32-bit words, multiplied by 0x9E3779B1, bits 16.. masked to the slot count).
-    pub fn index(key: &Tuple) -> u32 {
-        let h = key
-            .as_bytes()
-            .chunks_exact(4)
-            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-            .fold(0, |h, w| h ^ w);
-        (h.wrapping_mul(0x9E37_79B1) >> 16) & (FLOW_CACHE_SLOTS - 1)
-    }
-}
-
 /// `struct nat_job`: a rewrite handed from the TC programs to `nat_write_*` (per CPU).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
