@@ -36,6 +36,9 @@ fn compile(clang: &str, source: &Path, object: &Path) -> Result<(), String> {
         .args([
             "-O2",
             "-g",
+            // The programs read addresses and tuples as 32-bit words (as the kernel, which is
+            // built the same way): type-based alias analysis must not reorder those accesses.
+            "-fno-strict-aliasing",
             "-target",
             "bpf",
             "-mcpu=v3",

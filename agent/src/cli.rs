@@ -819,8 +819,8 @@ pub fn inspect_snat(output: Output, state_dir: PathBuf, pin_root: PathBuf) -> an
     let names = state_names(&state::read(&state_dir)?);
     let now = sweep::monotonic_ns();
     let mut rows = Vec::new();
-    for (key, fwd) in maps.snat_fwd.entries()? {
-        let rev = maps.snat_rev.get(&sweep::reverse_key(&key, &fwd))?;
+    for (_, record) in maps.snat.records() {
+        let (key, fwd, rev) = (record.fwd_key, record.fwd, record.rev);
         let conn = maps.conns.get(&key)?;
         let proto = proto_name(key.proto);
         let service = conn.map(|c| {
@@ -831,8 +831,8 @@ pub fn inspect_snat(output: Output, state_dir: PathBuf, pin_root: PathBuf) -> an
                 .cloned()
                 .unwrap_or_else(|| std::net::SocketAddr::new(vaddr, vport).to_string())
         });
-        let state = fwd.state | rev.map_or(0, |r| r.state);
-        let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+        let state = record.state_bits();
+        let last = record.last_seen_ns();
         rows.push(json!({
             "protocol": proto,
             "client": std::net::SocketAddr::new(key.source(), key.sport.get()).to_string(),
@@ -843,7 +843,7 @@ pub fn inspect_snat(output: Output, state_dir: PathBuf, pin_root: PathBuf) -> an
             "reason": reason_text(fwd.flags),
             "age_seconds": now.saturating_sub(fwd.created_ns) / 1_000_000_000,
             "idle_seconds": now.saturating_sub(last) / 1_000_000_000,
-            "reverse_entry": rev.is_some(),
+            "client_port_kept": rev.flags & probes::maps::SNAT_F_PORT_KEPT != 0,
         }));
     }
     if output == Output::Json {

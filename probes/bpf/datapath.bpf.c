@@ -6,6 +6,8 @@
  *   tc_egress / tc_egress_l3: established SNAT fast path, SNAT decision and port allocation;
  *   nat_write_egress / nat_write_ingress: the direct-write rewrite the TC programs hand
  *     translations to by tail call (nat_writers_*);
+ * Both TC programs try the fast path first (nat.h: an established IPv4/IPv6 TCP/UDP flow whose
+ * per-CPU flow-cache slot translates it, handed to nat_write in skb->cb), then the general path.
  *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
  * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
  * body with the link-layer length as a constant parameter. TC programs return TC_ACT_UNSPEC (the
@@ -62,6 +64,17 @@ static __always_inline int src_range_allows(__u32 svc_id, const __u8 addr[ADDR_L
 	return bpf_map_lookup_elem(&src_ranges, &key) != NULL;
 }
 
+/* The SNAT sources of a device: its device_slots entry, else devices. */
+static __always_inline struct dev_value *device_lookup(__u32 ifindex)
+{
+	__u32 slot = ifindex & (DEVICE_SLOTS - 1);
+	struct dev_slot *s = bpf_map_lookup_elem(&device_slots, &slot);
+
+	if (s && s->ifindex == ifindex)
+		return &s->value;
+	return bpf_map_lookup_elem(&devices, &ifindex);
+}
+
 static __always_inline int conns_has(const struct tuple *client_to_backend)
 {
 	return bpf_map_lookup_elem(&conns, client_to_backend) != NULL;
@@ -77,33 +90,32 @@ static __always_inline int ingress_later_fragment(struct __sk_buff *skb, struct 
 	if (!frag_lookup_ports(p))
 		return TC_ACT_UNSPEC;
 	tuple_from_pkt(p, &key);
-	e = bpf_map_lookup_elem(&snat_rev, &key);
+	e = snat_rev_lookup(cfg, &key);
 	if (!e)
 		return TC_ACT_UNSPEC;
 	skb->mark |= cfg->mark_svc;
 	stat_inc(STAT_FRAG_XLATE);
-	if (nat_commit(skb, p, NAT_DST, e->addr, e->port)) {
+	if (nat_commit(skb, p, NAT_DST, e->addr, e->port, scratch_get())) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_UNSPEC;
 }
 
-static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
+/* Ingress after the fast path: every packet the fast path did not translate. */
+static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
+					   const struct config *cfg)
 {
-	struct config *cfg = config_get();
 	struct pkt p = {};
 	struct tuple key = {};
 	struct snat_entry *e;
 	struct svc_value *svc;
 	struct flow_slot *slot;
+	struct cpu_scratch *cs;
 	__u64 now_jiffies;
 	__u8 bits;
 	int ret;
 
-	/* mark_svc == 0: not configured yet, everything passes untouched. */
-	if (!cfg || !cfg->mark_svc)
-		return TC_ACT_UNSPEC;
 	ret = parse_packet(skb, l2_len, &p);
 	if (ret == PARSE_NOT_IP)
 		return TC_ACT_UNSPEC;
@@ -116,7 +128,7 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 
 	/* 1. Reverse SNAT: ICMP errors quoting a translated flow, then replies. */
 	if (pkt_is_icmp_error(&p)) {
-		ret = icmp_error_xlate_ingress(skb, &p);
+		ret = icmp_error_xlate_ingress(skb, &p, cfg);
 		if (ret == ICMP_XLATED) {
 			skb->mark |= cfg->mark_svc;
 			stat_inc(STAT_ICMP_XLATE);
@@ -131,22 +143,24 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	tuple_from_pkt(&p, &key);
 	bits = pkt_state_bits(&p) | STATE_REPLY;
 	now_jiffies = bpf_jiffies64();
+	cs = scratch_get();
 	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
 		skb->mark |= cfg->mark_svc;
 		stat_inc(STAT_REV_HIT);
-		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port) ? TC_ACT_SHOT
-									     : TC_ACT_UNSPEC;
+		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port, cs) ? TC_ACT_SHOT
+										 : TC_ACT_UNSPEC;
 	}
-	e = bpf_map_lookup_elem(&snat_rev, &key);
+	e = snat_rev_lookup(cfg, &key);
 	if (e) {
-		entry_touch(e, bits, bpf_ktime_get_coarse_ns());
+		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
 		frag_record(&p);
 		if (slot)
-			flow_slot_fill(slot, &key, NAT_DST, e, bits, now_jiffies);
+			flow_slot_fill(slot, &key, NAT_DST, e->addr, e->port, e->state | bits,
+				       now_jiffies);
 		skb->mark |= cfg->mark_svc;
 		stat_inc(STAT_REV_HIT);
-		if (nat_commit(skb, &p, NAT_DST, e->addr, e->port)) {
+		if (nat_commit(skb, &p, NAT_DST, e->addr, e->port, cs)) {
 			stat_inc(STAT_PARSE_ERROR);
 			return TC_ACT_SHOT;
 		}
@@ -187,6 +201,21 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	return TC_ACT_UNSPEC;
 }
 
+static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
+{
+	struct config *cfg = config_get();
+
+	/* mark_svc == 0: not configured yet, everything passes untouched. */
+	if (!cfg || !cfg->mark_svc)
+		return TC_ACT_UNSPEC;
+	if ((cfg->flags & CFG_F_DIRECT_WRITES) && fast_path_hit(skb, l2_len, NAT_DST)) {
+		skb->mark |= cfg->mark_svc;
+		bpf_tail_call(skb, &nat_writers_ingress, 0);
+		/* No writer (the agent is gone): the general path translates. */
+	}
+	return ingress_general(skb, l2_len, cfg);
+}
+
 /* Egress, non-first fragment: forward translation from the first fragment's ports. */
 static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct pkt *p,
 						 const struct config *cfg)
@@ -196,7 +225,7 @@ static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct p
 
 	if (frag_lookup_ports(p)) {
 		tuple_from_pkt(p, &key);
-		e = bpf_map_lookup_elem(&snat_fwd, &key);
+		e = snat_fwd_lookup(cfg, &key);
 	}
 	if (!e) {
 		/* Only a fragment known to need SNAT is dropped; others are not ours. */
@@ -207,7 +236,7 @@ static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct p
 		return TC_ACT_UNSPEC;
 	}
 	stat_inc(STAT_FRAG_XLATE);
-	if (nat_commit(skb, p, NAT_SRC, e->addr, e->port)) {
+	if (nat_commit(skb, p, NAT_SRC, e->addr, e->port, scratch_get())) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -233,27 +262,26 @@ static __always_inline __u8 snat_reason(const struct pkt *p, __u32 mark, const s
 	return 0;
 }
 
-static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
+/* Egress after the fast path: every packet the fast path did not translate. */
+static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
+					  const struct config *cfg)
 {
-	struct config *cfg = config_get();
 	struct pkt p = {};
 	struct tuple key = {};
 	struct snat_entry entry = {};
 	struct snat_entry *e;
 	struct dev_value *dev;
-	struct conn_value *conn;
 	struct flow_slot *slot;
+	struct cpu_scratch *cs;
+	struct nat_pos fwd_pos;
 	const __u8 *node_addr;
 	__u32 ifindex = skb->ifindex;
 	__u64 now_jiffies;
 	__u8 bits;
-	__u32 svc_id = 0;
 	__u64 now;
 	__u8 flags;
 	int ret;
 
-	if (!cfg || !cfg->mark_svc)
-		return TC_ACT_UNSPEC;
 	ret = parse_packet(skb, l2_len, &p);
 	if (ret == PARSE_NOT_IP)
 		return TC_ACT_UNSPEC;
@@ -266,24 +294,27 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 	if (!p.has_ports)
 		return TC_ACT_UNSPEC;
 
-	/* 1. Established fast path: the flow cache, then snat_fwd. */
+	/* 1. Established: the flow cache (packets the fast path does not take), then snat_fwd. */
 	tuple_from_pkt(&p, &key);
 	bits = pkt_state_bits(&p);
 	now_jiffies = bpf_jiffies64();
+	cs = scratch_get();
 	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_SRC, bits, now_jiffies)) {
 		stat_inc(STAT_FWD_HIT);
-		return nat_commit(skb, &p, NAT_SRC, slot->addr, slot->port) ? TC_ACT_SHOT
-									     : TC_ACT_UNSPEC;
+		return nat_commit(skb, &p, NAT_SRC, slot->addr, slot->port, cs) ? TC_ACT_SHOT
+										 : TC_ACT_UNSPEC;
 	}
-	e = bpf_map_lookup_elem(&snat_fwd, &key);
+	fwd_pos = nat_pos_fwd(cfg, &key);
+	e = snat_fwd_find_at(cfg, &key, fwd_pos);
 	if (e) {
-		entry_touch(e, bits, bpf_ktime_get_coarse_ns());
+		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
 		frag_record(&p);
 		if (slot)
-			flow_slot_fill(slot, &key, NAT_SRC, e, bits, now_jiffies);
+			flow_slot_fill(slot, &key, NAT_SRC, e->addr, e->port, e->state | bits,
+				       now_jiffies);
 		stat_inc(STAT_FWD_HIT);
-		if (nat_commit(skb, &p, NAT_SRC, e->addr, e->port)) {
+		if (nat_commit(skb, &p, NAT_SRC, e->addr, e->port, cs)) {
 			stat_inc(STAT_PARSE_ERROR);
 			return TC_ACT_SHOT;
 		}
@@ -296,7 +327,7 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */
-	dev = bpf_map_lookup_elem(&devices, &ifindex);
+	dev = device_lookup(ifindex);
 	if (!dev) {
 		stat_inc(STAT_NO_SNAT_ADDR);
 		return TC_ACT_UNSPEC;
@@ -306,19 +337,10 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 		stat_inc(STAT_NO_SNAT_ADDR);
 		return TC_ACT_UNSPEC;
 	}
-	conn = bpf_map_lookup_elem(&conns, &key);
-	if (conn) {
-		struct svc_value *svc = svc_port_lookup(conn->vaddr, conn->vport, p.proto);
-
-		if (svc)
-			svc_id = svc->svc_id;
-		flags |= SNAT_F_PROBE_HIT;
-		stat_inc(STAT_PROBE_HIT);
-	} else {
-		stat_inc(STAT_PROBE_MISS);
-	}
-	now = bpf_ktime_get_coarse_ns();
-	ret = snat_allocate(&key, cfg, node_addr, svc_id, flags, bits, now, &entry);
+	if (!cs)
+		return TC_ACT_UNSPEC;
+	now = clock_coarse_ns(cs, now_jiffies);
+	ret = snat_allocate(&key, fwd_pos, cfg, cs, node_addr, flags, bits, now, &entry);
 	if (ret == ALLOC_EXHAUSTED) {
 		stat_inc(STAT_PORT_EXHAUSTED);
 		return TC_ACT_SHOT;
@@ -332,13 +354,27 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 		if (entry.flags & SNAT_F_PORT_KEPT)
 			stat_inc(STAT_SNAT_PORT_REUSE);
 	}
+	/* The next packets of the connection take the fast path. */
+	if (slot)
+		flow_slot_fill(slot, &key, NAT_SRC, entry.addr, entry.port, entry.state, now_jiffies);
 	/* 4. First fragment of a translated flow. */
 	frag_record(&p);
-	if (nat_commit(skb, &p, NAT_SRC, entry.addr, entry.port)) {
+	if (nat_commit(skb, &p, NAT_SRC, entry.addr, entry.port, cs)) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_UNSPEC;
+}
+
+static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
+{
+	struct config *cfg = config_get();
+
+	if (!cfg || !cfg->mark_svc)
+		return TC_ACT_UNSPEC;
+	if ((cfg->flags & CFG_F_DIRECT_WRITES) && fast_path_hit(skb, l2_len, NAT_SRC))
+		bpf_tail_call(skb, &nat_writers_egress, 0);
+	return egress_general(skb, l2_len, cfg);
 }
 
 SEC("tc")
@@ -378,17 +414,26 @@ extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
  * is made writable only when it is translated, as bpf_skb_store_bytes would). Loaded only where
  * bpf_cast_to_kern_ctx exists (Linux 6.2+): it reads skb->ip_summed for the checksum rules.
  */
-static __always_inline int nat_write(struct __sk_buff *skb)
+static __always_inline int nat_write(struct __sk_buff *skb, int dir)
 {
 	struct sk_buff___kib *kskb = bpf_cast_to_kern_ctx(skb);
-	__u32 zero = 0;
-	struct nat_job *job = bpf_map_lookup_elem(&nat_jobs, &zero);
-	__u32 summed;
+	__u32 summed = BPF_CORE_READ_BITFIELD(kskb, ip_summed);
+	__u32 cb4 = skb->cb[4];
+	struct cpu_scratch *cs;
 
-	if (!job)
+	if (cb4) {
+		/* Fast path: counted here, where it is known to be rewritten. */
+		stat_inc(dir == NAT_SRC ? STAT_FWD_HIT : STAT_REV_HIT);
+		if (nat_write_fast(skb, cb4, dir, summed)) {
+			stat_inc(STAT_PARSE_ERROR);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
+	cs = scratch_get();
+	if (!cs)
 		return TC_ACT_SHOT;
-	summed = BPF_CORE_READ_BITFIELD(kskb, ip_summed);
-	if (nat_write_direct(skb, job, summed)) {
+	if (nat_write_direct(skb, &cs->job, summed)) {
 		stat_inc(STAT_PARSE_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -398,13 +443,13 @@ static __always_inline int nat_write(struct __sk_buff *skb)
 SEC("tc")
 int nat_write_egress(struct __sk_buff *skb)
 {
-	return nat_write(skb);
+	return nat_write(skb, NAT_SRC);
 }
 
 SEC("tc")
 int nat_write_ingress(struct __sk_buff *skb)
 {
-	return nat_write(skb);
+	return nat_write(skb, NAT_DST);
 }
 
 /*

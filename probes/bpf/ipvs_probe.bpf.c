@@ -19,6 +19,7 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_endian.h>
 
+#define KIB_PROBE_OBJECT
 #include "maps.h"
 
 char LICENSE[] SEC("license") = "GPL";

@@ -62,6 +62,13 @@ struct dev_value {
 	__u32 pad;
 };
 
+/* A device_slots entry: devices[ifindex] for the device whose ifindex it holds (0: none). */
+struct dev_slot {
+	__u32 ifindex;
+	__u32 pad;
+	struct dev_value value;
+};
+
 struct tuple {
 	__u8 saddr[ADDR_LEN];
 	__u8 daddr[ADDR_LEN];
@@ -102,7 +109,10 @@ struct frag_value {
 	__be16 dport;
 };
 
-/* Port ranges are host byte order, inclusive. */
+/*
+ * Port ranges are host byte order, inclusive. nat_seed, nat_buckets and nat_records describe the
+ * SNAT table (table.h) and are the loader's: the agent's configuration writes keep them.
+ */
 struct config {
 	__u32 mark_svc;
 	__u32 mark_masq;
@@ -111,7 +121,52 @@ struct config {
 	__u16 local_port_min;
 	__u16 local_port_max;
 	__u32 flags;
+	__u32 nat_seed;    /* hash seed of the snat_fwd and snat_rev indexes */
+	__u32 nat_buckets; /* buckets of snat_fwd and of snat_rev (their max_entries) */
+	__u32 nat_records; /* records of snat_records (its max_entries) */
+};
+
+/*
+ * The SNAT table (table.h): snat_records holds one struct nat_record per translated connection;
+ * snat_fwd and snat_rev index them by forward and by reverse tuple, in buckets of NAT_WAYS ways.
+ * A way's state is WAY_FREE, WAY_BUSY (claimed by an insert) or the tuple's hash tag with
+ * WAY_VALID set, `rec` then the record's number. `lock` is taken by inserts homed in the bucket,
+ * `overflow` set once an insert went past the bucket because it was full.
+ */
+#define NAT_WAYS 4
+#define NAT_PROBE_BUCKETS 4
+#define WAY_FREE 0
+#define WAY_BUSY 1
+#define WAY_VALID 2
+
+#define REC_FREE 0
+#define REC_BUSY 1 /* allocated, being written */
+#define REC_USED 2
+#define REC_DEAD 3 /* unindexed by the sweeper, freed at its next pass */
+
+/* Which tuple of a record an index holds. */
+#define NAT_INDEX_FWD 0
+#define NAT_INDEX_REV 1
+
+struct nat_bucket {
+	__u32 lock;
+	__u32 overflow;
+	__u32 state[NAT_WAYS];
+	__u32 rec[NAT_WAYS];
+};
+
+/*
+ * fwd_key: the connection as it leaves (client -> backend); rev_key: its replies as they arrive
+ * (backend -> node address:SNAT port). fwd: the translated source and the egress state; rev: the
+ * original client and the ingress state.
+ */
+struct nat_record {
+	__u32 state;
 	__u32 pad;
+	struct tuple fwd_key;
+	struct tuple rev_key;
+	struct snat_entry fwd;
+	struct snat_entry rev;
 };
 
 _Static_assert(sizeof(struct svc_key) == 20, "svc_key");
@@ -121,12 +176,15 @@ _Static_assert(sizeof(struct addr_value) == 8, "addr_value");
 _Static_assert(sizeof(struct range_key) == 24, "range_key");
 _Static_assert(sizeof(struct cidr_key) == 20, "cidr_key");
 _Static_assert(sizeof(struct dev_value) == 40, "dev_value");
+_Static_assert(sizeof(struct dev_slot) == 48, "dev_slot");
 _Static_assert(sizeof(struct tuple) == 40, "tuple");
 _Static_assert(sizeof(struct snat_entry) == 40, "snat_entry");
 _Static_assert(sizeof(struct conn_value) == 32, "conn_value");
 _Static_assert(sizeof(struct frag_key) == 40, "frag_key");
 _Static_assert(sizeof(struct frag_value) == 4, "frag_value");
-_Static_assert(sizeof(struct config) == 24, "config");
+_Static_assert(sizeof(struct config) == 32, "config");
+_Static_assert(sizeof(struct nat_bucket) == 40, "nat_bucket");
+_Static_assert(sizeof(struct nat_record) == 168, "nat_record");
 
 /* svc_value.flags */
 #define SVC_F_MASQ 0x1            /* masquerade every connection */
@@ -140,6 +198,7 @@ _Static_assert(sizeof(struct config) == 24, "config");
 /* config.flags */
 #define CFG_F_MASQ_ALL 0x1      /* masquerade every service connection */
 #define CFG_F_CLUSTER_CIDRS 0x2 /* cluster_cidrs holds at least one prefix */
+#define CFG_F_DIRECT_WRITES 0x4 /* nat_write_* are installed: translations take the fast path */
 
 /* snat_entry.state: what was seen on the connection (TCP flags, reply) */
 #define STATE_SYN 0x01
@@ -149,11 +208,12 @@ _Static_assert(sizeof(struct config) == 24, "config");
 
 /* snat_entry.flags: why the connection was translated and how */
 #define SNAT_F_PORT_KEPT 0x01  /* the client's own port was kept */
-#define SNAT_F_PROBE_HIT 0x02  /* svc_id came from the IPVS probe's conns entry */
+#define SNAT_F_PROBE_HIT 0x02  /* the IPVS probe recorded it: svc_id is its service (agent) */
 #define SNAT_F_MASQ 0x04       /* masquerade mark set at ingress */
 #define SNAT_F_HAIRPIN 0x08    /* source == destination */
 #define SNAT_F_OFFCLUSTER 0x10 /* service backend outside the cluster CIDRs */
 #define SNAT_F_HOST 0x20       /* host-originated connection from a service address */
+#define SNAT_F_RESOLVED 0x40   /* the agent looked the connection up in conns (svc_id, PROBE_HIT) */
 
 /* IPVS connection flags (include/uapi/linux/ip_vs.h) */
 #define IP_VS_CONN_F_TEMPLATE 0x1000
@@ -188,7 +248,7 @@ enum stat_index {
 #define DEFAULT_SRC_RANGES_SIZE 16384
 #define DEFAULT_CLUSTER_CIDRS_SIZE 256
 #define DEFAULT_DEVICES_SIZE 1024
-#define DEFAULT_SNAT_SIZE 262144
+#define DEFAULT_SNAT_SIZE 262144 /* records; each index has DEFAULT_SNAT_SIZE / 2 buckets */
 #define DEFAULT_CONNS_SIZE 262144
 #define DEFAULT_FRAGS_SIZE 8192
 
@@ -234,6 +294,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } devices SEC(".maps");
 
+/*
+ * device_slots: devices, direct-mapped by ifindex % DEVICE_SLOTS, so the lookup on a new
+ * connection is inline; the agent writes both (a device whose slot another device holds is only
+ * in devices, which the programs read on a slot miss).
+ */
+#define DEVICE_SLOTS 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEVICE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct dev_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} device_slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -242,21 +317,30 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } config SEC(".maps");
 
+#ifndef KIB_PROBE_OBJECT
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DEFAULT_SNAT_SIZE);
-	__type(key, struct tuple);
-	__type(value, struct snat_entry);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct nat_record);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} snat_fwd SEC(".maps");
+} snat_records SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, DEFAULT_SNAT_SIZE);
-	__type(key, struct tuple);
-	__type(value, struct snat_entry);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} snat_rev SEC(".maps");
+/* The two indexes of the SNAT table (table.h): half as many buckets as records, 4 ways each. */
+#define NAT_INDEX_MAP(name)                                          \
+	struct {                                                      \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                     \
+		__uint(max_entries, DEFAULT_SNAT_SIZE / 2);           \
+		__uint(map_flags, BPF_F_MMAPABLE);                    \
+		__type(key, __u32);                                   \
+		__type(value, struct nat_bucket);                     \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                  \
+	} name SEC(".maps")
+
+NAT_INDEX_MAP(snat_fwd);
+NAT_INDEX_MAP(snat_rev);
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -2,9 +2,10 @@
 /*
  * nat.h: the source-NAT mechanics shared by the TC programs: tuples from parsed packets, rewriting
  * a packet's source (egress) or destination (ingress), entry state bits and last-seen refresh,
- * SNAT port allocation (reverse tuple reserved first with BPF_NOEXIST), fragment bookkeeping and
- * the translation of ICMP errors that quote a translated flow; the per-CPU flow cache in front of
- * snat_fwd/snat_rev, and the hand-off of a rewrite to the nat_write program (direct writes).
+ * SNAT port allocation (reverse tuple reserved first, table.h), fragment bookkeeping and the
+ * translation of ICMP errors that quote a translated flow; the per-CPU flow cache in front of
+ * snat_fwd/snat_rev with the fast path it serves, the per-CPU clock and random state, and the
+ * hand-off of a rewrite to the nat_write programs (direct writes).
  */
 #ifndef KIB_NAT_H
 #define KIB_NAT_H
@@ -19,32 +20,40 @@
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
+#include "table.h"
 
 /*
  * The datapath object's own maps (not shared with the probe, never pinned): the flow cache, the
- * rewrite hand-off and the direct-write programs. Their structs are mirrored in
- * probes/src/maps.rs like the shared ones.
+ * per-CPU scratch (rewrite hand-off, clock, random state) and the direct-write programs. Their
+ * structs are mirrored in probes/src/maps.rs like the shared ones.
  */
 /*
  * A per-CPU flow cache slot (flow_cache): the translation of one connection direction, copied
- * from its snat_fwd/snat_rev entry so that established packets translate without a hash-map
- * call. Valid while key matches, dir matches and jiffies - filled_jiffies < FLOW_CACHE_TTL_JIFFIES;
- * `state` holds the state bits the hash entry already has (a packet bringing new bits, and every
- * refresh of last_seen_ns, goes to the hash entry).
+ * from its snat_fwd/snat_rev entry so that established packets translate without a table lookup.
+ * Valid while the tuple (saddr, daddr, ports, proto), dir and family match and
+ * (u32)jiffies - filled_jiffies < FLOW_CACHE_TTL_JIFFIES; family 0 is an empty slot. `state` holds
+ * the state bits the table entry already has (a packet bringing new bits, and every refresh of
+ * last_seen_ns, goes to the table entry). One 64-byte slot; the word at offset 36 is
+ * proto | dir << 8 | family << 16 | state << 24, which the fast path compares in one go.
  */
 struct flow_slot {
-	struct tuple key;
-	__u8 addr[ADDR_LEN];
-	__be16 port;
-	__u8 state;
+	__u8 saddr[ADDR_LEN];
+	__u8 daddr[ADDR_LEN];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
 	__u8 dir;
-	__u32 pad;
-	__u64 filled_jiffies;
-};
+	__u8 family; /* 4 or 6; 0: empty */
+	__u8 state;
+	__u8 addr[ADDR_LEN]; /* translated address */
+	__be16 port;         /* translated port */
+	__u16 pad;
+	__u32 filled_jiffies; /* low 32 bits of jiffies */
+} __attribute__((aligned(4)));
 
 /*
- * What the nat_write program rewrites (nat_jobs, one per CPU): filled by tc_ingress/tc_egress
- * right before their tail call, read by nat_write on the same CPU.
+ * What the nat_write program rewrites when the TC program did not take the fast path (the
+ * general hand-off): filled right before the tail call, read by nat_write on the same CPU.
  */
 struct nat_job {
 	__u8 addr[ADDR_LEN]; /* new address */
@@ -58,8 +67,25 @@ struct nat_job {
 	__u16 pad;
 } __attribute__((aligned(4)));
 
-_Static_assert(sizeof(struct flow_slot) == 72, "flow_slot");
+/*
+ * Per-CPU scratch (cpu_scratch, one element): the general hand-off, the clock cache (the coarse
+ * clock read once per jiffy: CLOCK_MONOTONIC_COARSE only moves on a tick), the xorshift32 state
+ * of port allocation (seeded from bpf_get_prandom_u32 on first use) and the CPU's record
+ * allocation cursor (table.h).
+ */
+struct cpu_scratch {
+	struct nat_job job;
+	__u32 rng;
+	__u32 rec_cursor;   /* next snat_records entry to try; 0: none yet (start at random) */
+	__u32 port_counter; /* RFC 6056 algorithm 3's counter (snat_allocate) */
+	__u64 clock_jiffies;
+	__u64 clock_ns;
+};
+
+_Static_assert(sizeof(struct flow_slot) == 64, "flow_slot");
 _Static_assert(sizeof(struct nat_job) == 28, "nat_job");
+_Static_assert(sizeof(struct cpu_scratch) == 56, "cpu_scratch");
+_Static_assert(__builtin_offsetof(struct flow_slot, proto) == 36, "flow_slot tag word");
 
 /* flow_cache slots per CPU (a power of two) and how long a slot stays valid. */
 #define FLOW_CACHE_SLOTS 1024
@@ -80,8 +106,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct nat_job);
-} nat_jobs SEC(".maps");
+	__type(value, struct cpu_scratch);
+} cpu_scratch SEC(".maps");
 
 /*
  * Slot 0: nat_write_egress / nat_write_ingress, set by the loader when the kernel has
@@ -103,6 +129,25 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } nat_writers_ingress SEC(".maps");
+
+static __always_inline struct cpu_scratch *scratch_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&cpu_scratch, &zero);
+}
+
+/* CLOCK_MONOTONIC_COARSE in ns, read at most once per jiffy on this CPU. */
+static __always_inline __u64 clock_coarse_ns(struct cpu_scratch *cs, __u64 jiffies)
+{
+	if (!cs)
+		return bpf_ktime_get_coarse_ns();
+	if (cs->clock_jiffies != jiffies || !cs->clock_ns) {
+		cs->clock_ns = bpf_ktime_get_coarse_ns();
+		cs->clock_jiffies = jiffies;
+	}
+	return cs->clock_ns;
+}
 
 /* Random ports tried before giving up (port_exhausted). */
 #define SNAT_PORT_PROBES 32
@@ -184,6 +229,24 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 }
 
 /*
+ * The L4 part of a direct-write rewrite: the port at *port and the checksum at *csum, given the
+ * pseudo-header diff of the address change; CHECKSUM_COMPLETE on IPv4 also settles skb->csum
+ * (as bpf_l4_csum_replace(BPF_F_PSEUDO_HDR) does: the IPv4 header absorbed the address change,
+ * the L4 checksum's pseudo-header change is data to skb->csum).
+ */
+static __always_inline void nat_write_l4(struct __sk_buff *skb, __u16 *csum, __be16 *port,
+					 __be16 new_port, __u64 pseudo, __u32 summed, int udp,
+					 int v4, __be32 old4, __be32 new4)
+{
+	__be16 old_port = *port;
+
+	if (csum_l4_direct(csum, summed, pseudo, csum_acc16(0, old_port, new_port), udp) && v4 &&
+	    summed == KIB_CHECKSUM_COMPLETE)
+		bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	*port = new_port;
+}
+
+/*
  * The direct-write rewrite done by nat_write: the same packet changes as nat_rewrite(), with the
  * checksum arithmetic inline (csum_l4_direct) for the skb's checksum state `summed`.
  * Returns -1 when the headers are not where the job says (the caller drops).
@@ -200,7 +263,6 @@ static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct 
 	__u64 pseudo;
 	__u16 *csum;
 	__be16 *port;
-	__be16 old_port;
 	int udp;
 
 	if (job->family == 4) {
@@ -255,13 +317,80 @@ static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct 
 		csum = (__u16 *)(th + TCP_CSUM_OFF);
 		port = (__be16 *)(th + (src ? 0 : 2));
 	}
-	old_port = *port;
-	if (csum_l4_direct(csum, summed, pseudo, csum_acc16(0, old_port, job->port), udp) &&
-	    summed == KIB_CHECKSUM_COMPLETE && job->family == 4)
-		/* As bpf_l4_csum_replace(BPF_F_PSEUDO_HDR) does: the IPv4 header absorbed the
-		 * address change, the L4 checksum's pseudo-header change is data to skb->csum. */
-		bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
-	*port = job->port;
+	nat_write_l4(skb, csum, port, job->port, pseudo, summed, udp, job->family == 4, old4, new4);
+	return 0;
+}
+
+/*
+ * skb->cb[4] of a hand-off to nat_write: FAST_JOB_* << 16 | the new port (as it lies in memory),
+ * the new address in cb[0..3] (IPv4: cb[3]); 0 for the general hand-off (cpu_scratch.job).
+ * FAST_JOB_L3 marks a packet without an Ethernet header. cb is the qdisc/TC control block the
+ * programs own until they return.
+ */
+#define FAST_JOB_V4 0x4b40
+#define FAST_JOB_V6 0x4b60
+#define FAST_JOB_L3 0x0001
+
+/*
+ * The writer's side of a fast-path hand-off (cb4: skb->cb[4]; the headers were checked by
+ * fast_path_hit: IPv4 with a 20-byte header or IPv6 without extension headers, TCP or UDP).
+ * Returns -1 when they are not where they were (the caller drops).
+ */
+static __always_inline int nat_write_fast(struct __sk_buff *skb, __u32 cb4, int dir, __u32 summed)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 kind = cb4 >> 16;
+	__u8 *l3 = data + ((kind & FAST_JOB_L3) ? 0 : ETH_HEADER_LEN);
+	__be16 new_port = (__be16)cb4;
+	int v4 = (kind & ~FAST_JOB_L3) == FAST_JOB_V4;
+	__be32 old4 = 0, new4 = 0;
+	__u8 *l4;
+	__u64 pseudo;
+	int udp;
+
+	if (v4) {
+		struct iphdr *ip = (struct iphdr *)l3;
+		__be32 *field;
+
+		l4 = l3 + 20;
+		if ((void *)(l4 + 8) > data_end)
+			return -1;
+		field = dir == NAT_SRC ? &ip->saddr : &ip->daddr;
+		old4 = *field;
+		new4 = skb->cb[3];
+		pseudo = csum_acc32(0, old4, new4);
+		ip->check = csum_apply(ip->check, pseudo);
+		*field = new4;
+		udp = ip->protocol == IPPROTO_UDP;
+	} else {
+		struct ipv6hdr *ip6 = (struct ipv6hdr *)l3;
+		__u32 *field;
+		__u32 n0 = skb->cb[0], n1 = skb->cb[1], n2 = skb->cb[2], n3 = skb->cb[3];
+
+		l4 = l3 + 40;
+		if ((void *)(l4 + 8) > data_end)
+			return -1;
+		field = dir == NAT_SRC ? (__u32 *)&ip6->saddr : (__u32 *)&ip6->daddr;
+		pseudo = csum_acc32(0, field[0], n0);
+		pseudo = csum_acc32(pseudo, field[1], n1);
+		pseudo = csum_acc32(pseudo, field[2], n2);
+		pseudo = csum_acc32(pseudo, field[3], n3);
+		field[0] = n0;
+		field[1] = n1;
+		field[2] = n2;
+		field[3] = n3;
+		udp = ip6->nexthdr == IPPROTO_UDP;
+	}
+	if (udp) {
+		nat_write_l4(skb, (__u16 *)(l4 + UDP_CSUM_OFF), (__be16 *)(l4 + (dir == NAT_SRC ? 0 : 2)),
+			     new_port, pseudo, summed, 1, v4, old4, new4);
+		return 0;
+	}
+	if ((void *)(l4 + TCP_CSUM_OFF + 2) > data_end)
+		return -1;
+	nat_write_l4(skb, (__u16 *)(l4 + TCP_CSUM_OFF), (__be16 *)(l4 + (dir == NAT_SRC ? 0 : 2)),
+		     new_port, pseudo, summed, 0, v4, old4, new4);
 	return 0;
 }
 
@@ -272,15 +401,17 @@ static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct 
  * done before this call. Returns nat_rewrite's result.
  */
 static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p, int dir,
-				      const __u8 new_addr[ADDR_LEN], __be16 new_port)
+				      const __u8 new_addr[ADDR_LEN], __be16 new_port,
+				      struct cpu_scratch *cs)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	int has_l4 = p->frag != FRAG_LATER && p->has_ports;
-	__u32 end;
-	__u32 zero = 0;
 	struct nat_job *job;
+	__u32 end;
 
+	if (!cs)
+		goto helpers;
 	if (has_l4 && p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		goto helpers; /* SCTP: no inet checksum (ports only) */
 	if (has_l4)
@@ -289,9 +420,7 @@ static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p
 		end = (p->l3_off & PKT_OFF_MASK) + (p->family == 4 ? 20 : 40);
 	if (data + end > data_end)
 		goto helpers;
-	job = bpf_map_lookup_elem(&nat_jobs, &zero);
-	if (!job)
-		goto helpers;
+	job = &cs->job;
 	addr_copy(job->addr, new_addr);
 	job->port = new_port;
 	job->dir = dir;
@@ -300,6 +429,7 @@ static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p
 	job->has_l4 = has_l4;
 	job->l3_off = p->l3_off;
 	job->l4_off = p->l4_off;
+	skb->cb[4] = 0;
 	if (dir == NAT_SRC)
 		bpf_tail_call(skb, &nat_writers_egress, 0);
 	else
@@ -308,15 +438,54 @@ helpers:
 	return nat_rewrite(skb, p, dir, new_addr, new_port);
 }
 
-/* The flow_cache slot of a tuple (a multiplicative hash of its words). */
+/*
+ * The flow_cache slot index of a tuple from its folded addresses (the XOR of each address's
+ * words), ports word and protocol: what the general path computes from a struct tuple and the
+ * fast path from the packet's headers.
+ */
+static __always_inline __u32 flow_hash(__u32 sfold, __u32 dfold, __u32 ports, __u8 proto)
+{
+	__u32 h = sfold ^ ((dfold << 16) | (dfold >> 16)) ^ ports ^ proto;
+
+	return ((h * 0x9E3779B1u) >> 16) & (FLOW_CACHE_SLOTS - 1);
+}
+
+static __always_inline __u32 addr_fold(const __u8 a[ADDR_LEN])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return w[0] ^ w[1] ^ w[2] ^ w[3];
+}
+
+/* Word 2 of an IPv4-mapped address (::ffff:a.b.c.d); words 0 and 1 are zero. */
+#define V4_MAPPED_WORD2 bpf_htonl(0x0000ffff)
+
+static __always_inline __u8 addr_family(const __u8 a[ADDR_LEN])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return (w[0] | w[1]) == 0 && w[2] == V4_MAPPED_WORD2 ? 4 : 6;
+}
+
 static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
 {
-	const __u32 *w = (const __u32 *)t;
-	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9];
-	__u32 index = ((h * 0x9E3779B1u) >> 16) & (FLOW_CACHE_SLOTS - 1);
+	__u32 index = flow_hash(addr_fold(t->saddr), addr_fold(t->daddr),
+				*(const __u32 *)&t->sport, t->proto);
 
 	return bpf_map_lookup_elem(&flow_cache, &index);
 }
+
+/*
+ * The word at offset 36 of a slot without its state byte. Little-endian layout of
+ * proto, dir, family, state.
+ */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SLOT_TAG(proto, dir, family) ((__u32)(proto) | ((__u32)(dir) << 8) | ((__u32)(family) << 16))
+#define SLOT_TAG_MASK 0x00ffffffu
+#else
+#define SLOT_TAG(proto, dir, family) (((__u32)(proto) << 24) | ((__u32)(dir) << 16) | ((__u32)(family) << 8))
+#define SLOT_TAG_MASK 0xffffff00u
+#endif
 
 /*
  * Whether slot translates t in direction dir now: same tuple, younger than
@@ -325,21 +494,23 @@ static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
 static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct tuple *t,
 					 __u8 dir, __u8 bits, __u64 now_jiffies)
 {
-	const __u32 *a = (const __u32 *)&s->key;
+	const __u32 *a = (const __u32 *)s;
 	const __u32 *b = (const __u32 *)t;
 	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
 		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
-		     (a[8] ^ b[8]) | (a[9] ^ b[9]);
+		     (a[8] ^ b[8]);
 
-	return diff == 0 && s->dir == dir && now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
+	return diff == 0 && s->proto == t->proto && s->dir == dir && s->family != 0 &&
+	       (__u32)now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
 	       (bits & ~s->state) == 0;
 }
 
-/* Copies an entry's translation into its flow_cache slot. */
+/* Copies a translation into the flow_cache slot of t. */
 static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
-					   const struct snat_entry *e, __u8 bits, __u64 now_jiffies)
+					   const __u8 addr[ADDR_LEN], __be16 port, __u8 state,
+					   __u64 now_jiffies)
 {
-	__u32 *a = (__u32 *)&s->key;
+	__u32 *a = (__u32 *)s;
 	const __u32 *b = (const __u32 *)t;
 
 	a[0] = b[0];
@@ -351,12 +522,95 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 	a[6] = b[6];
 	a[7] = b[7];
 	a[8] = b[8];
-	a[9] = b[9];
-	addr_copy(s->addr, e->addr);
-	s->port = e->port;
-	s->state = e->state | bits;
+	s->proto = t->proto;
 	s->dir = dir;
+	s->family = addr_family(t->saddr);
+	s->state = state;
+	addr_copy(s->addr, addr);
+	s->port = port;
 	s->filled_jiffies = now_jiffies;
+}
+
+/*
+ * The fast path, tried first by both TC programs: a linear, unfragmented IPv4 (20-byte header) or
+ * IPv6 (no extension header) TCP/UDP packet that carries no TCP SYN/FIN/RST, whose flow_cache
+ * slot translates it in direction dir. On a hit the translation is put in skb->cb for nat_write
+ * (FAST_JOB_*) and 1 is returned; nothing else is needed from the packet (no state bit to record,
+ * no last-seen refresh: the slot is younger than its TTL).
+ */
+static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __u8 dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	const __u32 *w;
+	struct flow_slot *s;
+	__u32 kind, index, ports;
+	__u8 *l3 = data + l2_len;
+	__u8 version = ip_version(skb, l2_len, data, data_end);
+	__u8 *l4;
+	__u8 proto;
+
+	if (version == 4) {
+		l4 = l3 + 20;
+		if ((void *)(l4 + 8) > data_end)
+			return 0;
+		if (l3[0] != 0x45 || (*(__u16 *)(l3 + 6) & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK)))
+			return 0;
+		proto = l3[9];
+	} else if (version == 6) {
+		l4 = l3 + 40;
+		if ((void *)(l4 + 8) > data_end)
+			return 0;
+		proto = l3[6];
+	} else {
+		return 0;
+	}
+	if (proto == IPPROTO_TCP) {
+		if ((void *)(l4 + 20) > data_end ||
+		    (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
+			return 0;
+	} else if (proto != IPPROTO_UDP) {
+		return 0;
+	}
+	ports = *(__u32 *)l4;
+	if (version == 4) {
+		__u32 saddr = *(__u32 *)(l3 + 12);
+		__u32 daddr = *(__u32 *)(l3 + 16);
+
+		index = flow_hash(saddr ^ V4_MAPPED_WORD2, daddr ^ V4_MAPPED_WORD2, ports, proto);
+		s = bpf_map_lookup_elem(&flow_cache, &index);
+		if (!s)
+			return 0;
+		w = (const __u32 *)s;
+		if (w[3] != saddr || w[7] != daddr || w[8] != ports ||
+		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 4))
+			return 0;
+		kind = FAST_JOB_V4;
+	} else {
+		const __u32 *sa = (const __u32 *)(l3 + 8);
+		const __u32 *da = (const __u32 *)(l3 + 24);
+
+		index = flow_hash(sa[0] ^ sa[1] ^ sa[2] ^ sa[3], da[0] ^ da[1] ^ da[2] ^ da[3], ports,
+				  proto);
+		s = bpf_map_lookup_elem(&flow_cache, &index);
+		if (!s)
+			return 0;
+		w = (const __u32 *)s;
+		if (((w[0] ^ sa[0]) | (w[1] ^ sa[1]) | (w[2] ^ sa[2]) | (w[3] ^ sa[3]) |
+		     (w[4] ^ da[0]) | (w[5] ^ da[1]) | (w[6] ^ da[2]) | (w[7] ^ da[3]) |
+		     (w[8] ^ ports)) != 0 ||
+		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 6))
+			return 0;
+		skb->cb[0] = w[10];
+		skb->cb[1] = w[11];
+		skb->cb[2] = w[12];
+		kind = FAST_JOB_V6;
+	}
+	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
+		return 0;
+	skb->cb[3] = w[13];
+	skb->cb[4] = ((kind | (l2_len ? 0 : FAST_JOB_L3)) << 16) | *(const __u16 *)&s->port;
+	return 1;
 }
 
 /* State bits a packet contributes (TCP SYN/FIN/RST). */
@@ -438,35 +692,128 @@ enum alloc_result {
 	ALLOC_MAP_FULL = 3,
 };
 
+/* The next port candidate of the per-CPU xorshift32 sequence. */
+static __always_inline __u32 xorshift32(__u32 x)
+{
+	x ^= x << 13;
+	x ^= x >> 17;
+	x ^= x << 5;
+	return x;
+}
+
+/* The entry of a connection in one direction: egress by forward tuple, ingress by reply tuple. */
+static __always_inline struct snat_entry *snat_fwd_find_at(const struct config *cfg,
+							   const struct tuple *k, struct nat_pos pos)
+{
+	return record_entry(record_at(snat_fwd_find(cfg, k, pos.home, pos.tag)), NAT_INDEX_FWD);
+}
+
+static __always_inline struct snat_entry *snat_fwd_lookup(const struct config *cfg,
+							  const struct tuple *k)
+{
+	return snat_fwd_find_at(cfg, k, nat_pos_fwd(cfg, k));
+}
+
+static __always_inline struct snat_entry *snat_rev_lookup(const struct config *cfg,
+							  const struct tuple *k)
+{
+	struct nat_pos pos = nat_pos_rev(cfg, k);
+
+	return record_entry(record_at(snat_rev_find(cfg, k, pos.home, pos.tag)), NAT_INDEX_REV);
+}
+
+/* SNAT ports tried one after the other before the rest of the probes go to random ports. */
+#define SNAT_PORT_SEQUENTIAL 8
+
 /*
- * Allocates the SNAT mapping of the connection `fwd_key` (as it leaves, client -> backend) to
- * node_addr. The port is the client's own when it lies outside the local port range (always for
- * SCTP: its CRC32c covers the ports and cannot be updated incrementally), else random in the SNAT
- * range. A port is taken by inserting the reply tuple into snat_rev with BPF_NOEXIST, then the
- * forward entry with BPF_NOEXIST. *out receives the forward entry in use.
+ * Reserves a port in the SNAT range for the reply tuple rev_key (its dport is set to the port):
+ * ports are tried as RFC 6056's algorithm 3 does, from an offset that is a secret hash of the
+ * destination (rev_key without its port: base, nat_rev_base()) plus the per-CPU counter, the next
+ * ones in order (their reply tuples sit in consecutive snat_rev buckets), then random ones (the
+ * per-CPU xorshift32 sequence, seeded on first use). Returns 0 with *c holding the claim, or
+ * -EADDRINUSE (every port tried is taken), -ENOSPC (every probe found its buckets full). A global
+ * function: the verifier checks the probe loop once.
  */
-static __always_inline int snat_allocate(const struct tuple *fwd_key, const struct config *cfg,
-					 const __u8 node_addr[ADDR_LEN], __u32 svc_id, __u8 flags,
-					 __u8 state, __u64 now, struct snat_entry *out)
+__attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct tuple *rev_key,
+						__u64 base, struct cpu_scratch *cs,
+						struct nat_claim *c)
+{
+	__u32 range, offset, random;
+	int all_full = 1;
+	int ret;
+	int i;
+
+	if (!cfg || !rev_key || !cs || !c)
+		return -EINVAL;
+	if (cfg->snat_port_min == 0 || cfg->snat_port_min > cfg->snat_port_max)
+		return -EADDRINUSE;
+	range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+	random = cs->rng;
+	if (!random)
+		random = bpf_get_prandom_u32() | 1;
+	offset = ((__u32)base + cs->port_counter) % range;
+	cs->port_counter += 1;
+	ret = -EADDRINUSE;
+	for (i = 0; i < SNAT_PORT_PROBES; i++) {
+		rev_key->dport = bpf_htons((__u16)(cfg->snat_port_min + offset));
+		ret = snat_rev_claim(cfg, rev_key, base, c);
+		if (ret == 0)
+			break;
+		/*
+		 * A taken port means try another; so does a full or busy bucket chain (another
+		 * port hashes elsewhere). Only when every probe found its chain full is the table
+		 * full.
+		 */
+		if (ret != -ENOSPC)
+			all_full = 0;
+		if (i + 1 < SNAT_PORT_SEQUENTIAL) {
+			offset = offset + 1 >= range ? 0 : offset + 1;
+		} else {
+			random = xorshift32(random);
+			offset = random % range;
+		}
+	}
+	cs->rng = random;
+	if (ret == 0)
+		return 0;
+	return all_full ? -ENOSPC : -EADDRINUSE;
+}
+
+/*
+ * Allocates the SNAT mapping of the connection `fwd_key` (as it leaves, client -> backend; at
+ * fwd_pos in snat_fwd) to node_addr. The port is the client's own when it lies outside the local
+ * port range (always for SCTP: its CRC32c covers the ports and cannot be updated incrementally),
+ * else one snat_reserve_port() finds. A port is taken by claiming its reply tuple in snat_rev
+ * (table.h: a claim holds the tuple's bucket until published); then the forward tuple is claimed
+ * in snat_fwd, a record allocated and written, and both ways published (or every claim given
+ * back). *out receives the forward entry in use. svc_id is left 0: the agent fills it from conns
+ * (SNAT_F_RESOLVED).
+ */
+static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat_pos fwd_pos,
+					 const struct config *cfg, struct cpu_scratch *cs,
+					 const __u8 node_addr[ADDR_LEN], __u8 flags, __u8 state,
+					 __u64 now, struct snat_entry *out)
 {
 	struct tuple rev_key = {};
 	struct snat_entry rev_value = {};
-	struct snat_entry *existing;
+	struct nat_claim rev_claim = {};
+	struct nat_claim fwd_claim = {};
+	struct nat_record *r;
 	__u16 client_port = bpf_ntohs(fwd_key->sport);
-	__u32 range;
-	__u32 random;
+	__u64 rev_base;
+	__u32 rec_index;
+	long rec;
 	int reserved = 0;
 	int ret;
-	int i;
 
 	addr_copy(rev_key.saddr, fwd_key->daddr);
 	addr_copy(rev_key.daddr, node_addr);
 	rev_key.sport = fwd_key->dport;
 	rev_key.proto = fwd_key->proto;
+	rev_base = nat_rev_base(cfg, &rev_key);
 
 	addr_copy(rev_value.addr, fwd_key->saddr);
 	rev_value.port = fwd_key->sport;
-	rev_value.svc_id = svc_id;
 	rev_value.created_ns = now;
 	rev_value.last_seen_ns = now;
 
@@ -474,43 +821,18 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, const stru
 	    client_port > cfg->local_port_max) {
 		rev_key.dport = fwd_key->sport;
 		rev_value.flags = flags | SNAT_F_PORT_KEPT;
-		ret = bpf_map_update_elem(&snat_rev, &rev_key, &rev_value, BPF_NOEXIST);
+		ret = snat_rev_claim(cfg, &rev_key, rev_base, &rev_claim);
 		if (ret == 0)
 			reserved = 1;
-		else if (ret != -EEXIST)
-			return ALLOC_MAP_FULL;
 		else if (fwd_key->proto == IPPROTO_SCTP)
-			return ALLOC_EXHAUSTED;
+			return ret == -EEXIST ? ALLOC_EXHAUSTED : ALLOC_MAP_FULL;
 	}
 	if (!reserved) {
-		if (cfg->snat_port_min == 0 || cfg->snat_port_min > cfg->snat_port_max)
-			return ALLOC_EXHAUSTED;
-		range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
 		rev_value.flags = flags;
-		/*
-		 * One helper call seeds a xorshift32 sequence for the probes. Besides saving calls,
-		 * no call sits at the loop's end: the 6.1 verifier rejects a loop whose back edge
-		 * is a call's fall-through ("back-edge from insn").
-		 */
-		random = bpf_get_prandom_u32() | 1;
-		for (i = 0; i < SNAT_PORT_PROBES; i++) {
-			__u16 port;
-
-			random ^= random << 13;
-			random ^= random >> 17;
-			random ^= random << 5;
-			port = cfg->snat_port_min + random % range;
-
-			rev_key.dport = bpf_htons(port);
-			ret = bpf_map_update_elem(&snat_rev, &rev_key, &rev_value, BPF_NOEXIST);
-			if (ret == 0) {
-				reserved = 1;
-				break;
-			}
-			if (ret != -EEXIST)
-				return ALLOC_MAP_FULL;
-		}
-		if (!reserved)
+		ret = snat_reserve_port(cfg, &rev_key, rev_base, cs, &rev_claim);
+		if (ret == -ENOSPC)
+			return ALLOC_MAP_FULL;
+		if (ret)
 			return ALLOC_EXHAUSTED;
 	}
 
@@ -518,21 +840,37 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, const stru
 	out->port = rev_key.dport;
 	out->state = state;
 	out->flags = rev_value.flags;
-	out->svc_id = svc_id;
+	out->svc_id = 0;
 	out->created_ns = now;
 	out->last_seen_ns = now;
-	ret = bpf_map_update_elem(&snat_fwd, fwd_key, out, BPF_NOEXIST);
-	if (ret == 0)
-		return ALLOC_NEW;
-	/* Release the reservation: either another CPU won the forward entry, or the map is full. */
-	bpf_map_delete_elem(&snat_rev, &rev_key);
-	if (ret != -EEXIST)
+	ret = snat_fwd_claim(cfg, fwd_key, fwd_pos.home, fwd_pos.tag, &fwd_claim);
+	if (ret) {
+		/* Give the reservation back: another CPU has the forward entry, or no room. */
+		nat_unclaim(&snat_rev, &rev_claim);
+		if (ret != -EEXIST)
+			return ALLOC_MAP_FULL;
+		r = record_at(snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag));
+		if (!r)
+			return ALLOC_MAP_FULL;
+		__builtin_memcpy(out, &r->fwd, sizeof(*out));
+		return ALLOC_EXISTING;
+	}
+	rec = snat_record_alloc(cfg, &cs->rec_cursor);
+	rec_index = rec;
+	r = record_at(rec);
+	if (!r) {
+		nat_unclaim(&snat_fwd, &fwd_claim);
+		nat_unclaim(&snat_rev, &rev_claim);
 		return ALLOC_MAP_FULL;
-	existing = bpf_map_lookup_elem(&snat_fwd, fwd_key);
-	if (!existing)
-		return ALLOC_MAP_FULL;
-	__builtin_memcpy(out, existing, sizeof(*out));
-	return ALLOC_EXISTING;
+	}
+	__builtin_memcpy(&r->fwd_key, fwd_key, sizeof(r->fwd_key));
+	__builtin_memcpy(&r->rev_key, &rev_key, sizeof(r->rev_key));
+	__builtin_memcpy(&r->fwd, out, sizeof(r->fwd));
+	__builtin_memcpy(&r->rev, &rev_value, sizeof(r->rev));
+	*(volatile __u32 *)&r->state = REC_USED;
+	nat_publish(&snat_rev, &rev_claim, rec_index);
+	nat_publish(&snat_fwd, &fwd_claim, rec_index);
+	return ALLOC_NEW;
 }
 
 /* ICMP and ICMPv6 errors that quote the packet they are about. */
@@ -566,7 +904,8 @@ struct quoted_addrs {
  * the client: the quoted source address and port, the quoted IPv4 header checksum and L4 checksum
  * (when quoted), the ICMP checksum and the outer destination are rewritten.
  */
-static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const struct pkt *p,
+						    const struct config *cfg)
 {
 	__u32 inner_l3 = p->l4_off + 8;
 	__u32 icmp_csum_at = p->l4_off + ICMP_CSUM_OFF;
@@ -621,7 +960,7 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	key.sport = quoted_ports[1];
 	key.dport = quoted_ports[0];
 	key.proto = inner_proto;
-	e = bpf_map_lookup_elem(&snat_rev, &key);
+	e = snat_rev_lookup(cfg, &key);
 	if (!e)
 		return ICMP_NOT_OURS;
 	addr_copy(client.addr, e->addr);

@@ -281,26 +281,39 @@ static __always_inline int parse_l4_direct(struct __sk_buff *skb, struct pkt *p)
  * data directly, which would make the verifier unclone every cloned skb (all locally generated
  * TCP) in the program's prologue, translated or not.
  */
-static __always_inline int parse_packet(struct __sk_buff *skb, __u32 l2_len, struct pkt *p)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	__u8 version;
+/* ip_version(): the first byte of the IP header is not in the linear area. */
+#define IP_VERSION_UNREAD 0xff
 
+/*
+ * The IP version of the packet whose IP header is at l2_len: from skb->protocol after an
+ * Ethernet header (l2_len ETH_HEADER_LEN), from the version nibble without one (l2_len 0); 0
+ * when it is not IP, IP_VERSION_UNREAD when the nibble is not in the linear area.
+ */
+static __always_inline __u8 ip_version(struct __sk_buff *skb, __u32 l2_len, void *data,
+				       void *data_end)
+{
 	if (l2_len) {
 		__u32 protocol = skb->protocol;
 
 		if (protocol == bpf_htons(ETH_P_IP))
-			version = 4;
-		else if (protocol == bpf_htons(ETH_P_IPV6))
-			version = 6;
-		else
-			return PARSE_NOT_IP;
-	} else {
-		if (data + 1 > data_end)
-			return parse_from_l3(skb, 0, p);
-		version = *(__u8 *)data >> 4;
+			return 4;
+		if (protocol == bpf_htons(ETH_P_IPV6))
+			return 6;
+		return 0;
 	}
+	if (data + 1 > data_end)
+		return IP_VERSION_UNREAD;
+	return *(__u8 *)data >> 4;
+}
+
+static __always_inline int parse_packet(struct __sk_buff *skb, __u32 l2_len, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 version = ip_version(skb, l2_len, data, data_end);
+
+	if (version == IP_VERSION_UNREAD)
+		return parse_from_l3(skb, 0, p);
 
 	if (version == 4) {
 		struct iphdr *ip = data + l2_len;

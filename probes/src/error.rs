@@ -101,6 +101,23 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
+    /// Mapping a map into memory failed.
+    #[error("map {map}: mmap: {source}")]
+    Mmap {
+        /// The map's name.
+        map: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An insert into the SNAT table found no room (the tuple's index buckets or the records).
+    #[error("SNAT table: no room for {0}")]
+    TableFull(&'static str),
+    /// An insert into the SNAT table found its tuple present.
+    #[error("SNAT table: the {0} tuple is present")]
+    TableExists(&'static str),
+    /// An insert into the SNAT table found a bucket lock held by a program for too long.
+    #[error("SNAT table: a {0} bucket stayed locked")]
+    TableBusy(&'static str),
     /// BPF_PROG_TEST_RUN failed.
     #[error("test run of {program}: {source}")]
     TestRun {

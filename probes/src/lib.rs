@@ -5,6 +5,7 @@
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod nat_table;
 pub mod objects;
 pub mod typed_map;
 
@@ -14,5 +15,6 @@ pub use loader::{
     ProbePreference, ProgramRunStats, RewritePolicy, SkbContext, TcAttachMode, TcAttachPolicy,
     TestRunOutput,
 };
+pub use nat_table::{Index, SnatTable};
 pub use objects::DatapathProgram;
 pub use typed_map::{DatapathMaps, PerCpuArray, TypedMap, UpdateFlags};

@@ -33,14 +33,16 @@ use libbpf_rs::{
 
 use crate::error::{Error, Result};
 use crate::maps::{self, Stats, map_names};
+use crate::maps::{CFG_F_DIRECT_WRITES, Config};
+use crate::nat_table::SnatTable;
 use crate::objects::{
     DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
     PROBE_KRETPROBE_PROGRAM, PROBE_TARGET_FUNCTION,
 };
-use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
+use crate::typed_map::{DatapathMaps, PerCpuArray, SnatHandles, TypedMap};
 
-/// Default pin root; `v1` is the map layout version (a layout change gets a new directory).
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kube-ipvs-bpf/v1";
+/// Default pin root; `v2` is the map layout version (a layout change gets a new directory).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kube-ipvs-bpf/v2";
 /// File name of the pinned `xt_svc` program under the pin root.
 pub const XT_SVC_PIN_NAME: &str = "prog_xt_svc";
 /// Directory of pinned links under the pin root.
@@ -66,7 +68,8 @@ pub struct MapSizes {
     pub cluster_cidrs: u32,
     /// `devices` (default 1 024).
     pub devices: u32,
-    /// `snat_fwd` and `snat_rev`, each (default 262 144).
+    /// The SNAT table: records in `snat_records` (default 262 144); `snat_fwd` and `snat_rev`
+    /// get half as many buckets each.
     pub snat: u32,
     /// `conns` (default 262 144).
     pub conns: u32,
@@ -90,7 +93,8 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
-    /// The size for a map name; `None` for fixed-size maps (`config`, `stats`).
+    /// The size (max_entries) for a map name; `None` for fixed-size maps (`config`, `stats`,
+    /// `device_slots`).
     pub fn for_map(&self, name: &str) -> Option<u32> {
         match name {
             map_names::SVC_PORTS => Some(self.svc_ports),
@@ -98,7 +102,8 @@ impl MapSizes {
             map_names::SRC_RANGES => Some(self.src_ranges),
             map_names::CLUSTER_CIDRS => Some(self.cluster_cidrs),
             map_names::DEVICES => Some(self.devices),
-            map_names::SNAT_FWD | map_names::SNAT_REV => Some(self.snat),
+            map_names::SNAT_RECORDS => Some(self.snat.max(1)),
+            map_names::SNAT_FWD | map_names::SNAT_REV => Some((self.snat / 2).max(1)),
             map_names::CONNS => Some(self.conns),
             map_names::FRAGS => Some(self.frags),
             _ => None,
@@ -128,6 +133,9 @@ pub struct DatapathOptions {
     pub tc_attach: TcAttachPolicy,
     /// How translated packets are rewritten.
     pub rewrite: RewritePolicy,
+    /// The SNAT table's hash seed when the table is created (tests use a fixed one); `None`:
+    /// random. A table reused from its pins keeps its own.
+    pub nat_seed: Option<u32>,
 }
 
 /// How the TC programs rewrite a translated packet.
@@ -147,6 +155,7 @@ impl Default for DatapathOptions {
             map_sizes: MapSizes::default(),
             tc_attach: TcAttachPolicy::Auto,
             rewrite: RewritePolicy::Auto,
+            nat_seed: None,
         }
     }
 }
@@ -443,20 +452,69 @@ fn map_handle(object: &Object, name: &'static str) -> Result<MapHandle> {
     })
 }
 
-fn datapath_maps(object: &Object) -> Result<DatapathMaps> {
-    Ok(DatapathMaps {
+/// The typed maps of a loaded datapath object, and the configuration's loader fields written:
+/// the SNAT table's hash seed (kept when the table was reused from its pins, a new random one
+/// otherwise), its sizes, and `CFG_F_DIRECT_WRITES` when the writers are installed.
+fn datapath_maps(
+    object: &Object,
+    table_reused: bool,
+    direct_writes: bool,
+    new_seed: Option<u32>,
+) -> Result<DatapathMaps> {
+    let config: TypedMap<u32, Config> =
+        TypedMap::from_handle(map_handle(object, map_names::CONFIG)?)?;
+    let current = config.get(&0)?.unwrap_or_default();
+    let seed = if table_reused && current.nat_seed != 0 {
+        current.nat_seed
+    } else {
+        new_seed.unwrap_or_else(random_seed)
+    };
+    let handles = SnatHandles {
+        records: map_handle(object, map_names::SNAT_RECORDS)?,
+        fwd: map_handle(object, map_names::SNAT_FWD)?,
+        rev: map_handle(object, map_names::SNAT_REV)?,
+    };
+    let maps = DatapathMaps {
         svc_ports: TypedMap::from_handle(map_handle(object, map_names::SVC_PORTS)?)?,
         svc_addrs: TypedMap::from_handle(map_handle(object, map_names::SVC_ADDRS)?)?,
         src_ranges: TypedMap::from_handle(map_handle(object, map_names::SRC_RANGES)?)?,
         cluster_cidrs: TypedMap::from_handle(map_handle(object, map_names::CLUSTER_CIDRS)?)?,
         devices: TypedMap::from_handle(map_handle(object, map_names::DEVICES)?)?,
-        config: TypedMap::from_handle(map_handle(object, map_names::CONFIG)?)?,
-        snat_fwd: TypedMap::from_handle(map_handle(object, map_names::SNAT_FWD)?)?,
-        snat_rev: TypedMap::from_handle(map_handle(object, map_names::SNAT_REV)?)?,
+        device_slots: TypedMap::from_handle(map_handle(object, map_names::DEVICE_SLOTS)?)?,
+        config,
+        snat: SnatTable::open(&handles.records, &handles.fwd, &handles.rev, seed)?,
         conns: TypedMap::from_handle(map_handle(object, map_names::CONNS)?)?,
         frags: TypedMap::from_handle(map_handle(object, map_names::FRAGS)?)?,
         stats: PerCpuArray::from_handle(map_handle(object, map_names::STATS)?)?,
-    })
+        owned_flags: if direct_writes {
+            CFG_F_DIRECT_WRITES
+        } else {
+            0
+        },
+    };
+    // The loader's fields; the agent's (all zero on a new map: programs inert) are kept.
+    let loader_flags = current.flags & !CFG_F_DIRECT_WRITES;
+    maps.set_config(&Config {
+        flags: loader_flags,
+        ..current
+    })?;
+    Ok(maps)
+}
+
+/// A nonzero random 32-bit seed from the kernel.
+fn random_seed() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most bytes.len() bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let seed = if n == 4 {
+        u32::from_ne_bytes(bytes)
+    } else {
+        // getrandom cannot fail for 4 bytes once the pool is up; fall back to the clock.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x2545_f491, |d| d.subsec_nanos())
+    };
+    seed.max(1)
 }
 
 /// Puts each `nat_write_*` program into slot 0 of its `nat_writers_*` array, the tail call every
@@ -576,7 +634,11 @@ impl Datapath {
             install_nat_writers(&object)?;
         }
         pin_xt_svc(&object, &options.pin_root)?;
-        let maps = datapath_maps(&object)?;
+        let table_reused = map_reuse
+            .iter()
+            .filter(|r| r.name.starts_with("snat_"))
+            .all(|r| r.reused);
+        let maps = datapath_maps(&object, table_reused, direct_writes, options.nat_seed)?;
         Ok(Datapath {
             object,
             options,
@@ -969,6 +1031,31 @@ impl Datapath {
     }
 }
 
+/// The other layout versions pinned beside `pin_root` (its sibling directories `v<N>`): what an
+/// agent of another layout left, to remove (with [`remove_pins`]) once this one's programs are
+/// attached.
+pub fn other_layouts(pin_root: &Path) -> Vec<PathBuf> {
+    let (Some(parent), Some(own)) = (pin_root.parent(), pin_root.file_name()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name() != own)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.len() > 1 && name.starts_with('v') && name[1..].bytes().all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
 /// Removes everything pinned under `pin_root` (detaching pinned links first): the programs and
 /// maps go away once nothing else uses them. Netlink clsact filters are per device: detach them
 /// with [`Datapath::detach_tc`] first.
@@ -1014,4 +1101,21 @@ fn skb_context_bytes(context: &SkbContext) -> Vec<u8> {
     put(SKB_IFINDEX_OFFSET, context.ifindex);
     put(SKB_INGRESS_IFINDEX_OFFSET, context.ingress_ifindex);
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_layouts_are_the_sibling_version_directories() {
+        let base = std::env::temp_dir().join(format!("kib-layouts-{}", std::process::id()));
+        for dir in ["v1", "v2", "v10", "vx", "links"] {
+            fs::create_dir_all(base.join(dir)).expect("mkdir");
+        }
+        fs::write(base.join("v3"), b"a file").expect("file");
+        let found = other_layouts(&base.join("v2"));
+        let _ = fs::remove_dir_all(&base);
+        assert_eq!(found, vec![base.join("v1"), base.join("v10")]);
+    }
 }

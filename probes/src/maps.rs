@@ -44,6 +44,9 @@ pub const ADDR_F_NODE: u32 = 0x2;
 pub const CFG_F_MASQ_ALL: u32 = 0x1;
 /// `config.flags`: `cluster_cidrs` holds at least one prefix (set it whenever it does).
 pub const CFG_F_CLUSTER_CIDRS: u32 = 0x2;
+/// `config.flags`: the direct-write programs (`nat_write_*`) are installed, so translations take
+/// the fast path. Owned by the loader: [`crate::DatapathMaps::set_config`] keeps it.
+pub const CFG_F_DIRECT_WRITES: u32 = 0x4;
 
 /// `snat_entry.state`: a TCP SYN was seen.
 pub const STATE_SYN: u8 = 0x01;
@@ -56,7 +59,8 @@ pub const STATE_REPLY: u8 = 0x08;
 
 /// `snat_entry.flags`: the client's own port was kept.
 pub const SNAT_F_PORT_KEPT: u8 = 0x01;
-/// `snat_entry.flags`: `svc_id` came from the IPVS probe's `conns` entry.
+/// `snat_entry.flags`: the IPVS probe recorded the connection; `svc_id` is its service port
+/// (set by the agent when it resolves the entry).
 pub const SNAT_F_PROBE_HIT: u8 = 0x02;
 /// `snat_entry.flags`: translated because of the masquerade mark.
 pub const SNAT_F_MASQ: u8 = 0x04;
@@ -66,6 +70,9 @@ pub const SNAT_F_HAIRPIN: u8 = 0x08;
 pub const SNAT_F_OFFCLUSTER: u8 = 0x10;
 /// `snat_entry.flags`: a host-originated connection from a service address.
 pub const SNAT_F_HOST: u8 = 0x20;
+/// `snat_entry.flags`: the agent looked the connection up in `conns` (`svc_id`,
+/// [`SNAT_F_PROBE_HIT`], the `probe_hit`/`probe_miss` counters).
+pub const SNAT_F_RESOLVED: u8 = 0x40;
 
 /// `conn_value.ipvs_flags`: IPVS persistence template (never recorded by the probe).
 pub const IP_VS_CONN_F_TEMPLATE: u32 = 0x1000;
@@ -80,7 +87,8 @@ pub const DEFAULT_SRC_RANGES_SIZE: u32 = 16_384;
 pub const DEFAULT_CLUSTER_CIDRS_SIZE: u32 = 256;
 /// Default `devices` size.
 pub const DEFAULT_DEVICES_SIZE: u32 = 1_024;
-/// Default size of `snat_fwd` and of `snat_rev` each.
+/// Default size of the SNAT table: records in `snat_records` (each index, `snat_fwd` and
+/// `snat_rev`, has half as many buckets: two ways per record).
 pub const DEFAULT_SNAT_SIZE: u32 = 262_144;
 /// Default `conns` size.
 pub const DEFAULT_CONNS_SIZE: u32 = 262_144;
@@ -99,11 +107,15 @@ pub mod map_names {
     pub const CLUSTER_CIDRS: &str = "cluster_cidrs";
     /// `devices`: ifindex → SNAT source addresses.
     pub const DEVICES: &str = "devices";
+    /// `device_slots`: `devices` direct-mapped by ifindex (what the programs read first).
+    pub const DEVICE_SLOTS: &str = "device_slots";
     /// `config`: marks, port ranges, flags.
     pub const CONFIG: &str = "config";
-    /// `snat_fwd`: tuple as the packet leaves → translated source.
+    /// `snat_records`: one record per translated connection.
+    pub const SNAT_RECORDS: &str = "snat_records";
+    /// `snat_fwd`: index of the records by the tuple as the packet leaves.
     pub const SNAT_FWD: &str = "snat_fwd";
-    /// `snat_rev`: tuple as the reply arrives → original client.
+    /// `snat_rev`: index of the records by the tuple as the reply arrives.
     pub const SNAT_REV: &str = "snat_rev";
     /// `conns`: IPVS connections seen by the probe.
     pub const CONNS: &str = "conns";
@@ -112,23 +124,26 @@ pub mod map_names {
     /// `stats`: per-CPU counters.
     pub const STATS: &str = "stats";
     /// Every map name.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SVC_PORTS,
         SVC_ADDRS,
         SRC_RANGES,
         CLUSTER_CIDRS,
         DEVICES,
+        DEVICE_SLOTS,
         CONFIG,
+        SNAT_RECORDS,
         SNAT_FWD,
         SNAT_REV,
         CONNS,
         FRAGS,
         STATS,
     ];
-    /// `flow_cache`: per-CPU cache of translations in front of `snat_fwd`/`snat_rev`.
+    /// `flow_cache`: per-CPU cache of translations in front of the SNAT table.
     pub const FLOW_CACHE: &str = "flow_cache";
-    /// `nat_jobs`: per-CPU hand-off from the TC programs to `nat_write_*`.
-    pub const NAT_JOBS: &str = "nat_jobs";
+    /// `cpu_scratch`: per-CPU hand-off to `nat_write_*`, clock cache, port and record
+    /// allocation state.
+    pub const CPU_SCRATCH: &str = "cpu_scratch";
     /// `nat_writers_egress`: program array, slot 0 `nat_write_egress`.
     pub const NAT_WRITERS_EGRESS: &str = "nat_writers_egress";
     /// `nat_writers_ingress`: program array, slot 0 `nat_write_ingress`.
@@ -137,7 +152,7 @@ pub mod map_names {
     /// kernel empties the program arrays when the agent that loaded them exits).
     pub const PER_OBJECT: [&str; 4] = [
         FLOW_CACHE,
-        NAT_JOBS,
+        CPU_SCRATCH,
         NAT_WRITERS_EGRESS,
         NAT_WRITERS_INGRESS,
     ];
@@ -357,6 +372,23 @@ pub struct DevValue {
     pub pad: u32,
 }
 
+/// Slots of `device_slots` (`DEVICE_SLOTS`): a device's slot is its ifindex modulo this.
+pub const DEVICE_SLOTS: u32 = 4096;
+
+/// `struct dev_slot`: a `device_slots` entry, `devices[ifindex]` for the device it names (0: none).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct DevSlot {
+    /// The device, 0 when the slot is empty.
+    pub ifindex: u32,
+    /// Padding, zero.
+    pub pad: u32,
+    /// Its `devices` value.
+    pub value: DevValue,
+}
+
 impl DevValue {
     /// The value for a device with these SNAT sources.
     pub fn new(addr4: Option<Ipv4Addr>, addr6: Option<Ipv6Addr>) -> Self {
@@ -456,6 +488,74 @@ impl SnatEntry {
     }
 }
 
+/// Ways of a SNAT index bucket (`NAT_WAYS`).
+pub const NAT_WAYS: usize = 4;
+/// Buckets a SNAT index insert or lookup walks at most (`NAT_PROBE_BUCKETS`): the home bucket
+/// and, while each is marked overflowed, the next ones.
+pub const NAT_PROBE_BUCKETS: u32 = 4;
+/// `nat_bucket.state`: the way is free.
+pub const WAY_FREE: u32 = 0;
+/// `nat_bucket.state`: the way is claimed by an insert.
+pub const WAY_BUSY: u32 = 1;
+/// `nat_bucket.state`: set in every tag (a way holding a record).
+pub const WAY_VALID: u32 = 2;
+/// `nat_record.state`: free.
+pub const REC_FREE: u32 = 0;
+/// `nat_record.state`: allocated by a program, being written.
+pub const REC_BUSY: u32 = 1;
+/// `nat_record.state`: a live connection, indexed.
+pub const REC_USED: u32 = 2;
+/// `nat_record.state`: unindexed by the sweeper; freed at its next pass.
+pub const REC_DEAD: u32 = 3;
+
+/// `struct nat_bucket`: a bucket of `snat_fwd` or `snat_rev`.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct NatBucket {
+    /// Held (1) by a program inserting a tuple homed here.
+    pub lock: u32,
+    /// Set once an insert went past this bucket because it was full.
+    pub overflow: u32,
+    /// Per way: [`WAY_FREE`], [`WAY_BUSY`] or the tag of the tuple it indexes.
+    pub state: [u32; NAT_WAYS],
+    /// Per way: the record's number.
+    pub rec: [u32; NAT_WAYS],
+}
+
+/// `struct nat_record`: a translated connection, in `snat_records`.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct NatRecord {
+    /// [`REC_FREE`], [`REC_BUSY`], [`REC_USED`] or [`REC_DEAD`].
+    pub state: u32,
+    /// Padding, zero.
+    pub pad: u32,
+    /// The connection as it leaves (client → backend).
+    pub fwd_key: Tuple,
+    /// Its replies as they arrive (backend → node address:SNAT port).
+    pub rev_key: Tuple,
+    /// The translated source (node address:SNAT port) and the egress state.
+    pub fwd: SnatEntry,
+    /// The original client and the ingress state.
+    pub rev: SnatEntry,
+}
+
+impl NatRecord {
+    /// The connection's state: both directions' bits.
+    pub fn state_bits(&self) -> u8 {
+        self.fwd.state | self.rev.state
+    }
+
+    /// The connection's last activity: the later of both directions' (CLOCK_MONOTONIC ns).
+    pub fn last_seen_ns(&self) -> u64 {
+        self.fwd.last_seen_ns.max(self.rev.last_seen_ns)
+    }
+}
+
 /// `struct conn_value`: an IPVS connection seen by the probe.
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
@@ -510,31 +610,42 @@ pub const FLOW_CACHE_SLOTS: u32 = 1024;
 /// HZ=1000, 2.56 s at HZ=100).
 pub const FLOW_CACHE_TTL_JIFFIES: u64 = 256;
 
-/// `struct flow_slot`: one `flow_cache` slot, a translation copied from its `snat_fwd` /
-/// `snat_rev` entry (only the programs read and write it; mirrored for the layout check and
+/// `struct flow_slot`: one `flow_cache` slot, the translation of one connection direction copied
+/// from the SNAT table (only the programs read and write it; mirrored for the layout check and
 /// for tests).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
 #[repr(C)]
 pub struct FlowSlot {
-    /// The tuple the slot translates.
-    pub key: Tuple,
+    /// Source address of the tuple the slot translates (16-byte form).
+    pub saddr: Addr,
+    /// Its destination address.
+    pub daddr: Addr,
+    /// Its source port, network byte order.
+    pub sport: Be16,
+    /// Its destination port, network byte order.
+    pub dport: Be16,
+    /// Its IP protocol number.
+    pub proto: u8,
+    /// 0: source (egress), 1: destination (ingress).
+    pub dir: u8,
+    /// 4 or 6; 0: empty.
+    pub family: u8,
+    /// State bits the table entry already has.
+    pub state: u8,
     /// Translated address (16-byte form).
     pub addr: Addr,
     /// Translated port, network byte order.
     pub port: Be16,
-    /// State bits the hash entry already has.
-    pub state: u8,
-    /// 0: source (egress), 1: destination (ingress).
-    pub dir: u8,
     /// Padding, zero.
-    pub pad: u32,
-    /// `bpf_jiffies64()` when the slot was filled.
-    pub filled_jiffies: u64,
+    pub pad: u16,
+    /// Low 32 bits of `bpf_jiffies64()` when the slot was filled.
+    pub filled_jiffies: u32,
 }
 
-/// `struct nat_job`: a rewrite handed from the TC programs to `nat_write_*` (per CPU).
+/// `struct nat_job`: a rewrite handed from the TC programs to `nat_write_*` by the general path
+/// (in [`CpuScratch`]; the fast path hands off in `skb->cb`).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
@@ -560,6 +671,27 @@ pub struct NatJob {
     pub pad: u16,
 }
 
+/// `struct cpu_scratch`: the per-CPU scratch of the datapath object (only the programs use it;
+/// mirrored for the layout check).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct CpuScratch {
+    /// The general path's hand-off to `nat_write_*`.
+    pub job: NatJob,
+    /// xorshift32 state of port allocation (0: not seeded yet).
+    pub rng: u32,
+    /// Next `snat_records` entry to try (0: none yet).
+    pub rec_cursor: u32,
+    /// RFC 6056 algorithm 3's counter of port allocation.
+    pub port_counter: u32,
+    /// The jiffy `clock_ns` was read in.
+    pub clock_jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns()` read in `clock_jiffies`.
+    pub clock_ns: u64,
+}
+
 /// `struct config`: the datapath's settings (the single entry of `config`). While `mark_svc` is
 /// 0 the programs pass every packet untouched.
 #[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -579,12 +711,17 @@ pub struct Config {
     pub local_port_max: u16,
     /// `CFG_F_*`.
     pub flags: u32,
-    /// Padding, zero.
-    pub pad: u32,
+    /// Hash seed of the SNAT indexes (the loader's; kept by configuration writes).
+    pub nat_seed: u32,
+    /// Buckets of `snat_fwd` and of `snat_rev` (the loader's).
+    pub nat_buckets: u32,
+    /// Records of `snat_records` (the loader's).
+    pub nat_records: u32,
 }
 
 impl Default for Config {
-    /// Default marks, SNAT range and Linux's default local port range; no flags.
+    /// Default marks, SNAT range and Linux's default local port range; no flags; the SNAT table
+    /// fields zero (the loader's, filled in when the configuration is written).
     fn default() -> Self {
         Config {
             mark_svc: DEFAULT_MARK_SVC,
@@ -594,7 +731,9 @@ impl Default for Config {
             local_port_min: DEFAULT_LOCAL_PORT_MIN,
             local_port_max: DEFAULT_LOCAL_PORT_MAX,
             flags: 0,
-            pad: 0,
+            nat_seed: 0,
+            nat_buckets: 0,
+            nat_records: 0,
         }
     }
 }
@@ -678,9 +817,10 @@ counters! {
     ProbeConn => probe_conn,
     /// IPVS persistence templates skipped by the probe.
     ProbeTemplateSkipped => probe_template_skipped,
-    /// SNAT allocations that found the probe's `conns` entry.
+    /// Translated connections the IPVS probe had recorded (counted by the agent when it
+    /// resolves a new SNAT record against `conns`).
     ProbeHit => probe_hit,
-    /// SNAT allocations without a `conns` entry.
+    /// Translated connections without a `conns` entry (counted by the agent, likewise).
     ProbeMiss => probe_miss,
     /// Packets dropped: other port on a service address.
     FilteredPort => filtered_port,

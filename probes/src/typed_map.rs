@@ -1,6 +1,8 @@
 //! Typed access to the datapath's maps over libbpf-rs `MapHandle`s: get, update with flags,
 //! delete, key iteration and per-CPU lookups summed. [`DatapathMaps`] opens every pinned map by
-//! path without loading any program, which is what `inspect` and the agent's reconcilers use.
+//! path without loading any program, which is what `inspect` and the agent's reconcilers use; it
+//! owns the writes that must keep two maps consistent (`devices` with `device_slots`) and the
+//! fields of `config` that describe the SNAT table.
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -10,9 +12,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::error::{Error, Result};
 use crate::maps::{
-    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DevValue, FragKey, FragValue,
-    RangeKey, SnatEntry, Stats, SvcKey, SvcValue, Tuple, map_names,
+    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
+    FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, Tuple, map_names,
 };
+use crate::nat_table::SnatTable;
 
 /// A plain-old-data type that can be a map key or value.
 pub trait MapPod: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {}
@@ -240,38 +243,60 @@ pub struct DatapathMaps {
     pub src_ranges: TypedMap<RangeKey, u8>,
     /// `cluster_cidrs` (value: 1).
     pub cluster_cidrs: TypedMap<CidrKey, u8>,
-    /// `devices`, keyed by ifindex.
+    /// `devices`, keyed by ifindex (write it with [`DatapathMaps::set_device`]).
     pub devices: TypedMap<u32, DevValue>,
-    /// `config` (one entry, key 0).
+    /// `device_slots` (kept by [`DatapathMaps::set_device`] and [`DatapathMaps::remove_device`]).
+    pub device_slots: TypedMap<u32, DevSlot>,
+    /// `config` (one entry, key 0; write it with [`DatapathMaps::set_config`]).
     pub config: TypedMap<u32, Config>,
-    /// `snat_fwd`.
-    pub snat_fwd: TypedMap<Tuple, SnatEntry>,
-    /// `snat_rev`.
-    pub snat_rev: TypedMap<Tuple, SnatEntry>,
+    /// The SNAT table (`snat_records`, `snat_fwd`, `snat_rev`).
+    pub snat: SnatTable,
     /// `conns`.
     pub conns: TypedMap<Tuple, ConnValue>,
     /// `frags`.
     pub frags: TypedMap<FragKey, FragValue>,
     /// `stats`.
     pub stats: PerCpuArray<u64>,
+    /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
+    pub(crate) owned_flags: u32,
+}
+
+/// The three maps of the SNAT table, before they are mapped.
+pub(crate) struct SnatHandles {
+    pub records: MapHandle,
+    pub fwd: MapHandle,
+    pub rev: MapHandle,
 }
 
 impl DatapathMaps {
     /// Opens every map pinned under `pin_root` (no program is loaded).
     pub fn open_pinned(pin_root: &Path) -> Result<Self> {
         let path = |name: &str| -> PathBuf { pin_root.join(name) };
+        let config: TypedMap<u32, Config> = TypedMap::open_pinned(&path(map_names::CONFIG))?;
+        let current = config.get(&0)?.unwrap_or_default();
+        let handles = SnatHandles {
+            records: open_pinned_handle(&path(map_names::SNAT_RECORDS))?.0,
+            fwd: open_pinned_handle(&path(map_names::SNAT_FWD))?.0,
+            rev: open_pinned_handle(&path(map_names::SNAT_REV))?.0,
+        };
         Ok(DatapathMaps {
             svc_ports: TypedMap::open_pinned(&path(map_names::SVC_PORTS))?,
             svc_addrs: TypedMap::open_pinned(&path(map_names::SVC_ADDRS))?,
             src_ranges: TypedMap::open_pinned(&path(map_names::SRC_RANGES))?,
             cluster_cidrs: TypedMap::open_pinned(&path(map_names::CLUSTER_CIDRS))?,
             devices: TypedMap::open_pinned(&path(map_names::DEVICES))?,
-            config: TypedMap::open_pinned(&path(map_names::CONFIG))?,
-            snat_fwd: TypedMap::open_pinned(&path(map_names::SNAT_FWD))?,
-            snat_rev: TypedMap::open_pinned(&path(map_names::SNAT_REV))?,
+            device_slots: TypedMap::open_pinned(&path(map_names::DEVICE_SLOTS))?,
+            config,
+            snat: SnatTable::open(
+                &handles.records,
+                &handles.fwd,
+                &handles.rev,
+                current.nat_seed,
+            )?,
             conns: TypedMap::open_pinned(&path(map_names::CONNS))?,
             frags: TypedMap::open_pinned(&path(map_names::FRAGS))?,
             stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,
+            owned_flags: current.flags & crate::maps::CFG_F_DIRECT_WRITES,
         })
     }
 
@@ -284,13 +309,92 @@ impl DatapathMaps {
         Ok(stats)
     }
 
+    /// Adds `n` to a counter the agent keeps in `stats` (`probe_hit`, `probe_miss`: no program
+    /// writes them). Written to the first CPU's value; a read sums every CPU.
+    pub fn add_to_counter(&self, counter: Counter, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let index = counter.index();
+        let mut values = self.stats.get_per_cpu(index)?;
+        if let Some(first) = values.first_mut() {
+            *first = first.wrapping_add(n);
+        }
+        let bytes: Vec<Vec<u8>> = values.iter().map(|v| v.to_ne_bytes().to_vec()).collect();
+        self.stats
+            .handle
+            .update_percpu(&index.to_ne_bytes(), &bytes, MapFlags::ANY)
+            .map_err(|source| Error::Map {
+                map: self.stats.name.clone(),
+                action: "per-CPU update",
+                source,
+            })
+    }
+
     /// The datapath configuration (all zero until the agent writes it).
     pub fn config(&self) -> Result<Option<Config>> {
         self.config.get(&0)
     }
 
-    /// Writes the datapath configuration.
+    /// Writes the datapath configuration. The SNAT table's fields (`nat_seed`, `nat_buckets`,
+    /// `nat_records`) and the loader's flags are this map set's, whatever `config` says.
     pub fn set_config(&self, config: &Config) -> Result<()> {
-        self.config.insert(&0, config)
+        self.config.insert(&0, &self.complete(config))
+    }
+
+    /// `config` with the SNAT table's fields and the loader's flags filled in (what
+    /// [`DatapathMaps::set_config`] writes).
+    pub fn complete(&self, config: &Config) -> Config {
+        Config {
+            flags: config.flags | self.owned_flags,
+            nat_seed: self.snat.seed(),
+            nat_buckets: self.snat.buckets(),
+            nat_records: self.snat.capacity(),
+            ..*config
+        }
+    }
+
+    /// Sets a device's SNAT sources: `devices`, and its `device_slots` slot unless another
+    /// device still present holds it.
+    pub fn set_device(&self, ifindex: u32, value: &DevValue) -> Result<()> {
+        self.devices.insert(&ifindex, value)?;
+        let slot = ifindex % DEVICE_SLOTS;
+        let holder = self.device_slots.get(&slot)?.map_or(0, |s| s.ifindex);
+        if holder == 0 || holder == ifindex || self.devices.get(&holder)?.is_none() {
+            self.device_slots.insert(
+                &slot,
+                &DevSlot {
+                    ifindex,
+                    pad: 0,
+                    value: *value,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes a device's SNAT sources; its slot goes to another device of the same slot, if
+    /// any. `false` when it had none.
+    pub fn remove_device(&self, ifindex: u32) -> Result<bool> {
+        let removed = self.devices.delete(&ifindex)?;
+        let slot = ifindex % DEVICE_SLOTS;
+        if self
+            .device_slots
+            .get(&slot)?
+            .is_some_and(|s| s.ifindex == ifindex)
+        {
+            let heir = self
+                .devices
+                .entries()?
+                .into_iter()
+                .find(|(other, _)| other % DEVICE_SLOTS == slot);
+            let next = heir.map_or(DevSlot::default(), |(other, value)| DevSlot {
+                ifindex: other,
+                pad: 0,
+                value,
+            });
+            self.device_slots.insert(&slot, &next)?;
+        }
+        Ok(removed)
     }
 }

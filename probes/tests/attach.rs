@@ -58,6 +58,7 @@ fn load(root: &Path, tc_attach: TcAttachPolicy) -> Datapath {
         map_sizes: test_map_sizes(),
         tc_attach,
         rewrite: RewritePolicy::Auto,
+        nat_seed: None,
     })
     .expect("load datapath")
 }
@@ -186,9 +187,8 @@ fn restart_keeps_snat_entries_and_pinned_sizes() {
     first.maps().set_config(&fixture_config).expect("config");
     first
         .maps()
-        .devices
-        .insert(
-            &LOOPBACK_IFINDEX,
+        .set_device(
+            LOOPBACK_IFINDEX,
             &probes::maps::DevValue::new(Some("192.0.2.1".parse().expect("ip")), None),
         )
         .expect("devices");
@@ -207,6 +207,7 @@ fn restart_keeps_snat_entries_and_pinned_sizes() {
     let out = run(&first, probes::maps::DEFAULT_MARK_MASQ);
     let port = parse_frame(&out.packet).sport();
     assert!(first.map_reuse().iter().all(|m| !m.reused));
+    let first_seed = first.maps().snat.seed();
     drop(first);
 
     // Bigger sizes requested: pinned maps keep theirs (and their entries).
@@ -218,15 +219,21 @@ fn restart_keeps_snat_entries_and_pinned_sizes() {
         },
         tc_attach: TcAttachPolicy::Auto,
         rewrite: RewritePolicy::Auto,
+        nat_seed: None,
     })
     .expect("reload");
     for reuse in second.map_reuse() {
         assert!(reuse.reused, "{} not reused", reuse.name);
-        if reuse.name == "snat_fwd" {
+        if reuse.name == "snat_records" {
             assert_eq!(reuse.requested_max_entries, Some(4096));
             assert_eq!(reuse.max_entries, test_map_sizes().snat);
         }
     }
+    assert_eq!(
+        second.maps().snat.seed(),
+        first_seed,
+        "the reused table keeps its hash seed"
+    );
     let out = run(&second, 0);
     assert_eq!(
         parse_frame(&out.packet).sport(),
@@ -240,20 +247,22 @@ fn restart_keeps_snat_entries_and_pinned_sizes() {
     // `inspect`: the pinned maps open by path, without programs.
     let maps = DatapathMaps::open_pinned(&pins.root).expect("open pinned maps");
     let entry = maps
-        .snat_fwd
-        .get(&Tuple::new(
+        .snat
+        .lookup_fwd(&Tuple::new(
             client(f),
             40_000,
             backend(f),
             8080,
             L4Proto::Tcp,
         ))
-        .expect("lookup")
         .expect("entry kept");
     assert_eq!(entry.port.get(), port);
-    assert_eq!(maps.snat_rev.entries().expect("entries").len(), 1);
+    assert_eq!(maps.snat.len(), 1);
     assert_eq!(maps.stats().expect("stats"), stats);
-    assert_eq!(maps.config().expect("config"), Some(fixture_config));
+    assert_eq!(
+        maps.config().expect("config"),
+        Some(second.maps().complete(&fixture_config))
+    );
 }
 
 #[test]

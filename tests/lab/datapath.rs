@@ -115,10 +115,17 @@ fn lab(name: &str, firewall_drop: Option<bool>) -> Lab {
         Server::tcp(&t.pod, "10.244.1.2:8080".parse().unwrap()),
     ];
     let m = manifests(name);
+    // A sweep a second: the sweeper resolves new SNAT records against the probe's `conns`
+    // (the `probe_hit` counter) soon after they appear.
     let agent = Agent::start(
         &t.node,
         &m.dir,
-        &["--cluster-cidr", SnatTopology::CLUSTER_CIDRS],
+        &[
+            "--cluster-cidr",
+            SnatTopology::CLUSTER_CIDRS,
+            "--sweep-period",
+            "1s",
+        ],
     );
     agent.wait_sync(0, 1);
     Lab {
@@ -210,10 +217,20 @@ fn nodeport_from_an_external_client_is_source_natted_without_conntrack() {
         rows.iter().all(|r| r["service"] == "lab/web:http"),
         "{snat}"
     );
-    let c = l.agent.counters(&l.t.node);
+    // The agent's sweeper counts the connections the IPVS probe recorded (`probe_hit`) when it
+    // resolves their SNAT records: wait for its next pass or two.
+    let mut c = l.agent.counters(&l.t.node);
+    for _ in 0..50 {
+        if c.get("probe_hit").copied().unwrap_or(0) >= 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        c = l.agent.counters(&l.t.node);
+    }
     assert!(c.get("snat_alloc").copied().unwrap_or(0) >= 20, "{c:?}");
     assert!(c.get("rev_hit").copied().unwrap_or(0) >= 20, "{c:?}");
     assert!(c.get("probe_hit").copied().unwrap_or(0) >= 20, "{c:?}");
+    assert_eq!(c.get("probe_miss").copied().unwrap_or(0), 0, "{c:?}");
 }
 
 /// The control: kube-proxy's way (vs.conntrack=1 + iptables MASQUERADE) costs one conntrack

@@ -20,7 +20,6 @@ use ipnet::IpNet;
 use probes::maps::{CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, Config, DevValue, parse_local_port_range};
 use probes::{
     Datapath as Loaded, DatapathOptions, DeviceKind, MapSizes, ProbeKind, ProbePreference,
-    UpdateFlags,
 };
 
 use crate::model::{Changed, DUMMY_INTERFACE, DesiredState};
@@ -134,6 +133,9 @@ pub struct Datapath {
     probe: Option<ProbeKind>,
     /// The address sets (service, NodePort) the service maps were last planned with.
     last_addresses: Option<[Arc<BTreeSet<IpAddr>>; 2]>,
+    /// Whether the pins of other layout versions (an upgraded agent's) were removed: done once
+    /// this datapath is attached to every device, so they never run together for long.
+    other_layouts_removed: bool,
 }
 
 /// What a device sync did.
@@ -182,6 +184,7 @@ impl Datapath {
             sources: BTreeMap::new(),
             probe: None,
             last_addresses: None,
+            other_layouts_removed: false,
         };
         dp.write_config()?;
         match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
@@ -227,8 +230,9 @@ impl Datapath {
             local_port_min: local.0,
             local_port_max: local.1,
             flags,
-            pad: 0,
+            ..Config::default()
         };
+        let config = self.loaded.maps().complete(&config);
         if self.loaded.maps().config()? != Some(config) {
             self.loaded.maps().set_config(&config)?;
             tracing::info!(snat_ports = %format!("{snat_min}-{snat_max}"), local_ports = %format!("{}-{}", local.0, local.1), "datapath configured");
@@ -298,7 +302,7 @@ impl Datapath {
         let maps = self.loaded.maps();
         for (index, value) in &want {
             if self.sources.get(index) != Some(value) {
-                match maps.devices.update(index, value, UpdateFlags::Any) {
+                match maps.set_device(*index, value) {
                     Ok(()) => {
                         self.sources.insert(*index, *value);
                     }
@@ -315,11 +319,33 @@ impl Datapath {
             .copied()
             .collect();
         for index in stale {
-            if maps.devices.delete(&index).is_ok() {
+            if maps.remove_device(index).is_ok() {
                 self.sources.remove(&index);
             }
         }
+        if !self.other_layouts_removed && report.failures.is_empty() {
+            self.remove_other_layouts();
+        }
         report
+    }
+
+    /// Removes what an agent with another map layout left pinned (its programs, links, probe
+    /// and maps): our programs run on every device by now. Its SNAT entries go with it (a layout
+    /// change cannot carry them over), so connections it translated break at the upgrade.
+    fn remove_other_layouts(&mut self) {
+        self.other_layouts_removed = true;
+        for old in probes::loader::other_layouts(&self.cfg.pin_root) {
+            match probes::loader::remove_pins(&old) {
+                Ok(()) => tracing::warn!(
+                    pins = %old.display(),
+                    "removed the datapath of another map layout (an upgrade): connections it translated are not carried over"
+                ),
+                Err(e) => {
+                    tracing::warn!(pins = %old.display(), "removing the datapath of another map layout: {e}")
+                }
+            }
+            let _ = std::fs::remove_dir(&old);
+        }
     }
 
     /// The map changes for `desired` (see [`maps_rec::plan`]): every service port, or only

@@ -1,11 +1,17 @@
-//! Expiry of datapath entries. The programs never delete: the agent sweeps `snat_fwd` (with
-//! its `snat_rev` twin) and `conns` from their own state, with IPVS-like timeouts measured from
-//! the last packet seen in either direction.
+//! Expiry and resolution of datapath entries. The programs never delete: the agent sweeps the
+//! SNAT table (each record holds both directions of a connection) and `conns` from their own
+//! state, with IPVS-like timeouts measured from the last packet seen in either direction. It
+//! also resolves each new SNAT record against the IPVS probe's `conns` (its service, and the
+//! `probe_hit`/`probe_miss` counters), which the programs leave out of a connection's first
+//! packet.
 
 use std::time::Duration;
 
 use probes::DatapathMaps;
-use probes::maps::{L4Proto, STATE_FIN, STATE_REPLY, STATE_RST, SnatEntry, Tuple};
+use probes::maps::{
+    Counter, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED, STATE_FIN, STATE_REPLY,
+    STATE_RST, SvcKey, addr_from_bytes,
+};
 
 /// Idle timeouts (IPVS's defaults: tcp 900 s, tcpfin 120 s, udp 300 s; a reset connection
 /// lingers 10 s as IPVS's CLOSE state, an unanswered SYN 60 s as SYN_RECV).
@@ -65,29 +71,9 @@ pub fn timeout_for(proto: u8, state: u8, t: &Timeouts) -> Duration {
 
 /// Whether a translated connection has expired at `now_ns` (CLOCK_MONOTONIC): its state is the
 /// union of both directions', its last activity the later of the two.
-pub fn expired(
-    key: &Tuple,
-    fwd: &SnatEntry,
-    rev: Option<&SnatEntry>,
-    now_ns: u64,
-    t: &Timeouts,
-) -> bool {
-    let state = fwd.state | rev.map_or(0, |r| r.state);
-    let last = fwd.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
-    let idle = Duration::from_nanos(now_ns.saturating_sub(last));
-    idle >= timeout_for(key.proto, state, t).max(MIN_IDLE_TIMEOUT)
-}
-
-/// The `snat_rev` key of a forward entry: the reply, from the backend to the node address.
-pub fn reverse_key(fwd_key: &Tuple, fwd: &SnatEntry) -> Tuple {
-    Tuple {
-        saddr: fwd_key.daddr,
-        daddr: fwd.addr,
-        sport: fwd_key.dport,
-        dport: fwd.port,
-        proto: fwd_key.proto,
-        pad: [0; 3],
-    }
+pub fn expired(record: &NatRecord, now_ns: u64, t: &Timeouts) -> bool {
+    let idle = Duration::from_nanos(now_ns.saturating_sub(record.last_seen_ns()));
+    idle >= timeout_for(record.fwd_key.proto, record.state_bits(), t).max(MIN_IDLE_TIMEOUT)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the programs' `bpf_ktime_get_ns` / coarse clock base).
@@ -97,29 +83,70 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// What one sweep removed.
+/// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SweepReport {
+    /// SNAT records expired (unindexed) by this pass.
     pub snat_expired: usize,
+    /// SNAT records live after it.
     pub snat_live: usize,
+    /// Records expired by the previous pass, freed by this one.
+    pub snat_reclaimed: usize,
+    /// New SNAT records resolved against `conns`: found there, and not.
+    pub probe_hits: usize,
+    pub probe_misses: usize,
+    /// `conns` entries removed.
     pub conns_expired: usize,
 }
 
-/// Removes expired entries: the forward entry first (no new packet is translated by it), then
-/// its reverse twin (the port becomes free).
+/// The resolution of a new SNAT record: its service port's id and flags, from the IPVS probe's
+/// `conns` entry for its forward tuple (client → backend), if the probe recorded it.
+pub fn resolution(maps: &DatapathMaps, record: &NatRecord) -> probes::Result<(u32, u8)> {
+    let Some(conn) = maps.conns.get(&record.fwd_key)? else {
+        return Ok((0, SNAT_F_RESOLVED));
+    };
+    let svc_id = match L4Proto::from_number(record.fwd_key.proto) {
+        Some(proto) => maps
+            .svc_ports
+            .get(&SvcKey::new(
+                addr_from_bytes(conn.vaddr),
+                conn.vport.get(),
+                proto,
+            ))?
+            .map_or(0, |v| v.svc_id),
+        None => 0,
+    };
+    Ok((svc_id, SNAT_F_RESOLVED | SNAT_F_PROBE_HIT))
+}
+
+/// One pass: frees the records the previous pass expired, resolves new records, expires idle
+/// ones (unindexed now, freed at the next pass: a program that found one just before is done
+/// with it by then), and removes old `conns` entries.
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
-    let mut report = SweepReport::default();
-    for (key, fwd) in maps.snat_fwd.entries()? {
-        let rkey = reverse_key(&key, &fwd);
-        let rev = maps.snat_rev.get(&rkey)?;
-        if expired(&key, &fwd, rev.as_ref(), now_ns, t) {
-            maps.snat_fwd.delete(&key)?;
-            maps.snat_rev.delete(&rkey)?;
-            report.snat_expired += 1;
+    let mut report = SweepReport {
+        snat_reclaimed: maps.snat.reclaim(),
+        ..SweepReport::default()
+    };
+    for (rec, record) in maps.snat.records() {
+        if record.fwd.flags & SNAT_F_RESOLVED == 0 {
+            let (svc_id, flags) = resolution(maps, &record)?;
+            maps.snat.resolve(rec, svc_id, flags);
+            if flags & SNAT_F_PROBE_HIT != 0 {
+                report.probe_hits += 1;
+            } else {
+                report.probe_misses += 1;
+            }
+        }
+        if expired(&record, now_ns, t) {
+            if maps.snat.unindex(rec) {
+                report.snat_expired += 1;
+            }
         } else {
             report.snat_live += 1;
         }
     }
+    maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
+    maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
     for (key, conn) in maps.conns.entries()? {
         if Duration::from_nanos(now_ns.saturating_sub(conn.created_ns)) >= t.conn_record {
             maps.conns.delete(&key)?;
@@ -132,24 +159,31 @@ pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use probes::maps::STATE_SYN;
+    use probes::maps::{STATE_SYN, SnatEntry, Tuple};
 
-    fn entry(state: u8, last: u64) -> SnatEntry {
-        SnatEntry {
-            state,
-            last_seen_ns: last,
-            ..SnatEntry::default()
-        }
-    }
-
-    fn key(proto: L4Proto) -> Tuple {
-        Tuple::new(
+    fn record(proto: L4Proto, fwd: (u8, u64), rev: Option<(u8, u64)>) -> NatRecord {
+        let key = Tuple::new(
             "10.0.0.1".parse().unwrap(),
             40000,
             "10.244.0.2".parse().unwrap(),
             80,
             proto,
-        )
+        );
+        NatRecord {
+            fwd_key: key,
+            rev_key: key.reversed(),
+            fwd: SnatEntry {
+                state: fwd.0,
+                last_seen_ns: fwd.1,
+                ..SnatEntry::default()
+            },
+            rev: rev.map_or(SnatEntry::default(), |(state, last)| SnatEntry {
+                state,
+                last_seen_ns: last,
+                ..SnatEntry::default()
+            }),
+            ..NatRecord::default()
+        }
     }
 
     const S: u64 = 1_000_000_000;
@@ -157,36 +191,20 @@ mod tests {
     #[test]
     fn tcp_timeouts_follow_the_state_of_both_directions() {
         let t = Timeouts::default();
-        let k = key(L4Proto::Tcp);
+        let tcp = L4Proto::Tcp;
         // SYN only: 60 s.
-        assert!(!expired(&k, &entry(STATE_SYN, 0), None, 59 * S, &t));
-        assert!(expired(&k, &entry(STATE_SYN, 0), None, 60 * S, &t));
+        assert!(!expired(&record(tcp, (STATE_SYN, 0), None), 59 * S, &t));
+        assert!(expired(&record(tcp, (STATE_SYN, 0), None), 60 * S, &t));
         // Answered: 900 s from the later direction.
-        let rev = entry(STATE_REPLY, 100 * S);
-        assert!(!expired(&k, &entry(STATE_SYN, 0), Some(&rev), 999 * S, &t));
-        assert!(expired(&k, &entry(STATE_SYN, 0), Some(&rev), 1000 * S, &t));
+        let answered = record(tcp, (STATE_SYN, 0), Some((STATE_REPLY, 100 * S)));
+        assert!(!expired(&answered, 999 * S, &t));
+        assert!(expired(&answered, 1000 * S, &t));
         // FIN from either side: 120 s; RST: 10 s.
-        assert!(expired(
-            &k,
-            &entry(STATE_SYN | STATE_FIN, 0),
-            Some(&entry(STATE_REPLY, 0)),
-            120 * S,
-            &t
-        ));
-        assert!(!expired(
-            &k,
-            &entry(STATE_SYN, 0),
-            Some(&entry(STATE_REPLY | STATE_RST, 0)),
-            9 * S,
-            &t
-        ));
-        assert!(expired(
-            &k,
-            &entry(STATE_SYN, 0),
-            Some(&entry(STATE_REPLY | STATE_RST, 0)),
-            10 * S,
-            &t
-        ));
+        let fin = record(tcp, (STATE_SYN | STATE_FIN, 0), Some((STATE_REPLY, 0)));
+        assert!(expired(&fin, 120 * S, &t));
+        let rst = record(tcp, (STATE_SYN, 0), Some((STATE_REPLY | STATE_RST, 0)));
+        assert!(!expired(&rst, 9 * S, &t));
+        assert!(expired(&rst, 10 * S, &t));
     }
 
     #[test]
@@ -196,23 +214,15 @@ mod tests {
             udp: Duration::from_secs(2),
             ..Timeouts::default()
         };
-        let rst = Some(entry(STATE_REPLY | STATE_RST, 0));
-        assert!(!expired(
-            &key(L4Proto::Tcp),
-            &entry(STATE_SYN, 0),
-            rst.as_ref(),
-            4 * S,
-            &t
-        ));
-        assert!(expired(
-            &key(L4Proto::Tcp),
-            &entry(STATE_SYN, 0),
-            rst.as_ref(),
-            5 * S,
-            &t
-        ));
-        assert!(!expired(&key(L4Proto::Udp), &entry(0, 0), None, 4 * S, &t));
-        assert!(expired(&key(L4Proto::Udp), &entry(0, 0), None, 5 * S, &t));
+        let rst = record(
+            L4Proto::Tcp,
+            (STATE_SYN, 0),
+            Some((STATE_REPLY | STATE_RST, 0)),
+        );
+        assert!(!expired(&rst, 4 * S, &t));
+        assert!(expired(&rst, 5 * S, &t));
+        assert!(!expired(&record(L4Proto::Udp, (0, 0), None), 4 * S, &t));
+        assert!(expired(&record(L4Proto::Udp, (0, 0), None), 5 * S, &t));
         assert!(
             MIN_IDLE_TIMEOUT.as_millis()
                 > u128::from(probes::maps::FLOW_CACHE_TTL_JIFFIES) * 10 + 1000,
@@ -223,31 +233,8 @@ mod tests {
     #[test]
     fn udp_times_out_after_300_idle_seconds() {
         let t = Timeouts::default();
-        let k = key(L4Proto::Udp);
-        assert!(!expired(&k, &entry(0, 10 * S), None, 309 * S, &t));
-        assert!(expired(&k, &entry(0, 10 * S), None, 310 * S, &t));
-    }
-
-    #[test]
-    fn reverse_key_is_the_reply_to_the_node_address() {
-        let k = key(L4Proto::Tcp);
-        let node: std::net::IpAddr = "192.168.0.1".parse().unwrap();
-        let port = Tuple::new(node, 1234, node, 0, L4Proto::Tcp).sport;
-        let fwd = SnatEntry {
-            addr: probes::maps::addr_to_bytes(node),
-            port,
-            ..Default::default()
-        };
-        let r = reverse_key(&k, &fwd);
-        assert_eq!(
-            r.source(),
-            "10.244.0.2".parse::<std::net::IpAddr>().unwrap()
-        );
-        assert_eq!(
-            r.destination(),
-            "192.168.0.1".parse::<std::net::IpAddr>().unwrap()
-        );
-        assert_eq!(r.sport, k.dport);
-        assert_eq!(r.dport.get(), 1234);
+        let udp = record(L4Proto::Udp, (0, 10 * S), None);
+        assert!(!expired(&udp, 309 * S, &t));
+        assert!(expired(&udp, 310 * S, &t));
     }
 }

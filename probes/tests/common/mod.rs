@@ -85,6 +85,9 @@ impl Drop for PinDir {
     }
 }
 
+/// The SNAT table's hash seed in the fixtures (tests compute positions with it).
+pub const TEST_NAT_SEED: u32 = 0x5eed_1234;
+
 /// Small maps: tests run in parallel and preallocated hashes of the default size are large.
 pub fn test_map_sizes() -> MapSizes {
     MapSizes {
@@ -117,6 +120,7 @@ impl Fixture {
             map_sizes,
             tc_attach: TcAttachPolicy::Auto,
             rewrite: REWRITE.with(|r| r.get()),
+            nat_seed: Some(TEST_NAT_SEED),
         })
         .expect("load datapath");
         let fixture = Fixture { dp, pins };
@@ -132,8 +136,7 @@ impl Fixture {
         fixture
             .dp
             .maps()
-            .devices
-            .insert(&LOOPBACK_IFINDEX, &DevValue::new(Some(node4), Some(node6)))
+            .set_device(LOOPBACK_IFINDEX, &DevValue::new(Some(node4), Some(node6)))
             .expect("devices");
         fixture
     }

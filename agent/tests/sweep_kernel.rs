@@ -1,0 +1,180 @@
+//! Host-kernel test of the sweeper (`agent::datapath::sweep`) on a real loaded datapath: SNAT
+//! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
+//! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
+//! one pass after they are removed. Needs root and bpffs (mounted when missing); says so and
+//! passes without them.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep};
+use probes::maps::{
+    Config, ConnValue, Counter, DevValue, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT,
+    SNAT_F_RESOLVED, SvcKey, SvcValue, Tuple, addr_to_bytes,
+};
+use probes::{Datapath, DatapathOptions, DatapathProgram, Index, MapSizes, SkbContext};
+use zerocopy::byteorder::network_endian::U16;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 20);
+const SEEN: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const UNSEEN: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+/// An Ethernet/IPv4/TCP SYN (checksums are not looked at on the allocation path).
+fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut frame = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    frame.extend([0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    frame.extend(src.octets());
+    frame.extend(dst.octets());
+    frame.extend(sport.to_be_bytes());
+    frame.extend(dport.to_be_bytes());
+    frame.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    frame
+}
+
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = probes::loader::remove_pins(&self.0);
+    }
+}
+
+fn bpffs() -> bool {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+    mounted
+        || std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn sweeps_resolve_new_records_then_expire_and_free_them() {
+    if !nix::unistd::geteuid().is_root() || !bpffs() {
+        eprintln!("needs root and bpffs: skipped");
+        return;
+    }
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-agent-sweep-{}",
+        std::process::id()
+    )));
+    let dp = Datapath::load(DatapathOptions {
+        pin_root: pins.0.join("v2"),
+        map_sizes: MapSizes {
+            svc_ports: 64,
+            svc_addrs: 64,
+            src_ranges: 64,
+            cluster_cidrs: 64,
+            devices: 64,
+            snat: 256,
+            conns: 256,
+            frags: 64,
+        },
+        ..DatapathOptions::default()
+    })
+    .expect("load datapath");
+    let maps = dp.maps();
+    maps.set_config(&Config::default()).expect("config");
+    maps.set_device(1, &DevValue::new(Some(NODE), None))
+        .expect("device");
+    maps.svc_ports
+        .insert(
+            &SvcKey::new(IpAddr::V4(VIP), 80, L4Proto::Tcp),
+            &SvcValue {
+                flags: 0,
+                svc_id: 7,
+            },
+        )
+        .expect("svc_ports");
+    // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80).
+    let seen = Tuple::new(
+        IpAddr::V4(SEEN),
+        5000,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    );
+    let unseen = Tuple::new(
+        IpAddr::V4(UNSEEN),
+        5001,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    );
+    maps.conns
+        .insert(
+            &seen,
+            &ConnValue {
+                vaddr: addr_to_bytes(IpAddr::V4(VIP)),
+                vport: U16::new(80),
+                pad: 0,
+                ipvs_flags: 0,
+                created_ns: monotonic_ns(),
+            },
+        )
+        .expect("conns");
+    let context = SkbContext {
+        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
+        ifindex: 1,
+        ingress_ifindex: 0,
+    };
+    for (src, sport) in [(SEEN, 5000), (UNSEEN, 5001)] {
+        let out = dp
+            .test_run(
+                DatapathProgram::TcEgress,
+                &syn(src, sport, BACKEND, 8080),
+                &context,
+            )
+            .expect("first packet");
+        assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
+    }
+    let t = Timeouts::default();
+    let now = monotonic_ns();
+
+    // First pass: both resolved, nothing expired.
+    let report = sweep(maps, now, &t).expect("sweep");
+    assert_eq!(
+        (report.probe_hits, report.probe_misses, report.snat_live),
+        (1, 1, 2)
+    );
+    let (_, record) = maps.snat.find(Index::Fwd, &seen).expect("seen");
+    assert_eq!(record.fwd.svc_id, 7);
+    assert_eq!(
+        record.fwd.flags,
+        SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT
+    );
+    assert_eq!(record.rev.svc_id, 7);
+    let (_, record) = maps.snat.find(Index::Fwd, &unseen).expect("unseen");
+    assert_eq!(
+        (record.fwd.svc_id, record.fwd.flags),
+        (0, SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED)
+    );
+    let stats = maps.stats().expect("stats");
+    assert_eq!(
+        (stats.get(Counter::ProbeHit), stats.get(Counter::ProbeMiss)),
+        (1, 1)
+    );
+
+    // Second pass: nothing new to resolve.
+    let report = sweep(maps, now, &t).expect("sweep");
+    assert_eq!((report.probe_hits, report.probe_misses), (0, 0));
+    assert_eq!(maps.stats().expect("stats").get(Counter::ProbeHit), 1);
+
+    // Past the SYN-only timeout: both removed from the indexes, dead until the next pass.
+    let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
+    let report = sweep(maps, later, &t).expect("sweep");
+    assert_eq!((report.snat_expired, report.snat_live), (2, 0));
+    assert_eq!(maps.snat.index_len(Index::Fwd), 0);
+    assert_eq!(maps.snat.index_len(Index::Rev), 0);
+    assert_eq!(maps.snat.occupancy().2, 2, "two dead records");
+    let report = sweep(maps, later, &t).expect("sweep");
+    assert_eq!(report.snat_reclaimed, 2);
+    let (used, busy, dead, _) = maps.snat.occupancy();
+    assert_eq!((used, busy, dead), (0, 0, 0));
+}

@@ -1,0 +1,626 @@
+//! The SNAT table as the agent, `inspect` and the tests see it: `snat_records`, `snat_fwd` and
+//! `snat_rev` (bpf/table.h) mapped into memory (they are `BPF_F_MMAPABLE` arrays), with the
+//! programs' hashing and rules mirrored so records can be listed, found, removed and, by tests
+//! and benchmarks, inserted.
+//!
+//! Concurrency follows table.h: programs insert (bucket locks, compare-and-swap claims), this side
+//! never takes a bucket lock except in [`SnatTable::insert`] (tests and benchmarks only: a lock
+//! held by a preempted process would make a program give up its insert). Removal is
+//! [`SnatTable::unindex`] (each way compare-and-swapped from its tag to free, the record marked
+//! dead) then, one sweep later, [`SnatTable::reclaim`] (dead records freed), so a program that
+//! found a record just before it was unindexed is done with it before it is reused. Records are
+//! read with volatile copies: a record being written may read torn, which is why callers go by
+//! its state and re-check.
+
+use std::ffi::c_void;
+use std::os::fd::{AsFd, AsRawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use libbpf_rs::{MapCore, MapHandle};
+
+use crate::error::{Error, Result};
+use crate::maps::{
+    NAT_PROBE_BUCKETS, NAT_WAYS, NatBucket, NatRecord, REC_BUSY, REC_DEAD, REC_FREE, REC_USED,
+    SnatEntry, Tuple, WAY_BUSY, WAY_FREE, WAY_VALID,
+};
+
+/// The odd constants of `tuple_hash()` (table.h), one per 32-bit word of a tuple.
+const HASH_MULTIPLIERS: [u64; 10] = [
+    0x9E37_79B9_7F4A_7C15,
+    0xC2B2_AE3D_27D4_EB4F,
+    0x1656_67B1_9E37_79F9,
+    0xD6E8_FEB8_6659_FD93,
+    0xFF51_AFD7_ED55_8CCD,
+    0xC4CE_B9FE_1A85_EC53,
+    0x94D0_49BB_1331_11EB,
+    0xBF58_476D_1CE4_E5B9,
+    0x2545_F491_4F6C_DD1D,
+    0x9FB2_1C65_1E98_DF25,
+];
+
+/// `tuple_hash()`: the seeded 64-bit hash of a tuple's ten native-endian words.
+pub fn tuple_hash(t: &Tuple, seed: u32) -> u64 {
+    let bytes = zerocopy::IntoBytes::as_bytes(t);
+    let mut h = (u64::from(seed) << 32) | u64::from(seed);
+    for (i, word) in bytes.chunks_exact(4).enumerate() {
+        let w = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+        h = h.wrapping_add(u64::from(w).wrapping_mul(HASH_MULTIPLIERS[i]));
+    }
+    h
+}
+
+/// Which index of the table: by forward tuple (`snat_fwd`) or by reply tuple (`snat_rev`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Index {
+    /// `snat_fwd`: records by the tuple as the packet leaves.
+    Fwd,
+    /// `snat_rev`: records by the tuple as the reply arrives.
+    Rev,
+}
+
+impl Index {
+    fn name(self) -> &'static str {
+        match self {
+            Index::Fwd => "forward",
+            Index::Rev => "reverse",
+        }
+    }
+}
+
+/// Where a tuple lives in an index (`struct nat_pos`): home bucket and way tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatPos {
+    /// The home bucket.
+    pub home: u32,
+    /// The state word of a way indexing the tuple.
+    pub tag: u32,
+}
+
+fn tag_of(h: u64) -> u32 {
+    (h as u32 & !3) | WAY_VALID
+}
+
+/// A map mapped into memory (unmapped on drop).
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory; every access through it is a volatile copy or an
+// atomic, so sharing it between threads is as safe as sharing it with the kernel.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(handle: &MapHandle, value_size: usize) -> Result<Mapping> {
+        let name = handle.name().to_string_lossy().into_owned();
+        if handle.value_size() as usize != value_size || handle.key_size() != 4 {
+            return Err(Error::MapLayout {
+                map: name,
+                key_size: handle.key_size(),
+                value_size: handle.value_size(),
+                expected_key: 4,
+                expected_value: value_size,
+            });
+        }
+        let entries = handle.max_entries();
+        // An array's elements are value_size rounded up to 8 bytes apart (ours are multiples of
+        // 8 already); a mapping covers whole pages.
+        let page = 4096usize;
+        let len = (entries as usize * value_size).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array map's fd shared and read-write, at offset 0 and no longer
+        // than its data, is what BPF_F_MMAPABLE allows; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                handle.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Mmap {
+                map: name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| Error::Mmap {
+            map: name,
+            source: std::io::Error::other("mmap returned NULL"),
+        })?;
+        Ok(Mapping { ptr, len, entries })
+    }
+
+    /// Element `index` as a `T` (the caller keeps index below `entries`).
+    fn element<T>(&self, index: u32) -> *mut T {
+        debug_assert!(index < self.entries);
+        // SAFETY: index < entries keeps the offset inside the mapping.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(index as usize * size_of::<T>())
+                .cast::<T>()
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len);
+        }
+    }
+}
+
+/// A 32-bit word of a mapping as an atomic.
+///
+/// # Safety
+/// `word` points into a live mapping, 4-byte aligned.
+unsafe fn atomic<'a>(word: *mut u32) -> &'a AtomicU32 {
+    // SAFETY: the caller's contract; AtomicU32 has u32's layout.
+    unsafe { AtomicU32::from_ptr(word) }
+}
+
+/// The SNAT table (three mapped maps plus the hash seed the programs use).
+#[derive(Debug)]
+pub struct SnatTable {
+    records: Mapping,
+    fwd: Mapping,
+    rev: Mapping,
+    seed: u32,
+}
+
+impl SnatTable {
+    /// Maps the table's three maps. `seed` is `config.nat_seed`; the index maps must have the
+    /// same bucket count.
+    pub fn open(
+        records: &MapHandle,
+        fwd: &MapHandle,
+        rev: &MapHandle,
+        seed: u32,
+    ) -> Result<SnatTable> {
+        let records = Mapping::new(records, size_of::<NatRecord>())?;
+        let fwd = Mapping::new(fwd, size_of::<NatBucket>())?;
+        let rev = Mapping::new(rev, size_of::<NatBucket>())?;
+        Ok(SnatTable {
+            records,
+            fwd,
+            rev,
+            seed,
+        })
+    }
+
+    /// The hash seed.
+    pub fn seed(&self) -> u32 {
+        self.seed
+    }
+
+    /// Records the table can hold.
+    pub fn capacity(&self) -> u32 {
+        self.records.entries
+    }
+
+    /// Buckets of each index.
+    pub fn buckets(&self) -> u32 {
+        self.fwd.entries
+    }
+
+    /// `nat_pos_fwd()`.
+    pub fn pos_fwd(&self, k: &Tuple) -> NatPos {
+        let h = tuple_hash(k, self.seed);
+        NatPos {
+            home: (((h >> 32) * u64::from(self.buckets())) >> 32) as u32,
+            tag: tag_of(h),
+        }
+    }
+
+    /// `nat_pos_rev()`: the hash without the destination port, the home bucket moved on by it.
+    pub fn pos_rev(&self, k: &Tuple) -> NatPos {
+        let mut base = *k;
+        base.dport = zerocopy::byteorder::network_endian::U16::new(0);
+        let h = tuple_hash(&base, self.seed);
+        let port = u64::from(k.dport.get());
+        let buckets = u64::from(self.buckets()).max(1);
+        NatPos {
+            home: (((((h >> 32) * buckets) >> 32) + port) % buckets) as u32,
+            tag: tag_of(h.wrapping_add(port.wrapping_mul(HASH_MULTIPLIERS[0]))),
+        }
+    }
+
+    fn pos(&self, index: Index, k: &Tuple) -> NatPos {
+        match index {
+            Index::Fwd => self.pos_fwd(k),
+            Index::Rev => self.pos_rev(k),
+        }
+    }
+
+    fn index(&self, index: Index) -> &Mapping {
+        match index {
+            Index::Fwd => &self.fwd,
+            Index::Rev => &self.rev,
+        }
+    }
+
+    fn bucket(&self, index: Index, bucket: u32) -> *mut NatBucket {
+        self.index(index).element::<NatBucket>(bucket)
+    }
+
+    fn next(&self, bucket: u32) -> u32 {
+        if bucket + 1 >= self.buckets() {
+            0
+        } else {
+            bucket + 1
+        }
+    }
+
+    /// The state word of a way.
+    fn way_state(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
+        // SAFETY: b is an element of a live mapping; state is 4-byte aligned inside it.
+        unsafe { atomic(std::ptr::addr_of_mut!((*b).state[way])) }
+    }
+
+    fn way_rec(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
+        // SAFETY: as way_state.
+        unsafe { atomic(std::ptr::addr_of_mut!((*b).rec[way])) }
+    }
+
+    fn word<'a>(&self, b: *mut NatBucket, field: fn(*mut NatBucket) -> *mut u32) -> &'a AtomicU32 {
+        // SAFETY: field() returns a field of b, an element of a live mapping.
+        unsafe { atomic(field(b)) }
+    }
+
+    fn record_state(&self, rec: u32) -> &AtomicU32 {
+        let r = self.records.element::<NatRecord>(rec);
+        // SAFETY: r is an element of a live mapping.
+        unsafe { atomic(std::ptr::addr_of_mut!((*r).state)) }
+    }
+
+    /// A copy of record `rec` (any state), `None` past the table.
+    pub fn record(&self, rec: u32) -> Option<NatRecord> {
+        if rec >= self.capacity() {
+            return None;
+        }
+        // SAFETY: rec < capacity; a volatile copy of plain data (possibly torn while written).
+        Some(unsafe { std::ptr::read_volatile(self.records.element::<NatRecord>(rec)) })
+    }
+
+    /// Every live record ([`REC_USED`]) with its number.
+    pub fn records(&self) -> Vec<(u32, NatRecord)> {
+        (0..self.capacity())
+            .filter(|&rec| self.record_state(rec).load(Ordering::Acquire) == REC_USED)
+            .filter_map(|rec| self.record(rec).map(|r| (rec, r)))
+            .filter(|(_, r)| r.state == REC_USED)
+            .collect()
+    }
+
+    /// How many records are in each state: (used, busy, dead, free).
+    pub fn occupancy(&self) -> (usize, usize, usize, usize) {
+        let mut counts = (0, 0, 0, 0);
+        for rec in 0..self.capacity() {
+            match self.record_state(rec).load(Ordering::Relaxed) {
+                REC_USED => counts.0 += 1,
+                REC_BUSY => counts.1 += 1,
+                REC_DEAD => counts.2 += 1,
+                _ => counts.3 += 1,
+            }
+        }
+        counts
+    }
+
+    /// The record tuple `k` is indexed under in `index`: (number, copy).
+    pub fn find(&self, index: Index, k: &Tuple) -> Option<(u32, NatRecord)> {
+        let pos = self.pos(index, k);
+        let mut bucket = pos.home;
+        for _ in 0..NAT_PROBE_BUCKETS {
+            let b = self.bucket(index, bucket);
+            for way in 0..NAT_WAYS {
+                if self.way_state(b, way).load(Ordering::Acquire) != pos.tag {
+                    continue;
+                }
+                let rec = self.way_rec(b, way).load(Ordering::Acquire);
+                if let Some(r) = self.record(rec) {
+                    let key = match index {
+                        Index::Fwd => r.fwd_key,
+                        Index::Rev => r.rev_key,
+                    };
+                    if key == *k {
+                        return Some((rec, r));
+                    }
+                }
+            }
+            // SAFETY: overflow is a field of the bucket.
+            let overflowed = self.word(b, |b| unsafe { std::ptr::addr_of_mut!((*b).overflow) });
+            if overflowed.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            bucket = self.next(bucket);
+        }
+        None
+    }
+
+    /// The forward entry of the connection leaving as `k` (egress's lookup).
+    pub fn lookup_fwd(&self, k: &Tuple) -> Option<SnatEntry> {
+        self.find(Index::Fwd, k).map(|(_, r)| r.fwd)
+    }
+
+    /// The reverse entry of the reply arriving as `k` (ingress's lookup).
+    pub fn lookup_rev(&self, k: &Tuple) -> Option<SnatEntry> {
+        self.find(Index::Rev, k).map(|(_, r)| r.rev)
+    }
+
+    /// Ways of an index holding a record.
+    pub fn index_len(&self, index: Index) -> usize {
+        (0..self.buckets())
+            .map(|bucket| {
+                let b = self.bucket(index, bucket);
+                (0..NAT_WAYS)
+                    .filter(|&way| self.way_state(b, way).load(Ordering::Relaxed) & WAY_VALID != 0)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// A copy of a bucket of an index, `None` past it.
+    pub fn bucket_copy(&self, index: Index, bucket: u32) -> Option<NatBucket> {
+        if bucket >= self.buckets() {
+            return None;
+        }
+        // SAFETY: bucket < buckets; a volatile copy of plain data.
+        Some(unsafe { std::ptr::read_volatile(self.bucket(index, bucket)) })
+    }
+
+    /// Live records.
+    pub fn len(&self) -> usize {
+        self.occupancy().0
+    }
+
+    /// Whether no record is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes record `rec` from both indexes and marks it dead ([`SnatTable::reclaim`] frees
+    /// it later). `false` when it was not live (already removed, or never written).
+    pub fn unindex(&self, rec: u32) -> bool {
+        let Some(r) = self.record(rec) else {
+            return false;
+        };
+        if r.state != REC_USED {
+            return false;
+        }
+        self.unindex_way(Index::Fwd, &r.fwd_key, rec);
+        self.unindex_way(Index::Rev, &r.rev_key, rec);
+        self.record_state(rec)
+            .compare_exchange(REC_USED, REC_DEAD, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn unindex_way(&self, index: Index, k: &Tuple, rec: u32) {
+        let pos = self.pos(index, k);
+        let mut bucket = pos.home;
+        for _ in 0..NAT_PROBE_BUCKETS {
+            let b = self.bucket(index, bucket);
+            for way in 0..NAT_WAYS {
+                if self.way_rec(b, way).load(Ordering::Acquire) == rec
+                    && self
+                        .way_state(b, way)
+                        .compare_exchange(pos.tag, WAY_FREE, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return;
+                }
+            }
+            bucket = self.next(bucket);
+        }
+    }
+
+    /// Frees every dead record; returns how many.
+    pub fn reclaim(&self) -> usize {
+        (0..self.capacity())
+            .filter(|&rec| {
+                self.record_state(rec)
+                    .compare_exchange(REC_DEAD, REC_FREE, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            })
+            .count()
+    }
+
+    /// Sets the resolution of record `rec` (the agent's join with `conns`): `flags` ORed into
+    /// both entries' flags, `svc_id` written. The flags byte shares a 32-bit word with the port and
+    /// state (which programs OR bits into), so the OR is atomic.
+    pub fn resolve(&self, rec: u32, svc_id: u32, flags: u8) {
+        if rec >= self.capacity() {
+            return;
+        }
+        let r = self.records.element::<NatRecord>(rec);
+        for entry in [
+            // SAFETY: fields of an element of a live mapping.
+            unsafe { std::ptr::addr_of_mut!((*r).fwd) },
+            // SAFETY: as above.
+            unsafe { std::ptr::addr_of_mut!((*r).rev) },
+        ] {
+            // SAFETY: entry points into the mapping; `port` is at offset 16 of a 40-byte entry
+            // that is 8-byte aligned, so the word holding port, state and flags is aligned.
+            unsafe {
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*entry).svc_id), svc_id);
+                let word = atomic(std::ptr::addr_of_mut!((*entry).port).cast::<u32>());
+                word.fetch_or(u32::from_ne_bytes([0, 0, 0, flags]), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Inserts a connection: both tuples claimed, a record allocated and written, both ways
+    /// published — what a program's allocation does, for tests and benchmarks (it takes bucket
+    /// locks; see the module documentation). Returns the record's number.
+    pub fn insert(
+        &self,
+        fwd_key: &Tuple,
+        rev_key: &Tuple,
+        fwd: &SnatEntry,
+        rev: &SnatEntry,
+    ) -> Result<u32> {
+        let rev_claim = self.claim(Index::Rev, rev_key)?;
+        let fwd_claim = match self.claim(Index::Fwd, fwd_key) {
+            Ok(c) => c,
+            Err(e) => {
+                self.unclaim(Index::Rev, &rev_claim);
+                return Err(e);
+            }
+        };
+        let Some(rec) = self.alloc_record() else {
+            self.unclaim(Index::Fwd, &fwd_claim);
+            self.unclaim(Index::Rev, &rev_claim);
+            return Err(Error::TableFull("records"));
+        };
+        let record = NatRecord {
+            state: REC_BUSY,
+            pad: 0,
+            fwd_key: *fwd_key,
+            rev_key: *rev_key,
+            fwd: *fwd,
+            rev: *rev,
+        };
+        // SAFETY: rec < capacity (alloc_record); this side owns the record while REC_BUSY.
+        unsafe { std::ptr::write_volatile(self.records.element::<NatRecord>(rec), record) };
+        self.record_state(rec).store(REC_USED, Ordering::Release);
+        self.publish(Index::Rev, &rev_claim, rec);
+        self.publish(Index::Fwd, &fwd_claim, rec);
+        Ok(rec)
+    }
+
+    fn lock(&self, index: Index, bucket: u32) -> bool {
+        // SAFETY: lock is a field of the bucket.
+        let lock = self.word(self.bucket(index, bucket), |b| unsafe {
+            std::ptr::addr_of_mut!((*b).lock)
+        });
+        for _ in 0..100_000 {
+            if lock
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
+    fn unlock(&self, index: Index, bucket: u32) {
+        // SAFETY: lock is a field of the bucket.
+        self.word(self.bucket(index, bucket), |b| unsafe {
+            std::ptr::addr_of_mut!((*b).lock)
+        })
+        .store(0, Ordering::Release);
+    }
+
+    fn claim(&self, index: Index, k: &Tuple) -> Result<Claim> {
+        let pos = self.pos(index, k);
+        if !self.lock(index, pos.home) {
+            return Err(Error::TableBusy(index.name()));
+        }
+        if self.find(index, k).is_some() {
+            self.unlock(index, pos.home);
+            return Err(Error::TableExists(index.name()));
+        }
+        let mut bucket = pos.home;
+        for probe in 0..NAT_PROBE_BUCKETS {
+            let b = self.bucket(index, bucket);
+            let locked = probe == 0 || self.lock(index, bucket);
+            if locked {
+                for way in 0..NAT_WAYS {
+                    if self.way_state(b, way).load(Ordering::Acquire) == WAY_FREE {
+                        self.way_state(b, way).store(WAY_BUSY, Ordering::Release);
+                        if probe > 0 {
+                            self.unlock(index, bucket);
+                        }
+                        return Ok(Claim {
+                            home: pos.home,
+                            bucket,
+                            way,
+                            tag: pos.tag,
+                        });
+                    }
+                }
+                if probe > 0 {
+                    self.unlock(index, bucket);
+                }
+            }
+            // SAFETY: overflow is a field of the bucket.
+            self.word(b, |b| unsafe { std::ptr::addr_of_mut!((*b).overflow) })
+                .fetch_or(1, Ordering::AcqRel);
+            bucket = self.next(bucket);
+        }
+        self.unlock(index, pos.home);
+        Err(Error::TableFull(index.name()))
+    }
+
+    fn publish(&self, index: Index, c: &Claim, rec: u32) {
+        let b = self.bucket(index, c.bucket);
+        self.way_rec(b, c.way).store(rec, Ordering::Release);
+        self.way_state(b, c.way).store(c.tag, Ordering::Release);
+        self.unlock(index, c.home);
+    }
+
+    fn unclaim(&self, index: Index, c: &Claim) {
+        let b = self.bucket(index, c.bucket);
+        self.way_state(b, c.way).store(WAY_FREE, Ordering::Release);
+        self.unlock(index, c.home);
+    }
+
+    fn alloc_record(&self) -> Option<u32> {
+        (0..self.capacity()).find(|&rec| {
+            self.record_state(rec)
+                .compare_exchange(REC_FREE, REC_BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Empties the table (tests and benchmarks; programs inserting meanwhile may lose entries).
+    pub fn clear(&self) {
+        for bucket in 0..self.buckets() {
+            for index in [Index::Fwd, Index::Rev] {
+                // SAFETY: a volatile store of a whole element of a live mapping.
+                unsafe {
+                    std::ptr::write_volatile(self.bucket(index, bucket), NatBucket::default())
+                };
+            }
+        }
+        for rec in 0..self.capacity() {
+            self.record_state(rec).store(REC_FREE, Ordering::Release);
+        }
+    }
+}
+
+/// A claimed way (the home bucket's lock held).
+struct Claim {
+    home: u32,
+    bucket: u32,
+    way: usize,
+    tag: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::L4Proto;
+
+    #[test]
+    fn tuple_hash_is_the_seeded_sum_of_word_products() {
+        let t = Tuple::new(
+            "10.244.2.20".parse().unwrap(),
+            8080,
+            "192.0.2.1".parse().unwrap(),
+            0,
+            L4Proto::Tcp,
+        );
+        // Computed independently (Python, the formula of table.h) for seed 0x1234567.
+        assert_eq!(tuple_hash(&t, 0x0123_4567), 0xf7d4_5e51_73db_e546);
+    }
+}
