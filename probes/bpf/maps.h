@@ -128,16 +128,19 @@ struct config {
 
 /*
  * The SNAT table (table.h): snat_records holds one struct nat_record per translated connection;
- * snat_fwd and snat_rev index them by forward and by reverse tuple, in buckets of NAT_WAYS ways.
- * A way's state is WAY_FREE, WAY_BUSY (claimed by an insert) or the tuple's hash tag with
- * WAY_VALID set, `rec` then the record's number. `lock` is taken by inserts homed in the bucket,
- * `overflow` set once an insert went past the bucket because it was full.
+ * snat_fwd and snat_rev index them by forward and by reverse tuple, in buckets of NAT_WAYS ways
+ * (struct nat_bucket, 32 bytes, half a cache line: a tag byte per way, the overflow flag, then the
+ * ways' record numbers). A way's tag is TAG_FREE, TAG_BUSY (claimed by an insert) or
+ * TAG_VALID | 7 bits of the tuple's hash. Inserts take the lock of the bucket's stripe in
+ * snat_locks (NAT_LOCK_STRIPES per index); `overflow` is set once an insert went past the bucket
+ * because it was full.
  */
-#define NAT_WAYS 4
+#define NAT_WAYS 6
 #define NAT_PROBE_BUCKETS 4
-#define WAY_FREE 0
-#define WAY_BUSY 1
-#define WAY_VALID 2
+#define NAT_LOCK_STRIPES 8192
+#define TAG_FREE 0x00
+#define TAG_BUSY 0x01
+#define TAG_VALID 0x80
 
 #define REC_FREE 0
 #define REC_BUSY 1 /* allocated, being written */
@@ -149,11 +152,11 @@ struct config {
 #define NAT_INDEX_REV 1
 
 struct nat_bucket {
-	__u32 lock;
-	__u32 overflow;
-	__u32 state[NAT_WAYS];
+	__u8 tag[NAT_WAYS];
+	__u8 overflow;
+	__u8 pad;
 	__u32 rec[NAT_WAYS];
-};
+} __attribute__((aligned(8)));
 
 /*
  * fwd_key: the connection as it leaves (client -> backend); rev_key: its replies as they arrive
@@ -183,7 +186,7 @@ _Static_assert(sizeof(struct conn_value) == 32, "conn_value");
 _Static_assert(sizeof(struct frag_key) == 40, "frag_key");
 _Static_assert(sizeof(struct frag_value) == 4, "frag_value");
 _Static_assert(sizeof(struct config) == 32, "config");
-_Static_assert(sizeof(struct nat_bucket) == 40, "nat_bucket");
+_Static_assert(sizeof(struct nat_bucket) == 32, "nat_bucket");
 _Static_assert(sizeof(struct nat_record) == 168, "nat_record");
 
 /* svc_value.flags */
@@ -248,7 +251,7 @@ enum stat_index {
 #define DEFAULT_SRC_RANGES_SIZE 16384
 #define DEFAULT_CLUSTER_CIDRS_SIZE 256
 #define DEFAULT_DEVICES_SIZE 1024
-#define DEFAULT_SNAT_SIZE 262144 /* records; each index has DEFAULT_SNAT_SIZE / 2 buckets */
+#define DEFAULT_SNAT_SIZE 262144 /* records; each index has two ways per record */
 #define DEFAULT_CONNS_SIZE 262144
 #define DEFAULT_FRAGS_SIZE 8192
 
@@ -327,11 +330,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } snat_records SEC(".maps");
 
-/* The two indexes of the SNAT table (table.h): half as many buckets as records, 4 ways each. */
+/* The two indexes of the SNAT table (table.h): two ways per record, NAT_WAYS a bucket. */
+#define DEFAULT_NAT_BUCKETS ((2 * DEFAULT_SNAT_SIZE + NAT_WAYS - 1) / NAT_WAYS)
 #define NAT_INDEX_MAP(name)                                          \
 	struct {                                                      \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                     \
-		__uint(max_entries, DEFAULT_SNAT_SIZE / 2);           \
+		__uint(max_entries, DEFAULT_NAT_BUCKETS);             \
 		__uint(map_flags, BPF_F_MMAPABLE);                    \
 		__type(key, __u32);                                   \
 		__type(value, struct nat_bucket);                     \
@@ -340,6 +344,16 @@ struct {
 
 NAT_INDEX_MAP(snat_fwd);
 NAT_INDEX_MAP(snat_rev);
+
+/* The bucket locks of both indexes: stripe (bucket % NAT_LOCK_STRIPES), snat_rev's after. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * NAT_LOCK_STRIPES);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} snat_locks SEC(".maps");
 #endif
 
 struct {

@@ -846,7 +846,7 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	ret = snat_fwd_claim(cfg, fwd_key, fwd_pos.home, fwd_pos.tag, &fwd_claim);
 	if (ret) {
 		/* Give the reservation back: another CPU has the forward entry, or no room. */
-		nat_unclaim(&snat_rev, &rev_claim);
+		nat_unclaim(&snat_rev, NAT_INDEX_REV, &rev_claim);
 		if (ret != -EEXIST)
 			return ALLOC_MAP_FULL;
 		r = record_at(snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag));
@@ -859,8 +859,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	rec_index = rec;
 	r = record_at(rec);
 	if (!r) {
-		nat_unclaim(&snat_fwd, &fwd_claim);
-		nat_unclaim(&snat_rev, &rev_claim);
+		nat_unclaim(&snat_fwd, NAT_INDEX_FWD, &fwd_claim);
+		nat_unclaim(&snat_rev, NAT_INDEX_REV, &rev_claim);
 		return ALLOC_MAP_FULL;
 	}
 	__builtin_memcpy(&r->fwd_key, fwd_key, sizeof(r->fwd_key));
@@ -868,8 +868,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	__builtin_memcpy(&r->fwd, out, sizeof(r->fwd));
 	__builtin_memcpy(&r->rev, &rev_value, sizeof(r->rev));
 	*(volatile __u32 *)&r->state = REC_USED;
-	nat_publish(&snat_rev, &rev_claim, rec_index);
-	nat_publish(&snat_fwd, &fwd_claim, rec_index);
+	nat_publish(&snat_rev, NAT_INDEX_REV, &rev_claim, rec_index);
+	nat_publish(&snat_fwd, NAT_INDEX_FWD, &fwd_claim, rec_index);
 	return ALLOC_NEW;
 }
 

@@ -5,37 +5,46 @@
  * map's bucket spinlock and freelist. The agent reads and sweeps the same memory through an mmap
  * of the maps (probes/src/nat_table.rs mirrors every rule here).
  *
- * Three BPF_F_MMAPABLE arrays (docs/datapath.md, "SNAT table"):
+ * Four BPF_F_MMAPABLE arrays (docs/datapath.md, "SNAT table"):
  *   - snat_records: one struct nat_record per translated connection: both tuples (as it leaves,
  *     client -> backend; as its replies arrive, backend -> node address:SNAT port) and both
  *     entries (the translation and state of each direction);
  *   - snat_fwd and snat_rev: hash indexes of the records by forward and by reverse tuple, in
- *     buckets of NAT_WAYS ways (struct nat_bucket: lock, overflow flag, a state word and a record
- *     number per way; 40 bytes). Each index has one way per two records (half full at most).
- * A record is written where the CPU allocated its previous one (a per-CPU cursor walking the
- * array), so a new connection writes warm cache lines; the indexes are small enough to stay in
- * the caches. Inserting into a large table therefore costs no cache miss on a random line.
+ *     buckets of NAT_WAYS ways (struct nat_bucket, 32 bytes: its control word, a tag byte per way
+ *     and the overflow flag, then the ways' record numbers). Two ways per record: each index is
+ *     at most half full;
+ *   - snat_locks: the bucket locks, one per stripe of NAT_LOCK_STRIPES buckets per index (64 KiB,
+ *     in the caches).
+ * A lookup reads one 8-byte control word and matches its tag bytes at once; record numbers and
+ * records are read only on a match. An insert reads and writes only the half cache line of its
+ * bucket (the control word and the record number are in it) and the record, which is written
+ * where the CPU allocated its previous one (a per-CPU cursor walking the array), so a new
+ * connection writes one cold half line at most.
  *
  * Index rules:
- *   - a tuple's hash (tuple_hash(), seeded with config.nat_seed) gives its home bucket and a tag;
- *     a way is free (WAY_FREE), claimed by an insert (WAY_BUSY), or holds a record (its state is
- *     the tag, which has WAY_VALID set, and `rec` the record number);
- *   - a claim takes the home bucket's lock (a 32-bit compare-and-swap, bounded spin), checks the
- *     tuple is absent, and claims a free way (compare-and-swap FREE -> BUSY) in the home bucket
- *     or, when it is full, in up to NAT_PROBE_BUCKETS - 1 following buckets, marking each full
- *     bucket it passes as overflowed. The lock is held until the way is published (rec, then the
- *     tag) or given back, so a tuple is never indexed twice;
- *   - lookups take no lock: they scan the home bucket and go on to the next one only while the
- *     bucket they leave is marked overflowed; a tag match is confirmed on the record's tuple;
- *   - removal (the agent's sweeper) is a compare-and-swap of the way's state from the tag to
- *     WAY_FREE. Only programs take bucket locks; the agent never does, so a lock is only held by a
- *     program, which cannot be preempted.
+ *   - a tuple's hash (tuple_hash(), seeded with config.nat_seed) gives its home bucket and a
+ *     7-bit tag; a way's tag byte is TAG_FREE, TAG_BUSY (claimed by an insert) or
+ *     TAG_VALID | tag, its record number then in the bucket;
+ *   - a claim takes the lock of the home bucket's stripe (a 32-bit compare-and-swap, bounded
+ *     spin), checks the tuple is absent, and claims a free way (its byte set to TAG_BUSY) in the
+ *     home bucket or, when it is full, in up to NAT_PROBE_BUCKETS - 1 following buckets (under
+ *     their stripes' locks too, held for the claim only), setting the overflow flag of each full
+ *     bucket it passes. The home stripe's lock is held until the way is published (record
+ *     number, then tag) or given back, so a tuple is never indexed twice;
+ *   - lookups take no lock: one 8-byte read of the control word, whose bytes are matched
+ *     against the tag at once; the record confirms a match; the next bucket is read only while
+ *     the one left is marked overflowed;
+ *   - removal (the agent's sweeper) is a compare-and-swap of the control word clearing the way's
+ *     byte. Only programs take locks; the agent never does, so a lock is only held by a program,
+ *     which cannot be preempted.
  * Record rules: REC_FREE -> REC_BUSY (a program's compare-and-swap when it allocates) -> REC_USED
  * (after it is written, before it is indexed) -> REC_DEAD (the sweeper, after unindexing it) ->
  * REC_FREE (the sweeper, one sweep later: a program that found the record just before it was
  * unindexed is long done with it).
- * Memory ordering is x86-64's (TSO): a way's state is read before its record number and the
- * record; writers store the record, then the way's record number, then its tag, as plain stores.
+ * Memory ordering is x86-64's (TSO): a control word is read before the record numbers and the
+ * record; writers store the record, then the way's record number, then its tag, as plain stores,
+ * and no locked instruction follows those stores in the program (a store to a cold line waits in
+ * the store buffer, a locked instruction would wait for it).
  */
 #ifndef KIB_TABLE_H
 #define KIB_TABLE_H
@@ -47,7 +56,7 @@
 
 #include "maps.h"
 
-/* Bounded spin on a bucket lock before a claim gives up with -EBUSY. */
+/* Bounded spin on a stripe lock before a claim gives up with -EBUSY. */
 #define NAT_LOCK_SPINS 64
 /* Records an allocation examines from the cursor, and how many times it restarts elsewhere. */
 #define NAT_ALLOC_SCAN 16
@@ -72,16 +81,16 @@ static __always_inline __u64 tuple_hash(const struct tuple *t, __u32 seed)
 	return h;
 }
 
-/* Where a tuple lives in an index: its home bucket and the tag of its way. */
+/* Where a tuple lives in an index: its home bucket and the tag byte of its way. */
 struct nat_pos {
 	__u32 home;
 	__u32 tag;
 };
 
-/* The state word of a way indexing a tuple whose hash is h. */
+/* The tag byte of a way indexing a tuple whose hash is h. */
 static __always_inline __u32 nat_tag(__u64 h)
 {
-	return ((__u32)h & ~3u) | WAY_VALID;
+	return ((__u32)h & 0x7f) | TAG_VALID;
 }
 
 /* snat_fwd: the home bucket is the hash's high half scaled to the bucket count. */
@@ -149,15 +158,32 @@ static __always_inline int tuple_equal(const struct tuple *a, const struct tuple
 		(x[5] ^ y[5]) | (x[6] ^ y[6]) | (x[7] ^ y[7]) | (x[8] ^ y[8]) | (x[9] ^ y[9])) == 0;
 }
 
-static __always_inline __u32 way_state(const struct nat_bucket *b, __u32 way)
-{
-	return *(volatile const __u32 *)&b->state[way & (NAT_WAYS - 1)];
-}
-
 /* The tuple a record is indexed by in an index: NAT_INDEX_FWD or NAT_INDEX_REV. */
 static __always_inline const struct tuple *record_key(const struct nat_record *r, int dir)
 {
 	return dir == NAT_INDEX_FWD ? &r->fwd_key : &r->rev_key;
+}
+
+#define BYTES_LOW 0x0101010101010101ULL
+#define BYTES_HIGH 0x8080808080808080ULL
+#define BYTES_7F 0x7f7f7f7f7f7f7f7fULL
+/* The bytes of a control word that are ways (then the overflow flag and a pad byte). */
+#define CTRL_WAYS_HIGH 0x0000808080808080ULL
+
+/*
+ * The ways of control word w whose byte is `byte`: bit 7 of each such byte set (every other
+ * bit clear). Exact, with no carry between bytes.
+ */
+static __always_inline __u64 ctrl_match(__u64 w, __u32 byte)
+{
+	__u64 x = w ^ (BYTES_LOW * (byte & 0xff));
+
+	return ~(((x & BYTES_7F) + BYTES_7F) | x) & CTRL_WAYS_HIGH;
+}
+
+static __always_inline __u64 ctrl_word(const struct nat_bucket *b)
+{
+	return *(volatile const __u64 *)b;
 }
 
 /*
@@ -172,134 +198,156 @@ static __always_inline long nat_find(void *index, const struct config *cfg, int 
 
 	for (probe = 0; probe < NAT_PROBE_BUCKETS; probe++) {
 		struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
+		__u64 w, match;
 
 		if (!b)
 			return -ENOENT;
-		for (way = 0; way < NAT_WAYS; way++) {
+		w = ctrl_word(b);
+		match = ctrl_match(w, pos.tag);
+		for (way = 0; match && way < NAT_WAYS; way++) {
 			struct nat_record *r;
-			__u32 rec;
+			__u32 n;
 
-			if (way_state(b, way) != pos.tag)
+			if (!(match & (0x80ULL << (way * 8))))
 				continue;
-			rec = *(volatile __u32 *)&b->rec[way];
-			r = bpf_map_lookup_elem(&snat_records, &rec);
+			n = *(volatile __u32 *)&b->rec[way];
+			r = bpf_map_lookup_elem(&snat_records, &n);
 			if (r && tuple_equal(record_key(r, dir), k))
-				return rec;
+				return n;
 		}
-		if (!*(volatile __u32 *)&b->overflow)
+		if (!b->overflow)
 			return -ENOENT;
 		bucket = nat_next(bucket, cfg->nat_buckets);
 	}
 	return -ENOENT;
 }
 
-/* Takes a bucket lock (bounded spin); 1 when taken. */
-static __always_inline int nat_lock(struct nat_bucket *b)
+/* The record indexed by tuple k, or -ENOENT. */
+static __always_inline long nat_lookup(void *index, const struct config *cfg, int dir,
+				       const struct tuple *k)
+{
+	return nat_find(index, cfg, dir, k, nat_pos_of(cfg, dir, k));
+}
+
+/* The lock word of a bucket's stripe in snat_locks, NULL past it. */
+static __always_inline __u32 *nat_stripe(int dir, __u32 bucket)
+{
+	__u32 stripe = (dir == NAT_INDEX_FWD ? 0 : NAT_LOCK_STRIPES) +
+		       (bucket & (NAT_LOCK_STRIPES - 1));
+
+	return bpf_map_lookup_elem(&snat_locks, &stripe);
+}
+
+/* Takes a lock (bounded spin); 1 when taken. */
+static __always_inline int nat_lock(__u32 *lock)
 {
 	__u32 spin;
 
 	for (spin = 0; spin < NAT_LOCK_SPINS; spin++) {
-		if (__sync_val_compare_and_swap(&b->lock, 0, 1) == 0)
+		if (__sync_val_compare_and_swap(lock, 0, 1) == 0)
 			return 1;
 	}
 	return 0;
 }
 
-static __always_inline void nat_unlock(struct nat_bucket *b)
+static __always_inline void nat_unlock(__u32 *lock)
 {
-	*(volatile __u32 *)&b->lock = 0;
+	*(volatile __u32 *)lock = 0;
 }
 
-/* A way a claim holds (with its home bucket's lock), for nat_publish or nat_unclaim. */
+/* A way a claim holds (with its home stripe's lock), for nat_publish or nat_unclaim. */
 struct nat_claim {
-	__u32 home;   /* bucket whose lock is held */
+	__u32 home;   /* bucket whose stripe's lock is held */
 	__u32 bucket; /* bucket of the claimed way */
 	__u32 way;
 	__u32 tag;
 };
 
 /*
- * Claims a way for tuple k (at pos) in an index: on 0, *c holds it and the home lock is held until
- * nat_publish() or nat_unclaim(). Else -EEXIST (k is indexed), -ENOSPC (the home bucket and the
- * NAT_PROBE_BUCKETS - 1 after it are full) or -EBUSY (a lock stayed taken); no lock held.
- * A way is claimed (FREE -> BUSY) under its bucket's lock: the home lock, or for a way in a
- * following bucket that bucket's lock too, held just for the claim.
+ * Claims a way for tuple k (at pos) in an index: on 0, *c holds it and the home stripe's lock is
+ * held until nat_publish() or nat_unclaim(). Else -EEXIST (k is indexed), -ENOSPC (the home
+ * bucket and the NAT_PROBE_BUCKETS - 1 after it are full) or -EBUSY (a lock stayed taken); no
+ * lock held.
  */
 static __always_inline int nat_claim(void *index, const struct config *cfg, int dir,
 				     const struct tuple *k, struct nat_pos pos,
 				     struct nat_claim *c)
 {
-	__u32 home_bucket = pos.home;
-	__u32 bucket = home_bucket;
-	struct nat_bucket *home = bpf_map_lookup_elem(index, &home_bucket);
+	__u32 *home_lock = nat_stripe(dir, pos.home);
+	__u32 bucket = pos.home;
 	__u32 probe, way;
 
-	if (!home)
+	if (!home_lock)
 		return -ENOSPC;
-	if (!nat_lock(home))
+	if (!nat_lock(home_lock))
 		return -EBUSY;
 	if (nat_find(index, cfg, dir, k, pos) >= 0) {
-		nat_unlock(home);
+		nat_unlock(home_lock);
 		return -EEXIST;
 	}
 	for (probe = 0; probe < NAT_PROBE_BUCKETS; probe++) {
 		struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
-		int locked;
+		__u32 *lock = probe ? nat_stripe(dir, bucket) : home_lock;
+		int own = lock != home_lock;
+		__u64 free;
 
-		if (!b)
+		if (!b || !lock)
 			break;
-		locked = probe == 0 || nat_lock(b);
-		for (way = 0; locked && way < NAT_WAYS; way++) {
-			if (way_state(b, way) != WAY_FREE)
+		if (own && !nat_lock(lock))
+			goto next;
+		free = ctrl_match(ctrl_word(b), TAG_FREE);
+		for (way = 0; free && way < NAT_WAYS; way++) {
+			if (!(free & (0x80ULL << (way * 8))))
 				continue;
-			*(volatile __u32 *)&b->state[way] = WAY_BUSY;
-			if (probe)
-				nat_unlock(b);
-			c->home = home_bucket;
+			*(volatile __u8 *)&b->tag[way] = TAG_BUSY;
+			if (own)
+				nat_unlock(lock);
+			c->home = pos.home;
 			c->bucket = bucket;
 			c->way = way;
 			c->tag = pos.tag;
 			return 0;
 		}
-		if (probe && locked)
-			nat_unlock(b);
-		if (!*(volatile __u32 *)&b->overflow)
-			__sync_fetch_and_or(&b->overflow, 1);
+		if (!b->overflow)
+			*(volatile __u8 *)&b->overflow = 1;
+		if (own)
+			nat_unlock(lock);
+next:
 		bucket = nat_next(bucket, cfg->nat_buckets);
 	}
-	nat_unlock(home);
+	nat_unlock(home_lock);
 	return -ENOSPC;
 }
 
 /* Points the claimed way at record `rec` (written and REC_USED already) and unlocks. */
-static __always_inline void nat_publish(void *index, const struct nat_claim *c, __u32 rec)
+static __always_inline void nat_publish(void *index, int dir, const struct nat_claim *c,
+					__u32 rec)
 {
 	__u32 bucket = c->bucket;
-	__u32 home_bucket = c->home;
-	__u32 way = c->way & (NAT_WAYS - 1);
+	__u32 way = c->way < NAT_WAYS ? c->way : 0;
 	struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
-	struct nat_bucket *home = bpf_map_lookup_elem(index, &home_bucket);
+	__u32 *home_lock = nat_stripe(dir, c->home);
 
 	if (b) {
 		*(volatile __u32 *)&b->rec[way] = rec;
-		*(volatile __u32 *)&b->state[way] = c->tag;
+		*(volatile __u8 *)&b->tag[way] = c->tag;
 	}
-	if (home)
-		nat_unlock(home);
+	if (home_lock)
+		nat_unlock(home_lock);
 }
 
 /* Gives a claimed way back and unlocks. */
-static __always_inline void nat_unclaim(void *index, const struct nat_claim *c)
+static __always_inline void nat_unclaim(void *index, int dir, const struct nat_claim *c)
 {
 	__u32 bucket = c->bucket;
-	__u32 home_bucket = c->home;
+	__u32 way = c->way < NAT_WAYS ? c->way : 0;
 	struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
-	struct nat_bucket *home = bpf_map_lookup_elem(index, &home_bucket);
+	__u32 *home_lock = nat_stripe(dir, c->home);
 
 	if (b)
-		*(volatile __u32 *)&b->state[c->way & (NAT_WAYS - 1)] = WAY_FREE;
-	if (home)
-		nat_unlock(home);
+		*(volatile __u8 *)&b->tag[way] = TAG_FREE;
+	if (home_lock)
+		nat_unlock(home_lock);
 }
 
 /*

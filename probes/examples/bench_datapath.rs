@@ -114,18 +114,19 @@ fn run(iterations: usize) -> BenchResult<Value> {
         "/sys/fs/bpf/kib-bench-{}",
         std::process::id()
     )));
-    let dp = load(pins.0.join("v1"), RewritePolicy::Auto)?;
-    // 1. repeat runs, bpf_stats off (it would add its own clock reads to every run).
-    let floor_repeat = baseline_repeat(iterations)?;
-    let v4 = bench_family_repeat(&dp, Family::V4, iterations)?;
-    let v6 = bench_family_repeat(&dp, Family::V6, iterations)?;
+    let dp = load(pins.0.join("v2"), RewritePolicy::Auto)?;
+    // 1. repeat runs, bpf_stats off (it would add its own clock reads to every run), each round
+    //    of a path right after a round of the empty program.
+    let floor = Floor::load(iterations)?;
+    let v4 = bench_family_repeat(&dp, &floor, Family::V4, iterations)?;
+    let v6 = bench_family_repeat(&dp, &floor, Family::V6, iterations)?;
     // The same on the helper rewrite (what kernels without bpf_cast_to_kern_ctx run).
     let helpers_pins = Pins(PathBuf::from(format!(
         "/sys/fs/bpf/kib-bench-helpers-{}",
         std::process::id()
     )));
-    let helpers = load(helpers_pins.0.join("v1"), RewritePolicy::Helpers)?;
-    let v4_helpers = bench_family_repeat(&helpers, Family::V4, iterations)?;
+    let helpers = load(helpers_pins.0.join("v2"), RewritePolicy::Helpers)?;
+    let v4_helpers = bench_family_repeat(&helpers, &floor, Family::V4, iterations)?;
     drop(helpers);
     drop(helpers_pins);
 
@@ -156,11 +157,11 @@ fn run(iterations: usize) -> BenchResult<Value> {
         "BPF helpers"
     };
     Ok(json!({
-        "bpf": figures(&v4, Some(floor_repeat), rewrite),
-        "bpf_own": own(&v4, floor_repeat),
-        "bpf_ipv6": figures(&v6, Some(floor_repeat), rewrite),
-        "bpf_ipv6_own": own(&v6, floor_repeat),
-        "bpf_helpers": figures(&v4_helpers, Some(floor_repeat), "BPF helpers"),
+        "bpf": figures(&v4, rewrite),
+        "bpf_own": own(&v4),
+        "bpf_ipv6": figures(&v6, rewrite),
+        "bpf_ipv6_own": own(&v6),
+        "bpf_helpers": figures(&v4_helpers, "BPF helpers"),
         "single_run": single,
         "iterations_per_path": iterations,
         "kernel": kernel,
@@ -188,84 +189,121 @@ fn load(pin_root: PathBuf, rewrite: RewritePolicy) -> BenchResult<Datapath> {
     Ok(dp)
 }
 
+/// A path's figures with the repeat method: the medians over rounds of its mean per run, of the
+/// empty program's (measured right before each of its rounds), and of their difference.
+#[derive(Debug, Clone, Copy)]
+struct Measure {
+    raw: f64,
+    floor: f64,
+    own: f64,
+}
+
 /// The repeat method's figures of one family, with the method stated.
-fn figures(paths: &[(&'static str, f64)], floor: Option<f64>, rewrite: &str) -> Value {
+fn figures(paths: &[(&'static str, Measure)], rewrite: &str) -> Value {
     let mut out = serde_json::Map::new();
-    for (name, ns) in paths {
-        out.insert(format!("{name}_ns"), json!(round(*ns)));
+    for (name, m) in paths {
+        out.insert(format!("{name}_ns"), json!(round(m.raw)));
     }
-    if let Some(floor) = floor {
-        out.insert("floor_ns".into(), json!(round(floor)));
+    let floors: Vec<f64> = paths.iter().map(|(_, m)| m.floor).collect();
+    if !floors.is_empty() {
+        out.insert("floor_ns".into(), json!(round(median(floors))));
     }
     out.insert("rewrite".into(), json!(rewrite));
     out.insert(
         "method".into(),
         json!(
             "BPF_PROG_TEST_RUN repeat=N with kernel.bpf_stats_enabled=0: the kernel's mean \
-             duration per run, median of the rounds; every run takes the path (counter moved \
+             duration per run, median of 7 rounds; every run takes the path (counter moved \
              by exactly the runs; a two-entry cycle rewrites the packet back and forth for the \
              fast path, reverse NAT and ICMP errors; each first packet's translated packet is \
              the next run's new connection, 2,000 per batch, a backend per batch, the table \
-             never cleared); floor_ns: an empty program \
-             measured the same way"
+             never cleared); floor_ns: an empty program measured the same way, a round of it \
+             right before each round of a path"
         ),
     );
     Value::Object(out)
 }
 
-/// Figures minus the floor: what the program itself costs.
-fn own(paths: &[(&'static str, f64)], floor: f64) -> Value {
+/// What the programs themselves cost: per path, the median over rounds of the round's figure
+/// minus the empty program's round just before it.
+fn own(paths: &[(&'static str, Measure)]) -> Value {
     let mut out = serde_json::Map::new();
-    for (name, ns) in paths {
-        out.insert(format!("{name}_ns"), json!(round(ns - floor)));
+    for (name, m) in paths {
+        out.insert(format!("{name}_ns"), json!(round(m.own)));
     }
     Value::Object(out)
 }
 
-const REPEAT_ROUNDS: usize = 5;
+const REPEAT_ROUNDS: usize = 7;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-/// The empty program with repeat runs.
-fn baseline_repeat(iterations: usize) -> BenchResult<f64> {
-    let object = ObjectBuilder::default()
-        .open_memory(BENCH_BASELINE_OBJECT)?
-        .load()?;
-    let program = object
-        .progs_mut()
-        .find(|p| p.name() == "bench_baseline")
-        .ok_or("bench_baseline program missing")?;
-    let packet = tcp(
-        IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
-        40_000,
-        IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
-        8080,
-        0x10,
-    );
-    let mut means = Vec::new();
-    for _ in 0..REPEAT_ROUNDS + 1 {
-        let mut out = vec![0u8; packet.len() + 64];
+/// The empty program (the measurement floor: the test-run loop and the call into a program,
+/// which a real TC hook pays too), for rounds of repeat runs.
+struct Floor {
+    object: libbpf_rs::Object,
+    packet: Vec<u8>,
+    iterations: u32,
+}
+
+impl Floor {
+    fn load(iterations: usize) -> BenchResult<Floor> {
+        let object = ObjectBuilder::default()
+            .open_memory(BENCH_BASELINE_OBJECT)?
+            .load()?;
+        let packet = tcp(
+            IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
+            40_000,
+            IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
+            8080,
+            0x10,
+        );
+        let floor = Floor {
+            object,
+            packet,
+            iterations: iterations as u32,
+        };
+        floor.round()?; // warm-up
+        Ok(floor)
+    }
+
+    /// One round: the mean duration per run of `iterations` repeat runs.
+    fn round(&self) -> BenchResult<f64> {
+        let program = self
+            .object
+            .progs_mut()
+            .find(|p| p.name() == "bench_baseline")
+            .ok_or("bench_baseline program missing")?;
+        let mut out = vec![0u8; self.packet.len() + 64];
         let input = ProgramInput {
-            data_in: Some(&packet),
+            data_in: Some(&self.packet),
             data_out: Some(&mut out),
-            repeat: iterations as u32,
+            repeat: self.iterations,
             ..ProgramInput::default()
         };
-        means.push(program.test_run(input)?.duration.as_nanos() as f64);
+        Ok(program.test_run(input)?.duration.as_nanos() as f64)
     }
-    means.remove(0); // warm-up
-    Ok(median(means))
+}
+
+/// Medians of per-round (path, floor) pairs.
+fn measure_rounds(pairs: &[(f64, f64)]) -> Measure {
+    Measure {
+        raw: median(pairs.iter().map(|p| p.0).collect()),
+        floor: median(pairs.iter().map(|p| p.1).collect()),
+        own: median(pairs.iter().map(|p| p.0 - p.1).collect()),
+    }
 }
 
 /// `rounds` + 1 test runs of `runs` repetitions each on `packet` (the first is a warm-up),
-/// each checked by `check` and by `counter` (when given) moving by exactly `runs`; the median
-/// of the per-run means. `between` runs (untimed) before each round.
+/// each checked by `check` and by `counter` (when given) moving by exactly `runs`, and each
+/// after a round of the empty program; the medians. `between` runs (untimed) before each round.
 #[allow(clippy::too_many_arguments)]
 fn repeat_path(
     dp: &Datapath,
+    floor: &Floor,
     program: DatapathProgram,
     mark: u32,
     packet: &[u8],
@@ -274,15 +312,16 @@ fn repeat_path(
     counter: Option<Counter>,
     mut between: impl FnMut() -> BenchResult<()>,
     check: impl Fn(&TestRunOutput) -> bool,
-) -> BenchResult<f64> {
+) -> BenchResult<Measure> {
     let context = SkbContext {
         mark,
         ifindex: 1,
         ingress_ifindex: 0,
     };
-    let mut means = Vec::new();
+    let mut pairs = Vec::new();
     for round in 0..rounds + 1 {
         between()?;
+        let floor_ns = floor.round()?;
         let before = dp.stats()?;
         let out = dp.test_run_repeat(program, packet, &context, runs)?;
         let delta = dp.stats()?.delta(&before);
@@ -304,10 +343,10 @@ fn repeat_path(
             _ => {}
         }
         if round > 0 {
-            means.push(out.duration.as_nanos() as f64);
+            pairs.push((out.duration.as_nanos() as f64, floor_ns));
         }
     }
-    Ok(median(means))
+    Ok(measure_rounds(&pairs))
 }
 
 /// The SNAT port of the cycle client:40000 <-> node:port (any port of the SNAT range).
@@ -342,9 +381,10 @@ fn insert_cycle(dp: &Datapath, f: Family, port: u16) -> BenchResult<()> {
 /// Every path of one family with the repeat method: (name, ns per run).
 fn bench_family_repeat(
     dp: &Datapath,
+    floor: &Floor,
     f: Family,
     iterations: usize,
-) -> BenchResult<Vec<(&'static str, f64)>> {
+) -> BenchResult<Vec<(&'static str, Measure)>> {
     let a = addresses(f);
     let runs = (iterations as u32).max(2) & !1; // even: a cycle ends where it started
     let c = client(f, 0);
@@ -359,6 +399,7 @@ fn bench_family_repeat(
     let packet = tcp(c, 40_000, a.backend, 8080, 0x10);
     let ns = repeat_path(
         dp,
+        floor,
         DatapathProgram::TcEgress,
         0,
         &packet,
@@ -394,6 +435,7 @@ fn bench_family_repeat(
         "reverse_nat",
         repeat_path(
             dp,
+            floor,
             DatapathProgram::TcIngress,
             0,
             &reply,
@@ -410,6 +452,7 @@ fn bench_family_repeat(
         "icmp_error",
         repeat_path(
             dp,
+            floor,
             DatapathProgram::TcIngress,
             0,
             &error,
@@ -428,6 +471,7 @@ fn bench_family_repeat(
         "passthrough",
         repeat_path(
             dp,
+            floor,
             DatapathProgram::TcEgress,
             0,
             &other,
@@ -457,6 +501,7 @@ fn bench_family_repeat(
         "service_classification",
         repeat_path(
             dp,
+            floor,
             DatapathProgram::TcIngress,
             0,
             &to_service,
@@ -477,9 +522,10 @@ fn bench_family_repeat(
         ..Config::default()
     })?;
     let batches = (iterations / ALLOC_BATCH).clamp(REPEAT_ROUNDS, 50);
-    let mut means = Vec::new();
+    let mut pairs = Vec::new();
     for batch in 0..=batches {
         let first = tcp(c, 40_000, backend(f, batch + 1), 8080, 0x02);
+        let floor_ns = floor.round()?;
         let before = dp.stats()?;
         let context = SkbContext {
             mark: SVC | MASQ,
@@ -497,10 +543,10 @@ fn bench_family_repeat(
         }
         counter_moved(dp, &before, Counter::SnatAlloc, ALLOC_BATCH)?;
         if batch > 0 {
-            means.push(out.duration.as_nanos() as f64);
+            pairs.push((out.duration.as_nanos() as f64, floor_ns));
         }
     }
-    out.push(("first_packet", median(means)));
+    out.push(("first_packet", measure_rounds(&pairs)));
     maps.set_config(&Config::default())?;
     clear_snat(dp)?;
     Ok(out)

@@ -69,7 +69,7 @@ pub struct MapSizes {
     /// `devices` (default 1 024).
     pub devices: u32,
     /// The SNAT table: records in `snat_records` (default 262 144); `snat_fwd` and `snat_rev`
-    /// get half as many buckets each.
+    /// get two ways per record each.
     pub snat: u32,
     /// `conns` (default 262 144).
     pub conns: u32,
@@ -103,7 +103,9 @@ impl MapSizes {
             map_names::CLUSTER_CIDRS => Some(self.cluster_cidrs),
             map_names::DEVICES => Some(self.devices),
             map_names::SNAT_RECORDS => Some(self.snat.max(1)),
-            map_names::SNAT_FWD | map_names::SNAT_REV => Some((self.snat / 2).max(1)),
+            map_names::SNAT_FWD | map_names::SNAT_REV => {
+                Some((2 * self.snat.max(1)).div_ceil(maps::NAT_WAYS as u32))
+            }
             map_names::CONNS => Some(self.conns),
             map_names::FRAGS => Some(self.frags),
             _ => None,
@@ -473,6 +475,7 @@ fn datapath_maps(
         records: map_handle(object, map_names::SNAT_RECORDS)?,
         fwd: map_handle(object, map_names::SNAT_FWD)?,
         rev: map_handle(object, map_names::SNAT_REV)?,
+        locks: map_handle(object, map_names::SNAT_LOCKS)?,
     };
     let maps = DatapathMaps {
         svc_ports: TypedMap::from_handle(map_handle(object, map_names::SVC_PORTS)?)?,
@@ -482,7 +485,7 @@ fn datapath_maps(
         devices: TypedMap::from_handle(map_handle(object, map_names::DEVICES)?)?,
         device_slots: TypedMap::from_handle(map_handle(object, map_names::DEVICE_SLOTS)?)?,
         config,
-        snat: SnatTable::open(&handles.records, &handles.fwd, &handles.rev, seed)?,
+        snat: SnatTable::open(&handles, seed)?,
         conns: TypedMap::from_handle(map_handle(object, map_names::CONNS)?)?,
         frags: TypedMap::from_handle(map_handle(object, map_names::FRAGS)?)?,
         stats: PerCpuArray::from_handle(map_handle(object, map_names::STATS)?)?,

@@ -88,7 +88,7 @@ pub const DEFAULT_CLUSTER_CIDRS_SIZE: u32 = 256;
 /// Default `devices` size.
 pub const DEFAULT_DEVICES_SIZE: u32 = 1_024;
 /// Default size of the SNAT table: records in `snat_records` (each index, `snat_fwd` and
-/// `snat_rev`, has half as many buckets: two ways per record).
+/// `snat_rev`, has two ways per record: `2 * size / NAT_WAYS` buckets, rounded up).
 pub const DEFAULT_SNAT_SIZE: u32 = 262_144;
 /// Default `conns` size.
 pub const DEFAULT_CONNS_SIZE: u32 = 262_144;
@@ -117,6 +117,8 @@ pub mod map_names {
     pub const SNAT_FWD: &str = "snat_fwd";
     /// `snat_rev`: index of the records by the tuple as the reply arrives.
     pub const SNAT_REV: &str = "snat_rev";
+    /// `snat_locks`: the bucket locks of both indexes.
+    pub const SNAT_LOCKS: &str = "snat_locks";
     /// `conns`: IPVS connections seen by the probe.
     pub const CONNS: &str = "conns";
     /// `frags`: ports of first fragments.
@@ -124,7 +126,7 @@ pub mod map_names {
     /// `stats`: per-CPU counters.
     pub const STATS: &str = "stats";
     /// Every map name.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SVC_PORTS,
         SVC_ADDRS,
         SRC_RANGES,
@@ -135,6 +137,7 @@ pub mod map_names {
         SNAT_RECORDS,
         SNAT_FWD,
         SNAT_REV,
+        SNAT_LOCKS,
         CONNS,
         FRAGS,
         STATS,
@@ -401,7 +404,8 @@ impl DevValue {
     }
 }
 
-/// `struct tuple`: a connection as one packet carries it (key of `snat_fwd`, `snat_rev`, `conns`).
+/// `struct tuple`: a connection as one packet carries it (the tuples of a SNAT record, the key of
+/// `conns`).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
 )]
@@ -457,9 +461,10 @@ impl Tuple {
     }
 }
 
-/// `struct snat_entry`: in `snat_fwd`, the translated source (node address, SNAT port); in
-/// `snat_rev`, the original client. The sweeper combines the twins: `state` of the connection is
-/// `fwd.state | rev.state`, its last activity `max(fwd.last_seen_ns, rev.last_seen_ns)`.
+/// `struct snat_entry`: one direction of a SNAT record: `fwd`, the translated source (node
+/// address, SNAT port); `rev`, the original client. The sweeper combines the two: the
+/// connection's state is `fwd.state | rev.state`, its last activity
+/// `max(fwd.last_seen_ns, rev.last_seen_ns)`.
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
 )]
@@ -489,16 +494,19 @@ impl SnatEntry {
 }
 
 /// Ways of a SNAT index bucket (`NAT_WAYS`).
-pub const NAT_WAYS: usize = 4;
+pub const NAT_WAYS: usize = 6;
 /// Buckets a SNAT index insert or lookup walks at most (`NAT_PROBE_BUCKETS`): the home bucket
 /// and, while each is marked overflowed, the next ones.
 pub const NAT_PROBE_BUCKETS: u32 = 4;
-/// `nat_bucket.state`: the way is free.
-pub const WAY_FREE: u32 = 0;
-/// `nat_bucket.state`: the way is claimed by an insert.
-pub const WAY_BUSY: u32 = 1;
-/// `nat_bucket.state`: set in every tag (a way holding a record).
-pub const WAY_VALID: u32 = 2;
+/// Lock stripes per SNAT index (`NAT_LOCK_STRIPES`): a bucket's lock is `snat_locks[bucket %
+/// NAT_LOCK_STRIPES]` (`snat_fwd`), or that plus `NAT_LOCK_STRIPES` (`snat_rev`).
+pub const NAT_LOCK_STRIPES: u32 = 8192;
+/// `nat_bucket.tag`: the way is free.
+pub const TAG_FREE: u8 = 0x00;
+/// `nat_bucket.tag`: the way is claimed by an insert.
+pub const TAG_BUSY: u8 = 0x01;
+/// `nat_bucket.tag`: set in every tag of a way holding a record (7 bits of the hash below it).
+pub const TAG_VALID: u8 = 0x80;
 /// `nat_record.state`: free.
 pub const REC_FREE: u32 = 0;
 /// `nat_record.state`: allocated by a program, being written.
@@ -508,18 +516,19 @@ pub const REC_USED: u32 = 2;
 /// `nat_record.state`: unindexed by the sweeper; freed at its next pass.
 pub const REC_DEAD: u32 = 3;
 
-/// `struct nat_bucket`: a bucket of `snat_fwd` or `snat_rev`.
+/// `struct nat_bucket`: a bucket of `snat_fwd` or `snat_rev` (32 bytes; its first 8 are the
+/// control word the programs read at once).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
 )]
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct NatBucket {
-    /// Held (1) by a program inserting a tuple homed here.
-    pub lock: u32,
+    /// Per way: [`TAG_FREE`], [`TAG_BUSY`] or the tag of the tuple it indexes.
+    pub tag: [u8; NAT_WAYS],
     /// Set once an insert went past this bucket because it was full.
-    pub overflow: u32,
-    /// Per way: [`WAY_FREE`], [`WAY_BUSY`] or the tag of the tuple it indexes.
-    pub state: [u32; NAT_WAYS],
+    pub overflow: u8,
+    /// Padding, zero.
+    pub pad: u8,
     /// Per way: the record's number.
     pub rec: [u32; NAT_WAYS],
 }
@@ -801,7 +810,7 @@ counters! {
     SnatPortReuse => snat_port_reuse,
     /// Packets dropped: no free SNAT port after 32 probes.
     PortExhausted => port_exhausted,
-    /// Packets dropped: `snat_fwd`/`snat_rev` full.
+    /// Packets dropped: the SNAT table full (no record, or the tuple's index buckets full).
     MapFull => map_full,
     /// Replies reverse-translated.
     RevHit => rev_hit,

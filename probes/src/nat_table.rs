@@ -1,29 +1,30 @@
-//! The SNAT table as the agent, `inspect` and the tests see it: `snat_records`, `snat_fwd` and
-//! `snat_rev` (bpf/table.h) mapped into memory (they are `BPF_F_MMAPABLE` arrays), with the
-//! programs' hashing and rules mirrored so records can be listed, found, removed and, by tests
-//! and benchmarks, inserted.
+//! The SNAT table as the agent, `inspect` and the tests see it: `snat_records`, `snat_fwd`,
+//! `snat_rev` and `snat_locks` (bpf/table.h) mapped into memory (they are `BPF_F_MMAPABLE`
+//! arrays), with the programs' hashing and rules mirrored so records can be listed, found,
+//! removed and, by tests and benchmarks, inserted.
 //!
-//! Concurrency follows table.h: programs insert (bucket locks, compare-and-swap claims), this side
-//! never takes a bucket lock except in [`SnatTable::insert`] (tests and benchmarks only: a lock
+//! Concurrency follows table.h: programs insert (stripe locks, tag bytes written under them),
+//! this side never takes a lock except in [`SnatTable::insert`] (tests and benchmarks only: a lock
 //! held by a preempted process would make a program give up its insert). Removal is
-//! [`SnatTable::unindex`] (each way compare-and-swapped from its tag to free, the record marked
-//! dead) then, one sweep later, [`SnatTable::reclaim`] (dead records freed), so a program that
-//! found a record just before it was unindexed is done with it before it is reused. Records are
-//! read with volatile copies: a record being written may read torn, which is why callers go by
-//! its state and re-check.
+//! [`SnatTable::unindex`] (each way's tag byte cleared by a compare-and-swap of its bucket's
+//! control word, the record marked dead) then, one sweep later, [`SnatTable::reclaim`] (dead
+//! records freed), so a program that found a record just before it was unindexed is done with it
+//! before it is reused. Records are read with volatile copies: a record being written may read
+//! torn, which is why callers go by its state and re-check.
 
 use std::ffi::c_void;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use libbpf_rs::{MapCore, MapHandle};
 
 use crate::error::{Error, Result};
 use crate::maps::{
-    NAT_PROBE_BUCKETS, NAT_WAYS, NatBucket, NatRecord, REC_BUSY, REC_DEAD, REC_FREE, REC_USED,
-    SnatEntry, Tuple, WAY_BUSY, WAY_FREE, WAY_VALID,
+    NAT_LOCK_STRIPES, NAT_PROBE_BUCKETS, NAT_WAYS, NatBucket, NatRecord, REC_BUSY, REC_DEAD,
+    REC_FREE, REC_USED, SnatEntry, TAG_BUSY, TAG_FREE, TAG_VALID, Tuple,
 };
+use crate::typed_map::SnatHandles;
 
 /// The odd constants of `tuple_hash()` (table.h), one per 32-bit word of a tuple.
 const HASH_MULTIPLIERS: [u64; 10] = [
@@ -73,12 +74,12 @@ impl Index {
 pub struct NatPos {
     /// The home bucket.
     pub home: u32,
-    /// The state word of a way indexing the tuple.
-    pub tag: u32,
+    /// The tag byte of a way indexing the tuple.
+    pub tag: u8,
 }
 
-fn tag_of(h: u64) -> u32 {
-    (h as u32 & !3) | WAY_VALID
+fn tag_of(h: u64) -> u8 {
+    (h as u8 & 0x7f) | TAG_VALID
 }
 
 /// A map mapped into memory (unmapped on drop).
@@ -168,31 +169,25 @@ unsafe fn atomic<'a>(word: *mut u32) -> &'a AtomicU32 {
     unsafe { AtomicU32::from_ptr(word) }
 }
 
-/// The SNAT table (three mapped maps plus the hash seed the programs use).
+/// The SNAT table (its mapped maps plus the hash seed the programs use).
 #[derive(Debug)]
 pub struct SnatTable {
     records: Mapping,
     fwd: Mapping,
     rev: Mapping,
+    locks: Mapping,
     seed: u32,
 }
 
 impl SnatTable {
-    /// Maps the table's three maps. `seed` is `config.nat_seed`; the index maps must have the
-    /// same bucket count.
-    pub fn open(
-        records: &MapHandle,
-        fwd: &MapHandle,
-        rev: &MapHandle,
-        seed: u32,
-    ) -> Result<SnatTable> {
-        let records = Mapping::new(records, size_of::<NatRecord>())?;
-        let fwd = Mapping::new(fwd, size_of::<NatBucket>())?;
-        let rev = Mapping::new(rev, size_of::<NatBucket>())?;
+    /// Maps the table's maps. `seed` is `config.nat_seed`; the index maps must have the same
+    /// bucket count.
+    pub fn open(handles: &SnatHandles, seed: u32) -> Result<SnatTable> {
         Ok(SnatTable {
-            records,
-            fwd,
-            rev,
+            records: Mapping::new(&handles.records, size_of::<NatRecord>())?,
+            fwd: Mapping::new(&handles.fwd, size_of::<NatBucket>())?,
+            rev: Mapping::new(&handles.rev, size_of::<NatBucket>())?,
+            locks: Mapping::new(&handles.locks, size_of::<u32>())?,
             seed,
         })
     }
@@ -260,20 +255,54 @@ impl SnatTable {
         }
     }
 
-    /// The state word of a way.
-    fn way_state(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
-        // SAFETY: b is an element of a live mapping; state is 4-byte aligned inside it.
-        unsafe { atomic(std::ptr::addr_of_mut!((*b).state[way])) }
+    /// A bucket's control word (its first 8 bytes: the ways' tag bytes, the overflow flag).
+    fn ctrl(&self, b: *mut NatBucket) -> &AtomicU64 {
+        // SAFETY: b is an element of a live mapping, 8-byte aligned (32-byte elements from a
+        // page-aligned start); its first 8 bytes are the control word.
+        unsafe { AtomicU64::from_ptr(b.cast::<u64>()) }
+    }
+
+    fn tag(&self, b: *mut NatBucket, way: usize) -> u8 {
+        (self.ctrl(b).load(Ordering::Acquire) >> (8 * way)) as u8
+    }
+
+    /// Sets byte `byte` of a control word to `new` if it is `expected` (any when `None`), with
+    /// a compare-and-swap of the whole word (programs store other bytes of it meanwhile).
+    fn set_ctrl_byte(&self, b: *mut NatBucket, byte: usize, expected: Option<u8>, new: u8) -> bool {
+        let ctrl = self.ctrl(b);
+        let shift = 8 * byte;
+        let mut current = ctrl.load(Ordering::Acquire);
+        loop {
+            if expected.is_some_and(|e| (current >> shift) as u8 != e) {
+                return false;
+            }
+            let next = (current & !(0xff << shift)) | (u64::from(new) << shift);
+            match ctrl.compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The overflow flag is byte NAT_WAYS of the control word.
+    fn overflowed(&self, b: *mut NatBucket) -> bool {
+        (self.ctrl(b).load(Ordering::Acquire) >> (8 * NAT_WAYS)) as u8 != 0
     }
 
     fn way_rec(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
-        // SAFETY: as way_state.
+        // SAFETY: b is an element of a live mapping; rec is 4-byte aligned inside it.
         unsafe { atomic(std::ptr::addr_of_mut!((*b).rec[way])) }
     }
 
-    fn word<'a>(&self, b: *mut NatBucket, field: fn(*mut NatBucket) -> *mut u32) -> &'a AtomicU32 {
-        // SAFETY: field() returns a field of b, an element of a live mapping.
-        unsafe { atomic(field(b)) }
+    /// The lock of a bucket's stripe.
+    fn stripe(&self, index: Index, bucket: u32) -> &AtomicU32 {
+        let base = match index {
+            Index::Fwd => 0,
+            Index::Rev => NAT_LOCK_STRIPES,
+        };
+        let word = self.locks.element::<u32>(base + bucket % NAT_LOCK_STRIPES);
+        // SAFETY: an element of the live locks mapping (2 * NAT_LOCK_STRIPES of them).
+        unsafe { atomic(word) }
     }
 
     fn record_state(&self, rec: u32) -> &AtomicU32 {
@@ -321,7 +350,7 @@ impl SnatTable {
         for _ in 0..NAT_PROBE_BUCKETS {
             let b = self.bucket(index, bucket);
             for way in 0..NAT_WAYS {
-                if self.way_state(b, way).load(Ordering::Acquire) != pos.tag {
+                if self.tag(b, way) != pos.tag {
                     continue;
                 }
                 let rec = self.way_rec(b, way).load(Ordering::Acquire);
@@ -335,9 +364,7 @@ impl SnatTable {
                     }
                 }
             }
-            // SAFETY: overflow is a field of the bucket.
-            let overflowed = self.word(b, |b| unsafe { std::ptr::addr_of_mut!((*b).overflow) });
-            if overflowed.load(Ordering::Acquire) == 0 {
+            if !self.overflowed(b) {
                 return None;
             }
             bucket = self.next(bucket);
@@ -361,7 +388,7 @@ impl SnatTable {
             .map(|bucket| {
                 let b = self.bucket(index, bucket);
                 (0..NAT_WAYS)
-                    .filter(|&way| self.way_state(b, way).load(Ordering::Relaxed) & WAY_VALID != 0)
+                    .filter(|&way| self.tag(b, way) & TAG_VALID != 0)
                     .count()
             })
             .sum()
@@ -409,10 +436,7 @@ impl SnatTable {
             let b = self.bucket(index, bucket);
             for way in 0..NAT_WAYS {
                 if self.way_rec(b, way).load(Ordering::Acquire) == rec
-                    && self
-                        .way_state(b, way)
-                        .compare_exchange(pos.tag, WAY_FREE, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
+                    && self.set_ctrl_byte(b, way, Some(pos.tag), TAG_FREE)
                 {
                     return;
                 }
@@ -495,11 +519,7 @@ impl SnatTable {
         Ok(rec)
     }
 
-    fn lock(&self, index: Index, bucket: u32) -> bool {
-        // SAFETY: lock is a field of the bucket.
-        let lock = self.word(self.bucket(index, bucket), |b| unsafe {
-            std::ptr::addr_of_mut!((*b).lock)
-        });
+    fn lock(&self, lock: &AtomicU32) -> bool {
         for _ in 0..100_000 {
             if lock
                 .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
@@ -512,66 +532,56 @@ impl SnatTable {
         false
     }
 
-    fn unlock(&self, index: Index, bucket: u32) {
-        // SAFETY: lock is a field of the bucket.
-        self.word(self.bucket(index, bucket), |b| unsafe {
-            std::ptr::addr_of_mut!((*b).lock)
-        })
-        .store(0, Ordering::Release);
-    }
-
     fn claim(&self, index: Index, k: &Tuple) -> Result<Claim> {
         let pos = self.pos(index, k);
-        if !self.lock(index, pos.home) {
+        let home_lock = self.stripe(index, pos.home);
+        if !self.lock(home_lock) {
             return Err(Error::TableBusy(index.name()));
         }
         if self.find(index, k).is_some() {
-            self.unlock(index, pos.home);
+            home_lock.store(0, Ordering::Release);
             return Err(Error::TableExists(index.name()));
         }
         let mut bucket = pos.home;
-        for probe in 0..NAT_PROBE_BUCKETS {
+        for _ in 0..NAT_PROBE_BUCKETS {
             let b = self.bucket(index, bucket);
-            let locked = probe == 0 || self.lock(index, bucket);
-            if locked {
-                for way in 0..NAT_WAYS {
-                    if self.way_state(b, way).load(Ordering::Acquire) == WAY_FREE {
-                        self.way_state(b, way).store(WAY_BUSY, Ordering::Release);
-                        if probe > 0 {
-                            self.unlock(index, bucket);
-                        }
-                        return Ok(Claim {
-                            home: pos.home,
-                            bucket,
-                            way,
-                            tag: pos.tag,
-                        });
-                    }
+            let lock = self.stripe(index, bucket);
+            let own = !std::ptr::eq(lock, home_lock);
+            if !own || self.lock(lock) {
+                let way =
+                    (0..NAT_WAYS).find(|&way| self.set_ctrl_byte(b, way, Some(TAG_FREE), TAG_BUSY));
+                if way.is_none() {
+                    self.set_ctrl_byte(b, NAT_WAYS, None, 1);
                 }
-                if probe > 0 {
-                    self.unlock(index, bucket);
+                if own {
+                    lock.store(0, Ordering::Release);
+                }
+                if let Some(way) = way {
+                    return Ok(Claim {
+                        home: pos.home,
+                        bucket,
+                        way,
+                        tag: pos.tag,
+                    });
                 }
             }
-            // SAFETY: overflow is a field of the bucket.
-            self.word(b, |b| unsafe { std::ptr::addr_of_mut!((*b).overflow) })
-                .fetch_or(1, Ordering::AcqRel);
             bucket = self.next(bucket);
         }
-        self.unlock(index, pos.home);
+        home_lock.store(0, Ordering::Release);
         Err(Error::TableFull(index.name()))
     }
 
     fn publish(&self, index: Index, c: &Claim, rec: u32) {
         let b = self.bucket(index, c.bucket);
         self.way_rec(b, c.way).store(rec, Ordering::Release);
-        self.way_state(b, c.way).store(c.tag, Ordering::Release);
-        self.unlock(index, c.home);
+        self.set_ctrl_byte(b, c.way, None, c.tag);
+        self.stripe(index, c.home).store(0, Ordering::Release);
     }
 
     fn unclaim(&self, index: Index, c: &Claim) {
         let b = self.bucket(index, c.bucket);
-        self.way_state(b, c.way).store(WAY_FREE, Ordering::Release);
-        self.unlock(index, c.home);
+        self.set_ctrl_byte(b, c.way, None, TAG_FREE);
+        self.stripe(index, c.home).store(0, Ordering::Release);
     }
 
     fn alloc_record(&self) -> Option<u32> {
@@ -595,15 +605,19 @@ impl SnatTable {
         for rec in 0..self.capacity() {
             self.record_state(rec).store(REC_FREE, Ordering::Release);
         }
+        for stripe in 0..self.locks.entries {
+            // SAFETY: an element of the live locks mapping.
+            unsafe { atomic(self.locks.element::<u32>(stripe)) }.store(0, Ordering::Release);
+        }
     }
 }
 
-/// A claimed way (the home bucket's lock held).
+/// A claimed way (the home bucket's stripe lock held).
 struct Claim {
     home: u32,
     bucket: u32,
     way: usize,
-    tag: u32,
+    tag: u8,
 }
 
 #[cfg(test)]

@@ -249,7 +249,7 @@ pub struct DatapathMaps {
     pub device_slots: TypedMap<u32, DevSlot>,
     /// `config` (one entry, key 0; write it with [`DatapathMaps::set_config`]).
     pub config: TypedMap<u32, Config>,
-    /// The SNAT table (`snat_records`, `snat_fwd`, `snat_rev`).
+    /// The SNAT table (`snat_records`, `snat_fwd`, `snat_rev`, `snat_locks`).
     pub snat: SnatTable,
     /// `conns`.
     pub conns: TypedMap<Tuple, ConnValue>,
@@ -261,11 +261,16 @@ pub struct DatapathMaps {
     pub(crate) owned_flags: u32,
 }
 
-/// The three maps of the SNAT table, before they are mapped.
-pub(crate) struct SnatHandles {
+/// The maps of the SNAT table, before they are mapped.
+pub struct SnatHandles {
+    /// `snat_records`.
     pub records: MapHandle,
+    /// `snat_fwd`.
     pub fwd: MapHandle,
+    /// `snat_rev`.
     pub rev: MapHandle,
+    /// `snat_locks`.
+    pub locks: MapHandle,
 }
 
 impl DatapathMaps {
@@ -278,6 +283,7 @@ impl DatapathMaps {
             records: open_pinned_handle(&path(map_names::SNAT_RECORDS))?.0,
             fwd: open_pinned_handle(&path(map_names::SNAT_FWD))?.0,
             rev: open_pinned_handle(&path(map_names::SNAT_REV))?.0,
+            locks: open_pinned_handle(&path(map_names::SNAT_LOCKS))?.0,
         };
         Ok(DatapathMaps {
             svc_ports: TypedMap::open_pinned(&path(map_names::SVC_PORTS))?,
@@ -287,12 +293,7 @@ impl DatapathMaps {
             devices: TypedMap::open_pinned(&path(map_names::DEVICES))?,
             device_slots: TypedMap::open_pinned(&path(map_names::DEVICE_SLOTS))?,
             config,
-            snat: SnatTable::open(
-                &handles.records,
-                &handles.fwd,
-                &handles.rev,
-                current.nat_seed,
-            )?,
+            snat: SnatTable::open(&handles, current.nat_seed)?,
             conns: TypedMap::open_pinned(&path(map_names::CONNS))?,
             frags: TypedMap::open_pinned(&path(map_names::FRAGS))?,
             stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,

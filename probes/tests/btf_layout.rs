@@ -70,9 +70,9 @@ fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
         (
             "nat_bucket",
             rust_layout!(NatBucket {
-                lock,
+                tag,
                 overflow,
-                state,
+                pad,
                 rec
             }),
         ),
@@ -288,6 +288,7 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::DEVICE_SLOTS => (4, size_of::<DevSlot>()),
             map_names::SNAT_RECORDS => (4, size_of::<NatRecord>()),
             map_names::SNAT_FWD | map_names::SNAT_REV => (4, size_of::<NatBucket>()),
+            map_names::SNAT_LOCKS => (4, 4),
             map_names::CONNS => (size_of::<Tuple>(), size_of::<ConnValue>()),
             map_names::FRAGS => (size_of::<FragKey>(), size_of::<FragValue>()),
             map_names::STATS => (4, 8),

@@ -112,7 +112,7 @@ fn full_bucket_spills_into_the_next(f: Family) {
     let bucket = table.bucket_copy(Index::Fwd, home).expect("home bucket");
     assert_eq!(bucket.overflow, 1, "the home bucket is marked overflowed");
     assert!(
-        bucket.state.iter().all(|&s| s & 2 != 0),
+        bucket.tag.iter().all(|&t| t & probes::maps::TAG_VALID != 0),
         "its ways are all taken"
     );
     assert_eq!(table.index_len(Index::Fwd), ports.len());
