@@ -55,10 +55,13 @@ static __always_inline __u64 l4_csum_flags(__u8 proto)
 	return proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
-/* One's-complement arithmetic on 16-bit words as they lie in memory (byte-order neutral). */
+/*
+ * One's-complement arithmetic on 16-bit words as they lie in memory (byte-order neutral).
+ * Folding any 64-bit sum: after the 32-bit step it is below 2^33, then below 2^18, 2^16 + 4,
+ * and 2^16.
+ */
 static __always_inline __u16 csum_fold(__u64 sum)
 {
-	sum = (sum & 0xffffffff) + (sum >> 32);
 	sum = (sum & 0xffffffff) + (sum >> 32);
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);

@@ -80,11 +80,19 @@ struct cpu_scratch {
 	__u32 port_counter; /* RFC 6056 algorithm 3's counter (snat_allocate) */
 	__u64 clock_jiffies;
 	__u64 clock_ns;
+	/*
+	 * snat_allocate()'s working set, kept off the stack: the verifier bounds the stack of a
+	 * call chain (tc_egress -> snat_reserve_port -> snat_rev_claim) to 512 bytes.
+	 */
+	struct tuple rev_key;
+	struct snat_entry rev_value;
+	struct nat_claim rev_claim;
+	struct nat_claim fwd_claim;
 };
 
 _Static_assert(sizeof(struct flow_slot) == 64, "flow_slot");
 _Static_assert(sizeof(struct nat_job) == 28, "nat_job");
-_Static_assert(sizeof(struct cpu_scratch) == 56, "cpu_scratch");
+_Static_assert(sizeof(struct cpu_scratch) == 168, "cpu_scratch");
 _Static_assert(__builtin_offsetof(struct flow_slot, proto) == 36, "flow_slot tag word");
 
 /* flow_cache slots per CPU (a power of two) and how long a slot stays valid. */
@@ -794,10 +802,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 					 const __u8 node_addr[ADDR_LEN], __u8 flags, __u8 state,
 					 __u64 now, struct snat_entry *out)
 {
-	struct tuple rev_key = {};
-	struct snat_entry rev_value = {};
-	struct nat_claim rev_claim = {};
-	struct nat_claim fwd_claim = {};
+	struct tuple *rev_key = &cs->rev_key;
+	struct snat_entry *rev_value = &cs->rev_value;
 	struct nat_record *r;
 	__u16 client_port = bpf_ntohs(fwd_key->sport);
 	__u64 rev_base;
@@ -806,30 +812,32 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	int reserved = 0;
 	int ret;
 
-	addr_copy(rev_key.saddr, fwd_key->daddr);
-	addr_copy(rev_key.daddr, node_addr);
-	rev_key.sport = fwd_key->dport;
-	rev_key.proto = fwd_key->proto;
-	rev_base = nat_rev_base(cfg, &rev_key);
+	__builtin_memset(rev_key, 0, sizeof(*rev_key));
+	__builtin_memset(rev_value, 0, sizeof(*rev_value));
+	addr_copy(rev_key->saddr, fwd_key->daddr);
+	addr_copy(rev_key->daddr, node_addr);
+	rev_key->sport = fwd_key->dport;
+	rev_key->proto = fwd_key->proto;
+	rev_base = nat_rev_base(cfg, rev_key);
 
-	addr_copy(rev_value.addr, fwd_key->saddr);
-	rev_value.port = fwd_key->sport;
-	rev_value.created_ns = now;
-	rev_value.last_seen_ns = now;
+	addr_copy(rev_value->addr, fwd_key->saddr);
+	rev_value->port = fwd_key->sport;
+	rev_value->created_ns = now;
+	rev_value->last_seen_ns = now;
 
 	if (fwd_key->proto == IPPROTO_SCTP || client_port < cfg->local_port_min ||
 	    client_port > cfg->local_port_max) {
-		rev_key.dport = fwd_key->sport;
-		rev_value.flags = flags | SNAT_F_PORT_KEPT;
-		ret = snat_rev_claim(cfg, &rev_key, rev_base, &rev_claim);
+		rev_key->dport = fwd_key->sport;
+		rev_value->flags = flags | SNAT_F_PORT_KEPT;
+		ret = snat_rev_claim(cfg, rev_key, rev_base, &cs->rev_claim);
 		if (ret == 0)
 			reserved = 1;
 		else if (fwd_key->proto == IPPROTO_SCTP)
 			return ret == -EEXIST ? ALLOC_EXHAUSTED : ALLOC_MAP_FULL;
 	}
 	if (!reserved) {
-		rev_value.flags = flags;
-		ret = snat_reserve_port(cfg, &rev_key, rev_base, cs, &rev_claim);
+		rev_value->flags = flags;
+		ret = snat_reserve_port(cfg, rev_key, rev_base, cs, &cs->rev_claim);
 		if (ret == -ENOSPC)
 			return ALLOC_MAP_FULL;
 		if (ret)
@@ -837,16 +845,16 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	}
 
 	addr_copy(out->addr, node_addr);
-	out->port = rev_key.dport;
+	out->port = rev_key->dport;
 	out->state = state;
-	out->flags = rev_value.flags;
+	out->flags = rev_value->flags;
 	out->svc_id = 0;
 	out->created_ns = now;
 	out->last_seen_ns = now;
-	ret = snat_fwd_claim(cfg, fwd_key, fwd_pos.home, fwd_pos.tag, &fwd_claim);
+	ret = snat_fwd_claim(cfg, fwd_key, fwd_pos.home, fwd_pos.tag, &cs->fwd_claim);
 	if (ret) {
 		/* Give the reservation back: another CPU has the forward entry, or no room. */
-		nat_unclaim(&snat_rev, NAT_INDEX_REV, &rev_claim);
+		nat_unclaim(&snat_rev, NAT_INDEX_REV, &cs->rev_claim);
 		if (ret != -EEXIST)
 			return ALLOC_MAP_FULL;
 		r = record_at(snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag));
@@ -859,17 +867,17 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	rec_index = rec;
 	r = record_at(rec);
 	if (!r) {
-		nat_unclaim(&snat_fwd, NAT_INDEX_FWD, &fwd_claim);
-		nat_unclaim(&snat_rev, NAT_INDEX_REV, &rev_claim);
+		nat_unclaim(&snat_fwd, NAT_INDEX_FWD, &cs->fwd_claim);
+		nat_unclaim(&snat_rev, NAT_INDEX_REV, &cs->rev_claim);
 		return ALLOC_MAP_FULL;
 	}
 	__builtin_memcpy(&r->fwd_key, fwd_key, sizeof(r->fwd_key));
-	__builtin_memcpy(&r->rev_key, &rev_key, sizeof(r->rev_key));
+	__builtin_memcpy(&r->rev_key, rev_key, sizeof(r->rev_key));
 	__builtin_memcpy(&r->fwd, out, sizeof(r->fwd));
-	__builtin_memcpy(&r->rev, &rev_value, sizeof(r->rev));
+	__builtin_memcpy(&r->rev, rev_value, sizeof(r->rev));
 	*(volatile __u32 *)&r->state = REC_USED;
-	nat_publish(&snat_rev, NAT_INDEX_REV, &rev_claim, rec_index);
-	nat_publish(&snat_fwd, NAT_INDEX_FWD, &fwd_claim, rec_index);
+	nat_publish(&snat_rev, NAT_INDEX_REV, &cs->rev_claim, rec_index);
+	nat_publish(&snat_fwd, NAT_INDEX_FWD, &cs->fwd_claim, rec_index);
 	return ALLOC_NEW;
 }
 

@@ -699,6 +699,31 @@ pub struct CpuScratch {
     pub clock_jiffies: u64,
     /// `bpf_ktime_get_coarse_ns()` read in `clock_jiffies`.
     pub clock_ns: u64,
+    /// An allocation's reply tuple (off the programs' stack).
+    pub rev_key: Tuple,
+    /// An allocation's reverse entry.
+    pub rev_value: SnatEntry,
+    /// An allocation's claim in `snat_rev`.
+    pub rev_claim: NatClaim,
+    /// An allocation's claim in `snat_fwd`.
+    pub fwd_claim: NatClaim,
+}
+
+/// `struct nat_claim`: a way an insert holds in a SNAT index (programs only; mirrored for the
+/// layout check).
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct NatClaim {
+    /// The bucket whose stripe lock is held.
+    pub home: u32,
+    /// The bucket of the claimed way.
+    pub bucket: u32,
+    /// The way.
+    pub way: u32,
+    /// Its tag byte.
+    pub tag: u32,
 }
 
 /// `struct config`: the datapath's settings (the single entry of `config`). While `mark_svc` is

@@ -9,8 +9,8 @@ use libbpf_rs::btf::{BtfKind, BtfType};
 use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
-    FlowSlot, FragKey, FragValue, NatBucket, NatJob, NatRecord, RangeKey, SnatEntry, SvcKey,
-    SvcValue, Tuple, map_names,
+    FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey, SnatEntry,
+    SvcKey, SvcValue, Tuple, map_names,
 };
 use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
 
@@ -64,7 +64,20 @@ fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
                 rec_cursor,
                 port_counter,
                 clock_jiffies,
-                clock_ns
+                clock_ns,
+                rev_key,
+                rev_value,
+                rev_claim,
+                fwd_claim
+            }),
+        ),
+        (
+            "nat_claim",
+            rust_layout!(NatClaim {
+                home,
+                bucket,
+                way,
+                tag
             }),
         ),
         (
