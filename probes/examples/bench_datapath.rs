@@ -14,7 +14,9 @@
 //!    default size that nothing clears, so it fills up as on a node; the local port range is set
 //!    to cover the SNAT ports so each run takes the common path: an allocated port, no attempt to
 //!    keep the client's). `floor_ns` is an empty program measured the same way (the test loop and
-//!    the call into the program, which a real TC hook pays too): `bpf_own.*` = figure − floor.
+//!    the call into the program, which a real TC hook pays too), a round of it right before
+//!    each round of a path: `bpf_own.*` is the median of the rounds' differences. Figures are
+//!    medians over 7 rounds, then over 3 datapaths loaded one after the other.
 //! 2. **single runs** (`bpf_detail.single_run`): repeat = 1 on a fresh copy of the input per run
 //!    with `kernel.bpf_stats_enabled` on; run_time_ns / run_cnt deltas (each run also pays two
 //!    sched_clock reads for the accounting; the empty program's figure is given beside it).
@@ -114,12 +116,22 @@ fn run(iterations: usize) -> BenchResult<Value> {
         "/sys/fs/bpf/kib-bench-{}",
         std::process::id()
     )));
-    let dp = load(pins.0.join("v2"), RewritePolicy::Auto)?;
     // 1. repeat runs, bpf_stats off (it would add its own clock reads to every run), each round
-    //    of a path right after a round of the empty program.
+    //    of a path right after a round of the empty program; PASSES datapaths loaded one after
+    //    the other (each with maps of its own: where a large map lands in memory changes its
+    //    cost from one load to the next), the median of their figures.
     let floor = Floor::load(iterations)?;
-    let v4 = bench_family_repeat(&dp, &floor, Family::V4, iterations)?;
-    let v6 = bench_family_repeat(&dp, &floor, Family::V6, iterations)?;
+    let mut v4_passes = Vec::new();
+    let mut v6_passes = Vec::new();
+    for pass in 0..PASSES {
+        let pass_pins = Pins(pins.0.join(format!("pass{pass}")));
+        let dp = load(pass_pins.0.join("v2"), RewritePolicy::Auto)?;
+        v4_passes.push(bench_family_repeat(&dp, &floor, Family::V4, iterations)?);
+        v6_passes.push(bench_family_repeat(&dp, &floor, Family::V6, iterations)?);
+    }
+    let v4 = median_of_passes(&v4_passes);
+    let v6 = median_of_passes(&v6_passes);
+    let dp = load(pins.0.join("v2"), RewritePolicy::Auto)?;
     // The same on the helper rewrite (what kernels without bpf_cast_to_kern_ctx run).
     let helpers_pins = Pins(PathBuf::from(format!(
         "/sys/fs/bpf/kib-bench-helpers-{}",
@@ -213,7 +225,8 @@ fn figures(paths: &[(&'static str, Measure)], rewrite: &str) -> Value {
         "method".into(),
         json!(
             "BPF_PROG_TEST_RUN repeat=N with kernel.bpf_stats_enabled=0: the kernel's mean \
-             duration per run, median of 7 rounds; every run takes the path (counter moved \
+             duration per run, median of 7 rounds, then the median over 3 datapaths loaded \
+             one after the other (maps of their own); every run takes the path (counter moved \
              by exactly the runs; a two-entry cycle rewrites the packet back and forth for the \
              fast path, reverse NAT and ICMP errors; each first packet's translated packet is \
              the next run's new connection, 2,000 per batch, a backend per batch, the table \
@@ -286,6 +299,36 @@ impl Floor {
         };
         Ok(program.test_run(input)?.duration.as_nanos() as f64)
     }
+}
+
+/// Datapaths loaded for the repeat method.
+const PASSES: usize = 3;
+
+/// Per path, the median over passes of each figure.
+fn median_of_passes(passes: &[Vec<(&'static str, Measure)>]) -> Vec<(&'static str, Measure)> {
+    let Some(first) = passes.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let all: Vec<Measure> = passes
+                .iter()
+                .filter_map(|p| p.get(i))
+                .map(|p| p.1)
+                .collect();
+            let field = |f: fn(&Measure) -> f64| median(all.iter().map(f).collect());
+            (
+                *name,
+                Measure {
+                    raw: field(|m| m.raw),
+                    floor: field(|m| m.floor),
+                    own: field(|m| m.own),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Medians of per-round (path, floor) pairs.
