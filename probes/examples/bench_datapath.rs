@@ -254,6 +254,17 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The packet the empty program is measured with (it never looks at it).
+fn floor_packet() -> Vec<u8> {
+    tcp(
+        IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
+        40_000,
+        IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
+        8080,
+        0x10,
+    )
+}
+
 /// The empty program (the measurement floor: the test-run loop and the call into a program,
 /// which a real TC hook pays too), for rounds of repeat runs.
 struct Floor {
@@ -267,13 +278,7 @@ impl Floor {
         let object = ObjectBuilder::default()
             .open_memory(BENCH_BASELINE_OBJECT)?
             .load()?;
-        let packet = tcp(
-            IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
-            40_000,
-            IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
-            8080,
-            0x10,
-        );
+        let packet = floor_packet();
         let floor = Floor {
             object,
             packet,
@@ -682,13 +687,7 @@ fn baseline(iterations: usize) -> BenchResult<Measured> {
             .map(|info| (info.run_time_ns, info.run_cnt))
             .ok_or("baseline program not listed")
     };
-    let packet = tcp(
-        IpAddr::V4(Ipv4Addr::new(10, 244, 1, 1)),
-        40_000,
-        IpAddr::V4(Ipv4Addr::new(10, 244, 2, 20)),
-        8080,
-        0x10,
-    );
+    let packet = floor_packet();
     let mut total = std::time::Duration::ZERO;
     let mut before = (0, 0);
     for i in 0..WARMUP + iterations {

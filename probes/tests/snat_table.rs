@@ -58,15 +58,23 @@ fn programs_translate_what_the_agent_inserts(f: Family) {
     assert_eq!(back.mark, SVC);
 }
 
-#[test]
-fn programs_translate_what_the_agent_inserts_v4() {
-    programs_translate_what_the_agent_inserts(Family::V4);
+/// Runs `$name(Family)` as `$name::v4` and `$name::v6`.
+macro_rules! per_family {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn v4() {
+                super::$name(super::Family::V4);
+            }
+            #[test]
+            fn v6() {
+                super::$name(super::Family::V6);
+            }
+        }
+    };
 }
 
-#[test]
-fn programs_translate_what_the_agent_inserts_v6() {
-    programs_translate_what_the_agent_inserts(Family::V6);
-}
+per_family!(programs_translate_what_the_agent_inserts);
 
 /// Client ports whose forward tuples (client:port -> backend) all have the home bucket of the
 /// first one, computed with the table's hashing and the fixture's seed.
@@ -132,15 +140,7 @@ fn full_bucket_spills_into_the_next(f: Family) {
     }
 }
 
-#[test]
-fn full_bucket_spills_into_the_next_v4() {
-    full_bucket_spills_into_the_next(Family::V4);
-}
-
-#[test]
-fn full_bucket_spills_into_the_next_v6() {
-    full_bucket_spills_into_the_next(Family::V6);
-}
+per_family!(full_bucket_spills_into_the_next);
 
 /// A removed record is no longer found by the programs; it stays dead (not reusable) until the
 /// next pass frees it.
