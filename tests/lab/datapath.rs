@@ -599,3 +599,110 @@ fn kube_proxy_ipvs_and_nftables_modes_as_generated_serve_with_one_conntrack_entr
         t.node.sh("conntrack -F 2>/dev/null; true");
     }
 }
+
+/// The CPUs this guest runs on (2 under `LAB_SMP=2`, the lab's multi-CPU runs).
+fn online_cpus() -> Vec<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("cpu/online");
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).expect("cpu set");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// Connections made at once from clients pinned to every CPU of the guest (with `LAB_SMP=2` the
+/// programs and the SNAT table's claims run on both CPUs at the same moment): every request is
+/// answered from the node's address, each connection gets exactly one SNAT record with its own
+/// node port (no connection translated twice, no reply tuple shared), nothing is dropped for a
+/// full or busy table and conntrack stays empty.
+#[test]
+fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
+    const TCP_PER_CPU: usize = 120;
+    const UDP_PER_CPU: usize = 40;
+    const POD_PER_CPU: usize = 40;
+    let l = lab("dp-smp", None);
+    let cpus = online_cpus();
+    eprintln!("clients pinned to CPUs {cpus:?}");
+    let before = l.t.conntrack_count();
+    // A thread inherits its creator's CPU affinity, so the threads `Netns::run` starts for each
+    // request stay on the worker's CPU.
+    let answers: Vec<_> = std::thread::scope(|scope| {
+        let workers: Vec<_> = cpus
+            .iter()
+            .map(|&cpu| {
+                let t = &l.t;
+                scope.spawn(move || {
+                    pin_to(cpu);
+                    let mut answers = Vec::new();
+                    for i in 0..TCP_PER_CPU {
+                        answers.push(("tcp", tcp_request(&t.client, addr("10.0.1.1:30080"))));
+                        if i < UDP_PER_CPU {
+                            answers.push(("udp", udp_request(&t.client, addr("10.0.1.1:30053"))));
+                        }
+                        if i < POD_PER_CPU {
+                            answers.push(("pod", tcp_request(&t.pod, addr("10.96.0.10:80"))));
+                        }
+                    }
+                    answers
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("client thread"))
+            .collect()
+    });
+    let mut translated = 0u64;
+    for (kind, answer) in answers {
+        let answer = answer.unwrap_or_else(|e| panic!("{kind} request failed: {e}"));
+        let seen = seen_source(&answer).map(|s| s.ip().to_string());
+        if kind == "pod" {
+            assert_eq!(seen.as_deref(), Some("10.244.1.2"), "{answer}");
+        } else {
+            assert_eq!(seen.as_deref(), Some("10.0.2.1"), "{answer}");
+            translated += 1;
+        }
+    }
+    assert_eq!(l.t.conntrack_count(), before, "nf_conntrack_count grew");
+    let snat = l.agent.inspect_snat(&l.t.node);
+    let rows = snat["snat"].as_array().expect("snat rows");
+    let mut clients = std::collections::BTreeSet::new();
+    let mut replies = std::collections::BTreeSet::new();
+    for r in rows {
+        let (proto, client, node, backend) = (
+            r["protocol"].to_string(),
+            r["client"].to_string(),
+            r["node"].to_string(),
+            r["backend"].to_string(),
+        );
+        assert!(
+            clients.insert((proto.clone(), client.clone(), backend.clone())),
+            "a connection has two SNAT records: {proto} {client} -> {backend}\n{snat}"
+        );
+        assert!(
+            replies.insert((proto.clone(), node.clone(), backend.clone())),
+            "two connections share a reply tuple: {proto} {node} <- {backend}\n{snat}"
+        );
+    }
+    assert_eq!(
+        rows.len() as u64,
+        translated,
+        "one SNAT record per translated connection"
+    );
+    let c = l.agent.counters(&l.t.node);
+    eprintln!("counters after {translated} translated connections: {c:?}");
+    assert_eq!(c.get("snat_alloc").copied(), Some(translated), "{c:?}");
+    for dropped in ["map_full", "port_exhausted"] {
+        assert_eq!(c.get(dropped).copied().unwrap_or(0), 0, "{dropped}: {c:?}");
+    }
+}
