@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * datapath.bpf.c: the packet programs of kube-ipvs-bpf (docs/datapath.md).
  *   tc_ingress / tc_ingress_l3: reverse SNAT, ICMP error translation, reply and service
@@ -25,7 +25,7 @@
 #include "csum.h"
 #include "nat.h"
 
-char LICENSE[] SEC("license") = "GPL";
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 static __always_inline struct svc_value *svc_port_lookup(const __u8 addr[ADDR_LEN], __be16 port,
 							 __u8 proto)

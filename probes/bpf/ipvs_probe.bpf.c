@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * ipvs_probe.bpf.c: the hook on IPVS connection creation. When ip_vs_conn_new() returns a new
  * connection, it is recorded in `conns` keyed by (client -> backend, protocol) with the service
@@ -22,7 +22,7 @@
 #define KIB_PROBE_OBJECT
 #include "maps.h"
 
-char LICENSE[] SEC("license") = "GPL";
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define AF_INET 2
 #define AF_INET6 10

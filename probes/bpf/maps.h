@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: GPL-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * maps.h: the maps shared by every program of kube-ipvs-bpf, their key and value layouts, and the
  * flag, state and counter constants. This is the C side of the contract in docs/datapath.md;

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: GPL-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * nat.h: the source-NAT mechanics shared by the TC programs: tuples from parsed packets, rewriting
  * a packet's source (egress) or destination (ingress), entry state bits and last-seen refresh,

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: GPL-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * parsing.h: turning an skb into a `struct pkt` (family, 16-byte addresses, L4 protocol, ports,
  * TCP flags, ICMP type, fragment kind and id, header offsets). Entry with or without an Ethernet

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: GPL-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * table.h: the SNAT table, done inline in the programs: lookups and inserts make no helper call,
  * and an insert is a few compare-and-swaps on words the programs touch anyway instead of a hash
