@@ -23,7 +23,7 @@ need_root() {
 KIB_APT_PACKAGES=(
 	qemu-system-x86 busybox-static kmod cpio xz-utils zstd
 	clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config
-	ipvsadm conntrack nftables iptables ipset iproute2 bpftool socat tcpdump util-linux python3
+	ipvsadm conntrack nftables iptables ipset iproute2 bpftool socat tcpdump util-linux python3 graphviz
 )
 # Packages that must come from bookworm-backports (the stable qemu conflicts with the
 # backported qemu-utils that these machines ship).
