@@ -1,5 +1,7 @@
 #!/bin/sh
-# The demo, inside the lab VM (the VM's root namespace is the node). Staged by scripts/demo:
+# The demo, inside the lab VM (the VM's root namespace is the node): IPVS programmed from a file
+# of Services, traffic, and off-node NodePort connections source-NATed with the node's conntrack
+# table staying flat. Staged by scripts/demo:
 # /lab/bin/kube-ipvs-bpf, /lab/examples (manifests/examples).
 set -e
 export PATH=/lab/bin:$PATH LD_LIBRARY_PATH=/lab/lib
@@ -22,13 +24,24 @@ ip link add veth-client type veth peer name eth0 netns client
 ip addr add 10.0.1.1/24 dev veth-client && ip link set veth-client up
 nsenter --net=/run/netns/client sh -c 'ip link set lo up; ip addr add 10.0.1.2/24 dev eth0; ip link set eth0 up; ip route add default via 10.0.1.1'
 
+# A node firewall as real nodes have one: a rule that uses conntrack makes the kernel track
+# every connection in this namespace (without one, nothing is tracked whatever the proxy does).
+nft -f - <<'NFT'
+table inet node-firewall {
+	chain input { type filter hook input priority 0; policy accept; ct state established,related accept; }
+	chain forward { type filter hook forward priority 0; policy accept; ct state established,related accept; }
+}
+NFT
+
 mkdir -p /tmp/services && cp /lab/examples/*.yaml /tmp/services/
 say "kube-ipvs-bpf run --source file:/tmp/services   (the sample file of Services)"
 sed -n '1,200p' /tmp/services/services.yaml | grep -E '^\s+(name|clusterIP|type|port|nodePort|protocol|sessionAffinity):' | head -20
 kube-ipvs-bpf run --source file:/tmp/services --node-name lab --min-sync-period 200ms 2>/tmp/agent.log &
 agent=$!
-for _ in $(seq 50); do [ -s /run/kube-ipvs-bpf/state.json ] && break; sleep 0.2; done
-sleep 0.5
+# The first sync loads and attaches the datapath: seconds on a real CPU, up to a minute or two
+# under emulation on a busy host.
+for _ in $(seq 600); do grep -q 'sync done' /tmp/agent.log && break; sleep 0.5; done
+grep -q 'sync done' /tmp/agent.log || { echo "the agent has not synced after 5 minutes:"; cat /tmp/agent.log; exit 1; }
 
 say "kube-ipvs-bpf inspect services"
 kube-ipvs-bpf inspect services
@@ -42,6 +55,12 @@ for i in 1 2 3 4 5 6; do nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0
 say "client -> NodePort 10.0.1.1:30080, and UDP 10.96.0.53:53"
 nsenter --net=/run/netns/client socat -T2 - TCP:10.0.1.1:30080 </dev/null
 echo query | nsenter --net=/run/netns/client socat -T2 - UDP:10.96.0.53:53
+say "the point: ten more NodePort connections from the off-node client, source-NATed by eBPF"
+before=$(conntrack -C)
+for i in $(seq 10); do nsenter --net=/run/netns/client socat -T2 - TCP:10.0.1.1:30080 </dev/null >/dev/null; done
+echo "conntrack -C before: $before, after: $(conntrack -C)   (kube-proxy's MASQUERADE: one entry per connection)"
+say "kube-ipvs-bpf inspect snat   (each connection: client, the node address:port the pod saw, backend)"
+kube-ipvs-bpf inspect snat | head -n 8
 say "session affinity: client -> 10.96.0.11:80 three times (same pod each time)"
 for i in 1 2 3; do nsenter --net=/run/netns/client socat -T2 - TCP:10.96.0.11:80 </dev/null; done
 
@@ -51,7 +70,7 @@ kube-ipvs-bpf inspect services
 
 say "scaling web to three pods: the EndpointSlice file changes"
 cp /lab/examples/scaled/endpointslices.yaml /tmp/services/endpointslices.yaml
-for _ in $(seq 50); do ipvsadm -Ln -t 10.96.0.10:80 | grep -q 10.244.1.4 && break; sleep 0.2; done
+for _ in $(seq 600); do ipvsadm -Ln -t 10.96.0.10:80 | grep -q 10.244.1.4 && break; sleep 0.2; done
 grep 'sync done' /tmp/agent.log | tail -n 1
 kube-ipvs-bpf inspect services
 say "client -> ClusterIP 10.96.0.10:80, six connections (now over three pods)"
