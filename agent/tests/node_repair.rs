@@ -368,3 +368,120 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
     })
     .expect("a network namespace");
 }
+
+#[test]
+fn only_our_old_layout_is_removed_beside_the_pin_root_and_foreign_pins_stay() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("layouts");
+    in_netns(|| {
+        let rt = runtime();
+        // An old layout of ours (`v1`, real pins), with a pin of someone else's put in it, and
+        // a foreign directory with a layout-like name beside it.
+        let old = probes::Datapath::load(probes::DatapathOptions {
+            pin_root: scratch.root.join("v1"),
+            map_sizes: scratch.config().map_sizes,
+            ..probes::DatapathOptions::default()
+        })
+        .expect("load the old layout");
+        drop(old);
+        let foreign = |path: &Path| {
+            let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+                sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+                ..Default::default()
+            };
+            let mut map = libbpf_rs::MapHandle::create(
+                libbpf_rs::MapType::Array,
+                Some("theirs"),
+                4,
+                4,
+                1,
+                &opts,
+            )
+            .expect("create a map");
+            map.pin(path).expect("pin it");
+        };
+        foreign(&scratch.root.join("v1").join("their_map"));
+        std::fs::create_dir_all(scratch.root.join("v3")).unwrap();
+        foreign(&scratch.root.join("v3").join("config"));
+        assert!(scratch.root.join("v1").join("svc_ports").exists());
+
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        sync_devices(&rt, &mut dp);
+        let left: BTreeSet<String> = std::fs::read_dir(scratch.root.join("v1"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, BTreeSet::from(["their_map".to_owned()]));
+        assert!(scratch.root.join("v3").join("config").exists());
+        assert!(scratch.root.join("v2").join("svc_ports").exists());
+        drop(dp);
+        let _ = std::fs::remove_file(scratch.root.join("v1").join("their_map"));
+        let _ = std::fs::remove_file(scratch.root.join("v3").join("config"));
+    })
+    .expect("a network namespace");
+}
+
+#[test]
+fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
+    if skip() {
+        return;
+    }
+    in_netns(|| {
+        let rt = runtime();
+        rt.block_on(async {
+            let rtnl = agent::node::Rtnl::connect().unwrap();
+            let mut index = match rtnl.ensure_dummy("kube-ipvs0").await {
+                Ok(index) => index,
+                Err(e) => {
+                    // No dummy driver in this kernel: the lab test covers it.
+                    eprintln!("skipped: {e}");
+                    return;
+                }
+            };
+            let bound: BTreeSet<std::net::IpAddr> = ["10.96.0.1", "10.96.0.2", "fd00:96::1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
+            for a in &bound {
+                rtnl.add_address(index, *a).await.unwrap();
+            }
+            let on_device = || {
+                let out = sh("ip -o addr show dev kube-ipvs0");
+                bound
+                    .iter()
+                    .filter(|a| out.contains(&format!(" {a}/")))
+                    .count()
+            };
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert!(r.repairs.is_empty() && !r.full_sync, "{r:?}");
+
+            sh("ip addr del 10.96.0.2/32 dev kube-ipvs0");
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert_eq!(parts(&r), vec![Part::KubeIpvs0], "{r:?}");
+            assert_eq!(
+                r.repairs[0].found,
+                "addresses missing from kube-ipvs0: 10.96.0.2"
+            );
+            assert_eq!(on_device(), 3);
+
+            let old = index;
+            sh("ip link del kube-ipvs0");
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert_eq!(parts(&r), vec![Part::KubeIpvs0, Part::KubeIpvs0], "{r:?}");
+            assert!(r.full_sync);
+            assert_ne!(index, old);
+            assert_eq!(ifindex("kube-ipvs0"), index);
+            assert_eq!(on_device(), 3);
+        });
+    })
+    .expect("a network namespace");
+}

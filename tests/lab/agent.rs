@@ -483,3 +483,46 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         "service flows in conntrack:\n{listed}"
     );
 }
+
+/// kube-ipvs0 deleted by hand comes back with the service addresses, and one address removed
+/// by hand is added back; both repairs are logged.
+#[test]
+fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
+    require_lab();
+    let t = Topology::new("ag-dummy");
+    let m = Manifests::new("dummy");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("a", "10.96.0.90", 80, None)
+            + &slice_yaml("a", &["10.0.2.2"], 8080)
+            + &service_yaml("b", "10.96.0.91", 80, None)
+            + &slice_yaml("b", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &["--node-check-period", "2s"]);
+    agent.wait_sync(0, 1);
+    let want = vec!["10.96.0.90/32", "10.96.0.91/32"];
+    assert_eq!(bound(&t.node), want);
+
+    let mark = agent.mark();
+    t.node.sh("ip addr del 10.96.0.91/32 dev kube-ipvs0");
+    eventually(Duration::from_secs(60), "the address back", || {
+        bound(&t.node) == want
+    });
+    agent.wait_for(mark, Duration::from_secs(30), |v| {
+        v["message"] == "node state repaired" && v["what"] == "kube_ipvs0"
+    });
+
+    let mark = agent.mark();
+    t.node.sh("ip link del kube-ipvs0");
+    eventually(
+        Duration::from_secs(60),
+        "kube-ipvs0 back with its addresses",
+        || t.node.sh_status("ip link show kube-ipvs0").0 == 0 && bound(&t.node) == want,
+    );
+    agent.wait_for(mark, Duration::from_secs(30), |v| {
+        v["message"] == "node state repaired"
+            && v["what"] == "kube_ipvs0"
+            && v["found"].as_str().is_some_and(|f| f.contains("missing"))
+    });
+    assert!(find(&kernel(&t.node), "TCP 10.96.0.91:80").is_some());
+}
