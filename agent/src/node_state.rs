@@ -1,7 +1,8 @@
 //! The node state the agent keeps outside IPVS and the BPF maps, as a desired value, and its
 //! repair: the sysctls (`datapath::sysctl`), the iptables rules (`datapath::rules`), the TC
 //! attachments (checked by `datapath::Datapath::repair_node`) and `kube-ipvs0` (its existence
-//! and the service addresses bound on it, [`repair_kube_ipvs0`]).
+//! and the service addresses bound on it, [`repair_kube_ipvs0`]; it is left down, as kube-proxy
+//! leaves it, so being down is not drift).
 //!
 //! All of it is written at start and can be undone behind the agent's back: a firewall reload
 //! (Debian's nftables service starts with `flush ruleset`) drops the rules, a tool writes

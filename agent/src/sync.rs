@@ -728,6 +728,9 @@ impl Observers {
 /// How soon after an nf_tables or kube-ipvs0 change the node state is checked (a burst of
 /// changes, such as a firewall reload, is over by then).
 const NODE_CHECK_DELAY: Duration = Duration::from_millis(300);
+/// Checks brought forward by changes are at least this far apart (a node whose nf_tables
+/// rules change all the time, e.g. another agent's, costs at most one check a second).
+const NODE_CHECK_SPACING: Duration = Duration::from_secs(1);
 
 /// Checks and repairs the node state and counts the repairs; a re-created kube-ipvs0 brings the
 /// next full sync forward.
@@ -770,6 +773,7 @@ pub async fn run(
     );
     node_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_soon: Option<Instant> = None;
+    let mut last_node_check = Instant::now();
     let mut nft_events = match node_state::nftables_events() {
         Ok(rx) => Some(rx),
         Err(e) => {
@@ -813,7 +817,10 @@ pub async fn run(
                     // Our own service addresses on kube-ipvs0 change nothing the node view needs;
                     // kube-ipvs0 is checked (deleted, or an address removed by someone).
                     Some(index) if index == syncer.dummy_index => {
-                        check_soon.get_or_insert(Instant::now() + NODE_CHECK_DELAY);
+                        check_soon.get_or_insert(
+                            (Instant::now() + NODE_CHECK_DELAY)
+                                .max(last_node_check + NODE_CHECK_SPACING),
+                        );
                     }
                     Some(_) => {
                         syncer.node_changed();
@@ -830,7 +837,10 @@ pub async fn run(
             notice = async { nft_events.as_mut()?.recv().await }, if nft_events.is_some() => {
                 match notice {
                     Some(()) => {
-                        check_soon.get_or_insert(Instant::now() + NODE_CHECK_DELAY);
+                        check_soon.get_or_insert(
+                            (Instant::now() + NODE_CHECK_DELAY)
+                                .max(last_node_check + NODE_CHECK_SPACING),
+                        );
                     }
                     None => nft_events = None,
                 }
@@ -840,11 +850,13 @@ pub async fn run(
                 check_soon = None;
                 node_check.reset();
                 check_node_state(&mut syncer, &observers, &mut next_full).await;
+                last_node_check = Instant::now();
                 continue;
             }
             _ = node_check.tick() => {
                 check_soon = None;
                 check_node_state(&mut syncer, &observers, &mut next_full).await;
+                last_node_check = Instant::now();
                 continue;
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
