@@ -774,12 +774,18 @@ pub async fn run(
     node_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_soon: Option<Instant> = None;
     let mut last_node_check = Instant::now();
-    let mut nft_events = match node_state::nftables_events() {
-        Ok(rx) => Some(rx),
-        Err(e) => {
+    // Only the datapath keeps iptables rules.
+    let mut nft_events = match syncer
+        .datapath
+        .as_ref()
+        .map(|_| node_state::nftables_events())
+    {
+        Some(Ok(rx)) => Some(rx),
+        Some(Err(e)) => {
             tracing::warn!("not following nf_tables changes (the periodic check remains): {e}");
             None
         }
+        None => None,
     };
     let mut pending = true;
     let mut source_open = true;
