@@ -294,6 +294,11 @@ impl Datapath {
                     continue;
                 }
             };
+            // A device deleted since the last device sync (pods come and go): that sync
+            // forgets it, nothing to repair.
+            if nix::net::if_::if_nametoindex(name.as_str()).ok() != Some(index) {
+                continue;
+            }
             match self.loaded.attach_tc(index, kind) {
                 Ok(_) => report.repairs.push(Repair::new(
                     Part::Tc,
