@@ -239,6 +239,10 @@ pub struct RunArgs {
     /// How often expired SNAT entries are swept.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub sweep_period: Duration,
+    /// How often the node state outside IPVS (iptables rules, sysctls, TC programs,
+    /// kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub node_check_period: Duration,
 }
 
 fn parse_map_size(s: &str) -> Result<(String, u32), String> {
@@ -408,8 +412,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             strict_arp: cfg.strict_arp,
             timeouts: sweep_timeouts,
             map_sizes,
+            sysctl_root: crate::datapath::sysctl::default_root(),
         }),
         sweep_period: args.sweep_period,
+        node_check_period: args.node_check_period,
         ..SyncConfig::default()
     };
     tracing::info!(source = %args.source.source, node = %node_name, "starting");

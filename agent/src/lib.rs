@@ -6,6 +6,8 @@
 //! - [`sync`]: the loop that ties them together;
 //! - [`datapath`]: the eBPF datapath (programs, maps, sysctls, iptables rules, expiry);
 //! - [`node`]: the node's interfaces and addresses (rtnetlink);
+//! - [`node_state`]: the node state kept outside IPVS (sysctls, rules, TC, kube-ipvs0) and its
+//!   repair;
 //! - [`state`]: the state file `inspect` reads;
 //! - [`cli`]: the command line.
 //!
@@ -19,6 +21,7 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod node_state;
 pub mod reconcile;
 pub mod source;
 pub mod state;

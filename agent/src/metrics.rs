@@ -36,6 +36,7 @@
 //! | `kube_ipvs_bpf_datapath_events_total` | counter | `event` (the datapath's counters: `snat_alloc`, `port_exhausted`, `map_full`, `rev_hit`, `icmp_xlate`, `frag_xlate`, `probe_hit`, `probe_miss`, `filtered_port`, …) |
 //! | `kube_ipvs_bpf_rejected_objects` | gauge | `kind` (`Service`, `EndpointSlice`) |
 //! | `kube_ipvs_bpf_sync_failures_total` | counter | |
+//! | `kube_ipvs_bpf_node_repairs_total` | counter | `what` (`iptables`, `sysctl`, `tc`, `kube_ipvs0`): node state found changed behind the agent's back and rewritten (`crate::node_state`) |
 //!
 //! The text is OpenMetrics (`application/openmetrics-text`), which Prometheus scrapes natively;
 //! sample names are kube-proxy's (`..._total`, `..._bucket`, `..._sum`, `..._count`).
@@ -131,6 +132,11 @@ struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabels {
+    what: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -175,6 +181,7 @@ struct Inner {
     datapath_seen: Mutex<HashMap<String, u64>>,
     rejected: Family<KindLabels, Gauge>,
     sync_failures: Counter,
+    node_repairs: Family<WhatLabels, Counter>,
 }
 
 /// The agent's metrics. Cheap to clone; every method takes `&self`.
@@ -248,6 +255,7 @@ impl Metrics {
             datapath_seen: Mutex::default(),
             rejected: Family::default(),
             sync_failures: Counter::default(),
+            node_repairs: Family::default(),
             registry: Registry::default(),
         };
         // Counters are registered without their `_total` suffix: the encoder adds it.
@@ -336,6 +344,17 @@ impl Metrics {
             "Syncs that failed before programming the kernel",
             inner.sync_failures.clone(),
         );
+        registry.register(
+            "kube_ipvs_bpf_node_repairs",
+            "Node state (iptables rules, sysctls, TC attachments, kube-ipvs0) found changed and repaired, by part",
+            inner.node_repairs.clone(),
+        );
+        // Every part is exported from the start, at 0.
+        for part in crate::node_state::Part::ALL {
+            let _ = inner.node_repairs.get_or_create(&WhatLabels {
+                what: part.as_str().to_owned(),
+            });
+        }
         let inner = Inner { registry, ..inner };
         // The no-local-endpoints gauges exist from the start, at 0 (kube-proxy sets them on
         // every sync); timestamps appear once set, as kube-proxy's do.
@@ -406,6 +425,18 @@ impl Metrics {
         });
         self.inner.service_changes_pending.set(0);
         self.inner.endpoint_changes_pending.set(0);
+    }
+
+    /// Counts node state repairs, one per repair, by part.
+    pub fn node_repairs(&self, repairs: &[crate::node_state::Repair]) {
+        for r in repairs {
+            self.inner
+                .node_repairs
+                .get_or_create(&WhatLabels {
+                    what: r.part.as_str().to_owned(),
+                })
+                .inc();
+        }
     }
 
     /// A sync that failed after `duration` (kube-proxy records its duration too).

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
 use crate::node::{AddressEntry, Link, Rtnl};
+use crate::node_state;
 use crate::reconcile::datapath::{MapPlan, sctp_not_source_nated};
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
 use crate::source::Snapshot;
@@ -73,6 +74,9 @@ pub struct SyncConfig {
     pub ipvs_timeouts: ipvs::Timeouts,
     /// IPVS services on these addresses are never touched (`ipvs.excludeCIDRs`).
     pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
+    /// How often the node state outside IPVS is checked and repaired (`crate::node_state`);
+    /// nf_tables and kube-ipvs0 changes bring a check forward.
+    pub node_check_period: Duration,
 }
 
 impl Default for SyncConfig {
@@ -92,6 +96,7 @@ impl Default for SyncConfig {
             sweep_period: Duration::from_secs(10),
             ipvs_timeouts: ipvs::Timeouts::default(),
             ipvs_exclude_cidrs: Vec::new(),
+            node_check_period: Duration::from_secs(5),
         }
     }
 }
@@ -615,6 +620,25 @@ impl Syncer {
         }
     }
 
+    /// Checks the node state kept outside IPVS and repairs what differs (`crate::node_state`):
+    /// the datapath's sysctls, rules and TC programs, and kube-ipvs0 with its addresses.
+    pub async fn repair_node_state(&mut self) -> node_state::RepairReport {
+        let mut report = self
+            .datapath
+            .as_mut()
+            .map(Datapath::repair_node)
+            .unwrap_or_default();
+        match node_state::repair_kube_ipvs0(&self.rtnl, &mut self.dummy_index, &self.bound).await {
+            Ok(r) => report.extend(r),
+            Err(e) => report.failed(format!("checking {DUMMY_INTERFACE}: {e}")),
+        }
+        if report.full_sync {
+            self.ownership = None;
+            self.node = None;
+        }
+        report
+    }
+
     /// Whether destinations are draining (the loop then checks them periodically).
     pub fn draining(&self) -> bool {
         !self.drains.is_empty()
@@ -701,6 +725,23 @@ impl Observers {
     }
 }
 
+/// How soon after an nf_tables or kube-ipvs0 change the node state is checked (a burst of
+/// changes, such as a firewall reload, is over by then).
+const NODE_CHECK_DELAY: Duration = Duration::from_millis(300);
+/// Checks brought forward by changes are at least this far apart (a node whose nf_tables
+/// rules change all the time, e.g. another agent's, costs at most one check a second).
+const NODE_CHECK_SPACING: Duration = Duration::from_secs(1);
+
+/// Checks and repairs the node state and counts the repairs; a re-created kube-ipvs0 brings the
+/// next full sync forward.
+async fn check_node_state(syncer: &mut Syncer, observers: &Observers, next_full: &mut Instant) {
+    let r = syncer.repair_node_state().await;
+    observers.metrics.node_repairs(&r.repairs);
+    if r.full_sync {
+        *next_full = Instant::now();
+    }
+}
+
 /// Runs until `shutdown` resolves: syncs on every new snapshot (coalesced by
 /// `min_sync_period`), checks draining destinations, and resyncs fully every `sync_period`.
 /// The kernel state is left in place on exit.
@@ -724,6 +765,28 @@ pub async fn run(
     };
     let mut sweep = tokio::time::interval(cfg.sweep_period);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The node state (rules, sysctls, TC, kube-ipvs0): periodically, and soon after a change.
+    let node_check_period = cfg.node_check_period.max(Duration::from_millis(100));
+    let mut node_check = tokio::time::interval_at(
+        (Instant::now() + node_check_period).into(),
+        node_check_period,
+    );
+    node_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_soon: Option<Instant> = None;
+    let mut last_node_check = Instant::now();
+    // Only the datapath keeps iptables rules.
+    let mut nft_events = match syncer
+        .datapath
+        .as_ref()
+        .map(|_| node_state::nftables_events())
+    {
+        Some(Ok(rx)) => Some(rx),
+        Some(Err(e)) => {
+            tracing::warn!("not following nf_tables changes (the periodic check remains): {e}");
+            None
+        }
+        None => None,
+    };
     let mut pending = true;
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
@@ -757,8 +820,14 @@ pub async fn run(
             }
             event = async { link_events.as_mut()?.recv().await }, if link_events.is_some() => {
                 match event {
-                    // Our own service addresses on kube-ipvs0 change nothing the node view needs.
-                    Some(index) if index == syncer.dummy_index => {}
+                    // Our own service addresses on kube-ipvs0 change nothing the node view needs;
+                    // kube-ipvs0 is checked (deleted, or an address removed by someone).
+                    Some(index) if index == syncer.dummy_index => {
+                        check_soon.get_or_insert(
+                            (Instant::now() + NODE_CHECK_DELAY)
+                                .max(last_node_check + NODE_CHECK_SPACING),
+                        );
+                    }
                     Some(_) => {
                         syncer.node_changed();
                         pending = true;
@@ -769,6 +838,31 @@ pub async fn run(
             }
             _ = sweep.tick() => {
                 syncer.sweep();
+                continue;
+            }
+            notice = async { nft_events.as_mut()?.recv().await }, if nft_events.is_some() => {
+                match notice {
+                    Some(()) => {
+                        check_soon.get_or_insert(
+                            (Instant::now() + NODE_CHECK_DELAY)
+                                .max(last_node_check + NODE_CHECK_SPACING),
+                        );
+                    }
+                    None => nft_events = None,
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(check_soon.unwrap_or(now).into()), if check_soon.is_some() => {
+                check_soon = None;
+                node_check.reset();
+                check_node_state(&mut syncer, &observers, &mut next_full).await;
+                last_node_check = Instant::now();
+                continue;
+            }
+            _ = node_check.tick() => {
+                check_soon = None;
+                check_node_state(&mut syncer, &observers, &mut next_full).await;
+                last_node_check = Instant::now();
                 continue;
             }
             _ = tokio::time::sleep_until(wake.into()) => {}

@@ -838,6 +838,105 @@ impl Datapath {
         Ok(())
     }
 
+    /// Collects pinned TCX links that hold a program for nothing: every `links/tcx_<ifindex>_*`
+    /// whose device `keep` refuses (gone, or no longer one the programs belong on), and every
+    /// link the kernel reports defunct (its device was deleted; the index may be in use again).
+    /// Such a pin keeps its link, and with it an old program and that program's own maps,
+    /// until reboot. Each is detached and unpinned; returns the pins removed.
+    pub fn remove_stale_tcx_links(&mut self, keep: impl Fn(u32) -> bool) -> Result<Vec<PathBuf>> {
+        let dir = self.options.pin_root.join(LINKS_DIR);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let Some(ifindex) = tcx_link_ifindex(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let path = entry.path();
+            let link = Link::open(&path).ok();
+            let defunct = link.as_ref().is_some_and(|link| {
+                matches!(link.info(), Ok(info) if matches!(
+                    info.info,
+                    libbpf_rs::query::LinkTypeInfo::Tcx(ref tcx) if tcx.ifindex != ifindex
+                ))
+            });
+            if keep(ifindex) && !defunct && link.is_some() {
+                continue;
+            }
+            if let Some(link) = link {
+                // A defunct link cannot be detached again; its pin is removed all the same.
+                let _ = link.detach();
+            }
+            if defunct || !keep(ifindex) {
+                // Our own open links of the device go too (they hold the program as well).
+                if self
+                    .devices
+                    .get(&ifindex)
+                    .is_some_and(|d| d.mode == TcAttachMode::Tcx)
+                {
+                    self.devices.remove(&ifindex);
+                }
+            }
+            fs::remove_file(&path).map_err(io_error("remove stale link pin", &path))?;
+            removed.push(path);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
+    /// What is wrong with the attachment of device `ifindex` this `Datapath` made, as the kernel
+    /// reports it (empty: both directions run our programs): the pinned TCX link must exist, be
+    /// attached to the device and run our program; or the clsact filter with our handle and
+    /// priority must exist and run our program.
+    pub fn verify_tc(&self, ifindex: u32) -> Result<Vec<String>> {
+        let Some(device) = self.devices.get(&ifindex) else {
+            return Ok(vec!["not attached by this datapath".to_owned()]);
+        };
+        let (ingress, egress) = device.kind.programs();
+        let mut problems = Vec::new();
+        for (program, direction) in [(ingress, Direction::Ingress), (egress, Direction::Egress)] {
+            let want = self.program_id(program)?;
+            let dir = direction.label();
+            match device.mode {
+                TcAttachMode::Tcx => {
+                    let path = self.tcx_link_path(ifindex, direction);
+                    let info = Link::open(&path).ok().and_then(|link| link.info().ok());
+                    match info {
+                        None => problems.push(format!("no pinned TCX {dir} link")),
+                        Some(info) => {
+                            let on = match info.info {
+                                libbpf_rs::query::LinkTypeInfo::Tcx(ref tcx) => tcx.ifindex,
+                                _ => 0,
+                            };
+                            if on != ifindex {
+                                problems.push(format!("TCX {dir} link detached (device {on})"));
+                            } else if info.prog_id != want {
+                                problems.push(format!(
+                                    "TCX {dir} link runs program {}, not ours ({want})",
+                                    info.prog_id
+                                ));
+                            }
+                        }
+                    }
+                }
+                TcAttachMode::Netlink => {
+                    let prog = find_program(&self.object, program.name())?;
+                    match clsact_hook(&prog, ifindex, direction).query() {
+                        Ok(id) if id == want => {}
+                        Ok(id) => problems.push(format!(
+                            "clsact {dir} filter runs program {id}, not ours ({want})"
+                        )),
+                        Err(_) => problems.push(format!("no clsact {dir} filter")),
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+
     /// Devices this `Datapath` attached: ifindex, kind, mode.
     pub fn attached_devices(&self) -> impl Iterator<Item = (u32, DeviceKind, TcAttachMode)> + '_ {
         self.devices
@@ -1034,29 +1133,113 @@ impl Datapath {
     }
 }
 
-/// The other layout versions pinned beside `pin_root` (its sibling directories `v<N>`): what an
-/// agent of another layout left, to remove (with [`remove_pins`]) once this one's programs are
-/// attached.
+/// Whether `name` is a layout directory's name: `v` and a number (`v1`, `v2`, …).
+fn is_layout_name(name: &str) -> bool {
+    name.len() > 1 && name.starts_with('v') && name[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The device index of a pinned TCX link's file name (`tcx_<ifindex>_ingress|egress`).
+pub fn tcx_link_ifindex(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("tcx_")?;
+    let (index, direction) = rest.split_once('_')?;
+    if direction != Direction::Ingress.label() && direction != Direction::Egress.label() {
+        return None;
+    }
+    index.parse().ok()
+}
+
+/// Whether `name` is something a layout directory of ours holds at its top: a map of any
+/// layout (`v1`'s are a subset of today's), `prog_xt_svc` (or its temporary pin
+/// `prog_xt_svc_new_<pid>`, left by a crash between pin and rename), or [`LINKS_DIR`].
+fn is_our_layout_entry(name: &str) -> bool {
+    map_names::ALL.contains(&name)
+        || name == XT_SVC_PIN_NAME
+        || name == LINKS_DIR
+        || name
+            .strip_prefix(XT_SVC_PIN_NAME)
+            .and_then(|r| r.strip_prefix("_new_"))
+            .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `name` is a link pin of ours under [`LINKS_DIR`].
+fn is_our_link_entry(name: &str) -> bool {
+    name == PROBE_LINK_NAME || tcx_link_ifindex(name).is_some()
+}
+
+/// Whether `dir` holds one of our layouts: the maps every layout has had (`config`,
+/// `svc_ports`, `conns`) are pinned in it.
+fn holds_our_layout(dir: &Path) -> bool {
+    [map_names::CONFIG, map_names::SVC_PORTS, map_names::CONNS]
+        .iter()
+        .all(|m| dir.join(m).exists())
+}
+
+/// The other layout versions of ours pinned beside `pin_root`: only when `pin_root` is itself a
+/// layout directory (`…/v<N>`), its sibling directories `v<M>` that hold our maps (see
+/// `holds_our_layout`). What an agent of another layout left, to remove (with
+/// [`remove_layout`]) once this one's programs are attached. A custom `--bpf-pin-root` not named
+/// `v<N>` has no siblings of ours: nothing beside it is ever touched.
 pub fn other_layouts(pin_root: &Path) -> Vec<PathBuf> {
     let (Some(parent), Some(own)) = (pin_root.parent(), pin_root.file_name()) else {
         return Vec::new();
     };
+    if !is_layout_name(&own.to_string_lossy()) {
+        return Vec::new();
+    }
     let Ok(entries) = fs::read_dir(parent) else {
         return Vec::new();
     };
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| e.file_name() != own)
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.len() > 1 && name.starts_with('v') && name[1..].bytes().all(|b| b.is_ascii_digit())
-        })
-        .filter(|e| e.path().is_dir())
+        .filter(|e| is_layout_name(&e.file_name().to_string_lossy()))
+        .filter(|e| e.path().is_dir() && holds_our_layout(&e.path()))
         .map(|e| e.path())
         .collect();
     out.sort();
     out
+}
+
+/// Removes one of our layouts (a directory [`other_layouts`] found): detaches and unpins its
+/// links, unpins its maps and programs, and removes the directories left empty. Only names of
+/// ours are removed: anything else in it stays, and is returned (to be logged).
+pub fn remove_layout(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut left = Vec::new();
+    let links = dir.join(LINKS_DIR);
+    if links.is_dir() {
+        for entry in fs::read_dir(&links)
+            .map_err(io_error("list", &links))?
+            .flatten()
+        {
+            let path = entry.path();
+            if !is_our_link_entry(&entry.file_name().to_string_lossy()) {
+                left.push(path);
+                continue;
+            }
+            if let Ok(link) = Link::open(&path) {
+                // A defunct link cannot be detached again; its pin is removed all the same.
+                let _ = link.detach();
+            }
+            fs::remove_file(&path).map_err(io_error("remove link pin", &path))?;
+        }
+    }
+    for entry in fs::read_dir(dir).map_err(io_error("list", dir))?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == LINKS_DIR && path.is_dir() {
+            // Fails when not empty: what is left in it is listed above.
+            let _ = fs::remove_dir(&path);
+        } else if is_our_layout_entry(&name) && !path.is_dir() {
+            fs::remove_file(&path).map_err(io_error("remove pin", &path))?;
+        } else {
+            left.push(path);
+        }
+    }
+    if left.is_empty() {
+        fs::remove_dir(dir).map_err(io_error("remove", dir))?;
+    }
+    left.sort();
+    Ok(left)
 }
 
 /// Removes everything pinned under `pin_root` (detaching pinned links first): the programs and
@@ -1111,14 +1294,71 @@ mod tests {
     use super::*;
 
     #[test]
-    fn other_layouts_are_the_sibling_version_directories() {
+    fn tcx_link_names() {
+        assert_eq!(tcx_link_ifindex("tcx_12_ingress"), Some(12));
+        assert_eq!(tcx_link_ifindex("tcx_7_egress"), Some(7));
+        assert_eq!(tcx_link_ifindex("tcx_7_sideways"), None);
+        assert_eq!(tcx_link_ifindex("tcx_x_egress"), None);
+        assert_eq!(tcx_link_ifindex("ipvs_probe"), None);
+        assert!(is_our_layout_entry("prog_xt_svc_new_123"));
+        assert!(!is_our_layout_entry("prog_xt_svc_new_"));
+        assert!(!is_our_layout_entry("their_map"));
+    }
+
+    /// Plain files stand in for pins here (`probes/tests/attach.rs` has the bpffs version).
+    #[test]
+    fn only_our_layouts_beside_a_versioned_root_are_found_and_only_our_names_removed() {
         let base = std::env::temp_dir().join(format!("kib-layouts-{}", std::process::id()));
-        for dir in ["v1", "v2", "v10", "vx", "links"] {
+        let _ = fs::remove_dir_all(&base);
+        let ours = |dir: &Path| {
+            fs::create_dir_all(dir.join(LINKS_DIR)).expect("mkdir");
+            for m in ["config", "svc_ports", "conns", "snat_fwd", "prog_xt_svc"] {
+                fs::write(dir.join(m), b"").expect("pin");
+            }
+            fs::write(dir.join(LINKS_DIR).join("tcx_3_ingress"), b"").expect("pin");
+        };
+        ours(&base.join("v1"));
+        ours(&base.join("v10"));
+        // v3: ours, with something foreign in it; v4: a foreign directory with a version name.
+        ours(&base.join("v3"));
+        fs::write(base.join("v3").join("their_map"), b"").expect("pin");
+        fs::write(base.join("v3").join(LINKS_DIR).join("their_link"), b"").expect("pin");
+        fs::create_dir_all(base.join("v4")).expect("mkdir");
+        fs::write(base.join("v4").join("config"), b"").expect("pin");
+        for dir in ["v2", "vx", "links"] {
             fs::create_dir_all(base.join(dir)).expect("mkdir");
         }
-        fs::write(base.join("v3"), b"a file").expect("file");
+        fs::write(base.join("v5"), b"a file").expect("file");
         let found = other_layouts(&base.join("v2"));
+        assert_eq!(
+            found,
+            vec![base.join("v1"), base.join("v10"), base.join("v3")]
+        );
+        // A custom pin root that is not a layout directory has no layouts beside it.
+        assert!(other_layouts(&base.join("links")).is_empty());
+
+        assert_eq!(
+            remove_layout(&base.join("v1")).expect("remove"),
+            Vec::<PathBuf>::new()
+        );
+        assert!(!base.join("v1").exists());
+        let left = remove_layout(&base.join("v3")).expect("remove");
+        assert_eq!(
+            left,
+            vec![
+                base.join("v3").join(LINKS_DIR).join("their_link"),
+                base.join("v3").join("their_map"),
+            ]
+        );
+        assert!(!base.join("v3").join("config").exists());
+        assert!(
+            !base
+                .join("v3")
+                .join(LINKS_DIR)
+                .join("tcx_3_ingress")
+                .exists()
+        );
+        assert!(base.join("v4").join("config").exists());
         let _ = fs::remove_dir_all(&base);
-        assert_eq!(found, vec![base.join("v1"), base.join("v10")]);
     }
 }

@@ -179,6 +179,60 @@ fn netlink_attach_and_restart_replace() {
 }
 
 #[test]
+fn verify_tc_reports_a_removed_attachment_and_attach_tc_restores_it() {
+    let pins = PinDir::new("verify_tc");
+    let veth = Veth::new("v");
+    let mut policies = vec![TcAttachPolicy::Netlink];
+    if probes::loader::kernel_has_tcx() {
+        policies.push(TcAttachPolicy::Tcx);
+    }
+    for policy in policies {
+        let mut dp = load(&pins.root, policy);
+        dp.attach_tc(veth.ifindex, DeviceKind::Ethernet)
+            .expect("attach");
+        assert_eq!(
+            dp.verify_tc(veth.ifindex).expect("verify"),
+            Vec::<String>::new()
+        );
+        // Someone removes our ingress program: the clsact qdisc deleted, or the TCX link
+        // detached.
+        let expected = if policy == TcAttachPolicy::Netlink {
+            let status = Command::new("tc")
+                .args(["qdisc", "del", "dev", &veth.name, "clsact"])
+                .status()
+                .expect("run tc");
+            assert!(status.success());
+            vec![
+                "no clsact ingress filter".to_owned(),
+                "no clsact egress filter".to_owned(),
+            ]
+        } else {
+            let path = pins
+                .root
+                .join("links")
+                .join(format!("tcx_{}_ingress", veth.ifindex));
+            Link::open(&path).expect("link").detach().expect("detach");
+            vec![format!("TCX ingress link detached (device 0)")]
+        };
+        assert_eq!(dp.verify_tc(veth.ifindex).expect("verify"), expected);
+        dp.attach_tc(veth.ifindex, DeviceKind::Ethernet)
+            .expect("re-attach");
+        assert_eq!(
+            dp.verify_tc(veth.ifindex).expect("verify"),
+            Vec::<String>::new()
+        );
+        let ingress = dp.attached_programs(veth.ifindex, true).expect("query");
+        let ours = Some(dp.program_id(DatapathProgram::TcIngress).expect("id"));
+        if policy == TcAttachPolicy::Netlink {
+            assert_eq!(ingress.netlink, ours);
+        } else {
+            assert_eq!(ingress.tcx, ours);
+        }
+        dp.detach_tc(veth.ifindex).expect("detach");
+    }
+}
+
+#[test]
 fn restart_keeps_snat_entries_and_pinned_sizes() {
     let pins = PinDir::new("restart_maps");
     let f = Family::V4;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, Manifests, ops_issued, service_yaml, slice_yaml};
 use lab::ipvsadm;
-use lab::traffic::{HeldConnection, Server};
+use lab::topology::SnatTopology;
+use lab::traffic::{HeldConnection, Server, seen_source, tcp_request};
 use lab::{Netns, Topology, require_lab};
 
 fn ip(s: &str) -> IpAddr {
@@ -401,4 +402,129 @@ fn bad_objects_are_logged_by_name_and_the_rest_is_applied() {
         find(&k, "TCP 10.96.0.80:80").unwrap().destinations.len(),
         5000
     );
+}
+
+/// The node state outside IPVS is repaired while the agent runs: a firewall reload (the whole
+/// nf_tables ruleset flushed, then the node's own firewall loaded again, as Debian's nftables
+/// service does) and `vs.conntrack=1` written by someone else both come back, each repair is
+/// logged, and a NodePort connection afterwards still creates no conntrack entry.
+#[test]
+fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_conntrack_free() {
+    require_lab();
+    let t = SnatTopology::new("ag-repair");
+    t.node_firewall(false);
+    let _srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
+    let m = Manifests::new("repair");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
+            + &slice_yaml("web", &["10.244.2.2"], 8080)
+                .replace("nodeName: lab", "nodeName: other")),
+    );
+    let agent = Agent::start(
+        &t.node,
+        &m.dir,
+        &[
+            "--cluster-cidr",
+            SnatTopology::CLUSTER_CIDRS,
+            "--node-check-period",
+            "2s",
+        ],
+    );
+    agent.wait_sync(0, 1);
+    let rules_in_place = |ns: &Netns| {
+        let save = ns.sh("iptables-save -t raw; iptables-save -t filter");
+        [
+            "-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING",
+            "-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT",
+            "-A INPUT -j KUBE-IPVS-BPF-FILTER",
+            "-A FORWARD -j KUBE-IPVS-BPF-FILTER",
+            "-A KUBE-IPVS-BPF-PREROUTING",
+            "-A KUBE-IPVS-BPF-FILTER",
+        ]
+        .iter()
+        .all(|r| save.contains(r))
+    };
+    let vs_conntrack = |ns: &Netns| ns.sh("sysctl -n net.ipv4.vs.conntrack").trim().to_string();
+    assert!(rules_in_place(&t.node));
+    assert_eq!(vs_conntrack(&t.node), "0");
+
+    let mark = agent.mark();
+    t.node.sh("nft flush ruleset");
+    t.node_firewall(false);
+    t.node.sh("sysctl -qw net.ipv4.vs.conntrack=1");
+    eventually(Duration::from_secs(60), "our iptables rules back", || {
+        rules_in_place(&t.node)
+    });
+    eventually(Duration::from_secs(60), "vs.conntrack back to 0", || {
+        vs_conntrack(&t.node) == "0"
+    });
+    for what in ["iptables", "sysctl"] {
+        agent.wait_for(mark, Duration::from_secs(30), |v| {
+            v["message"] == "node state repaired" && v["what"] == what
+        });
+    }
+
+    let before = t.conntrack_count();
+    for _ in 0..5 {
+        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("NodePort");
+        assert_eq!(
+            seen_source(&a).map(|s| s.ip()),
+            Some(ip("10.0.2.1")),
+            "the remote pod must see the node's address: {a}"
+        );
+    }
+    assert_eq!(
+        t.conntrack_count(),
+        before,
+        "NodePort connections were tracked"
+    );
+    let listed = t.node.sh("conntrack -L 2>/dev/null");
+    assert!(
+        !listed.contains("dport=30080"),
+        "service flows in conntrack:\n{listed}"
+    );
+}
+
+/// kube-ipvs0 deleted by hand comes back with the service addresses, and one address removed
+/// by hand is added back; both repairs are logged.
+#[test]
+fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
+    require_lab();
+    let t = Topology::new("ag-dummy");
+    let m = Manifests::new("dummy");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("a", "10.96.0.90", 80, None)
+            + &slice_yaml("a", &["10.0.2.2"], 8080)
+            + &service_yaml("b", "10.96.0.91", 80, None)
+            + &slice_yaml("b", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &["--node-check-period", "2s"]);
+    agent.wait_sync(0, 1);
+    let want = vec!["10.96.0.90/32", "10.96.0.91/32"];
+    assert_eq!(bound(&t.node), want);
+
+    let mark = agent.mark();
+    t.node.sh("ip addr del 10.96.0.91/32 dev kube-ipvs0");
+    eventually(Duration::from_secs(60), "the address back", || {
+        bound(&t.node) == want
+    });
+    agent.wait_for(mark, Duration::from_secs(30), |v| {
+        v["message"] == "node state repaired" && v["what"] == "kube_ipvs0"
+    });
+
+    let mark = agent.mark();
+    t.node.sh("ip link del kube-ipvs0");
+    eventually(
+        Duration::from_secs(60),
+        "kube-ipvs0 back with its addresses",
+        || t.node.sh_status("ip link show kube-ipvs0").0 == 0 && bound(&t.node) == want,
+    );
+    agent.wait_for(mark, Duration::from_secs(30), |v| {
+        v["message"] == "node state repaired"
+            && v["what"] == "kube_ipvs0"
+            && v["found"].as_str().is_some_and(|f| f.contains("missing"))
+    });
+    assert!(find(&kernel(&t.node), "TCP 10.96.0.91:80").is_some());
 }

@@ -24,6 +24,7 @@ use probes::{
 
 use crate::model::{Changed, DUMMY_INTERFACE, DesiredState};
 use crate::node::{AddressEntry, Link, LinkKind};
+use crate::node_state::{DesiredNodeState, NodeStatePhase, Part, Repair, RepairReport, RulesSpec};
 use crate::reconcile::datapath as maps_rec;
 
 /// How the datapath is set up.
@@ -41,6 +42,8 @@ pub struct DatapathConfig {
     pub strict_arp: bool,
     pub map_sizes: MapSizes,
     pub timeouts: sweep::Timeouts,
+    /// Where sysctls are read and written ([`sysctl::default_root`]).
+    pub sysctl_root: PathBuf,
 }
 
 impl Default for DatapathConfig {
@@ -57,6 +60,7 @@ impl Default for DatapathConfig {
             strict_arp: false,
             map_sizes: MapSizes::default(),
             timeouts: sweep::Timeouts::default(),
+            sysctl_root: sysctl::default_root(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct Datapath {
     /// Whether the pins of other layout versions (an upgraded agent's) were removed: done once
     /// this datapath is attached to every device, so they never run together for long.
     other_layouts_removed: bool,
+    /// The sysctls and iptables rules kept on the node (checked by [`Datapath::repair_node`]).
+    node: DesiredNodeState,
 }
 
 /// What a device sync did.
@@ -150,8 +156,9 @@ impl Datapath {
     /// Sets the sysctls, loads the programs (re-using pinned maps), writes the configuration,
     /// attaches the IPVS probe and writes the iptables rules.
     pub fn start(cfg: DatapathConfig) -> anyhow::Result<Datapath> {
-        for s in sysctl::owned(probes::loader::kernel_version(), cfg.strict_arp) {
-            match sysctl::set(&s) {
+        let kernel = probes::loader::kernel_version();
+        for s in sysctl::owned(kernel, cfg.strict_arp) {
+            match sysctl::set_in(&cfg.sysctl_root, &s) {
                 Ok(Some(old)) => {
                     tracing::info!(sysctl = s.name, old = %old, new = s.value, "sysctl set")
                 }
@@ -176,7 +183,20 @@ impl Datapath {
             },
             "eBPF datapath loaded"
         );
+        let node = DesiredNodeState::new(
+            NodeStatePhase::Normal,
+            cfg.sysctl_root.clone(),
+            kernel,
+            cfg.strict_arp,
+            Some(RulesSpec {
+                backend: cfg.rules_backend,
+                mark_svc: cfg.mark_svc,
+                xt_svc_pin: loaded.xt_svc_pin_path(),
+                ipv6: std::path::Path::new("/proc/sys/net/ipv6").exists(),
+            }),
+        );
         let mut dp = Datapath {
+            node,
             loaded,
             cfg,
             observed: Default::default(),
@@ -241,14 +261,59 @@ impl Datapath {
     }
 
     fn write_rules(&self) -> anyhow::Result<()> {
-        let pin = self.loaded.xt_svc_pin_path();
-        rules::apply(self.cfg.rules_backend, false, self.cfg.mark_svc, &pin)
+        let Some(spec) = &self.node.rules else {
+            return Ok(());
+        };
+        rules::apply(spec.backend, false, spec.mark_svc, &spec.xt_svc_pin)
             .context("writing the IPv4 iptables rules")?;
-        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            rules::apply(self.cfg.rules_backend, true, self.cfg.mark_svc, &pin)
+        if spec.ipv6 {
+            rules::apply(spec.backend, true, spec.mark_svc, &spec.xt_svc_pin)
                 .context("writing the IPv6 iptables rules")?;
         }
         Ok(())
+    }
+
+    /// Checks the node state this datapath keeps against the kernel and repairs what differs:
+    /// the sysctls and iptables rules ([`DesiredNodeState::repair`]) and the TC programs on
+    /// every device it attached to (re-attached when the kernel no longer runs them there). A
+    /// device that cannot be re-attached is forgotten: the next device sync attaches it again.
+    pub fn repair_node(&mut self) -> RepairReport {
+        let mut report = self.node.repair();
+        let mut devices: Vec<(u32, String, DeviceKind)> = self
+            .attached
+            .iter()
+            .map(|(&i, (name, kind))| (i, name.clone(), *kind))
+            .collect();
+        devices.sort_by_key(|d| d.0);
+        for (index, name, kind) in devices {
+            let problems = match self.loaded.verify_tc(index) {
+                Ok(p) if p.is_empty() => continue,
+                Ok(p) => p,
+                Err(e) => {
+                    report.failed(format!("checking the TC programs on {name}: {e}"));
+                    continue;
+                }
+            };
+            // A device deleted since the last device sync (pods come and go): that sync
+            // forgets it, nothing to repair.
+            if nix::net::if_::if_nametoindex(name.as_str()).ok() != Some(index) {
+                continue;
+            }
+            match self.loaded.attach_tc(index, kind) {
+                Ok(_) => report.repairs.push(Repair::new(
+                    Part::Tc,
+                    format!("{name}: {}", problems.join("; ")),
+                )),
+                Err(e) => {
+                    self.attached.remove(&index);
+                    report.failed(format!(
+                        "re-attaching to {name} ({}): {e}",
+                        problems.join("; ")
+                    ));
+                }
+            }
+        }
+        report
     }
 
     /// Attaches the programs to new eligible devices, forgets vanished ones, and keeps each
@@ -273,10 +338,35 @@ impl Datapath {
             .collect();
         for index in gone {
             if let Some((name, _)) = self.attached.remove(&index) {
-                // The device is gone (its programs with it), or no longer eligible.
-                let _ = self.loaded.detach_tc(index);
+                // The device is gone (its programs with it), or no longer eligible: its TCX
+                // link pins must go too, or they keep the link and the program alive.
+                if let Err(e) = self.loaded.detach_tc(index) {
+                    report.failures.push(format!("detaching from {name}: {e}"));
+                }
                 report.detached.push(name);
             }
+        }
+        // Links pinned for devices that went while no agent ran, or by an agent that attached
+        // to a device no longer eligible.
+        match self
+            .loaded
+            .remove_stale_tcx_links(|index| present.contains_key(&index))
+        {
+            Ok(removed) => {
+                for pin in removed {
+                    tracing::info!(pin = %pin.display(), "stale TCX link removed");
+                    let index = pin
+                        .file_name()
+                        .and_then(|n| probes::loader::tcx_link_ifindex(&n.to_string_lossy()));
+                    if let Some(index) = index {
+                        // A defunct link of a present device (its index re-used): attach anew.
+                        self.attached.remove(&index);
+                    }
+                }
+            }
+            Err(e) => report
+                .failures
+                .push(format!("removing stale TCX link pins: {e}")),
         }
         for (&index, link) in &present {
             let kind = if link.kind == LinkKind::L3 {
@@ -335,16 +425,20 @@ impl Datapath {
     fn remove_other_layouts(&mut self) {
         self.other_layouts_removed = true;
         for old in probes::loader::other_layouts(&self.cfg.pin_root) {
-            match probes::loader::remove_pins(&old) {
-                Ok(()) => tracing::warn!(
+            match probes::loader::remove_layout(&old) {
+                Ok(left) if left.is_empty() => tracing::warn!(
                     pins = %old.display(),
                     "removed the datapath of another map layout (an upgrade): connections it translated are not carried over"
+                ),
+                Ok(left) => tracing::warn!(
+                    pins = %old.display(),
+                    left = %left.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    "removed the datapath of another map layout (an upgrade), except what is not ours"
                 ),
                 Err(e) => {
                     tracing::warn!(pins = %old.display(), "removing the datapath of another map layout: {e}")
                 }
             }
-            let _ = std::fs::remove_dir(&old);
         }
     }
 

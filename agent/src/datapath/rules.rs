@@ -130,6 +130,72 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Rule
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The current rules of the two tables the agent writes to (`raw`, `filter`), for one family.
+fn save(backend: Backend, ipv6: bool) -> Result<String, RulesError> {
+    let mut save = String::new();
+    for table in ["raw", "filter"] {
+        save.push_str(&run(&backend.program(ipv6, "save"), &["-t", table], None)?);
+    }
+    Ok(save)
+}
+
+/// The comments of the rules in each chain of ours (`restore_input` writes them).
+const CHAIN_RULES: [(&str, &[&str]); 3] = [
+    (
+        CHAIN_PREROUTING,
+        &["kube-ipvs-bpf: service traffic is not tracked"],
+    ),
+    (
+        CHAIN_OUTPUT,
+        &[
+            "kube-ipvs-bpf: forwarded by IPVS, already untracked",
+            "kube-ipvs-bpf: host service traffic is not tracked",
+        ],
+    ),
+    (
+        CHAIN_FILTER,
+        &["kube-ipvs-bpf: service traffic (untracked)"],
+    ),
+];
+
+/// The jumps into our chains: (built-in chain, our chain).
+const JUMPS: [(&str, &str); 4] = [
+    ("PREROUTING", CHAIN_PREROUTING),
+    ("OUTPUT", CHAIN_OUTPUT),
+    ("INPUT", CHAIN_FILTER),
+    ("FORWARD", CHAIN_FILTER),
+];
+
+/// What `save` (the `raw` and `filter` tables as `iptables-save` prints them) lacks of our
+/// rules: a chain, one of its rules (known by its comment), or a jump. Empty: all there.
+pub fn missing(save: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (chain, comments) in CHAIN_RULES {
+        if !save.lines().any(|l| l.starts_with(&format!(":{chain} "))) {
+            out.push(format!("chain {chain} missing"));
+            continue;
+        }
+        let rules: Vec<&str> = save
+            .lines()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .collect();
+        for c in comments.iter() {
+            if !rules.iter().any(|r| r.contains(c)) {
+                out.push(format!("rule \"{c}\" missing from {chain}"));
+            }
+        }
+    }
+    for (builtin, chain) in JUMPS {
+        let jump = save.lines().any(|l| {
+            l.starts_with(&format!("-A {builtin} ")) && l.ends_with(&format!("-j {chain}"))
+        });
+        if !jump {
+            out.push(format!("jump {builtin} -> {chain} missing"));
+        }
+    }
+    out
+}
+
 /// Writes the rules for one family.
 pub fn apply(
     backend: Backend,
@@ -137,17 +203,33 @@ pub fn apply(
     mark_svc: u32,
     xt_svc_pin: &Path,
 ) -> Result<(), RulesError> {
-    let mut save = String::new();
-    for table in ["raw", "filter"] {
-        save.push_str(&run(&backend.program(ipv6, "save"), &["-t", table], None)?);
-    }
-    let input = restore_input(&save, mark_svc, xt_svc_pin);
+    let save = save(backend, ipv6)?;
+    restore(backend, ipv6, &restore_input(&save, mark_svc, xt_svc_pin))
+}
+
+fn restore(backend: Backend, ipv6: bool, input: &str) -> Result<(), RulesError> {
     run(
         &backend.program(ipv6, "restore"),
         &["--noflush"],
-        Some(&input),
+        Some(input),
     )?;
     Ok(())
+}
+
+/// Checks the rules of one family against the kernel's (`iptables-save`) and rewrites them when
+/// anything is missing; returns what was missing (empty: nothing was written).
+pub fn repair(
+    backend: Backend,
+    ipv6: bool,
+    mark_svc: u32,
+    xt_svc_pin: &Path,
+) -> Result<Vec<String>, RulesError> {
+    let save = save(backend, ipv6)?;
+    let missing = missing(&save);
+    if !missing.is_empty() {
+        restore(backend, ipv6, &restore_input(&save, mark_svc, xt_svc_pin))?;
+    }
+    Ok(missing)
 }
 
 #[cfg(test)]
@@ -179,6 +261,37 @@ mod tests {
         let again = restore_input(save, 0x200000, pin);
         assert!(!again.contains("-I "), "{again}");
         assert!(again.contains(":KUBE-IPVS-BPF-FILTER - [0:0]"));
+    }
+
+    #[test]
+    fn missing_names_each_absent_chain_rule_and_jump() {
+        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
+        // What the restore input creates, as iptables-save prints it (jumps appended).
+        let mut save = String::new();
+        for l in restore_input("", 0x200000, pin).lines() {
+            let l = l.replace("-I ", "-A ").replace(" 1 -j", " -j");
+            save.push_str(&l);
+            save.push('\n');
+        }
+        assert_eq!(missing(&save), Vec::<String>::new(), "{save}");
+        let without = |pred: &dyn Fn(&str) -> bool| -> String {
+            save.lines()
+                .filter(|l| !pred(l))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        assert_eq!(
+            missing(&without(&|l| l == "-A INPUT -j KUBE-IPVS-BPF-FILTER")),
+            vec!["jump INPUT -> KUBE-IPVS-BPF-FILTER missing"]
+        );
+        assert_eq!(
+            missing(&without(&|l| l.contains("host service traffic"))),
+            vec![
+                "rule \"kube-ipvs-bpf: host service traffic is not tracked\" missing from KUBE-IPVS-BPF-OUTPUT"
+            ]
+        );
+        // A flushed ruleset: everything.
+        assert_eq!(missing("").len(), 7);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | `net.ipv4.vs.conn_reuse_mode` | 0 on kernels < 5.9 | the 1 s SYN drop on port reuse (kubernetes#81775), as kube-proxy sets it; left alone on newer kernels |
 //! | `net.ipv4.conf.all.arp_ignore` / `arp_announce` | 1 / 2 with strict ARP | service addresses on kube-ipvs0 are not answered for on other interfaces (kube-proxy's `ipvs.strictARP`) |
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A sysctl the agent sets: dotted name, value, and the reason (for logs and docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,24 +55,46 @@ pub fn owned(kernel: Option<(u32, u32)>, strict_arp: bool) -> Vec<Sysctl> {
 /// Where sysctls are written: `$KUBE_IPVS_BPF_PROC_SYS` (the DaemonSet mounts the host's
 /// `/proc/sys/net` writable there, as container runtimes mount `/proc/sys` read-only), else
 /// `/proc/sys`.
+pub fn default_root() -> PathBuf {
+    std::env::var_os("KUBE_IPVS_BPF_PROC_SYS")
+        .unwrap_or_else(|| "/proc/sys".into())
+        .into()
+}
+
+fn path_in(root: &Path, name: &str) -> PathBuf {
+    root.join(name.replace('.', "/"))
+}
+
+#[cfg(test)]
 fn path(name: &str) -> PathBuf {
-    let root = std::env::var_os("KUBE_IPVS_BPF_PROC_SYS").unwrap_or_else(|| "/proc/sys".into());
-    PathBuf::from(root).join(name.replace('.', "/"))
+    path_in(&default_root(), name)
+}
+
+/// Reads a sysctl (trimmed) under `root` (see [`default_root`]).
+pub fn read_in(root: &Path, name: &str) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path_in(root, name))?
+        .trim()
+        .to_string())
 }
 
 /// Reads a sysctl (trimmed).
 pub fn read(name: &str) -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(path(name))?.trim().to_string())
+    read_in(&default_root(), name)
+}
+
+/// Sets a sysctl under `root` if it differs; returns the previous value when it changed.
+pub fn set_in(root: &Path, s: &Sysctl) -> std::io::Result<Option<String>> {
+    let old = read_in(root, s.name)?;
+    if old == s.value {
+        return Ok(None);
+    }
+    std::fs::write(path_in(root, s.name), s.value)?;
+    Ok(Some(old))
 }
 
 /// Sets a sysctl if it differs; returns the previous value when it changed.
 pub fn set(s: &Sysctl) -> std::io::Result<Option<String>> {
-    let old = read(s.name)?;
-    if old == s.value {
-        return Ok(None);
-    }
-    std::fs::write(path(s.name), s.value)?;
-    Ok(Some(old))
+    set_in(&default_root(), s)
 }
 
 #[cfg(test)]

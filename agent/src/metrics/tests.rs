@@ -196,6 +196,31 @@ fn ipvs_operations_by_kind_and_result() {
 }
 
 #[test]
+fn node_repairs_exist_at_zero_and_count_each_repair_by_part() {
+    use crate::node_state::{Part, Repair};
+    let m = Metrics::new(&[]);
+    let t = m.encode();
+    for what in ["iptables", "sysctl", "tc", "kube_ipvs0"] {
+        let name = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}}");
+        assert_eq!(sample(&t, &name), Some(0.0), "{name}");
+    }
+    let r = |part| Repair {
+        part,
+        found: String::new(),
+    };
+    m.node_repairs(&[r(Part::Iptables), r(Part::Iptables), r(Part::Sysctl)]);
+    let t = m.encode();
+    assert_eq!(
+        sample(&t, "kube_ipvs_bpf_node_repairs_total{what=\"iptables\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&t, "kube_ipvs_bpf_node_repairs_total{what=\"sysctl\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn datapath_counters_advance_by_difference_and_survive_resets() {
     let m = Metrics::new(&[]);
     m.datapath_counters(&[("snat_alloc", 10), ("port_exhausted", 0)]);

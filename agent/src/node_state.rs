@@ -1,0 +1,302 @@
+//! The node state the agent keeps outside IPVS and the BPF maps, as a desired value, and its
+//! repair: the sysctls (`datapath::sysctl`), the iptables rules (`datapath::rules`), the TC
+//! attachments (checked by `datapath::Datapath::repair_node`) and `kube-ipvs0` (its existence
+//! and the service addresses bound on it, [`repair_kube_ipvs0`]; it is left down, as kube-proxy
+//! leaves it, so being down is not drift).
+//!
+//! All of it is written at start and can be undone behind the agent's back: a firewall reload
+//! (Debian's nftables service starts with `flush ruleset`) drops the rules, a tool writes
+//! `net.ipv4.vs.conntrack=1`, someone deletes `kube-ipvs0` or a clsact qdisc. Each check reads the
+//! kernel's own view (`iptables-save`, `/proc/sys`, the pinned TCX link or the clsact filter,
+//! rtnetlink) and rewrites what differs; every repair is logged at warn with what was found and
+//! counted in `kube_ipvs_bpf_node_repairs_total{what}`. The sync loop runs the check every
+//! `--node-check-period` (the safety net; also the only notice on legacy iptables) and soon after
+//! any nf_tables change ([`nftables_events`], the `NFNLGRP_NFTABLES` multicast group: prompt
+//! notice of a ruleset flush on nft-based iptables) or any change to `kube-ipvs0` (rtnetlink).
+//!
+//! The desired state depends on a [`NodeStatePhase`]: today there is only the normal one. The
+//! kube-proxy takeover (planned) will add a phase in which, e.g., `vs.conntrack` stays 1 while
+//! kube-proxy's MASQUERADE rules still serve connections.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::datapath::{rules, sysctl};
+use crate::model::DUMMY_INTERFACE;
+use crate::node::{NodeError, Rtnl};
+
+/// Which set of node state the agent wants. Only the normal phase exists so far; a kube-proxy
+/// takeover phase (kube-proxy's rules and `vs.conntrack=1` left in place until its connections
+/// drain) is meant to be added here, changing [`DesiredNodeState::new`]'s result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeStatePhase {
+    /// This agent alone serves the node: every sysctl and rule of its own.
+    #[default]
+    Normal,
+}
+
+/// The part of the node state a repair touched: the `what` label of
+/// `kube_ipvs_bpf_node_repairs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    Iptables,
+    Sysctl,
+    Tc,
+    KubeIpvs0,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Iptables, Part::Sysctl, Part::Tc, Part::KubeIpvs0];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Iptables => "iptables",
+            Part::Sysctl => "sysctl",
+            Part::Tc => "tc",
+            Part::KubeIpvs0 => "kube_ipvs0",
+        }
+    }
+}
+
+/// One repair: what was rewritten, and what the kernel showed before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub part: Part,
+    pub found: String,
+}
+
+impl Repair {
+    /// A repair of `part`, logged at warn with what was `found`.
+    pub fn new(part: Part, found: String) -> Repair {
+        tracing::warn!(what = part.as_str(), found = %found, "node state repaired");
+        Repair { part, found }
+    }
+}
+
+/// What one check of the node state did.
+#[derive(Debug, Default)]
+pub struct RepairReport {
+    pub repairs: Vec<Repair>,
+    /// Checks or repairs that failed (logged; retried at the next check).
+    pub failures: Vec<String>,
+    /// `kube-ipvs0` was re-created: the next sync must be a full one.
+    pub full_sync: bool,
+}
+
+impl RepairReport {
+    pub fn extend(&mut self, other: RepairReport) {
+        self.repairs.extend(other.repairs);
+        self.failures.extend(other.failures);
+        self.full_sync |= other.full_sync;
+    }
+
+    /// A check or repair that failed (logged at warn).
+    pub fn failed(&mut self, what: String) {
+        tracing::warn!("node state: {what}");
+        self.failures.push(what);
+    }
+}
+
+/// The iptables rules the agent keeps (see `datapath::rules`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesSpec {
+    pub backend: rules::Backend,
+    pub mark_svc: u32,
+    /// The pinned `xt_svc` program the OUTPUT rule matches with.
+    pub xt_svc_pin: PathBuf,
+    /// Whether the IPv6 rules are kept too (the kernel has IPv6).
+    pub ipv6: bool,
+}
+
+/// The sysctls and iptables rules the agent wants on the node in a phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredNodeState {
+    pub phase: NodeStatePhase,
+    /// Where the sysctls are read and written (`/proc/sys`, see `sysctl::default_root`).
+    pub sysctl_root: PathBuf,
+    pub sysctls: Vec<sysctl::Sysctl>,
+    pub rules: Option<RulesSpec>,
+}
+
+impl DesiredNodeState {
+    /// The desired state of `phase` on a kernel of version `kernel`.
+    pub fn new(
+        phase: NodeStatePhase,
+        sysctl_root: PathBuf,
+        kernel: Option<(u32, u32)>,
+        strict_arp: bool,
+        rules: Option<RulesSpec>,
+    ) -> DesiredNodeState {
+        match phase {
+            NodeStatePhase::Normal => DesiredNodeState {
+                phase,
+                sysctl_root,
+                sysctls: sysctl::owned(kernel, strict_arp),
+                rules,
+            },
+        }
+    }
+
+    /// Reads each sysctl and the rules back from the kernel and rewrites what differs.
+    pub fn repair(&self) -> RepairReport {
+        let mut report = RepairReport::default();
+        for s in &self.sysctls {
+            match sysctl::set_in(&self.sysctl_root, s) {
+                Ok(Some(old)) => report.repairs.push(Repair::new(
+                    Part::Sysctl,
+                    format!("{} = {old} (want {})", s.name, s.value),
+                )),
+                Ok(None) => {}
+                Err(e) => report.failed(format!("setting {} = {}: {e}", s.name, s.value)),
+            }
+        }
+        if let Some(spec) = &self.rules {
+            let families: &[bool] = if spec.ipv6 { &[false, true] } else { &[false] };
+            for &ipv6 in families {
+                let family = if ipv6 { "IPv6" } else { "IPv4" };
+                match rules::repair(spec.backend, ipv6, spec.mark_svc, &spec.xt_svc_pin) {
+                    Ok(found) if found.is_empty() => {}
+                    Ok(found) => report.repairs.push(Repair::new(
+                        Part::Iptables,
+                        format!("{family}: {}", found.join("; ")),
+                    )),
+                    Err(e) => report.failed(format!("checking the {family} iptables rules: {e}")),
+                }
+            }
+        }
+        report
+    }
+}
+
+/// Checks `kube-ipvs0`: it must exist (re-created when it does not: `index` follows) and hold
+/// every address in `bound` (the ones the agent bound; a missing one is added back). Addresses
+/// the agent did not bind are left to the full resync.
+pub async fn repair_kube_ipvs0(
+    rtnl: &Rtnl,
+    index: &mut u32,
+    bound: &BTreeSet<IpAddr>,
+) -> Result<RepairReport, NodeError> {
+    let mut report = RepairReport::default();
+    match rtnl.link_index(DUMMY_INTERFACE).await? {
+        Some(i) if i == *index => {}
+        found => {
+            let now = rtnl.ensure_dummy(DUMMY_INTERFACE).await?;
+            let what = match found {
+                None => "missing".to_owned(),
+                Some(i) => format!("re-created by someone else (index {i}, was {index})"),
+            };
+            report.repairs.push(Repair::new(
+                Part::KubeIpvs0,
+                format!("{DUMMY_INTERFACE} {what}"),
+            ));
+            *index = now;
+            report.full_sync = true;
+        }
+    }
+    let on = rtnl.addresses_on(*index).await?;
+    let missing: Vec<IpAddr> = bound.difference(&on).copied().collect();
+    if !missing.is_empty() {
+        let mut added = Vec::new();
+        for a in &missing {
+            match rtnl.add_address(*index, *a).await {
+                Ok(()) => added.push(a.to_string()),
+                Err(e) => report.failed(format!("adding {a} back to {DUMMY_INTERFACE}: {e}")),
+            }
+        }
+        if !added.is_empty() {
+            report.repairs.push(Repair::new(
+                Part::KubeIpvs0,
+                format!(
+                    "addresses missing from {DUMMY_INTERFACE}: {}",
+                    added.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(report)
+}
+
+/// `NFNLGRP_NFTABLES`: the nfnetlink multicast group of nf_tables changes.
+pub const NFNLGRP_NFTABLES: u32 = 7;
+
+/// Notice of nf_tables changes in the calling thread's network namespace: a message on the
+/// returned channel soon after any change (tables, chains, rules: iptables-nft's too, and a
+/// `flush ruleset`); bursts are coalesced (the channel holds one notice). A thread reads the
+/// multicast group until the receiver is dropped. Legacy iptables sends nothing here: the
+/// periodic check covers it.
+pub fn nftables_events() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    use std::os::fd::AsFd;
+    let mut socket = netlink_sys::Socket::new(crate::cleanup::nfnetlink::NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    socket.add_membership(NFNLGRP_NFTABLES)?;
+    // Wakes up every second to notice a dropped receiver.
+    nix::sys::socket::setsockopt(
+        &socket.as_fd(),
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    )
+    .map_err(std::io::Error::from)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("nftables-events".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match socket.recv(&mut &mut buf[..], 0) {
+                    // ENOBUFS: events were lost (a burst); something changed all the same.
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("nf_tables change notices stopped: {e}");
+                        return;
+                    }
+                }
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_normal_phase_wants_every_owned_sysctl_and_the_rules() {
+        let spec = RulesSpec {
+            backend: rules::Backend::Nft,
+            mark_svc: 0x200000,
+            xt_svc_pin: PathBuf::from("/sys/fs/bpf/x/prog_xt_svc"),
+            ipv6: true,
+        };
+        let d = DesiredNodeState::new(
+            NodeStatePhase::Normal,
+            PathBuf::from("/proc/sys"),
+            Some((6, 12)),
+            false,
+            Some(spec.clone()),
+        );
+        assert_eq!(d.sysctls, sysctl::owned(Some((6, 12)), false));
+        assert_eq!(d.rules, Some(spec));
+        assert_eq!(
+            Part::ALL.map(Part::as_str),
+            ["iptables", "sysctl", "tc", "kube_ipvs0"]
+        );
+    }
+}

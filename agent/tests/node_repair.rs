@@ -1,0 +1,487 @@
+//! Host-kernel tests of the node state repair (`agent::node_state`, `Datapath::repair_node`,
+//! `Datapath::sync_devices`): each runs in a fresh network namespace of its own (unshared by
+//! its thread) with the real iptables-nft, nf_tables, sysctls and TCX of the running kernel, and
+//! checks the kernel's own view afterwards (`iptables-save`, `/proc/sys`, pinned links, the
+//! kernel's list of BPF links). The host kernel has no IPVS: the `vs.*` sysctls are files under
+//! a stand-in sysctl root (`net/ipv4/conf` in it is the namespace's real one); the lab covers the
+//! real `vs.conntrack` (`tests/lab/agent.rs`). A test whose tools or privileges are missing says
+//! so and passes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agent::datapath::{Datapath, DatapathConfig, rules};
+use agent::metrics::Metrics;
+use agent::node_state::{Part, RepairReport};
+use probes::MapSizes;
+
+/// Runs `f` on a thread in a new network namespace; `None` when one cannot be made.
+fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            Some(f())
+        })
+        .join()
+        .expect("test thread panicked")
+    })
+}
+
+fn skip() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return true;
+    }
+    for (tool, flag) in [
+        ("iptables-nft-save", "--version"),
+        ("nft", "--version"),
+        ("ip", "-V"),
+    ] {
+        if !Command::new(tool)
+            .arg(flag)
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("skipped: {tool} not installed");
+            return true;
+        }
+    }
+    let bpffs = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+    if !bpffs {
+        eprintln!("skipped: bpffs is not mounted");
+    }
+    !bpffs
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A pin directory (a layout `v2` under a per-test root) and a stand-in sysctl root, both
+/// removed on drop.
+struct Scratch {
+    root: PathBuf,
+    sysctls: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let root = PathBuf::from(format!(
+            "/sys/fs/bpf/kib-repair-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = probes::loader::remove_pins(&root.join("v2"));
+        let sysctls = tempfile::tempdir().unwrap();
+        let vs = sysctls.path().join("net/ipv4/vs");
+        std::fs::create_dir_all(&vs).unwrap();
+        for (name, value) in [
+            ("conntrack", "1"),
+            ("expire_nodest_conn", "0"),
+            ("expire_quiescent_template", "0"),
+        ] {
+            std::fs::write(vs.join(name), value).unwrap();
+        }
+        std::os::unix::fs::symlink(
+            "/proc/sys/net/ipv4/conf",
+            sysctls.path().join("net/ipv4/conf"),
+        )
+        .unwrap();
+        Scratch { root, sysctls }
+    }
+
+    fn config(&self) -> DatapathConfig {
+        DatapathConfig {
+            pin_root: self.root.join("v2"),
+            rules_backend: rules::Backend::Nft,
+            strict_arp: true,
+            map_sizes: MapSizes {
+                svc_ports: 64,
+                svc_addrs: 64,
+                src_ranges: 64,
+                cluster_cidrs: 64,
+                devices: 64,
+                snat: 256,
+                conns: 256,
+                frags: 64,
+            },
+            sysctl_root: self.sysctls.path().to_path_buf(),
+            ..DatapathConfig::default()
+        }
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("v2").join("links")
+    }
+
+    /// The TCX link pins (file names).
+    fn tcx_pins(&self) -> BTreeSet<String> {
+        std::fs::read_dir(self.links_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("tcx_"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = probes::loader::remove_pins(&self.root.join("v2"));
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The index of device `name` in the thread's namespace (`/sys/class/net` shows the host's).
+fn ifindex(name: &str) -> u32 {
+    let out = sh(&format!("ip -o link show dev {name}"));
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+fn veth(name: &str) -> u32 {
+    sh(&format!(
+        "ip link add {name} type veth peer name {name}p && ip link set {name} up && ip link set {name}p up"
+    ));
+    ifindex(name)
+}
+
+/// Reads the namespace's links and addresses and syncs the datapath's devices with them.
+fn sync_devices(rt: &tokio::runtime::Runtime, dp: &mut Datapath) {
+    let rtnl = rt.block_on(async { agent::node::Rtnl::connect() }).unwrap();
+    let (links, entries) = rt.block_on(agent::sync::read_node(&rtnl)).unwrap();
+    let report = dp.sync_devices(&links, &entries, (Some("192.0.2.1".parse().unwrap()), None));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}
+
+/// The id of the BPF link pinned at `path`.
+fn link_id(path: &Path) -> u32 {
+    libbpf_rs::Link::open(path)
+        .expect("pinned link")
+        .info()
+        .expect("link info")
+        .id
+}
+
+/// Whether the kernel still has a BPF link with this id.
+fn kernel_has_link(id: u32) -> bool {
+    libbpf_rs::query::LinkInfoIter::default().any(|l| l.id == id)
+}
+
+fn parts(report: &RepairReport) -> Vec<Part> {
+    report.repairs.iter().map(|r| r.part).collect()
+}
+
+#[test]
+fn tcx_link_pins_of_deleted_devices_are_collected_at_start_and_while_running() {
+    if skip() || !probes::loader::kernel_has_tcx() {
+        eprintln!("skipped (needs TCX too)");
+        return;
+    }
+    let scratch = Scratch::new("tcx");
+    in_netns(|| {
+        let rt = runtime();
+        let gone_while_down = veth("kibdown");
+        let gone_while_up = veth("kibup");
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        sync_devices(&rt, &mut dp);
+        let pin = |index: u32, dir: &str| format!("tcx_{index}_{dir}");
+        let pins = scratch.tcx_pins();
+        for index in [gone_while_down, gone_while_up] {
+            assert!(pins.contains(&pin(index, "ingress")), "{pins:?}");
+            assert!(pins.contains(&pin(index, "egress")), "{pins:?}");
+        }
+        let down_links: Vec<u32> = ["ingress", "egress"]
+            .map(|d| link_id(&scratch.links_dir().join(pin(gone_while_down, d))))
+            .to_vec();
+
+        // The agent stops; a device goes while it is down; a new agent starts.
+        drop(dp);
+        sh("ip link del kibdown");
+        let mut dp = Datapath::start(scratch.config()).expect("restart the datapath");
+        sync_devices(&rt, &mut dp);
+        let pins = scratch.tcx_pins();
+        assert!(
+            !pins
+                .iter()
+                .any(|p| p.starts_with(&format!("tcx_{gone_while_down}_"))),
+            "stale pins left: {pins:?}"
+        );
+        for id in down_links {
+            assert!(!kernel_has_link(id), "the kernel still holds link {id}");
+        }
+        assert!(pins.contains(&pin(gone_while_up, "ingress")), "{pins:?}");
+
+        // A device goes while the agent runs.
+        let up_links: Vec<u32> = ["ingress", "egress"]
+            .map(|d| link_id(&scratch.links_dir().join(pin(gone_while_up, d))))
+            .to_vec();
+        sh("ip link del kibup");
+        sync_devices(&rt, &mut dp);
+        let pins = scratch.tcx_pins();
+        assert!(
+            !pins
+                .iter()
+                .any(|p| p.starts_with(&format!("tcx_{gone_while_up}_"))),
+            "stale pins left: {pins:?}"
+        );
+        for id in up_links {
+            assert!(!kernel_has_link(id), "the kernel still holds link {id}");
+        }
+    })
+    .expect("a network namespace");
+}
+
+#[test]
+fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("rules");
+    in_netns(|| {
+        let rt = runtime();
+        let nft_events = agent::node_state::nftables_events().expect("nf_tables monitor");
+        let mut nft_events = nft_events;
+        let dev = veth("kibrep");
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        sync_devices(&rt, &mut dp);
+        let metrics = Metrics::new(&[]);
+        let arp_ignore = "/proc/sys/net/ipv4/conf/all/arp_ignore";
+        let conntrack = scratch.sysctls.path().join("net/ipv4/vs/conntrack");
+        let missing = |ipv6: bool| {
+            let tool = if ipv6 {
+                "ip6tables-nft-save"
+            } else {
+                "iptables-nft-save"
+            };
+            rules::missing(&sh(&format!("{tool} -t raw; {tool} -t filter")))
+        };
+
+        // Start wrote everything: nothing to repair.
+        assert_eq!(std::fs::read_to_string(arp_ignore).unwrap().trim(), "1");
+        assert_eq!(std::fs::read_to_string(&conntrack).unwrap().trim(), "0");
+        assert!(missing(false).is_empty() && missing(true).is_empty());
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+
+        // A firewall reload: the whole ruleset flushed. The monitor notices.
+        while nft_events.try_recv().is_ok() {}
+        sh("nft flush ruleset");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nft_events.try_recv().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no nf_tables notice of the flush"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!missing(false).is_empty());
+        let r = dp.repair_node();
+        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert!(
+            r.repairs[0]
+                .found
+                .contains("chain KUBE-IPVS-BPF-FILTER missing"),
+            "{r:?}"
+        );
+        metrics.node_repairs(&r.repairs);
+        assert_eq!(missing(false), Vec::<String>::new());
+        assert_eq!(missing(true), Vec::<String>::new());
+
+        // One jump deleted, two sysctls changed by someone else.
+        sh("iptables-nft -D INPUT -j KUBE-IPVS-BPF-FILTER");
+        std::fs::write(arp_ignore, "0").unwrap();
+        std::fs::write(&conntrack, "1").unwrap();
+        let r = dp.repair_node();
+        assert_eq!(
+            parts(&r),
+            vec![Part::Sysctl, Part::Sysctl, Part::Iptables],
+            "{r:?}"
+        );
+        assert_eq!(r.repairs[0].found, "net.ipv4.vs.conntrack = 1 (want 0)");
+        assert_eq!(
+            r.repairs[1].found,
+            "net.ipv4.conf.all.arp_ignore = 0 (want 1)"
+        );
+        assert_eq!(
+            r.repairs[2].found,
+            "IPv4: jump INPUT -> KUBE-IPVS-BPF-FILTER missing"
+        );
+        metrics.node_repairs(&r.repairs);
+        assert_eq!(std::fs::read_to_string(arp_ignore).unwrap().trim(), "1");
+        assert_eq!(std::fs::read_to_string(&conntrack).unwrap().trim(), "0");
+        assert_eq!(missing(false), Vec::<String>::new());
+
+        // The TC programs taken off the device (our link detached behind our back).
+        let tc_pin = scratch.links_dir().join(format!("tcx_{dev}_ingress"));
+        let tc_attached = probes::loader::kernel_has_tcx();
+        if tc_attached {
+            let program = libbpf_rs::Link::open(&tc_pin)
+                .unwrap()
+                .info()
+                .unwrap()
+                .prog_id;
+            libbpf_rs::Link::open(&tc_pin).unwrap().detach().unwrap();
+            let r = dp.repair_node();
+            assert_eq!(parts(&r), vec![Part::Tc], "{r:?}");
+            assert!(r.repairs[0].found.contains("kibrep"), "{r:?}");
+            metrics.node_repairs(&r.repairs);
+            let info = libbpf_rs::Link::open(&tc_pin).unwrap().info().unwrap();
+            assert_eq!(info.prog_id, program);
+            match info.info {
+                libbpf_rs::query::LinkTypeInfo::Tcx(tcx) => assert_eq!(tcx.ifindex, dev),
+                other => panic!("not a TCX link: {other:?}"),
+            }
+        } else {
+            sh("tc qdisc del dev kibrep clsact");
+            let r = dp.repair_node();
+            assert_eq!(parts(&r), vec![Part::Tc], "{r:?}");
+            metrics.node_repairs(&r.repairs);
+            assert!(sh("tc filter show dev kibrep ingress").contains("bpf"));
+        }
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+
+        let text = metrics.encode();
+        for (what, n) in [("iptables", 3), ("sysctl", 2), ("tc", 1), ("kube_ipvs0", 0)] {
+            let line = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}} {n}");
+            assert!(text.contains(&line), "{line} not in:\n{text}");
+        }
+    })
+    .expect("a network namespace");
+}
+
+#[test]
+fn only_our_old_layout_is_removed_beside_the_pin_root_and_foreign_pins_stay() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("layouts");
+    in_netns(|| {
+        let rt = runtime();
+        // An old layout of ours (`v1`, real pins), with a pin of someone else's put in it, and
+        // a foreign directory with a layout-like name beside it.
+        let old = probes::Datapath::load(probes::DatapathOptions {
+            pin_root: scratch.root.join("v1"),
+            map_sizes: scratch.config().map_sizes,
+            ..probes::DatapathOptions::default()
+        })
+        .expect("load the old layout");
+        drop(old);
+        let foreign = |path: &Path| {
+            let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+                sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+                ..Default::default()
+            };
+            let mut map = libbpf_rs::MapHandle::create(
+                libbpf_rs::MapType::Array,
+                Some("theirs"),
+                4,
+                4,
+                1,
+                &opts,
+            )
+            .expect("create a map");
+            map.pin(path).expect("pin it");
+        };
+        foreign(&scratch.root.join("v1").join("their_map"));
+        std::fs::create_dir_all(scratch.root.join("v3")).unwrap();
+        foreign(&scratch.root.join("v3").join("config"));
+        assert!(scratch.root.join("v1").join("svc_ports").exists());
+
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        sync_devices(&rt, &mut dp);
+        let left: BTreeSet<String> = std::fs::read_dir(scratch.root.join("v1"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, BTreeSet::from(["their_map".to_owned()]));
+        assert!(scratch.root.join("v3").join("config").exists());
+        assert!(scratch.root.join("v2").join("svc_ports").exists());
+        drop(dp);
+        let _ = std::fs::remove_file(scratch.root.join("v1").join("their_map"));
+        let _ = std::fs::remove_file(scratch.root.join("v3").join("config"));
+    })
+    .expect("a network namespace");
+}
+
+#[test]
+fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
+    if skip() {
+        return;
+    }
+    in_netns(|| {
+        let rt = runtime();
+        rt.block_on(async {
+            let rtnl = agent::node::Rtnl::connect().unwrap();
+            let mut index = match rtnl.ensure_dummy("kube-ipvs0").await {
+                Ok(index) => index,
+                Err(e) => {
+                    // No dummy driver in this kernel: the lab test covers it.
+                    eprintln!("skipped: {e}");
+                    return;
+                }
+            };
+            let bound: BTreeSet<std::net::IpAddr> = ["10.96.0.1", "10.96.0.2", "fd00:96::1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
+            for a in &bound {
+                rtnl.add_address(index, *a).await.unwrap();
+            }
+            let on_device = || {
+                let out = sh("ip -o addr show dev kube-ipvs0");
+                bound
+                    .iter()
+                    .filter(|a| out.contains(&format!(" {a}/")))
+                    .count()
+            };
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert!(r.repairs.is_empty() && !r.full_sync, "{r:?}");
+
+            sh("ip addr del 10.96.0.2/32 dev kube-ipvs0");
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert_eq!(parts(&r), vec![Part::KubeIpvs0], "{r:?}");
+            assert_eq!(
+                r.repairs[0].found,
+                "addresses missing from kube-ipvs0: 10.96.0.2"
+            );
+            assert_eq!(on_device(), 3);
+
+            let old = index;
+            sh("ip link del kube-ipvs0");
+            let r = agent::node_state::repair_kube_ipvs0(&rtnl, &mut index, &bound)
+                .await
+                .unwrap();
+            assert_eq!(parts(&r), vec![Part::KubeIpvs0, Part::KubeIpvs0], "{r:?}");
+            assert!(r.full_sync);
+            assert_ne!(index, old);
+            assert_eq!(ifindex("kube-ipvs0"), index);
+            assert_eq!(on_device(), 3);
+        });
+    })
+    .expect("a network namespace");
+}
