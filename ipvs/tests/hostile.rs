@@ -293,7 +293,7 @@ fn random_attrs(rng: &mut fuzz_driver::Rng, depth: u32, out: &mut Vec<u8>) {
         out.extend(len.to_ne_bytes());
         out.extend(kind.to_ne_bytes());
         out.extend(&payload);
-        while out.len() % 4 != 0 && !rng.chance(1, 32) {
+        while !out.len().is_multiple_of(4) && !rng.chance(1, 32) {
             out.push(0);
         }
     }

@@ -317,18 +317,19 @@ fn covered(p: &[u8], v: &View, quoted: bool) -> Vec<Covered> {
         residual: r,
         udp: v.proto == 17,
     });
-    if quoted && is_icmp_error(p, v) {
-        if let Some(inner) = quoted_view(p, v) {
-            for c in covered(p, &inner, false) {
-                out.push(Covered {
-                    name: if c.name == "L4" {
-                        "quoted L4"
-                    } else {
-                        "quoted IPv4 header"
-                    },
-                    ..c
-                });
-            }
+    if quoted
+        && is_icmp_error(p, v)
+        && let Some(inner) = quoted_view(p, v)
+    {
+        for c in covered(p, &inner, false) {
+            out.push(Covered {
+                name: if c.name == "L4" {
+                    "quoted L4"
+                } else {
+                    "quoted IPv4 header"
+                },
+                ..c
+            });
         }
     }
     out
