@@ -270,6 +270,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct tuple key = {};
 	struct snat_entry entry = {};
 	struct snat_entry *e;
+	struct nat_record *r;
 	struct dev_value *dev;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
@@ -306,8 +307,11 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 										 : TC_ACT_UNSPEC;
 	}
 	fwd_pos = nat_pos_fwd(cfg, &key);
-	e = snat_fwd_find_at(cfg, &key, fwd_pos);
+	r = record_at(snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag));
+	e = record_entry(r, NAT_INDEX_FWD);
 	if (e) {
+		if (bits & STATE_SYN)
+			record_reopen(r);
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
 		frag_record(&p);
 		if (slot)
@@ -347,6 +351,10 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 	if (ret == ALLOC_MAP_FULL) {
 		stat_inc(STAT_MAP_FULL);
+		return TC_ACT_SHOT;
+	}
+	if (ret == ALLOC_LOCK_BUSY) {
+		stat_inc(STAT_LOCK_BUSY);
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_NEW) {

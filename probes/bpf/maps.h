@@ -208,6 +208,8 @@ _Static_assert(sizeof(struct nat_record) == 168, "nat_record");
 #define STATE_FIN 0x02
 #define STATE_RST 0x04
 #define STATE_REPLY 0x08
+#define STATE_CLOSED (STATE_FIN | STATE_RST) /* the connection was closed */
+#define STATE_ALL (STATE_SYN | STATE_FIN | STATE_RST | STATE_REPLY)
 
 /* snat_entry.flags: why the connection was translated and how */
 #define SNAT_F_PORT_KEPT 0x01  /* the client's own port was kept */
@@ -242,6 +244,7 @@ enum stat_index {
 	STAT_REPLY_MARKED,
 	STAT_NO_SNAT_ADDR,
 	STAT_PARSE_ERROR,
+	STAT_LOCK_BUSY,
 	STAT_MAX,
 };
 

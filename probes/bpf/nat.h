@@ -497,7 +497,10 @@ static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
 
 /*
  * Whether slot translates t in direction dir now: same tuple, younger than
- * FLOW_CACHE_TTL_JIFFIES, and the packet brings no state bits the entry lacks.
+ * FLOW_CACHE_TTL_JIFFIES, the packet brings no state bits the entry lacks, and no SYN: a SYN may
+ * open a new connection on the tuples of a closed one, which the table entry then records
+ * (record_reopen(); a slot only knows its own direction's state), as it records the reply's
+ * SYN-ACK. SYNs are one or two packets a connection, and the fast path never takes them.
  */
 static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct tuple *t,
 					 __u8 dir, __u8 bits, __u64 now_jiffies)
@@ -510,7 +513,7 @@ static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct
 
 	return diff == 0 && s->proto == t->proto && s->dir == dir && s->family != 0 &&
 	       (__u32)now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
-	       (bits & ~s->state) == 0;
+	       (bits & ~s->state) == 0 && !(bits & STATE_SYN);
 }
 
 /* Copies a translation into the flow_cache slot of t. */
@@ -658,6 +661,24 @@ static __always_inline void entry_touch(struct snat_entry *e, __u8 bits, __u64 n
 		e->last_seen_ns = now;
 }
 
+/*
+ * Egress, a packet with SYN found record r: when the connection it holds is closed (FIN or RST
+ * seen in either direction) the client has reused its port for a new connection on the same
+ * tuples, whose state starts afresh: FIN and RST cleared from the egress entry (its SYN stays),
+ * every bit from the ingress entry (the new connection has no reply yet). Without this the new
+ * connection inherits the old one's FIN/RST timeout and is swept from under its owner. Each
+ * clear is an atomic AND of the entry's state word (programs OR bits into it, the agent its
+ * flags). Costs nothing on the fast path: SYNs never take it, and only a SYN on a closed
+ * record does the two ANDs.
+ */
+static __always_inline void record_reopen(struct nat_record *r)
+{
+	if (!r || !((r->fwd.state | r->rev.state) & STATE_CLOSED))
+		return;
+	__sync_fetch_and_and((__u32 *)&r->fwd.port, ~((__u32)STATE_CLOSED << STATE_WORD_SHIFT));
+	__sync_fetch_and_and((__u32 *)&r->rev.port, ~((__u32)STATE_ALL << STATE_WORD_SHIFT));
+}
+
 /* Records the original ports of a first fragment, keyed as its later fragments will arrive. */
 static __always_inline void frag_record(const struct pkt *p)
 {
@@ -698,6 +719,7 @@ enum alloc_result {
 	ALLOC_EXISTING = 1, /* another CPU created the forward entry first: it is used */
 	ALLOC_EXHAUSTED = 2,
 	ALLOC_MAP_FULL = 3,
+	ALLOC_LOCK_BUSY = 4, /* a bucket lock the allocation needed stayed taken (table.h) */
 };
 
 /* The next port candidate of the per-CPU xorshift32 sequence. */
@@ -739,8 +761,9 @@ static __always_inline struct snat_entry *snat_rev_lookup(const struct config *c
  * destination (rev_key without its port: base, nat_rev_base()) plus the per-CPU counter, the next
  * ones in order (their reply tuples sit in consecutive snat_rev buckets), then random ones (the
  * per-CPU xorshift32 sequence, seeded on first use). Returns 0 with *c holding the claim, or
- * -EADDRINUSE (every port tried is taken), -ENOSPC (every probe found its buckets full). A global
- * function: the verifier checks the probe loop once.
+ * -ENOSPC (every probe found its buckets full), -EBUSY (no port tried was taken, and some found
+ * a bucket lock taken), -EADDRINUSE (some port tried was taken). A global function: the verifier
+ * checks the probe loop once.
  */
 __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct tuple *rev_key,
 						__u64 base, struct cpu_scratch *cs,
@@ -748,6 +771,7 @@ __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct
 {
 	__u32 range, offset, random;
 	int all_full = 1;
+	int taken = 0;
 	int ret;
 	int i;
 
@@ -774,6 +798,8 @@ __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct
 		 */
 		if (ret != -ENOSPC)
 			all_full = 0;
+		if (ret == -EEXIST)
+			taken = 1;
 		if (i + 1 < SNAT_PORT_SEQUENTIAL) {
 			offset = offset + 1 >= range ? 0 : offset + 1;
 		} else {
@@ -784,7 +810,9 @@ __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct
 	cs->rng = random;
 	if (ret == 0)
 		return 0;
-	return all_full ? -ENOSPC : -EADDRINUSE;
+	if (all_full)
+		return -ENOSPC;
+	return taken ? -EADDRINUSE : -EBUSY;
 }
 
 /*
@@ -833,13 +861,17 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 		if (ret == 0)
 			reserved = 1;
 		else if (fwd_key->proto == IPPROTO_SCTP)
-			return ret == -EEXIST ? ALLOC_EXHAUSTED : ALLOC_MAP_FULL;
+			return ret == -EEXIST  ? ALLOC_EXHAUSTED
+			       : ret == -EBUSY ? ALLOC_LOCK_BUSY
+					       : ALLOC_MAP_FULL;
 	}
 	if (!reserved) {
 		rev_value->flags = flags;
 		ret = snat_reserve_port(cfg, rev_key, rev_base, cs, &cs->rev_claim);
 		if (ret == -ENOSPC)
 			return ALLOC_MAP_FULL;
+		if (ret == -EBUSY)
+			return ALLOC_LOCK_BUSY;
 		if (ret)
 			return ALLOC_EXHAUSTED;
 	}
@@ -855,6 +887,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	if (ret) {
 		/* Give the reservation back: another CPU has the forward entry, or no room. */
 		nat_unclaim(&snat_rev, NAT_INDEX_REV, &cs->rev_claim);
+		if (ret == -EBUSY)
+			return ALLOC_LOCK_BUSY;
 		if (ret != -EEXIST)
 			return ALLOC_MAP_FULL;
 		r = record_at(snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag));
@@ -875,6 +909,7 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	__builtin_memcpy(&r->rev_key, rev_key, sizeof(r->rev_key));
 	__builtin_memcpy(&r->fwd, out, sizeof(r->fwd));
 	__builtin_memcpy(&r->rev, rev_value, sizeof(r->rev));
+	nat_barrier(); /* the record, then REC_USED, then the ways (table.h) */
 	*(volatile __u32 *)&r->state = REC_USED;
 	nat_publish(&snat_rev, NAT_INDEX_REV, &cs->rev_claim, rec_index);
 	nat_publish(&snat_fwd, NAT_INDEX_FWD, &cs->fwd_claim, rec_index);

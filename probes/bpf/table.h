@@ -28,23 +28,33 @@
  *   - a claim takes the lock of the home bucket's stripe (a 32-bit compare-and-swap, bounded
  *     spin), checks the tuple is absent, and claims a free way (its byte set to TAG_BUSY) in the
  *     home bucket or, when it is full, in up to NAT_PROBE_BUCKETS - 1 following buckets (under
- *     their stripes' locks too, held for the claim only), setting the overflow flag of each full
- *     bucket it passes. The home stripe's lock is held until the way is published (record
- *     number, then tag) or given back, so a tuple is never indexed twice;
+ *     their stripes' locks too, held for the claim only), setting the overflow flag of each
+ *     bucket it passes: a full one, or one whose stripe lock stays taken (passed over unread).
+ *     A way is thus never placed where a lookup, which stops at the first bucket without the
+ *     flag, cannot reach it. The home stripe's lock is held until the way is published (record
+ *     number, then tag) or given back, so a tuple is never indexed twice; when the home
+ *     stripe's lock stays taken the claim fails (-EBUSY: the packet is dropped, `lock_busy`);
  *   - lookups take no lock: one 8-byte read of the control word, whose bytes are matched
  *     against the tag at once; the record confirms a match; the next bucket is read only while
  *     the one left is marked overflowed;
  *   - removal (the agent's sweeper) is a compare-and-swap of the control word clearing the way's
  *     byte. Only programs take locks; the agent never does, so a lock is only held by a program,
- *     which cannot be preempted.
+ *     which cannot be preempted: TC programs run in softirq context with preemption off. That
+ *     needs a kernel without PREEMPT_RT, where softirqs run in preemptible threads (a preempted
+ *     holder would make claims on its stripes fail with -EBUSY until it runs again). So does
+ *     BPF_PROG_TEST_RUN, which only disables migration: tests count -EBUSY, they cannot rule it
+ *     out.
  * Record rules: REC_FREE -> REC_BUSY (a program's compare-and-swap when it allocates) -> REC_USED
  * (after it is written, before it is indexed) -> REC_DEAD (the sweeper, after unindexing it) ->
  * REC_FREE (the sweeper, one sweep later: a program that found the record just before it was
  * unindexed is long done with it).
  * Memory ordering is x86-64's (TSO): a control word is read before the record numbers and the
- * record; writers store the record, then the way's record number, then its tag, as plain stores,
- * and no locked instruction follows those stores in the program (a store to a cold line waits in
- * the store buffer, a locked instruction would wait for it).
+ * record (each read is volatile, and the record is reached through a map lookup, a call to the
+ * compiler); writers store the record, then REC_USED, then the way's record number, then its tag,
+ * as plain stores kept in that order by compiler barriers (nat_barrier()), and no locked
+ * instruction follows those stores in the program (a store to a cold line waits in the store
+ * buffer, a locked instruction would wait for it). A weakly ordered CPU (arm64) would need
+ * release/acquire instead.
  */
 #ifndef KIB_TABLE_H
 #define KIB_TABLE_H
@@ -55,6 +65,14 @@
 #include <bpf/bpf_helpers.h>
 
 #include "maps.h"
+
+/*
+ * A compiler barrier: clang moves no memory access across it. Publication relies on it (the
+ * record's plain stores, then REC_USED, then the way's record number, then its tag byte): volatile
+ * stores are only kept in order among themselves, and the record is written with plain ones. The
+ * CPU keeps stores in program order on x86-64 (TSO), so no fence instruction is needed there.
+ */
+#define nat_barrier() asm volatile("" ::: "memory")
 
 /* Bounded spin on a stripe lock before a claim gives up with -EBUSY. */
 #define NAT_LOCK_SPINS 64
@@ -266,7 +284,8 @@ struct nat_claim {
 /*
  * Claims a way for tuple k (at pos) in an index: on 0, *c holds it and the home stripe's lock is
  * held until nat_publish() or nat_unclaim(). Else -EEXIST (k is indexed), -ENOSPC (the home
- * bucket and the NAT_PROBE_BUCKETS - 1 after it are full) or -EBUSY (a lock stayed taken); no
+ * bucket and the NAT_PROBE_BUCKETS - 1 after it are full) or -EBUSY (the home stripe's lock
+ * stayed taken, or no room was found and a bucket was passed over because its lock did); no
  * lock held.
  */
 static __always_inline int nat_claim(void *index, const struct config *cfg, int dir,
@@ -276,6 +295,7 @@ static __always_inline int nat_claim(void *index, const struct config *cfg, int 
 	__u32 *home_lock = nat_stripe(dir, pos.home);
 	__u32 bucket = pos.home;
 	__u32 probe, way;
+	int passed_busy = 0;
 
 	if (!home_lock)
 		return -ENOSPC;
@@ -293,8 +313,18 @@ static __always_inline int nat_claim(void *index, const struct config *cfg, int 
 
 		if (!b || !lock)
 			break;
-		if (own && !nat_lock(lock))
+		if (own && !nat_lock(lock)) {
+			/*
+			 * Another claim holds this bucket's stripe: pass over the bucket, marked
+			 * overflowed first (without its lock: the flag is a byte of its own, only ever
+			 * set, and a flag on a bucket with room only costs lookups a bucket more), so
+			 * that a lookup going on from it reaches the way claimed further on.
+			 */
+			if (!*(volatile __u8 *)&b->overflow)
+				*(volatile __u8 *)&b->overflow = 1;
+			passed_busy = 1;
 			goto next;
+		}
 		free = ctrl_match(ctrl_word(b), TAG_FREE);
 		for (way = 0; free && way < NAT_WAYS; way++) {
 			if (!(free & (0x80ULL << (way * 8))))
@@ -316,7 +346,7 @@ next:
 		bucket = nat_next(bucket, cfg->nat_buckets);
 	}
 	nat_unlock(home_lock);
-	return -ENOSPC;
+	return passed_busy ? -EBUSY : -ENOSPC;
 }
 
 /* Points the claimed way at record `rec` (written and REC_USED already) and unlocks. */
@@ -329,7 +359,9 @@ static __always_inline void nat_publish(void *index, int dir, const struct nat_c
 	__u32 *home_lock = nat_stripe(dir, c->home);
 
 	if (b) {
+		nat_barrier(); /* the record's stores (the caller's) come first */
 		*(volatile __u32 *)&b->rec[way] = rec;
+		nat_barrier();
 		*(volatile __u8 *)&b->tag[way] = c->tag;
 	}
 	if (home_lock)

@@ -367,7 +367,10 @@ pub fn kernel_has_kern_ctx() -> bool {
 }
 
 /// Sets each map's size: the pinned map's own when one exists (libbpf then reuses it), else the
-/// requested size.
+/// requested size. A pinned `stats` with fewer counters than the object's (an agent from before
+/// a counter was added) is unpinned instead, so a new one is created: the counters restart at
+/// zero (programs still attached keep counting in the old one until they are replaced), where
+/// reusing it would leave the new counters without a slot.
 fn size_maps(
     open: &mut OpenObject,
     pin_root: &Path,
@@ -382,6 +385,16 @@ fn size_maps(
         }
         let requested = sizes.for_map(&name);
         let pinned = pin_root.join(&name);
+        if name == map_names::STATS && pinned.exists() {
+            let handle = MapHandle::from_pinned_path(&pinned).map_err(|source| Error::Map {
+                map: name.clone(),
+                action: "open pinned",
+                source,
+            })?;
+            if handle.max_entries() < map.max_entries() {
+                fs::remove_file(&pinned).map_err(io_error("remove", &pinned))?;
+            }
+        }
         let (reused, max_entries) = if pinned.exists() {
             let handle = MapHandle::from_pinned_path(&pinned).map_err(|source| Error::Map {
                 map: name.clone(),

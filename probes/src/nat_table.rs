@@ -88,6 +88,9 @@ struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     entries: u32,
+    /// Bytes from one element to the next: the value size rounded up to 8, as the kernel lays
+    /// out an array (`snat_locks`' 4-byte words are 8 bytes apart).
+    stride: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; every access through it is a volatile copy or an
@@ -109,10 +112,11 @@ impl Mapping {
             });
         }
         let entries = handle.max_entries();
-        // An array's elements are value_size rounded up to 8 bytes apart (ours are multiples of
-        // 8 already); a mapping covers whole pages.
+        // An array's elements are value_size rounded up to 8 bytes apart; a mapping covers
+        // whole pages.
+        let stride = value_size.next_multiple_of(8);
         let page = 4096usize;
-        let len = (entries as usize * value_size).div_ceil(page) * page;
+        let len = (entries as usize * stride).div_ceil(page) * page;
         // SAFETY: mapping a BPF array map's fd shared and read-write, at offset 0 and no longer
         // than its data, is what BPF_F_MMAPABLE allows; the result is checked below.
         let ptr = unsafe {
@@ -135,17 +139,24 @@ impl Mapping {
             map: name,
             source: std::io::Error::other("mmap returned NULL"),
         })?;
-        Ok(Mapping { ptr, len, entries })
+        Ok(Mapping {
+            ptr,
+            len,
+            entries,
+            stride,
+        })
     }
 
-    /// Element `index` as a `T` (the caller keeps index below `entries`).
+    /// Element `index` as a `T` (the caller keeps index below `entries`; `T` is the map's
+    /// value type, checked in [`Mapping::new`]).
     fn element<T>(&self, index: u32) -> *mut T {
         debug_assert!(index < self.entries);
+        debug_assert!(size_of::<T>() <= self.stride);
         // SAFETY: index < entries keeps the offset inside the mapping.
         unsafe {
             self.ptr
                 .as_ptr()
-                .add(index as usize * size_of::<T>())
+                .add(index as usize * self.stride)
                 .cast::<T>()
         }
     }
@@ -292,6 +303,18 @@ impl SnatTable {
     fn way_rec(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
         // SAFETY: b is an element of a live mapping; rec is 4-byte aligned inside it.
         unsafe { atomic(std::ptr::addr_of_mut!((*b).rec[way])) }
+    }
+
+    /// The lock word of a bucket's stripe in `snat_locks` (0: free, 1: held). Tests hold one
+    /// (store 1) to stand for a program preempted in the middle of an insert; nothing else here
+    /// touches it outside [`SnatTable::insert`].
+    pub fn stripe_lock(&self, index: Index, bucket: u32) -> &AtomicU32 {
+        self.stripe(index, bucket)
+    }
+
+    /// Stripe lock words of each index (`NAT_LOCK_STRIPES`).
+    pub fn stripes(&self) -> u32 {
+        NAT_LOCK_STRIPES
     }
 
     /// The lock of a bucket's stripe.
@@ -519,8 +542,9 @@ impl SnatTable {
         Ok(rec)
     }
 
+    /// Takes a stripe lock: up to [`INSERT_LOCK_SPINS`] tries.
     fn lock(&self, lock: &AtomicU32) -> bool {
-        for _ in 0..100_000 {
+        for _ in 0..INSERT_LOCK_SPINS {
             if lock
                 .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
@@ -543,6 +567,7 @@ impl SnatTable {
             return Err(Error::TableExists(index.name()));
         }
         let mut bucket = pos.home;
+        let mut passed_busy = false;
         for _ in 0..NAT_PROBE_BUCKETS {
             let b = self.bucket(index, bucket);
             let lock = self.stripe(index, bucket);
@@ -551,7 +576,7 @@ impl SnatTable {
                 let way =
                     (0..NAT_WAYS).find(|&way| self.set_ctrl_byte(b, way, Some(TAG_FREE), TAG_BUSY));
                 if way.is_none() {
-                    self.set_ctrl_byte(b, NAT_WAYS, None, 1);
+                    self.set_overflow(b);
                 }
                 if own {
                     lock.store(0, Ordering::Release);
@@ -564,11 +589,27 @@ impl SnatTable {
                         tag: pos.tag,
                     });
                 }
+            } else {
+                // Its lock stayed taken: passed over, marked overflowed first so that lookups
+                // going on from it reach a way claimed further on (table.h).
+                self.set_overflow(b);
+                passed_busy = true;
             }
             bucket = self.next(bucket);
         }
         home_lock.store(0, Ordering::Release);
-        Err(Error::TableFull(index.name()))
+        if passed_busy {
+            Err(Error::TableBusy(index.name()))
+        } else {
+            Err(Error::TableFull(index.name()))
+        }
+    }
+
+    /// Sets a bucket's overflow flag (byte `NAT_WAYS` of its control word), unless set.
+    fn set_overflow(&self, b: *mut NatBucket) {
+        if !self.overflowed(b) {
+            self.set_ctrl_byte(b, NAT_WAYS, None, 1);
+        }
     }
 
     fn publish(&self, index: Index, c: &Claim, rec: u32) {
@@ -611,6 +652,10 @@ impl SnatTable {
         }
     }
 }
+
+/// Tries [`SnatTable::insert`] makes at a stripe lock before it gives up (`NAT_LOCK_SPINS` in
+/// table.h; more here: this side can be preempted between tries, a program cannot).
+const INSERT_LOCK_SPINS: u32 = 100_000;
 
 /// A claimed way (the home bucket's stripe lock held).
 struct Claim {

@@ -352,3 +352,53 @@ fn ipvs_probe_reports_missing_ip_vs() {
     }
     assert_eq!(dp.ipvs_probe(), None);
 }
+
+/// An agent from before a counter was added left a shorter `stats` pinned: the loader replaces
+/// it (counters restart at zero) rather than reuse it, so every counter has a slot and reading
+/// them works; the next load reuses the new one.
+#[test]
+fn shorter_pinned_stats_is_replaced() {
+    use libbpf_rs::{MapCore, MapHandle, MapType};
+    let pins = PinDir::new("short_stats");
+    std::fs::create_dir_all(&pins.root).expect("pin root");
+    let short = Counter::COUNT as u32 - 1;
+    let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let mut old = MapHandle::create(MapType::PercpuArray, Some("stats"), 4, 8, short, &opts)
+        .expect("create the old stats");
+    old.pin(pins.root.join("stats")).expect("pin the old stats");
+
+    let dp = load(&pins.root, TcAttachPolicy::Auto);
+    let stats = dp
+        .map_reuse()
+        .iter()
+        .find(|m| m.name == "stats")
+        .expect("stats");
+    assert!(!stats.reused, "the short stats is not reused");
+    assert_eq!(stats.max_entries, Counter::COUNT as u32);
+    let pinned = MapHandle::from_pinned_path(pins.root.join("stats")).expect("pinned stats");
+    assert_eq!(pinned.max_entries(), Counter::COUNT as u32);
+    assert_ne!(
+        pinned.info().expect("info").info.id,
+        old.info().expect("info").info.id,
+        "a new map is pinned"
+    );
+    assert_eq!(
+        dp.stats()
+            .expect("every counter reads")
+            .get(Counter::LockBusy),
+        0
+    );
+    drop(dp);
+    let again = load(&pins.root, TcAttachPolicy::Auto);
+    assert!(
+        again
+            .map_reuse()
+            .iter()
+            .find(|m| m.name == "stats")
+            .is_some_and(|m| m.reused),
+        "then reused"
+    );
+}
