@@ -131,6 +131,22 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         ..Default::default()
     };
+    // Removing this agent's state (or, without --keep-ipvs, the IPVS services it owns too) while
+    // an agent runs would pull the datapath from under it: take its lock. A dry run changes
+    // nothing; a pin root that does not exist has no agent.
+    let removes_ours = !args.kube_proxy || !args.keep_ipvs;
+    let _lock = if removes_ours && !args.dry_run && opts.pin_root.exists() {
+        Some(
+            crate::datapath::lock::acquire(
+                &crate::datapath::lock::lock_dir(),
+                &opts.pin_root,
+                "cleanup",
+            )
+            .context("cleanup")?,
+        )
+    } else {
+        None
+    };
     let report = if args.kube_proxy {
         crate::cleanup::cleanup_kube_proxy(&opts).await?
     } else {
@@ -236,9 +252,9 @@ pub struct RunArgs {
     /// Applies when the maps are created: a pinned map keeps its size.
     #[arg(long = "bpf-map-size", value_parser = parse_map_size)]
     pub bpf_map_sizes: Vec<(String, u32)>,
-    /// How often expired SNAT entries are swept.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub sweep_period: Duration,
+    /// How often expired SNAT entries are swept (default 10s; 100ms to 1m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub sweep_period: Option<Duration>,
     /// How often the node state outside IPVS (iptables rules, sysctls, TC programs,
     /// kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -354,6 +370,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         drain_timeout: args.drain_timeout,
+        sweep_period: args.sweep_period,
         state_dir: args.state_dir.clone(),
         healthz_bind_address: args.healthz_bind_address,
         metrics_bind_address: args.metrics_bind_address,
@@ -414,11 +431,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             map_sizes,
             sysctl_root: crate::datapath::sysctl::default_root(),
         }),
-        sweep_period: args.sweep_period,
+        sweep_period: cfg.datapath.sweep_period,
         node_check_period: args.node_check_period,
         ..SyncConfig::default()
     };
     tracing::info!(source = %args.source.source, node = %node_name, "starting");
+    // Before anything is loaded, attached or created: the kernel can run the datapath, and no
+    // other agent uses it. The lock is held until the process ends.
+    let _lock = match &sync_cfg.datapath {
+        Some(dp) => Some(datapath_preflight(dp)?),
+        None => None,
+    };
 
     // Health and metrics first: a probe answers while the first sync is still coming.
     let families: Vec<metrics::IpFamily> = {
@@ -494,8 +517,77 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let port_watch = sync_cfg.datapath.clone();
     let syncer = Syncer::start(sync_cfg).await?;
+    if let Some(dp) = port_watch {
+        watch_local_ports(&dp, cfg.sync_period);
+    }
     sync::run(syncer, snapshots, observers, shutdown_signal()).await
+}
+
+/// What `run` checks before it loads the datapath: the kernel's features (listed in the log;
+/// a missing one the datapath needs stops start-up, each with its cause and fix), bpffs at the
+/// pin root, the lock on the pin root ([`crate::datapath::lock`]), and an explicit SNAT range
+/// against the node's ephemeral ports.
+fn datapath_preflight(
+    dp: &crate::datapath::DatapathConfig,
+) -> anyhow::Result<crate::datapath::lock::PinRootLock> {
+    let features = probes::KernelFeatures::detect();
+    let report = features
+        .report()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    tracing::info!(features = %report, "kernel features for the eBPF datapath");
+    let mut problems = features.problems();
+    if let Err(e) = probes::features::check_pin_root(&dp.pin_root) {
+        problems.push(e.to_string());
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the eBPF datapath cannot run here:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
+    let lock =
+        crate::datapath::lock::acquire(&crate::datapath::lock::lock_dir(), &dp.pin_root, "run")?;
+    tracing::debug!(lock = %lock.path().display(), "datapath lock taken");
+    match crate::datapath::local_port_range() {
+        Ok(local) => {
+            crate::datapath::snat_ports(dp.snat_ports, local, dp.node_ports)?;
+        }
+        Err(e) => tracing::warn!("{e:#}: the SNAT range is checked against the default"),
+    }
+    Ok(lock)
+}
+
+/// Re-reads `net.ipv4.ip_local_port_range` every `period` for the running datapath
+/// ([`crate::datapath::LocalPortWatch`]): start-up read it once.
+fn watch_local_ports(dp: &crate::datapath::DatapathConfig, period: Duration) {
+    let mut watch = match crate::datapath::LocalPortWatch::open(dp) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("ip_local_port_range will not be watched: {e:#}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match watch.check() {
+                Ok(_) => failing = false,
+                // Once per run of failures.
+                Err(e) if !std::mem::replace(&mut failing, true) => {
+                    tracing::warn!("checking ip_local_port_range: {e:#}")
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// Resolves on SIGTERM or SIGINT.

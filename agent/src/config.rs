@@ -77,7 +77,9 @@
 //!     markService: 0x200000
 //!     markMasquerade: 0x400000
 //!     snatPortRange: 1024-29999   # default: the widest range outside the node's ephemeral
-//!                                 # ports (ip_local_port_range) and the NodePorts
+//!                                 # ports (ip_local_port_range) and the NodePorts; an explicit
+//!                                 # range must avoid both (checked at start-up)
+//!     sweepPeriod: 10s            # how often expired SNAT entries are swept (100ms..1m)
 //! ```
 
 use std::collections::BTreeMap;
@@ -112,6 +114,14 @@ pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
 /// Default longest drain of a removed TCP/SCTP destination.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default interval of the SNAT table's sweeps.
+pub const DEFAULT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
+/// Shortest sweep period: a pass walks the whole table, so shorter ones cost CPU for nothing.
+pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
+/// Longest sweep period: a connection's entries outlive its timeout by up to two periods (a
+/// record is freed one pass after it is removed), so longer ones fill the table with dead
+/// connections (a reset TCP connection times out after 10 s).
+pub const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(60);
 /// Default NodePort range (kube-apiserver's default `--service-node-port-range`).
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
@@ -283,6 +293,8 @@ pub struct DatapathSection {
     pub mark_masquerade: Option<u32>,
     /// `first-last`: ports the datapath SNATs to.
     pub snat_port_range: Option<String>,
+    /// How often expired SNAT entries are swept (`--sweep-period`).
+    pub sweep_period: Option<String>,
 }
 
 /// Flags given on the command line: `None` (or empty) where the operator gave none, so the file
@@ -300,6 +312,7 @@ pub struct Overrides {
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub drain_timeout: Option<Duration>,
+    pub sweep_period: Option<Duration>,
     pub state_dir: Option<PathBuf>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
@@ -329,6 +342,8 @@ pub struct DatapathSettings {
     /// SNAT ports; `None`: the datapath picks the widest range outside the node's ephemeral
     /// ports and the NodePorts.
     pub snat_port_range: Option<RangeInclusive<u16>>,
+    /// How often expired SNAT entries are swept.
+    pub sweep_period: Duration,
 }
 
 impl Default for DatapathSettings {
@@ -337,6 +352,7 @@ impl Default for DatapathSettings {
             mark_service: probes::maps::DEFAULT_MARK_SVC,
             mark_masquerade: probes::maps::DEFAULT_MARK_MASQ,
             snat_port_range: None,
+            sweep_period: DEFAULT_SWEEP_PERIOD,
         }
     }
 }
@@ -597,6 +613,11 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
             cfg.datapath.snat_port_range =
                 Some(port_range("kubeIpvsBpf.datapath.snatPortRange", s)?);
         }
+        // Zero is refused below (a sweep needs a period), not taken as "default".
+        if let Some(s) = non_empty(&dp.sweep_period) {
+            cfg.datapath.sweep_period = parse_go_duration(s)
+                .map_err(|m| invalid("kubeIpvsBpf.datapath.sweepPeriod", format!("{s:?}: {m}")))?;
+        }
     }
 
     apply_overrides(&mut cfg, flags)?;
@@ -636,6 +657,9 @@ fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigErr
     }
     if let Some(d) = o.drain_timeout {
         cfg.drain_timeout = d;
+    }
+    if let Some(d) = o.sweep_period {
+        cfg.datapath.sweep_period = d;
     }
     if let Some(d) = &o.state_dir {
         cfg.state_dir = d.clone();
@@ -714,6 +738,23 @@ fn validate(cfg: &AgentConfig) -> Result<(), ConfigError> {
                 format!("{mark:#x} uses kube-proxy's mark bits 0x4000/0x8000"),
             ));
         }
+    }
+    let sweep = dp.sweep_period;
+    if !(MIN_SWEEP_PERIOD..=MAX_SWEEP_PERIOD).contains(&sweep) {
+        return Err(invalid(
+            "kubeIpvsBpf.datapath.sweepPeriod (--sweep-period)",
+            format!(
+                "{} is outside {}..={}: {}",
+                humantime::format_duration(sweep),
+                humantime::format_duration(MIN_SWEEP_PERIOD),
+                humantime::format_duration(MAX_SWEEP_PERIOD),
+                if sweep < MIN_SWEEP_PERIOD {
+                    "each sweep walks the whole SNAT table"
+                } else {
+                    "expired connections would hold their SNAT entries that much longer"
+                }
+            ),
+        ));
     }
     let np = &cfg.node_port_range;
     if let Some(snat) = &dp.snat_port_range

@@ -16,6 +16,8 @@ fn main() -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    // libbpf's messages (e.g. "Parent Qdisc doesn't exists" at each attach) at debug level.
+    probes::libbpf_log::route_to_tracing();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 /// An error of the datapath loader or of a map access.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Opening or loading a BPF object failed (verifier log on stderr via libbpf).
+    /// Opening or loading a BPF object failed (libbpf's messages, the verifier log among them,
+    /// go to the log at debug level: see [`crate::libbpf_log`]).
     #[error("BPF object {object}: {action}: {source}")]
     Object {
         /// Which object (`datapath`, `ipvs_probe`).
@@ -15,6 +16,29 @@ pub enum Error {
         action: &'static str,
         /// The libbpf error.
         source: libbpf_rs::Error,
+    },
+    /// Loading a BPF object into the kernel failed; `log` is what libbpf said about it (its
+    /// last warnings, the end of the verifier log among them).
+    #[error("BPF object {object}: load: {source}{}", libbpf_said(log))]
+    Load {
+        /// Which object (`datapath`, `ipvs_probe`).
+        object: &'static str,
+        /// The libbpf error.
+        source: libbpf_rs::Error,
+        /// libbpf's last warnings before the failure (empty when it said nothing).
+        log: Vec<String>,
+    },
+    /// The pin root is not on a BPF file system.
+    #[error(
+        "the BPF pin root {path} is not on bpffs ({found}): mount bpffs there with \
+         `mount -t bpf bpf /sys/fs/bpf` (systemd mounts it at boot; the DaemonSet's mount-bpf-fs \
+         init container does it too), or choose a --bpf-pin-root under a bpffs mount"
+    )]
+    PinRootNotBpffs {
+        /// The pin root.
+        path: PathBuf,
+        /// What is there instead.
+        found: String,
     },
     /// A map operation failed.
     #[error("map {map}: {action}: {source}")]
@@ -126,6 +150,14 @@ pub enum Error {
         /// The libbpf error.
         source: libbpf_rs::Error,
     },
+}
+
+fn libbpf_said(log: &[String]) -> String {
+    if log.is_empty() {
+        String::new()
+    } else {
+        format!("; libbpf said: {}", log.join(" | "))
+    }
 }
 
 /// The crate's result type.

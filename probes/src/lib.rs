@@ -3,6 +3,8 @@
 //! attaches and replaces them. The contract is docs/datapath.md.
 
 pub mod error;
+pub mod features;
+pub mod libbpf_log;
 pub mod loader;
 pub mod maps;
 pub mod nat_table;
@@ -10,6 +12,7 @@ pub mod objects;
 pub mod typed_map;
 
 pub use error::{Error, Result};
+pub use features::KernelFeatures;
 pub use loader::{
     AttachedPrograms, Datapath, DatapathOptions, DeviceKind, MapReuse, MapSizes, ProbeKind,
     ProbePreference, ProgramRunStats, RewritePolicy, SkbContext, TEST_RUN_CHECKSUM_COMPLETE,

@@ -345,16 +345,23 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 
 /// `(major, minor)` of the running kernel, from `/proc/sys/kernel/osrelease`.
 pub fn kernel_version() -> Option<(u32, u32)> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
+    crate::features::parse_release(&fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
 }
 
 /// Whether the running kernel has TCX (6.6 and later).
 pub fn kernel_has_tcx() -> bool {
-    kernel_version().is_some_and(|v| v >= (6, 6))
+    kernel_version().is_some_and(|v| v >= crate::features::TCX_KERNEL)
+}
+
+/// Loads an opened object into the kernel; a failure carries libbpf's last warnings (the end
+/// of the verifier log among them) when its messages are routed ([`crate::libbpf_log`]).
+fn load_object(open: OpenObject, object: &'static str) -> Result<Object> {
+    crate::libbpf_log::clear_warnings();
+    open.load().map_err(|source| Error::Load {
+        object,
+        source,
+        log: crate::libbpf_log::take_warnings(),
+    })
 }
 
 /// Whether the kernel has the `bpf_cast_to_kern_ctx` kfunc (Linux 6.2+), which `nat_write`
@@ -449,7 +456,7 @@ fn open_datapath(
             prog.set_attach_type(attach);
         }
     }
-    let object = open.load().map_err(object_error("datapath", "load"))?;
+    let object = load_object(open, "datapath")?;
     Ok((object, reuse))
 }
 
@@ -638,8 +645,11 @@ fn clsact_hook(program: &Program<'_>, ifindex: u32, direction: Direction) -> TcH
 
 impl Datapath {
     /// Opens the datapath object, sizes its maps (reusing every map pinned under
-    /// `options.pin_root`), loads it, and pins `xt_svc`. Nothing is attached yet.
+    /// `options.pin_root`), loads it, and pins `xt_svc`. Nothing is attached yet. A pin root
+    /// outside bpffs is refused first ([`Error::PinRootNotBpffs`]): libbpf would only say
+    /// "Invalid argument" or "No such file or directory".
     pub fn load(options: DatapathOptions) -> Result<Datapath> {
+        crate::features::check_pin_root(&options.pin_root)?;
         fs::create_dir_all(&options.pin_root).map_err(io_error("create", &options.pin_root))?;
         let tcx_attach_types = match options.tc_attach {
             TcAttachPolicy::Netlink => false,
@@ -1025,7 +1035,7 @@ impl Datapath {
             let wanted = prog.name() == kind.program();
             prog.set_autoload(wanted);
         }
-        let object = open.load().map_err(object_error("ipvs_probe", "load"))?;
+        let object = load_object(open, "ipvs_probe")?;
         let program = find_program(&object, kind.program())?;
         let link = match kind {
             ProbeKind::Fexit => program.attach_trace(),

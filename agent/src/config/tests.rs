@@ -431,6 +431,46 @@ fn datapath_section() {
     );
 }
 
+#[test]
+fn sweep_period_from_file_or_flag_zero_and_absurd_values_refused() {
+    assert_eq!(
+        AgentConfig::default().datapath.sweep_period,
+        Duration::from_secs(10)
+    );
+    let cfg = resolved(&ours("kubeIpvsBpf:\n  datapath:\n    sweepPeriod: 2s\n"));
+    assert_eq!(cfg.datapath.sweep_period, Duration::from_secs(2));
+    for bad in ["0s", "0", "1ms", "2h", "-1s", "soon"] {
+        assert_names(
+            &ours(&format!(
+                "kubeIpvsBpf:\n  datapath:\n    sweepPeriod: {bad:?}\n"
+            )),
+            "kubeIpvsBpf.datapath.sweepPeriod",
+        );
+    }
+    // `--sweep-period 0s` (it made the sweeper's timer panic after the datapath was attached).
+    for bad in [Duration::ZERO, Duration::from_secs(3600)] {
+        let e = resolve(
+            None,
+            &Overrides {
+                sweep_period: Some(bad),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--sweep-period"), "{e}");
+    }
+    let flag = resolve(
+        None,
+        &Overrides {
+            sweep_period: Some(Duration::from_millis(500)),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(flag.datapath.sweep_period, Duration::from_millis(500));
+}
+
 // --- accepted and ignored ------------------------------------------------------------------
 
 #[test]

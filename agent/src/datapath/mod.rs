@@ -5,7 +5,14 @@
 //!
 //! Restarts drop nothing: maps are pinned and re-used, TC programs are replaced in place (TCX
 //! link update, or `tc filter replace` on clsact), and nothing is detached on exit.
+//!
+//! Ports: SNAT ports must stay outside the node's ephemeral ports (`net.ipv4.ip_local_port_range`)
+//! and the NodePorts. An explicit `snatPortRange` that overlaps them stops start-up
+//! ([`snat_ports`]); the automatic range is the widest one left. [`LocalPortWatch`] re-reads the
+//! sysctl later: the datapath follows a change (the automatic range moves with it), and an
+//! explicit range that now overlaps is logged as an error.
 
+pub mod lock;
 pub mod rules;
 pub mod sweep;
 pub mod sysctl;
@@ -17,9 +24,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ipnet::IpNet;
-use probes::maps::{CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, Config, DevValue, parse_local_port_range};
+use probes::maps::{
+    CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, Config, DevValue, map_names, parse_local_port_range,
+};
 use probes::{
-    Datapath as Loaded, DatapathOptions, DeviceKind, MapSizes, ProbeKind, ProbePreference,
+    Datapath as Loaded, DatapathOptions, DeviceKind, MapSizes, ProbeKind, ProbePreference, TypedMap,
 };
 
 use crate::model::{Changed, DUMMY_INTERFACE, DesiredState};
@@ -88,6 +97,163 @@ pub fn snat_port_range(local: (u16, u16), node_ports: (u16, u16)) -> Option<(u16
         }
     }
     best
+}
+
+fn overlaps(a: (u16, u16), b: (u16, u16)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// The node's ephemeral ports, `net.ipv4.ip_local_port_range` (of the agent's network
+/// namespace, the host's).
+pub fn local_port_range() -> anyhow::Result<(u16, u16)> {
+    let text = sysctl::read("net.ipv4.ip_local_port_range")
+        .context("reading net.ipv4.ip_local_port_range")?;
+    parse_local_port_range(&text)
+        .with_context(|| format!("net.ipv4.ip_local_port_range {text:?}: expected LOW HIGH"))
+}
+
+/// The SNAT ports for the node's ephemeral ports `local`: the `explicit` range, which must not
+/// overlap them, else the widest range outside them and the NodePorts ([`snat_port_range`]).
+/// The error names both ranges and the fixes.
+pub fn snat_ports(
+    explicit: Option<(u16, u16)>,
+    local: (u16, u16),
+    node_ports: (u16, u16),
+) -> anyhow::Result<(u16, u16)> {
+    match explicit {
+        Some(snat) if overlaps(snat, local) => anyhow::bail!(
+            "kubeIpvsBpf.datapath.snatPortRange {}-{} overlaps the node's ephemeral ports \
+             (net.ipv4.ip_local_port_range {}-{}): translated connections would take ports the \
+             node's own connections use; choose a range outside {}-{} (and the NodePorts {}-{}), \
+             narrow ip_local_port_range, or leave snatPortRange unset for the widest free range",
+            snat.0,
+            snat.1,
+            local.0,
+            local.1,
+            local.0,
+            local.1,
+            node_ports.0,
+            node_ports.1
+        ),
+        Some(snat) => Ok(snat),
+        None => snat_port_range(local, node_ports).with_context(|| {
+            format!(
+                "no port range is left for SNAT outside the node's ephemeral ports \
+                 (net.ipv4.ip_local_port_range {}-{}) and the NodePorts {}-{}: narrow \
+                 ip_local_port_range",
+                local.0, local.1, node_ports.0, node_ports.1
+            )
+        }),
+    }
+}
+
+/// The datapath's port configuration after `ip_local_port_range` became `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRanges {
+    /// The node's ephemeral ports (the datapath keeps a client's port only outside them).
+    pub local: (u16, u16),
+    /// The SNAT ports.
+    pub snat: (u16, u16),
+    /// The SNAT ports overlap `local`: an explicit range (kept: the operator chose it), or an
+    /// automatic one with no free range left (kept until one is).
+    pub overlap: bool,
+}
+
+/// What the datapath uses once `ip_local_port_range` changed to `local`: an explicit range
+/// stays; the automatic one moves to the widest free range (or stays when there is none).
+pub fn ports_after_change(
+    explicit: Option<(u16, u16)>,
+    node_ports: (u16, u16),
+    current_snat: (u16, u16),
+    local: (u16, u16),
+) -> PortRanges {
+    let snat = match explicit {
+        Some(snat) => snat,
+        None => snat_port_range(local, node_ports).unwrap_or(current_snat),
+    };
+    PortRanges {
+        local,
+        snat,
+        overlap: overlaps(snat, local),
+    }
+}
+
+/// Watches `ip_local_port_range` for the running datapath (through its pinned `config` map),
+/// for the agent to call periodically: start-up read the sysctl once, but an operator may
+/// change it at any time.
+pub struct LocalPortWatch {
+    config: TypedMap<u32, Config>,
+    explicit: Option<(u16, u16)>,
+    node_ports: (u16, u16),
+    /// The ephemeral ports last seen (or written by start-up).
+    local: (u16, u16),
+}
+
+impl LocalPortWatch {
+    /// Opens the `config` map pinned under the datapath's pin root (after [`Datapath::start`]).
+    pub fn open(cfg: &DatapathConfig) -> anyhow::Result<LocalPortWatch> {
+        let path = cfg.pin_root.join(map_names::CONFIG);
+        let config: TypedMap<u32, Config> =
+            TypedMap::open_pinned(&path).with_context(|| format!("opening {}", path.display()))?;
+        let current = config.get(&0)?.unwrap_or_default();
+        Ok(LocalPortWatch {
+            config,
+            explicit: cfg.snat_ports,
+            node_ports: cfg.node_ports,
+            local: (current.local_port_min, current.local_port_max),
+        })
+    }
+
+    /// Re-reads `ip_local_port_range`. On a change: writes the new ephemeral ports (and the
+    /// moved automatic SNAT range) into the datapath's configuration, logs it, and logs an error
+    /// naming both ranges when the SNAT ports now overlap the ephemeral ones. Returns what
+    /// changed (`None`: nothing). Each change is logged once.
+    pub fn check(&mut self) -> anyhow::Result<Option<PortRanges>> {
+        let local = local_port_range()?;
+        if local == self.local {
+            return Ok(None);
+        }
+        let current = self.config.get(&0)?.unwrap_or_default();
+        let old_snat = (current.snat_port_min, current.snat_port_max);
+        let next = ports_after_change(self.explicit, self.node_ports, old_snat, local);
+        let config = Config {
+            local_port_min: next.local.0,
+            local_port_max: next.local.1,
+            snat_port_min: next.snat.0,
+            snat_port_max: next.snat.1,
+            ..current
+        };
+        if config != current {
+            self.config.insert(&0, &config)?;
+        }
+        let range = |r: (u16, u16)| format!("{}-{}", r.0, r.1);
+        tracing::info!(
+            old = %range(self.local),
+            new = %range(local),
+            "net.ipv4.ip_local_port_range changed: the datapath keeps client ports only outside the new range"
+        );
+        if next.snat != old_snat {
+            tracing::warn!(
+                old = %range(old_snat),
+                new = %range(next.snat),
+                "the automatic SNAT port range moved with ip_local_port_range: new translations use the new range, translated connections keep their ports"
+            );
+        }
+        if next.overlap {
+            let why = if self.explicit.is_some() {
+                "kubeIpvsBpf.datapath.snatPortRange"
+            } else {
+                "no SNAT range is left outside it and the NodePorts, so the automatic one"
+            };
+            tracing::error!(
+                snat_ports = %range(next.snat),
+                local_ports = %range(local),
+                "net.ipv4.ip_local_port_range now overlaps the SNAT ports ({why}): translated connections may take ports the node's own connections use; restore ip_local_port_range or change snatPortRange and restart the agent"
+            );
+        }
+        self.local = local;
+        Ok(Some(next))
+    }
 }
 
 /// Whether a device gets the TC programs: everything that can carry service traffic, except
@@ -222,19 +388,19 @@ impl Datapath {
     }
 
     fn write_config(&self) -> anyhow::Result<()> {
-        let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|t| parse_local_port_range(&t))
-            .unwrap_or((
+        let local = local_port_range().unwrap_or_else(|e| {
+            let default = (
                 probes::maps::DEFAULT_LOCAL_PORT_MIN,
                 probes::maps::DEFAULT_LOCAL_PORT_MAX,
-            ));
-        let (snat_min, snat_max) = match self.cfg.snat_ports {
-            Some(r) => r,
-            None => snat_port_range(local, self.cfg.node_ports).context(
-                "no port range is left for SNAT outside ip_local_port_range and the NodePorts",
-            )?,
-        };
+            );
+            tracing::warn!(
+                "{e:#}: taking the kernel's default {}-{}",
+                default.0,
+                default.1
+            );
+            default
+        });
+        let (snat_min, snat_max) = snat_ports(self.cfg.snat_ports, local, self.cfg.node_ports)?;
         let mut flags = 0;
         if self.cfg.masquerade_all {
             flags |= CFG_F_MASQ_ALL;
@@ -526,6 +692,64 @@ mod tests {
         assert_eq!(
             snat_port_range((10000, 20000), (30000, 32767)),
             Some((32768, 65535))
+        );
+    }
+
+    #[test]
+    fn an_explicit_snat_range_must_avoid_the_ephemeral_ports() {
+        let e = snat_ports(Some((1024, 40000)), (32768, 60999), (30000, 32767))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "snatPortRange 1024-40000",
+            "ip_local_port_range 32768-60999",
+        ] {
+            assert!(e.contains(needle), "{e:?} does not name {needle:?}");
+        }
+        assert_eq!(
+            snat_ports(Some((1024, 20000)), (32768, 60999), (30000, 32767)).unwrap(),
+            (1024, 20000)
+        );
+        assert_eq!(
+            snat_ports(None, (32768, 60999), (30000, 32767)).unwrap(),
+            (1024, 29999)
+        );
+        let e = snat_ports(None, (1024, 65535), (30000, 32767))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ip_local_port_range 1024-65535"), "{e}");
+    }
+
+    #[test]
+    fn a_local_range_change_moves_the_automatic_range_and_flags_an_explicit_overlap() {
+        let np = (30000, 32767);
+        // Automatic: follows the sysctl.
+        assert_eq!(
+            ports_after_change(None, np, (1024, 29999), (1024, 40000)),
+            PortRanges {
+                local: (1024, 40000),
+                snat: (40001, 65535),
+                overlap: false
+            }
+        );
+        // Automatic with nothing left: kept, and flagged.
+        assert_eq!(
+            ports_after_change(None, np, (1024, 29999), (1024, 65535)),
+            PortRanges {
+                local: (1024, 65535),
+                snat: (1024, 29999),
+                overlap: true
+            }
+        );
+        // Explicit: kept; flagged when the new local range overlaps it.
+        assert!(ports_after_change(Some((2000, 3000)), np, (2000, 3000), (1500, 5000)).overlap);
+        assert_eq!(
+            ports_after_change(Some((2000, 3000)), np, (2000, 3000), (40000, 50000)),
+            PortRanges {
+                local: (40000, 50000),
+                snat: (2000, 3000),
+                overlap: false
+            }
         );
     }
 
