@@ -299,7 +299,7 @@ fn a_node_address_external_ip_goes_with_its_service_also_across_restarts() {
     let foreign = |ns: &Netns| -> String {
         ns.sh("ipvsadm -Sn")
             .lines()
-            .filter(|l| l.contains(":2222") || l.contains(":8081"))
+            .filter(|l| l.contains("10.0.1.1:2222") || l.contains("10.0.1.1:8081"))
             .collect::<Vec<_>>()
             .join("\n")
     };
