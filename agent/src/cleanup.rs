@@ -13,7 +13,8 @@
 //!    and kept;
 //! 3. its nf_tables tables, `ip kube-proxy` and `ip6 kube-proxy`, through an nfnetlink batch;
 //! 4. unless `keep_ipvs`: the IPVS virtual services on `kube-ipvs0` addresses and on node
-//!    addresses in the NodePort range (the ownership rule of [`crate::reconcile::ipvs`]), one by
+//!    addresses in the NodePort range, and those carrying this agent's mark (the ownership rule
+//!    of [`crate::reconcile::ipvs`]), one by
 //!    one — IPVS is never flushed, and firewall-mark services are never touched; then the
 //!    `kube-ipvs0` interface. `keep_ipvs` leaves both for this agent to adopt in place (an
 //!    ipvs-mode node keeps its IPVS connection table).
@@ -353,7 +354,7 @@ async fn ipvs_step(opts: &CleanupOptions, rtnl: &Rtnl, report: &mut CleanupRepor
             }
             ipvs::ServiceKey::Fwmark { .. } => false,
         };
-        if !ownership.owns(&s.key) || excluded {
+        if !ownership.owns(&s) || excluded {
             kept += 1;
             continue;
         }
@@ -396,6 +397,7 @@ async fn ownership(opts: &CleanupOptions, rtnl: &Rtnl) -> Result<Ownership, Node
         node_addresses,
         node_port_range: opts.node_port_range.clone(),
         exclude: opts.ipvs_exclude_cidrs.clone(),
+        recorded: BTreeSet::new(),
     })
 }
 

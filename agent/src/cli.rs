@@ -676,9 +676,16 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
                 node_addresses: node.addresses.iter().map(|a| a.address).collect(),
                 node_port_range: agent_cfg.node_port_range.clone(),
                 exclude: agent_cfg.ipvs_exclude_cidrs.clone(),
+                recorded: Default::default(),
             };
+            let want = ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v));
+            for k in ipvs_rec::foreign_keys(&want, &observed, &ownership) {
+                warnings.push(format!(
+                    "{k} is held by an IPVS virtual service this agent did not create: not programmed"
+                ));
+            }
             let ops = ipvs_rec::plan(
-                &ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v)),
+                &want,
                 &observed,
                 &ownership,
                 &mut Default::default(),

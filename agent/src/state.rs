@@ -32,6 +32,11 @@ pub struct Recorded {
     pub virtual_services: Vec<RecordedService>,
     pub bound_addresses: Vec<std::net::IpAddr>,
     pub rejected: Vec<(String, String)>,
+    /// Written by an agent that marks its IPVS services
+    /// ([`crate::reconcile::ipvs::AGENT_MARK`]); absent (false) in older state files, whose
+    /// virtual services the next agent adopts.
+    #[serde(default)]
+    pub ipvs_mark: bool,
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -61,6 +66,7 @@ pub fn write(dir: &Path, node: &NodeInfo, desired: &DesiredState) -> anyhow::Res
             .iter()
             .map(|r| (r.object.clone(), r.reason.clone()))
             .collect(),
+        ipvs_mark: true,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".{FILE}.tmp"));

@@ -144,6 +144,11 @@ pub struct Syncer {
     state_written: Option<Instant>,
     /// Which IPVS services are ours, refreshed when the addresses it depends on change.
     ownership: Option<ipvs_rec::Ownership>,
+    /// Virtual services the state file of an earlier agent of this boot records as programmed:
+    /// adopted by the first full sync (see [`ipvs_rec::Ownership::recorded`]), then forgotten.
+    recorded: BTreeSet<ipvs::ServiceKey>,
+    /// Desired virtual services held by someone else's IPVS service, reported once each.
+    logged_foreign: BTreeSet<ipvs::ServiceKey>,
     state_writer: Option<tokio::task::JoinHandle<()>>,
     syncs: u64,
 }
@@ -194,6 +199,33 @@ pub fn node_info(
     }
 }
 
+/// The virtual services the state file in `dir` records as programmed, when an agent that did
+/// not mark its IPVS services wrote it (none when it is missing or unreadable, which is logged,
+/// or written by an agent that marks: the mark then says what is ours, and the file lists
+/// desired services, some of which a foreign service may hold).
+fn recorded_keys(dir: &std::path::Path) -> BTreeSet<ipvs::ServiceKey> {
+    let rec = match state::read(dir) {
+        Ok(rec) => rec,
+        Err(e) => {
+            tracing::warn!("reading the state file: {e:#}");
+            return BTreeSet::new();
+        }
+    };
+    if rec.ipvs_mark {
+        return BTreeSet::new();
+    }
+    rec.virtual_services
+        .iter()
+        .filter_map(|v| {
+            Some(ipvs::ServiceKey::Tuple {
+                protocol: ipvs_rec::ipvs_protocol(model::Protocol::from_k8s(&v.protocol)?),
+                address: v.address,
+                port: v.port,
+            })
+        })
+        .collect()
+}
+
 /// Reads the node's links and addresses.
 pub async fn read_node(rtnl: &Rtnl) -> anyhow::Result<(Vec<Link>, Vec<AddressEntry>)> {
     let links = rtnl
@@ -232,9 +264,12 @@ impl Syncer {
             state_dirty: false,
             state_written: None,
             ownership: None,
+            recorded: BTreeSet::new(),
+            logged_foreign: BTreeSet::new(),
             state_writer: None,
             syncs: 0,
         };
+        s.recorded = recorded_keys(&s.cfg.state_dir);
         if let Some(dp) = s.cfg.datapath.clone() {
             s.datapath = Some(Datapath::start(dp)?);
         }
@@ -471,7 +506,22 @@ impl Syncer {
                 node_addresses: node.addresses.iter().map(|a| a.address).collect(),
                 node_port_range: self.cfg.node_port_range.clone(),
                 exclude: self.cfg.ipvs_exclude_cidrs.clone(),
+                recorded: self.recorded.clone(),
             });
+        }
+        if let Some(ownership) = &self.ownership {
+            let foreign = ipvs_rec::foreign_keys(&want, &self.cache, ownership);
+            for k in foreign.iter().filter(|k| !self.logged_foreign.contains(k)) {
+                let origin = want.get(k).map_or("", |d| d.origin.as_str());
+                tracing::warn!(
+                    service = origin,
+                    "{k} is held by an IPVS virtual service this agent did not create: not programmed"
+                );
+            }
+            match &scope {
+                None => self.logged_foreign = foreign.into_iter().collect(),
+                Some(_) => self.logged_foreign.extend(foreign),
+            }
         }
         let ops = match &self.ownership {
             Some(ownership) => ipvs_rec::plan(
@@ -485,6 +535,11 @@ impl Syncer {
             ),
             None => Vec::new(),
         };
+        if scope.is_none() && !self.recorded.is_empty() {
+            // Adopted by this full plan (marked or deleted): from now on the mark decides.
+            self.recorded.clear();
+            self.ownership = None;
+        }
         phase("ipvs_plan");
         let (counts, failures) =
             ipvs_rec::apply(&self.ipvs, ops, &mut self.cache, self.cfg.ipvs_concurrency).await;
@@ -693,30 +748,20 @@ impl Observers {
         {
             tracing::warn!("health check server: {e}");
         }
-        // A Kubernetes Event on each Service that newly cannot be programmed, saying why.
-        let mut rejected = BTreeSet::new();
-        for r in &desired.rejected {
-            let Some(name) = r.object.strip_prefix("Service ") else {
-                continue;
-            };
-            let Some((ns, n)) = name.split_once('/') else {
-                continue;
-            };
-            let svc = model::ServiceRef::new(ns, n);
-            if let Some(events) = &self.events
-                && !rejected_before.contains(&svc)
-            {
+        // A Kubernetes Event on each Service that newly cannot be programmed (wholly or in
+        // part), saying why.
+        let (rejected, warnings) = crate::source::kubernetes::rejection_warnings(
+            snapshot,
+            &desired.rejected,
+            rejected_before,
+        );
+        if let Some(events) = &self.events {
+            if !warnings.is_empty() {
                 let events = events.clone();
-                let uid =
-                    crate::source::kubernetes::service_uid(snapshot, &svc).map(str::to_string);
-                let (svc2, reason) = (svc.clone(), r.reason.clone());
                 tokio::spawn(async move {
-                    events.warn(&svc2, uid.as_deref(), "Invalid", &reason).await;
+                    events.post_rejections(&warnings).await;
                 });
             }
-            rejected.insert(svc);
-        }
-        if let Some(events) = &self.events {
             for gone in rejected_before.difference(&rejected) {
                 events.resolved(gone);
             }

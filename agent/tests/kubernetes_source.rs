@@ -788,3 +788,71 @@ async fn service_events_are_deduplicated() {
     })
     .await;
 }
+
+/// A Service from the API server with the metadata-service address as an external IP and a
+/// loopback LB ingress IP: the model refuses both, and each becomes a Warning Event on the
+/// Service (with its uid), posted once; the rest of the Service is still programmed.
+#[tokio::test]
+async fn special_addresses_are_warned_about_on_the_service() {
+    bounded(30, async {
+        let server = populated().await;
+        let meta: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "a", "name": "meta"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.77", "clusterIPs": ["10.96.0.77"],
+                     "externalIPs": ["169.254.169.254"],
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "nodePort": 30077}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}},
+        }))
+        .expect("service");
+        server.apply(&meta).expect("apply");
+        let (_dir, client) = client(&server).await;
+        let (_, rx) = start(&server).await;
+        let snapshot = rx.borrow().clone();
+        let desired = agent::model::build(
+            &snapshot.services,
+            &snapshot.endpoint_slices,
+            &agent::model::NodeInfo::default(),
+            &agent::model::ModelConfig::default(),
+        );
+        assert!(
+            desired
+                .virtual_services
+                .iter()
+                .any(|v| v.address.to_string() == "10.96.0.77"),
+            "the ClusterIP is still programmed"
+        );
+        let meta_ref = ServiceRef::new("a", "meta");
+        let uid = kubernetes::service_uid(&snapshot, &meta_ref).map(str::to_string);
+        assert!(uid.is_some());
+
+        let before = Default::default();
+        let (rejected, warnings) =
+            kubernetes::rejection_warnings(&snapshot, &desired.rejected, &before);
+        assert_eq!(rejected, [meta_ref.clone()].into_iter().collect());
+        let events = ServiceEvents::new(client, NODE);
+        assert_eq!(events.post_rejections(&warnings).await, 2);
+        let posted = server.events();
+        let mut notes: Vec<&str> = posted.iter().filter_map(|e| e["note"].as_str()).collect();
+        notes.sort();
+        assert_eq!(
+            notes,
+            [
+                "external IP 169.254.169.254 is a link-local address; not programmed",
+                "load balancer ingress IP 127.0.0.1 is a loopback address; not programmed",
+            ]
+        );
+        for e in &posted {
+            assert_eq!(e["type"], "Warning");
+            assert_eq!(e["reason"], kubernetes::REJECTION_REASON);
+            assert_eq!(e["regarding"]["kind"], "Service");
+            assert_eq!(e["regarding"]["namespace"], "a");
+            assert_eq!(e["regarding"]["name"], "meta");
+            assert_eq!(e["regarding"]["uid"], json!(uid));
+        }
+        // The next sync: already reported, nothing new to post.
+        let (_, again) = kubernetes::rejection_warnings(&snapshot, &desired.rejected, &rejected);
+        assert_eq!(again, vec![]);
+    })
+    .await;
+}

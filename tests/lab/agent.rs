@@ -286,6 +286,94 @@ fn foreign_ipvs_services_are_left_untouched() {
     assert_eq!(kernel(&t.node).len(), 3, "only the foreign services remain");
 }
 
+/// A Service whose external IP is the node's own address (`10.0.1.1`, so `nodeIP:port` outside
+/// the NodePort range and not on kube-ipvs0): its IPVS service goes with the Service, in the same
+/// run, after a restart between create and delete, and when the Service is deleted while the
+/// agent is down. Someone else's services on the node address stay as they are, including one
+/// on a port a Service asks for (not taken over).
+#[test]
+fn a_node_address_external_ip_goes_with_its_service_also_across_restarts() {
+    require_lab();
+    let t = Topology::new("ag-nodeip");
+    t.node
+        .sh("ipvsadm -A -t 10.0.1.1:2222 -s rr && ipvsadm -a -t 10.0.1.1:2222 -r 10.0.2.9:22 -m");
+    t.node
+        .sh("ipvsadm -A -t 10.0.1.1:8081 -s wlc && ipvsadm -a -t 10.0.1.1:8081 -r 10.0.2.9:81 -m");
+    let foreign = |ns: &Netns| -> String {
+        ns.sh("ipvsadm -Sn")
+            .lines()
+            .filter(|l| l.contains("10.0.1.1:2222") || l.contains("10.0.1.1:8081"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let foreign_before = foreign(&t.node);
+    let external = |name: &str, cluster_ip: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: lab\nspec:\n  clusterIP: {cluster_ip}\n  externalIPs: [10.0.1.1]\n  ports:\n    - name: p\n      protocol: TCP\n      port: {port}\n      targetPort: 8080\n---\n"
+        ) + &slice_yaml(name, &["10.0.2.2"], 8080)
+    };
+    let ours = "TCP 10.0.1.1:8080";
+    let m = Manifests::new("nodeip");
+    m.write("ext.yaml", &external("ext", "10.96.0.70", 8080));
+    // Asks for the foreign 10.0.1.1:8081.
+    m.write("taker.yaml", &external("taker", "10.96.0.71", 8081));
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+    let k = kernel(&t.node);
+    let svc = find(&k, ours).unwrap_or_else(|| panic!("{ours} programmed: {k:?}"));
+    assert!(svc.dest(ip("10.0.2.2"), 8080).is_some(), "{svc:?}");
+    assert!(
+        find(&k, "TCP 10.96.0.71:8081").is_some(),
+        "taker's ClusterIP"
+    );
+    assert_eq!(foreign(&t.node), foreign_before, "not taken over");
+
+    // 1. Deleted while the agent runs.
+    let mark = agent.mark();
+    m.remove("ext.yaml");
+    agent.wait_sync(mark, 2);
+    assert!(find(&kernel(&t.node), ours).is_none(), "{ours} left behind");
+
+    // 2. Created, the agent restarted, then deleted.
+    let mark = agent.mark();
+    m.write("ext.yaml", &external("ext", "10.96.0.70", 8080));
+    agent.wait_sync(mark, 3);
+    assert!(find(&kernel(&t.node), ours).is_some());
+    agent.stop();
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+    assert!(find(&kernel(&t.node), ours).is_some());
+    let mark = agent.mark();
+    m.remove("ext.yaml");
+    agent.wait_sync(mark, 2);
+    assert!(
+        find(&kernel(&t.node), ours).is_none(),
+        "{ours} left behind after a restart"
+    );
+
+    // 3. Created, then deleted while the agent is down.
+    let mark = agent.mark();
+    m.write("ext.yaml", &external("ext", "10.96.0.70", 8080));
+    agent.wait_sync(mark, 3);
+    assert!(find(&kernel(&t.node), ours).is_some());
+    agent.stop();
+    m.remove("ext.yaml");
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_sync(0, 1);
+    assert!(
+        find(&kernel(&t.node), ours).is_none(),
+        "{ours} left behind when deleted while the agent was down"
+    );
+
+    // The taker goes too; the foreign services are as they were.
+    let mark = agent.mark();
+    m.remove("taker.yaml");
+    agent.wait_sync(mark, 2);
+    assert_eq!(foreign(&t.node), foreign_before);
+    let left: Vec<String> = kernel(&t.node).iter().map(|s| s.key()).collect();
+    assert_eq!(left.len(), 2, "only the foreign services remain: {left:?}");
+}
+
 #[test]
 fn graceful_termination_keeps_an_open_connection_until_the_drain_ends() {
     require_lab();

@@ -143,6 +143,11 @@ fn compute(
         }),
         Ok(None) => {}
         Ok(Some(p)) => {
+            out.rejected
+                .extend(p.refused.iter().map(|reason| Rejection {
+                    object: format!("Service {}", p.service),
+                    reason: reason.clone(),
+                }));
             let index = SliceIndex::build(
                 slices.into_iter().flat_map(|m| m.values().map(|s| &**s)),
                 |_| true,

@@ -35,7 +35,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 pub use cache::{Changed, ModelCache, VsKey};
-pub use validate::{ServiceError, is_known_scheduler};
+pub use validate::{ServiceError, is_known_scheduler, special_address};
 
 /// Annotation on a Service choosing its IPVS scheduler (one of [`KNOWN_SCHEDULERS`]); without
 /// it the service gets [`ModelConfig::default_scheduler`]. An unknown value rejects the Service.

@@ -1810,3 +1810,150 @@ fn config_validation() {
         assert!(is_known_scheduler(s));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Special addresses (unspecified, loopback, link-local unicast, multicast) as Service addresses
+
+/// Each special address, its kind as the rejection names it, and a cluster IP of its family.
+const SPECIAL_ADDRESSES: &[(&str, &str, &str)] = &[
+    ("0.0.0.0", "an unspecified", "10.96.0.10"),
+    ("127.0.0.1", "a loopback", "10.96.0.10"),
+    ("127.10.20.30", "a loopback", "10.96.0.10"),
+    ("169.254.169.254", "a link-local", "10.96.0.10"),
+    ("224.0.0.1", "a multicast", "10.96.0.10"),
+    ("239.255.255.250", "a multicast", "10.96.0.10"),
+    ("::", "an unspecified", "fd00::10"),
+    ("::1", "a loopback", "fd00::10"),
+    ("fe80::1", "a link-local", "fd00::10"),
+    ("febf::ffff", "a link-local", "fd00::10"),
+    ("ff02::1", "a multicast", "fd00::10"),
+    ("ff0e::101", "a multicast", "fd00::10"),
+];
+
+#[test]
+fn special_address_kinds() {
+    for &(a, kind, _) in SPECIAL_ADDRESSES {
+        assert_eq!(special_address(ip(a)), Some(kind), "{a}");
+    }
+    // IPv4-mapped IPv6 is IPv4 (Go's ParseIP does the same).
+    assert_eq!(special_address(ip("::ffff:127.0.0.1")), Some("a loopback"));
+    for a in [
+        "10.96.0.10",
+        "192.168.1.10",
+        "198.51.100.7",
+        "169.255.0.1",
+        "255.255.255.254",
+        "2001:db8::1",
+        "fd00::10",
+        "fec0::1",
+    ] {
+        assert_eq!(special_address(ip(a)), None, "{a}");
+    }
+}
+
+/// Builds `services` plus the bystander on [`test_node`].
+fn build_with_bystander(services: Vec<Value>) -> DesiredState {
+    let mut services = services;
+    services.push(bystander());
+    build(
+        &to_services(&services),
+        &[] as &[EndpointSlice],
+        &test_node(),
+        &ModelConfig::default(),
+    )
+}
+
+#[test]
+fn special_cluster_ips_reject_the_service() {
+    for &(a, kind, _) in SPECIAL_ADDRESSES {
+        for spec in [
+            json!({"clusterIPs": [a], "ports": [{"port": 80}]}),
+            json!({"clusterIP": a, "ports": [{"port": 80}]}),
+        ] {
+            let state = build_with_bystander(vec![svc("ns", "bad", spec)]);
+            assert_eq!(lines(&state), vec![BYSTANDER], "{a}");
+            assert_eq!(
+                state.rejected,
+                vec![Rejection {
+                    object: "Service ns/bad".into(),
+                    reason: format!("cluster IP {a} is {kind} address"),
+                }],
+                "{a}"
+            );
+            assert!(!state.bound_addresses.contains(&ip(a)), "{a}");
+        }
+    }
+}
+
+#[test]
+fn special_external_ips_are_refused_and_the_rest_programmed() {
+    for &(a, kind, cluster_ip) in SPECIAL_ADDRESSES {
+        let state = build_with_bystander(vec![svc(
+            "ns",
+            "bad",
+            json!({"clusterIP": cluster_ip, "externalIPs": [a], "ports": [{"name": "http", "port": 80}]}),
+        )]);
+        let cluster = format!(
+            "TCP {} rr (ClusterIp ns/bad:http) -> none",
+            SocketAddr::new(ip(cluster_ip), 80)
+        );
+        let want: BTreeSet<String> = [cluster, BYSTANDER.to_owned()].into_iter().collect();
+        let got: BTreeSet<String> = lines(&state).into_iter().collect();
+        assert_eq!(got, want, "{a}");
+        assert_eq!(
+            state.rejected,
+            vec![Rejection {
+                object: "Service ns/bad".into(),
+                reason: format!("external IP {a} is {kind} address; not programmed"),
+            }],
+            "{a}"
+        );
+        assert!(!state.bound_addresses.contains(&ip(a)), "{a}");
+        assert!(!state.service_addresses.contains(&ip(a)), "{a}");
+    }
+}
+
+#[test]
+fn special_load_balancer_ingress_ips_are_refused_and_the_rest_programmed() {
+    for &(a, kind, cluster_ip) in SPECIAL_ADDRESSES {
+        let state = build_with_bystander(vec![svc_full(
+            "ns",
+            "bad",
+            json!({}),
+            json!({"type": "LoadBalancer", "clusterIP": cluster_ip,
+                   "ports": [{"name": "http", "port": 80}]}),
+            // A good ingress IP beside the special one is still programmed.
+            json!({"loadBalancer": {"ingress": [{"ip": a}, {"ip": if cluster_ip.contains(':') { "2001:db8::77" } else { "203.0.113.7" }}]}}),
+        )]);
+        assert!(
+            state.virtual_services.iter().all(|v| v.address != ip(a)),
+            "{a}: {:#?}",
+            lines(&state)
+        );
+        let kinds: BTreeSet<VirtualServiceKind> = state
+            .virtual_services
+            .iter()
+            .filter(|v| v.service.name == "bad")
+            .map(|v| v.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                VirtualServiceKind::ClusterIp,
+                VirtualServiceKind::LoadBalancer
+            ]
+            .into_iter()
+            .collect(),
+            "{a}: the ClusterIP and the good ingress IP"
+        );
+        assert_eq!(
+            state.rejected,
+            vec![Rejection {
+                object: "Service ns/bad".into(),
+                reason: format!("load balancer ingress IP {a} is {kind} address; not programmed"),
+            }],
+            "{a}"
+        );
+        assert!(!state.bound_addresses.contains(&ip(a)), "{a}");
+    }
+}

@@ -5,6 +5,16 @@
 //! a manifest read from a file may lack (protocol TCP, session affinity timeout 10800 s), and
 //! the sloppy IP parsing kube-proxy inherits from Go (IPv4 octets with leading zeros are
 //! decimal; IPv4-mapped IPv6 addresses are IPv4).
+//!
+//! It also refuses special addresses as Service addresses, wherever they come from
+//! ([`special_address`]): unspecified (`0.0.0.0`, `::`), loopback (`127.0.0.0/8`, `::1`),
+//! link-local unicast (`169.254.0.0/16`, `fe80::/10`) and multicast (`224.0.0.0/4`,
+//! `ff00::/8`). Programmed and bound on `kube-ipvs0`, such an address would capture traffic the
+//! node and its pods need (an LB status of `169.254.169.254` would take every pod's
+//! metadata-service traffic). This is stricter than the API server, which refuses only
+//! link-local multicast in `spec.externalIPs` and checks LB status addresses for syntax only.
+//! A special cluster IP rejects the Service; a special external or LB ingress IP is dropped
+//! and reported, and the rest of the Service is programmed.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -29,6 +39,8 @@ pub enum ServiceError {
     UnknownType(String),
     #[error("invalid cluster IP {0:?}")]
     InvalidClusterIp(String),
+    #[error("cluster IP {0} is {kind} address", kind = special_address(*.0).unwrap_or("a special"))]
+    SpecialClusterIp(IpAddr),
     #[error("spec.clusterIPs has two addresses of the same family: {0:?}")]
     DuplicateClusterIpFamily(Vec<String>),
     #[error("invalid external IP {0:?}")]
@@ -91,6 +103,9 @@ pub(crate) struct ParsedService {
     pub external_ips: Vec<IpAddr>,
     /// VIP-mode ingress IPs (`ipMode` unset or `VIP`), de-duplicated.
     pub lb_ips: Vec<IpAddr>,
+    /// Why external or LB ingress IPs were dropped ([`special_address`]), one line each: the
+    /// Service is programmed without them and these are reported as rejections.
+    pub refused: Vec<String>,
     /// Sorted and de-duplicated.
     pub source_ranges: Vec<IpNet>,
     /// kube-proxy's `ExternalPolicyLocal`: externally accessible and `externalTrafficPolicy:
@@ -137,6 +152,39 @@ pub(crate) fn parse_ip(s: &str) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
+/// What kind of special address `ip` is (`"an unspecified"`, `"a loopback"`, `"a link-local"`,
+/// `"a multicast"`), or `None` for an address a Service may use (see the module documentation).
+pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        return Some("an unspecified");
+    }
+    if ip.is_loopback() {
+        return Some("a loopback");
+    }
+    if ip.is_multicast() {
+        return Some("a multicast");
+    }
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    link_local.then_some("a link-local")
+}
+
+/// Splits `ips` into the usable ones and a report line for each special one.
+fn refuse_special(ips: Vec<IpAddr>, field: &str, refused: &mut Vec<String>) -> Vec<IpAddr> {
+    ips.into_iter()
+        .filter(|ip| match special_address(*ip) {
+            Some(kind) => {
+                refused.push(format!("{field} {ip} is {kind} address; not programmed"));
+                false
+            }
+            None => true,
+        })
+        .collect()
+}
+
 /// Checks a Service. `Ok(None)`: not ours to proxy (headless, ExternalName, no ClusterIP, or
 /// owned by another proxy); these are not errors.
 pub(crate) fn parse_service(
@@ -172,6 +220,7 @@ pub(crate) fn parse_service(
         return Ok(None);
     };
 
+    let mut refused = Vec::new();
     let external_ips = dedup(
         spec.external_ips
             .iter()
@@ -179,6 +228,7 @@ pub(crate) fn parse_service(
             .map(|s| parse_ip(s).ok_or_else(|| ServiceError::InvalidExternalIp(s.clone())))
             .collect::<Result<Vec<_>, _>>()?,
     );
+    let external_ips = refuse_special(external_ips, "external IP", &mut refused);
 
     let mut lb_ips = Vec::new();
     for ing in svc
@@ -198,7 +248,7 @@ pub(crate) fn parse_service(
         }
         lb_ips.push(parse_ip(ip).ok_or_else(|| ServiceError::InvalidIngressIp(ip.to_owned()))?);
     }
-    let lb_ips = dedup(lb_ips);
+    let lb_ips = refuse_special(dedup(lb_ips), "load balancer ingress IP", &mut refused);
 
     let source_ranges = spec
         .load_balancer_source_ranges
@@ -281,6 +331,7 @@ pub(crate) fn parse_service(
         ports,
         external_ips,
         lb_ips,
+        refused,
         source_ranges,
         external_local,
         internal_local,
@@ -305,6 +356,9 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, ServiceError> 
         .iter()
         .map(|s| parse_ip(s).ok_or_else(|| ServiceError::InvalidClusterIp((*s).to_owned())))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(ip) = ips.iter().find(|ip| special_address(**ip).is_some()) {
+        return Err(ServiceError::SpecialClusterIp(*ip));
+    }
     let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
     if v4 > 1 || ips.len() - v4 > 1 {
         return Err(ServiceError::DuplicateClusterIpFamily(

@@ -1,11 +1,23 @@
 //! IPVS reconciler: the desired virtual services (from the model) against what the kernel
 //! holds, as the smallest list of netlink operations, and the applier that issues them.
 //!
-//! **Ownership** (what this agent may change or delete) is a rule that survives restarts, so the
-//! agent never needs a record of its own: a kernel virtual service is ours when its address is
-//! bound on `kube-ipvs0`, or when it is on a node address with a port in the NodePort range.
-//! Firewall-mark services and everything else belong to others and are never touched (nor
-//! flushed). Desired services are always programmed, whoever held the key before.
+//! **Ownership** (what this agent may change or delete, [`Ownership`]) must survive restarts.
+//! Every virtual service the agent creates or edits carries [`AGENT_MARK`], a bit of the IPVS
+//! service flags that the kernel stores and reports back in its dumps but never reads (it is
+//! kept with the service in the kernel, so it survives any restart or crash of the agent and
+//! goes with the service; see [`AGENT_MARK`] for why it changes nothing else). A kernel virtual
+//! service is ours when it carries the mark, or by the address rule kube-proxy's IPVS mode also
+//! follows: its address is bound on `kube-ipvs0`, or it is on a node address with a port in the
+//! NodePort range (services made before the mark existed, or by kube-proxy, which this agent
+//! adopts in place). An external or LB ingress IP that is a node address (`nodeIP:port` outside
+//! the NodePort range) is thus ours only through the mark: it is deleted with its Service, also
+//! after a restart, while a service someone else made on a node address is neither deleted nor
+//! taken over (a desired service whose key holds such a foreign service is not programmed and
+//! is reported by [`foreign_keys`]). Services that an agent of this boot recorded in its state
+//! file as programmed are also adopted once, at start ([`Ownership::recorded`]): that covers
+//! unmarked `nodeIP:port` services left by a version without the mark. Firewall-mark services
+//! and everything else belong to others and are never touched (nor flushed); addresses in
+//! `ipvs.excludeCIDRs` are never deleted.
 //!
 //! **Graceful termination**: a TCP or SCTP destination that is no longer desired first gets
 //! weight 0 (IPVS sends it no new connections) and is deleted once its active and inactive
@@ -52,8 +64,18 @@ pub fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
     }
 }
 
+/// The flag bit marking an IPVS virtual service as created by this agent (see the module
+/// documentation). The kernel (`ip_vs_ctl.c`, 6.1 and 6.12 alike) copies the flags userspace
+/// sends under its mask into `svc->flags` as they are (`svc->flags = u->flags |
+/// IP_VS_SVC_F_HASHED` on add and edit) and reports them back with mask `~0`; it only ever
+/// tests the defined bits (`IP_VS_SVC_F_PERSISTENT` … `IP_VS_SVC_F_SCHED3`, 0x1–0x20), so an
+/// undefined bit changes no behaviour. The top bit is the one furthest from the defined ones;
+/// `ipvsadm` ignores bits it does not know.
+pub const AGENT_MARK: ServiceFlags = ServiceFlags(0x8000_0000);
+
 /// The kernel form of the model's virtual services: masquerading destinations, persistence for
-/// session affinity, and the `mh` scheduler with its source-port flag (as kube-proxy sets it).
+/// session affinity, the `mh` scheduler with its source-port flag (as kube-proxy sets it), and
+/// [`AGENT_MARK`].
 pub fn desired<'a>(virtual_services: impl IntoIterator<Item = &'a VirtualService>) -> DesiredIpvs {
     virtual_services
         .into_iter()
@@ -64,6 +86,7 @@ pub fn desired<'a>(virtual_services: impl IntoIterator<Item = &'a VirtualService
                 port: vs.port,
             };
             let mut service = Service::new(key, vs.scheduler.clone());
+            service.flags |= AGENT_MARK;
             if let Some(timeout) = vs.persistence_timeout {
                 service.flags |= ServiceFlags::PERSISTENT;
                 service.timeout = timeout;
@@ -98,26 +121,59 @@ pub struct Ownership {
     pub node_addresses: BTreeSet<IpAddr>,
     /// The NodePort range (kube-apiserver's `--service-node-port-range`).
     pub node_port_range: RangeInclusive<u16>,
-    /// Addresses never touched, whatever the rest says (kube-proxy's `ipvs.excludeCIDRs`).
+    /// Addresses never deleted, whatever the rest says (kube-proxy's `ipvs.excludeCIDRs`).
     pub exclude: Vec<ipnet::IpNet>,
+    /// Virtual services recorded as programmed in the state file an agent of this boot left
+    /// (read once at start, empty afterwards): adopted even without [`AGENT_MARK`].
+    pub recorded: BTreeSet<ServiceKey>,
 }
 
 impl Ownership {
-    pub fn owns(&self, key: &ServiceKey) -> bool {
-        match key {
-            ServiceKey::Tuple { address, .. }
-                if self.exclude.iter().any(|n| n.contains(address)) =>
-            {
-                false
-            }
+    /// Whether this agent may delete the kernel's virtual service `service`: it is not
+    /// [foreign](Self::is_foreign) and its address is not excluded.
+    pub fn owns(&self, service: &Service) -> bool {
+        let excluded = match &service.key {
+            ServiceKey::Tuple { address, .. } => self.exclude.iter().any(|n| n.contains(address)),
+            ServiceKey::Fwmark { .. } => false,
+        };
+        !excluded && !self.is_foreign(service)
+    }
+
+    /// Whether the kernel's virtual service `service` belongs to someone else: it carries no
+    /// [`AGENT_MARK`], is not under the address rule and was not recorded. A foreign service
+    /// is never changed, deleted or taken over.
+    pub fn is_foreign(&self, service: &Service) -> bool {
+        if service.flags.contains(AGENT_MARK) {
+            return false;
+        }
+        match &service.key {
             ServiceKey::Tuple { address, port, .. } => {
-                self.bound.contains(address)
+                !(self.bound.contains(address)
                     || (self.node_addresses.contains(address)
                         && self.node_port_range.contains(port))
+                    || self.recorded.contains(&service.key))
             }
-            ServiceKey::Fwmark { .. } => false,
+            ServiceKey::Fwmark { .. } => true,
         }
     }
+}
+
+/// The desired virtual services whose key the kernel holds for someone else
+/// ([`Ownership::is_foreign`]): [`plan`] leaves them alone, so they are not programmed.
+pub fn foreign_keys(
+    desired: &DesiredIpvs,
+    observed: &ObservedIpvs,
+    ownership: &Ownership,
+) -> Vec<ServiceKey> {
+    desired
+        .keys()
+        .filter(|k| {
+            observed
+                .get(k)
+                .is_some_and(|(have, _)| ownership.is_foreign(have))
+        })
+        .copied()
+        .collect()
 }
 
 /// One netlink operation.
@@ -231,6 +287,9 @@ pub fn plan(
             }
             continue;
         };
+        if ownership.is_foreign(have) {
+            continue; // someone else's: never taken over (see `foreign_keys`)
+        }
         if service_differs(&want.service, have) {
             ops.push(IpvsOp::EditService(want.service.clone()));
         }
@@ -271,7 +330,9 @@ pub fn plan(
             }
         }
     }
-    let gone = |key: &ServiceKey| !desired.contains_key(key) && ownership.owns(key);
+    let gone = |key: &ServiceKey| {
+        !desired.contains_key(key) && observed.get(key).is_some_and(|(s, _)| ownership.owns(s))
+    };
     match scope {
         None => {
             ops.extend(
@@ -515,7 +576,13 @@ mod tests {
                 .collect(),
             node_port_range: 30000..=32767,
             exclude: vec!["10.96.0.3/32".parse().unwrap()],
+            recorded: BTreeSet::new(),
         }
+    }
+
+    /// A kernel virtual service without [`AGENT_MARK`] (someone else's, or older).
+    fn unmarked(key: ServiceKey) -> Service {
+        Service::new(key, "rr")
     }
 
     fn run(d: &DesiredIpvs, o: &ObservedIpvs, drains: &mut Drains) -> Vec<IpvsOp> {
@@ -690,14 +757,140 @@ mod tests {
 
     #[test]
     fn excluded_addresses_are_never_owned() {
-        assert!(owner().owns(&ServiceKey::tcp(vip(2), 80)));
-        assert!(!owner().owns(&ServiceKey::tcp(vip(3), 80)));
+        assert!(owner().owns(&unmarked(ServiceKey::tcp(vip(2), 80))));
+        assert!(!owner().owns(&unmarked(ServiceKey::tcp(vip(3), 80))));
+        let mut marked = unmarked(ServiceKey::tcp(vip(3), 80));
+        marked.flags |= AGENT_MARK;
+        assert!(!owner().owns(&marked));
     }
 
     #[test]
     fn node_port_services_on_node_addresses_are_owned() {
         let np = ServiceKey::tcp(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 30080);
-        assert!(owner().owns(&np));
+        assert!(owner().owns(&unmarked(np)));
+    }
+
+    fn node_ip() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))
+    }
+
+    /// An external IP that is a node address, as the model gives it.
+    fn on_node_address(port: u16, backends: &[u8]) -> VirtualService {
+        VirtualService {
+            kind: VirtualServiceKind::ExternalIp,
+            address: node_ip(),
+            port,
+            ..vs(9, Protocol::Tcp, backends)
+        }
+    }
+
+    #[test]
+    fn every_desired_service_carries_the_agent_mark() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1]), on_node_address(80, &[1])]);
+        assert!(d.values().all(|s| s.service.flags.contains(AGENT_MARK)));
+    }
+
+    /// A Service whose external IP is the node's address (`nodeIP:80`, outside the NodePort
+    /// range and not on `kube-ipvs0`) is deleted: its mark says it is ours, whether this agent
+    /// made it in this run or an earlier one (the plan sees only the kernel's table). Unmarked
+    /// services on the node address stay.
+    #[test]
+    fn a_node_address_service_of_ours_is_deleted_with_its_service_and_foreign_ones_stay() {
+        let before = desired(&[vs(1, Protocol::Tcp, &[1]), on_node_address(80, &[1])]);
+        let mut kernel = kernel_of(&before);
+        for port in [22, 81] {
+            let key = ServiceKey::tcp(node_ip(), port);
+            kernel.insert(key, (unmarked(key), BTreeMap::new()));
+        }
+        let after = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let ops = run(&after, &kernel, &mut Drains::default());
+        assert_eq!(
+            ops,
+            vec![IpvsOp::DeleteService(ServiceKey::tcp(node_ip(), 80))]
+        );
+        // The same in an incremental sync scoped to that key.
+        let scope: BTreeSet<ServiceKey> = [ServiceKey::tcp(node_ip(), 80)].into_iter().collect();
+        let ops = plan(
+            &after,
+            &kernel,
+            &owner(),
+            &mut Drains::default(),
+            Duration::from_secs(60),
+            Instant::now(),
+            Some(&scope),
+        );
+        assert_eq!(
+            ops,
+            vec![IpvsOp::DeleteService(ServiceKey::tcp(node_ip(), 80))]
+        );
+    }
+
+    /// A Service asking for `nodeIP:80` while someone else's IPVS service holds it: the foreign
+    /// service is neither edited (scheduler, destinations) nor deleted afterwards.
+    #[test]
+    fn a_foreign_service_on_a_node_address_is_not_taken_over() {
+        let key = ServiceKey::tcp(node_ip(), 80);
+        let mut kernel = ObservedIpvs::new();
+        let mut foreign = unmarked(key);
+        foreign.scheduler = "wlc".into();
+        let dest = masq(IpAddr::V4(Ipv4Addr::new(192, 168, 7, 7)), 80, 1);
+        kernel.insert(
+            key,
+            (
+                foreign,
+                [((dest.address, dest.port), dest)].into_iter().collect(),
+            ),
+        );
+        let want = desired(&[on_node_address(80, &[1])]);
+        assert_eq!(run(&want, &kernel, &mut Drains::default()), vec![]);
+        assert_eq!(foreign_keys(&want, &kernel, &owner()), vec![key]);
+        assert_eq!(run(&desired(&[]), &kernel, &mut Drains::default()), vec![]);
+    }
+
+    /// Services made before the mark existed (by an older agent or kube-proxy) under the
+    /// address rule get it on the next sync.
+    #[test]
+    fn unmarked_services_of_ours_get_the_mark() {
+        let d = desired(&[vs(1, Protocol::Tcp, &[1])]);
+        let mut kernel = kernel_of(&d);
+        let key = ServiceKey::tcp(vip(1), 80);
+        let svc = &mut kernel.get_mut(&key).unwrap().0;
+        svc.flags = ServiceFlags(svc.flags.0 & !AGENT_MARK.0);
+        let ops = run(&d, &kernel, &mut Drains::default());
+        assert_eq!(ops, vec![IpvsOp::EditService(d[&key].service.clone())]);
+    }
+
+    /// Unmarked `nodeIP:port` services an agent of this boot recorded as programmed (a version
+    /// without the mark) are adopted: edited (marked) when desired, deleted when not.
+    #[test]
+    fn recorded_services_are_adopted() {
+        let (k80, k81) = (
+            ServiceKey::tcp(node_ip(), 80),
+            ServiceKey::tcp(node_ip(), 81),
+        );
+        let mut kernel = ObservedIpvs::new();
+        for key in [k80, k81] {
+            kernel.insert(key, (unmarked(key), BTreeMap::new()));
+        }
+        let mut o = owner();
+        o.recorded = [k80, k81].into_iter().collect();
+        let want = desired(&[on_node_address(80, &[])]);
+        let ops = plan(
+            &want,
+            &kernel,
+            &o,
+            &mut Drains::default(),
+            Duration::from_secs(60),
+            Instant::now(),
+            None,
+        );
+        assert_eq!(
+            ops,
+            vec![
+                IpvsOp::EditService(want[&k80].service.clone()),
+                IpvsOp::DeleteService(k81)
+            ]
+        );
     }
 
     #[test]

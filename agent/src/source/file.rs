@@ -9,8 +9,19 @@
 //!
 //! Errors never stop the load: a YAML syntax error, an unreadable file or an invalid object is
 //! reported (naming the file, and the object when its kind/namespace/name can be read) and the
-//! other documents and files are still loaded.
+//! other documents and files are still loaded. A directory entry with a manifest name that is
+//! not a regular file (a FIFO, socket, device or directory) or cannot be resolved (a symlink
+//! loop, a dangling symlink) is skipped and reported in [`LoadedObjects::skipped`]; a FIFO is
+//! never opened (reading it would block).
+//!
+//! A source read again and again ([`ManifestReader`], what the file watcher uses) keeps each
+//! file's last good content: a file whose read has any error, or that is empty where it held
+//! objects before, is most likely caught in the middle of a write (an editor or `kubectl`-style
+//! writer truncates, then writes), so its previous objects are used until it reads cleanly
+//! again, and the file is listed in [`LoadedObjects::kept`]. To remove a file's objects, delete
+//! the file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +35,11 @@ pub struct LoadedObjects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub errors: Vec<SourceError>,
+    /// Directory entries not read (not regular files, or unresolvable), with the reason.
+    pub skipped: Vec<SourceError>,
+    /// Files that did not read cleanly and whose last good content was used instead
+    /// ([`ManifestReader`]).
+    pub kept: Vec<PathBuf>,
 }
 
 /// A file, document or object that could not be loaded.
@@ -47,44 +63,154 @@ impl fmt::Display for SourceError {
 
 const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 
-/// Loads a manifest file, or every manifest file directly inside a directory.
+/// Loads a manifest file, or every manifest file directly inside a directory (once; see
+/// [`ManifestReader`] for a source read repeatedly).
 pub fn load_path(path: &Path) -> LoadedObjects {
-    let mut out = LoadedObjects::default();
+    ManifestReader::default().load(path)
+}
+
+/// The objects one file gave on its last clean read.
+#[derive(Debug, Clone, Default)]
+struct FileObjects {
+    services: Vec<Service>,
+    endpoint_slices: Vec<EndpointSlice>,
+}
+
+/// Reads a manifest path again and again, keeping each file's last good content (see the
+/// module documentation).
+#[derive(Debug, Default)]
+pub struct ManifestReader {
+    last_good: BTreeMap<PathBuf, FileObjects>,
+}
+
+impl ManifestReader {
+    /// Loads `path` (a file, or every manifest file directly inside a directory), using a
+    /// file's last good content when it does not read cleanly now.
+    pub fn load(&mut self, path: &Path) -> LoadedObjects {
+        let mut out = LoadedObjects::default();
+        let files = list_files(path, &mut out);
+        for f in &files {
+            self.load_one(f, &mut out);
+        }
+        self.last_good.retain(|p, _| files.contains(p));
+        out
+    }
+
+    fn load_one(&mut self, file: &Path, out: &mut LoadedObjects) {
+        let mut now = LoadedObjects::default();
+        let text = load_file(file, &mut now);
+        let emptied = text.as_deref().is_some_and(parses_to_nothing)
+            && self
+                .last_good
+                .get(file)
+                .is_some_and(|g| !g.services.is_empty() || !g.endpoint_slices.is_empty());
+        if emptied {
+            now.error(
+                file,
+                None,
+                "the file is empty but held objects: it may be in the middle of a write \
+                 (delete it to remove its objects)"
+                    .to_owned(),
+            );
+        }
+        let clean = now.errors.is_empty();
+        out.errors.append(&mut now.errors);
+        let objects = FileObjects {
+            services: now.services,
+            endpoint_slices: now.endpoint_slices,
+        };
+        let objects = if clean {
+            self.last_good.insert(file.to_owned(), objects.clone());
+            objects
+        } else if let Some(good) = self.last_good.get(file) {
+            out.kept.push(file.to_owned());
+            good.clone()
+        } else {
+            objects // never read cleanly: what could be read
+        };
+        out.services.extend(objects.services);
+        out.endpoint_slices.extend(objects.endpoint_slices);
+    }
+}
+
+/// Whether a file's text holds no document (only whitespace, comments or markers).
+fn parses_to_nothing(text: &str) -> bool {
+    text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    })
+}
+
+/// The files `path` names: itself, or the manifest files directly inside it, sorted by name.
+/// Entries that are not read are reported in `out.skipped`.
+fn list_files(path: &Path, out: &mut LoadedObjects) -> Vec<PathBuf> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
             out.error(path, None, format!("cannot read: {e}"));
-            return out;
+            return Vec::new();
         }
     };
     if !meta.is_dir() {
-        load_file(path, &mut out);
-        return out;
+        if !meta.is_file() {
+            out.error(
+                path,
+                None,
+                format!("not a regular file ({}): not read", file_kind(&meta)),
+            );
+            return Vec::new();
+        }
+        return vec![path.to_owned()];
     }
     let entries = match std::fs::read_dir(path) {
         Ok(e) => e,
         Err(e) => {
             out.error(path, None, format!("cannot list directory: {e}"));
-            return out;
+            return Vec::new();
         }
     };
     let mut files = Vec::new();
     for entry in entries {
-        match entry {
-            Ok(entry) => {
-                let p = entry.path();
-                if is_manifest_name(&p) && p.is_file() {
-                    files.push(p);
-                }
+        let p = match entry {
+            Ok(entry) => entry.path(),
+            Err(e) => {
+                out.error(path, None, format!("cannot list directory: {e}"));
+                continue;
             }
-            Err(e) => out.error(path, None, format!("cannot list directory: {e}")),
+        };
+        if !is_manifest_name(&p) {
+            continue;
+        }
+        // Follows symlinks (a ConfigMap's keys are symlinks).
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(m) => out.skip(
+                &p,
+                format!("not a regular file ({}): skipped", file_kind(&m)),
+            ),
+            Err(e) => out.skip(&p, format!("cannot resolve ({e}): skipped")),
         }
     }
     files.sort();
-    for f in &files {
-        load_file(f, &mut out);
+    out.skipped.sort_by(|a, b| a.file.cmp(&b.file));
+    files
+}
+
+/// What a non-regular file is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
-    out
 }
 
 /// Whether a directory entry is read as manifests: a `.yaml`, `.yml` or `.json` name. (Anything
@@ -103,14 +229,23 @@ impl LoadedObjects {
             message,
         });
     }
+
+    fn skip(&mut self, file: &Path, message: String) {
+        self.skipped.push(SourceError {
+            file: file.to_owned(),
+            object: None,
+            message,
+        });
+    }
 }
 
-fn load_file(path: &Path, out: &mut LoadedObjects) {
+/// Loads one file into `out`; returns its text when it could be read.
+fn load_file(path: &Path, out: &mut LoadedObjects) -> Option<String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
             out.error(path, None, format!("cannot read: {e}"));
-            return;
+            return None;
         }
     };
     load_text_into(path, &text, out);
@@ -134,6 +269,7 @@ fn load_text_into(path: &Path, text: &str, out: &mut LoadedObjects) {
     } else {
         load_yaml(path, text, out);
     }
+    Some(text)
 }
 
 /// One or more concatenated JSON values.
@@ -574,5 +710,152 @@ items:
         assert_eq!(loaded.errors.len(), 1);
         assert_eq!(loaded.errors[0].file, p);
         assert!(loaded.errors[0].message.starts_with("cannot read"));
+    }
+
+    const SVC_B: &str = "apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: ns1}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+";
+
+    /// A file caught mid-write (truncated: a syntax error or an incomplete object, or emptied)
+    /// keeps the objects of its last good read, with an error saying why and the file listed
+    /// in `kept`; the next clean read replaces them, and other files are unaffected.
+    #[test]
+    fn a_file_caught_mid_write_keeps_its_last_good_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = write(dir.path(), "a.yaml", &format!("{SVC_A}---\n{SLICE_A}"));
+        write(dir.path(), "b.yaml", SVC_B);
+        let mut reader = ManifestReader::default();
+        let good = reader.load(dir.path());
+        assert_eq!(good.errors, vec![]);
+        let all = ["Service ns1/a", "Service ns1/b", "EndpointSlice ns1/a-1"];
+        assert_eq!(names(&good), all);
+
+        let full = format!("{SVC_A}---\n{SLICE_A}");
+        let truncations = [
+            // Cut inside a flow collection: a YAML syntax error.
+            full[..full.find("[10.244").expect("endpoint") + 4].to_owned(),
+            // Cut inside a key: a YAML syntax error.
+            full[..full.find("    port: 80").expect("port") + 6].to_owned(),
+            // Cut after a line: valid YAML, an incomplete object (no name yet).
+            full[..full.find("  name: a").expect("name")].to_owned(),
+            // Truncated, nothing written yet.
+            String::new(),
+        ];
+        for cut in &truncations {
+            fs::write(&a, cut).expect("truncate");
+            let loaded = reader.load(dir.path());
+            assert_eq!(names(&loaded), all, "after {cut:?}");
+            assert_eq!(loaded.kept, vec![a.clone()], "after {cut:?}");
+            assert!(!loaded.errors.is_empty(), "a warning after {cut:?}");
+            assert!(loaded.errors.iter().all(|e| e.file == a));
+        }
+
+        // The write completes: its new content replaces the old.
+        fs::write(&a, SVC_A.replace("name: a", "name: a2")).expect("write");
+        let loaded = reader.load(dir.path());
+        assert_eq!(loaded.errors, vec![]);
+        assert_eq!(loaded.kept, Vec::<PathBuf>::new());
+        assert_eq!(names(&loaded), ["Service ns1/a2", "Service ns1/b"]);
+
+        // A deleted file's objects go (its last good content is forgotten).
+        fs::remove_file(&a).expect("rm");
+        assert_eq!(names(&reader.load(dir.path())), ["Service ns1/b"]);
+        fs::write(&a, "kind: [broken\n").expect("write");
+        let loaded = reader.load(dir.path());
+        assert_eq!(names(&loaded), ["Service ns1/b"]);
+        assert_eq!(loaded.kept, Vec::<PathBuf>::new());
+    }
+
+    /// The same for a source that is one file, and for JSON.
+    #[test]
+    fn a_single_json_file_caught_mid_write_keeps_its_last_good_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"{"apiVersion":"v1","kind":"List","items":[
+  {"apiVersion":"v1","kind":"Service","metadata":{"name":"j1","namespace":"x"},"spec":{"clusterIP":"10.96.0.20"}},
+  {"apiVersion":"v1","kind":"Service","metadata":{"name":"j2","namespace":"x"},"spec":{"clusterIP":"10.96.0.21"}}
+]}"#;
+        let f = write(dir.path(), "objs.json", text);
+        let mut reader = ManifestReader::default();
+        assert_eq!(names(&reader.load(&f)), ["Service x/j1", "Service x/j2"]);
+        fs::write(&f, &text[..text.len() / 2]).expect("truncate");
+        let loaded = reader.load(&f);
+        assert_eq!(names(&loaded), ["Service x/j1", "Service x/j2"]);
+        assert_eq!(loaded.kept, vec![f.clone()]);
+        assert!(loaded.errors[0].message.starts_with("JSON syntax error"));
+    }
+
+    /// A file that never read cleanly gives what it can, as a one-off load does.
+    #[test]
+    fn a_file_never_read_cleanly_gives_what_it_can() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = write(
+            dir.path(),
+            "x.yaml",
+            &format!("{SVC_A}---\nkind: [broken\n"),
+        );
+        let loaded = ManifestReader::default().load(&f);
+        assert_eq!(names(&loaded), ["Service ns1/a"]);
+        assert_eq!(loaded.kept, Vec::<PathBuf>::new());
+        assert_eq!(loaded.errors.len(), 1);
+    }
+
+    /// A FIFO, a symlink loop, a dangling symlink and a directory with manifest names are
+    /// skipped, each reported with why; the FIFO is never opened (that would block).
+    #[test]
+    fn fifos_and_symlink_loops_are_skipped_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.yaml", SVC_A);
+        let fifo = dir.path().join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let lp = dir.path().join("loop.yaml");
+        std::os::unix::fs::symlink(&lp, &lp).expect("symlink loop");
+        let dangling = dir.path().join("dangling.yml");
+        std::os::unix::fs::symlink(dir.path().join("nowhere.yaml"), &dangling).expect("symlink");
+        let sub = dir.path().join("sub.json");
+        fs::create_dir(&sub).expect("mkdir");
+        // A symlink to a regular file is read (a ConfigMap's keys are symlinks).
+        std::os::unix::fs::symlink(write(dir.path(), "b.txt", SVC_B), dir.path().join("b.yaml"))
+            .expect("symlink");
+
+        let loaded = load_path(dir.path());
+        assert_eq!(names(&loaded), ["Service ns1/a", "Service ns1/b"]);
+        assert_eq!(loaded.errors, vec![]);
+        let skipped: Vec<(PathBuf, &str)> = loaded
+            .skipped
+            .iter()
+            .map(|e| (e.file.clone(), e.message.as_str()))
+            .collect();
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert_eq!(skipped[0].0, dangling);
+        assert!(
+            skipped[0].1.starts_with("cannot resolve ("),
+            "{}",
+            skipped[0].1
+        );
+        assert_eq!(
+            skipped[1],
+            (fifo.clone(), "not a regular file (a FIFO): skipped")
+        );
+        assert_eq!(skipped[2].0, lp);
+        assert!(
+            skipped[2].1.contains("symbolic links"),
+            "ELOOP: {}",
+            skipped[2].1
+        );
+        assert_eq!(
+            skipped[3],
+            (sub, "not a regular file (a directory): skipped")
+        );
+
+        // Given as the source itself, a FIFO is an error, not a hang.
+        let loaded = load_path(&fifo);
+        assert_eq!(loaded.errors.len(), 1);
+        assert_eq!(
+            loaded.errors[0].message,
+            "not a regular file (a FIFO): not read"
+        );
     }
 }

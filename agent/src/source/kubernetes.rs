@@ -38,7 +38,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::Snapshot;
-pub use events::{REPORTING_CONTROLLER, ServiceEvents, service_uid};
+pub use events::{
+    REJECTION_REASON, REPORTING_CONTROLLER, RejectionWarning, ServiceEvents, rejection_warnings,
+    service_uid,
+};
 use reflect::{Reflected, Significant, Stores};
 
 /// The label selector of Services and EndpointSlices (kube-proxy's, less the proxy name).

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
 
 use super::Snapshot;
-use super::file::{is_manifest_name, load_path};
+use super::file::{ManifestReader, is_manifest_name};
 
 /// What identifies the content of a path cheaply: the name, size and modification time of each
 /// file the loader reads (a directory's other entries, e.g. a temporary file being written
@@ -66,9 +66,21 @@ fn sorted<K: k8s_openapi::Metadata<Ty = ObjectMeta>>(mut v: Vec<Arc<K>>) -> Vec<
 
 /// Loads `path` once, logging every error with the file and object it is about.
 pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
-    let loaded = load_path(path);
+    read_snapshot(&mut ManifestReader::default(), path, generation)
+}
+
+/// Loads `path` with `reader` (which keeps each file's last good content), logging every error,
+/// every skipped directory entry and every file whose last good content is used.
+pub fn read_snapshot(reader: &mut ManifestReader, path: &Path, generation: u64) -> Snapshot {
+    let loaded = reader.load(path);
     for e in &loaded.errors {
         tracing::warn!(file = %e.file.display(), object = e.object.as_deref().unwrap_or(""), "{}", e.message);
+    }
+    for e in &loaded.skipped {
+        tracing::warn!(file = %e.file.display(), "{}", e.message);
+    }
+    for f in &loaded.kept {
+        tracing::warn!(file = %f.display(), "keeping the objects of this file's last good read until it reads cleanly");
     }
     Snapshot {
         services: sorted(loaded.services.into_iter().map(versioned).collect()),
@@ -81,7 +93,8 @@ pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
 /// Loads `path` now and spawns a task that publishes a new snapshot after every change.
 pub fn watch_path(path: PathBuf, poll: Duration) -> watch::Receiver<Arc<Snapshot>> {
     let mut seen = fingerprint(&path);
-    let (tx, rx) = watch::channel(Arc::new(load_snapshot(&path, 1)));
+    let mut reader = ManifestReader::default();
+    let (tx, rx) = watch::channel(Arc::new(read_snapshot(&mut reader, &path, 1)));
     tokio::spawn(async move {
         let mut generation = 1;
         loop {
@@ -93,7 +106,8 @@ pub fn watch_path(path: PathBuf, poll: Duration) -> watch::Receiver<Arc<Snapshot
             seen = now;
             generation += 1;
             tracing::info!(path = %path.display(), generation, "source changed");
-            if tx.send(Arc::new(load_snapshot(&path, generation))).is_err() {
+            let snapshot = read_snapshot(&mut reader, &path, generation);
+            if tx.send(Arc::new(snapshot)).is_err() {
                 return;
             }
         }

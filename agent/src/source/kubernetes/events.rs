@@ -3,7 +3,7 @@
 //! reporting controller `kube-ipvs-bpf`, instance = the node name; deduplicated so a sync loop
 //! can call [`ServiceEvents::warn`] on every sync without flooding the API server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
-use crate::model::ServiceRef;
+use crate::model::{Rejection, ServiceRef};
 use crate::source::Snapshot;
 
 /// The `reportingController` of our Events.
@@ -33,6 +33,50 @@ pub fn service_uid<'a>(snapshot: &'a Snapshot, service: &ServiceRef) -> Option<&
                 && s.metadata.name.as_deref() == Some(service.name.as_str())
         })
         .and_then(|s| s.metadata.uid.as_deref())
+}
+
+/// A Warning Event to post about a rejected Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectionWarning {
+    pub service: ServiceRef,
+    pub uid: Option<String>,
+    /// The rejection's reason, the Event's note.
+    pub message: String,
+}
+
+/// The Event `reason` of [`RejectionWarning`]s.
+pub const REJECTION_REASON: &str = "Invalid";
+
+/// The Services the model rejected (wholly or in part: an address not programmed) and the
+/// Warnings to post about them: one per rejection of a Service not in `before` (those were
+/// reported already). The returned set is the next call's `before`; Services that left it
+/// should be [`ServiceEvents::resolved`].
+pub fn rejection_warnings(
+    snapshot: &Snapshot,
+    rejected: &[Rejection],
+    before: &BTreeSet<ServiceRef>,
+) -> (BTreeSet<ServiceRef>, Vec<RejectionWarning>) {
+    let mut services = BTreeSet::new();
+    let mut warnings = Vec::new();
+    for r in rejected {
+        let Some((ns, n)) = r
+            .object
+            .strip_prefix("Service ")
+            .and_then(|name| name.split_once('/'))
+        else {
+            continue;
+        };
+        let service = ServiceRef::new(ns, n);
+        if !before.contains(&service) {
+            warnings.push(RejectionWarning {
+                uid: service_uid(snapshot, &service).map(str::to_string),
+                service: service.clone(),
+                message: r.reason.clone(),
+            });
+        }
+        services.insert(service);
+    }
+    (services, warnings)
 }
 
 /// The last Event posted about one Service.
@@ -141,6 +185,21 @@ impl ServiceEvents {
                 false
             }
         }
+    }
+
+    /// Posts each of `warnings` ([`rejection_warnings`]) as a Warning Event with reason
+    /// [`REJECTION_REASON`]; returns how many were posted.
+    pub async fn post_rejections(&self, warnings: &[RejectionWarning]) -> usize {
+        let mut posted = 0;
+        for w in warnings {
+            if self
+                .warn(&w.service, w.uid.as_deref(), REJECTION_REASON, &w.message)
+                .await
+            {
+                posted += 1;
+            }
+        }
+        posted
     }
 
     /// Forgets what was posted about `service` (it can be programmed again): a later failure
