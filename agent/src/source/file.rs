@@ -249,6 +249,7 @@ fn load_file(path: &Path, out: &mut LoadedObjects) -> Option<String> {
         }
     };
     load_text_into(path, &text, out);
+    Some(text)
 }
 
 /// Reads the text of a manifest file named `path` (JSON for a `.json` name, else YAML) without
@@ -269,7 +270,6 @@ fn load_text_into(path: &Path, text: &str, out: &mut LoadedObjects) {
     } else {
         load_yaml(path, text, out);
     }
-    Some(text)
 }
 
 /// One or more concatenated JSON values.
