@@ -288,6 +288,11 @@ pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 /// `TC_ACT_SHOT`.
 pub const TC_ACT_SHOT: u32 = 2;
 
+/// BPF_PROG_TEST_RUN flag `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (Linux >= 6.11): the skb is
+/// `CHECKSUM_COMPLETE`, `skb->csum` covering the packet from its network header, and the kernel
+/// fails the run with `EBADMSG` when the program leaves `skb->csum` inconsistent with the packet.
+pub const TEST_RUN_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
 #[derive(Debug)]
 struct AttachedDevice {
     kind: DeviceKind,
@@ -1020,6 +1025,19 @@ impl Datapath {
         context: &SkbContext,
         repeat: u32,
     ) -> Result<TestRunOutput> {
+        self.test_run_with_flags(program, packet, context, repeat, 0)
+    }
+
+    /// [`Datapath::test_run_repeat`] with BPF_PROG_TEST_RUN flags, e.g.
+    /// [`TEST_RUN_CHECKSUM_COMPLETE`]. A kernel without a flag fails the run with `EINVAL`.
+    pub fn test_run_with_flags(
+        &self,
+        program: DatapathProgram,
+        packet: &[u8],
+        context: &SkbContext,
+        repeat: u32,
+        flags: u32,
+    ) -> Result<TestRunOutput> {
         let prog = find_program(&self.object, program.name())?;
         let mut context_in = skb_context_bytes(context);
         let mut context_out = vec![0u8; context_in.len()];
@@ -1030,6 +1048,7 @@ impl Datapath {
             data_in: Some(packet),
             data_out: Some(&mut data_out),
             repeat: repeat.max(1),
+            flags,
             ..ProgramInput::default()
         };
         let output = prog.test_run(input).map_err(|source| Error::TestRun {

@@ -7,7 +7,7 @@
 //! they claim, and reports those keys ([`Changed`]) so the reconcilers diff only them.
 //!
 //! A new node view or configuration recomputes everything; so does an input that names the
-//! same Service twice (only a file source can do that).
+//! same Service or EndpointSlice (namespace/name) twice (only a file source can do that).
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -101,7 +101,9 @@ fn diff<'a, K: Metadata<Ty = ObjectMeta>>(
         .iter()
         .map(|o| (obj_key(o.metadata()), o))
         .collect();
-    let mut seen = std::collections::HashSet::new();
+    // The aligned prefix has the previous list's keys (unique): a later object may repeat one.
+    let mut seen: std::collections::HashSet<(&str, &str)> =
+        new[..i].iter().map(|o| obj_key(o.metadata())).collect();
     for o in &new[i..] {
         let k = obj_key(o.metadata());
         if !seen.insert(k) {
@@ -317,11 +319,15 @@ impl ModelCache {
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> DesiredState {
+        // A namespace/name seen twice, whatever the slices' Services: the next build's diff
+        // walks the list by namespace/name, so it must start from scratch too.
+        let mut names: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
+        let mut repeated = false;
         for s in &slices {
+            let first = names.insert(obj_key(&s.metadata));
             if let Some(k) = slice_service(s) {
                 let name = obj_key(&s.metadata).1.to_string();
-                let m = self.slices_of.entry(k).or_default();
-                if m.contains_key(&name) {
+                if !first {
                     self.duplicates.push(Rejection {
                         object: format!("EndpointSlice {}/{name}", obj_key(&s.metadata).0),
                         reason: "another EndpointSlice with the same namespace/name came first"
@@ -329,7 +335,9 @@ impl ModelCache {
                     });
                     continue;
                 }
-                m.insert(name, s.clone());
+                self.slices_of.entry(k).or_default().insert(name, s.clone());
+            } else if !first {
+                repeated = true;
             }
         }
         let ctx = NodeContext::new(node, cfg);
@@ -349,7 +357,7 @@ impl ModelCache {
         for key in &keys {
             self.refresh_ignored(key);
         }
-        if !self.duplicates.is_empty() {
+        if !self.duplicates.is_empty() || repeated {
             self.context = None;
         }
         self.services = services;
@@ -699,5 +707,59 @@ mod tests {
             cache.build_shared(services, slices, &other, &cfg).1,
             Changed::All
         );
+    }
+
+    /// Two defects found by fuzzing the file source (issue 13), the incremental build then
+    /// differing from a fresh one: an object named twice whose first occurrence lies in the part
+    /// of the list that lines up with the previous one was not seen as a duplicate; and two
+    /// EndpointSlices of one namespace/name for different Services were both kept, so the next
+    /// diff (by namespace/name) lost one of them and kept a stale slice. Each case here, and the
+    /// build after it, equals a fresh build (which keeps the first and rejects the second).
+    #[test]
+    fn a_name_repeated_after_the_aligned_prefix_is_a_duplicate() {
+        let (node, cfg) = (node(), ModelConfig::default());
+        // The same slice name for another Service.
+        let renamed = |rv: u32| {
+            let mut s = (*slice(1, rv, 1)).clone();
+            s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "s2".to_owned())].into());
+            Arc::new(s)
+        };
+        for twice in ["services", "slices", "slice names"] {
+            let mut cache = ModelCache::default();
+            cache.build_shared(
+                vec![service(1, 1, 80, None)],
+                vec![slice(1, 1, 2)],
+                &node,
+                &cfg,
+            );
+            let (services, slices) = match twice {
+                "services" => (
+                    vec![service(1, 2, 80, None), service(1, 3, 81, None)],
+                    vec![slice(1, 2, 2)],
+                ),
+                "slices" => (
+                    vec![service(1, 2, 80, None)],
+                    vec![slice(1, 2, 2), slice(1, 3, 1)],
+                ),
+                _ => (
+                    vec![service(1, 2, 80, None)],
+                    vec![slice(1, 2, 2), renamed(3)],
+                ),
+            };
+            let slices_twice = twice;
+            let (got, _) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
+            assert_eq!(
+                got,
+                build(&services, &slices, &node, &cfg),
+                "slices twice: {slices_twice}"
+            );
+            let (services, slices) = (vec![service(1, 4, 80, None)], Vec::new());
+            let (got, _) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
+            assert_eq!(
+                got,
+                build(&services, &slices, &node, &cfg),
+                "slices twice: {slices_twice}"
+            );
+        }
     }
 }

@@ -113,14 +113,26 @@ fn load_file(path: &Path, out: &mut LoadedObjects) {
             return;
         }
     };
+    load_text_into(path, &text, out);
+}
+
+/// Reads the text of a manifest file named `path` (JSON for a `.json` name, else YAML) without
+/// touching the file system: what [`load_path`] does with each file it reads.
+pub fn load_text(path: &Path, text: &str) -> LoadedObjects {
+    let mut out = LoadedObjects::default();
+    load_text_into(path, text, &mut out);
+    out
+}
+
+fn load_text_into(path: &Path, text: &str, out: &mut LoadedObjects) {
     let is_json = path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
-        load_json(path, &text, out);
+        load_json(path, text, out);
     } else {
-        load_yaml(path, &text, out);
+        load_yaml(path, text, out);
     }
 }
 
