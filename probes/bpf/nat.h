@@ -422,6 +422,8 @@ static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p
 		goto helpers;
 	if (has_l4 && p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		goto helpers; /* SCTP: no inet checksum (ports only) */
+	if (has_l4 && p->l4_off > PKT_OFF_MASK)
+		goto helpers; /* IPv6 with ~1 KiB of extension headers: past the writer's offset mask */
 	if (has_l4)
 		end = (p->l4_off & PKT_OFF_MASK) + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF + 2 : 8);
 	else
