@@ -302,8 +302,15 @@ static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct 
 		field[2] = new6[2];
 		field[3] = new6[3];
 	}
-	if (!job->has_l4)
+	if (!job->has_l4) {
+		/*
+		 * A later fragment: no L4 checksum balances an IPv6 address change, so
+		 * CHECKSUM_COMPLETE's skb->csum takes it (IPv4: its header checksum did).
+		 */
+		if (job->family != 4 && summed == KIB_CHECKSUM_COMPLETE)
+			bpf_csum_update(skb, csum_fold(pseudo));
 		return 0;
+	}
 	udp = job->proto == IPPROTO_UDP;
 	if (udp) {
 		struct udphdr_min {
