@@ -232,6 +232,19 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 			return -1;
 		if (csum_at && csum_l4_port(skb, csum_at, old_port, new_port, flags))
 			return -1;
+		/*
+		 * UDP without checksum (0, left alone by BPF_F_MARK_MANGLED_0): nothing balances
+		 * the port change, so CHECKSUM_COMPLETE's skb->csum takes it (bpf_csum_update does
+		 * nothing in other states). One load, only for UDP with a port change.
+		 */
+		if (p->proto == IPPROTO_UDP) {
+			__u16 check;
+
+			if (bpf_skb_load_bytes(skb, csum_at, &check, sizeof(check)))
+				return -1;
+			if (check == 0)
+				bpf_csum_update(skb, csum_fold(csum_acc16(0, old_port, new_port)));
+		}
 	}
 	return 0;
 }
@@ -248,9 +261,18 @@ static __always_inline void nat_write_l4(struct __sk_buff *skb, __u16 *csum, __b
 {
 	__be16 old_port = *port;
 
-	if (csum_l4_direct(csum, summed, pseudo, csum_acc16(0, old_port, new_port), udp) && v4 &&
-	    summed == KIB_CHECKSUM_COMPLETE)
-		bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	__u64 covered = csum_acc16(0, old_port, new_port);
+
+	if (csum_l4_direct(csum, summed, pseudo, covered, udp)) {
+		if (v4 && summed == KIB_CHECKSUM_COMPLETE)
+			bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	} else if (summed == KIB_CHECKSUM_COMPLETE) {
+		/*
+		 * UDP without checksum: nothing balances the port change (nor an IPv6 address
+		 * change; IPv4's header checksum balanced its own), skb->csum takes them.
+		 */
+		bpf_csum_update(skb, csum_fold(v4 ? covered : covered + pseudo));
+	}
 	*port = new_port;
 }
 

@@ -1089,13 +1089,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
                 tally.stale_csum_dropped += 1;
                 return;
             }
-            let known = matches!(&parsed, Parse::Ok(v) if (v.proto == 17 && v.frag != Frag::Later
-                    && case.packet.get(v.l4 + 6..v.l4 + 8) == Some(&[0, 0][..])));
-            if known && std::env::var_os("FUZZ_KNOWN_BUGS").is_none() {
-                // Known bug (udp_without_checksum_keeps_checksum_complete): not checked again.
-                tally.known_bug_skipped += 1;
-                return;
-            }
             fail(
                 case,
                 t.policy,
@@ -1655,13 +1648,11 @@ fn udp_without_checksum_checksum_complete(policy: RewritePolicy, name: &str) {
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: UDP without checksum leaves skb->csum stale in the direct writer"]
 fn udp_without_checksum_keeps_checksum_complete() {
     udp_without_checksum_checksum_complete(RewritePolicy::Auto, "udp0_csum");
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: UDP without checksum leaves skb->csum stale in the helper rewrite"]
 fn udp_without_checksum_keeps_checksum_complete_helpers() {
     udp_without_checksum_checksum_complete(RewritePolicy::Helpers, "udp0_csum_h");
 }
