@@ -601,7 +601,7 @@ static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __
 		proto = l3[9];
 	} else if (version == 6) {
 		l4 = l3 + 40;
-		if ((void *)(l4 + 8) > data_end)
+		if ((void *)(l4 + 8) > data_end || (l3[0] & 0xf0) != 0x60)
 			return 0;
 		proto = l3[6];
 	} else {

@@ -1128,12 +1128,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
     }
     let v = match parsed {
         Parse::NotIp | Parse::Error => {
-            let v6_bad_version = l2 > 0 && be16(p, 12) == 0x86dd && p.len() > l2 && p[l2] >> 4 != 6;
-            if v6_bad_version && !dropped && std::env::var_os("FUZZ_KNOWN_BUGS").is_none() {
-                // Known bug (ipv6_wrong_version_passed_untouched_by_the_fast_path): not checked.
-                tally.known_bug_skipped += 1;
-                return;
-            }
             if dropped || q != p {
                 fail(
                     case,
@@ -1664,7 +1658,6 @@ fn udp_without_checksum_keeps_checksum_complete_helpers() {
 /// parse_error and passes it untouched (docs/datapath.md). Harmless in practice (ipv6_rcv drops
 /// such a packet) but not the contract.
 #[test]
-#[ignore = "datapath deviation found by fuzzing: the fast path skips the IPv6 version check"]
 fn ipv6_wrong_version_passed_untouched_by_the_fast_path() {
     let fx = Fixture::new("ipv6_bad_version");
     let f = Family::V6;
