@@ -976,7 +976,8 @@ struct quoted_addrs {
 /*
  * Ingress: an ICMP error quoting a packet we translated (node:snat_port -> backend) goes back to
  * the client: the quoted source address and port, the quoted IPv4 header checksum and L4 checksum
- * (when quoted), the ICMP checksum and the outer destination are rewritten.
+ * (when quoted), the ICMP checksum and the outer destination are rewritten. Quoted fields count
+ * only inside the outer IP packet's length.
  */
 static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const struct pkt *p,
 						    const struct config *cfg)
@@ -995,11 +996,22 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	__u64 icmp_acc;
 	__u16 old_csum;
 	__u16 new_csum;
+	__be16 ip_len;
+	__u32 ip_end;
+
+	/*
+	 * The quote ends with the outer IP packet (its length field), not with the frame: bytes
+	 * past it (an L2 trailer) are neither quoted nor covered by the ICMP checksum.
+	 */
+	if (bpf_skb_load_bytes(skb, p->l3_off + (p->family == 4 ? 2 : 4), &ip_len, sizeof(ip_len)))
+		return ICMP_NOT_OURS;
+	ip_end = p->l3_off + bpf_ntohs(ip_len) + (p->family == 4 ? 0 : sizeof(struct ipv6hdr));
 
 	if (p->family == 4) {
 		struct iphdr ip;
 
-		if (bpf_skb_load_bytes(skb, inner_l3, &ip, sizeof(ip)))
+		if (inner_l3 + sizeof(ip) > ip_end ||
+		    bpf_skb_load_bytes(skb, inner_l3, &ip, sizeof(ip)))
 			return ICMP_NOT_OURS;
 		if (ip.version != 4 || ip.ihl < 5 ||
 		    (bpf_ntohs(ip.frag_off) & IPV4_OFFSET_MASK))
@@ -1011,7 +1023,8 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	} else {
 		struct ipv6hdr ip6;
 
-		if (bpf_skb_load_bytes(skb, inner_l3, &ip6, sizeof(ip6)))
+		if (inner_l3 + sizeof(ip6) > ip_end ||
+		    bpf_skb_load_bytes(skb, inner_l3, &ip6, sizeof(ip6)))
 			return ICMP_NOT_OURS;
 		if (ip6.version != 6)
 			return ICMP_NOT_OURS;
@@ -1022,7 +1035,8 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	}
 	if (!proto_has_ports(inner_proto))
 		return ICMP_NOT_OURS;
-	if (bpf_skb_load_bytes(skb, inner_l4, quoted_ports, sizeof(quoted_ports)))
+	if (inner_l4 + sizeof(quoted_ports) > ip_end ||
+	    bpf_skb_load_bytes(skb, inner_l4, quoted_ports, sizeof(quoted_ports)))
 		return ICMP_NOT_OURS;
 	/* The error must be addressed to the translated source it quotes. */
 	if (!addr_equal(p->daddr, quoted.saddr))
@@ -1062,7 +1076,7 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 
 	/* Quoted L4 checksum, when the quote is long enough to hold it (ICMPv4 may quote 8 bytes). */
 	inner_csum_rel = l4_csum_off(inner_proto);
-	if (inner_csum_rel &&
+	if (inner_csum_rel && inner_l4 + inner_csum_rel + sizeof(old_csum) <= ip_end &&
 	    !bpf_skb_load_bytes(skb, inner_l4 + inner_csum_rel, &old_csum, sizeof(old_csum)) &&
 	    !(inner_proto == IPPROTO_UDP && old_csum == 0)) {
 		new_csum = csum_apply(old_csum, csum_acc16(addr_acc, quoted_ports[0], client.port));
