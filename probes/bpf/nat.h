@@ -232,6 +232,19 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 			return -1;
 		if (csum_at && csum_l4_port(skb, csum_at, old_port, new_port, flags))
 			return -1;
+		/*
+		 * UDP without checksum (0, left alone by BPF_F_MARK_MANGLED_0): nothing balances
+		 * the port change, so CHECKSUM_COMPLETE's skb->csum takes it (bpf_csum_update does
+		 * nothing in other states). One load, only for UDP with a port change.
+		 */
+		if (p->proto == IPPROTO_UDP) {
+			__u16 check;
+
+			if (bpf_skb_load_bytes(skb, csum_at, &check, sizeof(check)))
+				return -1;
+			if (check == 0)
+				bpf_csum_update(skb, csum_fold(csum_acc16(0, old_port, new_port)));
+		}
 	}
 	return 0;
 }
@@ -248,9 +261,18 @@ static __always_inline void nat_write_l4(struct __sk_buff *skb, __u16 *csum, __b
 {
 	__be16 old_port = *port;
 
-	if (csum_l4_direct(csum, summed, pseudo, csum_acc16(0, old_port, new_port), udp) && v4 &&
-	    summed == KIB_CHECKSUM_COMPLETE)
-		bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	__u64 covered = csum_acc16(0, old_port, new_port);
+
+	if (csum_l4_direct(csum, summed, pseudo, covered, udp)) {
+		if (v4 && summed == KIB_CHECKSUM_COMPLETE)
+			bpf_csum_update(skb, csum_fold(csum_acc32(0, new4, old4)));
+	} else if (summed == KIB_CHECKSUM_COMPLETE) {
+		/*
+		 * UDP without checksum: nothing balances the port change (nor an IPv6 address
+		 * change; IPv4's header checksum balanced its own), skb->csum takes them.
+		 */
+		bpf_csum_update(skb, csum_fold(v4 ? covered : covered + pseudo));
+	}
 	*port = new_port;
 }
 
@@ -302,8 +324,15 @@ static __always_inline int nat_write_direct(struct __sk_buff *skb, const struct 
 		field[2] = new6[2];
 		field[3] = new6[3];
 	}
-	if (!job->has_l4)
+	if (!job->has_l4) {
+		/*
+		 * A later fragment: no L4 checksum balances an IPv6 address change, so
+		 * CHECKSUM_COMPLETE's skb->csum takes it (IPv4: its header checksum did).
+		 */
+		if (job->family != 4 && summed == KIB_CHECKSUM_COMPLETE)
+			bpf_csum_update(skb, csum_fold(pseudo));
 		return 0;
+	}
 	udp = job->proto == IPPROTO_UDP;
 	if (udp) {
 		struct udphdr_min {
@@ -422,6 +451,8 @@ static __always_inline int nat_commit(struct __sk_buff *skb, const struct pkt *p
 		goto helpers;
 	if (has_l4 && p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		goto helpers; /* SCTP: no inet checksum (ports only) */
+	if (has_l4 && p->l4_off > PKT_OFF_MASK)
+		goto helpers; /* IPv6 with ~1 KiB of extension headers: past the writer's offset mask */
 	if (has_l4)
 		end = (p->l4_off & PKT_OFF_MASK) + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF + 2 : 8);
 	else
@@ -570,7 +601,7 @@ static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __
 		proto = l3[9];
 	} else if (version == 6) {
 		l4 = l3 + 40;
-		if ((void *)(l4 + 8) > data_end)
+		if ((void *)(l4 + 8) > data_end || (l3[0] & 0xf0) != 0x60)
 			return 0;
 		proto = l3[6];
 	} else {
@@ -945,7 +976,8 @@ struct quoted_addrs {
 /*
  * Ingress: an ICMP error quoting a packet we translated (node:snat_port -> backend) goes back to
  * the client: the quoted source address and port, the quoted IPv4 header checksum and L4 checksum
- * (when quoted), the ICMP checksum and the outer destination are rewritten.
+ * (when quoted), the ICMP checksum and the outer destination are rewritten. Quoted fields count
+ * only inside the outer IP packet's length.
  */
 static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const struct pkt *p,
 						    const struct config *cfg)
@@ -964,11 +996,22 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	__u64 icmp_acc;
 	__u16 old_csum;
 	__u16 new_csum;
+	__be16 ip_len;
+	__u32 ip_end;
+
+	/*
+	 * The quote ends with the outer IP packet (its length field), not with the frame: bytes
+	 * past it (an L2 trailer) are neither quoted nor covered by the ICMP checksum.
+	 */
+	if (bpf_skb_load_bytes(skb, p->l3_off + (p->family == 4 ? 2 : 4), &ip_len, sizeof(ip_len)))
+		return ICMP_NOT_OURS;
+	ip_end = p->l3_off + bpf_ntohs(ip_len) + (p->family == 4 ? 0 : sizeof(struct ipv6hdr));
 
 	if (p->family == 4) {
 		struct iphdr ip;
 
-		if (bpf_skb_load_bytes(skb, inner_l3, &ip, sizeof(ip)))
+		if (inner_l3 + sizeof(ip) > ip_end ||
+		    bpf_skb_load_bytes(skb, inner_l3, &ip, sizeof(ip)))
 			return ICMP_NOT_OURS;
 		if (ip.version != 4 || ip.ihl < 5 ||
 		    (bpf_ntohs(ip.frag_off) & IPV4_OFFSET_MASK))
@@ -980,7 +1023,8 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	} else {
 		struct ipv6hdr ip6;
 
-		if (bpf_skb_load_bytes(skb, inner_l3, &ip6, sizeof(ip6)))
+		if (inner_l3 + sizeof(ip6) > ip_end ||
+		    bpf_skb_load_bytes(skb, inner_l3, &ip6, sizeof(ip6)))
 			return ICMP_NOT_OURS;
 		if (ip6.version != 6)
 			return ICMP_NOT_OURS;
@@ -991,7 +1035,8 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 	}
 	if (!proto_has_ports(inner_proto))
 		return ICMP_NOT_OURS;
-	if (bpf_skb_load_bytes(skb, inner_l4, quoted_ports, sizeof(quoted_ports)))
+	if (inner_l4 + sizeof(quoted_ports) > ip_end ||
+	    bpf_skb_load_bytes(skb, inner_l4, quoted_ports, sizeof(quoted_ports)))
 		return ICMP_NOT_OURS;
 	/* The error must be addressed to the translated source it quotes. */
 	if (!addr_equal(p->daddr, quoted.saddr))
@@ -1031,7 +1076,7 @@ static __always_inline int icmp_error_xlate_ingress(struct __sk_buff *skb, const
 
 	/* Quoted L4 checksum, when the quote is long enough to hold it (ICMPv4 may quote 8 bytes). */
 	inner_csum_rel = l4_csum_off(inner_proto);
-	if (inner_csum_rel &&
+	if (inner_csum_rel && inner_l4 + inner_csum_rel + sizeof(old_csum) <= ip_end &&
 	    !bpf_skb_load_bytes(skb, inner_l4 + inner_csum_rel, &old_csum, sizeof(old_csum)) &&
 	    !(inner_proto == IPPROTO_UDP && old_csum == 0)) {
 		new_csum = csum_apply(old_csum, csum_acc16(addr_acc, quoted_ports[0], client.port));

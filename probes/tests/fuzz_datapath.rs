@@ -984,7 +984,6 @@ struct Tally {
     icmp_rewritten: u64,
     csum_complete: u64,
     kernel_refused: u64,
-    known_bug_skipped: u64,
     stale_csum_dropped: u64,
     helpers: u64,
     reloads: u64,
@@ -998,31 +997,6 @@ fn fail(case: &Case, policy: RewritePolicy, why: String) -> ! {
         case.csum_complete,
         fuzz_driver::hex(&case.packet)
     );
-}
-
-/// An ICMP error whose quoted header, ports or L4 checksum field lie past the end of the IP
-/// packet (bytes after it in the frame: an L2 trailer or padding).
-fn quote_checksum_past_end(p: &[u8], v: &View) -> bool {
-    if !is_icmp_error(p, v) {
-        return false;
-    }
-    let (Some(end), inner_l3) = (v.ip_end, v.l4 + 8) else {
-        return false;
-    };
-    if inner_l3 + 20 > p.len() {
-        return false;
-    }
-    let (proto, inner_l4) = if v.v6 {
-        (p.get(inner_l3 + 6).copied().unwrap_or(0), inner_l3 + 40)
-    } else {
-        (
-            p[inner_l3 + 9],
-            inner_l3 + usize::from(p[inner_l3] & 0xf) * 4,
-        )
-    };
-    inner_l4 + 4 > end
-        || csum_off(proto)
-            .is_some_and(|off| inner_l4 + off + 2 > end && inner_l4 + off + 2 <= p.len())
 }
 
 /// Frames BPF_PROG_TEST_RUN rejects: an IPv4 or IPv6 ethertype (bytes 12-13, also for the
@@ -1050,16 +1024,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
         ETH_LEN
     };
     let parsed = parse(&case.packet, l2);
-    if let Parse::Ok(v) = &parsed
-        && v.l4 > 0x3ff
-        && t.fx.dp.direct_writes()
-        && std::env::var_os("FUZZ_KNOWN_BUGS").is_none()
-    {
-        // Known bug of the direct writer (ipv6_l4_header_past_1k_translated_where_it_is): not
-        // checked again there; the helper rewrite takes these packets.
-        tally.known_bug_skipped += 1;
-        return;
-    }
     let snat = &t.fx.dp.maps().snat;
     // The reverse entry the packet must be translated with (looked up before the run).
     let rev_entry = match &parsed {
@@ -1097,15 +1061,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
                     .test_run_with_flags(case.program, &case.packet, &context, 1, 0);
             if again.is_ok_and(|o| o.return_value == TC_ACT_SHOT) {
                 tally.stale_csum_dropped += 1;
-                return;
-            }
-            let known = matches!(&parsed, Parse::Ok(v) if (v.v6 && v.frag == Frag::Later)
-                || (v.proto == 17 && v.frag != Frag::Later
-                    && case.packet.get(v.l4 + 6..v.l4 + 8) == Some(&[0, 0][..])));
-            if known && std::env::var_os("FUZZ_KNOWN_BUGS").is_none() {
-                // Known bugs (ipv6_later_fragment_keeps_checksum_complete,
-                // udp_without_checksum_keeps_checksum_complete): not checked again.
-                tally.known_bug_skipped += 1;
                 return;
             }
             fail(
@@ -1147,12 +1102,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
     }
     let v = match parsed {
         Parse::NotIp | Parse::Error => {
-            let v6_bad_version = l2 > 0 && be16(p, 12) == 0x86dd && p.len() > l2 && p[l2] >> 4 != 6;
-            if v6_bad_version && !dropped && std::env::var_os("FUZZ_KNOWN_BUGS").is_none() {
-                // Known bug (ipv6_wrong_version_passed_untouched_by_the_fast_path): not checked.
-                tally.known_bug_skipped += 1;
-                return;
-            }
             if dropped || q != p {
                 fail(
                     case,
@@ -1230,11 +1179,6 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
 
     // Rewritten: which bytes changed, and every checksum.
     tally.rewritten += 1;
-    if !egress && quote_checksum_past_end(p, &v) && std::env::var_os("FUZZ_KNOWN_BUGS").is_none() {
-        // Known bug (icmp_error_quote_checksum_past_the_packet_left_alone): not checked again.
-        tally.known_bug_skipped += 1;
-        return;
-    }
     let mut allowed = vec![false; p.len()];
     let mut allow = |r: std::ops::Range<usize>| {
         for i in r {
@@ -1495,7 +1439,6 @@ fn ipv6_l4_header_past_1k(policy: RewritePolicy, name: &str) {
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: L4 offsets past PKT_OFF_MASK in the direct writer"]
 fn ipv6_l4_header_past_1k_translated_where_it_is() {
     ipv6_l4_header_past_1k(RewritePolicy::Auto, "ipv6_l4_past_1k");
 }
@@ -1570,7 +1513,6 @@ fn ipv6_later_fragment_checksum_complete(policy: RewritePolicy, name: &str) {
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: IPv6 later fragments leave skb->csum stale in the direct writer"]
 fn ipv6_later_fragment_keeps_checksum_complete() {
     ipv6_later_fragment_checksum_complete(RewritePolicy::Auto, "ipv6_frag_csum");
 }
@@ -1590,7 +1532,6 @@ fn ipv6_later_fragment_keeps_checksum_complete_helpers() {
 /// impact (an ICMP error that short and a trailer are both rare: 70-byte frames need no
 /// Ethernet padding); fails on both rewrite paths until the quote is bounded by the IP length.
 #[test]
-#[ignore = "datapath bug found by fuzzing: quoted checksum past the IP packet's end"]
 fn icmp_error_quote_checksum_past_the_packet_left_alone() {
     let fx = Fixture::new("icmp_quote_past_end");
     let f = Family::V4;
@@ -1669,13 +1610,11 @@ fn udp_without_checksum_checksum_complete(policy: RewritePolicy, name: &str) {
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: UDP without checksum leaves skb->csum stale in the direct writer"]
 fn udp_without_checksum_keeps_checksum_complete() {
     udp_without_checksum_checksum_complete(RewritePolicy::Auto, "udp0_csum");
 }
 
 #[test]
-#[ignore = "datapath bug found by fuzzing: UDP without checksum leaves skb->csum stale in the helper rewrite"]
 fn udp_without_checksum_keeps_checksum_complete_helpers() {
     udp_without_checksum_checksum_complete(RewritePolicy::Helpers, "udp0_csum_h");
 }
@@ -1687,7 +1626,6 @@ fn udp_without_checksum_keeps_checksum_complete_helpers() {
 /// parse_error and passes it untouched (docs/datapath.md). Harmless in practice (ipv6_rcv drops
 /// such a packet) but not the contract.
 #[test]
-#[ignore = "datapath deviation found by fuzzing: the fast path skips the IPv6 version check"]
 fn ipv6_wrong_version_passed_untouched_by_the_fast_path() {
     let fx = Fixture::new("ipv6_bad_version");
     let f = Family::V6;
