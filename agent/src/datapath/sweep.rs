@@ -199,24 +199,21 @@ fn resolve_with(
 /// One pass: reads `conns` (in batches), frees the records the previous pass expired, resolves
 /// new records, expires idle ones (unindexed now, freed at the next pass: a program that found
 /// one just before is done with it by then), and removes the `conns` entries whose connection
-/// is over ([`conn_expired`]).
+/// is over ([`conn_expired`]). Only the `conns` entries old enough to expire are looked up in
+/// the SNAT table, and only new records in `conns`.
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
-    let mut conns: HashMap<Tuple, (ConnValue, Translation)> = maps
-        .conns
-        .entries()?
-        .into_iter()
-        .map(|(k, v)| (k, (v, Translation::None)))
-        .collect();
+    let conns = maps.conns.entries()?;
     let mut report = SweepReport {
         snat_reclaimed: maps.snat.reclaim(),
         ..SweepReport::default()
     };
     let mut svc_ids = HashMap::new();
+    // The forward tuples of the records expired now, with their last packet.
+    let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
     for (rec, record) in maps.snat.records() {
-        let conn = conns.get_mut(&record.fwd_key);
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
-            let (svc_id, flags) =
-                resolve_with(maps, &record, conn.as_ref().map(|c| &c.0), &mut svc_ids)?;
+            let conn = maps.conns.get(&record.fwd_key)?;
+            let (svc_id, flags) = resolve_with(maps, &record, conn.as_ref(), &mut svc_ids)?;
             maps.snat.resolve(rec, svc_id, flags);
             if flags & SNAT_F_PROBE_HIT != 0 {
                 report.probe_hits += 1;
@@ -224,25 +221,29 @@ pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<S
                 report.probe_misses += 1;
             }
         }
-        let translation = if expired(&record, now_ns, t) {
+        if expired(&record, now_ns, t) {
             if maps.snat.unindex(rec) {
                 report.snat_expired += 1;
             }
-            Translation::Expired {
-                last_seen_ns: record.last_seen_ns(),
-            }
+            expired_now.insert(record.fwd_key, record.last_seen_ns());
         } else {
             report.snat_live += 1;
-            Translation::Live
-        };
-        if let Some((_, fate)) = conn {
-            *fate = translation;
         }
     }
     maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
     maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
-    for (key, (conn, translation)) in &conns {
-        if conn_expired(key, conn, *translation, now_ns, t) {
+    for (key, conn) in &conns {
+        let translation = match expired_now.get(key) {
+            Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
+            // Younger than any timeout it can have: kept, whatever translates it.
+            None if !conn_expired(key, conn, Translation::None, now_ns, t) => Translation::None,
+            // A record indexed now and not expired by this pass is live (or new since).
+            None => match maps.snat.find(probes::Index::Fwd, key) {
+                Some(_) => Translation::Live,
+                None => Translation::None,
+            },
+        };
+        if conn_expired(key, conn, translation, now_ns, t) {
             if maps.conns.delete(key)? {
                 report.conns_expired += 1;
             }
