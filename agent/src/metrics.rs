@@ -34,9 +34,17 @@
 //! |---|---|---|
 //! | `kube_ipvs_bpf_ipvs_operations_total` | counter | `operation` (`add_service`, …), `result` (`success`, `failure`) |
 //! | `kube_ipvs_bpf_datapath_events_total` | counter | `event` (the datapath's counters: `snat_alloc`, `port_exhausted`, `map_full`, `rev_hit`, `icmp_xlate`, `frag_xlate`, `probe_hit`, `probe_miss`, `filtered_port`, …) |
+//! | `kube_ipvs_bpf_datapath_drops_total` | counter | `reason` ([`DROP_REASONS`]: the counters that count dropped packets) |
+//! | `kube_ipvs_bpf_datapath_map_entries`, `..._map_capacity` | gauge | `map` (`snat`: live SNAT records, `conns`) |
+//! | `kube_ipvs_bpf_sweep_duration_seconds` | histogram | |
+//! | `kube_ipvs_bpf_sweep_expired_entries_total` | counter | `map` (`snat`, `conns`) |
+//! | `kube_ipvs_bpf_sweep_failures_total` | counter | |
 //! | `kube_ipvs_bpf_rejected_objects` | gauge | `kind` (`Service`, `EndpointSlice`) |
 //! | `kube_ipvs_bpf_sync_failures_total` | counter | |
 //! | `kube_ipvs_bpf_node_repairs_total` | counter | `what` (`iptables`, `sysctl`, `tc`, `kube_ipvs0`): node state found changed behind the agent's back and rewritten (`crate::node_state`) |
+//!
+//! The datapath series are refreshed by the sweeper after each pass (`--sweep-period`, 10 s) and
+//! after each sync.
 //!
 //! The text is OpenMetrics (`application/openmetrics-text`), which Prometheus scrapes natively;
 //! sample names are kube-proxy's (`..._total`, `..._bucket`, `..._sum`, `..._count`).
@@ -70,6 +78,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 /// The EndpointSlice annotation holding the time of the change that triggered its update.
 pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
     "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The datapath counters that count dropped packets, each a `reason` of
+/// `kube_ipvs_bpf_datapath_drops_total` (docs/datapath.md, Counters). `parse_error` is not one:
+/// it mostly counts packets passed untouched.
+pub const DROP_REASONS: &[&str] = &[
+    "port_exhausted",
+    "map_full",
+    "frag_miss",
+    "filtered_port",
+    "filtered_src_range",
+];
 
 /// An IP family, as kube-proxy's `ip_family` label spells it.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
@@ -137,6 +156,16 @@ struct WhatLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -179,6 +208,12 @@ struct Inner {
     ipvs_operations: Family<OpLabels, Counter>,
     datapath_events: Family<EventLabels, Counter>,
     datapath_seen: Mutex<HashMap<String, u64>>,
+    datapath_drops: Family<ReasonLabels, Counter>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    sweep_duration: Histogram,
+    sweep_expired: Family<MapLabels, Counter>,
+    sweep_failures: Counter,
     rejected: Family<KindLabels, Gauge>,
     sync_failures: Counter,
     node_repairs: Family<WhatLabels, Counter>,
@@ -253,6 +288,12 @@ impl Metrics {
             ipvs_operations: Family::default(),
             datapath_events: Family::default(),
             datapath_seen: Mutex::default(),
+            datapath_drops: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            sweep_duration: sync_histogram(),
+            sweep_expired: Family::default(),
+            sweep_failures: Counter::default(),
             rejected: Family::default(),
             sync_failures: Counter::default(),
             node_repairs: Family::default(),
@@ -333,6 +374,36 @@ impl Metrics {
             "kube_ipvs_bpf_datapath_events",
             "Events counted by the eBPF datapath (summed over CPUs)",
             inner.datapath_events.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_datapath_drops",
+            "Packets the eBPF datapath dropped, by reason (summed over CPUs)",
+            inner.datapath_drops.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_datapath_map_entries",
+            "Entries in a datapath map after the last sweep (snat: live SNAT records)",
+            inner.map_entries.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_datapath_map_capacity",
+            "Entries a datapath map can hold",
+            inner.map_capacity.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_sweep_duration_seconds",
+            "Duration of a sweep of the datapath maps in seconds",
+            inner.sweep_duration.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_sweep_expired_entries",
+            "Datapath map entries the sweeper expired, by map",
+            inner.sweep_expired.clone(),
+        );
+        registry.register(
+            "kube_ipvs_bpf_sweep_failures",
+            "Sweeps of the datapath maps that failed",
+            inner.sweep_failures.clone(),
         );
         registry.register(
             "kube_ipvs_bpf_rejected_objects",
@@ -503,7 +574,54 @@ impl Metrics {
                 event: (*name).to_owned(),
             });
             c.inc_by(delta);
+            if DROP_REASONS.contains(name) {
+                self.inner
+                    .datapath_drops
+                    .get_or_create(&ReasonLabels {
+                        reason: (*name).to_owned(),
+                    })
+                    .inc_by(delta);
+            }
         }
+    }
+
+    /// A sweep that took `duration`: each map's (name, entries after it, capacity), and the
+    /// entries it expired per map.
+    pub fn swept(
+        &self,
+        duration: Duration,
+        occupancy: &[(&str, u64, u64)],
+        expired: &[(&str, u64)],
+    ) {
+        self.inner.sweep_duration.observe(duration.as_secs_f64());
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (map, entries, capacity) in occupancy {
+            let labels = MapLabels {
+                map: (*map).to_owned(),
+            };
+            self.inner
+                .map_entries
+                .get_or_create(&labels)
+                .set(gauge(*entries));
+            self.inner
+                .map_capacity
+                .get_or_create(&labels)
+                .set(gauge(*capacity));
+        }
+        for (map, n) in expired {
+            self.inner
+                .sweep_expired
+                .get_or_create(&MapLabels {
+                    map: (*map).to_owned(),
+                })
+                .inc_by(*n);
+        }
+    }
+
+    /// A sweep that failed after `duration`.
+    pub fn sweep_failed(&self, duration: Duration) {
+        self.inner.sweep_duration.observe(duration.as_secs_f64());
+        self.inner.sweep_failures.inc();
     }
 
     /// The objects the last model build rejected, counted by kind (`Service`, `EndpointSlice`).
@@ -600,17 +718,12 @@ pub struct ServeError {
 }
 
 /// Starts the metrics server on `address` (kube-proxy's `metricsBindAddress`, default
-/// `127.0.0.1:10249`). Binding happens before this returns; serving runs in the returned task.
+/// `127.0.0.1:10249`) on [`crate::health::server_runtime`]. Binding happens before this returns;
+/// serving runs in the returned task.
 pub async fn serve(address: SocketAddr, metrics: Metrics) -> Result<JoinHandle<()>, ServeError> {
-    let listener = crate::health::listen(address)
+    crate::health::spawn_server(address, router(metrics), "metrics")
         .await
-        .map_err(|source| ServeError { address, source })?;
-    let app = router(metrics);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(%address, "metrics server stopped: {e}");
-        }
-    }))
+        .map_err(|source| ServeError { address, source })
 }
 
 /// Follows successive snapshots to count Service and EndpointSlice changes (adds, updates and

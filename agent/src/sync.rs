@@ -280,6 +280,15 @@ impl Syncer {
                 .await
                 .context("setting the IPVS timeouts")?;
         }
+        // The sweeper expires what IPVS expires: the kernel's timeouts, whoever set them.
+        if let Some(dp) = &mut s.datapath {
+            match s.ipvs.timeouts().await {
+                Ok(kernel) => dp.follow_ipvs_timeouts(&kernel),
+                Err(e) => {
+                    tracing::warn!("reading the IPVS timeouts (the sweeper keeps its own): {e}")
+                }
+            }
+        }
         s.observe().await?;
         Ok(s)
     }
@@ -658,21 +667,16 @@ impl Syncer {
         }
     }
 
-    /// Removes expired datapath entries.
-    pub fn sweep(&self) {
-        let Some(dp) = &self.datapath else { return };
-        match dp.sweep() {
-            Ok(r) if r.snat_expired + r.conns_expired > 0 => {
-                tracing::debug!(
-                    snat_expired = r.snat_expired,
-                    snat_live = r.snat_live,
-                    conns_expired = r.conns_expired,
-                    "swept"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("sweeping the datapath maps: {e}"),
-        }
+    /// Starts the datapath's sweeper thread (none without a datapath, or when it cannot start:
+    /// logged), which runs until the returned value is dropped.
+    pub fn start_sweeper(
+        &self,
+        metrics: &crate::metrics::Metrics,
+    ) -> Option<crate::datapath::sweep::Sweeper> {
+        let dp = self.datapath.as_ref()?;
+        dp.start_sweeper(self.cfg.sweep_period, metrics.clone())
+            .inspect_err(|e| tracing::error!("expired datapath entries are not swept: {e:#}"))
+            .ok()
     }
 
     /// Checks the node state kept outside IPVS and repairs what differs (`crate::node_state`):
@@ -808,8 +812,9 @@ pub async fn run(
             None
         }
     };
-    let mut sweep = tokio::time::interval(cfg.sweep_period);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sweeper runs on a thread of its own (a pass over full maps takes a while): stopped
+    // when this returns.
+    let _sweeper = syncer.start_sweeper(&observers.metrics);
     // The node state (rules, sysctls, TC, kube-ipvs0): periodically, and soon after a change.
     let node_check_period = cfg.node_check_period.max(Duration::from_millis(100));
     let mut node_check = tokio::time::interval_at(
@@ -879,10 +884,6 @@ pub async fn run(
                     }
                     None => link_events = None,
                 }
-                continue;
-            }
-            _ = sweep.tick() => {
-                syncer.sweep();
                 continue;
             }
             notice = async { nft_events.as_mut()?.recv().await }, if nft_events.is_some() => {

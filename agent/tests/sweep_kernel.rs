@@ -1,7 +1,8 @@
 //! Host-kernel test of the sweeper (`agent::datapath::sweep`) on a real loaded datapath: SNAT
 //! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
 //! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
-//! one pass after they are removed. Needs root and bpffs (mounted when missing); says so and
+//! one pass after they are removed; `conns` entries older than IPVS's timeout stay while a
+//! record translates their connection and go with it, untranslated ones go. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -92,7 +93,9 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
             },
         )
         .expect("svc_ports");
-    // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80).
+    // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
+    // ago than IPVS's TCP timeout, and an untranslated one as long ago.
+    let long_ago = monotonic_ns() - Duration::from_secs(1000).as_nanos() as u64;
     let seen = Tuple::new(
         IpAddr::V4(SEEN),
         5000,
@@ -107,18 +110,27 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
         8080,
         L4Proto::Tcp,
     );
-    maps.conns
-        .insert(
-            &seen,
-            &ConnValue {
-                vaddr: addr_to_bytes(IpAddr::V4(VIP)),
-                vport: U16::new(80),
-                pad: 0,
-                ipvs_flags: 0,
-                created_ns: monotonic_ns(),
-            },
-        )
-        .expect("conns");
+    let untranslated = Tuple::new(
+        IpAddr::V4(UNSEEN),
+        6000,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    );
+    for key in [seen, untranslated] {
+        maps.conns
+            .insert(
+                &key,
+                &ConnValue {
+                    vaddr: addr_to_bytes(IpAddr::V4(VIP)),
+                    vport: U16::new(80),
+                    pad: 0,
+                    ipvs_flags: 0,
+                    created_ns: long_ago,
+                },
+            )
+            .expect("conns");
+    }
     let context = SkbContext {
         mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
         ifindex: 1,
@@ -137,12 +149,16 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     let t = Timeouts::default();
     let now = monotonic_ns();
 
-    // First pass: both resolved, nothing expired.
+    // First pass: both resolved, no record expired; the untranslated connection's entry is
+    // past IPVS's timeout, SEEN's stays with its record.
     let report = sweep(maps, now, &t).expect("sweep");
     assert_eq!(
         (report.probe_hits, report.probe_misses, report.snat_live),
         (1, 1, 2)
     );
+    assert_eq!((report.conns_expired, report.conns_live), (1, 1));
+    assert!(maps.conns.get(&seen).expect("conns").is_some());
+    assert!(maps.conns.get(&untranslated).expect("conns").is_none());
     let (_, record) = maps.snat.find(Index::Fwd, &seen).expect("seen");
     assert_eq!(record.fwd.svc_id, 7);
     assert_eq!(
@@ -170,6 +186,8 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
     let report = sweep(maps, later, &t).expect("sweep");
     assert_eq!((report.snat_expired, report.snat_live), (2, 0));
+    assert_eq!(report.conns_expired, 1, "SEEN's entry goes with its record");
+    assert!(maps.conns.get(&seen).expect("conns").is_none());
     assert_eq!(maps.snat.index_len(Index::Fwd), 0);
     assert_eq!(maps.snat.index_len(Index::Rev), 0);
     assert_eq!(maps.snat.occupancy().2, 2, "two dead records");

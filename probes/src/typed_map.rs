@@ -5,6 +5,7 @@
 //! fields of `config` that describe the SNAT table.
 
 use std::marker::PhantomData;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::{ErrorKind, MapCore, MapFlags, MapHandle};
@@ -161,8 +162,95 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
             .filter_map(|bytes| K::read_from_bytes(&bytes).ok())
     }
 
-    /// Every entry present now; entries deleted during the walk are skipped.
+    /// Every entry present now, read in batches (`BPF_MAP_LOOKUP_BATCH`) where the kernel has
+    /// them for this map type, else by a key walk ([`TypedMap::entries_walked`]).
+    ///
+    /// A batch walk of a hash map goes bucket by bucket, so it never returns more entries than
+    /// the map holds, whatever programs insert and delete meanwhile (an entry inserted or
+    /// deleted during the walk may or may not be seen). A key walk restarts from the first key
+    /// whenever the key it stands on is deleted (an LRU map evicting under inserts), so it can
+    /// return the same entries many times over and take as long.
     pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        match self.lookup_batch() {
+            Ok(entries) => Ok(entries),
+            Err(e) if batch_unsupported(&e) => self.entries_walked(),
+            Err(e) => Err(self.error("batch lookup", e.into())),
+        }
+    }
+
+    /// Every entry present now, by `BPF_MAP_LOOKUP_BATCH` only.
+    pub fn entries_batched(&self) -> Result<Vec<(K, V)>> {
+        self.lookup_batch()
+            .map_err(|e| self.error("batch lookup", e.into()))
+    }
+
+    fn lookup_batch(&self) -> std::io::Result<Vec<(K, V)>> {
+        /// Entries asked for per call (a hash map bucket holding more makes the kernel answer
+        /// `ENOSPC`: the batch is then doubled).
+        const BATCH: usize = 4096;
+        let mut batch = BATCH.min(self.max_entries().max(1) as usize);
+        let mut entries = Vec::new();
+        let mut keys = vec![K::new_zeroed(); batch];
+        let mut values = vec![V::new_zeroed(); batch];
+        // The position token: a bucket number (u32) for hash maps, a key for arrays.
+        let token_len = size_of::<K>().max(size_of::<u64>());
+        let (mut in_token, mut out_token) = (vec![0u8; token_len], vec![0u8; token_len]);
+        let mut first = true;
+        let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+            sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+            ..Default::default()
+        };
+        loop {
+            let mut count = batch as u32;
+            // SAFETY: keys and values hold `batch` elements of the map's key and value sizes
+            // (checked when the map was opened), the tokens are at least as large as a key and
+            // a bucket number, and `opts` is a valid `bpf_map_batch_opts`.
+            let ret = unsafe {
+                libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                    self.handle.as_fd().as_raw_fd(),
+                    if first {
+                        std::ptr::null_mut()
+                    } else {
+                        in_token.as_mut_ptr().cast()
+                    },
+                    out_token.as_mut_ptr().cast(),
+                    keys.as_mut_ptr().cast(),
+                    values.as_mut_ptr().cast(),
+                    &mut count,
+                    &opts,
+                )
+            };
+            let errno = if ret < 0 {
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            } else {
+                0
+            };
+            match errno {
+                0 | libc::ENOENT => {
+                    let n = (count as usize).min(batch);
+                    entries.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                    if errno == libc::ENOENT {
+                        return Ok(entries);
+                    }
+                    std::mem::swap(&mut in_token, &mut out_token);
+                    first = false;
+                }
+                libc::EINTR => {}
+                libc::ENOSPC if batch < self.max_entries() as usize => {
+                    batch *= 2;
+                    keys.resize(batch, K::new_zeroed());
+                    values.resize(batch, V::new_zeroed());
+                }
+                _ => return Err(std::io::Error::from_raw_os_error(errno)),
+            }
+        }
+    }
+
+    /// Every entry present now, by a key walk and a lookup per key (`BPF_MAP_GET_NEXT_KEY`);
+    /// entries deleted during the walk are skipped. For map types without batch operations.
+    pub fn entries_walked(&self) -> Result<Vec<(K, V)>> {
         let mut entries = Vec::new();
         for key in self.keys() {
             if let Some(value) = self.get(&key)? {
@@ -171,6 +259,17 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         }
         Ok(entries)
     }
+}
+
+/// Whether a batch operation failed because the kernel has none for the map's type (an LPM
+/// trie; kernels before 5.6).
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    /// The kernel's internal `ENOTSUPP`, which the bpf syscall passes to user space.
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
 }
 
 /// A per-CPU array whose values are `V`.

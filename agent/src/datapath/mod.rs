@@ -659,13 +659,24 @@ impl Datapath {
         self.loaded.stats()
     }
 
-    /// Removes expired SNAT and connection entries.
-    pub fn sweep(&self) -> probes::Result<sweep::SweepReport> {
-        sweep::sweep(
-            self.loaded.maps(),
-            sweep::monotonic_ns(),
-            &self.cfg.timeouts,
-        )
+    /// Takes the kernel's IPVS timeouts for the sweeper's (see [`sweep::Timeouts::with_ipvs`]);
+    /// a sweeper started later uses them.
+    pub fn follow_ipvs_timeouts(&mut self, ipvs: &ipvs::Timeouts) {
+        self.cfg.timeouts = self.cfg.timeouts.with_ipvs(ipvs);
+    }
+
+    /// Starts the sweeper (expiry, resolution and the datapath metrics, every `period`) on a
+    /// thread of its own, with its own handles on the pinned maps. It runs until dropped.
+    pub fn start_sweeper(
+        &self,
+        period: std::time::Duration,
+        metrics: crate::metrics::Metrics,
+    ) -> anyhow::Result<sweep::Sweeper> {
+        let pins = self.loaded.pin_root();
+        let maps = probes::DatapathMaps::open_pinned(pins)
+            .with_context(|| format!("opening the maps pinned under {}", pins.display()))?;
+        sweep::Sweeper::start(maps, period, self.cfg.timeouts, metrics)
+            .context("starting the sweeper thread")
     }
 
     /// Which IPVS probe is attached, if any.

@@ -1,20 +1,30 @@
-//! Expiry and resolution of datapath entries. The programs never delete: the agent sweeps the
-//! SNAT table (each record holds both directions of a connection) and `conns` from their own
-//! state, with IPVS-like timeouts measured from the last packet seen in either direction. It
-//! also resolves each new SNAT record against the IPVS probe's `conns` (its service, and the
-//! `probe_hit`/`probe_miss` counters), which the programs leave out of a connection's first
-//! packet.
+//! Expiry and resolution of datapath entries, and the sweeper thread that runs them. The
+//! programs never delete: the agent sweeps the SNAT table (each record holds both directions of
+//! a connection) and `conns` from their own state, with IPVS's timeouts measured from the last
+//! packet seen in either direction. It also resolves each new SNAT record against the IPVS
+//! probe's `conns` (its service, and the `probe_hit`/`probe_miss` counters), which the programs
+//! leave out of a connection's first packet.
+//!
+//! The [`Sweeper`] is a thread of its own with its own handles on the pinned maps: a pass over
+//! full maps takes a while (docs/datapath.md, Expiry), and neither the sync loop nor the health
+//! and metrics servers wait for it. Each pass also refreshes the datapath counters in the
+//! metrics (drops by reason, map occupancy) and logs drops, at most once a minute per reason.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use probes::DatapathMaps;
 use probes::maps::{
-    Counter, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED, STATE_FIN, STATE_REPLY,
-    STATE_RST, SvcKey, addr_from_bytes,
+    ConnValue, Counter, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED, STATE_FIN,
+    STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
 
-/// Idle timeouts (IPVS's defaults: tcp 900 s, tcpfin 120 s, udp 300 s; a reset connection
-/// lingers 10 s as IPVS's CLOSE state, an unanswered SYN 60 s as SYN_RECV).
+use crate::metrics::{DROP_REASONS, Metrics};
+
+/// Idle timeouts (IPVS's: tcp 900 s, tcpfin 120 s, udp 300 s by default, or the kernel's as
+/// configured; a reset connection lingers 10 s as IPVS's CLOSE state, an unanswered SYN 60 s as
+/// SYN_RECV).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp: Duration,
@@ -22,11 +32,8 @@ pub struct Timeouts {
     pub tcp_rst: Duration,
     pub tcp_syn: Duration,
     pub udp: Duration,
-    /// Other protocols (SCTP is not translated; kept for completeness).
+    /// Other protocols (SCTP is not translated; its `conns` entries follow this).
     pub other: Duration,
-    /// `conns` entries (the probe's record of an IPVS connection) older than this are removed;
-    /// the map is an LRU, so this only bounds how long a stale entry can linger.
-    pub conn_record: Duration,
 }
 
 impl Default for Timeouts {
@@ -38,7 +45,26 @@ impl Default for Timeouts {
             tcp_syn: Duration::from_secs(60),
             udp: Duration::from_secs(300),
             other: Duration::from_secs(900),
-            conn_record: Duration::from_secs(3 * 3600),
+        }
+    }
+}
+
+impl Timeouts {
+    /// These timeouts with the kernel's IPVS ones (`ipvsadm --set`; 0 leaves a timeout as it
+    /// is): the sweeper then expires what IPVS expires.
+    pub fn with_ipvs(self, ipvs: &ipvs::Timeouts) -> Timeouts {
+        let secs = |s: u32, old: Duration| {
+            if s == 0 {
+                old
+            } else {
+                Duration::from_secs(u64::from(s))
+            }
+        };
+        Timeouts {
+            tcp: secs(ipvs.tcp, self.tcp),
+            tcp_fin: secs(ipvs.tcp_fin, self.tcp_fin),
+            udp: secs(ipvs.udp, self.udp),
+            ..self
         }
     }
 }
@@ -76,6 +102,41 @@ pub fn expired(record: &NatRecord, now_ns: u64, t: &Timeouts) -> bool {
     idle >= timeout_for(record.fwd_key.proto, record.state_bits(), t).max(MIN_IDLE_TIMEOUT)
 }
 
+/// What the SNAT table says of the connection a `conns` entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// No SNAT record has its tuple: the connection is not translated (or its record is gone).
+    None,
+    /// A live record: the connection lives as long as it does.
+    Live,
+    /// Its record expired in this pass, after being idle since `last_seen_ns`.
+    Expired { last_seen_ns: u64 },
+}
+
+/// Whether a `conns` entry has expired at `now_ns`. It follows the IPVS connection it records:
+/// while a SNAT record translates the connection, that record's state and last packet say when
+/// (the entry goes with it); an untranslated connection's packets leave no trace in any map, so
+/// its entry lives IPVS's timeout of an established connection of its protocol (tcp, udp),
+/// counted from its creation.
+pub fn conn_expired(
+    key: &Tuple,
+    conn: &ConnValue,
+    translation: Translation,
+    now_ns: u64,
+    t: &Timeouts,
+) -> bool {
+    match translation {
+        Translation::Live => false,
+        // The probe rewrites the entry when IPVS makes a new connection with the same tuple: a
+        // newer entry is that connection's.
+        Translation::Expired { last_seen_ns } if conn.created_ns <= last_seen_ns => true,
+        Translation::Expired { .. } | Translation::None => {
+            let age = Duration::from_nanos(now_ns.saturating_sub(conn.created_ns));
+            age >= timeout_for(key.proto, STATE_REPLY, t).max(MIN_IDLE_TIMEOUT)
+        }
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds (the programs' `bpf_ktime_get_ns` / coarse clock base).
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -97,39 +158,62 @@ pub struct SweepReport {
     pub probe_misses: usize,
     /// `conns` entries removed.
     pub conns_expired: usize,
+    /// `conns` entries left after it.
+    pub conns_live: usize,
 }
 
 /// The resolution of a new SNAT record: its service port's id and flags, from the IPVS probe's
 /// `conns` entry for its forward tuple (client → backend), if the probe recorded it.
 pub fn resolution(maps: &DatapathMaps, record: &NatRecord) -> probes::Result<(u32, u8)> {
-    let Some(conn) = maps.conns.get(&record.fwd_key)? else {
+    let conn = maps.conns.get(&record.fwd_key)?;
+    resolve_with(maps, record, conn.as_ref(), &mut HashMap::new())
+}
+
+/// [`resolution`] with the `conns` entry given, service ids looked up once per pass.
+fn resolve_with(
+    maps: &DatapathMaps,
+    record: &NatRecord,
+    conn: Option<&ConnValue>,
+    svc_ids: &mut HashMap<SvcKey, u32>,
+) -> probes::Result<(u32, u8)> {
+    let Some(conn) = conn else {
         return Ok((0, SNAT_F_RESOLVED));
     };
     let svc_id = match L4Proto::from_number(record.fwd_key.proto) {
-        Some(proto) => maps
-            .svc_ports
-            .get(&SvcKey::new(
-                addr_from_bytes(conn.vaddr),
-                conn.vport.get(),
-                proto,
-            ))?
-            .map_or(0, |v| v.svc_id),
+        Some(proto) => {
+            let key = SvcKey::new(addr_from_bytes(conn.vaddr), conn.vport.get(), proto);
+            match svc_ids.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = maps.svc_ports.get(&key)?.map_or(0, |v| v.svc_id);
+                    svc_ids.insert(key, id);
+                    id
+                }
+            }
+        }
         None => 0,
     };
     Ok((svc_id, SNAT_F_RESOLVED | SNAT_F_PROBE_HIT))
 }
 
-/// One pass: frees the records the previous pass expired, resolves new records, expires idle
-/// ones (unindexed now, freed at the next pass: a program that found one just before is done
-/// with it by then), and removes old `conns` entries.
+/// One pass: reads `conns` (in batches), frees the records the previous pass expired, resolves
+/// new records, expires idle ones (unindexed now, freed at the next pass: a program that found
+/// one just before is done with it by then), and removes the `conns` entries whose connection
+/// is over ([`conn_expired`]). Only the `conns` entries old enough to expire are looked up in
+/// the SNAT table, and only new records in `conns`.
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
+    let conns = maps.conns.entries()?;
     let mut report = SweepReport {
         snat_reclaimed: maps.snat.reclaim(),
         ..SweepReport::default()
     };
+    let mut svc_ids = HashMap::new();
+    // The forward tuples of the records expired now, with their last packet.
+    let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
     for (rec, record) in maps.snat.records() {
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
-            let (svc_id, flags) = resolution(maps, &record)?;
+            let conn = maps.conns.get(&record.fwd_key)?;
+            let (svc_id, flags) = resolve_with(maps, &record, conn.as_ref(), &mut svc_ids)?;
             maps.snat.resolve(rec, svc_id, flags);
             if flags & SNAT_F_PROBE_HIT != 0 {
                 report.probe_hits += 1;
@@ -141,25 +225,184 @@ pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<S
             if maps.snat.unindex(rec) {
                 report.snat_expired += 1;
             }
+            expired_now.insert(record.fwd_key, record.last_seen_ns());
         } else {
             report.snat_live += 1;
         }
     }
     maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
     maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
-    for (key, conn) in maps.conns.entries()? {
-        if Duration::from_nanos(now_ns.saturating_sub(conn.created_ns)) >= t.conn_record {
-            maps.conns.delete(&key)?;
-            report.conns_expired += 1;
+    for (key, conn) in &conns {
+        let translation = match expired_now.get(key) {
+            Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
+            // Younger than any timeout it can have: kept, whatever translates it.
+            None if !conn_expired(key, conn, Translation::None, now_ns, t) => Translation::None,
+            // A record indexed now and not expired by this pass is live (or new since).
+            None => match maps.snat.find(probes::Index::Fwd, key) {
+                Some(_) => Translation::Live,
+                None => Translation::None,
+            },
+        };
+        if conn_expired(key, conn, translation, now_ns, t) {
+            if maps.conns.delete(key)? {
+                report.conns_expired += 1;
+            }
+        } else {
+            report.conns_live += 1;
         }
     }
     Ok(report)
 }
 
+/// Sweeps `maps` every `period` on a thread of its own, from its start until dropped, and
+/// after each pass refreshes `metrics` (sweep duration and failures, map occupancy, the
+/// datapath counters) and logs drops.
+pub struct Sweeper {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts the thread; the first pass runs at once.
+    pub fn start(
+        maps: DatapathMaps,
+        period: Duration,
+        timeouts: Timeouts,
+        metrics: Metrics,
+    ) -> std::io::Result<Sweeper> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || {
+                let mut drops = DropLog::default();
+                loop {
+                    sweep_once(&maps, &timeouts, &metrics, &mut drops);
+                    match stopped.recv_timeout(period) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })?;
+        Ok(Sweeper {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sweeper {
+    /// Stops the thread (after the pass under way, if any).
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One pass of the sweeper, measured, and the metrics it refreshes.
+pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &mut DropLog) {
+    let started = Instant::now();
+    let result = sweep(maps, monotonic_ns(), t);
+    let took = started.elapsed();
+    match result {
+        Ok(r) => {
+            metrics.swept(
+                took,
+                &[
+                    ("snat", r.snat_live as u64, u64::from(maps.snat.capacity())),
+                    (
+                        "conns",
+                        r.conns_live as u64,
+                        u64::from(maps.conns.max_entries()),
+                    ),
+                ],
+                &[
+                    ("snat", r.snat_expired as u64),
+                    ("conns", r.conns_expired as u64),
+                ],
+            );
+            if r.snat_expired + r.conns_expired > 0 {
+                tracing::debug!(
+                    snat_expired = r.snat_expired,
+                    snat_live = r.snat_live,
+                    conns_expired = r.conns_expired,
+                    conns_live = r.conns_live,
+                    duration_ms = took.as_secs_f64() * 1e3,
+                    "swept"
+                );
+            }
+        }
+        Err(e) => {
+            metrics.sweep_failed(took);
+            tracing::warn!("sweeping the datapath maps: {e}");
+        }
+    }
+    match maps.stats() {
+        Ok(stats) => {
+            let counters: Vec<(&'static str, u64)> =
+                stats.iter().map(|(c, v)| (c.name(), v)).collect();
+            metrics.datapath_counters(&counters);
+            drops.observe(&counters, Instant::now());
+        }
+        Err(e) => tracing::warn!("reading the datapath counters: {e}"),
+    }
+}
+
+/// How often each drop reason is logged at most.
+pub const DROP_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// Logs the datapath's drops from its counters, each reason at most once per
+/// [`DROP_LOG_PERIOD`] with the packets dropped since it was last logged. The programs record
+/// no connection for a drop, so none is named.
+#[derive(Debug, Default)]
+pub struct DropLog {
+    /// Per reason: the counter when last logged (or first seen), and when it was logged.
+    last: HashMap<&'static str, (u64, Option<Instant>)>,
+}
+
+impl DropLog {
+    /// Looks at a counter snapshot; returns the (reason, packets dropped since the last log)
+    /// it logged.
+    pub fn observe(
+        &mut self,
+        counters: &[(&'static str, u64)],
+        now: Instant,
+    ) -> Vec<(&'static str, u64)> {
+        let mut logged = Vec::new();
+        for &(name, value) in counters {
+            if !DROP_REASONS.contains(&name) {
+                continue;
+            }
+            let Some((base, at)) = self.last.get_mut(name) else {
+                // The first snapshot is the baseline: drops before this agent are not news.
+                self.last.insert(name, (value, None));
+                continue;
+            };
+            if value < *base {
+                *base = 0; // the maps were recreated
+            }
+            let dropped = value - *base;
+            if dropped > 0 && at.is_none_or(|t| now.duration_since(t) >= DROP_LOG_PERIOD) {
+                tracing::warn!(
+                    reason = name,
+                    dropped,
+                    total = value,
+                    "datapath dropped packets"
+                );
+                *base = value;
+                *at = Some(now);
+                logged.push((name, dropped));
+            }
+        }
+        logged
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use probes::maps::{STATE_SYN, SnatEntry, Tuple};
+    use probes::maps::{STATE_SYN, SnatEntry};
 
     fn record(proto: L4Proto, fwd: (u8, u64), rev: Option<(u8, u64)>) -> NatRecord {
         let key = Tuple::new(
@@ -236,5 +479,91 @@ mod tests {
         let udp = record(L4Proto::Udp, (0, 10 * S), None);
         assert!(!expired(&udp, 309 * S, &t));
         assert!(expired(&udp, 310 * S, &t));
+    }
+
+    fn conn(created_ns: u64) -> ConnValue {
+        ConnValue {
+            created_ns,
+            ..ConnValue::default()
+        }
+    }
+
+    fn tuple(proto: L4Proto) -> Tuple {
+        record(proto, (0, 0), None).fwd_key
+    }
+
+    #[test]
+    fn conns_entries_follow_their_translation_else_the_ipvs_established_timeout() {
+        let t = Timeouts::default();
+        let (tcp, udp) = (tuple(L4Proto::Tcp), tuple(L4Proto::Udp));
+        // Untranslated: IPVS's established timeout of the protocol, from creation.
+        assert!(!conn_expired(
+            &tcp,
+            &conn(0),
+            Translation::None,
+            899 * S,
+            &t
+        ));
+        assert!(conn_expired(&tcp, &conn(0), Translation::None, 900 * S, &t));
+        assert!(!conn_expired(
+            &udp,
+            &conn(0),
+            Translation::None,
+            299 * S,
+            &t
+        ));
+        assert!(conn_expired(&udp, &conn(0), Translation::None, 300 * S, &t));
+        // Translated by a live record: kept, however old.
+        assert!(!conn_expired(
+            &tcp,
+            &conn(0),
+            Translation::Live,
+            100_000 * S,
+            &t
+        ));
+        // Its record expired: goes with it, unless the probe saw a newer connection since.
+        let gone = Translation::Expired {
+            last_seen_ns: 50 * S,
+        };
+        assert!(conn_expired(&tcp, &conn(10 * S), gone, 200 * S, &t));
+        assert!(!conn_expired(&tcp, &conn(60 * S), gone, 200 * S, &t));
+    }
+
+    #[test]
+    fn the_kernels_ipvs_timeouts_replace_the_defaults_where_set() {
+        let t = Timeouts::default().with_ipvs(&ipvs::Timeouts {
+            tcp: 3600,
+            tcp_fin: 0,
+            udp: 30,
+        });
+        assert_eq!(t.tcp, Duration::from_secs(3600));
+        assert_eq!(t.tcp_fin, Duration::from_secs(120));
+        assert_eq!(t.udp, Duration::from_secs(30));
+        assert_eq!(t.tcp_rst, Timeouts::default().tcp_rst);
+    }
+
+    #[test]
+    fn drops_are_logged_per_reason_at_most_once_a_period_with_what_accumulated() {
+        let mut log = DropLog::default();
+        let t0 = Instant::now();
+        // The first snapshot is the baseline; counters that are not drops are ignored.
+        assert!(
+            log.observe(&[("map_full", 10), ("snat_alloc", 5)], t0)
+                .is_empty()
+        );
+        assert_eq!(
+            log.observe(&[("map_full", 12), ("snat_alloc", 9)], t0),
+            vec![("map_full", 2)]
+        );
+        let soon = t0 + Duration::from_secs(10);
+        assert!(log.observe(&[("map_full", 15)], soon).is_empty());
+        let later = t0 + DROP_LOG_PERIOD;
+        assert_eq!(
+            log.observe(&[("map_full", 16)], later),
+            vec![("map_full", 4)]
+        );
+        // No new drops: nothing logged.
+        let much_later = later + DROP_LOG_PERIOD;
+        assert!(log.observe(&[("map_full", 16)], much_later).is_empty());
     }
 }

@@ -489,3 +489,82 @@ async fn serves_metrics_over_http() {
     }
     task.abort();
 }
+
+#[test]
+fn drops_are_counted_by_reason_from_the_datapath_counters() {
+    let m = Metrics::new(&[]);
+    m.datapath_counters(&[
+        ("snat_alloc", 10),
+        ("port_exhausted", 2),
+        ("map_full", 0),
+        ("filtered_port", 5),
+        ("parse_error", 7),
+    ]);
+    m.datapath_counters(&[
+        ("snat_alloc", 12),
+        ("port_exhausted", 3),
+        ("map_full", 4),
+        ("filtered_port", 5),
+        ("parse_error", 9),
+    ]);
+    let t = m.encode();
+    for (line, v) in [
+        (
+            "kube_ipvs_bpf_datapath_drops_total{reason=\"port_exhausted\"}",
+            3.0,
+        ),
+        (
+            "kube_ipvs_bpf_datapath_drops_total{reason=\"map_full\"}",
+            4.0,
+        ),
+        (
+            "kube_ipvs_bpf_datapath_drops_total{reason=\"filtered_port\"}",
+            5.0,
+        ),
+    ] {
+        assert_eq!(sample(&t, line), Some(v), "{line}\n{t}");
+    }
+    assert!(!t.contains("reason=\"snat_alloc\""), "{t}");
+    assert!(!t.contains("reason=\"parse_error\""), "{t}");
+}
+
+#[test]
+fn sweeps_report_duration_failures_occupancy_and_expiries() {
+    let m = Metrics::new(&[]);
+    m.swept(
+        Duration::from_millis(30),
+        &[("snat", 100, 262_144), ("conns", 40, 262_144)],
+        &[("snat", 3), ("conns", 1)],
+    );
+    m.swept(
+        Duration::from_millis(20),
+        &[("snat", 90, 262_144), ("conns", 41, 262_144)],
+        &[("snat", 10), ("conns", 0)],
+    );
+    m.sweep_failed(Duration::from_millis(5));
+    let t = m.encode();
+    for (line, v) in [
+        ("kube_ipvs_bpf_datapath_map_entries{map=\"snat\"}", 90.0),
+        ("kube_ipvs_bpf_datapath_map_entries{map=\"conns\"}", 41.0),
+        (
+            "kube_ipvs_bpf_datapath_map_capacity{map=\"snat\"}",
+            262_144.0,
+        ),
+        (
+            "kube_ipvs_bpf_datapath_map_capacity{map=\"conns\"}",
+            262_144.0,
+        ),
+        (
+            "kube_ipvs_bpf_sweep_expired_entries_total{map=\"snat\"}",
+            13.0,
+        ),
+        (
+            "kube_ipvs_bpf_sweep_expired_entries_total{map=\"conns\"}",
+            1.0,
+        ),
+        ("kube_ipvs_bpf_sweep_failures_total", 1.0),
+        ("kube_ipvs_bpf_sweep_duration_seconds_count", 3.0),
+    ] {
+        assert_eq!(sample(&t, line), Some(v), "{line}\n{t}");
+    }
+}
