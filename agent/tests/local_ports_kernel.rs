@@ -4,31 +4,14 @@
 //! moves out of the new ephemeral ports, an explicit one stays and is reported as overlapping.
 //! Needs root and bpffs (mounted when missing); says so and passes without them.
 
+mod common;
+
+use common::{Pins, can_load_datapath};
 use std::path::PathBuf;
 
 use agent::datapath::{DatapathConfig, LocalPortWatch, snat_ports};
 use probes::maps::Config;
 use probes::{Datapath, DatapathOptions, MapSizes};
-
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = probes::loader::remove_pins(&self.0);
-    }
-}
-
-fn bpffs() -> bool {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
-    mounted
-        || std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .is_ok_and(|s| s.success())
-}
 
 fn set_local_ports(low: u16, high: u16) {
     std::fs::write(
@@ -47,8 +30,7 @@ fn ports(c: &Config) -> ((u16, u16), (u16, u16)) {
 
 #[test]
 fn a_later_ip_local_port_range_change_reaches_the_datapath() {
-    if !nix::unistd::geteuid().is_root() || !bpffs() {
-        eprintln!("needs root and bpffs: skipped");
+    if !can_load_datapath() {
         return;
     }
     // This thread alone moves to a new network namespace: its sysctls are its own.

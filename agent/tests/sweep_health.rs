@@ -7,6 +7,9 @@
 //! (`--nocapture`), never asserted. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
 
+mod common;
+
+use common::{Pins, can_load_datapath};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -24,34 +27,6 @@ const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Backends; each gets `capacity / BACKENDS` connections, each client port its own.
 const BACKENDS: u32 = 16;
-
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = probes::loader::remove_pins(&self.0);
-    }
-}
-
-fn bpffs() -> bool {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
-    mounted
-        || std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .is_ok_and(|s| s.success())
-}
-
-fn privileged() -> bool {
-    if !nix::unistd::geteuid().is_root() || !bpffs() {
-        eprintln!("needs root and bpffs: skipped");
-        return false;
-    }
-    true
-}
 
 /// An Ethernet/IPv4/TCP SYN (checksums are not looked at on the allocation path).
 fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
@@ -192,7 +167,7 @@ fn sweeps_done(metrics: &Metrics) -> u64 {
 
 #[test]
 fn health_answers_within_100ms_while_full_maps_are_swept_and_a_sync_runs() {
-    if !privileged() {
+    if !can_load_datapath() {
         return;
     }
     let (_pins, dp) = load("sweep-health", probes::maps::DEFAULT_SNAT_SIZE);
@@ -315,7 +290,7 @@ fn insert_until(maps: &probes::DatapathMaps, stop: &AtomicBool, inserted: &Atomi
 
 #[test]
 fn a_full_lru_conns_read_under_inserts_returns_each_entry_once() {
-    if !privileged() {
+    if !can_load_datapath() {
         return;
     }
     let (_pins, dp) = load("sweep-conns", probes::maps::DEFAULT_CONNS_SIZE);
@@ -365,7 +340,7 @@ fn a_full_lru_conns_read_under_inserts_returns_each_entry_once() {
 
 #[test]
 fn occupancy_metrics_follow_records_inserted_into_the_maps() {
-    if !privileged() {
+    if !can_load_datapath() {
         return;
     }
     let (_pins, dp) = load("sweep-occupancy", 1024);

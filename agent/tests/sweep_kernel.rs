@@ -5,6 +5,9 @@
 //! record translates their connection and go with it, untranslated ones go. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
 
+mod common;
+
+use common::{Pins, can_load_datapath};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,30 +38,9 @@ fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     frame
 }
 
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = probes::loader::remove_pins(&self.0);
-    }
-}
-
-fn bpffs() -> bool {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
-    mounted
-        || std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn sweeps_resolve_new_records_then_expire_and_free_them() {
-    if !nix::unistd::geteuid().is_root() || !bpffs() {
-        eprintln!("needs root and bpffs: skipped");
+    if !can_load_datapath() {
         return;
     }
     let pins = Pins(PathBuf::from(format!(
