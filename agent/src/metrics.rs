@@ -85,6 +85,7 @@ pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
 pub const DROP_REASONS: &[&str] = &[
     "port_exhausted",
     "map_full",
+    "lock_busy",
     "frag_miss",
     "filtered_port",
     "filtered_src_range",

@@ -504,6 +504,7 @@ fn drops_are_counted_by_reason_from_the_datapath_counters() {
         ("snat_alloc", 12),
         ("port_exhausted", 3),
         ("map_full", 4),
+        ("lock_busy", 1),
         ("filtered_port", 5),
         ("parse_error", 9),
     ]);
@@ -516,6 +517,10 @@ fn drops_are_counted_by_reason_from_the_datapath_counters() {
         (
             "kube_ipvs_bpf_datapath_drops_total{reason=\"map_full\"}",
             4.0,
+        ),
+        (
+            "kube_ipvs_bpf_datapath_drops_total{reason=\"lock_busy\"}",
+            1.0,
         ),
         (
             "kube_ipvs_bpf_datapath_drops_total{reason=\"filtered_port\"}",
