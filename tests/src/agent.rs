@@ -219,8 +219,9 @@ impl Agent {
     /// least `generation`.
     pub fn wait_sync(&self, skip: usize, generation: u64) -> Value {
         // Generous: a cold start loads and verifies the BPF programs under TCG, slower still
-        // on a busy machine. The bound only caps how long a failure takes.
-        self.wait_for(skip, Duration::from_secs(120), |v| {
+        // on a busy machine (6.1's verifier took 64 s with three guests sharing two cores). The
+        // bound only caps how long a failure takes.
+        self.wait_for(skip, Duration::from_secs(300), |v| {
             v["message"] == "sync done" && v["generation"].as_u64() >= Some(generation)
         })
     }
