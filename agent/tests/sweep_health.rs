@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Pins, can_load_datapath};
+use common::{Pins, can_load_datapath, load_with_one_service};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use agent::datapath::sweep::{Sweeper, Timeouts, monotonic_ns, sweep};
 use agent::health::HealthState;
 use agent::metrics::Metrics;
-use probes::maps::{Config, ConnValue, DevValue, L4Proto, SvcKey, SvcValue, Tuple, addr_to_bytes};
-use probes::{Datapath, DatapathOptions, DatapathProgram, MapSizes, SkbContext};
+use probes::maps::{ConnValue, L4Proto, Tuple, addr_to_bytes};
+use probes::{Datapath, DatapathProgram, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -69,29 +69,16 @@ fn load(name: &str, size: u32) -> (Pins, Datapath) {
         "/sys/fs/bpf/kib-agent-{name}-{}",
         std::process::id()
     )));
-    let dp = Datapath::load(DatapathOptions {
-        pin_root: pins.0.join("v2"),
-        map_sizes: MapSizes {
+    let dp = load_with_one_service(
+        &pins,
+        MapSizes {
             snat: size,
             conns: size,
             ..MapSizes::default()
         },
-        ..DatapathOptions::default()
-    })
-    .expect("load datapath");
-    let maps = dp.maps();
-    maps.set_config(&Config::default()).expect("config");
-    maps.set_device(1, &DevValue::new(Some(NODE), None))
-        .expect("device");
-    maps.svc_ports
-        .insert(
-            &SvcKey::new(IpAddr::V4(VIP), 80, L4Proto::Tcp),
-            &SvcValue {
-                flags: 0,
-                svc_id: 7,
-            },
-        )
-        .expect("svc_ports");
+        NODE,
+        VIP,
+    );
     (pins, dp)
 }
 

@@ -7,17 +7,17 @@
 
 mod common;
 
-use common::{Pins, can_load_datapath};
+use common::{Pins, can_load_datapath, load_with_one_service};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep};
 use probes::maps::{
-    Config, ConnValue, Counter, DevValue, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT,
-    SNAT_F_RESOLVED, SvcKey, SvcValue, Tuple, addr_to_bytes,
+    ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
+    Tuple, addr_to_bytes,
 };
-use probes::{Datapath, DatapathOptions, DatapathProgram, Index, MapSizes, SkbContext};
+use probes::{DatapathProgram, Index, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -47,9 +47,9 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
         "/sys/fs/bpf/kib-agent-sweep-{}",
         std::process::id()
     )));
-    let dp = Datapath::load(DatapathOptions {
-        pin_root: pins.0.join("v2"),
-        map_sizes: MapSizes {
+    let dp = load_with_one_service(
+        &pins,
+        MapSizes {
             svc_ports: 64,
             svc_addrs: 64,
             src_ranges: 64,
@@ -59,22 +59,10 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
             conns: 256,
             frags: 64,
         },
-        ..DatapathOptions::default()
-    })
-    .expect("load datapath");
+        NODE,
+        VIP,
+    );
     let maps = dp.maps();
-    maps.set_config(&Config::default()).expect("config");
-    maps.set_device(1, &DevValue::new(Some(NODE), None))
-        .expect("device");
-    maps.svc_ports
-        .insert(
-            &SvcKey::new(IpAddr::V4(VIP), 80, L4Proto::Tcp),
-            &SvcValue {
-                flags: 0,
-                svc_id: 7,
-            },
-        )
-        .expect("svc_ports");
     // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
     // ago than IPVS's TCP timeout, and an untranslated one as long ago.
     let long_ago = monotonic_ns() - Duration::from_secs(1000).as_nanos() as u64;

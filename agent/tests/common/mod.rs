@@ -34,3 +34,36 @@ pub fn can_load_datapath() -> bool {
     }
     true
 }
+
+/// A datapath loaded under `pins` (layout `v2`) with `map_sizes`, the default config, device 1
+/// translating to `node`, and one service port, `vip`:80/TCP, as service id 7. (Not every test
+/// file that shares this module loads one.)
+#[allow(dead_code)]
+pub fn load_with_one_service(
+    pins: &Pins,
+    map_sizes: probes::MapSizes,
+    node: std::net::Ipv4Addr,
+    vip: std::net::Ipv4Addr,
+) -> probes::Datapath {
+    use probes::maps::{Config, DevValue, L4Proto, SvcKey, SvcValue};
+    let dp = probes::Datapath::load(probes::DatapathOptions {
+        pin_root: pins.0.join("v2"),
+        map_sizes,
+        ..probes::DatapathOptions::default()
+    })
+    .expect("load datapath");
+    let maps = dp.maps();
+    maps.set_config(&Config::default()).expect("config");
+    maps.set_device(1, &DevValue::new(Some(node), None))
+        .expect("device");
+    maps.svc_ports
+        .insert(
+            &SvcKey::new(std::net::IpAddr::V4(vip), 80, L4Proto::Tcp),
+            &SvcValue {
+                flags: 0,
+                svc_id: 7,
+            },
+        )
+        .expect("svc_ports");
+    dp
+}
