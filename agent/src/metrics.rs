@@ -62,6 +62,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::Metadata;
+use probes::maps::Counter as DatapathCounter;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -83,12 +84,12 @@ pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
 /// `kube_ipvs_bpf_datapath_drops_total` (docs/datapath.md, Counters). `parse_error` is not one:
 /// it mostly counts packets passed untouched.
 pub const DROP_REASONS: &[&str] = &[
-    "port_exhausted",
-    "map_full",
-    "lock_busy",
-    "frag_miss",
-    "filtered_port",
-    "filtered_src_range",
+    DatapathCounter::PortExhausted.name(),
+    DatapathCounter::MapFull.name(),
+    DatapathCounter::LockBusy.name(),
+    DatapathCounter::FragMiss.name(),
+    DatapathCounter::FilteredPort.name(),
+    DatapathCounter::FilteredSrcRange.name(),
 ];
 
 /// An IP family, as kube-proxy's `ip_family` label spells it.

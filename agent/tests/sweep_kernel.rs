@@ -2,7 +2,7 @@
 //! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
 //! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
 //! one pass after they are removed; `conns` entries older than IPVS's timeout stay while a
-//! record translates their connection and go with it, untranslated ones go. Needs root and bpffs (mounted when missing); says so and
+//! record translates their connection and go with it, untranslated ones go; a dropped packet is logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
 
 mod common;
@@ -165,4 +165,70 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     assert_eq!(report.snat_reclaimed, 2);
     let (used, busy, dead, _) = maps.snat.occupancy();
     assert_eq!((used, busy, dead), (0, 0, 0));
+}
+
+/// A packet the programs drop is logged by the sweeper's drop log with its connection, read
+/// from the kernel's `drop_last` (here: another port on a service address, at ingress).
+#[test]
+fn a_dropped_packet_is_logged_with_its_connection() {
+    use agent::datapath::sweep::DropLog;
+    use std::time::Instant;
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-agent-droplog-{}",
+        std::process::id()
+    )));
+    let dp = load_with_one_service(&pins, MapSizes::default(), NODE, VIP);
+    let maps = dp.maps();
+    maps.svc_addrs
+        .insert(
+            &probes::maps::AddrKey::new(IpAddr::V4(VIP)),
+            &probes::maps::AddrValue {
+                flags: probes::maps::ADDR_F_SERVICE,
+                pad: 0,
+            },
+        )
+        .expect("svc_addrs");
+    let snapshot = || {
+        let counters: Vec<(&'static str, u64)> = maps
+            .stats()
+            .expect("stats")
+            .iter()
+            .map(|(c, v)| (c.name(), v))
+            .collect();
+        let last: Vec<_> = maps
+            .last_drops()
+            .expect("drop_last")
+            .into_iter()
+            .map(|(c, e)| (c.name(), e))
+            .collect();
+        (counters, last)
+    };
+    let mut log = DropLog::default();
+    let (counters, last) = snapshot();
+    assert!(log.observe(&counters, &last, Instant::now()).is_empty());
+    let context = SkbContext {
+        mark: 0,
+        ifindex: 1,
+        ingress_ifindex: 1,
+    };
+    let out = dp
+        .test_run(
+            DatapathProgram::TcIngress,
+            &syn(SEEN, 4242, VIP, 22),
+            &context,
+        )
+        .expect("ingress");
+    assert_eq!(out.return_value, 2, "TC_ACT_SHOT");
+    let (counters, last) = snapshot();
+    let logged = log.observe(&counters, &last, Instant::now());
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].reason, "filtered_port");
+    assert_eq!(logged[0].dropped, 1);
+    assert_eq!(
+        logged[0].last.map(|t| t.to_string()).as_deref(),
+        Some("tcp 10.244.1.10:4242 -> 10.96.0.10:22")
+    );
 }

@@ -181,7 +181,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		__u32 bits = cfg->mark_svc;
 
 		if ((svc->flags & SVC_F_SRC_RANGES) && !src_range_allows(svc->svc_id, p.saddr)) {
-			stat_inc(STAT_FILTERED_SRC_RANGE);
+			tuple_from_pkt(&p, &key);
+			stat_drop(STAT_FILTERED_SRC_RANGE, &key);
 			return TC_ACT_SHOT;
 		}
 		if ((svc->flags & SVC_F_MASQ) || (cfg->flags & CFG_F_MASQ_ALL) ||
@@ -195,7 +196,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 
 	/* 4. Other ports on a service address. */
 	if (addr_is_service(p.daddr)) {
-		stat_inc(STAT_FILTERED_PORT);
+		tuple_from_pkt(&p, &key);
+		stat_drop(STAT_FILTERED_PORT, &key);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_UNSPEC;
@@ -230,7 +232,7 @@ static __always_inline int egress_later_fragment(struct __sk_buff *skb, struct p
 	if (!e) {
 		/* Only a fragment known to need SNAT is dropped; others are not ours. */
 		if (skb->mark & cfg->mark_masq) {
-			stat_inc(STAT_FRAG_MISS);
+			stat_drop(STAT_FRAG_MISS, &key);
 			return TC_ACT_SHOT;
 		}
 		return TC_ACT_UNSPEC;
@@ -346,15 +348,15 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	now = clock_coarse_ns(cs, now_jiffies);
 	ret = snat_allocate(&key, fwd_pos, cfg, cs, node_addr, flags, bits, now, &entry);
 	if (ret == ALLOC_EXHAUSTED) {
-		stat_inc(STAT_PORT_EXHAUSTED);
+		stat_drop(STAT_PORT_EXHAUSTED, &key);
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_MAP_FULL) {
-		stat_inc(STAT_MAP_FULL);
+		stat_drop(STAT_MAP_FULL, &key);
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_LOCK_BUSY) {
-		stat_inc(STAT_LOCK_BUSY);
+		stat_drop(STAT_LOCK_BUSY, &key);
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_NEW) {

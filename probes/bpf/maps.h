@@ -172,6 +172,13 @@ struct nat_record {
 	struct snat_entry rev;
 };
 
+/* drop_last's value: when the last packet dropped for a reason was, and its connection. */
+struct drop_event {
+	__u64 time_ns; /* CLOCK_MONOTONIC */
+	struct tuple key;
+};
+
+_Static_assert(sizeof(struct drop_event) == 48, "drop_event");
 _Static_assert(sizeof(struct svc_key) == 20, "svc_key");
 _Static_assert(sizeof(struct svc_value) == 8, "svc_value");
 _Static_assert(sizeof(struct addr_key) == 16, "addr_key");
@@ -389,6 +396,28 @@ static __always_inline void stat_inc(__u32 index)
 
 	if (counter)
 		*counter += 1;
+}
+
+/* drop_last: per CPU and per drop reason (a stats index), the last packet dropped for it, so
+ * that the agent's drop log names a connection. Written only on the drop path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, struct drop_event);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} drop_last SEC(".maps");
+
+/* Counts a dropped packet under `reason` and records its connection in drop_last. */
+static __always_inline void stat_drop(__u32 reason, const struct tuple *key)
+{
+	struct drop_event *ev = bpf_map_lookup_elem(&drop_last, &reason);
+
+	stat_inc(reason);
+	if (!ev)
+		return;
+	ev->time_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(&ev->key, key, sizeof(ev->key));
 }
 
 static __always_inline struct config *config_get(void)

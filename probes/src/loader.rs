@@ -374,8 +374,9 @@ pub fn kernel_has_kern_ctx() -> bool {
 }
 
 /// Sets each map's size: the pinned map's own when one exists (libbpf then reuses it), else the
-/// requested size. A pinned `stats` with fewer counters than the object's (an agent from before
-/// a counter was added) is unpinned instead, so a new one is created: the counters restart at
+/// requested size. A pinned `stats` (or `drop_last`, indexed like it) with fewer counters than
+/// the object's (an agent from before a counter was added) is unpinned instead, so a new one is
+/// created: the counters restart at
 /// zero (programs still attached keep counting in the old one until they are replaced), where
 /// reusing it would leave the new counters without a slot.
 fn size_maps(
@@ -392,7 +393,7 @@ fn size_maps(
         }
         let requested = sizes.for_map(&name);
         let pinned = pin_root.join(&name);
-        if name == map_names::STATS && pinned.exists() {
+        if (name == map_names::STATS || name == map_names::DROP_LAST) && pinned.exists() {
             let handle = MapHandle::from_pinned_path(&pinned).map_err(|source| Error::Map {
                 map: name.clone(),
                 action: "open pinned",
@@ -514,6 +515,10 @@ fn datapath_maps(
         conns: TypedMap::from_handle(map_handle(object, map_names::CONNS)?)?,
         frags: TypedMap::from_handle(map_handle(object, map_names::FRAGS)?)?,
         stats: PerCpuArray::from_handle(map_handle(object, map_names::STATS)?)?,
+        drop_last: Some(PerCpuArray::from_handle(map_handle(
+            object,
+            map_names::DROP_LAST,
+        )?)?),
         owned_flags: if direct_writes {
             CFG_F_DIRECT_WRITES
         } else {

@@ -125,8 +125,10 @@ pub mod map_names {
     pub const FRAGS: &str = "frags";
     /// `stats`: per-CPU counters.
     pub const STATS: &str = "stats";
+    /// `drop_last`: per CPU and per drop reason (a `stats` index), the last packet dropped.
+    pub const DROP_LAST: &str = "drop_last";
     /// Every map name.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SVC_PORTS,
         SVC_ADDRS,
         SRC_RANGES,
@@ -141,6 +143,7 @@ pub mod map_names {
         CONNS,
         FRAGS,
         STATS,
+        DROP_LAST,
     ];
     /// `flow_cache`: per-CPU cache of translations in front of the SNAT table.
     pub const FLOW_CACHE: &str = "flow_cache";
@@ -461,6 +464,25 @@ impl Tuple {
     }
 }
 
+/// `tcp 10.0.0.1:40000 -> 10.96.0.10:80` (IPv6 addresses in brackets).
+impl std::fmt::Display for Tuple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match L4Proto::from_number(self.proto) {
+            Some(L4Proto::Tcp) => "tcp".to_owned(),
+            Some(L4Proto::Udp) => "udp".to_owned(),
+            Some(L4Proto::Sctp) => "sctp".to_owned(),
+            None => format!("proto {}", self.proto),
+        };
+        let sock = |addr: IpAddr, port: Be16| std::net::SocketAddr::new(addr, port.get());
+        write!(
+            f,
+            "{proto} {} -> {}",
+            sock(self.source(), self.sport),
+            sock(self.destination(), self.dport)
+        )
+    }
+}
+
 /// `struct snat_entry`: one direction of a SNAT record: `fwd`, the translated source (node
 /// address, SNAT port); `rev`, the original client. The sweeper combines the two: the
 /// connection's state is `fwd.state | rev.state`, its last activity
@@ -563,6 +585,20 @@ impl NatRecord {
     pub fn last_seen_ns(&self) -> u64 {
         self.fwd.last_seen_ns.max(self.rev.last_seen_ns)
     }
+}
+
+/// `struct drop_event`: the last packet a CPU dropped for one reason (`drop_last`'s value,
+/// indexed by the reason's [`Counter`] index). Written only on the drop path; the sweeper names
+/// the connection when it logs the drops.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct DropEvent {
+    /// When it was dropped, CLOCK_MONOTONIC ns (0: never).
+    pub time_ns: u64,
+    /// The connection as the dropped packet carried it.
+    pub key: Tuple,
 }
 
 /// `struct conn_value`: an IPVS connection seen by the probe.
@@ -797,7 +833,7 @@ macro_rules! counters {
             pub const COUNT: usize = Counter::ALL.len();
 
             /// The counter's name in docs/datapath.md.
-            pub fn name(self) -> &'static str {
+            pub const fn name(self) -> &'static str {
                 match self {
                     $(Counter::$variant => stringify!($field),)*
                 }
@@ -874,6 +910,21 @@ counters! {
 }
 
 impl Counter {
+    /// The counters that count dropped packets (each has a `drop_last` slot the programs fill).
+    pub const DROPS: &'static [Counter] = &[
+        Counter::PortExhausted,
+        Counter::MapFull,
+        Counter::LockBusy,
+        Counter::FragMiss,
+        Counter::FilteredPort,
+        Counter::FilteredSrcRange,
+    ];
+
+    /// Whether the counter counts dropped packets.
+    pub fn is_drop(self) -> bool {
+        Counter::DROPS.contains(&self)
+    }
+
     /// Index in `stats`.
     pub fn index(self) -> u32 {
         self as u32

@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::error::{Error, Result};
 use crate::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
-    FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, Tuple, map_names,
+    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, Tuple, map_names,
 };
 use crate::nat_table::SnatTable;
 
@@ -356,6 +356,8 @@ pub struct DatapathMaps {
     pub frags: TypedMap<FragKey, FragValue>,
     /// `stats`.
     pub stats: PerCpuArray<u64>,
+    /// `drop_last` (absent in the pins of an agent from before it existed).
+    pub drop_last: Option<PerCpuArray<DropEvent>>,
     /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
     pub(crate) owned_flags: u32,
 }
@@ -396,6 +398,10 @@ impl DatapathMaps {
             conns: TypedMap::open_pinned(&path(map_names::CONNS))?,
             frags: TypedMap::open_pinned(&path(map_names::FRAGS))?,
             stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,
+            drop_last: match path(map_names::DROP_LAST) {
+                p if p.exists() => Some(PerCpuArray::open_pinned(&p)?),
+                _ => None,
+            },
             owned_flags: current.flags & crate::maps::CFG_F_DIRECT_WRITES,
         })
     }
@@ -407,6 +413,29 @@ impl DatapathMaps {
             stats.set(counter, self.stats.sum(counter.index())?);
         }
         Ok(stats)
+    }
+
+    /// Per drop reason that has one, the last packet dropped for it on any CPU (the newest
+    /// over CPUs). Empty when `drop_last` is absent.
+    pub fn last_drops(&self) -> Result<Vec<(Counter, DropEvent)>> {
+        let Some(drop_last) = &self.drop_last else {
+            return Ok(Vec::new());
+        };
+        let mut last = Vec::new();
+        for &counter in Counter::ALL {
+            if !counter.is_drop() {
+                continue;
+            }
+            let newest = drop_last
+                .get_per_cpu(counter.index())?
+                .into_iter()
+                .filter(|e| e.time_ns != 0)
+                .max_by_key(|e| e.time_ns);
+            if let Some(event) = newest {
+                last.push((counter, event));
+            }
+        }
+        Ok(last)
     }
 
     /// Adds `n` to a counter the agent keeps in `stats` (`probe_hit`, `probe_miss`: no program

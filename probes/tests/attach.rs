@@ -402,3 +402,24 @@ fn shorter_pinned_stats_is_replaced() {
         "then reused"
     );
 }
+
+/// Pins left by an agent from before `drop_last` existed: reading them (as `inspect` does)
+/// works without it, and the next load creates and pins it.
+#[test]
+fn pins_from_before_drop_last_are_read_and_completed_at_load() {
+    let pins = PinDir::new("no_drop_last");
+    drop(load(&pins.root, TcAttachPolicy::Auto));
+    std::fs::remove_file(pins.root.join("drop_last")).expect("unpin drop_last");
+    let maps = DatapathMaps::open_pinned(&pins.root).expect("open pins without drop_last");
+    assert!(maps.drop_last.is_none());
+    assert_eq!(maps.last_drops().expect("no drop_last: nothing"), vec![]);
+    drop(maps);
+    let dp = load(&pins.root, TcAttachPolicy::Auto);
+    let reuse = dp
+        .map_reuse()
+        .iter()
+        .find(|m| m.name == "drop_last")
+        .expect("drop_last");
+    assert!(!reuse.reused);
+    assert!(pins.root.join("drop_last").exists(), "pinned again");
+}

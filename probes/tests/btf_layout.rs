@@ -9,8 +9,8 @@ use libbpf_rs::btf::{BtfKind, BtfType};
 use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
-    FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey, SnatEntry,
-    SvcKey, SvcValue, Tuple, map_names,
+    DropEvent, FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey,
+    SnatEntry, SvcKey, SvcValue, Tuple, map_names,
 };
 use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
 
@@ -216,6 +216,7 @@ fn rust_layouts() -> Vec<(&'static str, RustLayout)> {
                 value
             }),
         ),
+        ("drop_event", rust_layout!(DropEvent { time_ns, key })),
     ]
 }
 
@@ -305,6 +306,7 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::CONNS => (size_of::<Tuple>(), size_of::<ConnValue>()),
             map_names::FRAGS => (size_of::<FragKey>(), size_of::<FragValue>()),
             map_names::STATS => (4, 8),
+            map_names::DROP_LAST => (4, size_of::<DropEvent>()),
             map_names::FLOW_CACHE => (4, size_of::<FlowSlot>()),
             map_names::CPU_SCRATCH => (4, size_of::<CpuScratch>()),
             map_names::NAT_WRITERS_EGRESS | map_names::NAT_WRITERS_INGRESS => (4, 4),
@@ -332,7 +334,7 @@ fn map_key_and_value_sizes_match_rust_types() {
                 value,
                 "{object_name}: {name} value size"
             );
-            if name == map_names::STATS {
+            if name == map_names::STATS || name == map_names::DROP_LAST {
                 assert_eq!(
                     map.max_entries() as usize,
                     Counter::COUNT,

@@ -717,6 +717,63 @@ fn map_full_counted(f: Family, name: &str) {
 }
 both_families!(map_full_counted);
 
+/// The last packet dropped for a reason, as `drop_last` holds it (newest over CPUs).
+fn last_drop(fx: &Fixture, counter: Counter) -> Option<Tuple> {
+    fx.dp
+        .maps()
+        .last_drops()
+        .expect("drop_last")
+        .into_iter()
+        .find(|(c, _)| *c == counter)
+        .map(|(_, e)| e.key)
+}
+
+fn drops_record_the_connection_of_the_last_packet_dropped_for_each_reason(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    assert_eq!(last_drop(&fx, Counter::FilteredPort), None);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    for sport in [CLIENT_PORT, CLIENT_PORT + 1] {
+        let packet = tcp(client(f), sport, vip(f), 22, TCP_SYN);
+        assert_eq!(fx.ingress(&packet, 0).return_value, TC_ACT_SHOT);
+    }
+    assert_eq!(
+        last_drop(&fx, Counter::FilteredPort),
+        Some(Tuple::new(
+            client(f),
+            CLIENT_PORT + 1,
+            vip(f),
+            22,
+            L4Proto::Tcp
+        )),
+        "the later of the two dropped packets"
+    );
+
+    fx.set_config(Config {
+        snat_port_min: 20_000,
+        snat_port_max: 20_000,
+        ..Config::default()
+    });
+    snat_first(&fx, f, client(f), CLIENT_PORT);
+    let out = fx.egress(
+        &tcp(client_b(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN),
+        SVC | MASQ,
+    );
+    assert_eq!(out.return_value, TC_ACT_SHOT);
+    assert_eq!(
+        last_drop(&fx, Counter::PortExhausted),
+        Some(Tuple::new(
+            client_b(f),
+            CLIENT_PORT,
+            backend(f),
+            BACKEND_PORT,
+            L4Proto::Tcp
+        ))
+    );
+    // A reason with no drop has no connection.
+    assert_eq!(last_drop(&fx, Counter::MapFull), None);
+}
+both_families!(drops_record_the_connection_of_the_last_packet_dropped_for_each_reason);
+
 fn hairpin(f: Family, name: &str) {
     let fx = Fixture::new(name);
     // A pod reached itself through a service: after IPVS, source == destination.

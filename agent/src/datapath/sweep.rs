@@ -8,7 +8,8 @@
 //! The [`Sweeper`] is a thread of its own with its own handles on the pinned maps: a pass over
 //! full maps takes a while (docs/datapath.md, Expiry), and neither the sync loop nor the health
 //! and metrics servers wait for it. Each pass also refreshes the datapath counters in the
-//! metrics (drops by reason, map occupancy) and logs drops, at most once a minute per reason.
+//! metrics (drops by reason, map occupancy) and logs drops, at most once a minute per reason,
+//! naming the last dropped packet's connection (`drop_last`).
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -16,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use probes::DatapathMaps;
 use probes::maps::{
-    ConnValue, Counter, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED, STATE_FIN,
-    STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
+    ConnValue, Counter, DropEvent, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
+    STATE_FIN, STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
 
 use crate::metrics::{DROP_REASONS, Metrics};
@@ -343,7 +344,14 @@ pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &
             let counters: Vec<(&'static str, u64)> =
                 stats.iter().map(|(c, v)| (c.name(), v)).collect();
             metrics.datapath_counters(&counters);
-            drops.observe(&counters, Instant::now());
+            let last_drops: Vec<(&'static str, DropEvent)> = match maps.last_drops() {
+                Ok(last) => last.into_iter().map(|(c, e)| (c.name(), e)).collect(),
+                Err(e) => {
+                    tracing::debug!("reading the datapath's last drops: {e}");
+                    Vec::new()
+                }
+            };
+            drops.observe(&counters, &last_drops, Instant::now());
         }
         Err(e) => tracing::warn!("reading the datapath counters: {e}"),
     }
@@ -353,30 +361,47 @@ pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &
 pub const DROP_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 /// Logs the datapath's drops from its counters, each reason at most once per
-/// [`DROP_LOG_PERIOD`] with the packets dropped since it was last logged. The programs record
-/// no connection for a drop, so none is named.
+/// [`DROP_LOG_PERIOD`] with the packets dropped since it was last logged, and the connection of
+/// the last packet dropped for that reason (`drop_last`: the programs record it on the drop
+/// path) when it was dropped since the previous line.
 #[derive(Debug, Default)]
 pub struct DropLog {
-    /// Per reason: the counter when last logged (or first seen), and when it was logged.
-    last: HashMap<&'static str, (u64, Option<Instant>)>,
+    /// Per reason: the counter when last logged (or first seen), when it was logged, and the
+    /// time of the last drop event named (CLOCK_MONOTONIC ns).
+    last: HashMap<&'static str, (u64, Option<Instant>, u64)>,
+}
+
+/// One line [`DropLog::observe`] logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedDrops {
+    /// The reason (a [`DROP_REASONS`] counter name).
+    pub reason: &'static str,
+    /// Packets dropped since the reason was last logged.
+    pub dropped: u64,
+    /// The connection of the last packet dropped for it, when the programs recorded one since
+    /// the previous line.
+    pub last: Option<Tuple>,
 }
 
 impl DropLog {
-    /// Looks at a counter snapshot; returns the (reason, packets dropped since the last log)
-    /// it logged.
+    /// Looks at a counter snapshot and the last drop event per reason (`last_drops`, times in
+    /// CLOCK_MONOTONIC ns); returns the lines it logged.
     pub fn observe(
         &mut self,
         counters: &[(&'static str, u64)],
+        last_drops: &[(&'static str, DropEvent)],
         now: Instant,
-    ) -> Vec<(&'static str, u64)> {
+    ) -> Vec<LoggedDrops> {
         let mut logged = Vec::new();
         for &(name, value) in counters {
             if !DROP_REASONS.contains(&name) {
                 continue;
             }
-            let Some((base, at)) = self.last.get_mut(name) else {
+            let event = last_drops.iter().find(|(r, _)| *r == name).map(|(_, e)| e);
+            let Some((base, at, named_ns)) = self.last.get_mut(name) else {
                 // The first snapshot is the baseline: drops before this agent are not news.
-                self.last.insert(name, (value, None));
+                self.last
+                    .insert(name, (value, None, event.map_or(0, |e| e.time_ns)));
                 continue;
             };
             if value < *base {
@@ -384,15 +409,32 @@ impl DropLog {
             }
             let dropped = value - *base;
             if dropped > 0 && at.is_none_or(|t| now.duration_since(t) >= DROP_LOG_PERIOD) {
-                tracing::warn!(
-                    reason = name,
-                    dropped,
-                    total = value,
-                    "datapath dropped packets"
-                );
+                let last = event.filter(|e| e.time_ns > *named_ns).map(|e| e.key);
+                match &last {
+                    Some(key) => tracing::warn!(
+                        reason = name,
+                        dropped,
+                        total = value,
+                        last_connection = %key,
+                        "datapath dropped packets"
+                    ),
+                    None => tracing::warn!(
+                        reason = name,
+                        dropped,
+                        total = value,
+                        "datapath dropped packets"
+                    ),
+                }
                 *base = value;
                 *at = Some(now);
-                logged.push((name, dropped));
+                if let Some(e) = event {
+                    *named_ns = (*named_ns).max(e.time_ns);
+                }
+                logged.push(LoggedDrops {
+                    reason: name,
+                    dropped,
+                    last,
+                });
             }
         }
         logged
@@ -546,24 +588,66 @@ mod tests {
     fn drops_are_logged_per_reason_at_most_once_a_period_with_what_accumulated() {
         let mut log = DropLog::default();
         let t0 = Instant::now();
+        let reasons = |logged: Vec<LoggedDrops>| -> Vec<(&'static str, u64)> {
+            logged.iter().map(|l| (l.reason, l.dropped)).collect()
+        };
         // The first snapshot is the baseline; counters that are not drops are ignored.
         assert!(
-            log.observe(&[("map_full", 10), ("snat_alloc", 5)], t0)
+            log.observe(&[("map_full", 10), ("snat_alloc", 5)], &[], t0)
                 .is_empty()
         );
         assert_eq!(
-            log.observe(&[("map_full", 12), ("snat_alloc", 9)], t0),
+            reasons(log.observe(&[("map_full", 12), ("snat_alloc", 9)], &[], t0)),
             vec![("map_full", 2)]
         );
         let soon = t0 + Duration::from_secs(10);
-        assert!(log.observe(&[("map_full", 15)], soon).is_empty());
+        assert!(log.observe(&[("map_full", 15)], &[], soon).is_empty());
         let later = t0 + DROP_LOG_PERIOD;
         assert_eq!(
-            log.observe(&[("map_full", 16)], later),
+            reasons(log.observe(&[("map_full", 16)], &[], later)),
             vec![("map_full", 4)]
         );
         // No new drops: nothing logged.
         let much_later = later + DROP_LOG_PERIOD;
-        assert!(log.observe(&[("map_full", 16)], much_later).is_empty());
+        assert!(log.observe(&[("map_full", 16)], &[], much_later).is_empty());
+    }
+
+    #[test]
+    fn a_drop_line_names_the_last_connection_dropped_since_the_previous_line() {
+        let mut log = DropLog::default();
+        let t0 = Instant::now();
+        let conn = |port: u16, time_ns: u64| DropEvent {
+            time_ns,
+            key: Tuple::new(
+                "10.0.0.1".parse().unwrap(),
+                port,
+                "10.96.0.10".parse().unwrap(),
+                80,
+                L4Proto::Tcp,
+            ),
+        };
+        // A drop from before the agent started is the baseline, not named later.
+        log.observe(
+            &[("port_exhausted", 1)],
+            &[("port_exhausted", conn(1000, 5))],
+            t0,
+        );
+        let logged = log.observe(
+            &[("port_exhausted", 3)],
+            &[("port_exhausted", conn(1000, 5))],
+            t0,
+        );
+        assert_eq!(logged[0].last, None);
+        let later = t0 + DROP_LOG_PERIOD;
+        let logged = log.observe(
+            &[("port_exhausted", 4)],
+            &[("port_exhausted", conn(40000, 9))],
+            later,
+        );
+        assert_eq!(logged[0].last, Some(conn(40000, 9).key));
+        assert_eq!(
+            logged[0].last.unwrap().to_string(),
+            "tcp 10.0.0.1:40000 -> 10.96.0.10:80"
+        );
     }
 }
