@@ -38,16 +38,6 @@ fn release_free_memory() {
 /// The state file is rewritten at most this often (and on full syncs).
 const STATE_WRITE_PERIOD: Duration = Duration::from_secs(2);
 
-/// The model's protocol of an IPVS one (the agent only programs TCP, UDP and SCTP).
-fn model_protocol(p: ipvs::Protocol) -> Option<model::Protocol> {
-    match p {
-        ipvs::Protocol::Tcp => Some(model::Protocol::Tcp),
-        ipvs::Protocol::Udp => Some(model::Protocol::Udp),
-        ipvs::Protocol::Sctp => Some(model::Protocol::Sctp),
-        _ => None,
-    }
-}
-
 /// Settings of the loop and the reconcilers.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -217,11 +207,10 @@ fn recorded_keys(dir: &std::path::Path) -> BTreeSet<ipvs::ServiceKey> {
     rec.virtual_services
         .iter()
         .filter_map(|v| {
-            Some(ipvs::ServiceKey::Tuple {
-                protocol: ipvs_rec::ipvs_protocol(model::Protocol::from_k8s(&v.protocol)?),
-                address: v.address,
-                port: v.port,
-            })
+            Some(
+                model::ServicePort::new(v.address, model::Protocol::from_k8s(&v.protocol)?, v.port)
+                    .ipvs_key(),
+            )
         })
         .collect()
 }
@@ -411,7 +400,7 @@ impl Syncer {
             }
             model::Changed::Keys(keys) => sctp_not_source_nated(
                 keys.iter()
-                    .filter(|k| k.1 == model::Protocol::Sctp)
+                    .filter(|k| k.protocol == model::Protocol::Sctp)
                     .filter_map(|k| desired.find(k))
                     .map(|v| &**v),
             ),
@@ -441,7 +430,7 @@ impl Syncer {
         let addr_plan = match &changed {
             model::Changed::All => addresses::plan(&desired.bound_addresses, &self.bound),
             model::Changed::Keys(keys) => {
-                let touched: BTreeSet<IpAddr> = keys.iter().map(|k| k.0).collect();
+                let touched: BTreeSet<IpAddr> = keys.iter().map(|k| k.address).collect();
                 addresses::AddressPlan {
                     add: touched
                         .iter()
@@ -484,11 +473,7 @@ impl Syncer {
             model::Changed::All => None,
             model::Changed::Keys(keys) => Some(
                 keys.iter()
-                    .map(|&(address, protocol, port)| ipvs::ServiceKey::Tuple {
-                        protocol: ipvs_rec::ipvs_protocol(protocol),
-                        address,
-                        port,
-                    })
+                    .map(|k| k.ipvs_key())
                     .chain(self.drains.services())
                     .collect(),
             ),
@@ -503,7 +488,11 @@ impl Syncer {
                             protocol,
                             address,
                             port,
-                        } => desired.find(&(*address, model_protocol(*protocol)?, *port)),
+                        } => desired.find(&model::ServicePort::new(
+                            *address,
+                            (*protocol).try_into().ok()?,
+                            *port,
+                        )),
                         ipvs::ServiceKey::Fwmark { .. } => None,
                     })
                     .map(|v| &**v),

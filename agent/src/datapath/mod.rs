@@ -637,7 +637,10 @@ impl Datapath {
                 } else {
                     maps_rec::desired_of(vss, desired, cidrs)
                 };
-                let scope = keys.iter().map(maps_rec::svc_key_of).collect();
+                let scope = keys
+                    .iter()
+                    .map(|&k| probes::maps::SvcKey::from(k))
+                    .collect();
                 maps_rec::plan(&want, &self.observed, Some(&scope))
             }
         }

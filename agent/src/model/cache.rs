@@ -23,12 +23,9 @@ use super::endpoints::SliceIndex;
 use super::service::{self, Candidate, NodeContext};
 use super::validate;
 use super::{
-    DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Protocol, Rejection,
-    SERVICE_NAME_LABEL, ServiceError, VirtualService, VirtualServiceKind,
+    DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Rejection, SERVICE_NAME_LABEL,
+    ServiceError, ServicePort, VirtualService, VirtualServiceKind,
 };
-
-/// A virtual service's identity: address, protocol, port.
-pub type VsKey = (IpAddr, Protocol, u16);
 
 /// Which virtual services may differ from the previous build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +33,7 @@ pub enum Changed {
     /// Anything (first build, or the node or configuration changed).
     All,
     /// Only these keys (added, removed or modified).
-    Keys(BTreeSet<VsKey>),
+    Keys(BTreeSet<ServicePort>),
 }
 
 impl Changed {
@@ -197,7 +194,7 @@ pub struct ModelCache {
     /// (namespace, name) → the Service and its output.
     entries: HashMap<ObjKey, (Arc<Service>, ServiceOutput)>,
     /// Every key claimed by some Service, with its candidates in winning order.
-    by_key: BTreeMap<VsKey, Vec<Candidate>>,
+    by_key: BTreeMap<ServicePort, Vec<Candidate>>,
     /// Address → (winners binding it, winners carrying a NodePort on it).
     address_roles: HashMap<IpAddr, (usize, usize)>,
     bound: Arc<BTreeSet<IpAddr>>,
@@ -378,32 +375,32 @@ impl ModelCache {
         ctx: &NodeContext<'_>,
         node: &NodeInfo,
         cfg: &ModelConfig,
-        changed: &mut BTreeSet<VsKey>,
+        changed: &mut BTreeSet<ServicePort>,
     ) {
         let old = self.entries.remove(key);
         let new = svc
             .as_ref()
             .map(|svc| compute(svc, self.slices_of.get(key), ctx, node, cfg));
         // Every key this Service claimed or claims, with its winner before the change.
-        let mut keys: BTreeMap<VsKey, Option<Arc<VirtualService>>> = BTreeMap::new();
+        let mut keys: BTreeMap<ServicePort, Option<Arc<VirtualService>>> = BTreeMap::new();
         for c in old
             .iter()
             .flat_map(|(_, o)| &o.candidates)
             .chain(new.iter().flat_map(|o| &o.candidates))
         {
-            let k = (c.vs.address, c.vs.protocol, c.vs.port);
+            let k = ServicePort::of(&c.vs);
             if let std::collections::btree_map::Entry::Vacant(e) = keys.entry(k) {
                 e.insert(self.winner(&k));
             }
         }
         if let Some((_, out)) = &old {
             for c in &out.candidates {
-                self.withdraw((c.vs.address, c.vs.protocol, c.vs.port), c);
+                self.withdraw(ServicePort::of(&c.vs), c);
             }
         }
         if let Some(out) = &new {
             for c in &out.candidates {
-                self.claim((c.vs.address, c.vs.protocol, c.vs.port), c.clone());
+                self.claim(ServicePort::of(&c.vs), c.clone());
             }
         }
         for (k, before) in keys {
@@ -502,13 +499,13 @@ impl ModelCache {
         }
     }
 
-    fn claim(&mut self, k: VsKey, c: Candidate) {
+    fn claim(&mut self, k: ServicePort, c: Candidate) {
         let list = self.by_key.entry(k).or_default();
         let at = list.partition_point(|x| rank(x, &c) != std::cmp::Ordering::Greater);
         list.insert(at, c);
     }
 
-    fn withdraw(&mut self, k: VsKey, c: &Candidate) {
+    fn withdraw(&mut self, k: ServicePort, c: &Candidate) {
         let Some(list) = self.by_key.get_mut(&k) else {
             return;
         };
@@ -518,7 +515,7 @@ impl ModelCache {
         }
     }
 
-    fn winner(&self, k: &VsKey) -> Option<Arc<VirtualService>> {
+    fn winner(&self, k: &ServicePort) -> Option<Arc<VirtualService>> {
         self.by_key
             .get(k)
             .and_then(|l| l.first())
@@ -611,10 +608,10 @@ mod tests {
         }
     }
 
-    fn by_key(d: &DesiredState) -> BTreeMap<VsKey, Arc<VirtualService>> {
+    fn by_key(d: &DesiredState) -> BTreeMap<ServicePort, Arc<VirtualService>> {
         d.virtual_services
             .iter()
-            .map(|v| ((v.address, v.protocol, v.port), v.clone()))
+            .map(|v| (ServicePort::of(v), v.clone()))
             .collect()
     }
 
@@ -687,7 +684,7 @@ mod tests {
             let (got, changed) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
             assert_eq!(got, build(&services, &slices, &node, &cfg), "{what}");
             let (old, new) = (by_key(&previous), by_key(&got));
-            let differing: BTreeSet<VsKey> = old
+            let differing: BTreeSet<ServicePort> = old
                 .keys()
                 .chain(new.keys())
                 .filter(|k| old.get(*k) != new.get(*k))

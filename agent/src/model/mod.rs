@@ -18,6 +18,7 @@
 mod cache;
 mod endpoints;
 mod service;
+mod service_port;
 mod validate;
 
 #[cfg(test)]
@@ -34,7 +35,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
-pub use cache::{Changed, ModelCache, VsKey};
+pub use cache::{Changed, ModelCache};
+pub use service_port::ServicePort;
 pub use validate::{ServiceError, is_known_scheduler, special_address};
 
 /// Annotation on a Service choosing its IPVS scheduler (one of [`KNOWN_SCHEDULERS`]); without
@@ -272,9 +274,9 @@ pub struct DesiredState {
 
 impl DesiredState {
     /// The virtual service with this key (address, protocol, port), if any.
-    pub fn find(&self, key: &VsKey) -> Option<&Arc<VirtualService>> {
+    pub fn find(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
         self.virtual_services
-            .binary_search_by(|v| (v.address, v.protocol, v.port).cmp(key))
+            .binary_search_by(|v| ServicePort::of(v).cmp(key))
             .ok()
             .map(|i| &self.virtual_services[i])
     }

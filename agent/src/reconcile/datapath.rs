@@ -16,34 +16,23 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use probes::maps::{
-    ADDR_F_NODE, ADDR_F_SERVICE, AddrKey, AddrValue, CidrKey, L4Proto, RangeKey, SVC_F_MASQ,
+    ADDR_F_NODE, ADDR_F_SERVICE, AddrKey, AddrValue, CidrKey, RangeKey, SVC_F_MASQ,
     SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SvcKey, SvcValue,
 };
 use probes::{DatapathMaps, UpdateFlags};
 
-use crate::model::{DesiredState, Protocol, VirtualService};
-
-/// A service port: address, port, protocol.
-pub type PortKey = (IpAddr, u16, Protocol);
+use crate::model::{DesiredState, Protocol, ServicePort, VirtualService};
 
 /// What the maps should hold.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DesiredMaps {
     /// Service port → (`SVC_F_*` flags, source ranges).
-    pub svc_ports: BTreeMap<PortKey, (u32, Vec<IpNet>)>,
+    pub svc_ports: BTreeMap<ServicePort, (u32, Vec<IpNet>)>,
     /// Address → `ADDR_F_*` flags.
     pub svc_addrs: BTreeMap<IpAddr, u32>,
     pub cluster_cidrs: BTreeSet<IpNet>,
     /// Whether `svc_addrs` and `cluster_cidrs` are given (else they are left as they are).
     pub addresses_included: bool,
-}
-
-fn l4(p: Protocol) -> L4Proto {
-    match p {
-        Protocol::Tcp => L4Proto::Tcp,
-        Protocol::Udp => L4Proto::Udp,
-        Protocol::Sctp => L4Proto::Sctp,
-    }
 }
 
 /// The map contents for `desired`. SCTP is passed to IPVS untranslated (its multi-homing
@@ -94,10 +83,8 @@ fn desired_ports<'a>(
         if !vs.source_ranges.is_empty() {
             flags |= SVC_F_SRC_RANGES;
         }
-        out.svc_ports.insert(
-            (vs.address, vs.port, vs.protocol),
-            (flags, vs.source_ranges.clone()),
-        );
+        out.svc_ports
+            .insert(ServicePort::of(vs), (flags, vs.source_ranges.clone()));
     }
     if let Some((state, cluster_cidrs)) = rest {
         for a in state.service_addresses.iter() {
@@ -110,11 +97,6 @@ fn desired_ports<'a>(
         out.addresses_included = true;
     }
     out
-}
-
-/// The map key of a model key (address, protocol, port).
-pub fn svc_key_of(key: &crate::model::VsKey) -> SvcKey {
-    SvcKey::new(key.0, key.2, l4(key.1))
 }
 
 /// SCTP virtual services that would need SNAT, which the datapath does not do (reported).
@@ -197,8 +179,8 @@ pub fn plan(
     let mut next_id = observed.max_id;
     let mut want_ports: HashMap<SvcKey, SvcValue> = HashMap::new();
     let mut want_ranges: HashSet<RangeKey> = HashSet::new();
-    for (&(addr, port, proto), (flags, ranges)) in &desired.svc_ports {
-        let key = SvcKey::new(addr, port, l4(proto));
+    for (&port, (flags, ranges)) in &desired.svc_ports {
+        let key = SvcKey::from(port);
         if scope.is_some_and(|s| !s.contains(&key)) {
             continue;
         }
@@ -225,9 +207,7 @@ pub fn plan(
                     }
                     want_ranges.insert(k);
                 }
-                Err(e) => plan
-                    .errors
-                    .push(format!("{addr}:{port}: source range {r}: {e}")),
+                Err(e) => plan.errors.push(format!("{port}: source range {r}: {e}")),
             }
         }
     }
@@ -455,7 +435,7 @@ mod tests {
             vs("192.0.2.10", 443, Protocol::Tcp, true, &["203.0.113.0/24"]),
         ]);
         let d = desired(&s, &["10.244.0.0/16".parse().unwrap()]);
-        let f = |a: &str, p, pr| d.svc_ports[&(a.parse().unwrap(), p, pr)].0;
+        let f = |a: &str, p, pr| d.svc_ports[&ServicePort::new(a.parse().unwrap(), pr, p)].0;
         assert_eq!(f("10.0.0.1", 30080, Protocol::Tcp), SVC_F_MASQ);
         assert_eq!(f("10.96.0.1", 80, Protocol::Tcp), SVC_F_MASQ_OFFCLUSTER);
         assert_eq!(f("10.0.0.1", 30081, Protocol::Sctp), 0);
@@ -523,14 +503,14 @@ mod tests {
             &ObservedMaps::default(),
             &plan(&d1, &ObservedMaps::default(), None),
         );
-        let id_b = o1.svc_ports[&SvcKey::new(b.address, 80, L4Proto::Tcp)].svc_id;
+        let id_b = o1.svc_ports[&SvcKey::new(b.address, 80, probes::maps::L4Proto::Tcp)].svc_id;
         // A new service sorting before b does not change b's id.
         let c = vs("10.96.0.0", 80, Protocol::Tcp, false, &[]);
         let d2 = desired(&state(vec![c, b.clone()]), &[]);
         let p2 = plan(&d2, &o1, None);
         let o2 = after(&o1, &p2);
         assert_eq!(
-            o2.svc_ports[&SvcKey::new(b.address, 80, L4Proto::Tcp)].svc_id,
+            o2.svc_ports[&SvcKey::new(b.address, 80, probes::maps::L4Proto::Tcp)].svc_id,
             id_b
         );
         assert_eq!(

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use ipvs::{Destination, ForwardMethod, IpvsError, IpvsHandle, Service, ServiceFlags, ServiceKey};
 
-use crate::model::{Protocol, VirtualService};
+use crate::model::{ServicePort, VirtualService};
 
 /// A destination's identity within its service.
 pub type DestKey = (IpAddr, u16);
@@ -55,15 +55,6 @@ pub type DesiredIpvs = BTreeMap<ServiceKey, DesiredService>;
 /// What the kernel holds (a dump, or the applier's cache of it).
 pub type ObservedIpvs = BTreeMap<ServiceKey, (Service, BTreeMap<DestKey, Destination>)>;
 
-/// The IPVS protocol of a model protocol.
-pub fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
-    match p {
-        Protocol::Tcp => ipvs::Protocol::Tcp,
-        Protocol::Udp => ipvs::Protocol::Udp,
-        Protocol::Sctp => ipvs::Protocol::Sctp,
-    }
-}
-
 /// The flag bit marking an IPVS virtual service as created by this agent (see the module
 /// documentation). The kernel (`ip_vs_ctl.c`, 6.1 and 6.12 alike) copies the flags userspace
 /// sends under its mask into `svc->flags` as they are (`svc->flags = u->flags |
@@ -80,11 +71,7 @@ pub fn desired<'a>(virtual_services: impl IntoIterator<Item = &'a VirtualService
     virtual_services
         .into_iter()
         .map(|vs| {
-            let key = ServiceKey::Tuple {
-                protocol: ipvs_protocol(vs.protocol),
-                address: vs.address,
-                port: vs.port,
-            };
+            let key = ServicePort::of(vs).ipvs_key();
             let mut service = Service::new(key, vs.scheduler.clone());
             service.flags |= AGENT_MARK;
             if let Some(timeout) = vs.persistence_timeout {
@@ -517,7 +504,7 @@ pub async fn refresh_draining(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Destination as ModelDest, ServiceRef, VirtualServiceKind};
+    use crate::model::{Destination as ModelDest, Protocol, ServiceRef, VirtualServiceKind};
     use std::net::Ipv4Addr;
 
     fn ip(last: u8) -> IpAddr {
