@@ -686,12 +686,14 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
             }
             let ops = ipvs_rec::plan(
                 &want,
-                &observed,
-                &ownership,
+                &ipvs_rec::PlanContext {
+                    observed: &observed,
+                    ownership: &ownership,
+                    drain_timeout: Duration::from_secs(300),
+                    now: std::time::Instant::now(),
+                    scope: None,
+                },
                 &mut Default::default(),
-                Duration::from_secs(300),
-                std::time::Instant::now(),
-                None,
             );
             Some((ops, addresses::plan(&desired.bound_addresses, &bound)))
         }

@@ -17,7 +17,7 @@ use anyhow::Context;
 use ipvs::IpvsHandle;
 use tokio::sync::watch;
 
-use crate::datapath::{Datapath, DatapathConfig};
+use crate::datapath::{Datapath, DatapathConfig, DeviceReport};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
 use crate::node::{AddressEntry, Link, Rtnl};
 use crate::node_state;
@@ -228,6 +228,56 @@ pub async fn read_node(rtnl: &Rtnl) -> anyhow::Result<(Vec<Link>, Vec<AddressEnt
     Ok((links, entries))
 }
 
+/// Times the phases of one sync, in ms ([`SyncReport::phases`]).
+struct PhaseTimer {
+    phases: BTreeMap<&'static str, f64>,
+    mark: Instant,
+}
+
+impl PhaseTimer {
+    fn new() -> Self {
+        PhaseTimer {
+            phases: BTreeMap::new(),
+            mark: Instant::now(),
+        }
+    }
+
+    /// The phase `name` ended now.
+    fn done(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.phases
+            .insert(name, (now - self.mark).as_secs_f64() * 1e3);
+        self.mark = now;
+    }
+}
+
+/// The desired IPVS table: every virtual service, or those in `scope`.
+fn ipvs_want(
+    desired: &DesiredState,
+    scope: Option<&BTreeSet<ipvs::ServiceKey>>,
+) -> ipvs_rec::DesiredIpvs {
+    match scope {
+        None => ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v)),
+        Some(scope) => ipvs_rec::desired(
+            scope
+                .iter()
+                .filter_map(|k| match k {
+                    ipvs::ServiceKey::Tuple {
+                        protocol,
+                        address,
+                        port,
+                    } => desired.find(&model::ServicePort::new(
+                        *address,
+                        (*protocol).try_into().ok()?,
+                        *port,
+                    )),
+                    ipvs::ServiceKey::Fwmark { .. } => None,
+                })
+                .map(|v| &**v),
+        ),
+    }
+}
+
 impl Syncer {
     /// Connects to the kernel, creates `kube-ipvs0` if needed and adopts the current state.
     pub async fn start(cfg: SyncConfig) -> anyhow::Result<Syncer> {
@@ -319,28 +369,82 @@ impl Syncer {
         self.node = None;
     }
 
-    /// One sync of `snapshot` into the kernel; `full` dumps the kernel first.
+    /// One sync of `snapshot` into the kernel; `full` dumps the kernel first. Its phases, in
+    /// order (each timed in [`SyncReport::phases`]): observe (full syncs), node, model,
+    /// maps_plan, maps_add (addresses and map entries added first, so a new virtual service
+    /// answers as soon as it exists), ipvs_plan, ipvs_apply, remove (map entries and addresses
+    /// removed last: an address on kube-ipvs0 is what makes its IPVS services ours), state.
     pub async fn sync(
         &mut self,
         snapshot: &Snapshot,
         full: bool,
     ) -> anyhow::Result<(SyncReport, DesiredState)> {
         let start = Instant::now();
-        let mut phases = BTreeMap::new();
-        let mut mark = Instant::now();
-        let mut phase = |name: &'static str| {
-            let now = Instant::now();
-            phases.insert(name, (now - mark).as_secs_f64() * 1e3);
-            mark = now;
-        };
-        let (mut report_devices, mut device_failures) = (0, 0);
+        let mut timer = PhaseTimer::new();
         if full {
             self.observe().await?;
-            phase("observe");
-        }
-        if full {
+            timer.done("observe");
             self.node = None;
         }
+        let refreshed = self.node.is_none();
+        let (node, devices) = self.read_node_info(snapshot).await?;
+        timer.done("node");
+        let (desired, changed) = self.build_model(snapshot, &node, full);
+        timer.done("model");
+        let mut report = SyncReport {
+            full,
+            generation: snapshot.generation,
+            virtual_services: desired.virtual_services.len(),
+            rejected: desired.rejected.len(),
+            devices_attached: devices.attached.len(),
+            failures: devices.failures.len(),
+            ..SyncReport::default()
+        };
+        self.report_sctp(&desired, &changed);
+        let map_plan = self.plan_maps(&desired, &changed);
+        timer.done("maps_plan");
+
+        let addr_plan = self.plan_addresses(&desired, &changed);
+        self.add_addresses(addr_plan.add, &mut report).await;
+        self.apply_maps(&map_plan, true, &mut report);
+        self.refresh_draining().await;
+        timer.done("maps_add");
+
+        let scope = self.ipvs_scope(&changed);
+        let want = ipvs_want(&desired, scope.as_ref());
+        if refreshed
+            || report.addresses_added + addr_plan.remove.len() > 0
+            || self.ownership.is_none()
+        {
+            self.refresh_ownership(&node);
+        }
+        let ops = self.plan_ipvs(&want, scope.as_ref());
+        timer.done("ipvs_plan");
+        self.apply_ipvs(ops, &want, &mut report).await;
+        timer.done("ipvs_apply");
+
+        self.apply_maps(&map_plan, false, &mut report);
+        self.remove_addresses(addr_plan.remove, &mut report).await;
+        report.draining = self.drains.len();
+        timer.done("remove");
+
+        self.follow_state_file(full, &changed, &node, &desired);
+        timer.done("state");
+        self.syncs += 1;
+        if full || self.syncs == 1 {
+            release_free_memory();
+        }
+        report.phases = timer.phases;
+        report.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok((report, desired))
+    }
+
+    /// Phase "node": the node's information, its links and addresses re-read when they
+    /// changed, and the datapath's devices following them.
+    async fn read_node_info(
+        &mut self,
+        snapshot: &Snapshot,
+    ) -> anyhow::Result<(NodeInfo, DeviceReport)> {
         let refreshed = self.node.is_none();
         if refreshed {
             self.node = Some(read_node(&self.rtnl).await?);
@@ -357,6 +461,7 @@ impl Syncer {
             links,
             entries,
         );
+        let mut devices = DeviceReport::default();
         if refreshed && let Some(dp) = &mut self.datapath {
             let primary4 = node.internal_ips.iter().find_map(|a| match a {
                 IpAddr::V4(v) => Some(*v),
@@ -366,35 +471,37 @@ impl Syncer {
                 IpAddr::V6(v) => Some(*v),
                 IpAddr::V4(_) => None,
             });
-            let r = dp.sync_devices(links, entries, (primary4, primary6));
-            for f in &r.failures {
+            devices = dp.sync_devices(links, entries, (primary4, primary6));
+            for f in &devices.failures {
                 tracing::error!("{f}");
             }
-            report_devices = r.attached.len();
-            device_failures = r.failures.len();
         }
-        phase("node");
+        Ok((node, devices))
+    }
+
+    /// Phase "model": the desired state, and which virtual services may have changed (all of
+    /// them on a full sync). Rejected objects are logged once.
+    fn build_model(
+        &mut self,
+        snapshot: &Snapshot,
+        node: &NodeInfo,
+        full: bool,
+    ) -> (DesiredState, model::Changed) {
         let (desired, changed) = self.model.build_shared(
             snapshot.services.clone(),
             snapshot.endpoint_slices.clone(),
-            &node,
+            node,
             &self.cfg.model,
         );
         let changed = if full { model::Changed::All } else { changed };
-        phase("model");
         self.log_rejections(&desired);
-        let mut report = SyncReport {
-            full,
-            generation: snapshot.generation,
-            virtual_services: desired.virtual_services.len(),
-            rejected: desired.rejected.len(),
-            devices_attached: report_devices,
-            failures: device_failures,
-            ..SyncReport::default()
-        };
-        // SCTP virtual services that would need SNAT are reported once each (all of them after
-        // a full rebuild, else only among the changed ones).
-        let sctp: BTreeSet<String> = match &changed {
+        (desired, changed)
+    }
+
+    /// SCTP virtual services that would need SNAT are reported once each (all of them after a
+    /// full rebuild, else only among the changed ones).
+    fn report_sctp(&mut self, desired: &DesiredState, changed: &model::Changed) {
+        let sctp: BTreeSet<String> = match changed {
             model::Changed::All => {
                 sctp_not_source_nated(desired.virtual_services.iter().map(|v| &**v))
             }
@@ -410,47 +517,56 @@ impl Syncer {
         for s in sctp.difference(&self.logged_sctp) {
             tracing::warn!(service = %s, "SCTP is passed to IPVS untranslated: this virtual service is not source-NATed");
         }
-        match &changed {
+        match changed {
             model::Changed::All => self.logged_sctp = sctp,
             model::Changed::Keys(_) => self.logged_sctp.extend(sctp),
         }
+    }
+
+    /// Phase "maps_plan": the datapath map changes (none without a datapath).
+    fn plan_maps(&mut self, desired: &DesiredState, changed: &model::Changed) -> MapPlan {
         let map_plan = self
             .datapath
             .as_mut()
-            .map(|dp| dp.plan_maps(&desired, &changed))
+            .map(|dp| dp.plan_maps(desired, changed))
             .unwrap_or_default();
         for e in &map_plan.errors {
             tracing::error!("{e}");
         }
-        phase("maps_plan");
+        map_plan
+    }
 
-        // Addresses are added first, so a new virtual service answers as soon as it exists, and
-        // removed last: an address on kube-ipvs0 is what makes its IPVS services ours. An
-        // incremental sync only looks at the addresses of the changed virtual services.
-        let addr_plan = match &changed {
+    /// The addresses of kube-ipvs0 to add and remove. An incremental sync only looks at the
+    /// addresses of the changed virtual services.
+    fn plan_addresses(
+        &self,
+        desired: &DesiredState,
+        changed: &model::Changed,
+    ) -> addresses::AddressPlan {
+        match changed {
             model::Changed::All => addresses::plan(&desired.bound_addresses, &self.bound),
             model::Changed::Keys(keys) => {
                 let touched: BTreeSet<IpAddr> = keys.iter().map(|k| k.address).collect();
+                let wanted = |a: &IpAddr| desired.bound_addresses.contains(a);
                 addresses::AddressPlan {
                     add: touched
                         .iter()
-                        .filter(|a| {
-                            desired.bound_addresses.contains(*a) && !self.bound.contains(*a)
-                        })
+                        .filter(|a| wanted(a) && !self.bound.contains(*a))
                         .copied()
                         .collect(),
                     remove: touched
                         .iter()
-                        .filter(|a| {
-                            !desired.bound_addresses.contains(*a) && self.bound.contains(*a)
-                        })
+                        .filter(|a| !wanted(a) && self.bound.contains(*a))
                         .copied()
                         .collect(),
                 }
             }
-        };
+        }
+    }
+
+    async fn add_addresses(&mut self, add: Vec<IpAddr>, report: &mut SyncReport) {
         let adds = addresses::AddressPlan {
-            add: addr_plan.add,
+            add,
             remove: Vec::new(),
         };
         report.addresses_added = adds.add.len();
@@ -458,18 +574,22 @@ impl Syncer {
             report.failures += 1;
             tracing::error!("{e}");
         }
+    }
 
-        self.apply_maps(&map_plan, true, &mut report);
-
+    /// Re-reads the draining destinations' connection counts (they decide when a drain ends).
+    async fn refresh_draining(&mut self) {
         if !self.drains.is_empty()
             && let Err(e) =
                 ipvs_rec::refresh_draining(&self.ipvs, &mut self.cache, &self.drains).await
         {
             tracing::warn!("reading draining destinations: {e}");
         }
-        phase("maps_add");
-        // The virtual services to diff: all, or the changed ones plus those still draining.
-        let scope: Option<BTreeSet<ipvs::ServiceKey>> = match &changed {
+    }
+
+    /// The virtual services to diff: all (`None`), or the changed ones plus those still
+    /// draining.
+    fn ipvs_scope(&self, changed: &model::Changed) -> Option<BTreeSet<ipvs::ServiceKey>> {
+        match changed {
             model::Changed::All => None,
             model::Changed::Keys(keys) => Some(
                 keys.iter()
@@ -477,100 +597,92 @@ impl Syncer {
                     .chain(self.drains.services())
                     .collect(),
             ),
-        };
-        let want = match &scope {
-            None => ipvs_rec::desired(desired.virtual_services.iter().map(|v| &**v)),
-            Some(scope) => ipvs_rec::desired(
-                scope
-                    .iter()
-                    .filter_map(|k| match k {
-                        ipvs::ServiceKey::Tuple {
-                            protocol,
-                            address,
-                            port,
-                        } => desired.find(&model::ServicePort::new(
-                            *address,
-                            (*protocol).try_into().ok()?,
-                            *port,
-                        )),
-                        ipvs::ServiceKey::Fwmark { .. } => None,
-                    })
-                    .map(|v| &**v),
-            ),
-        };
-        if refreshed || adds.add.len() + addr_plan.remove.len() > 0 || self.ownership.is_none() {
-            self.ownership = Some(ipvs_rec::Ownership {
-                bound: self.bound.clone(),
-                node_addresses: node.addresses.iter().map(|a| a.address).collect(),
-                node_port_range: self.cfg.node_port_range.clone(),
-                exclude: self.cfg.ipvs_exclude_cidrs.clone(),
-                recorded: self.recorded.clone(),
-            });
         }
-        if let Some(ownership) = &self.ownership {
-            let foreign = ipvs_rec::foreign_keys(&want, &self.cache, ownership);
-            for k in foreign.iter().filter(|k| !self.logged_foreign.contains(k)) {
-                let origin = want.get(k).map_or("", |d| d.origin.as_str());
-                tracing::warn!(
-                    service = origin,
-                    "{k} is held by an IPVS virtual service this agent did not create: not programmed"
-                );
-            }
-            match &scope {
-                None => self.logged_foreign = foreign.into_iter().collect(),
-                Some(_) => self.logged_foreign.extend(foreign),
-            }
-        }
-        let ops = match &self.ownership {
-            Some(ownership) => ipvs_rec::plan(
-                &want,
-                &self.cache,
-                ownership,
-                &mut self.drains,
-                self.cfg.drain_timeout,
-                Instant::now(),
-                scope.as_ref(),
-            ),
-            None => Vec::new(),
+    }
+
+    /// Which IPVS services are ours: recomputed when the addresses it depends on changed.
+    fn refresh_ownership(&mut self, node: &NodeInfo) {
+        self.ownership = Some(ipvs_rec::Ownership {
+            bound: self.bound.clone(),
+            node_addresses: node.addresses.iter().map(|a| a.address).collect(),
+            node_port_range: self.cfg.node_port_range.clone(),
+            exclude: self.cfg.ipvs_exclude_cidrs.clone(),
+            recorded: self.recorded.clone(),
+        });
+    }
+
+    /// Phase "ipvs_plan": the IPVS operations, after logging (once each) the desired virtual
+    /// services someone else's IPVS service holds.
+    fn plan_ipvs(
+        &mut self,
+        want: &ipvs_rec::DesiredIpvs,
+        scope: Option<&BTreeSet<ipvs::ServiceKey>>,
+    ) -> Vec<ipvs_rec::IpvsOp> {
+        let Some(ownership) = &self.ownership else {
+            return Vec::new();
         };
+        let foreign = ipvs_rec::foreign_keys(want, &self.cache, ownership);
+        for k in foreign.iter().filter(|k| !self.logged_foreign.contains(k)) {
+            let origin = want.get(k).map_or("", |d| d.origin.as_str());
+            tracing::warn!(
+                service = origin,
+                "{k} is held by an IPVS virtual service this agent did not create: not programmed"
+            );
+        }
+        match scope {
+            None => self.logged_foreign = foreign.into_iter().collect(),
+            Some(_) => self.logged_foreign.extend(foreign),
+        }
+        let ctx = ipvs_rec::PlanContext {
+            observed: &self.cache,
+            ownership,
+            drain_timeout: self.cfg.drain_timeout,
+            now: Instant::now(),
+            scope,
+        };
+        let ops = ipvs_rec::plan(want, &ctx, &mut self.drains);
         if scope.is_none() && !self.recorded.is_empty() {
             // Adopted by this full plan (marked or deleted): from now on the mark decides.
             self.recorded.clear();
             self.ownership = None;
         }
-        phase("ipvs_plan");
+        ops
+    }
+
+    /// Phase "ipvs_apply".
+    async fn apply_ipvs(
+        &mut self,
+        ops: Vec<ipvs_rec::IpvsOp>,
+        want: &ipvs_rec::DesiredIpvs,
+        report: &mut SyncReport,
+    ) {
         let (counts, failures) =
             ipvs_rec::apply(&self.ipvs, ops, &mut self.cache, self.cfg.ipvs_concurrency).await;
-        phase("ipvs_apply");
         for f in &failures {
             let origin = want.get(&f.op.service()).map_or("", |d| d.origin.as_str());
             tracing::error!(service = origin, op = f.op.kind(), "{}", f.error);
         }
+        report.failures += failures.len();
+        report.ipvs_ops = counts;
+    }
 
-        self.apply_maps(&map_plan, false, &mut report);
-
-        // An address still carrying one of our IPVS services (its deletion failed) stays, so
-        // the service stays ours and the next sync retries.
-        let remove: Vec<IpAddr> = if addr_plan.remove.is_empty() {
-            Vec::new()
-        } else {
-            let in_use: BTreeSet<IpAddr> = self
-                .cache
-                .keys()
-                .filter_map(|k| match k {
-                    ipvs::ServiceKey::Tuple { address, .. } => Some(*address),
-                    ipvs::ServiceKey::Fwmark { .. } => None,
-                })
-                .collect();
-            addr_plan
-                .remove
-                .into_iter()
-                .filter(|a| !in_use.contains(a))
-                .collect()
-        };
+    /// Removes addresses from kube-ipvs0. An address still carrying one of our IPVS services
+    /// (its deletion failed) stays, so the service stays ours and the next sync retries.
+    async fn remove_addresses(&mut self, remove: Vec<IpAddr>, report: &mut SyncReport) {
+        if remove.is_empty() {
+            return;
+        }
+        let in_use: BTreeSet<IpAddr> = self
+            .cache
+            .keys()
+            .filter_map(|k| match k {
+                ipvs::ServiceKey::Tuple { address, .. } => Some(*address),
+                ipvs::ServiceKey::Fwmark { .. } => None,
+            })
+            .collect();
         let removes = addresses::AddressPlan {
             add: Vec::new(),
-            remove,
+            remove: remove.into_iter().filter(|a| !in_use.contains(a)).collect(),
         };
         report.addresses_removed = removes.remove.len();
         for e in addresses::apply(&self.rtnl, self.dummy_index, &removes, &mut self.bound).await {
@@ -580,13 +692,17 @@ impl Syncer {
         if report.addresses_removed > 0 {
             self.ownership = None;
         }
-        report.failures += failures.len();
-        report.ipvs_ops = counts;
-        report.draining = self.drains.len();
-        phase("remove");
+    }
 
-        // The state file (for `inspect`) follows at most every few seconds: it is a full dump,
-        // kept off the path of every change.
+    /// Phase "state": the state file (for `inspect`) follows at most every few seconds: it is
+    /// a full dump, kept off the path of every change.
+    fn follow_state_file(
+        &mut self,
+        full: bool,
+        changed: &model::Changed,
+        node: &NodeInfo,
+        desired: &DesiredState,
+    ) {
         self.state_dirty |= !changed.is_empty();
         if self.state_dirty
             && (full
@@ -594,16 +710,8 @@ impl Syncer {
                     .state_written
                     .is_none_or(|t| t.elapsed() >= STATE_WRITE_PERIOD))
         {
-            self.write_state(&node, &desired);
+            self.write_state(node, desired);
         }
-        phase("state");
-        self.syncs += 1;
-        if full || self.syncs == 1 {
-            release_free_memory();
-        }
-        report.phases = phases;
-        report.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok((report, desired))
     }
 
     /// Writes the state file on a blocking thread (serializing every virtual service takes a

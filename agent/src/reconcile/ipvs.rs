@@ -248,21 +248,33 @@ fn masq(address: IpAddr, port: u16, weight: u32) -> Destination {
     }
 }
 
-/// Computes the operations that turn `observed` into `desired`, touching only what
-/// `ownership` says is ours, and updates `drains`. Pure apart from `drains`.
-///
-/// With a `scope`, only those virtual services are considered (an incremental sync: `desired`
-/// then holds at least the scoped services that should exist); drains of other services are
-/// kept as they are.
-pub fn plan(
-    desired: &DesiredIpvs,
-    observed: &ObservedIpvs,
-    ownership: &Ownership,
-    drains: &mut Drains,
-    drain_timeout: Duration,
-    now: Instant,
-    scope: Option<&BTreeSet<ServiceKey>>,
-) -> Vec<IpvsOp> {
+/// What [`plan`] diffs the desired table against, and what it may touch.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanContext<'a> {
+    /// What the kernel holds.
+    pub observed: &'a ObservedIpvs,
+    /// Which of it is this agent's.
+    pub ownership: &'a Ownership,
+    /// How long a removed TCP/SCTP destination drains (weight 0) before it is deleted.
+    pub drain_timeout: Duration,
+    /// Now, for the drains.
+    pub now: Instant,
+    /// With a scope, only those virtual services are considered (an incremental sync: the
+    /// desired table then holds at least the scoped services that should exist); drains of
+    /// other services are kept as they are.
+    pub scope: Option<&'a BTreeSet<ServiceKey>>,
+}
+
+/// Computes the operations that turn `ctx.observed` into `desired`, touching only what
+/// `ctx.ownership` says is ours, and updates `drains`. Pure apart from `drains`.
+pub fn plan(desired: &DesiredIpvs, ctx: &PlanContext<'_>, drains: &mut Drains) -> Vec<IpvsOp> {
+    let PlanContext {
+        observed,
+        ownership,
+        drain_timeout,
+        now,
+        scope,
+    } = *ctx;
     let mut ops = Vec::new();
     let mut still_draining = HashMap::new();
     let in_scope = |k: &ServiceKey| scope.is_none_or(|s| s.contains(k));
@@ -573,15 +585,18 @@ mod tests {
     }
 
     fn run(d: &DesiredIpvs, o: &ObservedIpvs, drains: &mut Drains) -> Vec<IpvsOp> {
-        plan(
-            d,
-            o,
-            &owner(),
-            drains,
-            Duration::from_secs(60),
-            Instant::now(),
-            None,
-        )
+        run_at(d, o, drains, Instant::now())
+    }
+
+    fn run_at(d: &DesiredIpvs, o: &ObservedIpvs, drains: &mut Drains, now: Instant) -> Vec<IpvsOp> {
+        let ctx = PlanContext {
+            observed: o,
+            ownership: &owner(),
+            drain_timeout: Duration::from_secs(60),
+            now,
+            scope: None,
+        };
+        plan(d, &ctx, drains)
     }
 
     #[test]
@@ -665,26 +680,10 @@ mod tests {
         d.inactive_conns = 3;
         let mut drains = Drains::default();
         let t0 = Instant::now();
-        let ops = plan(
-            &after,
-            &kernel,
-            &owner(),
-            &mut drains,
-            Duration::from_secs(60),
-            t0,
-            None,
-        );
+        let ops = run_at(&after, &kernel, &mut drains, t0);
         assert!(ops.is_empty());
         let later = t0 + Duration::from_secs(61);
-        let ops = plan(
-            &after,
-            &kernel,
-            &owner(),
-            &mut drains,
-            Duration::from_secs(60),
-            later,
-            None,
-        );
+        let ops = run_at(&after, &kernel, &mut drains, later);
         assert_eq!(ops, vec![IpvsOp::DeleteDestination(key, ip(2), 8080)]);
     }
 
@@ -799,12 +798,14 @@ mod tests {
         let scope: BTreeSet<ServiceKey> = [ServiceKey::tcp(node_ip(), 80)].into_iter().collect();
         let ops = plan(
             &after,
-            &kernel,
-            &owner(),
+            &PlanContext {
+                observed: &kernel,
+                ownership: &owner(),
+                drain_timeout: Duration::from_secs(60),
+                now: Instant::now(),
+                scope: Some(&scope),
+            },
             &mut Drains::default(),
-            Duration::from_secs(60),
-            Instant::now(),
-            Some(&scope),
         );
         assert_eq!(
             ops,
@@ -864,12 +865,14 @@ mod tests {
         let want = desired(&[on_node_address(80, &[])]);
         let ops = plan(
             &want,
-            &kernel,
-            &o,
+            &PlanContext {
+                observed: &kernel,
+                ownership: &o,
+                drain_timeout: Duration::from_secs(60),
+                now: Instant::now(),
+                scope: None,
+            },
             &mut Drains::default(),
-            Duration::from_secs(60),
-            Instant::now(),
-            None,
         );
         assert_eq!(
             ops,
@@ -931,23 +934,27 @@ mod tests {
         let t = Instant::now();
         let ops = plan(
             &after,
-            &kernel,
-            &owner(),
+            &PlanContext {
+                observed: &kernel,
+                ownership: &owner(),
+                drain_timeout: Duration::from_secs(60),
+                now: t,
+                scope: Some(&only1),
+            },
             &mut drains,
-            Duration::from_secs(60),
-            t,
-            Some(&only1),
         );
         assert_eq!(ops, vec![IpvsOp::EditDestination(k1, masq(ip(2), 8080, 0))]);
         let only2: BTreeSet<ServiceKey> = [k2].into_iter().collect();
         let ops = plan(
             &after,
-            &kernel,
-            &owner(),
+            &PlanContext {
+                observed: &kernel,
+                ownership: &owner(),
+                drain_timeout: Duration::from_secs(60),
+                now: t,
+                scope: Some(&only2),
+            },
             &mut drains,
-            Duration::from_secs(60),
-            t,
-            Some(&only2),
         );
         assert_eq!(ops, vec![IpvsOp::EditDestination(k2, masq(ip(2), 8080, 0))]);
         assert_eq!(drains.services(), [k1, k2].into_iter().collect());
@@ -956,12 +963,14 @@ mod tests {
         assert_eq!(
             plan(
                 &none,
-                &kernel,
-                &owner(),
+                &PlanContext {
+                    observed: &kernel,
+                    ownership: &owner(),
+                    drain_timeout: Duration::from_secs(60),
+                    now: t,
+                    scope: Some(&only2),
+                },
                 &mut Drains::default(),
-                Duration::from_secs(60),
-                t,
-                Some(&only2)
             ),
             vec![IpvsOp::DeleteService(k2)]
         );
