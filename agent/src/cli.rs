@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
+use crate::admin::{health, metrics};
+use crate::config;
 use crate::model::{self, NodePortAddresses};
 use crate::node::Rtnl;
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
@@ -18,7 +20,6 @@ use crate::source::kubernetes::{self, KubernetesSourceConfig};
 use crate::source::watch::{load_snapshot, watch_path};
 use crate::state;
 use crate::sync::{self, SyncConfig, Syncer};
-use crate::{config, health, metrics};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -13,12 +13,11 @@
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
+pub mod admin;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datapath;
-pub mod health;
-pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod node_state;

@@ -768,7 +768,7 @@ impl Syncer {
     /// logged), which runs until the returned value is dropped.
     pub fn start_sweeper(
         &self,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::admin::metrics::Metrics,
     ) -> Option<crate::datapath::sweep::Sweeper> {
         let dp = self.datapath.as_ref()?;
         dp.start_sweeper(self.cfg.sweep_period, metrics.clone())
@@ -805,10 +805,10 @@ impl Syncer {
 /// the change tracker (network programming latency) and, with a Kubernetes source, Events on
 /// Services that cannot be programmed.
 pub struct Observers {
-    pub health: crate::health::HealthState,
-    pub metrics: crate::metrics::Metrics,
-    pub health_checks: crate::health::HealthCheckServers,
-    pub changes: crate::metrics::ChangeTracker,
+    pub health: crate::admin::health::HealthState,
+    pub metrics: crate::admin::metrics::Metrics,
+    pub health_checks: crate::admin::health::HealthCheckServers,
+    pub changes: crate::admin::metrics::ChangeTracker,
     pub events: Option<Arc<crate::source::kubernetes::ServiceEvents>>,
 }
 
@@ -838,7 +838,7 @@ impl Observers {
         self.metrics.ipvs_ops(&report.ipvs_ops);
         self.metrics.rejected(&desired.rejected);
         self.metrics
-            .no_local_endpoints(&crate::metrics::no_local_endpoints(desired));
+            .no_local_endpoints(&crate::admin::metrics::no_local_endpoints(desired));
         self.metrics
             .programmed(&self.changes.take_trigger_times(), now);
         self.metrics.datapath_counters(&syncer.datapath_counters());

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agent::admin::metrics::Metrics;
 use agent::datapath::{Datapath, DatapathConfig, rules};
-use agent::metrics::Metrics;
 use agent::node_state::{Part, RepairReport};
 use probes::MapSizes;
 

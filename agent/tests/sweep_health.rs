@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agent::admin::health::HealthState;
+use agent::admin::metrics::Metrics;
 use agent::datapath::sweep::{Sweeper, Timeouts, monotonic_ns, sweep};
-use agent::health::HealthState;
-use agent::metrics::Metrics;
 use probes::maps::{ConnValue, L4Proto, Tuple, addr_to_bytes};
 use probes::{Datapath, DatapathProgram, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
@@ -210,7 +210,7 @@ fn health_answers_within_100ms_while_full_maps_are_swept_and_a_sync_runs() {
     let port = free_port();
     let health = HealthState::new(Duration::from_secs(60)).with_metrics(metrics.clone());
     runtime
-        .block_on(agent::health::serve(
+        .block_on(agent::admin::health::serve(
             SocketAddr::from(([127, 0, 0, 1], port)),
             health,
         ))

@@ -673,7 +673,7 @@ impl Datapath {
     pub fn start_sweeper(
         &self,
         period: std::time::Duration,
-        metrics: crate::metrics::Metrics,
+        metrics: crate::admin::metrics::Metrics,
     ) -> anyhow::Result<sweep::Sweeper> {
         let pins = self.loaded.pin_root();
         let maps = probes::DatapathMaps::open_pinned(pins)

@@ -21,7 +21,7 @@ use probes::maps::{
     STATE_FIN, STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
 
-use crate::metrics::{DROP_REASONS, Metrics};
+use crate::admin::metrics::{DROP_REASONS, Metrics};
 
 /// Idle timeouts (IPVS's: tcp 900 s, tcpfin 120 s, udp 300 s by default, or the kernel's as
 /// configured; a reset connection lingers 10 s as IPVS's CLOSE state, an unanswered SYN 60 s as

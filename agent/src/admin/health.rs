@@ -22,14 +22,11 @@
 //! An unspecified IPv4 address (`0.0.0.0`) listens on both families where the node has IPv6,
 //! as Go's listener (and so kube-proxy) does.
 //!
-//! Every server here, and the metrics server, runs on [`server_runtime`]: a thread and runtime
-//! of their own, which nothing else uses, so an answer never waits for a sync (the agent's
-//! main runtime has one thread, and a sync keeps it busy for as long as it computes) nor for a
-//! sweep of the datapath maps (a thread of its own too).
+//! Every server here runs on the admin runtime ([`super::server_runtime`]).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -38,10 +35,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::api::core::v1::Node;
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
-use crate::metrics::Metrics;
+use super::metrics::Metrics;
+use super::spawn_server;
 use crate::model::{HealthCheckNodePort, ServiceRef};
 
 /// The taint the Cluster Autoscaler puts on a node before deleting it.
@@ -297,92 +294,6 @@ pub fn router(state: HealthState) -> Router {
         .route("/healthz", get(healthz_handler))
         .route("/livez", get(livez_handler))
         .with_state(state)
-}
-
-/// The runtime the health, health check and metrics servers run on: a current-thread runtime on
-/// a thread of its own (`servers`), started on first use and kept for the life of the process.
-/// Where that thread cannot be started, the caller's runtime (logged once).
-pub fn server_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
-    let handle = RUNTIME.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let started = std::thread::Builder::new()
-            .name("servers".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => {
-                        let _ = tx.send(Ok(rt.handle().clone()));
-                        rt.block_on(std::future::pending::<()>());
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        let result = match started {
-            Ok(_) => rx.recv().unwrap_or_else(|e| Err(std::io::Error::other(e))),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                tracing::error!("cannot start the servers' runtime, they share the agent's: {e}");
-                None
-            }
-        }
-    });
-    handle
-        .clone()
-        .unwrap_or_else(tokio::runtime::Handle::current)
-}
-
-/// Listens on `address` and serves `app` there, on [`server_runtime`]. Binding happens before
-/// this returns; serving runs in the returned task.
-pub async fn spawn_server(
-    address: SocketAddr,
-    app: Router,
-    what: &'static str,
-) -> std::io::Result<JoinHandle<()>> {
-    let rt = server_runtime();
-    // The listener registers with the runtime it is created on: the servers'.
-    let listener = rt
-        .spawn(listen(address))
-        .await
-        .map_err(std::io::Error::other)??;
-    Ok(rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(%address, "{what} server stopped: {e}");
-        }
-    }))
-}
-
-/// Opens a TCP listener on `address`; an unspecified IPv4 address listens on both families
-/// (`[::]` with `IPV6_V6ONLY` off) where IPv6 is available, as Go's listener does.
-pub async fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
-    if address.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-        && let Ok(l) = listen_dual_stack(address.port())
-    {
-        return Ok(l);
-    }
-    let socket = match address {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(1024)
-}
-
-fn listen_dual_stack(port: u16) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v6()?;
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &false)
-        .map_err(std::io::Error::from)?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))?;
-    socket.listen(1024)
 }
 
 /// Starts the proxy health server on `address` (kube-proxy's `healthzBindAddress`, default

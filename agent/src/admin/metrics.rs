@@ -720,10 +720,10 @@ pub struct ServeError {
 }
 
 /// Starts the metrics server on `address` (kube-proxy's `metricsBindAddress`, default
-/// `127.0.0.1:10249`) on [`crate::health::server_runtime`]. Binding happens before this returns;
+/// `127.0.0.1:10249`) on [`super::server_runtime`]. Binding happens before this returns;
 /// serving runs in the returned task.
 pub async fn serve(address: SocketAddr, metrics: Metrics) -> Result<JoinHandle<()>, ServeError> {
-    crate::health::spawn_server(address, router(metrics), "metrics")
+    super::spawn_server(address, router(metrics), "metrics")
         .await
         .map_err(|source| ServeError { address, source })
 }
