@@ -1,14 +1,21 @@
 //! kube-ipvs-bpf agent library. Data flows one way: sources → model → reconcilers → kernel.
 //!
-//! - [`source`]: where Services and EndpointSlices come from (files; Kubernetes later);
+//! - [`source`]: where Services, EndpointSlices and the Node come from (the Kubernetes API,
+//!   or files);
 //! - [`model`]: the desired state of the node, computed from them (pure);
-//! - [`reconcile`]: diffs of desired against the kernel's own view, and their appliers;
+//! - [`reconcile`]: diffs of desired against the kernel's own view (IPVS, kube-ipvs0's
+//!   addresses, the datapath maps), and their appliers;
 //! - [`sync`]: the loop that ties them together;
-//! - [`datapath`]: the eBPF datapath (programs, maps, sysctls, iptables rules, expiry);
+//! - [`datapath`]: the eBPF datapath as the agent runs it (programs, maps, sysctls, iptables
+//!   rules, the pin root lock, expiry);
 //! - [`node`]: the node's interfaces and addresses (rtnetlink);
 //! - [`node_state`]: the node state kept outside IPVS (sysctls, rules, TC, kube-ipvs0) and its
 //!   repair;
+//! - [`admin`]: every listener of the process (proxy health, healthCheckNodePorts, metrics);
 //! - [`state`]: the state file `inspect` reads;
+//! - [`cleanup`]: removing kube-proxy's node state, or the agent's own;
+//! - [`config`]: the configuration file (kube-proxy's `KubeProxyConfiguration` and the
+//!   agent's extensions) and its resolution with the flags;
 //! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.

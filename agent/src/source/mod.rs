@@ -1,5 +1,7 @@
 //! Object sources: where the Services and EndpointSlices fed to the [`crate::model`] come from.
 //!
+//! - [`kubernetes`]: the API server (list and watch of Services, EndpointSlices and this node's
+//!   Node, kube-proxy's label selectors);
 //! - [`file`](mod@file): manifests on disk (a file or a directory), in the formats kubectl reads;
 //! - [`watch`]: re-reading a file source when it changes.
 //!
