@@ -14,6 +14,7 @@
 //! - [`admin`]: every listener of the process (proxy health, healthCheckNodePorts, metrics);
 //! - [`state`]: the state file `inspect` reads;
 //! - [`cleanup`]: removing kube-proxy's node state, or the agent's own;
+//! - [`conntrack`]: nf_conntrack's table over ctnetlink (the switch from kube-proxy);
 //! - [`config`]: the configuration file (kube-proxy's `KubeProxyConfiguration` and the
 //!   agent's extensions) and its resolution with the flags;
 //! - [`cli`]: the command line.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod model;
 pub mod node;

@@ -242,8 +242,12 @@ pub fn parse_messages(mut buf: &[u8]) -> Result<Vec<Received>, NfnlError> {
 
 /// The attributes of an nfnetlink payload (after `nfgenmsg`): (type without flags, value).
 pub fn parse_attrs(payload: &[u8]) -> Vec<(u16, &[u8])> {
+    parse_nlattrs(payload.get(4..).unwrap_or(&[]))
+}
+
+/// A run of netlink attributes (a nested attribute's value): (type without flags, value).
+pub fn parse_nlattrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
-    let mut b = payload.get(4..).unwrap_or(&[]);
     while b.len() >= 4 {
         let (Some(len), Some(ty)) = (u16_at(b, 0), u16_at(b, 2)) else {
             break;
@@ -358,7 +362,7 @@ impl Nfnl {
     }
 
     /// Sends a dump request and collects its replies until `NLMSG_DONE`.
-    fn dump(
+    pub(crate) fn dump(
         &mut self,
         what: &str,
         build: impl FnOnce(u32) -> Vec<u8>,
