@@ -444,6 +444,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // A running kube-proxy holds its healthz and metrics ports: change nothing on the node
+    // until it is gone (docs/switching.md).
+    let kube_proxy_ports = [cfg.healthz_bind_address, cfg.metrics_bind_address];
+    if !crate::takeover::wait_for_kube_proxy(&kube_proxy_ports, shutdown_signal()).await {
+        return Ok(());
+    }
+
     // Health and metrics first: a probe answers while the first sync is still coming.
     let families: Vec<metrics::IpFamily> = {
         let mut f: Vec<metrics::IpFamily> = cfg

@@ -17,6 +17,7 @@
 //! - [`conntrack`]: nf_conntrack's table over ctnetlink (the switch from kube-proxy);
 //! - [`config`]: the configuration file (kube-proxy's `KubeProxyConfiguration` and the
 //!   agent's extensions) and its resolution with the flags;
+//! - [`takeover`]: waiting for a running kube-proxy to stop before changing the node;
 //! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
@@ -34,3 +35,4 @@ pub mod reconcile;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod takeover;

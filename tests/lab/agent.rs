@@ -182,6 +182,43 @@ fn a_deleted_service_takes_its_addresses_and_ipvs_service_with_it() {
     assert!(find(&k, "TCP 10.96.0.31:80").is_none() && find(&k, "TCP 10.96.0.30:80").is_some());
 }
 
+/// While another process holds kube-proxy's healthz port (kube-proxy still running), the agent
+/// changes nothing on the node: no IPVS service, no kube-ipvs0. Once the port is free it takes
+/// the node over and programs it.
+#[test]
+fn the_agent_changes_nothing_while_kube_proxy_holds_its_ports() {
+    require_lab();
+    let t = Topology::new("ag-wait");
+    let m = Manifests::new("wait");
+    m.write("svc.yaml", &service_yaml("web", "10.96.0.30", 80, None));
+    m.write("eps.yaml", &slice_yaml("web", &["10.0.2.2"], 8080));
+    let kube_proxy = t
+        .node
+        .run(|| std::net::TcpListener::bind("0.0.0.0:10256").expect("hold 10256"));
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    agent.wait_for(0, Duration::from_secs(300), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("waiting for kube-proxy"))
+    });
+    // A sync would come right after the wait: give the agent the time of several.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        kernel(&t.node).is_empty(),
+        "IPVS programmed while kube-proxy ran"
+    );
+    let (status, _, _) = t.node.sh_status("ip link show kube-ipvs0");
+    assert_ne!(status, 0, "kube-ipvs0 created while kube-proxy ran");
+    assert!(
+        !agent.log_text().contains("sync done"),
+        "synced while kube-proxy ran:\n{}",
+        agent.log_text()
+    );
+    drop(kube_proxy);
+    agent.wait_sync(0, 1);
+    assert!(find(&kernel(&t.node), "TCP 10.96.0.30:80").is_some());
+}
+
 #[test]
 fn a_restart_with_nothing_changed_issues_nothing_and_keeps_an_open_connection() {
     require_lab();
