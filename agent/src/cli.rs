@@ -445,10 +445,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     // A running kube-proxy holds its healthz and metrics ports: change nothing on the node
-    // until it is gone (docs/switching.md).
-    let kube_proxy_ports = [cfg.healthz_bind_address, cfg.metrics_bind_address];
-    if !crate::takeover::wait_for_kube_proxy(&kube_proxy_ports, shutdown_signal()).await {
-        return Ok(());
+    // until it is gone (docs/switching.md). A canary beside kube-proxy's iptables or nftables
+    // mode (only labelled Services) shares the node with it by design, on ports of its own.
+    if !cfg.only_labelled_services {
+        let kube_proxy_ports = [cfg.healthz_bind_address, cfg.metrics_bind_address];
+        if !crate::takeover::wait_for_kube_proxy(&kube_proxy_ports, shutdown_signal()).await {
+            return Ok(());
+        }
     }
 
     // Health and metrics first: a probe answers while the first sync is still coming.
