@@ -94,6 +94,12 @@ fn diff<'a, K: Metadata<Ty = ObjectMeta>>(
         }
         i += 1;
     }
+    if i == new.len() {
+        // Nothing added (the usual change: objects edited in place): only removals are left,
+        // and the aligned prefix is hashed for nothing.
+        out.extend(old[i..].iter().map(Diff::Removed));
+        return Some(out);
+    }
     let mut rest: HashMap<(&str, &str), &Arc<K>> = old[i..]
         .iter()
         .map(|o| (obj_key(o.metadata()), o))
