@@ -4,6 +4,9 @@
 //! it): the IPVS steps are covered by the lab. A test whose tools or privileges are missing
 //! says so and passes.
 
+mod common;
+
+use common::in_netns;
 use std::path::Path;
 use std::process::Command;
 
@@ -15,18 +18,6 @@ const MIXED_V4_AFTER_KUBE_PROXY: &str = include_str!("fixtures/mixed-v4.after-ku
 const MIXED_V4_AFTER_AGENT: &str = include_str!("fixtures/mixed-v4.after-agent.save");
 const MIXED_V6: &str = include_str!("fixtures/mixed-v6.save");
 const MIXED_V6_AFTER_KUBE_PROXY: &str = include_str!("fixtures/mixed-v6.after-kube-proxy.save");
-
-/// Runs `f` on a thread in a new network namespace; `None` when one cannot be made.
-fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            Some(f())
-        })
-        .join()
-        .expect("test thread panicked")
-    })
-}
 
 fn have(tool: &str) -> bool {
     Command::new(tool)

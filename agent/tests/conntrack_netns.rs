@@ -4,6 +4,8 @@
 //! kernel's own view through conntrack-tools) lists. A test whose tools or privileges are
 //! missing says so and passes.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -11,17 +13,7 @@ use std::process::Command;
 
 use agent::cleanup::nfnetlink::Nfnl;
 use agent::conntrack::TCP_CONNTRACK_ESTABLISHED;
-
-fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            Some(f())
-        })
-        .join()
-        .expect("test thread panicked")
-    })
-}
+use common::in_netns;
 
 fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = Command::new(cmd)

@@ -7,6 +7,9 @@
 //! real `vs.conntrack` (`tests/lab/agent.rs`). A test whose tools or privileges are missing says
 //! so and passes.
 
+mod common;
+
+use common::in_netns;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,18 +19,6 @@ use agent::admin::metrics::Metrics;
 use agent::datapath::{Datapath, DatapathConfig, rules};
 use agent::node_state::{Part, RepairReport};
 use probes::MapSizes;
-
-/// Runs `f` on a thread in a new network namespace; `None` when one cannot be made.
-fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            Some(f())
-        })
-        .join()
-        .expect("test thread panicked")
-    })
-}
 
 fn skip() -> bool {
     if !nix::unistd::geteuid().is_root() {

@@ -1,5 +1,7 @@
-//! What the agent's host-kernel tests share: a pin directory removed on drop, and the check that
-//! the test can load a datapath at all (root and bpffs, mounted when missing).
+//! What the agent's host-kernel tests share: a pin directory removed on drop, the check that
+//! the test can load a datapath at all (root and bpffs, mounted when missing), and running code
+//! in a network namespace of its own. Each test file uses a part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -38,7 +40,6 @@ pub fn can_load_datapath() -> bool {
 /// A datapath loaded under `pins` (layout `v2`) with `map_sizes`, the default config, device 1
 /// translating to `node`, and one service port, `vip`:80/TCP, as service id 7. (Not every test
 /// file that shares this module loads one.)
-#[allow(dead_code)]
 pub fn load_with_one_service(
     pins: &Pins,
     map_sizes: probes::MapSizes,
@@ -66,4 +67,16 @@ pub fn load_with_one_service(
         )
         .expect("svc_ports");
     dp
+}
+
+/// Runs `f` on a thread in a new network namespace; `None` when one cannot be made.
+pub fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            Some(f())
+        })
+        .join()
+        .expect("test thread panicked")
+    })
 }
