@@ -108,6 +108,23 @@ static __always_inline int ingress_later_fragment(struct __sk_buff *skb, struct 
 	return TC_ACT_UNSPEC;
 }
 
+/*
+ * The prologue of both general paths: 1 when p holds an IP packet to go on with; 0 when the packet
+ * is not ours to translate: not IP, or not parsable (counted as parse_error). Either way it passes.
+ */
+static __always_inline int general_parse(struct __sk_buff *skb, __u32 l2_len, struct pkt *p)
+{
+	int ret = parse_packet(skb, l2_len, p);
+
+	if (ret == PARSE_NOT_IP)
+		return 0;
+	if (ret != PARSE_OK) {
+		stat_inc(STAT_PARSE_ERROR);
+		return 0;
+	}
+	return 1;
+}
+
 /* Ingress after the fast path: every packet the fast path did not translate. */
 static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 					   const struct config *cfg)
@@ -122,13 +139,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	__u8 bits;
 	int ret;
 
-	ret = parse_packet(skb, l2_len, &p);
-	if (ret == PARSE_NOT_IP)
+	if (!general_parse(skb, l2_len, &p))
 		return TC_ACT_UNSPEC;
-	if (ret != PARSE_OK) {
-		stat_inc(STAT_PARSE_ERROR);
-		return TC_ACT_UNSPEC;
-	}
 	if (p.frag == FRAG_LATER)
 		return ingress_later_fragment(skb, &p, cfg);
 
@@ -289,13 +301,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	__u8 flags;
 	int ret;
 
-	ret = parse_packet(skb, l2_len, &p);
-	if (ret == PARSE_NOT_IP)
+	if (!general_parse(skb, l2_len, &p))
 		return TC_ACT_UNSPEC;
-	if (ret != PARSE_OK) {
-		stat_inc(STAT_PARSE_ERROR);
-		return TC_ACT_UNSPEC;
-	}
 	if (p.frag == FRAG_LATER)
 		return egress_later_fragment(skb, &p, cfg);
 	if (!p.has_ports)
