@@ -17,55 +17,76 @@
  * take the lock of the bucket's stripe in snat_locks (NAT_LOCK_STRIPES per index) and look for a
  * free way in up to NAT_PROBE_BUCKETS buckets.
  */
-#define NAT_WAYS 6
-#define NAT_PROBE_BUCKETS 4
-#define NAT_LOCK_STRIPES 8192
-#define TAG_FREE 0x00
-#define TAG_BUSY 0x01
-#define TAG_VALID 0x80
+enum nat_geometry {
+	NAT_WAYS = 6,
+	NAT_PROBE_BUCKETS = 4,
+	NAT_LOCK_STRIPES = 8192,
+};
 
-#define REC_FREE 0
-#define REC_BUSY 1 /* allocated, being written */
-#define REC_USED 2
-#define REC_DEAD 3 /* unindexed by the sweeper, freed at its next pass */
+enum nat_tag {
+	TAG_FREE = 0x00,
+	TAG_BUSY = 0x01,
+	TAG_VALID = 0x80,
+};
+
+enum rec_state {
+	REC_FREE = 0,
+	REC_BUSY = 1, /* allocated, being written */
+	REC_USED = 2,
+	REC_DEAD = 3, /* unindexed by the sweeper, freed at its next pass */
+};
 
 /* Which tuple of a record an index holds. */
-#define NAT_INDEX_FWD 0
-#define NAT_INDEX_REV 1
+enum nat_index {
+	NAT_INDEX_FWD = 0,
+	NAT_INDEX_REV = 1,
+};
 
 /* svc_value.flags */
-#define SVC_F_MASQ 0x1            /* masquerade every connection */
-#define SVC_F_MASQ_OFFCLUSTER 0x2 /* masquerade clients outside cluster_cidrs */
-#define SVC_F_SRC_RANGES 0x4      /* loadBalancerSourceRanges apply (src_ranges) */
+enum svc_flags {
+	SVC_F_MASQ = 0x1, /* masquerade every connection */
+	SVC_F_MASQ_OFFCLUSTER = 0x2, /* masquerade clients outside cluster_cidrs */
+	SVC_F_SRC_RANGES = 0x4, /* loadBalancerSourceRanges apply (src_ranges) */
+};
 
 /* addr_value.flags */
-#define ADDR_F_SERVICE 0x1 /* ClusterIP/LB/external IP: other TCP/UDP/SCTP ports are dropped */
-#define ADDR_F_NODE 0x2    /* node address carrying NodePorts */
+enum addr_flags {
+	ADDR_F_SERVICE = 0x1, /* ClusterIP/LB/external IP: other TCP/UDP/SCTP ports are dropped */
+	ADDR_F_NODE = 0x2, /* node address carrying NodePorts */
+};
 
 /* config.flags */
-#define CFG_F_MASQ_ALL 0x1      /* masquerade every service connection */
-#define CFG_F_CLUSTER_CIDRS 0x2 /* cluster_cidrs holds at least one prefix */
-#define CFG_F_DIRECT_WRITES 0x4 /* nat_write_* are installed: translations take the fast path */
+enum cfg_flags {
+	CFG_F_MASQ_ALL = 0x1, /* masquerade every service connection */
+	CFG_F_CLUSTER_CIDRS = 0x2, /* cluster_cidrs holds at least one prefix */
+	CFG_F_DIRECT_WRITES = 0x4, /* nat_write_* are installed: translations take the fast path */
+};
 
 /* snat_entry.state: what was seen on the connection (TCP flags, reply) */
-#define STATE_SYN 0x01
-#define STATE_FIN 0x02
-#define STATE_RST 0x04
-#define STATE_REPLY 0x08
-#define STATE_CLOSED (STATE_FIN | STATE_RST) /* the connection was closed */
-#define STATE_ALL (STATE_SYN | STATE_FIN | STATE_RST | STATE_REPLY)
+enum entry_state {
+	STATE_SYN = 0x01,
+	STATE_FIN = 0x02,
+	STATE_RST = 0x04,
+	STATE_REPLY = 0x08,
+	STATE_CLOSED = STATE_FIN | STATE_RST, /* the connection was closed */
+	STATE_ALL = STATE_SYN | STATE_FIN | STATE_RST | STATE_REPLY,
+};
 
 /* snat_entry.flags: why the connection was translated and how */
-#define SNAT_F_PORT_KEPT 0x01  /* the client's own port was kept */
-#define SNAT_F_PROBE_HIT 0x02  /* the IPVS probe recorded it: svc_id is its service (agent) */
-#define SNAT_F_MASQ 0x04       /* masquerade mark set at ingress */
-#define SNAT_F_HAIRPIN 0x08    /* source == destination */
-#define SNAT_F_OFFCLUSTER 0x10 /* service backend outside the cluster CIDRs */
-#define SNAT_F_HOST 0x20       /* host-originated connection from a service address */
-#define SNAT_F_RESOLVED 0x40   /* the agent looked the connection up in conns (svc_id, PROBE_HIT) */
+enum snat_flags {
+	SNAT_F_PORT_KEPT = 0x01, /* the client's own port was kept */
+	SNAT_F_PROBE_HIT = 0x02, /* the IPVS probe recorded it: svc_id is its service (agent) */
+	SNAT_F_MASQ = 0x04, /* masquerade mark set at ingress */
+	SNAT_F_HAIRPIN = 0x08, /* source == destination */
+	SNAT_F_OFFCLUSTER = 0x10, /* service backend outside the cluster CIDRs */
+	SNAT_F_HOST = 0x20, /* host-originated connection from a service address */
+	SNAT_F_RESOLVED = 0x40, /* the agent looked the connection up in conns (svc_id, PROBE_HIT) */
+};
 
 /* IPVS connection flags (include/uapi/linux/ip_vs.h) */
-#define IP_VS_CONN_F_TEMPLATE 0x1000
+enum ipvs_conn_flags {
+	IP_VS_CONN_F_TEMPLATE = 0x1000,
+};
 
 /* stats indices */
 enum stat_index {
@@ -93,23 +114,31 @@ enum stat_index {
 };
 
 /* Default sizes (docs/datapath.md); the loader overrides them before load. */
-#define DEFAULT_SVC_PORTS_SIZE 65536
-#define DEFAULT_SVC_ADDRS_SIZE 16384
-#define DEFAULT_SRC_RANGES_SIZE 16384
-#define DEFAULT_CLUSTER_CIDRS_SIZE 256
-#define DEFAULT_DEVICES_SIZE 1024
-#define DEFAULT_SNAT_SIZE 262144 /* records; each index has two ways per record */
-#define DEFAULT_CONNS_SIZE 262144
-#define DEFAULT_FRAGS_SIZE 8192
+enum default_sizes {
+	DEFAULT_SVC_PORTS_SIZE = 65536,
+	DEFAULT_SVC_ADDRS_SIZE = 16384,
+	DEFAULT_SRC_RANGES_SIZE = 16384,
+	DEFAULT_CLUSTER_CIDRS_SIZE = 256,
+	DEFAULT_DEVICES_SIZE = 1024,
+	DEFAULT_SNAT_SIZE = 262144, /* records; each index has two ways per record */
+	DEFAULT_CONNS_SIZE = 262144,
+	DEFAULT_FRAGS_SIZE = 8192,
+};
 /* device_slots entries (maps.h). */
-#define DEVICE_SLOTS 4096
+enum device_slots_size {
+	DEVICE_SLOTS = 4096,
+};
 
 /* The two indexes of the SNAT table (table.h): two ways per record, NAT_WAYS a bucket. */
-#define DEFAULT_NAT_BUCKETS ((2 * DEFAULT_SNAT_SIZE + NAT_WAYS - 1) / NAT_WAYS)
+enum default_nat_buckets {
+	DEFAULT_NAT_BUCKETS = ((2 * DEFAULT_SNAT_SIZE + NAT_WAYS - 1) / NAT_WAYS),
+};
 
 /* flow_cache slots per CPU (a power of two) and how long a slot stays valid. */
-#define FLOW_CACHE_SLOTS 1024
-#define FLOW_CACHE_TTL_JIFFIES 256
+enum flow_cache_geometry {
+	FLOW_CACHE_SLOTS = 1024,
+	FLOW_CACHE_TTL_JIFFIES = 256,
+};
 
 enum nat_dir {
 	NAT_SRC = 0, /* egress: rewrite the source */
@@ -125,5 +154,32 @@ enum nat_dir {
 #define FAST_JOB_V4 0x4b40
 #define FAST_JOB_V6 0x4b60
 #define FAST_JOB_L3 0x0001
+
+/*
+ * Anchors the enums above in the objects' BTF (an enum reaches BTF only when something emitted
+ * uses its type): probes/tests/btf_layout.rs checks the constants probes/src/maps.rs mirrors
+ * against these enums, by name. A variable in a section of its own, which is no map: libbpf skips
+ * sections it does not know, and no program refers to it.
+ */
+struct kib_consts {
+	enum nat_geometry nat_geometry;
+	enum nat_tag nat_tag;
+	enum rec_state rec_state;
+	enum nat_index nat_index;
+	enum svc_flags svc_flags;
+	enum addr_flags addr_flags;
+	enum cfg_flags cfg_flags;
+	enum entry_state entry_state;
+	enum snat_flags snat_flags;
+	enum ipvs_conn_flags ipvs_conn_flags;
+	enum stat_index stat_index;
+	enum default_sizes default_sizes;
+	enum device_slots_size device_slots_size;
+	enum default_nat_buckets default_nat_buckets;
+	enum flow_cache_geometry flow_cache_geometry;
+	enum nat_dir nat_dir;
+};
+
+struct kib_consts kib_consts __attribute__((section(".kib.consts"), unused));
 
 #endif /* KIB_CONSTS_H */
