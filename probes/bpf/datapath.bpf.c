@@ -6,7 +6,7 @@
  *   tc_egress / tc_egress_l3: established SNAT fast path, SNAT decision and port allocation;
  *   nat_write_egress / nat_write_ingress: the direct-write rewrite the TC programs hand
  *     translations to by tail call (nat_writers_*);
- * Both TC programs try the fast path first (nat.h: an established IPv4/IPv6 TCP/UDP flow whose
+ * Both TC programs try the fast path first (flow_cache.h: an established IPv4/IPv6 TCP/UDP flow whose
  * per-CPU flow-cache slot translates it, handed to nat_write in skb->cb), then the general path.
  *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
  * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
@@ -23,7 +23,13 @@
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
-#include "nat.h"
+#include "table.h"
+#include "rewrite.h"
+#include "flow_cache.h"
+#include "conn_state.h"
+#include "frag.h"
+#include "snat.h"
+#include "icmp_xlate.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -102,6 +108,23 @@ static __always_inline int ingress_later_fragment(struct __sk_buff *skb, struct 
 	return TC_ACT_UNSPEC;
 }
 
+/*
+ * The prologue of both general paths: 1 when p holds an IP packet to go on with; 0 when the packet
+ * is not ours to translate: not IP, or not parsable (counted as parse_error). Either way it passes.
+ */
+static __always_inline int general_parse(struct __sk_buff *skb, __u32 l2_len, struct pkt *p)
+{
+	int ret = parse_packet(skb, l2_len, p);
+
+	if (ret == PARSE_NOT_IP)
+		return 0;
+	if (ret != PARSE_OK) {
+		stat_inc(STAT_PARSE_ERROR);
+		return 0;
+	}
+	return 1;
+}
+
 /* Ingress after the fast path: every packet the fast path did not translate. */
 static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 					   const struct config *cfg)
@@ -116,13 +139,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	__u8 bits;
 	int ret;
 
-	ret = parse_packet(skb, l2_len, &p);
-	if (ret == PARSE_NOT_IP)
+	if (!general_parse(skb, l2_len, &p))
 		return TC_ACT_UNSPEC;
-	if (ret != PARSE_OK) {
-		stat_inc(STAT_PARSE_ERROR);
-		return TC_ACT_UNSPEC;
-	}
 	if (p.frag == FRAG_LATER)
 		return ingress_later_fragment(skb, &p, cfg);
 
@@ -285,13 +303,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	__u8 flags;
 	int ret;
 
-	ret = parse_packet(skb, l2_len, &p);
-	if (ret == PARSE_NOT_IP)
+	if (!general_parse(skb, l2_len, &p))
 		return TC_ACT_UNSPEC;
-	if (ret != PARSE_OK) {
-		stat_inc(STAT_PARSE_ERROR);
-		return TC_ACT_UNSPEC;
-	}
 	if (p.frag == FRAG_LATER)
 		return egress_later_fragment(skb, &p, cfg);
 	if (!p.has_ports)

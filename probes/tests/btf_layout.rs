@@ -1,14 +1,18 @@
 //! The Rust mirrors in `probes::maps` against the BTF of the compiled objects: for every key and
 //! value struct, its size and each member's name, offset and size; and every map's key/value
-//! size against the Rust type used with it. No kernel access needed.
+//! size against the Rust type used with it; and every constant `probes::maps` mirrors (flags,
+//! states, counter indices, sizes) against the enum value of the same name in the BTF (the C
+//! constants are enums, anchored in BTF by `struct kib_consts`, bpf/consts.h). No kernel access
+//! needed.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 
 use libbpf_rs::btf::types::{Array, Enum, Int, MemberAttr, Struct, Union};
 use libbpf_rs::btf::{BtfKind, BtfType};
 use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
-    AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
+    self, AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
     DropEvent, FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey,
     SnatEntry, SvcKey, SvcValue, Tuple, map_names,
 };
@@ -362,4 +366,103 @@ fn map_key_and_value_sizes_match_rust_types() {
             "{object_name}: declares every shared map (and the datapath its own)"
         );
     }
+}
+
+/// Every enumerator of every enum in an object's BTF, by name.
+fn btf_enum_values(object_name: &str, bytes: &[u8]) -> HashMap<String, i64> {
+    let btf = Btf::from_raw(object_name, bytes)
+        .expect("parse BTF")
+        .expect("object has BTF");
+    let mut values = HashMap::new();
+    for ty in btf.type_by_kind::<Enum<'_>>() {
+        for member in ty.iter() {
+            if let Some(name) = member.name {
+                values.insert(name.to_string_lossy().into_owned(), member.value);
+            }
+        }
+    }
+    values
+}
+
+/// The constants of `probes::maps` that mirror a C constant of bpf/consts.h, by the C name.
+fn mirrored_constants() -> Vec<(String, i64)> {
+    macro_rules! constants {
+        ($($name:ident),* $(,)?) => {
+            vec![$((stringify!($name).to_owned(), maps::$name as i64)),*]
+        };
+    }
+    let mut constants = constants![
+        SVC_F_MASQ,
+        SVC_F_MASQ_OFFCLUSTER,
+        SVC_F_SRC_RANGES,
+        ADDR_F_SERVICE,
+        ADDR_F_NODE,
+        CFG_F_MASQ_ALL,
+        CFG_F_CLUSTER_CIDRS,
+        CFG_F_DIRECT_WRITES,
+        STATE_SYN,
+        STATE_FIN,
+        STATE_RST,
+        STATE_REPLY,
+        SNAT_F_PORT_KEPT,
+        SNAT_F_PROBE_HIT,
+        SNAT_F_MASQ,
+        SNAT_F_HAIRPIN,
+        SNAT_F_OFFCLUSTER,
+        SNAT_F_HOST,
+        SNAT_F_RESOLVED,
+        IP_VS_CONN_F_TEMPLATE,
+        DEFAULT_SVC_PORTS_SIZE,
+        DEFAULT_SVC_ADDRS_SIZE,
+        DEFAULT_SRC_RANGES_SIZE,
+        DEFAULT_CLUSTER_CIDRS_SIZE,
+        DEFAULT_DEVICES_SIZE,
+        DEFAULT_SNAT_SIZE,
+        DEFAULT_CONNS_SIZE,
+        DEFAULT_FRAGS_SIZE,
+        DEVICE_SLOTS,
+        NAT_WAYS,
+        NAT_PROBE_BUCKETS,
+        NAT_LOCK_STRIPES,
+        TAG_FREE,
+        TAG_BUSY,
+        TAG_VALID,
+        REC_FREE,
+        REC_BUSY,
+        REC_USED,
+        REC_DEAD,
+        FLOW_CACHE_SLOTS,
+        FLOW_CACHE_TTL_JIFFIES,
+    ];
+    // The stats indices: STAT_<counter name> is the Counter's value, STAT_MAX their number.
+    for counter in Counter::ALL {
+        let name = format!("STAT_{}", counter.name().to_uppercase());
+        constants.push((name, *counter as i64));
+    }
+    constants.push(("STAT_MAX".to_owned(), Counter::COUNT as i64));
+    constants
+}
+
+fn check_constants(object_name: &str, bytes: &[u8]) {
+    let values = btf_enum_values(object_name, bytes);
+    let mut checked = 0;
+    for (name, rust) in mirrored_constants() {
+        let c = values
+            .get(&name)
+            .unwrap_or_else(|| panic!("{object_name}: enum constant {name} not in BTF"));
+        assert_eq!(*c, rust, "{object_name}: {name} (C) vs probes::maps (Rust)");
+        checked += 1;
+    }
+    assert!(checked > 0, "{object_name}: no constant checked");
+}
+
+#[test]
+fn datapath_object_constants_match_rust_mirrors() {
+    check_constants("datapath", DATAPATH_OBJECT);
+}
+
+#[test]
+fn ipvs_probe_object_constants_match_rust_mirrors() {
+    // Same header, same enums: the probe object carries them as well.
+    check_constants("ipvs_probe", IPVS_PROBE_OBJECT);
 }
