@@ -117,10 +117,6 @@ pub fn ct_dump_request(seq: u32) -> Vec<u8> {
     )
 }
 
-fn nested(value: &[u8]) -> Vec<(u16, &[u8])> {
-    parse_nlattrs(value)
-}
-
 fn find<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
     attrs.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
 }
@@ -134,8 +130,8 @@ fn be32(v: &[u8]) -> Option<u32> {
 }
 
 fn parse_tuple(value: &[u8]) -> Option<CtTuple> {
-    let attrs = nested(value);
-    let ip = nested(find(&attrs, CTA_TUPLE_IP)?);
+    let attrs = parse_nlattrs(value);
+    let ip = parse_nlattrs(find(&attrs, CTA_TUPLE_IP)?);
     let addr4 = |ty| -> Option<IpAddr> {
         let b: [u8; 4] = find(&ip, ty)?.get(..4)?.try_into().ok()?;
         Some(IpAddr::V4(Ipv4Addr::from(b)))
@@ -148,7 +144,7 @@ fn parse_tuple(value: &[u8]) -> Option<CtTuple> {
         (Some(s), Some(d)) => (s, d),
         _ => (addr6(CTA_IP_V6_SRC)?, addr6(CTA_IP_V6_DST)?),
     };
-    let proto = nested(find(&attrs, CTA_TUPLE_PROTO)?);
+    let proto = parse_nlattrs(find(&attrs, CTA_TUPLE_PROTO)?);
     Some(CtTuple {
         src,
         dst,
@@ -163,8 +159,8 @@ fn parse_tuple(value: &[u8]) -> Option<CtTuple> {
 pub fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
     let attrs = parse_attrs(payload);
     let tcp_state = find(&attrs, CTA_PROTOINFO)
-        .map(nested)
-        .and_then(|p| find(&p, CTA_PROTOINFO_TCP).map(nested))
+        .map(parse_nlattrs)
+        .and_then(|p| find(&p, CTA_PROTOINFO_TCP).map(parse_nlattrs))
         .and_then(|t| find(&t, CTA_PROTOINFO_TCP_STATE).and_then(|v| v.first().copied()));
     Some(CtEntry {
         id: find(&attrs, CTA_ID).and_then(be32).unwrap_or(0),

@@ -921,11 +921,6 @@ impl Counter {
         Counter::FilteredSrcRange,
     ];
 
-    /// Whether the counter counts dropped packets.
-    pub fn is_drop(self) -> bool {
-        Counter::DROPS.contains(&self)
-    }
-
     /// Index in `stats`.
     pub fn index(self) -> u32 {
         self as u32

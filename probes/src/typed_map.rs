@@ -422,10 +422,7 @@ impl DatapathMaps {
             return Ok(Vec::new());
         };
         let mut last = Vec::new();
-        for &counter in Counter::ALL {
-            if !counter.is_drop() {
-                continue;
-            }
+        for &counter in Counter::DROPS {
             let newest = drop_last
                 .get_per_cpu(counter.index())?
                 .into_iter()

@@ -82,15 +82,17 @@ pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
 
 /// The datapath counters that count dropped packets, each a `reason` of
 /// `kube_ipvs_bpf_datapath_drops_total` (docs/datapath.md, Counters). `parse_error` is not one:
-/// it mostly counts packets passed untouched.
-pub const DROP_REASONS: &[&str] = &[
-    DatapathCounter::PortExhausted.name(),
-    DatapathCounter::MapFull.name(),
-    DatapathCounter::LockBusy.name(),
-    DatapathCounter::FragMiss.name(),
-    DatapathCounter::FilteredPort.name(),
-    DatapathCounter::FilteredSrcRange.name(),
-];
+/// it mostly counts packets passed untouched. Spelled from [`DatapathCounter::DROPS`], the one
+/// list of them.
+pub const DROP_REASONS: &[&str] = &{
+    let mut names = [""; DatapathCounter::DROPS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = DatapathCounter::DROPS[i].name();
+        i += 1;
+    }
+    names
+};
 
 /// An IP family, as kube-proxy's `ip_family` label spells it.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
