@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use lab::agent::{Agent, Manifests};
 use lab::topology::SnatTopology;
-use lab::traffic::{HeldConnection, Server, seen_source, tcp_request, udp_request};
+use lab::traffic::{
+    HeldConnection, Server, seen_source, tcp_request, tcp_request_from, udp_request,
+    udp_request_from,
+};
 use lab::{Netns, require_lab};
 
 /// Services of the datapath tests (dual-stack where it matters).
@@ -99,6 +102,11 @@ struct Lab {
 }
 
 fn lab(name: &str, firewall_drop: Option<bool>) -> Lab {
+    lab_with_config(name, firewall_drop, None)
+}
+
+/// [`lab`], the agent started with a kube-proxy configuration file holding `config`.
+fn lab_with_config(name: &str, firewall_drop: Option<bool>, config: Option<&str>) -> Lab {
     require_lab();
     let t = SnatTopology::new(name);
     if let Some(drop) = firewall_drop {
@@ -117,16 +125,19 @@ fn lab(name: &str, firewall_drop: Option<bool>) -> Lab {
     let m = manifests(name);
     // A sweep a second: the sweeper resolves new SNAT records against the probe's `conns`
     // (the `probe_hit` counter) soon after they appear.
-    let agent = Agent::start(
-        &t.node,
-        &m.dir,
-        &[
-            "--cluster-cidr",
-            SnatTopology::CLUSTER_CIDRS,
-            "--sweep-period",
-            "1s",
-        ],
-    );
+    let mut args = vec![
+        "--cluster-cidr".to_string(),
+        SnatTopology::CLUSTER_CIDRS.to_string(),
+        "--sweep-period".to_string(),
+        "1s".to_string(),
+    ];
+    if let Some(config) = config {
+        m.write_other("config.yaml", config);
+        args.push("--config".to_string());
+        args.push(format!("{}/config.yaml", m.other_dir.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&t.node, &m.dir, &args);
     agent.wait_sync(0, 1);
     Lab {
         t,
@@ -630,7 +641,16 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
     const TCP_PER_CPU: usize = 120;
     const UDP_PER_CPU: usize = 40;
     const POD_PER_CPU: usize = 40;
-    let l = lab("dp-smp", None);
+    // The requests take minutes under TCG: with IPVS's default timeouts (120 s after a FIN) the
+    // sweeper would rightly free the first connections' records before the count. An hour
+    // keeps every record for the count; expiry has its own test.
+    let l = lab_with_config(
+        "dp-smp",
+        None,
+        Some(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nipvs:\n  tcpFinTimeout: 1h\n  udpTimeout: 1h\n",
+        ),
+    );
     let cpus = online_cpus();
     eprintln!("clients pinned to CPUs {cpus:?}");
     let before = l.t.conntrack_count();
@@ -645,12 +665,15 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
                     pin_to(cpu);
                     let mut answers = Vec::new();
                     for i in 0..TCP_PER_CPU {
-                        answers.push(("tcp", tcp_request(&t.client, addr("10.0.1.1:30080"))));
+                        let to = addr("10.0.1.1:30080");
+                        answers.push(("tcp", tcp_request_from(&t.client, to)));
                         if i < UDP_PER_CPU {
-                            answers.push(("udp", udp_request(&t.client, addr("10.0.1.1:30053"))));
+                            let to = addr("10.0.1.1:30053");
+                            answers.push(("udp", udp_request_from(&t.client, to)));
                         }
                         if i < POD_PER_CPU {
-                            answers.push(("pod", tcp_request(&t.pod, addr("10.96.0.10:80"))));
+                            let to = addr("10.96.0.10:80");
+                            answers.push(("pod", tcp_request_from(&t.pod, to)));
                         }
                     }
                     answers
@@ -662,17 +685,34 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
             .flat_map(|w| w.join().expect("client thread"))
             .collect()
     });
-    let mut translated = 0u64;
+    // A translated connection is its client port (one client address): the kernel picks a UDP
+    // client's port at random, and two requests from one port within IPVS's UDP timeout are one
+    // IPVS connection, so one SNAT record. Each maps to the node address:port its backend saw.
+    let mut node_port_of = std::collections::BTreeMap::new();
+    let mut requests = 0;
     for (kind, answer) in answers {
-        let answer = answer.unwrap_or_else(|e| panic!("{kind} request failed: {e}"));
-        let seen = seen_source(&answer).map(|s| s.ip().to_string());
+        let (local, answer) = answer.unwrap_or_else(|e| panic!("{kind} request failed: {e}"));
+        let seen = seen_source(&answer);
         if kind == "pod" {
-            assert_eq!(seen.as_deref(), Some("10.244.1.2"), "{answer}");
-        } else {
-            assert_eq!(seen.as_deref(), Some("10.0.2.1"), "{answer}");
-            translated += 1;
+            assert_eq!(
+                seen.map(|s| s.ip().to_string()).as_deref(),
+                Some("10.244.1.2"),
+                "{answer}"
+            );
+            continue;
         }
+        requests += 1;
+        let seen = seen.filter(|s| s.ip().to_string() == "10.0.2.1");
+        let seen = seen.unwrap_or_else(|| panic!("{kind} not from the node's address: {answer}"));
+        let earlier = node_port_of.insert((kind, local.port()), seen);
+        assert!(
+            earlier.is_none_or(|e| e == seen),
+            "{kind} client port {} reached its backend from {earlier:?} and {seen}",
+            local.port()
+        );
     }
+    let translated = node_port_of.len() as u64;
+    eprintln!("{requests} requests, {translated} distinct client connections");
     assert_eq!(l.t.conntrack_count(), before, "nf_conntrack_count grew");
     let snat = l.agent.inspect_snat(&l.t.node);
     let rows = snat["snat"].as_array().expect("snat rows");
@@ -694,12 +734,37 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
             "two connections share a reply tuple: {proto} {node} <- {backend}\n{snat}"
         );
     }
+    let c = l.agent.counters(&l.t.node);
+    let in_table: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter_map(|r| r["node"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<_> = node_port_of
+        .iter()
+        .filter(|(_, node)| !in_table.contains(&node.to_string()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "connections without a record: {missing:?}\n{snat}"
+    );
+    for r in rows {
+        let kind = r["protocol"].as_str().unwrap_or_default().to_lowercase();
+        let client: Option<SocketAddr> = r["client"].as_str().and_then(|c| c.parse().ok());
+        let port = client.map_or(0, |c| c.port());
+        let expected = node_port_of
+            .get(&(kind.as_str(), port))
+            .map(|n| n.to_string());
+        assert_eq!(
+            expected.as_deref(),
+            r["node"].as_str(),
+            "a record whose node tuple is not the one its client's backend saw: {r}"
+        );
+    }
     assert_eq!(
         rows.len() as u64,
         translated,
-        "one SNAT record per translated connection"
+        "one SNAT record per translated connection\ncounters: {c:?}\n{snat}"
     );
-    let c = l.agent.counters(&l.t.node);
     eprintln!("counters after {translated} translated connections: {c:?}");
     assert_eq!(c.get("snat_alloc").copied(), Some(translated), "{c:?}");
     for dropped in ["map_full", "port_exhausted"] {

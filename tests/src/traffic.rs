@@ -172,18 +172,30 @@ impl Drop for Server {
 
 /// One TCP request from inside `ns` to `to`; returns the server's answer ("peer -> local").
 pub fn tcp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    tcp_request_from(ns, to).map(|(_, answer)| answer)
+}
+
+/// [`tcp_request`], also returning the client's own address:port (its side of the connection).
+pub fn tcp_request_from(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     ns.run(move || {
         let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+        let local = c.local_addr()?;
         c.set_read_timeout(Some(IO_TIMEOUT))?;
         c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
         let mut out = String::new();
         c.read_to_string(&mut out)?;
-        Ok(out)
+        Ok((local, out))
     })
 }
 
 /// One UDP request from inside `ns` to `to`; returns the answer (first line).
 pub fn udp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    udp_request_from(ns, to).map(|(_, answer)| answer)
+}
+
+/// [`udp_request`], also returning the client's own address:port (the kernel picks the port at
+/// random, so two requests may share one: to IPVS they are then one connection).
+pub fn udp_request_from(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     ns.run(move || {
         let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
             .parse()
@@ -191,10 +203,11 @@ pub fn udp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
         let s = UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.send_to(b"ping", to)?;
+        let local = s.local_addr()?;
         let mut buf = vec![0u8; 65536];
         let (n, _) = s.recv_from(&mut buf)?;
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        Ok(text.lines().next().unwrap_or_default().to_string())
+        Ok((local, text.lines().next().unwrap_or_default().to_string()))
     })
 }
 
