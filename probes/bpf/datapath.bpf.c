@@ -6,7 +6,7 @@
  *   tc_egress / tc_egress_l3: established SNAT fast path, SNAT decision and port allocation;
  *   nat_write_egress / nat_write_ingress: the direct-write rewrite the TC programs hand
  *     translations to by tail call (nat_writers_*);
- * Both TC programs try the fast path first (nat.h: an established IPv4/IPv6 TCP/UDP flow whose
+ * Both TC programs try the fast path first (flow_cache.h: an established IPv4/IPv6 TCP/UDP flow whose
  * per-CPU flow-cache slot translates it, handed to nat_write in skb->cb), then the general path.
  *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
  * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
@@ -23,7 +23,13 @@
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
-#include "nat.h"
+#include "table.h"
+#include "rewrite.h"
+#include "flow_cache.h"
+#include "conn_state.h"
+#include "frag.h"
+#include "snat.h"
+#include "icmp_xlate.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 

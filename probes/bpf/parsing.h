@@ -8,7 +8,8 @@
  * Two readers: parse_from_l3() reads everything with bpf_skb_load_bytes (the socket filter has
  * no direct packet access; it also covers non-linear skbs and IPv6 extension headers), and
  * parse_packet(), the TC entry, reads linear headers directly (a helper call costs as much as a
- * map lookup) and falls back to the former.
+ * map lookup) and falls back to the former. The tuples of a parsed packet (its own, and the one
+ * of the other direction) are the keys the maps are looked up with.
  */
 #ifndef KIB_PARSING_H
 #define KIB_PARSING_H
@@ -361,6 +362,25 @@ static __always_inline int parse_packet(struct __sk_buff *skb, __u32 l2_len, str
 		return parse_l4_direct(skb, p);
 	}
 	return PARSE_NOT_IP;
+}
+
+static __always_inline void tuple_from_pkt(const struct pkt *p, struct tuple *t)
+{
+	addr_copy(t->saddr, p->saddr);
+	addr_copy(t->daddr, p->daddr);
+	t->sport = p->sport;
+	t->dport = p->dport;
+	t->proto = p->proto;
+}
+
+/* The tuple of the other direction: the reply of p, or the request p replies to. */
+static __always_inline void tuple_reversed_from_pkt(const struct pkt *p, struct tuple *t)
+{
+	addr_copy(t->saddr, p->daddr);
+	addr_copy(t->daddr, p->saddr);
+	t->sport = p->dport;
+	t->dport = p->sport;
+	t->proto = p->proto;
 }
 
 #endif /* KIB_PARSING_H */

@@ -63,6 +63,7 @@
 #include <linux/bpf.h>
 #include <linux/errno.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "maps.h"
 
@@ -272,14 +273,6 @@ static __always_inline void nat_unlock(__u32 *lock)
 {
 	*(volatile __u32 *)lock = 0;
 }
-
-/* A way a claim holds (with its home stripe's lock), for nat_publish or nat_unclaim. */
-struct nat_claim {
-	__u32 home;   /* bucket whose stripe's lock is held */
-	__u32 bucket; /* bucket of the claimed way */
-	__u32 way;
-	__u32 tag;
-};
 
 /*
  * Claims a way for tuple k (at pos) in an index: on 0, *c holds it and the home stripe's lock is

@@ -1,8 +1,8 @@
-//! Rust mirrors of the datapath's map keys and values (`bpf/maps.h`, docs/datapath.md): the
-//! `#[repr(C)]` structs with their explicit padding, the flag, state and counter constants, the
-//! default marks, port ranges and map sizes, and the conversions between `IpAddr` and the 16-byte
-//! (IPv4-mapped) form every map uses. Byte conversion is zerocopy's; `tests/btf_layout.rs` checks
-//! every struct against the BTF of the compiled objects.
+//! Rust mirrors of the datapath's map keys and values (`bpf/structs.h`, `bpf/consts.h`,
+//! docs/datapath.md): the `#[repr(C)]` structs with their explicit padding, the flag, state and
+//! counter constants, the default marks, port ranges and map sizes, and the conversions between
+//! `IpAddr` and the 16-byte (IPv4-mapped) form every map uses. Byte conversion is zerocopy's;
+//! `tests/btf_layout.rs` checks every struct against the BTF of the compiled objects.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * consts.h: the constants of kube-ipvs-bpf that more than one header, or the agent, knows: the
+ * address length, the SNAT table's geometry and tag and record states, the flag and state bits of
+ * the map values, the stats counter indices, the maps' default sizes, the direction of a
+ * translation and the skb->cb encoding of a fast-path hand-off. probes/src/maps.rs mirrors the
+ * ones the agent uses. A concern's private constants stay in its own header.
+ */
+#ifndef KIB_CONSTS_H
+#define KIB_CONSTS_H
+
+#define ADDR_LEN 16
+
+/*
+ * The SNAT table (table.h, structs.h's struct nat_bucket): NAT_WAYS ways a bucket; a way's tag is
+ * TAG_FREE, TAG_BUSY (claimed by an insert) or TAG_VALID | 7 bits of the tuple's hash. Inserts
+ * take the lock of the bucket's stripe in snat_locks (NAT_LOCK_STRIPES per index) and look for a
+ * free way in up to NAT_PROBE_BUCKETS buckets.
+ */
+#define NAT_WAYS 6
+#define NAT_PROBE_BUCKETS 4
+#define NAT_LOCK_STRIPES 8192
+#define TAG_FREE 0x00
+#define TAG_BUSY 0x01
+#define TAG_VALID 0x80
+
+#define REC_FREE 0
+#define REC_BUSY 1 /* allocated, being written */
+#define REC_USED 2
+#define REC_DEAD 3 /* unindexed by the sweeper, freed at its next pass */
+
+/* Which tuple of a record an index holds. */
+#define NAT_INDEX_FWD 0
+#define NAT_INDEX_REV 1
+
+/* svc_value.flags */
+#define SVC_F_MASQ 0x1            /* masquerade every connection */
+#define SVC_F_MASQ_OFFCLUSTER 0x2 /* masquerade clients outside cluster_cidrs */
+#define SVC_F_SRC_RANGES 0x4      /* loadBalancerSourceRanges apply (src_ranges) */
+
+/* addr_value.flags */
+#define ADDR_F_SERVICE 0x1 /* ClusterIP/LB/external IP: other TCP/UDP/SCTP ports are dropped */
+#define ADDR_F_NODE 0x2    /* node address carrying NodePorts */
+
+/* config.flags */
+#define CFG_F_MASQ_ALL 0x1      /* masquerade every service connection */
+#define CFG_F_CLUSTER_CIDRS 0x2 /* cluster_cidrs holds at least one prefix */
+#define CFG_F_DIRECT_WRITES 0x4 /* nat_write_* are installed: translations take the fast path */
+
+/* snat_entry.state: what was seen on the connection (TCP flags, reply) */
+#define STATE_SYN 0x01
+#define STATE_FIN 0x02
+#define STATE_RST 0x04
+#define STATE_REPLY 0x08
+#define STATE_CLOSED (STATE_FIN | STATE_RST) /* the connection was closed */
+#define STATE_ALL (STATE_SYN | STATE_FIN | STATE_RST | STATE_REPLY)
+
+/* snat_entry.flags: why the connection was translated and how */
+#define SNAT_F_PORT_KEPT 0x01  /* the client's own port was kept */
+#define SNAT_F_PROBE_HIT 0x02  /* the IPVS probe recorded it: svc_id is its service (agent) */
+#define SNAT_F_MASQ 0x04       /* masquerade mark set at ingress */
+#define SNAT_F_HAIRPIN 0x08    /* source == destination */
+#define SNAT_F_OFFCLUSTER 0x10 /* service backend outside the cluster CIDRs */
+#define SNAT_F_HOST 0x20       /* host-originated connection from a service address */
+#define SNAT_F_RESOLVED 0x40   /* the agent looked the connection up in conns (svc_id, PROBE_HIT) */
+
+/* IPVS connection flags (include/uapi/linux/ip_vs.h) */
+#define IP_VS_CONN_F_TEMPLATE 0x1000
+
+/* stats indices */
+enum stat_index {
+	STAT_SNAT_ALLOC = 0,
+	STAT_SNAT_PORT_REUSE,
+	STAT_PORT_EXHAUSTED,
+	STAT_MAP_FULL,
+	STAT_REV_HIT,
+	STAT_FWD_HIT,
+	STAT_ICMP_XLATE,
+	STAT_FRAG_XLATE,
+	STAT_FRAG_MISS,
+	STAT_PROBE_CONN,
+	STAT_PROBE_TEMPLATE_SKIPPED,
+	STAT_PROBE_HIT,
+	STAT_PROBE_MISS,
+	STAT_FILTERED_PORT,
+	STAT_FILTERED_SRC_RANGE,
+	STAT_SVC_MARKED,
+	STAT_REPLY_MARKED,
+	STAT_NO_SNAT_ADDR,
+	STAT_PARSE_ERROR,
+	STAT_LOCK_BUSY,
+	STAT_MAX,
+};
+
+/* Default sizes (docs/datapath.md); the loader overrides them before load. */
+#define DEFAULT_SVC_PORTS_SIZE 65536
+#define DEFAULT_SVC_ADDRS_SIZE 16384
+#define DEFAULT_SRC_RANGES_SIZE 16384
+#define DEFAULT_CLUSTER_CIDRS_SIZE 256
+#define DEFAULT_DEVICES_SIZE 1024
+#define DEFAULT_SNAT_SIZE 262144 /* records; each index has two ways per record */
+#define DEFAULT_CONNS_SIZE 262144
+#define DEFAULT_FRAGS_SIZE 8192
+/* device_slots entries (maps.h). */
+#define DEVICE_SLOTS 4096
+
+/* The two indexes of the SNAT table (table.h): two ways per record, NAT_WAYS a bucket. */
+#define DEFAULT_NAT_BUCKETS ((2 * DEFAULT_SNAT_SIZE + NAT_WAYS - 1) / NAT_WAYS)
+
+/* flow_cache slots per CPU (a power of two) and how long a slot stays valid. */
+#define FLOW_CACHE_SLOTS 1024
+#define FLOW_CACHE_TTL_JIFFIES 256
+
+enum nat_dir {
+	NAT_SRC = 0, /* egress: rewrite the source */
+	NAT_DST = 1, /* ingress: rewrite the destination */
+};
+
+/*
+ * skb->cb[4] of a hand-off to nat_write: FAST_JOB_* << 16 | the new port (as it lies in memory),
+ * the new address in cb[0..3] (IPv4: cb[3]); 0 for the general hand-off (cpu_scratch.job).
+ * FAST_JOB_L3 marks a packet without an Ethernet header. cb is the qdisc/TC control block the
+ * programs own until they return.
+ */
+#define FAST_JOB_V4 0x4b40
+#define FAST_JOB_V6 0x4b60
+#define FAST_JOB_L3 0x0001
+
+#endif /* KIB_CONSTS_H */

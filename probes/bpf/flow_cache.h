@@ -1,0 +1,198 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * flow_cache.h: the per-CPU flow cache (flow_cache, struct flow_slot) in front of snat_fwd and
+ * snat_rev: a slot's index from a tuple or from the packet's headers, the hit test and the fill of
+ * the general path, and the fast path both TC programs try first (fast_path_hit: an established
+ * IPv4/IPv6 TCP/UDP flow translated by its slot, handed to nat_write in skb->cb).
+ */
+#ifndef KIB_FLOW_CACHE_H
+#define KIB_FLOW_CACHE_H
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "maps.h"
+#include "parsing.h"
+
+/*
+ * The flow_cache slot index of a tuple from its folded addresses (the XOR of each address's
+ * words), ports word and protocol: what the general path computes from a struct tuple and the
+ * fast path from the packet's headers.
+ */
+static __always_inline __u32 flow_hash(__u32 sfold, __u32 dfold, __u32 ports, __u8 proto)
+{
+	__u32 h = sfold ^ ((dfold << 16) | (dfold >> 16)) ^ ports ^ proto;
+
+	return ((h * 0x9E3779B1u) >> 16) & (FLOW_CACHE_SLOTS - 1);
+}
+
+static __always_inline __u32 addr_fold(const __u8 a[ADDR_LEN])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return w[0] ^ w[1] ^ w[2] ^ w[3];
+}
+
+/* Word 2 of an IPv4-mapped address (::ffff:a.b.c.d); words 0 and 1 are zero. */
+#define V4_MAPPED_WORD2 bpf_htonl(0x0000ffff)
+
+static __always_inline __u8 addr_family(const __u8 a[ADDR_LEN])
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return (w[0] | w[1]) == 0 && w[2] == V4_MAPPED_WORD2 ? 4 : 6;
+}
+
+static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
+{
+	__u32 index = flow_hash(addr_fold(t->saddr), addr_fold(t->daddr),
+				*(const __u32 *)&t->sport, t->proto);
+
+	return bpf_map_lookup_elem(&flow_cache, &index);
+}
+
+/*
+ * The word at offset 36 of a slot without its state byte. Little-endian layout of
+ * proto, dir, family, state.
+ */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SLOT_TAG(proto, dir, family) ((__u32)(proto) | ((__u32)(dir) << 8) | ((__u32)(family) << 16))
+#define SLOT_TAG_MASK 0x00ffffffu
+#else
+#define SLOT_TAG(proto, dir, family) (((__u32)(proto) << 24) | ((__u32)(dir) << 16) | ((__u32)(family) << 8))
+#define SLOT_TAG_MASK 0xffffff00u
+#endif
+
+/*
+ * Whether slot translates t in direction dir now: same tuple, younger than
+ * FLOW_CACHE_TTL_JIFFIES, the packet brings no state bits the entry lacks, and no SYN: a SYN may
+ * open a new connection on the tuples of a closed one, which the table entry then records
+ * (record_reopen(); a slot only knows its own direction's state), as it records the reply's
+ * SYN-ACK. SYNs are one or two packets a connection, and the fast path never takes them.
+ */
+static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct tuple *t,
+					 __u8 dir, __u8 bits, __u64 now_jiffies)
+{
+	const __u32 *a = (const __u32 *)s;
+	const __u32 *b = (const __u32 *)t;
+	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
+		     (a[8] ^ b[8]);
+
+	return diff == 0 && s->proto == t->proto && s->dir == dir && s->family != 0 &&
+	       (__u32)now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
+	       (bits & ~s->state) == 0 && !(bits & STATE_SYN);
+}
+
+/* Copies a translation into the flow_cache slot of t. */
+static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
+					   const __u8 addr[ADDR_LEN], __be16 port, __u8 state,
+					   __u64 now_jiffies)
+{
+	__u32 *a = (__u32 *)s;
+	const __u32 *b = (const __u32 *)t;
+
+	a[0] = b[0];
+	a[1] = b[1];
+	a[2] = b[2];
+	a[3] = b[3];
+	a[4] = b[4];
+	a[5] = b[5];
+	a[6] = b[6];
+	a[7] = b[7];
+	a[8] = b[8];
+	s->proto = t->proto;
+	s->dir = dir;
+	s->family = addr_family(t->saddr);
+	s->state = state;
+	addr_copy(s->addr, addr);
+	s->port = port;
+	s->filled_jiffies = now_jiffies;
+}
+
+/*
+ * The fast path, tried first by both TC programs: a linear, unfragmented IPv4 (20-byte header) or
+ * IPv6 (no extension header) TCP/UDP packet that carries no TCP SYN/FIN/RST, whose flow_cache
+ * slot translates it in direction dir. On a hit the translation is put in skb->cb for nat_write
+ * (FAST_JOB_*) and 1 is returned; nothing else is needed from the packet (no state bit to record,
+ * no last-seen refresh: the slot is younger than its TTL).
+ */
+static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __u8 dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	const __u32 *w;
+	struct flow_slot *s;
+	__u32 kind, index, ports;
+	__u8 *l3 = data + l2_len;
+	__u8 version = ip_version(skb, l2_len, data, data_end);
+	__u8 *l4;
+	__u8 proto;
+
+	if (version == 4) {
+		l4 = l3 + 20;
+		if ((void *)(l4 + 8) > data_end)
+			return 0;
+		if (l3[0] != 0x45 || (*(__u16 *)(l3 + 6) & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK)))
+			return 0;
+		proto = l3[9];
+	} else if (version == 6) {
+		l4 = l3 + 40;
+		if ((void *)(l4 + 8) > data_end || (l3[0] & 0xf0) != 0x60)
+			return 0;
+		proto = l3[6];
+	} else {
+		return 0;
+	}
+	if (proto == IPPROTO_TCP) {
+		if ((void *)(l4 + 20) > data_end ||
+		    (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
+			return 0;
+	} else if (proto != IPPROTO_UDP) {
+		return 0;
+	}
+	ports = *(__u32 *)l4;
+	if (version == 4) {
+		__u32 saddr = *(__u32 *)(l3 + 12);
+		__u32 daddr = *(__u32 *)(l3 + 16);
+
+		index = flow_hash(saddr ^ V4_MAPPED_WORD2, daddr ^ V4_MAPPED_WORD2, ports, proto);
+		s = bpf_map_lookup_elem(&flow_cache, &index);
+		if (!s)
+			return 0;
+		w = (const __u32 *)s;
+		if (w[3] != saddr || w[7] != daddr || w[8] != ports ||
+		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 4))
+			return 0;
+		kind = FAST_JOB_V4;
+	} else {
+		const __u32 *sa = (const __u32 *)(l3 + 8);
+		const __u32 *da = (const __u32 *)(l3 + 24);
+
+		index = flow_hash(sa[0] ^ sa[1] ^ sa[2] ^ sa[3], da[0] ^ da[1] ^ da[2] ^ da[3], ports,
+				  proto);
+		s = bpf_map_lookup_elem(&flow_cache, &index);
+		if (!s)
+			return 0;
+		w = (const __u32 *)s;
+		if (((w[0] ^ sa[0]) | (w[1] ^ sa[1]) | (w[2] ^ sa[2]) | (w[3] ^ sa[3]) |
+		     (w[4] ^ da[0]) | (w[5] ^ da[1]) | (w[6] ^ da[2]) | (w[7] ^ da[3]) |
+		     (w[8] ^ ports)) != 0 ||
+		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 6))
+			return 0;
+		skb->cb[0] = w[10];
+		skb->cb[1] = w[11];
+		skb->cb[2] = w[12];
+		kind = FAST_JOB_V6;
+	}
+	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
+		return 0;
+	skb->cb[3] = w[13];
+	skb->cb[4] = ((kind | (l2_len ? 0 : FAST_JOB_L3)) << 16) | *(const __u16 *)&s->port;
+	return 1;
+}
+
+#endif /* KIB_FLOW_CACHE_H */
