@@ -25,9 +25,14 @@ KIB_APT_PACKAGES=(
 	clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config
 	ipvsadm conntrack nftables iptables ipset iproute2 bpftool socat tcpdump util-linux python3 graphviz
 )
+# What scripts/cross and the arm64 lab add (scripts/cross adds the arm64 dpkg architecture
+# first): the aarch64 cross gcc, the arm64 libraries libbpf-sys links, qemu-system-aarch64.
+KIB_CROSS_APT_PACKAGES=(
+	gcc-aarch64-linux-gnu libc6-dev-arm64-cross libelf-dev:arm64 zlib1g-dev:arm64 qemu-system-arm
+)
 # Packages that must come from bookworm-backports (the stable qemu conflicts with the
 # backported qemu-utils that these machines ship).
-KIB_APT_BACKPORTS=(qemu-system-x86)
+KIB_APT_BACKPORTS=(qemu-system-x86 qemu-system-arm)
 
 ensure_backports_source() {
 	local codename

@@ -217,8 +217,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	__builtin_memcpy(&r->rev_key, rev_key, sizeof(r->rev_key));
 	__builtin_memcpy(&r->fwd, out, sizeof(r->fwd));
 	__builtin_memcpy(&r->rev, rev_value, sizeof(r->rev));
-	nat_barrier(); /* the record, then REC_USED, then the ways (table.h) */
-	*(volatile __u32 *)&r->state = REC_USED;
+	/* the record, then REC_USED (the sweeper scans by state), then the ways (table.h) */
+	nat_store_release(&r->state, REC_USED);
 	nat_publish(&snat_rev, NAT_INDEX_REV, &cs->rev_claim, rec_index);
 	nat_publish(&snat_fwd, NAT_INDEX_FWD, &cs->fwd_claim, rec_index);
 	return ALLOC_NEW;

@@ -48,13 +48,14 @@
  * (after it is written, before it is indexed) -> REC_DEAD (the sweeper, after unindexing it) ->
  * REC_FREE (the sweeper, one sweep later: a program that found the record just before it was
  * unindexed is long done with it).
- * Memory ordering is x86-64's (TSO): a control word is read before the record numbers and the
- * record (each read is volatile, and the record is reached through a map lookup, a call to the
- * compiler); writers store the record, then REC_USED, then the way's record number, then its tag,
- * as plain stores kept in that order by compiler barriers (nat_barrier()), and no locked
- * instruction follows those stores in the program (a store to a cold line waits in the store
- * buffer, a locked instruction would wait for it). A weakly ordered CPU (arm64) would need
- * release/acquire instead.
+ * Memory ordering follows the Linux kernel memory model (docs/datapath.md, "Memory ordering",
+ * argues each race): writers store the record, then REC_USED and the way's record number as
+ * releases (nat_store_release()), then its tag; unlocks are releases; a lookup reads the control
+ * word, then the record number through an address dependency on it (nat_dep()), then the record
+ * through one on the number. On x86-64 (TSO) releases are plain stores and the dependency is
+ * free: the code there is what it was before arm64, with no locked instruction after the
+ * record's stores (a store to a cold line waits in the store buffer, a locked instruction would
+ * wait for it); on arm64 a release is a fully ordered xchg.
  */
 #ifndef KIB_TABLE_H
 #define KIB_TABLE_H
@@ -68,12 +69,43 @@
 #include "maps.h"
 
 /*
- * A compiler barrier: clang moves no memory access across it. Publication relies on it (the
- * record's plain stores, then REC_USED, then the way's record number, then its tag byte): volatile
- * stores are only kept in order among themselves, and the record is written with plain ones. The
- * CPU keeps stores in program order on x86-64 (TSO), so no fence instruction is needed there.
+ * A compiler barrier: clang moves no memory access across it (volatile accesses are only kept in
+ * order among themselves, and records are written with plain stores).
  */
 #define nat_barrier() asm volatile("" ::: "memory")
+
+/*
+ * Ordering, against the Linux kernel memory model (docs/datapath.md, "Memory ordering"). BPF on
+ * 6.1-6.14 has no barrier and no load-acquire/store-release; its value-returning atomics (xchg,
+ * cmpxchg, fetch-ops) are fully ordered, its non-fetch add/and/or/xor are not.
+ *
+ * nat_store_release(p, v): every earlier load and store of this program is visible before *p = v
+ * is (smp_store_release()). On x86-64 a plain store is a release (TSO; the kernel's
+ * smp_store_release() is a compiler barrier and a store there too); elsewhere (arm64) an xchg,
+ * fully ordered. The objects are built per architecture (probes/build.rs).
+ *
+ * nat_dep(x): 0, carrying a dependency on x: added to an address, it makes a later load depend on
+ * the load that produced x, which orders them on every CPU Linux runs on (an address dependency,
+ * as rcu_dereference() relies on). clang cannot see through the asm to drop it; the verifier
+ * knows the result is 0; the JITs keep it as an instruction reading x. x86-64 keeps loads in order
+ * anyway: there it is a plain 0. Building with -DKIB_NAT_FULLY_ORDERED gives x86-64 the arm64
+ * code too (to measure what it costs there: docs/datapath.md).
+ */
+#if defined(__TARGET_ARCH_x86) && !defined(KIB_NAT_FULLY_ORDERED)
+#define nat_store_release(p, v)                                                                    \
+	do {                                                                                       \
+		nat_barrier();                                                                     \
+		*(volatile __u32 *)(p) = (v);                                                      \
+	} while (0)
+#define nat_dep(x) ((__u64)0)
+#else
+#define nat_store_release(p, v) ((void)__sync_lock_test_and_set((__u32 *)(p), (__u32)(v)))
+static __always_inline __u64 nat_dep(__u64 x)
+{
+	asm volatile("%[x] &= 0" : [x] "+r"(x));
+	return x;
+}
+#endif
 
 /* Bounded spin on a stripe lock before a claim gives up with -EBUSY. */
 #define NAT_LOCK_SPINS 64
@@ -229,7 +261,8 @@ static __always_inline long nat_find(void *index, const struct config *cfg, int 
 
 			if (!(match & (0x80ULL << (way * 8))))
 				continue;
-			n = *(volatile __u32 *)&b->rec[way];
+			/* the control word, then the record number (nat_dep) */
+			n = *(volatile __u32 *)((__u8 *)&b->rec[way] + nat_dep(w));
 			r = bpf_map_lookup_elem(&snat_records, &n);
 			if (r && tuple_equal(record_key(r, dir), k))
 				return n;
@@ -269,9 +302,11 @@ static __always_inline int nat_lock(__u32 *lock)
 	return 0;
 }
 
+/* A release: the holder's stores (claims, tags) are seen by the next holder, whose lock is a
+ * fully ordered compare-and-swap. */
 static __always_inline void nat_unlock(__u32 *lock)
 {
-	*(volatile __u32 *)lock = 0;
+	nat_store_release(lock, 0);
 }
 
 /*
@@ -352,8 +387,9 @@ static __always_inline void nat_publish(void *index, int dir, const struct nat_c
 	__u32 *home_lock = nat_stripe(dir, c->home);
 
 	if (b) {
-		nat_barrier(); /* the record's stores (the caller's) come first */
-		*(volatile __u32 *)&b->rec[way] = rec;
+		/* The record and REC_USED (the caller's), then the record number, then the tag: a
+		 * lookup that sees the tag sees the rest (its reads are ordered by dependencies). */
+		nat_store_release(&b->rec[way], rec);
 		nat_barrier();
 		*(volatile __u8 *)&b->tag[way] = c->tag;
 	}
@@ -415,7 +451,7 @@ static __always_inline void nat_record_free(__u32 rec)
 	struct nat_record *r = bpf_map_lookup_elem(&snat_records, &rec);
 
 	if (r)
-		*(volatile __u32 *)&r->state = REC_FREE;
+		nat_store_release(&r->state, REC_FREE);
 }
 
 /*
