@@ -9,6 +9,7 @@
 //! - [`node_state`]: the node state kept outside IPVS (sysctls, rules, TC, kube-ipvs0) and its
 //!   repair;
 //! - [`state`]: the state file `inspect` reads;
+//! - [`init`]: the init container's node preparation (bpffs);
 //! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod node;
