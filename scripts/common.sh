@@ -24,6 +24,7 @@ KIB_APT_PACKAGES=(
 	qemu-system-x86 busybox-static kmod cpio xz-utils zstd
 	clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config
 	ipvsadm conntrack nftables iptables ipset iproute2 bpftool socat tcpdump util-linux python3 graphviz
+	buildah mmdebstrap crun
 )
 # Packages that must come from bookworm-backports (the stable qemu conflicts with the
 # backported qemu-utils that these machines ship).

@@ -375,6 +375,12 @@ fn hostname_or(name: Option<String>) -> String {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = args.source.parsed()?;
+    crate::capabilities::check(&crate::capabilities::required(
+        args.datapath == DatapathKind::Bpf,
+        args.iptables_backend == IptablesBackend::Legacy
+            || (args.iptables_backend == IptablesBackend::Default
+                && crate::capabilities::default_iptables_is_legacy()),
+    ))?;
     let cfg = args.source.agent_config(config::Overrides {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,

@@ -9,11 +9,13 @@
 //! - [`node_state`]: the node state kept outside IPVS (sysctls, rules, TC, kube-ipvs0) and its
 //!   repair;
 //! - [`state`]: the state file `inspect` reads;
+//! - [`capabilities`]: the capabilities `run` checks for at start;
 //! - [`init`]: the init container's node preparation (bpffs);
 //! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
+pub mod capabilities;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
