@@ -24,6 +24,7 @@ KIB_APT_PACKAGES=(
 	qemu-system-x86 busybox-static kmod cpio xz-utils zstd
 	clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config
 	ipvsadm conntrack nftables iptables ipset iproute2 bpftool socat tcpdump util-linux python3 graphviz
+	buildah mmdebstrap crun
 )
 # What scripts/cross and the arm64 lab add (scripts/cross adds the arm64 dpkg architecture
 # first): the aarch64 cross gcc, the arm64 libraries libbpf-sys links, qemu-system-aarch64.

@@ -60,6 +60,15 @@ pub enum Command {
     },
     /// Remove what kube-proxy left on this node (`--kube-proxy`), or this agent's own state.
     Cleanup(CleanupArgs),
+    /// Prepare the node (mount bpffs at the pin root if needed) and exit: the init container.
+    Init {
+        /// The bpffs mount point, mounted when the pin root is not on bpffs.
+        #[arg(long, default_value = crate::init::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Where the datapath pins its maps and programs (must be under --bpffs).
+        #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+        bpf_pin_root: PathBuf,
+    },
     /// Show what is programmed in the kernel.
     Inspect {
         #[command(subcommand)]
@@ -367,6 +376,12 @@ fn hostname_or(name: Option<String>) -> String {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = args.source.parsed()?;
+    crate::capabilities::check(&crate::capabilities::required(
+        args.datapath == DatapathKind::Bpf,
+        args.iptables_backend == IptablesBackend::Legacy
+            || (args.iptables_backend == IptablesBackend::Default
+                && crate::capabilities::default_iptables_is_legacy()),
+    ))?;
     let cfg = args.source.agent_config(config::Overrides {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,

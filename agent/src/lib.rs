@@ -18,16 +18,20 @@
 //! - [`config`]: the configuration file (kube-proxy's `KubeProxyConfiguration` and the
 //!   agent's extensions) and its resolution with the flags;
 //! - [`takeover`]: waiting for a running kube-proxy to stop before changing the node;
+//! - [`capabilities`]: the capabilities `run` checks for at start;
+//! - [`init`]: the init container's node preparation (bpffs);
 //! - [`cli`]: the command line.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
 pub mod admin;
+pub mod capabilities;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod init;
 pub mod model;
 pub mod node;
 pub mod node_state;

@@ -33,6 +33,14 @@ fn main() -> std::process::ExitCode {
             Command::Run(args) => cli::run(*args).await,
             Command::Plan { source, output } => cli::plan(source, output).await,
             Command::Cleanup(args) => cli::cleanup(args).await,
+            Command::Init {
+                bpffs,
+                bpf_pin_root,
+            } => agent::init::run(&agent::init::InitConfig {
+                bpffs,
+                pin_root: bpf_pin_root,
+            })
+            .map(|_| ()),
             Command::Inspect {
                 what: InspectWhat::Services { output, state_dir },
             } => cli::inspect_services(output, state_dir).await,

@@ -10,6 +10,7 @@ pub mod fake_apiserver;
 pub mod ipvsadm;
 pub mod kube_proxy;
 pub mod netns;
+pub mod oci;
 pub mod topology;
 pub mod traffic;
 
