@@ -2,7 +2,9 @@
 //! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
 //! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
 //! one pass after they are removed; `conns` entries older than IPVS's timeout stay while a
-//! record translates their connection and go with it, untranslated ones go; a dropped packet is logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
+//! record translates their connection and go with it, untranslated ones go; a connection
+//! reopened while a pass runs is not removed on the pass's older copy; a dropped packet is
+//! logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
 
 mod common;
@@ -12,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep};
+use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep, sweep_records};
 use probes::maps::{
     ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
     Tuple, addr_to_bytes,
@@ -28,13 +30,18 @@ const UNSEEN: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 
 /// An Ethernet/IPv4/TCP SYN (checksums are not looked at on the allocation path).
 fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp(src, sport, dst, dport, 0x02)
+}
+
+/// An Ethernet/IPv4/TCP segment with these flags (0x02 SYN, 0x04 RST, 0x10 ACK).
+fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut frame = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
     frame.extend([0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
     frame.extend(src.octets());
     frame.extend(dst.octets());
     frame.extend(sport.to_be_bytes());
     frame.extend(dport.to_be_bytes());
-    frame.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    frame.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
     frame
 }
 
@@ -165,6 +172,91 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     assert_eq!(report.snat_reclaimed, 2);
     let (used, busy, dead, _) = maps.snat.occupancy();
     assert_eq!((used, busy, dead), (0, 0, 0));
+}
+
+/// A client that reuses its port for a new connection while a sweep pass runs: the pass started
+/// from a copy of the records in which the old connection was reset (RST: 10 s), the new SYN
+/// reopened the record since (record_reopen: a SYN-only connection, 60 s). Eleven seconds on,
+/// the pass must keep the record it would have removed on its copy, or the new connection's
+/// next packet gets another node port and the backend answers it with a reset.
+#[test]
+fn a_connection_reopened_during_a_sweep_pass_keeps_its_record() {
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-agent-sweep-reopen-{}",
+        std::process::id()
+    )));
+    let dp = load_with_one_service(
+        &pins,
+        MapSizes {
+            svc_ports: 64,
+            svc_addrs: 64,
+            src_ranges: 64,
+            cluster_cidrs: 64,
+            devices: 64,
+            snat: 256,
+            conns: 256,
+            frags: 64,
+        },
+        NODE,
+        VIP,
+    );
+    let maps = dp.maps();
+    let context = SkbContext {
+        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
+        ifindex: 1,
+        ingress_ifindex: 0,
+    };
+    let client = Tuple::new(
+        IpAddr::V4(SEEN),
+        5000,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    );
+    let send = |flags: u8| {
+        dp.test_run(
+            DatapathProgram::TcEgress,
+            &tcp(SEEN, 5000, BACKEND, 8080, flags),
+            &context,
+        )
+        .expect("test run")
+    };
+    send(0x02);
+    send(0x14);
+    let (rec, reset) = maps.snat.find(Index::Fwd, &client).expect("record");
+    assert_ne!(
+        reset.state_bits() & probes::maps::STATE_RST,
+        0,
+        "RST recorded"
+    );
+    // The pass's copy, then the client's new SYN on the same tuples.
+    let copy = maps.snat.records();
+    send(0x02);
+    let (again, reopened) = maps.snat.find(Index::Fwd, &client).expect("record");
+    assert_eq!(again, rec, "the SYN reopened the same record");
+    assert_eq!(
+        reopened.state_bits() & probes::maps::STATE_RST,
+        0,
+        "reopened"
+    );
+
+    let t = Timeouts::default();
+    let later = monotonic_ns() + (t.tcp_rst + Duration::from_secs(1)).as_nanos() as u64;
+    let report = sweep_records(maps, copy, later, &t).expect("sweep");
+    assert_eq!((report.snat_expired, report.snat_live), (0, 1));
+    assert_eq!(
+        maps.snat.find(Index::Fwd, &client).map(|(r, _)| r),
+        Some(rec),
+        "the new connection keeps its record"
+    );
+    // Without the reopening, the same pass removes it.
+    send(0x14);
+    let report = sweep(maps, later, &t).expect("sweep");
+    assert_eq!(report.snat_expired, 1);
+    assert!(maps.snat.find(Index::Fwd, &client).is_none());
 }
 
 /// A packet the programs drop is logged by the sweeper's drop log with its connection, read

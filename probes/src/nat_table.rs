@@ -439,10 +439,18 @@ impl SnatTable {
     /// Removes record `rec` from both indexes and marks it dead ([`SnatTable::reclaim`] frees
     /// it later). `false` when it was not live (already removed, or never written).
     pub fn unindex(&self, rec: u32) -> bool {
+        self.unindex_if(rec, |_| true)
+    }
+
+    /// [`SnatTable::unindex`] if `still` holds for a copy of the record read now: a caller that
+    /// decided on an older copy (the sweeper, on the copy its pass started from) re-checks what
+    /// the programs may have changed since (a SYN reopening a closed connection, a packet
+    /// refreshing it). The remaining window is this re-check to the indexes' update.
+    pub fn unindex_if(&self, rec: u32, still: impl FnOnce(&NatRecord) -> bool) -> bool {
         let Some(r) = self.record(rec) else {
             return false;
         };
-        if r.state != REC_USED {
+        if r.state != REC_USED || !still(&r) {
             return false;
         }
         self.unindex_way(Index::Fwd, &r.fwd_key, rec);

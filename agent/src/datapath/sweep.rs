@@ -203,6 +203,19 @@ fn resolve_with(
 /// is over ([`conn_expired`]). Only the `conns` entries old enough to expire are looked up in
 /// the SNAT table, and only new records in `conns`.
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
+    sweep_records(maps, maps.snat.records(), now_ns, t)
+}
+
+/// [`sweep`] from `records`, the copy of the live records its pass starts from. The programs
+/// go on while a pass runs, so an expiry decided on that copy is checked again on the record
+/// as it is just before its removal: a SYN that reopened a closed connection since (its RST or
+/// FIN timeout no longer applies), or a packet that refreshed it, keeps it.
+pub fn sweep_records(
+    maps: &DatapathMaps,
+    records: Vec<(u32, NatRecord)>,
+    now_ns: u64,
+    t: &Timeouts,
+) -> probes::Result<SweepReport> {
     let conns = maps.conns.entries()?;
     let mut report = SweepReport {
         snat_reclaimed: maps.snat.reclaim(),
@@ -211,7 +224,7 @@ pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<S
     let mut svc_ids = HashMap::new();
     // The forward tuples of the records expired now, with their last packet.
     let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
-    for (rec, record) in maps.snat.records() {
+    for (rec, record) in records {
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
             let conn = maps.conns.get(&record.fwd_key)?;
             let (svc_id, flags) = resolve_with(maps, &record, conn.as_ref(), &mut svc_ids)?;
@@ -222,10 +235,12 @@ pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<S
                 report.probe_misses += 1;
             }
         }
-        if expired(&record, now_ns, t) {
-            if maps.snat.unindex(rec) {
-                report.snat_expired += 1;
-            }
+        let removed = expired(&record, now_ns, t)
+            && maps.snat.unindex_if(rec, |now| {
+                now.fwd_key == record.fwd_key && expired(now, now_ns, t)
+            });
+        if removed {
+            report.snat_expired += 1;
             expired_now.insert(record.fwd_key, record.last_seen_ns());
         } else {
             report.snat_live += 1;
