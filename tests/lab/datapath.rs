@@ -743,9 +743,17 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
         .iter()
         .filter(|(_, node)| !in_table.contains(&node.to_string()))
         .collect();
+    let sweeps: Vec<String> = l
+        .agent
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("swept"))
+        .map(str::to_string)
+        .collect();
     assert!(
         missing.is_empty(),
-        "connections without a record: {missing:?}\n{snat}"
+        "connections without a record: {missing:?}\nsweeps that expired records: {sweeps:?}\n\
+         counters: {c:?}\n{snat}"
     );
     for r in rows {
         let kind = r["protocol"].as_str().unwrap_or_default().to_lowercase();
@@ -763,7 +771,8 @@ fn connections_from_clients_pinned_to_every_cpu_each_get_one_snat_record() {
     assert_eq!(
         rows.len() as u64,
         translated,
-        "one SNAT record per translated connection\ncounters: {c:?}\n{snat}"
+        "one SNAT record per translated connection\nsweeps that expired records: {sweeps:?}\n\
+         counters: {c:?}\n{snat}"
     );
     eprintln!("counters after {translated} translated connections: {c:?}");
     assert_eq!(c.get("snat_alloc").copied(), Some(translated), "{c:?}");

@@ -131,6 +131,13 @@ impl Agent {
             .args(["--source", source])
             .args(["--state-dir", &state, "--bpf-pin-root", pin_root])
             .args(extra)
+            // The sweeper's passes that expire something ("swept") are logged at debug: tests
+            // that count SNAT records can tell an expiry from a lost record.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "info,agent::datapath::sweep=debug".to_string()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd
