@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::error::{Error, Result};
 use crate::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
-    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, Tuple, map_names,
+    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
 };
 use crate::nat_table::SnatTable;
 
@@ -358,6 +358,8 @@ pub struct DatapathMaps {
     pub stats: PerCpuArray<u64>,
     /// `drop_last` (absent in the pins of an agent from before it existed).
     pub drop_last: Option<PerCpuArray<DropEvent>>,
+    /// `switch_flows` (absent in the pins of an agent from before it existed).
+    pub switch_flows: Option<TypedMap<Tuple, SwitchFlow>>,
     /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
     pub(crate) owned_flags: u32,
 }
@@ -400,6 +402,10 @@ impl DatapathMaps {
             stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,
             drop_last: match path(map_names::DROP_LAST) {
                 p if p.exists() => Some(PerCpuArray::open_pinned(&p)?),
+                _ => None,
+            },
+            switch_flows: match path(map_names::SWITCH_FLOWS) {
+                p if p.exists() => Some(TypedMap::open_pinned(&p)?),
                 _ => None,
             },
             owned_flags: current.flags & crate::maps::CFG_F_DIRECT_WRITES,
