@@ -474,16 +474,41 @@ impl DatapathMaps {
         self.config.insert(&0, &self.complete(config))
     }
 
-    /// `config` with the SNAT table's fields and the loader's flags filled in (what
+    /// `config` with the SNAT table's fields, the loader's flags and the switch window's flag as
+    /// the map has it (set only by [`DatapathMaps::set_switch_window`]) filled in (what
     /// [`DatapathMaps::set_config`] writes).
     pub fn complete(&self, config: &Config) -> Config {
+        let switch = self
+            .config()
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.flags & crate::maps::CFG_F_SWITCH);
         Config {
-            flags: config.flags | self.owned_flags,
+            flags: (config.flags & !crate::maps::CFG_F_SWITCH) | self.owned_flags | switch,
             nat_seed: self.snat.seed(),
             nat_buckets: self.snat.buckets(),
             nat_records: self.snat.capacity(),
             ..*config
         }
+    }
+
+    /// Opens or closes the switch window from kube-proxy (`CFG_F_SWITCH`, docs/switching.md),
+    /// leaving the rest of the configuration as it is.
+    pub fn set_switch_window(&self, open: bool) -> Result<()> {
+        let mut config = self.config()?.unwrap_or_default();
+        if open {
+            config.flags |= crate::maps::CFG_F_SWITCH;
+        } else {
+            config.flags &= !crate::maps::CFG_F_SWITCH;
+        }
+        self.config.insert(&0, &config)
+    }
+
+    /// Whether the switch window is open.
+    pub fn switch_window_open(&self) -> Result<bool> {
+        Ok(self
+            .config()?
+            .is_some_and(|c| c.flags & crate::maps::CFG_F_SWITCH != 0))
     }
 
     /// Sets a device's SNAT sources: `devices`, and its `device_slots` slot unless another

@@ -1010,10 +1010,17 @@ fn switch_window_leaves_old_connections_to_conntrack(f: Family, name: &str) {
     // Outside the window the map is not consulted.
     assert_eq!(fx.ingress(&request, 0x1).mark, 0x1 | SVC | MASQ);
 
-    fx.set_config(Config {
-        flags: CFG_F_SWITCH,
-        ..Config::default()
-    });
+    fx.dp.maps().set_switch_window(true).expect("switch window");
+    // The agent's configuration writes keep the window as it is.
+    fx.set_config(Config::default());
+    let flags = fx
+        .dp
+        .maps()
+        .config()
+        .expect("config")
+        .expect("written")
+        .flags;
+    assert_ne!(flags & CFG_F_SWITCH, 0, "window kept open");
     let out = fx.ingress(&request, 0x1);
     assert_eq!(
         (out.return_value, out.mark),
@@ -1056,10 +1063,7 @@ fn xt_svc_leaves_old_connections_tracked_in_the_switch_window(f: Family, name: &
     let verdict = |packet: &[u8]| fx.run(DatapathProgram::XtSvc, packet, 0).return_value;
     let ack = tcp(node(f), 45_000, vip(f), VIP_PORT, TCP_ACK);
     assert_eq!(verdict(&ack), 1, "outside the window");
-    fx.set_config(Config {
-        flags: CFG_F_SWITCH,
-        ..Config::default()
-    });
+    fx.dp.maps().set_switch_window(true).expect("switch window");
     assert_eq!(verdict(&ack), 0, "an old connection stays tracked");
     assert_eq!(
         verdict(&tcp(node(f), 45_001, vip(f), VIP_PORT, TCP_SYN)),
