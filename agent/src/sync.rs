@@ -312,6 +312,35 @@ impl Syncer {
         if let Some(dp) = s.cfg.datapath.clone() {
             s.datapath = Some(Datapath::start(dp)?);
         }
+        // Before the first sync marks or translates anything: the connections kube-proxy's
+        // conntrack holds to its virtual services (the node's IPVS services now) stay its own.
+        if let Some(dp) = &s.datapath {
+            let ports = match s.ipvs.services().await {
+                Ok(services) => services
+                    .iter()
+                    .filter_map(|v| match v.key {
+                        ipvs::ServiceKey::Tuple {
+                            protocol,
+                            address,
+                            port,
+                        } => u8::try_from(protocol.number())
+                            .ok()
+                            .map(|proto| (address, proto, port)),
+                        ipvs::ServiceKey::Fwmark { .. } => None,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!("listing IPVS services for the switch window: {e}");
+                    Default::default()
+                }
+            };
+            if let Err(e) = dp.seed_switch(&ports) {
+                tracing::warn!(
+                    "switch window from kube-proxy not opened (connections kube-proxy opened may \
+                     be reset): {e:#}"
+                );
+            }
+        }
         let t = s.cfg.ipvs_timeouts;
         if t.tcp + t.tcp_fin + t.udp > 0 {
             s.ipvs

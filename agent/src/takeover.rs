@@ -4,7 +4,7 @@
 //! on every sync and may set `vs.conntrack` back). This module owns that wait, and which
 //! connections kube-proxy left tracked stay its own until they end ([`old_flow_tuples`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -28,14 +28,34 @@ fn tuple_of(t: &CtTuple) -> Option<Tuple> {
 pub fn old_flow_tuples(
     entries: &[CtEntry],
     is_service_port: impl Fn(IpAddr, u8, u16) -> bool,
-) -> HashSet<Tuple> {
+) -> HashMap<Tuple, u32> {
     entries
         .iter()
         .filter(|e| is_service_port(e.orig.dst, e.orig.proto, e.orig.dport))
-        .filter(|e| e.orig.proto != 6 || e.tcp_state.is_some_and(|s| TCP_OPEN_STATES.contains(&s)))
-        .flat_map(|e| [e.orig, e.orig.reversed(), e.reply, e.reply.reversed()])
-        .filter_map(|t| tuple_of(&t))
+        .flat_map(open_flow_tuples)
         .collect()
+}
+
+/// The four tuples of `entry` with its conntrack id, if the connection is still open (TCP:
+/// SYN_SENT to LAST_ACK; other protocols: while the entry exists).
+pub fn open_flow_tuples(entry: &CtEntry) -> Vec<(Tuple, u32)> {
+    if entry.orig.proto == 6
+        && !entry
+            .tcp_state
+            .is_some_and(|s| TCP_OPEN_STATES.contains(&s))
+    {
+        return Vec::new();
+    }
+    [
+        entry.orig,
+        entry.orig.reversed(),
+        entry.reply,
+        entry.reply.reversed(),
+    ]
+    .iter()
+    .filter_map(tuple_of)
+    .map(|t| (t, entry.id))
+    .collect()
 }
 
 /// How often the ports are tried.
@@ -155,15 +175,17 @@ mod tests {
                 || (a == "10.96.0.10".parse::<IpAddr>().unwrap() && proto == 17 && port == 53)
         };
         let got = old_flow_tuples(&[nodeport.clone(), closed, other, udp.clone()], service);
-        let want: HashSet<Tuple> = [nodeport, udp]
+        let want: HashMap<Tuple, u32> = [nodeport, udp]
             .iter()
-            .flat_map(|e| [e.orig, e.orig.reversed(), e.reply, e.reply.reversed()])
-            .filter_map(|t| tuple_of(&t))
+            .flat_map(|e| {
+                [e.orig, e.orig.reversed(), e.reply, e.reply.reversed()].map(|t| (t, e.id))
+            })
+            .filter_map(|(t, id)| tuple_of(&t).map(|t| (t, id)))
             .collect();
         assert_eq!(got, want);
         assert_eq!(got.len(), 8);
         // The request as TC egress sees it after kube-proxy's masquerade: node:21530 -> backend.
-        assert!(got.contains(&Tuple::new(
+        assert!(got.contains_key(&Tuple::new(
             "10.0.0.1".parse().unwrap(),
             21530,
             "10.244.1.2".parse().unwrap(),

@@ -60,6 +60,7 @@ enum cfg_flags {
 	CFG_F_MASQ_ALL = 0x1, /* masquerade every service connection */
 	CFG_F_CLUSTER_CIDRS = 0x2, /* cluster_cidrs holds at least one prefix */
 	CFG_F_DIRECT_WRITES = 0x4, /* nat_write_* are installed: translations take the fast path */
+	CFG_F_SWITCH = 0x8, /* switch window: connections in switch_flows are left to conntrack */
 };
 
 /* snat_entry.state: what was seen on the connection (TCP flags, reply) */
@@ -124,6 +125,13 @@ enum default_sizes {
 	DEFAULT_CONNS_SIZE = 262144,
 	DEFAULT_FRAGS_SIZE = 8192,
 };
+/*
+ * switch_flows entries: four tuples for each conntrack entry open at the switch from kube-proxy,
+ * for nf_conntrack_max's usual 262144 entries. Not preallocated: memory follows the entries.
+ */
+enum switch_flows_size {
+	SWITCH_FLOWS_SIZE = 4 * 262144,
+};
 /* device_slots entries (maps.h). */
 enum device_slots_size {
 	DEVICE_SLOTS = 4096,
@@ -175,6 +183,7 @@ struct kib_consts {
 	enum stat_index stat_index;
 	enum default_sizes default_sizes;
 	enum device_slots_size device_slots_size;
+	enum switch_flows_size switch_flows_size;
 	enum default_nat_buckets default_nat_buckets;
 	enum flow_cache_geometry flow_cache_geometry;
 	enum nat_dir nat_dir;

@@ -30,6 +30,7 @@
 #include "frag.h"
 #include "snat.h"
 #include "icmp_xlate.h"
+#include "switch.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -203,6 +204,9 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 			stat_drop(STAT_FILTERED_SRC_RANGE, &key);
 			return TC_ACT_SHOT;
 		}
+		/* A connection open before the switch from kube-proxy stays tracked. */
+		if (switch_exempt(cfg, &p, &key))
+			return TC_ACT_UNSPEC;
 		if ((svc->flags & SVC_F_MASQ) || (cfg->flags & CFG_F_MASQ_ALL) ||
 		    ((svc->flags & SVC_F_MASQ_OFFCLUSTER) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
 		     !addr_in_cluster(p.saddr)))
@@ -340,9 +344,9 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		return TC_ACT_UNSPEC;
 	}
 
-	/* 2. Does this connection need SNAT? */
+	/* 2. Does this connection need SNAT? Not one open before the switch from kube-proxy. */
 	flags = snat_reason(&p, skb->mark, cfg);
-	if (!flags)
+	if (!flags || switch_exempt(cfg, &p, &key))
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */
@@ -487,8 +491,12 @@ int xt_svc(struct __sk_buff *skb)
 
 	if (parse_from_l3(skb, 0, &p) != PARSE_OK || !p.has_ports)
 		return 0;
-	if (svc_port_lookup(p.daddr, p.dport, p.proto))
-		return 1;
+	if (svc_port_lookup(p.daddr, p.dport, p.proto)) {
+		struct config *cfg = config_get();
+
+		/* A connection open before the switch from kube-proxy stays tracked. */
+		return !(cfg && switch_exempt(cfg, &p, &key));
+	}
 	tuple_reversed_from_pkt(&p, &key);
 	if (conns_has(&key))
 		return 1;

@@ -84,6 +84,21 @@ struct {
 } config SEC(".maps");
 
 #ifndef KIB_PROBE_OBJECT
+/*
+ * switch_flows: the connections kube-proxy's conntrack entries held when the agent took the node
+ * over, by each of their four tuples (docs/switching.md). The agent fills and prunes it from
+ * conntrack dumps; the programs look it up only while config.flags has CFG_F_SWITCH, and a TCP
+ * SYN removes the tuple it reuses.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SWITCH_FLOWS_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tuple);
+	__type(value, struct switch_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} switch_flows SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DEFAULT_SNAT_SIZE);

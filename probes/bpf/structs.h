@@ -220,7 +220,18 @@ struct drop_event {
 	struct tuple key;
 };
 
+/*
+ * switch_flows' value: a connection kube-proxy's conntrack entry still holds at the switch (its
+ * key is one of the entry's four tuples, docs/switching.md). Written by the agent only.
+ */
+struct switch_flow {
+	__u32 ct_id; /* the conntrack entry's id */
+	__u32 pad;
+	__u64 seen_ns; /* CLOCK_MONOTONIC: the agent's last dump that listed the entry */
+};
+
 _Static_assert(sizeof(struct drop_event) == 48, "drop_event");
+_Static_assert(sizeof(struct switch_flow) == 16, "switch_flow");
 _Static_assert(sizeof(struct svc_key) == 20, "svc_key");
 _Static_assert(sizeof(struct svc_value) == 8, "svc_value");
 _Static_assert(sizeof(struct addr_key) == 16, "addr_key");

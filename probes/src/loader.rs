@@ -519,6 +519,10 @@ fn datapath_maps(
             object,
             map_names::DROP_LAST,
         )?)?),
+        switch_flows: Some(TypedMap::from_handle(map_handle(
+            object,
+            map_names::SWITCH_FLOWS,
+        )?)?),
         owned_flags: if direct_writes {
             CFG_F_DIRECT_WRITES
         } else {

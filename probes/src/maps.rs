@@ -48,6 +48,12 @@ pub const CFG_F_CLUSTER_CIDRS: u32 = 0x2;
 /// `config.flags`: the direct-write programs (`nat_write_*`) are installed, so translations take
 /// the fast path. Owned by the loader: [`crate::DatapathMaps::set_config`] keeps it.
 pub const CFG_F_DIRECT_WRITES: u32 = 0x4;
+/// `config.flags`: the switch window from kube-proxy is open: the connections in `switch_flows`
+/// are left to conntrack (docs/switching.md).
+pub const CFG_F_SWITCH: u32 = 0x8;
+/// `switch_flows`' capacity (fixed: four tuples for each of 262,144 conntrack entries; the map is
+/// not preallocated).
+pub const SWITCH_FLOWS_SIZE: u32 = 4 * 262_144;
 
 /// `snat_entry.state`: a TCP SYN was seen.
 pub const STATE_SYN: u8 = 0x01;
@@ -128,8 +134,10 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     /// `drop_last`: per CPU and per drop reason (a `stats` index), the last packet dropped.
     pub const DROP_LAST: &str = "drop_last";
+    /// `switch_flows`: the connections kube-proxy's conntrack held at the switch, by tuple.
+    pub const SWITCH_FLOWS: &str = "switch_flows";
     /// Every map name.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SVC_PORTS,
         SVC_ADDRS,
         SRC_RANGES,
@@ -145,6 +153,7 @@ pub mod map_names {
         FRAGS,
         STATS,
         DROP_LAST,
+        SWITCH_FLOWS,
     ];
     /// `flow_cache`: per-CPU cache of translations in front of the SNAT table.
     pub const FLOW_CACHE: &str = "flow_cache";
@@ -600,6 +609,20 @@ pub struct DropEvent {
     pub time_ns: u64,
     /// The connection as the dropped packet carried it.
     pub key: Tuple,
+}
+
+/// `struct switch_flow`: a connection kube-proxy's conntrack entry held when the agent took the
+/// node over (`switch_flows`' value, under each of the entry's four tuples). Written by the agent.
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[repr(C)]
+pub struct SwitchFlow {
+    /// The conntrack entry's id.
+    pub ct_id: u32,
+    pub pad: u32,
+    /// The agent's last conntrack dump that listed the entry, CLOCK_MONOTONIC ns.
+    pub seen_ns: u64,
 }
 
 /// `struct conn_value`: an IPVS connection seen by the probe.

@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::error::{Error, Result};
 use crate::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
-    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, Tuple, map_names,
+    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
 };
 use crate::nat_table::SnatTable;
 
@@ -358,6 +358,8 @@ pub struct DatapathMaps {
     pub stats: PerCpuArray<u64>,
     /// `drop_last` (absent in the pins of an agent from before it existed).
     pub drop_last: Option<PerCpuArray<DropEvent>>,
+    /// `switch_flows` (absent in the pins of an agent from before it existed).
+    pub switch_flows: Option<TypedMap<Tuple, SwitchFlow>>,
     /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
     pub(crate) owned_flags: u32,
 }
@@ -400,6 +402,10 @@ impl DatapathMaps {
             stats: PerCpuArray::open_pinned(&path(map_names::STATS))?,
             drop_last: match path(map_names::DROP_LAST) {
                 p if p.exists() => Some(PerCpuArray::open_pinned(&p)?),
+                _ => None,
+            },
+            switch_flows: match path(map_names::SWITCH_FLOWS) {
+                p if p.exists() => Some(TypedMap::open_pinned(&p)?),
                 _ => None,
             },
             owned_flags: current.flags & crate::maps::CFG_F_DIRECT_WRITES,
@@ -468,16 +474,41 @@ impl DatapathMaps {
         self.config.insert(&0, &self.complete(config))
     }
 
-    /// `config` with the SNAT table's fields and the loader's flags filled in (what
+    /// `config` with the SNAT table's fields, the loader's flags and the switch window's flag as
+    /// the map has it (set only by [`DatapathMaps::set_switch_window`]) filled in (what
     /// [`DatapathMaps::set_config`] writes).
     pub fn complete(&self, config: &Config) -> Config {
+        let switch = self
+            .config()
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.flags & crate::maps::CFG_F_SWITCH);
         Config {
-            flags: config.flags | self.owned_flags,
+            flags: (config.flags & !crate::maps::CFG_F_SWITCH) | self.owned_flags | switch,
             nat_seed: self.snat.seed(),
             nat_buckets: self.snat.buckets(),
             nat_records: self.snat.capacity(),
             ..*config
         }
+    }
+
+    /// Opens or closes the switch window from kube-proxy (`CFG_F_SWITCH`, docs/switching.md),
+    /// leaving the rest of the configuration as it is.
+    pub fn set_switch_window(&self, open: bool) -> Result<()> {
+        let mut config = self.config()?.unwrap_or_default();
+        if open {
+            config.flags |= crate::maps::CFG_F_SWITCH;
+        } else {
+            config.flags &= !crate::maps::CFG_F_SWITCH;
+        }
+        self.config.insert(&0, &config)
+    }
+
+    /// Whether the switch window is open.
+    pub fn switch_window_open(&self) -> Result<bool> {
+        Ok(self
+            .config()?
+            .is_some_and(|c| c.flags & crate::maps::CFG_F_SWITCH != 0))
     }
 
     /// Sets a device's SNAT sources: `devices`, and its `device_slots` slot unless another

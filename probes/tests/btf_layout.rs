@@ -14,7 +14,7 @@ use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
     self, AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
     DropEvent, FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey,
-    SnatEntry, SvcKey, SvcValue, Tuple, map_names,
+    SnatEntry, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
 };
 use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
 
@@ -128,6 +128,14 @@ fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
                 l3_off,
                 l4_off,
                 pad
+            }),
+        ),
+        (
+            "switch_flow",
+            rust_layout!(SwitchFlow {
+                ct_id,
+                pad,
+                seen_ns
             }),
         ),
     ]
@@ -311,6 +319,7 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::FRAGS => (size_of::<FragKey>(), size_of::<FragValue>()),
             map_names::STATS => (4, 8),
             map_names::DROP_LAST => (4, size_of::<DropEvent>()),
+            map_names::SWITCH_FLOWS => (size_of::<Tuple>(), size_of::<SwitchFlow>()),
             map_names::FLOW_CACHE => (4, size_of::<FlowSlot>()),
             map_names::CPU_SCRATCH => (4, size_of::<CpuScratch>()),
             map_names::NAT_WRITERS_EGRESS | map_names::NAT_WRITERS_INGRESS => (4, 4),
@@ -353,10 +362,13 @@ fn map_key_and_value_sizes_match_rust_types() {
         } else {
             &[]
         };
-        // The probe object leaves out the SNAT table, which it never uses.
+        // The probe object leaves out the SNAT table and switch_flows, which it never uses.
         let mut all: Vec<String> = map_names::ALL
             .iter()
-            .filter(|name| object_name == "datapath" || !name.starts_with("snat_"))
+            .filter(|name| {
+                object_name == "datapath"
+                    || !(name.starts_with("snat_") || **name == map_names::SWITCH_FLOWS)
+            })
             .chain(own)
             .map(|s| s.to_string())
             .collect();
@@ -400,6 +412,8 @@ fn mirrored_constants() -> Vec<(String, i64)> {
         CFG_F_MASQ_ALL,
         CFG_F_CLUSTER_CIDRS,
         CFG_F_DIRECT_WRITES,
+        CFG_F_SWITCH,
+        SWITCH_FLOWS_SIZE,
         STATE_SYN,
         STATE_FIN,
         STATE_RST,

@@ -8,12 +8,12 @@ use std::net::IpAddr;
 
 use common::*;
 use probes::maps::{
-    ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, CidrKey, Config,
-    ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX, DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ,
+    ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, CFG_F_SWITCH, CidrKey,
+    Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX, DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ,
     DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey,
     SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ, SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN,
     STATE_REPLY, STATE_SYN, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats,
-    SvcKey, SvcValue, Tuple, addr_to_bytes,
+    SvcKey, SvcValue, SwitchFlow, Tuple, addr_to_bytes,
 };
 use probes::{DatapathProgram, RewritePolicy};
 use zerocopy::byteorder::network_endian::U16;
@@ -964,6 +964,117 @@ fn xt_svc_matches_service_traffic(f: Family, name: &str) {
     assert_eq!(verdict(&udp(vip(f), 45_000, vip(f), VIP_PORT, b"x")), 0);
 }
 both_families!(xt_svc_matches_service_traffic);
+
+/// Puts `tuple` in `switch_flows` (a connection kube-proxy's conntrack held at the switch).
+fn old_connection(fx: &Fixture, tuple: &Tuple) {
+    let flows = fx.dp.maps().switch_flows.as_ref().expect("switch_flows");
+    flows
+        .insert(
+            tuple,
+            &SwitchFlow {
+                ct_id: 7,
+                pad: 0,
+                seen_ns: 1,
+            },
+        )
+        .expect("switch_flows");
+}
+
+fn in_switch_flows(fx: &Fixture, tuple: &Tuple) -> bool {
+    let flows = fx.dp.maps().switch_flows.as_ref().expect("switch_flows");
+    flows.get(tuple).expect("switch_flows").is_some()
+}
+
+/// The switch window from kube-proxy (docs/switching.md): with `CFG_F_SWITCH`, a packet whose
+/// tuple is in `switch_flows` is neither marked at ingress nor translated at egress (it stays
+/// conntrack's, which holds its NAT); a SYN on such a tuple is a new connection, handled as usual,
+/// and takes the tuple out of the map; without the flag the map is not looked at.
+fn switch_window_leaves_old_connections_to_conntrack(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
+    // The old connection as TC ingress meets its request (its conntrack original tuple) and as
+    // TC egress meets it after IPVS (the reply tuple reversed).
+    let at_ingress = Tuple::new(client(f), CLIENT_PORT, vip(f), VIP_PORT, L4Proto::Tcp);
+    let at_egress = Tuple::new(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    );
+    old_connection(&fx, &at_ingress);
+    old_connection(&fx, &at_egress);
+    let request = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
+    let forwarded = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
+
+    // Outside the window the map is not consulted.
+    assert_eq!(fx.ingress(&request, 0x1).mark, 0x1 | SVC | MASQ);
+
+    fx.dp.maps().set_switch_window(true).expect("switch window");
+    // The agent's configuration writes keep the window as it is.
+    fx.set_config(Config::default());
+    let flags = fx
+        .dp
+        .maps()
+        .config()
+        .expect("config")
+        .expect("written")
+        .flags;
+    assert_ne!(flags & CFG_F_SWITCH, 0, "window kept open");
+    let out = fx.ingress(&request, 0x1);
+    assert_eq!(
+        (out.return_value, out.mark),
+        (TC_ACT_UNSPEC, 0x1),
+        "not marked"
+    );
+    assert_eq!(out.packet, request, "untouched");
+    // Even carrying the masquerade mark (as nothing marks it in the window), egress leaves it.
+    let out = fx.egress(&forwarded, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.packet, forwarded, "not translated");
+    assert!(fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).is_none());
+
+    // Another client's connection is the agent's as usual.
+    let other = tcp(client(f), CLIENT_PORT + 1, vip(f), VIP_PORT, TCP_SYN);
+    assert_eq!(fx.ingress(&other, 0).mark, SVC | MASQ);
+
+    // A SYN reusing the old tuples is a new connection: marked, translated, tuples dropped.
+    let syn = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_SYN);
+    assert_eq!(fx.ingress(&syn, 0).mark, SVC | MASQ);
+    assert!(!in_switch_flows(&fx, &at_ingress));
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    assert!(in_snat_range(port));
+    assert!(!in_switch_flows(&fx, &at_egress));
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SvcMarked, 3), (Counter::SnatAlloc, 1)],
+    );
+}
+both_families!(switch_window_leaves_old_connections_to_conntrack);
+
+/// Host-originated traffic in the switch window: `xt_svc` (the raw table's `-m bpf` match that
+/// makes service traffic untracked) does not match a connection open before the switch, so it
+/// stays tracked; its SYN on the same tuple matches and leaves the map.
+fn xt_svc_leaves_old_connections_tracked_in_the_switch_window(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    let old = Tuple::new(node(f), 45_000, vip(f), VIP_PORT, L4Proto::Tcp);
+    old_connection(&fx, &old);
+    let verdict = |packet: &[u8]| fx.run(DatapathProgram::XtSvc, packet, 0).return_value;
+    let ack = tcp(node(f), 45_000, vip(f), VIP_PORT, TCP_ACK);
+    assert_eq!(verdict(&ack), 1, "outside the window");
+    fx.dp.maps().set_switch_window(true).expect("switch window");
+    assert_eq!(verdict(&ack), 0, "an old connection stays tracked");
+    assert_eq!(
+        verdict(&tcp(node(f), 45_001, vip(f), VIP_PORT, TCP_SYN)),
+        1,
+        "a new one does not"
+    );
+    assert_eq!(verdict(&tcp(node(f), 45_000, vip(f), VIP_PORT, TCP_SYN)), 1);
+    assert!(!in_switch_flows(&fx, &old));
+    assert_eq!(verdict(&ack), 1);
+}
+both_families!(xt_svc_leaves_old_connections_tracked_in_the_switch_window);
 
 /// IPv4 options move the L4 header: the address and port are written separately.
 #[test]

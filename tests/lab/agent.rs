@@ -590,7 +590,14 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         });
     }
 
-    let before = t.conntrack_count();
+    let conntrack_count = || {
+        t.node
+            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
+            .trim()
+            .parse::<u64>()
+            .expect("nf_conntrack_count")
+    };
+    let before = conntrack_count();
     for _ in 0..5 {
         let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("NodePort");
         assert_eq!(
@@ -600,7 +607,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         );
     }
     assert_eq!(
-        t.conntrack_count(),
+        conntrack_count(),
         before,
         "NodePort connections were tracked"
     );
@@ -652,4 +659,80 @@ fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
             && v["found"].as_str().is_some_and(|f| f.contains("missing"))
     });
     assert!(find(&kernel(&t.node), "TCP 10.96.0.91:80").is_some());
+}
+
+/// The switch from kube-proxy's ipvs mode without a reset (docs/switching.md): a connection
+/// kube-proxy's state carried (IPVS with `vs.conntrack=1` and a MASQUERADE rule, so its NAT lives
+/// in its conntrack entry) goes on exchanging data after the agent takes the node over; a
+/// connection opened after the takeover is the agent's (untracked); when the old one ends, the
+/// window closes (`node fully switched from kube-proxy`).
+#[test]
+fn a_connection_kube_proxy_masqueraded_survives_the_switch() {
+    require_lab();
+    let t = Topology::new("ag-switch");
+    let _srv = Server::tcp_echo(&t.backend, "10.0.2.2:8080".parse().unwrap());
+    // kube-proxy's ipvs mode, reduced to what carries this connection.
+    t.node.sh(
+        "ip link add kube-ipvs0 type dummy && ip addr add 10.96.0.41/32 dev kube-ipvs0 && \
+         sysctl -qw net.ipv4.vs.conntrack=1 && \
+         ipvsadm -A -t 10.96.0.41:80 -s rr && ipvsadm -a -t 10.96.0.41:80 -r 10.0.2.2:8080 -m && \
+         iptables -t nat -A POSTROUTING -d 10.0.2.2/32 -p tcp --dport 8080 -j MASQUERADE",
+    );
+    let mut old = HeldConnection::open(&t.client, "10.96.0.41:80".parse().unwrap())
+        .expect("connect through kube-proxy's state");
+    assert_eq!(old.echo("before\n").expect("echo"), "before\n");
+    let masqueraded = t
+        .node
+        .sh("conntrack -L -p tcp --orig-dst 10.96.0.41 2>/dev/null");
+    assert!(
+        masqueraded.contains("src=10.0.2.2") && masqueraded.contains("dst=10.0.2.1"),
+        "kube-proxy's NAT in conntrack: {masqueraded}"
+    );
+
+    let m = Manifests::new("switch");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("echo", "10.96.0.41", 80, None) + &slice_yaml("echo", &["10.0.2.2"], 8080)),
+    );
+    let agent = Agent::start(&t.node, &m.dir, &["--sweep-period", "1s"]);
+    agent.wait_sync(0, 1);
+    for i in 0..3 {
+        let msg = format!("after the switch {i}\n");
+        assert_eq!(
+            old.echo(&msg).expect("the old connection after the switch"),
+            msg
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("switch window from kube-proxy open"),
+        "{}",
+        agent.log_text()
+    );
+
+    // A new connection is the agent's: no conntrack entry for it.
+    let conntrack_count = || {
+        t.node
+            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
+            .trim()
+            .parse::<u64>()
+            .expect("nf_conntrack_count")
+    };
+    let before = conntrack_count();
+    let mut new = HeldConnection::open(&t.client, "10.96.0.41:80".parse().unwrap())
+        .expect("a new connection");
+    assert_eq!(new.echo("new\n").expect("echo"), "new\n");
+    assert_eq!(conntrack_count(), before, "the new connection is untracked");
+    drop(new);
+
+    // The old connection ends: the window closes.
+    assert_eq!(old.echo("last\n").expect("echo"), "last\n");
+    drop(old);
+    agent.wait_for(0, Duration::from_secs(60), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("node fully switched from kube-proxy"))
+    });
 }

@@ -15,6 +15,7 @@
 pub mod lock;
 pub mod rules;
 pub mod sweep;
+pub mod switch;
 pub mod sysctl;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -385,6 +386,26 @@ impl Datapath {
         dp.observed = maps_rec::observe(dp.loaded.maps()).context("reading the service maps")?;
         dp.sources = dp.loaded.maps().devices.entries()?.into_iter().collect();
         Ok(dp)
+    }
+
+    /// Opens the switch window from kube-proxy (docs/switching.md) for the open connections
+    /// conntrack holds to `service_ports` (address, IP protocol, port), before the first sync:
+    /// they stay tracked, keeping the NAT kube-proxy gave them, until they end. An agent
+    /// restarted during the window finds its map pinned and goes on with it.
+    pub fn seed_switch(
+        &self,
+        service_ports: &std::collections::HashSet<(IpAddr, u8, u16)>,
+    ) -> anyhow::Result<()> {
+        let tracked =
+            switch::seed_from_conntrack(self.loaded.maps(), service_ports, sweep::monotonic_ns())?;
+        if tracked > 0 {
+            tracing::info!(
+                tuples = tracked,
+                "switch window from kube-proxy open: connections conntrack holds to service ports \
+                 stay tracked until they end"
+            );
+        }
+        Ok(())
     }
 
     fn write_config(&self) -> anyhow::Result<()> {

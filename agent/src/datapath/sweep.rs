@@ -318,6 +318,19 @@ impl Drop for Sweeper {
 
 /// One pass of the sweeper, measured, and the metrics it refreshes.
 pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &mut DropLog) {
+    match super::switch::refresh_from_conntrack(maps, monotonic_ns()) {
+        Ok(Some(p)) if p.closed => tracing::info!(
+            removed = p.removed,
+            "node fully switched from kube-proxy: its last connection ended"
+        ),
+        Ok(Some(p)) if p.removed > 0 => tracing::info!(
+            tuples = p.tracked,
+            removed = p.removed,
+            "switch window from kube-proxy: connections ended"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("refreshing the switch window from kube-proxy: {e:#}"),
+    }
     let started = Instant::now();
     let result = sweep(maps, monotonic_ns(), t);
     let took = started.elapsed();

@@ -1,0 +1,183 @@
+//! Host-kernel test of the switch window from kube-proxy (`agent::datapath::switch`,
+//! docs/switching.md) on a real loaded datapath and real conntrack entries: in a network
+//! namespace of its own with a ct-using nftables rule (so that conntrack tracks), a TCP
+//! connection to a "service port" and one to another port are open; the window seeded from that
+//! dump holds the service connection's tuples only and is open in the datapath's `config`; a
+//! refresh while the connection lives keeps it; once it is closed (conntrack's TIME_WAIT), the
+//! next refresh empties the map and closes the window. Needs root, bpffs and nft; says so and
+//! passes without them.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+
+use agent::cleanup::nfnetlink::Nfnl;
+use agent::conntrack::CtEntry;
+use agent::datapath::switch::{open_tuples, refresh, seed};
+use agent::takeover::old_flow_tuples;
+use common::{Pins, can_load_datapath, in_netns, load_with_one_service};
+use probes::MapSizes;
+use probes::maps::{CFG_F_SWITCH, L4Proto, Tuple};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn dump() -> Vec<CtEntry> {
+    Nfnl::open()
+        .expect("netfilter socket")
+        .conntrack_entries()
+        .expect("conntrack dump")
+}
+
+/// A TCP connection on loopback that has exchanged data both ways.
+fn connect(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let port = listener.local_addr().expect("addr").port();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    let mut buf = [0u8; 4];
+    client.write_all(b"ping").expect("write");
+    server.read_exact(&mut buf).expect("read");
+    server.write_all(b"pong").expect("write");
+    client.read_exact(&mut buf).expect("read");
+    (client, server)
+}
+
+#[test]
+fn the_window_keeps_open_service_connections_and_closes_when_they_end() {
+    if !can_load_datapath() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root, bpffs and nft");
+        return;
+    }
+    // In the namespace: the conntrack dumps with both connections open, then with the service
+    // connection closed (both ends: FIN each way, TIME_WAIT in conntrack).
+    let ran = in_netns(|| {
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        nft.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"table inet kib_switch_test {\n chain input { type filter hook input priority 0; ct state established,related accept; }\n}\n")
+            .expect("write");
+        assert!(nft.wait().is_ok_and(|s| s.success()), "nft rule");
+        let service = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let other = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let (service_client, service_server) = connect(&service);
+        let _other = connect(&other);
+        let open = dump();
+        let client_port = service_client.local_addr().expect("addr").port();
+        drop(service_client);
+        drop(service_server);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let closed = dump();
+        (
+            open,
+            closed,
+            service.local_addr().expect("addr").port(),
+            client_port,
+        )
+    });
+    let Some((open, closed, service_port, client_port)) = ran else {
+        eprintln!("skipped: cannot make a network namespace");
+        return;
+    };
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-agent-switch-{}",
+        std::process::id()
+    )));
+    let dp = load_with_one_service(
+        &pins,
+        MapSizes {
+            svc_ports: 64,
+            svc_addrs: 64,
+            src_ranges: 64,
+            cluster_cidrs: 64,
+            devices: 64,
+            snat: 256,
+            conns: 256,
+            frags: 64,
+        },
+        NODE,
+        VIP,
+    );
+    let maps = dp.maps();
+    let flows_map = maps.switch_flows.as_ref().expect("switch_flows");
+    let in_map = || -> HashSet<Tuple> {
+        flows_map
+            .entries()
+            .expect("switch_flows")
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    };
+    let window_open = || maps.config().expect("config").expect("written").flags & CFG_F_SWITCH != 0;
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let is_service = |address: IpAddr, proto: u8, port: u16| {
+        address == localhost && proto == 6 && port == service_port
+    };
+    assert!(!window_open());
+
+    // Seeded: the service connection only (on loopback its reply tuple is its original one
+    // reversed: two distinct tuples of the four).
+    let flows = old_flow_tuples(&open, is_service);
+    let request = Tuple::new(
+        localhost,
+        client_port,
+        localhost,
+        service_port,
+        L4Proto::Tcp,
+    );
+    let reply = Tuple::new(
+        localhost,
+        service_port,
+        localhost,
+        client_port,
+        L4Proto::Tcp,
+    );
+    assert_eq!(
+        flows.keys().copied().collect::<HashSet<_>>(),
+        HashSet::from([request, reply]),
+        "{open:#?}"
+    );
+    assert_eq!(seed(maps, &flows, 1).expect("seed"), 2);
+    assert_eq!(in_map(), HashSet::from([request, reply]));
+    assert!(window_open(), "window open");
+    // The agent's own configuration writes keep it open.
+    maps.set_config(&probes::maps::Config::default())
+        .expect("config");
+    assert!(window_open(), "window kept by a configuration write");
+
+    // Still open: kept, seen again.
+    let progress = refresh(maps, &open_tuples(&open), 2).expect("refresh");
+    assert_eq!(
+        (progress.tracked, progress.removed, progress.closed),
+        (2, 0, false)
+    );
+    assert!(
+        flows_map
+            .entries()
+            .expect("switch_flows")
+            .iter()
+            .all(|(_, f)| f.seen_ns == 2)
+    );
+
+    // Ended: removed, window closed.
+    let progress = refresh(maps, &open_tuples(&closed), 3).expect("refresh");
+    assert_eq!(
+        (progress.tracked, progress.removed, progress.closed),
+        (0, 2, true),
+        "{closed:#?}"
+    );
+    assert!(in_map().is_empty());
+    assert!(!window_open(), "window closed");
+}
