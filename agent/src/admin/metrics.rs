@@ -35,7 +35,7 @@
 //! | `kube_ipvs_bpf_ipvs_operations_total` | counter | `operation` (`add_service`, …), `result` (`success`, `failure`) |
 //! | `kube_ipvs_bpf_datapath_events_total` | counter | `event` (the datapath's counters: `snat_alloc`, `port_exhausted`, `map_full`, `rev_hit`, `icmp_xlate`, `frag_xlate`, `probe_hit`, `probe_miss`, `filtered_port`, …) |
 //! | `kube_ipvs_bpf_datapath_drops_total` | counter | `reason` ([`DROP_REASONS`]: the counters that count dropped packets) |
-//! | `kube_ipvs_bpf_datapath_map_entries`, `..._map_capacity` | gauge | `map` (`snat`: live SNAT records, `conns`) |
+//! | `kube_ipvs_bpf_datapath_map_entries`, `..._map_capacity` | gauge | `map` (`snat`: live SNAT records, `conns`, `switch_flows`: tuples of connections kept on conntrack since the switch from kube-proxy, four each) |
 //! | `kube_ipvs_bpf_sweep_duration_seconds` | histogram | |
 //! | `kube_ipvs_bpf_sweep_expired_entries_total` | counter | `map` (`snat`, `conns`) |
 //! | `kube_ipvs_bpf_sweep_failures_total` | counter | |

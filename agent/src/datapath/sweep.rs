@@ -318,19 +318,29 @@ impl Drop for Sweeper {
 
 /// One pass of the sweeper, measured, and the metrics it refreshes.
 pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &mut DropLog) {
-    match super::switch::refresh_from_conntrack(maps, monotonic_ns()) {
-        Ok(Some(p)) if p.closed => tracing::info!(
-            removed = p.removed,
-            "node fully switched from kube-proxy: its last connection ended"
-        ),
-        Ok(Some(p)) if p.removed > 0 => tracing::info!(
-            tuples = p.tracked,
-            removed = p.removed,
-            "switch window from kube-proxy: connections ended"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("refreshing the switch window from kube-proxy: {e:#}"),
-    }
+    // The switch window's tuples still tracked (0 once closed), for the map gauges.
+    let switch_tracked = match super::switch::refresh_from_conntrack(maps, monotonic_ns()) {
+        Ok(Some(p)) => {
+            if p.closed {
+                tracing::info!(
+                    removed = p.removed,
+                    "node fully switched from kube-proxy: its last connection ended"
+                );
+            } else if p.removed > 0 {
+                tracing::info!(
+                    tuples = p.tracked,
+                    removed = p.removed,
+                    "switch window from kube-proxy: connections ended"
+                );
+            }
+            p.tracked
+        }
+        Ok(None) => 0,
+        Err(e) => {
+            tracing::warn!("refreshing the switch window from kube-proxy: {e:#}");
+            0
+        }
+    };
     let started = Instant::now();
     let result = sweep(maps, monotonic_ns(), t);
     let took = started.elapsed();
@@ -344,6 +354,11 @@ pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &
                         "conns",
                         r.conns_live as u64,
                         u64::from(maps.conns.max_entries()),
+                    ),
+                    (
+                        "switch_flows",
+                        switch_tracked as u64,
+                        u64::from(probes::maps::SWITCH_FLOWS_SIZE),
                     ),
                 ],
                 &[
