@@ -6,8 +6,7 @@
 
 mod common;
 
-use common::{Pins, can_load_datapath};
-use std::path::PathBuf;
+use common::{can_load_datapath, test_pins};
 
 use agent::datapath::{DatapathConfig, LocalPortWatch, snat_ports};
 use probes::maps::Config;
@@ -36,10 +35,7 @@ fn a_later_ip_local_port_range_change_reaches_the_datapath() {
     // This thread alone moves to a new network namespace: its sysctls are its own.
     std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        let pins = Pins(PathBuf::from(format!(
-            "/sys/fs/bpf/kib-agent-ports-{}",
-            std::process::id()
-        )));
+        let pins = test_pins("ports");
         let pin_root = pins.0.join("v2");
         let dp = Datapath::load(DatapathOptions {
             pin_root: pin_root.clone(),

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::in_netns;
+use common::{in_netns, small_map_sizes};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use agent::admin::metrics::Metrics;
 use agent::datapath::{Datapath, DatapathConfig, rules};
 use agent::node_state::{Part, RepairReport};
-use probes::MapSizes;
 
 fn skip() -> bool {
     if !nix::unistd::geteuid().is_root() {
@@ -103,16 +102,7 @@ impl Scratch {
             pin_root: self.root.join("v2"),
             rules_backend: rules::Backend::Nft,
             strict_arp: true,
-            map_sizes: MapSizes {
-                svc_ports: 64,
-                svc_addrs: 64,
-                src_ranges: 64,
-                cluster_cidrs: 64,
-                devices: 64,
-                snat: 256,
-                conns: 256,
-                frags: 64,
-            },
+            map_sizes: small_map_sizes(),
             sysctl_root: self.sysctls.path().to_path_buf(),
             ..DatapathConfig::default()
         }

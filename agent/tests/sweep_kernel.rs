@@ -9,9 +9,8 @@
 
 mod common;
 
-use common::{Pins, can_load_datapath, load_with_one_service};
+use common::{can_load_datapath, load_with_one_service, small_map_sizes, test_pins};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep, sweep_records};
@@ -50,25 +49,8 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     if !can_load_datapath() {
         return;
     }
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/kib-agent-sweep-{}",
-        std::process::id()
-    )));
-    let dp = load_with_one_service(
-        &pins,
-        MapSizes {
-            svc_ports: 64,
-            svc_addrs: 64,
-            src_ranges: 64,
-            cluster_cidrs: 64,
-            devices: 64,
-            snat: 256,
-            conns: 256,
-            frags: 64,
-        },
-        NODE,
-        VIP,
-    );
+    let pins = test_pins("sweep");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
     // ago than IPVS's TCP timeout, and an untranslated one as long ago.
@@ -184,25 +166,8 @@ fn a_connection_reopened_during_a_sweep_pass_keeps_its_record() {
     if !can_load_datapath() {
         return;
     }
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/kib-agent-sweep-reopen-{}",
-        std::process::id()
-    )));
-    let dp = load_with_one_service(
-        &pins,
-        MapSizes {
-            svc_ports: 64,
-            svc_addrs: 64,
-            src_ranges: 64,
-            cluster_cidrs: 64,
-            devices: 64,
-            snat: 256,
-            conns: 256,
-            frags: 64,
-        },
-        NODE,
-        VIP,
-    );
+    let pins = test_pins("sweep-reopen");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let context = SkbContext {
         mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
@@ -268,10 +233,7 @@ fn a_dropped_packet_is_logged_with_its_connection() {
     if !can_load_datapath() {
         return;
     }
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/kib-agent-droplog-{}",
-        std::process::id()
-    )));
+    let pins = test_pins("droplog");
     let dp = load_with_one_service(&pins, MapSizes::default(), NODE, VIP);
     let maps = dp.maps();
     maps.svc_addrs

@@ -12,15 +12,13 @@ mod common;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 
 use agent::cleanup::nfnetlink::Nfnl;
 use agent::conntrack::CtEntry;
 use agent::datapath::switch::{open_tuples, refresh, seed};
 use agent::takeover::old_flow_tuples;
-use common::{Pins, can_load_datapath, in_netns, load_with_one_service};
-use probes::MapSizes;
+use common::{can_load_datapath, in_netns, load_with_one_service, small_map_sizes, test_pins};
 use probes::maps::{CFG_F_SWITCH, L4Proto, Tuple};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -91,25 +89,8 @@ fn the_window_keeps_open_service_connections_and_closes_when_they_end() {
         eprintln!("skipped: cannot make a network namespace");
         return;
     };
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/kib-agent-switch-{}",
-        std::process::id()
-    )));
-    let dp = load_with_one_service(
-        &pins,
-        MapSizes {
-            svc_ports: 64,
-            svc_addrs: 64,
-            src_ranges: 64,
-            cluster_cidrs: 64,
-            devices: 64,
-            snat: 256,
-            conns: 256,
-            frags: 64,
-        },
-        NODE,
-        VIP,
-    );
+    let pins = test_pins("switch");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let flows_map = maps.switch_flows.as_ref().expect("switch_flows");
     let in_map = || -> HashSet<Tuple> {

@@ -590,14 +590,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         });
     }
 
-    let conntrack_count = || {
-        t.node
-            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
-            .trim()
-            .parse::<u64>()
-            .expect("nf_conntrack_count")
-    };
-    let before = conntrack_count();
+    let before = t.conntrack_count();
     for _ in 0..5 {
         let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("NodePort");
         assert_eq!(
@@ -607,7 +600,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         );
     }
     assert_eq!(
-        conntrack_count(),
+        t.conntrack_count(),
         before,
         "NodePort connections were tracked"
     );
@@ -713,18 +706,15 @@ fn a_connection_kube_proxy_masqueraded_survives_the_switch() {
     );
 
     // A new connection is the agent's: no conntrack entry for it.
-    let conntrack_count = || {
-        t.node
-            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
-            .trim()
-            .parse::<u64>()
-            .expect("nf_conntrack_count")
-    };
-    let before = conntrack_count();
+    let before = t.conntrack_count();
     let mut new = HeldConnection::open(&t.client, "10.96.0.41:80".parse().unwrap())
         .expect("a new connection");
     assert_eq!(new.echo("new\n").expect("echo"), "new\n");
-    assert_eq!(conntrack_count(), before, "the new connection is untracked");
+    assert_eq!(
+        t.conntrack_count(),
+        before,
+        "the new connection is untracked"
+    );
     drop(new);
 
     // The old connection ends: the window closes.

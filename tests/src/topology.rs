@@ -42,6 +42,11 @@ pub fn try_veth(
 }
 
 impl Topology {
+    /// Confirmed conntrack entries in the node's namespace.
+    pub fn conntrack_count(&self) -> u64 {
+        conntrack_count(&self.node)
+    }
+
     /// Builds the three namespaces; `name` prefixes their names.
     pub fn new(name: &str) -> Topology {
         let client = Netns::new(&format!("{name}-client"));
@@ -198,10 +203,14 @@ impl SnatTopology {
 
     /// Confirmed conntrack entries in the node's namespace.
     pub fn conntrack_count(&self) -> u64 {
-        self.node
-            .sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        conntrack_count(&self.node)
     }
+}
+
+/// Confirmed conntrack entries in `ns` (`nf_conntrack_count`; 0 before conntrack is loaded).
+pub fn conntrack_count(ns: &Netns) -> u64 {
+    ns.sh("cat /proc/sys/net/netfilter/nf_conntrack_count")
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }

@@ -14,6 +14,28 @@ impl Drop for Pins {
     }
 }
 
+/// A pin directory of its own for test `name` (this process's id appended).
+pub fn test_pins(name: &str) -> Pins {
+    Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/kib-agent-{name}-{}",
+        std::process::id()
+    )))
+}
+
+/// Map sizes small enough for a test to load many datapaths.
+pub fn small_map_sizes() -> probes::MapSizes {
+    probes::MapSizes {
+        svc_ports: 64,
+        svc_addrs: 64,
+        src_ranges: 64,
+        cluster_cidrs: 64,
+        devices: 64,
+        snat: 256,
+        conns: 256,
+        frags: 64,
+    }
+}
+
 /// Whether bpffs is mounted at /sys/fs/bpf (mounting it when it is not).
 fn bpffs() -> bool {
     let mounted = std::fs::read_to_string("/proc/mounts")
