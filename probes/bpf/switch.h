@@ -14,9 +14,10 @@
 
 /*
  * Whether packet `p` belongs to a connection open before the switch, looked up by its own tuple
- * as the hook sees it (built into `key`; the agent stores all four tuples of each entry). Outside the window: one bit test.
- * A TCP SYN is never exempt: a SYN on an old connection's tuples opens a new connection, which is
- * the agent's; it removes that tuple (the agent's next dump prunes the others).
+ * as the hook sees it (built into `key`; the agent stores all four tuples of each entry).
+ * Outside the window: one bit test. A TCP SYN is never exempt: a SYN on an old connection's
+ * tuples opens a new connection, which is the agent's; it removes that tuple (the agent's next
+ * dump prunes the others).
  */
 static __always_inline int switch_exempt(const struct config *cfg, const struct pkt *p,
 					 struct tuple *key)

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use anyhow::Context;
+
 use probes::DatapathMaps;
 use probes::maps::{SwitchFlow, Tuple};
 
@@ -103,11 +105,7 @@ pub fn seed_from_conntrack(
     service_ports: &std::collections::HashSet<(IpAddr, u8, u16)>,
     now_ns: u64,
 ) -> anyhow::Result<usize> {
-    use anyhow::Context;
-    let entries = Nfnl::open()
-        .context("opening ctnetlink")?
-        .conntrack_entries()
-        .context("dumping conntrack")?;
+    let entries = conntrack_dump()?;
     let flows = old_flow_tuples(&entries, |address, proto, port| {
         service_ports.contains(&(address, proto, port))
     });
@@ -119,15 +117,19 @@ pub fn refresh_from_conntrack(
     maps: &DatapathMaps,
     now_ns: u64,
 ) -> anyhow::Result<Option<SwitchProgress>> {
-    use anyhow::Context;
     if !maps.switch_window_open()? {
         return Ok(None);
     }
-    let entries = Nfnl::open()
-        .context("opening ctnetlink")?
-        .conntrack_entries()
-        .context("dumping conntrack")?;
+    let entries = conntrack_dump()?;
     refresh(maps, &open_tuples(&entries), now_ns)
         .map(Some)
         .context("pruning switch_flows")
+}
+
+/// Every entry of the calling thread's conntrack table, over ctnetlink.
+fn conntrack_dump() -> anyhow::Result<Vec<CtEntry>> {
+    Nfnl::open()
+        .context("opening ctnetlink")?
+        .conntrack_entries()
+        .context("dumping conntrack")
 }
