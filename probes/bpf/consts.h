@@ -148,9 +148,15 @@ enum flow_cache_geometry {
 	FLOW_CACHE_TTL_JIFFIES = 256,
 };
 
+/*
+ * What a flow_cache slot holds for its tuple: a translation (NAT_SRC, NAT_DST), or a verdict that
+ * needs no rewrite (FLOW_VERDICT_*: flow_cache.h).
+ */
 enum nat_dir {
 	NAT_SRC = 0, /* egress: rewrite the source */
 	NAT_DST = 1, /* ingress: rewrite the destination */
+	FLOW_VERDICT_EGRESS = 2,  /* egress: nothing to do, for packets with the same service marks */
+	FLOW_VERDICT_INGRESS = 3, /* ingress: set these mark bits and count this counter */
 };
 
 /*

@@ -191,8 +191,14 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	if (conns_has(&key)) {
 		skb->mark |= cfg->mark_svc;
 		stat_inc(STAT_REPLY_MARKED);
+		if (slot) {
+			tuple_from_pkt(&p, &key);
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc, 0,
+					  STAT_REPLY_MARKED, now_jiffies);
+		}
 		return TC_ACT_UNSPEC;
 	}
+	tuple_from_pkt(&p, &key);
 
 	/* 3. Service port. */
 	svc = svc_port_lookup(p.daddr, p.dport, p.proto);
@@ -200,39 +206,61 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		__u32 bits = cfg->mark_svc;
 
 		if ((svc->flags & SVC_F_SRC_RANGES) && !src_range_allows(svc->svc_id, p.saddr)) {
-			tuple_from_pkt(&p, &key);
 			stat_drop(STAT_FILTERED_SRC_RANGE, &key);
-			return TC_ACT_SHOT;
+			goto dropped;
 		}
 		/* A connection open before the switch from kube-proxy stays tracked. */
 		if (switch_exempt(cfg, &p, &key))
-			return TC_ACT_UNSPEC;
+			goto unmarked;
 		if ((svc->flags & SVC_F_MASQ) || (cfg->flags & CFG_F_MASQ_ALL) ||
 		    ((svc->flags & SVC_F_MASQ_OFFCLUSTER) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
 		     !addr_in_cluster(p.saddr)))
 			bits |= cfg->mark_masq;
 		skb->mark |= bits;
 		stat_inc(STAT_SVC_MARKED);
+		if (slot)
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, 0, STAT_SVC_MARKED,
+					  now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
 
 	/* 4. Other ports on a service address. */
 	if (addr_is_service(p.daddr)) {
-		tuple_from_pkt(&p, &key);
 		stat_drop(STAT_FILTERED_PORT, &key);
-		return TC_ACT_SHOT;
+		goto dropped;
 	}
+unmarked:
+	/*
+	 * Not service traffic (or open before the switch): its next packets pass at once, if it
+	 * cannot be the reply of a translation made later (by another CPU, or before its first
+	 * reply: a UDP reply is no SYN). Those go to a SNAT port or to a client's own port kept
+	 * (snat_allocate()), both outside the local port range; a reply to a local port is safe.
+	 */
+	if (slot && bpf_ntohs(p.dport) >= cfg->local_port_min &&
+	    bpf_ntohs(p.dport) <= cfg->local_port_max)
+		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, now_jiffies);
+	else if (slot)
+		flow_verdict_forget(slot, &key, FLOW_VERDICT_INGRESS);
 	return TC_ACT_UNSPEC;
+dropped:
+	/* A verdict the slot may still hold for this tuple is over. */
+	if (slot)
+		flow_verdict_forget(slot, &key, FLOW_VERDICT_INGRESS);
+	return TC_ACT_SHOT;
 }
 
 static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 {
 	struct config *cfg = config_get();
+	int fast;
 
 	/* mark_svc == 0: not configured yet, everything passes untouched. */
 	if (!cfg || !cfg->mark_svc)
 		return TC_ACT_UNSPEC;
-	if ((cfg->flags & CFG_F_DIRECT_WRITES) && fast_path_hit(skb, l2_len, NAT_DST)) {
+	fast = fast_path(skb, l2_len, NAT_DST, cfg->flags & CFG_F_DIRECT_WRITES);
+	if (fast == FAST_DONE)
+		return TC_ACT_UNSPEC;
+	if (fast == FAST_NAT) {
 		skb->mark |= cfg->mark_svc;
 		bpf_tail_call(skb, &nat_writers_ingress, 0);
 		/* No writer (the agent is gone): the general path translates. */
@@ -346,7 +374,15 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 
 	/* 2. Does this connection need SNAT? Not one open before the switch from kube-proxy. */
 	flags = snat_reason(&p, skb->mark, cfg);
-	if (!flags || switch_exempt(cfg, &p, &key))
+	if (!flags) {
+		__u32 mask = cfg->mark_svc | cfg->mark_masq;
+
+		if (slot)
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_EGRESS, skb->mark & mask, mask,
+					  0, now_jiffies);
+		return TC_ACT_UNSPEC;
+	}
+	if (switch_exempt(cfg, &p, &key))
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */
@@ -396,10 +432,14 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 {
 	struct config *cfg = config_get();
+	int fast;
 
 	if (!cfg || !cfg->mark_svc)
 		return TC_ACT_UNSPEC;
-	if ((cfg->flags & CFG_F_DIRECT_WRITES) && fast_path_hit(skb, l2_len, NAT_SRC))
+	fast = fast_path(skb, l2_len, NAT_SRC, cfg->flags & CFG_F_DIRECT_WRITES);
+	if (fast == FAST_DONE)
+		return TC_ACT_UNSPEC;
+	if (fast == FAST_NAT)
 		bpf_tail_call(skb, &nat_writers_egress, 0);
 	return egress_general(skb, l2_len, cfg);
 }

@@ -1,9 +1,24 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * flow_cache.h: the per-CPU flow cache (flow_cache, struct flow_slot) in front of snat_fwd and
- * snat_rev: a slot's index from a tuple or from the packet's headers, the hit test and the fill of
- * the general path, and the fast path both TC programs try first (fast_path_hit: an established
- * IPv4/IPv6 TCP/UDP flow translated by its slot, handed to nat_write in skb->cb).
+ * snat_rev and of the classification of untranslated packets: a slot's index from a tuple or from
+ * the packet's headers, the hit test and the fills of the general path, and the fast path both TC
+ * programs try first (fast_path(): an established IPv4/IPv6 TCP/UDP flow translated by its slot,
+ * handed to nat_write in skb->cb, or done with by its slot's verdict).
+ *
+ * A slot holds one direction of one flow: a translation (dir NAT_SRC/NAT_DST, copied from the
+ * table entry) or a verdict (FLOW_VERDICT_*) of the general path that needs no table entry:
+ *   - FLOW_VERDICT_INGRESS: the mark bits the flow's packets get (verdict_bits) and the counter
+ *     they count (verdict_stat, STAT_MAX: none): service packets, replies of untranslated service
+ *     connections, and traffic that is none of the agent's (no bits, no counter);
+ *   - FLOW_VERDICT_EGRESS: the flow needs no SNAT (snat_reason() 0) for packets whose service
+ *     marks (skb->mark & verdict_mask) are verdict_bits.
+ * A verdict is what the general path answers from the tuple, the marks and the agent's maps, so it
+ * holds until those maps change: like a translation, a slot lives FLOW_CACHE_TTL_JIFFIES, so a
+ * change to Services, service addresses, source ranges, cluster CIDRs or devices reaches the
+ * packets of established flows within that time (new connections go by the maps at once: a TCP
+ * SYN never takes the fast path, and a new verdict replaces the slot's). The general path forgets
+ * the ingress verdict of a packet it drops (flow_verdict_forget()).
  */
 #ifndef KIB_FLOW_CACHE_H
 #define KIB_FLOW_CACHE_H
@@ -113,46 +128,109 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 	s->filled_jiffies = now_jiffies;
 }
 
+/* The words of a verdict slot that hold, in a translation slot, the translated address. */
+#define SLOT_VERDICT_BITS 10
+#define SLOT_VERDICT_MASK 11
+#define SLOT_VERDICT_STAT 12
+
+/*
+ * Records in t's slot the general path's verdict `kind` (FLOW_VERDICT_*) with its mark bits, the
+ * mask of the marks it depends on (egress) and the counter its packets count (ingress).
+ */
+static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t, __u8 kind,
+					      __u32 bits, __u32 mask, __u32 stat,
+					      __u64 now_jiffies)
+{
+	__u32 *a = (__u32 *)s;
+	const __u32 *b = (const __u32 *)t;
+
+	a[0] = b[0];
+	a[1] = b[1];
+	a[2] = b[2];
+	a[3] = b[3];
+	a[4] = b[4];
+	a[5] = b[5];
+	a[6] = b[6];
+	a[7] = b[7];
+	a[8] = b[8];
+	s->proto = t->proto;
+	s->dir = kind;
+	s->family = addr_family(t->saddr);
+	s->state = 0;
+	a[SLOT_VERDICT_BITS] = bits;
+	a[SLOT_VERDICT_MASK] = mask;
+	a[SLOT_VERDICT_STAT] = stat;
+	a[13] = 0;
+	s->filled_jiffies = now_jiffies;
+}
+
+/* Empties t's slot when it holds a verdict `kind` for t: the general path decided otherwise. */
+static __always_inline void flow_verdict_forget(struct flow_slot *s, const struct tuple *t,
+						__u8 kind)
+{
+	const __u32 *a = (const __u32 *)s;
+	const __u32 *b = (const __u32 *)t;
+	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
+		     (a[8] ^ b[8]);
+
+	if (diff == 0 && s->proto == t->proto && s->dir == kind)
+		s->family = 0;
+}
+
+enum fast_result {
+	FAST_MISS = 0, /* the general path decides */
+	FAST_NAT = 1,  /* translate: the job is in skb->cb, for nat_write */
+	FAST_DONE = 2, /* the slot's verdict is applied: nothing else to do */
+};
+
 /*
  * The fast path, tried first by both TC programs: a linear, unfragmented IPv4 (20-byte header) or
- * IPv6 (no extension header) TCP/UDP packet that carries no TCP SYN/FIN/RST, whose flow_cache
- * slot translates it in direction dir. On a hit the translation is put in skb->cb for nat_write
- * (FAST_JOB_*) and 1 is returned; nothing else is needed from the packet (no state bit to record,
- * no last-seen refresh: the slot is younger than its TTL).
+ * IPv6 (no extension header) TCP/UDP packet that is no TCP SYN, whose flow_cache slot is younger
+ * than its TTL and holds, for direction dir (NAT_SRC on egress, NAT_DST on ingress):
+ *   - a translation (when nat_ok: the nat_write programs are there), for a packet that carries no
+ *     FIN or RST either (no state bit to record, no last-seen refresh: the slot is younger than
+ *     its TTL): the translation is put in skb->cb for nat_write (FAST_JOB_*): FAST_NAT;
+ *   - a verdict: on ingress the packet gets its mark bits and counts its counter; on egress it
+ *     passes if its service marks are the slot's: FAST_DONE.
+ * Anything else is FAST_MISS.
  */
-static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __u8 dir)
+static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 dir, int nat_ok)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	const __u32 *w;
 	struct flow_slot *s;
-	__u32 kind, index, ports;
+	__u32 index, ports, tag, family;
 	__u8 *l3 = data + l2_len;
 	__u8 version = ip_version(skb, l2_len, data, data_end);
+	__u8 tcp_flags = 0;
 	__u8 *l4;
 	__u8 proto;
 
 	if (version == 4) {
 		l4 = l3 + 20;
 		if ((void *)(l4 + 8) > data_end)
-			return 0;
+			return FAST_MISS;
 		if (l3[0] != 0x45 || (*(__u16 *)(l3 + 6) & bpf_htons(IPV4_MF | IPV4_OFFSET_MASK)))
-			return 0;
+			return FAST_MISS;
 		proto = l3[9];
 	} else if (version == 6) {
 		l4 = l3 + 40;
 		if ((void *)(l4 + 8) > data_end || (l3[0] & 0xf0) != 0x60)
-			return 0;
+			return FAST_MISS;
 		proto = l3[6];
 	} else {
-		return 0;
+		return FAST_MISS;
 	}
 	if (proto == IPPROTO_TCP) {
-		if ((void *)(l4 + 20) > data_end ||
-		    (l4[13] & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
-			return 0;
+		if ((void *)(l4 + 20) > data_end)
+			return FAST_MISS;
+		tcp_flags = l4[13];
+		if (tcp_flags & TCP_FLAG_SYN)
+			return FAST_MISS;
 	} else if (proto != IPPROTO_UDP) {
-		return 0;
+		return FAST_MISS;
 	}
 	ports = *(__u32 *)l4;
 	if (version == 4) {
@@ -162,12 +240,11 @@ static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __
 		index = flow_hash(saddr ^ V4_MAPPED_WORD2, daddr ^ V4_MAPPED_WORD2, ports, proto);
 		s = bpf_map_lookup_elem(&flow_cache, &index);
 		if (!s)
-			return 0;
+			return FAST_MISS;
 		w = (const __u32 *)s;
-		if (w[3] != saddr || w[7] != daddr || w[8] != ports ||
-		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 4))
-			return 0;
-		kind = FAST_JOB_V4;
+		if (w[3] != saddr || w[7] != daddr || w[8] != ports)
+			return FAST_MISS;
+		family = 4;
 	} else {
 		const __u32 *sa = (const __u32 *)(l3 + 8);
 		const __u32 *da = (const __u32 *)(l3 + 24);
@@ -176,23 +253,38 @@ static __always_inline int fast_path_hit(struct __sk_buff *skb, __u32 l2_len, __
 				  proto);
 		s = bpf_map_lookup_elem(&flow_cache, &index);
 		if (!s)
-			return 0;
+			return FAST_MISS;
 		w = (const __u32 *)s;
 		if (((w[0] ^ sa[0]) | (w[1] ^ sa[1]) | (w[2] ^ sa[2]) | (w[3] ^ sa[3]) |
 		     (w[4] ^ da[0]) | (w[5] ^ da[1]) | (w[6] ^ da[2]) | (w[7] ^ da[3]) |
-		     (w[8] ^ ports)) != 0 ||
-		    (w[9] & SLOT_TAG_MASK) != SLOT_TAG(proto, dir, 6))
-			return 0;
+		     (w[8] ^ ports)) != 0)
+			return FAST_MISS;
+		family = 6;
+	}
+	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
+		return FAST_MISS;
+	tag = w[9] & SLOT_TAG_MASK;
+	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family))
+		return (skb->mark & w[SLOT_VERDICT_MASK]) == w[SLOT_VERDICT_BITS] ? FAST_DONE
+										  : FAST_MISS;
+	if (dir == NAT_DST && tag == SLOT_TAG(proto, FLOW_VERDICT_INGRESS, family)) {
+		skb->mark |= w[SLOT_VERDICT_BITS];
+		if (w[SLOT_VERDICT_STAT] < STAT_MAX)
+			stat_inc(w[SLOT_VERDICT_STAT]);
+		return FAST_DONE;
+	}
+	if (!nat_ok || tag != SLOT_TAG(proto, dir, family) ||
+	    (tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		return FAST_MISS;
+	if (family == 6) {
 		skb->cb[0] = w[10];
 		skb->cb[1] = w[11];
 		skb->cb[2] = w[12];
-		kind = FAST_JOB_V6;
 	}
-	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
-		return 0;
 	skb->cb[3] = w[13];
-	skb->cb[4] = ((kind | (l2_len ? 0 : FAST_JOB_L3)) << 16) | *(const __u16 *)&s->port;
-	return 1;
+	skb->cb[4] = (((family == 4 ? FAST_JOB_V4 : FAST_JOB_V6) | (l2_len ? 0 : FAST_JOB_L3)) << 16) |
+		     *(const __u16 *)&s->port;
+	return FAST_NAT;
 }
 
 #endif /* KIB_FLOW_CACHE_H */

@@ -680,8 +680,8 @@ pub const FLOW_CACHE_SLOTS: u32 = 1024;
 pub const FLOW_CACHE_TTL_JIFFIES: u64 = 256;
 
 /// `struct flow_slot`: one `flow_cache` slot, the translation of one connection direction copied
-/// from the SNAT table (only the programs read and write it; mirrored for the layout check and
-/// for tests).
+/// from the SNAT table or a verdict on an untranslated flow (only the programs read and write it;
+/// mirrored for the layout check and for tests).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
@@ -697,7 +697,9 @@ pub struct FlowSlot {
     pub dport: Be16,
     /// Its IP protocol number.
     pub proto: u8,
-    /// 0: source (egress), 1: destination (ingress).
+    /// 0: source (egress), 1: destination (ingress); 2, 3: a verdict without translation
+    /// (egress, ingress: flow_cache.h), whose mark bits, mark mask and counter are in the first
+    /// three words of `addr`.
     pub dir: u8,
     /// 4 or 6; 0: empty.
     pub family: u8,

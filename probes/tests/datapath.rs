@@ -317,6 +317,174 @@ fn flow_cache_serves_established_packets_until_its_ttl(f: Family, name: &str) {
 }
 both_families!(flow_cache_serves_established_packets_until_its_ttl);
 
+/// The flow cache also keeps the general path's verdicts on untranslated flows (flow_cache.h,
+/// FLOW_VERDICT_*): at ingress the mark bits a flow's packets get (nothing, for traffic that is
+/// not a service's and goes to a local port), at egress "no SNAT" for packets with the same
+/// service marks. Shown by changing the maps under an established flow: its next packets keep
+/// the verdict (and count their counter), a SYN goes by the maps and replaces it, packets with
+/// other marks go by the maps, and after FLOW_CACHE_TTL_JIFFIES every packet does.
+fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    // Ingress, traffic that is none of the agent's, to a local port: passes unmarked, and keeps
+    // doing so when the maps change (its flow became a service connection's replies) ...
+    let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
+    assert!(in_local_range(CLIENT_PORT));
+    assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1);
+    fx.dp
+        .maps()
+        .conns
+        .insert(
+            &Tuple::new(
+                client(f),
+                CLIENT_PORT,
+                backend(f),
+                BACKEND_PORT,
+                L4Proto::Tcp,
+            ),
+            &ConnValue {
+                vaddr: addr_to_bytes(vip(f)),
+                vport: U16::new(VIP_PORT),
+                pad: 0,
+                ipvs_flags: 0x0100,
+                created_ns: 1,
+            },
+        )
+        .expect("conns");
+    assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1, "verdict kept");
+    // ... until a SYN goes by the maps and replaces the verdict.
+    let syn_ack = tcp(
+        backend(f),
+        BACKEND_PORT,
+        client(f),
+        CLIENT_PORT,
+        TCP_SYN | TCP_ACK,
+    );
+    assert_eq!(
+        fx.ingress(&syn_ack, 0x1).mark,
+        0x1 | SVC,
+        "a SYN goes by the maps"
+    );
+    assert_eq!(fx.ingress(&reply, 0).mark, SVC, "new verdict");
+    // Traffic to another port could be the reply of a translation made next: never kept.
+    let ack = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
+    let fin = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK | TCP_FIN);
+    assert!(!in_local_range(VIP_PORT));
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1 | SVC | MASQ, "by the maps");
+    // The Service gone: its established flow keeps its marks (and counts them), FIN included.
+    fx.dp
+        .maps()
+        .svc_ports
+        .delete(&SvcKey::new(vip(f), VIP_PORT, L4Proto::Tcp))
+        .expect("svc_ports");
+    fx.dp
+        .maps()
+        .svc_addrs
+        .delete(&AddrKey::new(vip(f)))
+        .expect("svc_addrs");
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1 | SVC | MASQ, "verdict kept");
+    assert_eq!(fx.ingress(&fin, 0).mark, SVC | MASQ, "FIN too");
+
+    // Egress: untranslated service traffic to an in-cluster backend ...
+    let fwd_syn = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let fwd_ack = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
+    assert_eq!(fx.egress(&fwd_syn, SVC).packet, fwd_syn);
+    // ... keeps passing when the maps would now translate it (its source became a service
+    // address: host-originated SNAT) ...
+    fx.dp
+        .maps()
+        .svc_addrs
+        .insert(
+            &AddrKey::new(client(f)),
+            &AddrValue {
+                flags: ADDR_F_SERVICE,
+                pad: 0,
+            },
+        )
+        .expect("svc_addrs");
+    assert_eq!(fx.egress(&fwd_ack, SVC).packet, fwd_ack, "verdict kept");
+    // ... but only for packets with the marks the verdict was given for.
+    let other_syn = tcp(
+        client(f),
+        CLIENT_PORT + 1,
+        backend(f),
+        BACKEND_PORT,
+        TCP_SYN,
+    );
+    let other_ack = tcp(
+        client(f),
+        CLIENT_PORT + 1,
+        backend(f),
+        BACKEND_PORT,
+        TCP_ACK,
+    );
+    fx.dp
+        .maps()
+        .svc_addrs
+        .delete(&AddrKey::new(client(f)))
+        .expect("svc_addrs");
+    assert_eq!(fx.egress(&other_syn, SVC).packet, other_syn);
+    let out = fx.egress(&other_ack, SVC | MASQ);
+    assert_eq!(
+        check_frame(&out.packet).src,
+        node(f),
+        "other marks: by the maps"
+    );
+    fx.dp
+        .maps()
+        .svc_addrs
+        .insert(
+            &AddrKey::new(client(f)),
+            &AddrValue {
+                flags: ADDR_F_SERVICE,
+                pad: 0,
+            },
+        )
+        .expect("svc_addrs");
+
+    // Past the TTL (at most 2.56 s, at HZ=100) every packet goes by the maps.
+    std::thread::sleep(std::time::Duration::from_millis(2700));
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1, "ingress verdict expired");
+    let out = fx.egress(&fwd_ack, SVC);
+    assert_eq!(
+        check_frame(&out.packet).src,
+        node(f),
+        "egress verdict expired"
+    );
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.flags, SNAT_F_HOST);
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::ReplyMarked, 2),
+            (Counter::SvcMarked, 3),
+            (Counter::SnatAlloc, 2),
+        ],
+    );
+}
+both_families!(flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl);
+
+/// A verdict is forgotten when the general path drops a packet of its flow: a Service given
+/// loadBalancerSourceRanges that exclude an established flow's client drops the flow's next SYN,
+/// and from then on its other packets too (they no longer take the slot's marks).
+fn dropped_packet_forgets_its_flows_verdict(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    let syn = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_SYN);
+    let ack = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
+    assert_eq!(fx.ingress(&syn, 0).mark, SVC);
+    assert_eq!(fx.ingress(&ack, 0).mark, SVC);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_SRC_RANGES, 1);
+    assert_eq!(fx.ingress(&syn, 0).return_value, TC_ACT_SHOT);
+    assert_eq!(fx.ingress(&ack, 0).return_value, TC_ACT_SHOT);
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SvcMarked, 2), (Counter::FilteredSrcRange, 2)],
+    );
+}
+both_families!(dropped_packet_forgets_its_flows_verdict);
+
 fn reply_reverse_translated(f: Family, name: &str) {
     let fx = Fixture::new(name);
     let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
@@ -1007,8 +1175,12 @@ fn switch_window_leaves_old_connections_to_conntrack(f: Family, name: &str) {
     let request = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
     let forwarded = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
 
-    // Outside the window the map is not consulted.
-    assert_eq!(fx.ingress(&request, 0x1).mark, 0x1 | SVC | MASQ);
+    // Outside the window the map is not consulted. (Another old connection: the window opens
+    // before the agent marks anything, so no flow_cache verdict predates it.)
+    let outside = Tuple::new(client(f), CLIENT_PORT + 2, vip(f), VIP_PORT, L4Proto::Tcp);
+    old_connection(&fx, &outside);
+    let outside_request = tcp(client(f), CLIENT_PORT + 2, vip(f), VIP_PORT, TCP_ACK);
+    assert_eq!(fx.ingress(&outside_request, 0x1).mark, 0x1 | SVC | MASQ);
 
     fx.dp.maps().set_switch_window(true).expect("switch window");
     // The agent's configuration writes keep the window as it is.
