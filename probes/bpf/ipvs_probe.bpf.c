@@ -8,8 +8,9 @@
  * Two programs with one body: fexit (kernels whose trampoline takes 7 arguments) and kretprobe
  * (every kernel). Neither is autoloaded: the loader enables the one it tries.
  * struct ip_vs_conn is read with CO-RE against the ip_vs module's BTF; only the fields read are
- * declared. Integer fields are read with their relocated size (BPF_CORE_READ_BITFIELD_PROBED),
- * so a kernel that narrows one (af and daf became u8 in later reworks) still reads right.
+ * declared. Integer fields are read with their relocated size (BPF_CORE_READ_BITFIELD*), so a
+ * kernel that narrows one (af and daf became u8 in later reworks) still reads right; the fexit
+ * program reads them directly, the kretprobe with bpf_probe_read_kernel (CONN_FIELD).
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -50,22 +51,39 @@ struct ip_vs_conn {
 struct ip_vs_conn_param;
 struct ip_vs_dest;
 
+/*
+ * The fields of struct ip_vs_conn, read at their relocated offset and size: with direct loads in
+ * the fexit program (its argument is a BTF pointer, so a load is one instruction the verifier
+ * guards), with bpf_probe_read_kernel in the kretprobe (a register holds a plain address there).
+ * `direct` is a constant in each program: the other branch is compiled out.
+ */
+#define CONN_FIELD(direct, cp, field)                                                              \
+	((direct) ? (__u32)BPF_CORE_READ_BITFIELD(cp, field)                                      \
+		  : (__u32)BPF_CORE_READ_BITFIELD_PROBED(cp, field))
+
 static __always_inline void read_addr(__u8 out[ADDR_LEN], const union nf_inet_addr *addr,
-				      __u16 family)
+				      __u16 family, const int direct)
 {
 	__u32 *words = (__u32 *)out;
 
 	if (family == AF_INET6) {
-		bpf_core_read(out, ADDR_LEN, &addr->ip6);
+		if (direct) {
+			words[0] = addr->all[0];
+			words[1] = addr->all[1];
+			words[2] = addr->all[2];
+			words[3] = addr->all[3];
+		} else {
+			bpf_core_read(out, ADDR_LEN, &addr->ip6);
+		}
 		return;
 	}
 	words[0] = 0;
 	words[1] = 0;
 	words[2] = bpf_htonl(0x0000ffff);
-	words[3] = BPF_CORE_READ(addr, ip);
+	words[3] = direct ? addr->ip : BPF_CORE_READ(addr, ip);
 }
 
-static __always_inline int record_conn(struct ip_vs_conn *cp)
+static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 {
 	struct tuple key = {};
 	struct conn_value value = {};
@@ -76,21 +94,21 @@ static __always_inline int record_conn(struct ip_vs_conn *cp)
 
 	if (!cp)
 		return 0;
-	flags = BPF_CORE_READ_BITFIELD_PROBED(cp, flags);
-	cport = BPF_CORE_READ_BITFIELD_PROBED(cp, cport);
+	flags = CONN_FIELD(direct, cp, flags);
+	cport = CONN_FIELD(direct, cp, cport);
 	if ((flags & IP_VS_CONN_F_TEMPLATE) || cport == 0) {
 		stat_inc(STAT_PROBE_TEMPLATE_SKIPPED);
 		return 0;
 	}
-	af = BPF_CORE_READ_BITFIELD_PROBED(cp, af);
-	daf = BPF_CORE_READ_BITFIELD_PROBED(cp, daf);
-	read_addr(key.saddr, &cp->caddr, af);
-	read_addr(key.daddr, &cp->daddr, daf);
+	af = CONN_FIELD(direct, cp, af);
+	daf = CONN_FIELD(direct, cp, daf);
+	read_addr(key.saddr, &cp->caddr, af, direct);
+	read_addr(key.daddr, &cp->daddr, daf, direct);
 	key.sport = cport;
-	key.dport = BPF_CORE_READ_BITFIELD_PROBED(cp, dport);
-	key.proto = BPF_CORE_READ_BITFIELD_PROBED(cp, protocol);
-	read_addr(value.vaddr, &cp->vaddr, af);
-	value.vport = BPF_CORE_READ_BITFIELD_PROBED(cp, vport);
+	key.dport = CONN_FIELD(direct, cp, dport);
+	key.proto = CONN_FIELD(direct, cp, protocol);
+	read_addr(value.vaddr, &cp->vaddr, af, direct);
+	value.vport = CONN_FIELD(direct, cp, vport);
 	value.ipvs_flags = flags;
 	value.created_ns = bpf_ktime_get_ns();
 	bpf_map_update_elem(&conns, &key, &value, BPF_ANY);
@@ -103,11 +121,11 @@ int BPF_PROG(ipvs_conn_new_fexit, const struct ip_vs_conn_param *p, int dest_af,
 	     const union nf_inet_addr *daddr, __be16 dport, unsigned int flags,
 	     struct ip_vs_dest *dest, __u32 fwmark, struct ip_vs_conn *ret)
 {
-	return record_conn(ret);
+	return record_conn(ret, 1);
 }
 
 SEC("?kretprobe/ip_vs_conn_new")
 int BPF_KRETPROBE(ipvs_conn_new_kretprobe, struct ip_vs_conn *ret)
 {
-	return record_conn(ret);
+	return record_conn(ret, 0);
 }
