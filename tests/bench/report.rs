@@ -718,35 +718,43 @@ struct Goal {
     at_least: bool,
 }
 
-const GOALS: [Goal; 5] = [
+/// Issue 15's goals: the node's share of CPU per connection (minus the direct baseline) under
+/// `-icount`, stage 1 (IPVS forwarding every packet) and stage 2 (the moonshot).
+const GOALS: [Goal; 6] = [
     Goal {
-        what: "NodePort short-connection CPS vs ipvs mode",
-        key: "nodeport_cps_vs_ipvs",
-        target: 1.7,
-        at_least: true,
+        what: "NodePort node CPU per connection vs nftables mode (stage 1)",
+        key: "nodeport_node_cpu_vs_nftables",
+        target: 0.95,
+        at_least: false,
     },
     Goal {
-        what: "NodePort short-connection CPS vs nftables mode",
-        key: "nodeport_cps_vs_nftables",
-        target: 1.5,
-        at_least: true,
+        what: "ClusterIP node CPU per connection vs nftables mode (stage 1)",
+        key: "clusterip_node_cpu_vs_nftables",
+        target: 1.0,
+        at_least: false,
     },
     Goal {
-        what: "ClusterIP short-connection CPS vs ipvs mode",
-        key: "clusterip_cps_vs_ipvs",
-        target: 1.4,
-        at_least: true,
+        what: "NodePort node CPU per connection vs ipvs mode",
+        key: "nodeport_node_cpu_vs_ipvs",
+        target: 0.5,
+        at_least: false,
     },
     Goal {
-        what: "ClusterIP short-connection CPS vs nftables mode",
-        key: "clusterip_cps_vs_nftables",
-        target: 1.3,
-        at_least: true,
+        what: "ClusterIP node CPU per connection vs ipvs mode",
+        key: "clusterip_node_cpu_vs_ipvs",
+        target: 0.5,
+        at_least: false,
     },
     Goal {
-        what: "NodePort p99 latency vs ipvs mode",
-        key: "p99_vs_ipvs",
-        target: 0.6,
+        what: "NodePort node CPU per connection vs nftables mode (stage 2)",
+        key: "nodeport_node_cpu_vs_nftables",
+        target: 0.8,
+        at_least: false,
+    },
+    Goal {
+        what: "ClusterIP node CPU per connection vs nftables mode (stage 2)",
+        key: "clusterip_node_cpu_vs_nftables",
+        target: 0.9,
         at_least: false,
     },
 ];
