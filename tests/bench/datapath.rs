@@ -969,6 +969,56 @@ fn count_new_events(ns: &Netns, f: impl FnOnce() -> Result<Value>) -> Result<(u6
     Ok((n, r?))
 }
 
+/// Calls of `__nf_conntrack_alloc` (every conntrack entry the kernel allocates, confirmed or
+/// not, in any namespace) counted by a kprobe event with a hist trigger in tracefs. Used only
+/// outside the timed windows: the probe's own cost would land on the datapaths that allocate.
+struct CtAllocProbe;
+
+impl CtAllocProbe {
+    const EVENT: &'static str = "/sys/kernel/tracing/events/kprobes/kib_ct_alloc";
+
+    /// Starts counting; None (and nothing left behind) when the kernel has no kprobe events or
+    /// nf_conntrack is not loaded.
+    fn start() -> Option<Self> {
+        let setup = format!(
+            "([ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing) && \
+             echo 'p:kib_ct_alloc __nf_conntrack_alloc' >> /sys/kernel/tracing/kprobe_events && \
+             echo 'hist:keys=common_type' > {0}/trigger && echo 1 > {0}/enable",
+            Self::EVENT
+        );
+        match try_sh(&setup) {
+            Ok(_) => Some(CtAllocProbe),
+            Err(e) => {
+                log(&format!("conntrack allocation counter unavailable: {e:#}"));
+                Self::remove();
+                None
+            }
+        }
+    }
+
+    /// Allocations counted since start (the hist trigger's total hit count).
+    fn count(&self) -> Option<u64> {
+        let hist = std::fs::read_to_string(format!("{}/hist", Self::EVENT)).ok()?;
+        hist.lines()
+            .find_map(|l| l.trim().strip_prefix("Hits:"))
+            .and_then(|n| n.trim().parse().ok())
+    }
+
+    fn remove() {
+        let _ = try_sh(&format!(
+            "echo 0 > {0}/enable; echo '!hist:keys=common_type' > {0}/trigger; \
+             echo '-:kib_ct_alloc' >> /sys/kernel/tracing/kprobe_events; true",
+            Self::EVENT
+        ));
+    }
+}
+
+impl Drop for CtAllocProbe {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
 /// Per-program BPF run counts and times (`bpftool prog show`, with bpf_stats enabled).
 fn bpf_prog_stats() -> Result<BTreeMap<String, (u64, u64)>> {
     let v: Value =
@@ -1005,8 +1055,11 @@ fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value
     ] {
         let ns = if from_pod { &t.pod } else { &t.client };
         let before = ct_count(&t.node)?;
+        let allocs = CtAllocProbe::start();
         let (n, lg) =
             count_new_events(&t.node, || loadgen(ns, &cps_args(&to, cfg.event_conns, 4)))?;
+        let allocated = allocs.as_ref().and_then(CtAllocProbe::count);
+        drop(allocs);
         let after = ct_count(&t.node)?;
         let ok = lg["ok"].as_u64().unwrap_or(0);
         events.insert(
@@ -1017,6 +1070,8 @@ fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value
                 "new_events_per_conn": n as f64 / ok.max(1) as f64,
                 "count_growth": after as i64 - before as i64,
                 "growth_per_conn": (after as i64 - before as i64) as f64 / ok.max(1) as f64,
+                "allocs": allocated,
+                "allocs_per_conn": allocated.map(|a| a as f64 / ok.max(1) as f64),
             }),
         );
     }

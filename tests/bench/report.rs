@@ -706,6 +706,7 @@ fn ours_conntrack_per_conn(s: &Value) -> Option<f64> {
         let e = get(s, &["details", "ours", "conntrack_events", case]);
         see(e["new_events_per_conn"].as_f64());
         see(e["growth_per_conn"].as_f64());
+        see(e["allocs_per_conn"].as_f64());
     }
     worst
 }
@@ -916,7 +917,10 @@ fn markdown(
              Conntrack: `nf_conntrack_count` growth in the node's namespace over each timed case, \
              `conntrack -C` after it (the table's peak: entries only grow within a case), and \
              `conntrack -E` NEW events over {} connections per path (not `conntrack -S`, whose \
-             insert counter reads 0 on these kernels); the conntrack table is flushed before \
+             insert counter reads 0 on these kernels) with, over the same connections, every \
+             conntrack entry allocated (calls of `__nf_conntrack_alloc`, confirmed or not, \
+             counted by a kprobe event's hist trigger: outside the timed windows, where the \
+             probe would cost the datapaths that allocate); the conntrack table is flushed before \
              each timed case. Table full: `nf_conntrack_max` = {}, {} connections opened \
              (256 connects in flight, 3 s timeout) and held through the NodePort.\n\n\
              Setup details that keep the comparison fair: kube-proxy's kernel-wide conntrack \
@@ -1082,14 +1086,14 @@ fn markdown(
             "\nConntrack in the node's namespace (entries per connection: median over rounds of \
              the growth in each timed case; NEW events per connection from `conntrack -E`; peak \
              `conntrack -C`):\n\n\
-             | datapath | growth per conn, NodePort / ClusterIP | NEW events per conn, NodePort / ClusterIP | peak `conntrack -C` (NodePort CPS, 1 Service) | table full: failed of held | peak count when full |\n|---|---|---|---|---|---|"
+             | datapath | growth per conn, NodePort / ClusterIP | NEW events per conn, NodePort / ClusterIP | `__nf_conntrack_alloc` calls per conn, NodePort / ClusterIP | peak `conntrack -C` (NodePort CPS, 1 Service) | table full: failed of held | peak count when full |\n|---|---|---|---|---|---|---|"
         );
         for dp in DATAPATHS {
             let ev = get(s, &["details", dp, "conntrack_events"]);
             let tf = get(s, &["details", dp, "table_full"]);
             let _ = writeln!(
                 md,
-                "| {dp} | {} / {} | {} / {} | {} | {} of {} | {} |",
+                "| {dp} | {} / {} | {} / {} | {} / {} | {} | {} of {} | {} |",
                 f(num(
                     s,
                     &[
@@ -1114,6 +1118,8 @@ fn markdown(
                 )),
                 f(ev["nodeport"]["new_events_per_conn"].as_f64()),
                 f(ev["clusterip"]["new_events_per_conn"].as_f64()),
+                f(ev["nodeport"]["allocs_per_conn"].as_f64()),
+                f(ev["clusterip"]["allocs_per_conn"].as_f64()),
                 f(num(
                     s,
                     &["cases", "cps_nodeport", "1", dp, "conntrack_peak", "median"]
