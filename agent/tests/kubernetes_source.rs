@@ -96,6 +96,7 @@ async fn client(server: &FakeApiServer) -> (tempfile::TempDir, kube::Client) {
     let cfg = KubernetesSourceConfig {
         kubeconfig: Some(path),
         node_name: NODE.into(),
+        ..Default::default()
     };
     let client = kubernetes::client(&cfg).await.expect("client");
     (dir, client)
