@@ -21,14 +21,27 @@ use crate::source::watch::{load_snapshot, watch_path};
 use crate::state;
 use crate::sync::{self, SyncConfig, Syncer};
 
+/// `--version`: the version, the git commit built from, and the datapath's map layout (the
+/// pin root's last component, [`probes::loader::DEFAULT_PIN_ROOT`]; a test keeps them equal).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("KUBE_IPVS_BPF_COMMIT"),
+    "\ndatapath layout: v2"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kube-ipvs-bpf",
     version,
-    about = "A kube-proxy replacement: IPVS services with conntrack-free eBPF SNAT"
+    long_version = LONG_VERSION,
+    about = "A kube-proxy replacement: IPVS services with conntrack-free eBPF SNAT",
+    after_help = "Without a subcommand (or as `kube-ipvs-bpf kube-proxy ...`, or run under the \
+                  name kube-proxy) it takes kube-proxy's command line: \
+                  `kube-ipvs-bpf kube-proxy --help` lists those flags."
 )]
 pub struct Cli {
-    /// Log format.
+    /// Log format: text (colour only on a terminal) or json (one object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -55,6 +68,7 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         source: SourceArgs,
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -80,24 +94,31 @@ pub enum Command {
 pub enum InspectWhat {
     /// Virtual services with their Kubernetes Service, destinations, weights and counters.
     Services {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The running agent's state directory (names the virtual services).
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// Source-NAT entries: client, node address:port, backend, service, state, age.
     Snat {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The running agent's state directory (names the services).
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Where the running agent pinned the datapath's maps.
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
     /// The datapath's counters (summed over CPUs).
     Counters {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Where the running agent pinned the datapath's maps.
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
@@ -124,6 +145,7 @@ pub struct CleanupArgs {
     /// Configuration file (for the NodePort range and ipvs.excludeCIDRs).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Output: text for people, json for tools.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -723,7 +745,7 @@ fn vs_json(v: &model::VirtualService) -> Value {
     json!({
         "service": v.service.to_string(),
         "port_name": v.port_name,
-        "kind": format!("{:?}", v.kind),
+        "kind": v.kind.as_str(),
         "protocol": v.protocol.as_str(),
         "address": v.address,
         "port": v.port,
@@ -1113,4 +1135,49 @@ pub fn inspect_counters(output: Output, pin_root: PathBuf) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every flag of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "kube-ipvs-bpf", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_datapath_layout() {
+        let layout = std::path::Path::new(probes::loader::DEFAULT_PIN_ROOT)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            LONG_VERSION.ends_with(&format!("datapath layout: {layout}")),
+            "{LONG_VERSION}"
+        );
+        assert!(LONG_VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        let commit = env!("KUBE_IPVS_BPF_COMMIT");
+        assert!(!commit.is_empty());
+        assert!(LONG_VERSION.contains(&format!("commit: {commit}")));
+    }
 }

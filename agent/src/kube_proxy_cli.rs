@@ -135,7 +135,8 @@ fn go_duration(s: &str) -> Result<String, String> {
     about = "kube-ipvs-bpf with kube-proxy's command line: an IPVS proxy with conntrack-free \
              eBPF SNAT, configured by kube-proxy's flags or its KubeProxyConfiguration file",
     after_help = "This binary's own commands: kube-ipvs-bpf run|plan|inspect|cleanup|init --help",
-    disable_version_flag = true
+    version,
+    long_version = crate::cli::LONG_VERSION
 )]
 pub struct KubeProxyArgs {
     /// The configuration file (a KubeProxyConfiguration, e.g. the kube-proxy ConfigMap's
