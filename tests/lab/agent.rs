@@ -732,7 +732,8 @@ fn a_connection_kube_proxy_masqueraded_survives_the_switch() {
 /// --hostname-override=$(NODE_NAME)`, the kubelet having expanded NODE_NAME), the same
 /// ConfigMap files (kubeadm's `config.conf` in ipvs mode, its `kubeconfig.conf` with the
 /// ServiceAccount token file), and the API server allowing only kubeadm's
-/// `system:node-proxier` role. IPVS gets programmed, traffic flows, nothing is refused.
+/// `system:node-proxier` role. IPVS gets programmed, traffic flows, nothing is refused; then
+/// the same command line with `--init-only` and with `--cleanup` does kube-proxy's jobs.
 #[test]
 fn kubeadms_kube_proxy_command_line_and_configmap_run_it_under_system_node_proxier() {
     use lab::apiserver::{ApiServer, control};
@@ -829,6 +830,29 @@ fn kubeadms_kube_proxy_command_line_and_configmap_run_it_under_system_node_proxi
         "requests outside system:node-proxier: {denied}"
     );
     drop(agent);
+
+    // kube-proxy's --init-only (bpffs is mounted already: nothing to do) and --cleanup: this
+    // agent's state and kube-proxy's leave the node.
+    let (rc, _, err) = t.node.sh_status(
+        "/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf --init-only",
+    );
+    assert_eq!(rc, 0, "--init-only: {err}");
+    assert!(err.contains("already mounted"), "{err}");
+    let (rc, out, err) = t.node.sh_status(
+        "/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf \
+         --hostname-override=lab --cleanup",
+    );
+    assert_eq!(rc, 0, "--cleanup: {out}\n{err}");
+    assert!(
+        kernel(&t.node).is_empty(),
+        "IPVS after --cleanup: {:?}",
+        kernel(&t.node)
+    );
+    assert!(
+        t.node.try_sh("ip link show kube-ipvs0").is_err(),
+        "kube-ipvs0 after --cleanup"
+    );
+    assert!(!std::path::Path::new(probes_default_pin_root()).exists());
     let _ = std::fs::remove_dir_all("/run/kube-ipvs-bpf");
 }
 
