@@ -34,6 +34,8 @@
 //! - `-v`: 0 to 3 log at info, 4 and 5 at debug, 6 and more at trace (`RUST_LOG` wins).
 //! - `--cleanup`: this agent's own state and kube-proxy's (`cleanup`, then
 //!   `cleanup --kube-proxy`), then exit. `--init-only`: `init` (mount bpffs), then exit.
+//!   A run does the same preparation first, as kube-proxy's does its privileged steps (a
+//!   failure there is a warning: the datapath's start-up check then names what is missing).
 //! - Names are read as kube-proxy's flag library reads them: `--flag=value` or
 //!   `--flag value`, booleans `--flag` or `--flag=false`, `_` the same as `-`.
 
@@ -734,6 +736,16 @@ pub async fn execute(r: Resolved) -> anyhow::Result<()> {
         })
         .map(|_| ()),
         Action::Run => {
+            // As kube-proxy, a run does the privileged preparation --init-only does alone: so
+            // kube-proxy's own DaemonSet (privileged, no bpffs volume, no init container) runs
+            // the agent with only its image swapped. Without the privilege, the datapath's
+            // start-up check names what is missing.
+            if let Err(e) = crate::init::run(&crate::init::InitConfig {
+                bpffs: PathBuf::from(crate::init::DEFAULT_BPFFS),
+                pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+            }) {
+                tracing::warn!("{}", crate::logging::error_line(&e));
+            }
             crate::cli::run_kubernetes(
                 r.config,
                 crate::cli::RuntimeOptions {

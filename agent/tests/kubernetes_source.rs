@@ -901,3 +901,49 @@ async fn everything_works_under_the_system_node_proxier_role() {
     })
     .await;
 }
+
+/// kube-proxy's `--master`: the URL alone (no kubeconfig), or over a kubeconfig's server.
+#[tokio::test]
+async fn master_alone_or_over_a_kubeconfig_reaches_the_server() {
+    bounded(30, async {
+        let server = populated().await;
+        let alone = KubernetesSourceConfig {
+            master: Some(server.url()),
+            node_name: NODE.into(),
+            ..Default::default()
+        };
+        let c = kubernetes::client(&alone)
+            .await
+            .expect("client from --master");
+        let s = kubernetes::list_once(c, NODE).await.expect("list_once");
+        assert_eq!(names(&s.services), ["a/web"]);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            lab::fake_apiserver::kubeconfig_for("http://127.0.0.1:1"),
+        )
+        .expect("kubeconfig");
+        let over = KubernetesSourceConfig {
+            kubeconfig: Some(path),
+            master: Some(server.url()),
+            node_name: NODE.into(),
+        };
+        let c = kubernetes::client(&over).await.expect("client");
+        let s = kubernetes::list_once(c, NODE)
+            .await
+            .expect("list_once via --master");
+        assert_eq!(names(&s.services), ["a/web"]);
+
+        let bad = KubernetesSourceConfig {
+            master: Some("not a url".into()),
+            ..Default::default()
+        };
+        match kubernetes::client(&bad).await {
+            Ok(_) => panic!("a bad --master was accepted"),
+            Err(e) => assert!(format!("{e:#}").contains("--master"), "{e:#}"),
+        }
+    })
+    .await;
+}

@@ -820,6 +820,8 @@ fn kubeadms_kube_proxy_command_line_and_configmap_run_it_under_system_node_proxi
     let log = agent.log_text();
     assert!(log.contains("node=lab"), "{log}");
     assert!(!log.contains("flags ignored"), "{log}");
+    // A run does --init-only's preparation first (here bpffs was mounted already).
+    assert!(log.contains("bpffs is already mounted"), "{log}");
     assert!(
         !log.contains('\u{1b}'),
         "ANSI colour in a log that is not a terminal: {log}"
