@@ -21,7 +21,8 @@
 //! - Refused by name (start-up stops): `--proxy-mode` other than `ipvs` (or empty),
 //!   `--ipvs-scheduler` not an IPVS scheduler, `--feature-gates` with any gate,
 //!   `--profiling`, `--detect-local-mode` other than `ClusterCIDR`, `--write-config-to`,
-//!   `--healthz-port=0`/`--metrics-port=0` (the servers cannot be disabled),
+//!   `--healthz-port=0`/`--metrics-port=0` and empty `--healthz-bind-address`/
+//!   `--metrics-bind-address` (kube-proxy: disable the server; here they cannot be disabled),
 //!   `--logging-format` other than `text`/`json`, and whatever the configuration file refuses
 //!   for the field a flag stands for (the error names the flag).
 //! - Accepted and ignored with one log line: the `--conntrack-*` flags (service traffic
@@ -660,6 +661,17 @@ pub fn resolve(p: &Parsed) -> anyhow::Result<Resolved> {
             (cfg, ignored)
         }
         None => {
+            for (id, value) in [
+                ("healthz_bind_address", &a.healthz_bind_address),
+                ("metrics_bind_address", &a.metrics_bind_address),
+            ] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    anyhow::bail!(
+                        "{}=\"\": the server cannot be disabled here (kube-ipvs-bpf always serves it)",
+                        p.flag(id)
+                    );
+                }
+            }
             let file = file_from_flags(p)?;
             let ipvs_mode = a.proxy_mode.as_deref().map(str::trim) == Some("ipvs");
             let per_mode: &[&str] = if ipvs_mode {

@@ -331,6 +331,8 @@ fn what_cannot_be_honoured_is_refused_by_flag_name() {
         ("--logging-format=klog", "--logging-format"),
         ("--hostname-override=  ", "--hostname-override"),
         ("--ipvs-exclude-cidrs=10.0.0.0/33", "--ipvs-exclude-cidrs"),
+        ("--metrics-bind-address=", "--metrics-bind-address"),
+        ("--healthz-bind-address=", "--healthz-bind-address"),
     ] {
         let e = error(&["kube-proxy", flag]);
         assert!(e.starts_with(want), "{flag}: {e}");
