@@ -1,5 +1,7 @@
-//! The command line: `run`, `plan` and `inspect`, their flags, and how each prints (text for
-//! people, `--output json` for tools).
+//! This binary's own command line: `run`, `plan`, `inspect`, `cleanup` and `init`, their
+//! flags, and how each prints (text for people, `--output json` for tools). kube-proxy's
+//! command line is [`crate::kube_proxy_cli`]'s, which runs through [`run_kubernetes`] and
+//! [`cleanup_as_kube_proxy`] here.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
