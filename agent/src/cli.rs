@@ -1,5 +1,7 @@
-//! The command line: `run`, `plan` and `inspect`, their flags, and how each prints (text for
-//! people, `--output json` for tools).
+//! This binary's own command line: `run`, `plan`, `inspect`, `cleanup` and `init`, their
+//! flags, and how each prints (text for people, `--output json` for tools). kube-proxy's
+//! command line is [`crate::kube_proxy_cli`]'s, which runs through [`run_kubernetes`] and
+//! [`cleanup_as_kube_proxy`] here.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -21,14 +23,27 @@ use crate::source::watch::{load_snapshot, watch_path};
 use crate::state;
 use crate::sync::{self, SyncConfig, Syncer};
 
+/// `--version`: the version, the git commit built from, and the datapath's map layout (the
+/// pin root's last component, [`probes::loader::DEFAULT_PIN_ROOT`]; a test keeps them equal).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("KUBE_IPVS_BPF_COMMIT"),
+    "\ndatapath layout: v2"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kube-ipvs-bpf",
     version,
-    about = "A kube-proxy replacement: IPVS services with conntrack-free eBPF SNAT"
+    long_version = LONG_VERSION,
+    about = "A kube-proxy replacement: IPVS services with conntrack-free eBPF SNAT",
+    after_help = "Without a subcommand (or as `kube-ipvs-bpf kube-proxy ...`, or run under the \
+                  name kube-proxy) it takes kube-proxy's command line: \
+                  `kube-ipvs-bpf kube-proxy --help` lists those flags."
 )]
 pub struct Cli {
-    /// Log format.
+    /// Log format: text (colour only on a terminal) or json (one object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -55,6 +70,7 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         source: SourceArgs,
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -80,24 +96,31 @@ pub enum Command {
 pub enum InspectWhat {
     /// Virtual services with their Kubernetes Service, destinations, weights and counters.
     Services {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The running agent's state directory (names the virtual services).
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// Source-NAT entries: client, node address:port, backend, service, state, age.
     Snat {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The running agent's state directory (names the services).
         #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Where the running agent pinned the datapath's maps.
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
     /// The datapath's counters (summed over CPUs).
     Counters {
+        /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Where the running agent pinned the datapath's maps.
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
@@ -124,6 +147,7 @@ pub struct CleanupArgs {
     /// Configuration file (for the NodePort range and ipvs.excludeCIDRs).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Output: text for people, json for tools.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -141,11 +165,36 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         ..Default::default()
     };
+    cleanup_with(&opts, args.kube_proxy, args.output).await
+}
+
+/// kube-proxy's `--cleanup`: this agent's own state (as `cleanup`), then kube-proxy's (as
+/// `cleanup --kube-proxy`), with the NodePort range and `ipvs.excludeCIDRs` of `cfg`.
+pub async fn cleanup_as_kube_proxy(cfg: &config::AgentConfig) -> anyhow::Result<()> {
+    let opts = crate::cleanup::CleanupOptions {
+        node_port_range: cfg.node_port_range.clone(),
+        ipvs_exclude_cidrs: cfg.ipvs_exclude_cidrs.clone(),
+        state_dir: cfg.state_dir.clone(),
+        ..Default::default()
+    };
+    let ours = cleanup_with(&opts, false, Output::Text).await;
+    let theirs = cleanup_with(&opts, true, Output::Text).await;
+    ours.context("removing this agent's state")?;
+    theirs.context("removing kube-proxy's state")
+}
+
+/// `cleanup` (`kube_proxy`: `cleanup --kube-proxy`) with `opts`; fails unless everything
+/// was removed.
+async fn cleanup_with(
+    opts: &crate::cleanup::CleanupOptions,
+    kube_proxy: bool,
+    output: Output,
+) -> anyhow::Result<()> {
     // Removing this agent's state (or, without --keep-ipvs, the IPVS services it owns too) while
     // an agent runs would pull the datapath from under it: take its lock. A dry run changes
     // nothing; a pin root that does not exist has no agent.
-    let removes_ours = !args.kube_proxy || !args.keep_ipvs;
-    let _lock = if removes_ours && !args.dry_run && opts.pin_root.exists() {
+    let removes_ours = !kube_proxy || !opts.keep_ipvs;
+    let _lock = if removes_ours && !opts.dry_run && opts.pin_root.exists() {
         Some(
             crate::datapath::lock::acquire(
                 &crate::datapath::lock::lock_dir(),
@@ -157,12 +206,12 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let report = if args.kube_proxy {
-        crate::cleanup::cleanup_kube_proxy(&opts).await?
+    let report = if kube_proxy {
+        crate::cleanup::cleanup_kube_proxy(opts).await?
     } else {
-        crate::cleanup::cleanup_self(&opts).await?
+        crate::cleanup::cleanup_self(opts).await?
     };
-    match args.output {
+    match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Text => print!("{report}"),
     }
@@ -324,6 +373,7 @@ impl SourceArgs {
         KubernetesSourceConfig {
             kubeconfig: self.kubeconfig.clone(),
             node_name: self.node_name(),
+            master: None,
         }
     }
 
@@ -374,14 +424,65 @@ fn hostname_or(name: Option<String>) -> String {
     })
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let source = args.source.parsed()?;
+/// What `run` uses besides the resolved configuration: the node-side options that have no
+/// kube-proxy equivalent (kube-proxy's command line runs with their defaults).
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Where the objects come from, as `--source` spells it (for the log).
+    pub source_name: String,
+    pub datapath: DatapathKind,
+    pub iptables_backend: IptablesBackend,
+    pub bpf_pin_root: PathBuf,
+    pub bpf_map_sizes: Vec<(String, u32)>,
+    pub node_check_period: Duration,
+    /// kube-proxy's `--master`: the API server's URL over the kubeconfig's.
+    pub master: Option<String>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            source_name: "kubernetes".into(),
+            datapath: DatapathKind::Bpf,
+            iptables_backend: IptablesBackend::Default,
+            bpf_pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+            bpf_map_sizes: Vec::new(),
+            node_check_period: Duration::from_secs(5),
+            master: None,
+        }
+    }
+}
+
+/// Stops start-up when this process lacks a capability the selected backends need.
+fn check_capabilities(rt: &RuntimeOptions) -> anyhow::Result<()> {
     crate::capabilities::check(&crate::capabilities::required(
-        args.datapath == DatapathKind::Bpf,
-        args.iptables_backend == IptablesBackend::Legacy
-            || (args.iptables_backend == IptablesBackend::Default
+        rt.datapath == DatapathKind::Bpf,
+        rt.iptables_backend == IptablesBackend::Legacy
+            || (rt.iptables_backend == IptablesBackend::Default
                 && crate::capabilities::default_iptables_is_legacy()),
     ))?;
+    Ok(())
+}
+
+/// kube-proxy's command line without `--cleanup` or `--init-only`: the agent on the
+/// Kubernetes source with `cfg` (already resolved from kube-proxy's flags and `--config`).
+pub async fn run_kubernetes(cfg: config::AgentConfig, rt: RuntimeOptions) -> anyhow::Result<()> {
+    check_capabilities(&rt)?;
+    run_resolved(Source::Kubernetes, cfg, rt).await
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = args.source.parsed()?;
+    let rt = RuntimeOptions {
+        source_name: args.source.source.clone(),
+        datapath: args.datapath,
+        iptables_backend: args.iptables_backend,
+        bpf_pin_root: args.bpf_pin_root.clone(),
+        bpf_map_sizes: args.bpf_map_sizes.clone(),
+        node_check_period: args.node_check_period,
+        master: None,
+    };
+    check_capabilities(&rt)?;
     let cfg = args.source.agent_config(config::Overrides {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
@@ -392,6 +493,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_bind_address: args.metrics_bind_address,
         ..Default::default()
     })?;
+    run_resolved(source, cfg, rt).await
+}
+
+async fn run_resolved(
+    source: Source,
+    cfg: config::AgentConfig,
+    args: RuntimeOptions,
+) -> anyhow::Result<()> {
     if let Some(adj) = cfg.oom_score_adj
         && let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string())
     {
@@ -451,7 +560,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_check_period: args.node_check_period,
         ..SyncConfig::default()
     };
-    tracing::info!(source = %args.source.source, node = %node_name, "starting");
+    tracing::info!(source = %args.source_name, node = %node_name, "starting");
     // Before anything is loaded, attached or created: the kernel can run the datapath, and no
     // other agent uses it. The lock is held until the process ends.
     let _lock = match &sync_cfg.datapath {
@@ -529,6 +638,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let kcfg = KubernetesSourceConfig {
                 kubeconfig: cfg.kubeconfig.clone(),
                 node_name: node_name.clone(),
+                master: args.master.clone(),
             };
             let client = kubernetes::client(&kcfg).await?;
             observers.events = Some(std::sync::Arc::new(kubernetes::ServiceEvents::new(
@@ -637,7 +747,7 @@ fn vs_json(v: &model::VirtualService) -> Value {
     json!({
         "service": v.service.to_string(),
         "port_name": v.port_name,
-        "kind": format!("{:?}", v.kind),
+        "kind": v.kind.as_str(),
         "protocol": v.protocol.as_str(),
         "address": v.address,
         "port": v.port,
@@ -1027,4 +1137,49 @@ pub fn inspect_counters(output: Output, pin_root: PathBuf) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every flag of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "kube-ipvs-bpf", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_datapath_layout() {
+        let layout = std::path::Path::new(probes::loader::DEFAULT_PIN_ROOT)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            LONG_VERSION.ends_with(&format!("datapath layout: {layout}")),
+            "{LONG_VERSION}"
+        );
+        assert!(LONG_VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        let commit = env!("KUBE_IPVS_BPF_COMMIT");
+        assert!(!commit.is_empty());
+        assert!(LONG_VERSION.contains(&format!("commit: {commit}")));
+    }
 }

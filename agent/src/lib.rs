@@ -20,7 +20,9 @@
 //! - [`takeover`]: waiting for a running kube-proxy to stop before changing the node;
 //! - [`capabilities`]: the capabilities `run` checks for at start;
 //! - [`init`]: the init container's node preparation (bpffs);
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line;
+//! - [`kube_proxy_cli`]: kube-proxy's command line (flags, precedence with `--config`);
+//! - [`logging`]: the log subscriber and the one-line error rendering.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
@@ -32,6 +34,8 @@ pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod init;
+pub mod kube_proxy_cli;
+pub mod logging;
 pub mod model;
 pub mod node;
 pub mod node_state;

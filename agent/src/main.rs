@@ -1,34 +1,36 @@
-//! kube-ipvs-bpf command-line entry point: parses the command line, sets up logging and runs
-//! the chosen command (see `agent::cli`).
+//! kube-ipvs-bpf command-line entry point: tells kube-proxy's command line from this binary's
+//! own (`agent::kube_proxy_cli`), sets up logging (`agent::logging`) and runs the chosen
+//! command (see `agent::cli`).
+
+use std::ffi::OsString;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use agent::cli::{self, Cli, Command, InspectWhat, LogFormat};
+use agent::cli::{self, Cli, Command, InspectWhat};
+use agent::kube_proxy_cli;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if kube_proxy_cli::is_kube_proxy_invocation(&args) {
+        let parsed = match kube_proxy_cli::parse(kube_proxy_cli::kube_proxy_args(&args)) {
+            Ok(p) => p,
+            Err(e) => e.exit(),
+        };
+        // The logging flags first, so that what follows is logged as asked.
+        let (format, level) = kube_proxy_cli::log_settings(&parsed.args);
+        agent::logging::init(format, level);
+        probes::libbpf_log::route_to_tracing();
+        return block_on(async move {
+            let resolved = kube_proxy_cli::resolve(&parsed)?;
+            resolved.log_ignored();
+            kube_proxy_cli::execute(resolved).await
+        });
     }
+    let cli = Cli::parse_from(args);
+    agent::logging::init(cli.log_format, "info");
     // libbpf's messages (e.g. "Parent Qdisc doesn't exists" at each attach) at debug level.
     probes::libbpf_log::route_to_tracing();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    block_on(async {
         match cli.command {
             Command::Run(args) => cli::run(*args).await,
             Command::Plan { source, output } => cli::plan(source, output).await,
@@ -60,12 +62,25 @@ fn main() -> std::process::ExitCode {
                     },
             } => cli::inspect_counters(output, bpf_pin_root),
         }
-    });
-    match result {
+    })
+}
+
+/// Runs `f` on a single-threaded runtime; an error is logged once, on one line.
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            tracing::error!("{}", agent::logging::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -53,7 +53,7 @@ pub fn write(dir: &Path, node: &NodeInfo, desired: &DesiredState) -> anyhow::Res
             .map(|v| RecordedService {
                 service: v.service.to_string(),
                 port_name: v.port_name.clone(),
-                kind: format!("{:?}", v.kind),
+                kind: v.kind.to_string(),
                 protocol: v.protocol.to_string(),
                 address: v.address,
                 port: v.port,

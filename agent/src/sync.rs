@@ -376,19 +376,25 @@ impl Syncer {
         Ok(())
     }
 
-    /// Logs each rejected object, and each EndpointSlice whose Service is unknown, once.
+    /// Logs each rejected object (a warning), and each EndpointSlice whose Service is unknown
+    /// (at debug: normal in a real cluster, where a slice can be seen before its Service or
+    /// outlive it briefly), once.
     fn log_rejections(&mut self, desired: &DesiredState) {
-        let now: BTreeSet<(String, String)> = desired
+        let rejected = desired
             .rejected
             .iter()
-            .map(|r| (r.object.clone(), format!("rejected: {}", r.reason)))
-            .chain(desired.ignored_slices.iter().map(|s| {
-                let (object, reason) = s.split_once(": ").unwrap_or((s, ""));
-                (object.to_string(), reason.to_string())
-            }))
-            .collect();
+            .map(|r| (r.object.clone(), format!("rejected: {}", r.reason)));
+        let orphans = desired.ignored_slices.iter().map(|s| {
+            let (object, reason) = s.split_once(": ").unwrap_or((s, ""));
+            (object.to_string(), reason.to_string())
+        });
+        let now: BTreeSet<(String, String)> = rejected.chain(orphans).collect();
         for (object, reason) in now.difference(&self.logged_rejections) {
-            tracing::warn!(object = %object, "{reason}");
+            if reason.starts_with("rejected: ") {
+                tracing::warn!(object = %object, "{reason}");
+            } else {
+                tracing::debug!(object = %object, "{reason}");
+            }
         }
         self.logged_rejections = now;
     }

@@ -109,3 +109,20 @@ fn init_refuses_a_pin_root_outside_the_mount_point() {
         "{stderr}"
     );
 }
+
+/// kube-proxy's `--init-only` is `init` with the defaults: with `/sys/fs/bpf` hidden under a
+/// tmpfs (a private mount namespace), it mounts bpffs there and exits.
+#[test]
+fn kube_proxy_init_only_mounts_bpffs_at_the_default_place() {
+    if skip_unless_root_with(&["unshare", "awk"]) {
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /sys/fs/bpf && {BIN} --init-only && {}",
+        mountinfo_script(Path::new("/sys/fs/bpf"))
+    );
+    let (ok, stdout, stderr) = in_private_mount_ns(&script);
+    assert!(ok, "--init-only failed: {stderr}");
+    assert_eq!(stdout.lines().last(), Some("bpf"), "{stdout}");
+    assert!(stderr.contains("mounted bpffs"), "{stderr}");
+}

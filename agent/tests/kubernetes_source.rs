@@ -96,6 +96,7 @@ async fn client(server: &FakeApiServer) -> (tempfile::TempDir, kube::Client) {
     let cfg = KubernetesSourceConfig {
         kubeconfig: Some(path),
         node_name: NODE.into(),
+        ..Default::default()
     };
     let client = kubernetes::client(&cfg).await.expect("client");
     (dir, client)
@@ -853,6 +854,96 @@ async fn special_addresses_are_warned_about_on_the_service() {
         // The next sync: already reported, nothing new to post.
         let (_, again) = kubernetes::rejection_warnings(&snapshot, &desired.rejected, &rejected);
         assert_eq!(again, vec![]);
+    })
+    .await;
+}
+
+/// kubeadm binds kube-proxy's ServiceAccount to `system:node-proxier` and nothing else:
+/// everything the source and the Events ask for is within it (the fake server refuses the
+/// rest with 403).
+#[tokio::test]
+async fn everything_works_under_the_system_node_proxier_role() {
+    bounded(30, async {
+        let server = populated().await;
+        server.authorize(Some(lab::fake_apiserver::authz::Authorizer::node_proxier()));
+        let (_dir, kc) = client(&server).await;
+        let once = kubernetes::list_once(kc.clone(), NODE)
+            .await
+            .expect("list_once");
+        assert_eq!(names(&once.services), ["a/web"]);
+        let (_dir2, mut rx) = start(&server).await;
+        assert_eq!(names(&rx.borrow().endpoint_slices), ["a/web-1"]);
+        assert!(rx.borrow().node.is_some());
+        server
+            .apply(&slice("a", "web", "web-1", &["10.1.0.3"], json!({})))
+            .expect("apply");
+        wait_for(
+            &mut rx,
+            "the watched change",
+            |_| {},
+            |s| slice_ips(s, "web-1") == ["10.1.0.3"],
+        )
+        .await;
+        let events = ServiceEvents::with_repeat(kc, NODE, Duration::ZERO);
+        let web = ServiceRef::new("a", "web");
+        assert!(events.warn(&web, None, "NoEndpoints", "x").await);
+        assert!(events.warn(&web, None, "NoEndpoints", "x").await);
+        assert_eq!(server.events().len(), 1);
+        assert_eq!(server.denied(), Vec::<String>::new());
+        // The authorizer does refuse what the role does not give.
+        server.authorize(Some(lab::fake_apiserver::authz::Authorizer {
+            name: "nothing".into(),
+            rules: Vec::new(),
+        }));
+        let (_dir3, refused) = client(&server).await;
+        assert!(kubernetes::list_once(refused, NODE).await.is_err());
+        assert!(!server.denied().is_empty());
+    })
+    .await;
+}
+
+/// kube-proxy's `--master`: the URL alone (no kubeconfig), or over a kubeconfig's server.
+#[tokio::test]
+async fn master_alone_or_over_a_kubeconfig_reaches_the_server() {
+    bounded(30, async {
+        let server = populated().await;
+        let alone = KubernetesSourceConfig {
+            master: Some(server.url()),
+            node_name: NODE.into(),
+            ..Default::default()
+        };
+        let c = kubernetes::client(&alone)
+            .await
+            .expect("client from --master");
+        let s = kubernetes::list_once(c, NODE).await.expect("list_once");
+        assert_eq!(names(&s.services), ["a/web"]);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            lab::fake_apiserver::kubeconfig_for("http://127.0.0.1:1"),
+        )
+        .expect("kubeconfig");
+        let over = KubernetesSourceConfig {
+            kubeconfig: Some(path),
+            master: Some(server.url()),
+            node_name: NODE.into(),
+        };
+        let c = kubernetes::client(&over).await.expect("client");
+        let s = kubernetes::list_once(c, NODE)
+            .await
+            .expect("list_once via --master");
+        assert_eq!(names(&s.services), ["a/web"]);
+
+        let bad = KubernetesSourceConfig {
+            master: Some("not a url".into()),
+            ..Default::default()
+        };
+        match kubernetes::client(&bad).await {
+            Ok(_) => panic!("a bad --master was accepted"),
+            Err(e) => assert!(format!("{e:#}").contains("--master"), "{e:#}"),
+        }
     })
     .await;
 }

@@ -61,6 +61,12 @@ fn plan_json_holds_the_documented_fields() {
             "{vs}"
         );
         assert!(vs["snat"].is_boolean(), "{vs}");
+        // Spelled as Kubernetes spells them.
+        assert!(
+            ["ClusterIP", "NodePort", "LoadBalancer", "ExternalIP"]
+                .contains(&vs["kind"].as_str().unwrap_or("")),
+            "{vs}"
+        );
         for d in vs["destinations"].as_array().expect("destinations") {
             assert!(
                 d["address"].is_string() && d["port"].is_u64() && d["weight"].is_u64(),
@@ -73,6 +79,7 @@ fn plan_json_holds_the_documented_fields() {
         .find(|v| v["address"] == "10.96.0.10" && v["port"] == 80)
         .expect("demo/web's ClusterIP");
     assert_eq!(web["service"], "demo/web");
+    assert_eq!(web["kind"], "ClusterIP");
     assert_eq!(web["snat"], false);
     assert_eq!(web["destinations"].as_array().map(Vec::len), Some(2));
     let sticky = vss

@@ -515,11 +515,19 @@ fn bad_objects_are_logged_by_name_and_the_rest_is_applied() {
         "lab/port-big",
         "lab/bad-proto",
         "lab/dup-ports",
-        "lab/no-such-service-1",
         "broken.yaml",
     ] {
         assert!(log.contains(name), "{name} not named in the log:\n{log}");
     }
+    // An EndpointSlice whose Service is unknown is normal in a cluster (a slice can arrive
+    // before its Service): logged at debug, not as a warning.
+    assert!(
+        !agent
+            .events()
+            .iter()
+            .any(|v| v["level"] == "WARN" && v.to_string().contains("no-such-service")),
+        "the orphan slice was a warning:\n{log}"
+    );
     assert!(ev["rejected"].as_u64() >= Some(5), "{ev}");
     let k = kernel(&t.node);
     assert_eq!(k.len(), 1, "only the good Service is programmed");
@@ -725,4 +733,140 @@ fn a_connection_kube_proxy_masqueraded_survives_the_switch() {
             .as_str()
             .is_some_and(|m| m.starts_with("node fully switched from kube-proxy"))
     });
+}
+
+/// kubeadm's kube-proxy DaemonSet with only its image swapped: the same command line
+/// (`/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf
+/// --hostname-override=$(NODE_NAME)`, the kubelet having expanded NODE_NAME), the same
+/// ConfigMap files (kubeadm's `config.conf` in ipvs mode, its `kubeconfig.conf` with the
+/// ServiceAccount token file), and the API server allowing only kubeadm's
+/// `system:node-proxier` role. IPVS gets programmed, traffic flows, nothing is refused; then
+/// the same command line with `--init-only` and with `--cleanup` does kube-proxy's jobs.
+#[test]
+fn kubeadms_kube_proxy_command_line_and_configmap_run_it_under_system_node_proxier() {
+    use lab::apiserver::{ApiServer, control};
+    require_lab();
+    let t = Topology::new("ag-kubeadm");
+    let _srv = Server::tcp(&t.backend, "10.0.2.2:8080".parse().unwrap());
+    let m = Manifests::new("kubeadm");
+    m.write(
+        "objects.yaml",
+        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
+            + &slice_yaml("web", &["10.0.2.2"], 8080)),
+    );
+    let _api = ApiServer::start(&t.node, &m, "/tmp/kubeconfig-ag-kubeadm");
+    control(
+        &t.node,
+        "POST",
+        "/control/authorize",
+        lab::fake_apiserver::authz::SYSTEM_NODE_PROXIER,
+    )
+    .expect("RBAC on");
+
+    // The ConfigMap volume and the ServiceAccount token, where the pod has them.
+    std::fs::create_dir_all("/var/lib/kube-proxy").unwrap();
+    std::fs::write(
+        "/var/lib/kube-proxy/config.conf",
+        include_str!("../../agent/tests/fixtures/kubeadm-kube-proxy-config.conf"),
+    )
+    .unwrap();
+    // kubeadm's kubeconfig.conf, its server the fake API server (plain HTTP: no CA).
+    std::fs::write(
+        "/var/lib/kube-proxy/kubeconfig.conf",
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    server: http://{}\n  \
+             name: default\ncontexts:\n- context:\n    cluster: default\n    namespace: default\n    \
+             user: default\n  name: default\ncurrent-context: default\nusers:\n- name: default\n  \
+             user:\n    tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token\n",
+            lab::apiserver::API
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/var/run/secrets/kubernetes.io/serviceaccount").unwrap();
+    std::fs::write(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "kube-proxy-token",
+    )
+    .unwrap();
+    // The image's binary under kube-proxy's name.
+    std::fs::create_dir_all("/usr/local/bin").unwrap();
+    let _ = std::fs::remove_file("/usr/local/bin/kube-proxy");
+    let bin = lab::agent::agent_path();
+    std::os::unix::fs::symlink(&bin, "/usr/local/bin/kube-proxy").unwrap();
+
+    let mut agent = Agent::start_command(
+        &t.node,
+        "/usr/local/bin/kube-proxy",
+        &[
+            "--config=/var/lib/kube-proxy/config.conf",
+            "--hostname-override=lab",
+        ],
+        probes_default_pin_root(),
+    );
+    eventually(Duration::from_secs(300), "IPVS programmed", || {
+        assert!(
+            agent.exited().is_none(),
+            "the agent exited:\n{}",
+            agent.log_text()
+        );
+        find(&kernel(&t.node), "TCP 10.96.0.10:80").is_some_and(|s| s.destinations.len() == 1)
+            && find(&kernel(&t.node), "TCP 10.0.1.1:30080").is_some()
+    });
+    let k = kernel(&t.node);
+    let web = find(&k, "TCP 10.96.0.10:80").expect("ClusterIP");
+    assert!(web.dest(ip("10.0.2.2"), 8080).is_some(), "{k:?}");
+    assert_eq!(web.scheduler, "rr");
+    assert_eq!(bound(&t.node), vec!["10.96.0.10/32"]);
+    tcp_request(&t.client, "10.96.0.10:80".parse().unwrap()).expect("through the ClusterIP");
+    tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("through the NodePort");
+    // kube-proxy's health port answers.
+    eventually(Duration::from_secs(60), "/healthz answers 200", || {
+        lab::traffic::http_get(&t.node, "127.0.0.1:10256", "/healthz")
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+
+    let log = agent.log_text();
+    assert!(log.contains("node=lab"), "{log}");
+    assert!(!log.contains("flags ignored"), "{log}");
+    // A run does --init-only's preparation first (here bpffs was mounted already).
+    assert!(log.contains("bpffs is already mounted"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI colour in a log that is not a terminal: {log}"
+    );
+    let denied = control(&t.node, "GET", "/control/denied", "").expect("denied");
+    assert!(
+        denied.ends_with("[]"),
+        "requests outside system:node-proxier: {denied}"
+    );
+    drop(agent);
+
+    // kube-proxy's --init-only (bpffs is mounted already: nothing to do) and --cleanup: this
+    // agent's state and kube-proxy's leave the node.
+    let (rc, _, err) = t.node.sh_status(
+        "/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf --init-only",
+    );
+    assert_eq!(rc, 0, "--init-only: {err}");
+    assert!(err.contains("already mounted"), "{err}");
+    let (rc, out, err) = t.node.sh_status(
+        "/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf \
+         --hostname-override=lab --cleanup",
+    );
+    assert_eq!(rc, 0, "--cleanup: {out}\n{err}");
+    assert!(
+        kernel(&t.node).is_empty(),
+        "IPVS after --cleanup: {:?}",
+        kernel(&t.node)
+    );
+    assert!(
+        t.node.try_sh("ip link show kube-ipvs0").is_err(),
+        "kube-ipvs0 after --cleanup"
+    );
+    assert!(!std::path::Path::new(probes_default_pin_root()).exists());
+    let _ = std::fs::remove_dir_all("/run/kube-ipvs-bpf");
+}
+
+/// The pin root kube-proxy's command line uses (the agent's default).
+fn probes_default_pin_root() -> &'static str {
+    "/sys/fs/bpf/kube-ipvs-bpf/v2"
 }

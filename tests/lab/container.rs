@@ -6,8 +6,6 @@
 //! programs IPVS, source-NATs a NodePort connection without a conntrack entry and answers
 //! /healthz; without any capability the selected backends need it stops at start naming it.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +14,7 @@ use lab::agent::{Manifests, service_yaml, slice_yaml};
 use lab::netns::Netns;
 use lab::oci::{self, PodEnv};
 use lab::topology::SnatTopology;
-use lab::traffic::{Server, seen_source, tcp_request};
+use lab::traffic::{Server, http_get, seen_source, tcp_request};
 use lab::{ipvsadm, require_lab};
 
 const DAEMONSET: &str = include_str!("../../manifests/daemonset.yaml");
@@ -195,22 +193,6 @@ fn fake_apiserver(ns: &Netns, manifests: &Manifests, kubeconfig: &Path) -> Child
         kubeconfig.exists()
     });
     child
-}
-
-fn http_get(ns: &Netns, addr: &str, path: &str) -> std::io::Result<String> {
-    let (addr, path) = (addr.to_owned(), path.to_owned());
-    ns.run(move || {
-        let a: SocketAddr = addr.parse().expect("addr");
-        let mut c = TcpStream::connect_timeout(&a, Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        c.read_to_string(&mut out)?;
-        Ok(out)
-    })
 }
 
 fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -17,6 +17,20 @@ pub fn agent_bin() -> String {
     std::env::var("KUBE_IPVS_BPF_BIN").unwrap_or_else(|_| "kube-ipvs-bpf".to_string())
 }
 
+/// The agent binary's absolute path ([`agent_bin`], looked up on `PATH` if it is a bare name).
+pub fn agent_path() -> PathBuf {
+    let bin = agent_bin();
+    if bin.contains('/') {
+        return std::fs::canonicalize(&bin).unwrap_or_else(|_| PathBuf::from(bin));
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(&bin))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(bin))
+}
+
 /// A directory of manifests the agent watches (and one beside it for other files, such as a
 /// configuration file, which the watched directory must not hold).
 pub struct Manifests {
@@ -140,9 +154,32 @@ impl Agent {
             )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        Agent::spawn(cmd, pin_root)
+    }
+
+    /// Starts the agent inside `ns` as `program` (a path to the agent binary, or a link to it
+    /// named e.g. `kube-proxy`) with exactly `args`, its datapath pinned under `pin_root` (what
+    /// the command line selects; removed on drop). Its log is text unless `args` ask for JSON:
+    /// [`Agent::log_text`] holds every line either way.
+    pub fn start_command(ns: &Netns, program: &str, args: &[&str], pin_root: &str) -> Agent {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path()))
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Agent::spawn(cmd, pin_root).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Whether the agent has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn spawn(mut cmd: Command, pin_root: &str) -> anyhow::Result<Agent> {
         let mut child = cmd
             .spawn()
-            .map_err(|e| anyhow::anyhow!("start {}: {e}", agent_bin()))?;
+            .map_err(|e| anyhow::anyhow!("start {:?}: {e}", cmd.get_args().nth(1)))?;
         let stderr = child
             .stderr
             .take()

@@ -17,7 +17,9 @@
 //!   event carrying a `Status` 410 "Expired" and ends, as the real server does;
 //! - POST (create), PATCH (merge patch), PUT and DELETE of objects: Events posted by a
 //!   recorder (`events.k8s.io/v1` and core `v1`) are stored and can be read back;
-//! - `/version`.
+//! - `/version`;
+//! - optionally, RBAC: only the rules of one ClusterRole are allowed, anything else is `403
+//!   Forbidden` ([`authz`]).
 //!
 //! Like etcd, one global revision counter is bumped by every change. Tests drive the server
 //! with [`FakeApiServer`]: [`apply`](FakeApiServer::apply) / [`delete`](FakeApiServer::delete),
@@ -42,7 +44,10 @@
 //! | `GET /control/requests` | the API requests received, as JSON |
 //! | `GET /control/events` | the Events posted, as JSON |
 //! | `GET /control/resource-version` | the current revision |
+//! | `POST /control/authorize` (body: a ClusterRole, YAML or JSON; empty: allow everything) | allow only its rules |
+//! | `GET /control/denied` | the requests refused with 403, as JSON |
 
+pub mod authz;
 mod control;
 mod http;
 pub mod store;
@@ -115,6 +120,10 @@ pub(crate) struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     /// Injected failures: API requests whose path starts with the prefix get the status code.
     faults: Mutex<Vec<(String, u16)>>,
+    /// RBAC: when set, only its rules are allowed.
+    authz: Mutex<Option<authz::Authorizer>>,
+    /// The requests refused by `authz` ("METHOD PATH").
+    denied: Mutex<Vec<String>>,
     addr: SocketAddr,
     serving: Mutex<Option<JoinHandle<()>>>,
     /// Asks the supervisor task to stop the server for a while (`/control/down`).
@@ -376,6 +385,8 @@ impl FakeApiServer {
             kill_tx: watch::channel(0).0,
             requests: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
+            authz: Mutex::new(None),
+            denied: Mutex::new(Vec::new()),
             addr,
             serving: Mutex::new(None),
             down_tx,
@@ -540,6 +551,16 @@ impl FakeApiServer {
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
     }
+
+    /// Allows only the rules of `authorizer` (`None`: everything), as RBAC would.
+    pub fn authorize(&self, authorizer: Option<authz::Authorizer>) {
+        *lock(&self.shared.authz) = authorizer;
+    }
+
+    /// The requests refused with 403 so far ("METHOD PATH").
+    pub fn denied(&self) -> Vec<String> {
+        lock(&self.shared.denied).clone()
+    }
 }
 
 impl Drop for FakeApiServer {
@@ -582,6 +603,37 @@ mod tests {
 
     fn svc(name: &str, app: &str) -> String {
         SVC.replace("NAME", name).replace("APP", app)
+    }
+
+    #[tokio::test]
+    async fn under_rbac_only_the_roles_rules_are_allowed() {
+        let server = FakeApiServer::new().await.expect("server");
+        server.apply_yaml(&svc("a", "web")).expect("apply");
+        let r = http(
+            &server,
+            "POST",
+            "/control/authorize",
+            authz::SYSTEM_NODE_PROXIER,
+        )
+        .await;
+        assert!(r.contains("system:node-proxier"), "{r}");
+        let list = http(&server, "GET", "/api/v1/services", "").await;
+        assert!(list.starts_with("HTTP/1.1 200"), "{list}");
+        let get = http(&server, "GET", "/api/v1/namespaces/lab/services/a", "").await;
+        assert!(get.starts_with("HTTP/1.1 403"), "{get}");
+        assert!(get.contains("\"reason\":\"Forbidden\""), "{get}");
+        assert!(
+            http(&server, "GET", "/version", "")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        assert_eq!(server.denied(), ["GET /api/v1/namespaces/lab/services/a"]);
+        let denied = http(&server, "GET", "/control/denied", "").await;
+        assert!(denied.contains("services/a"), "{denied}");
+        // An empty role: everything allowed again.
+        http(&server, "POST", "/control/authorize", "").await;
+        let get = http(&server, "GET", "/api/v1/namespaces/lab/services/a", "").await;
+        assert!(get.starts_with("HTTP/1.1 200"), "{get}");
     }
 
     #[tokio::test]

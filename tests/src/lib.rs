@@ -5,6 +5,7 @@
 //! [`require_lab`] holds.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cmd;
 pub mod fake_apiserver;
 pub mod ipvsadm;

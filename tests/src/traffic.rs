@@ -242,3 +242,20 @@ impl HeldConnection {
         self.stream.local_addr()
     }
 }
+
+/// One plain HTTP/1.1 GET of `path` at `addr` from inside `ns`: the raw response.
+pub fn http_get(ns: &Netns, addr: &str, path: &str) -> std::io::Result<String> {
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    ns.run(move || {
+        let a: SocketAddr = addr.parse().expect("addr");
+        let mut c = TcpStream::connect_timeout(&a, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}

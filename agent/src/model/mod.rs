@@ -124,6 +124,7 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum VirtualServiceKind {
     /// `spec.clusterIPs` (internal traffic policy applies).
+    #[serde(rename = "ClusterIP")]
     ClusterIp,
     /// `spec.ports[].nodePort` on a selected node address (external traffic policy applies).
     NodePort,
@@ -131,10 +132,22 @@ pub enum VirtualServiceKind {
     /// `loadBalancerSourceRanges` apply).
     LoadBalancer,
     /// `spec.externalIPs` (external traffic policy applies).
+    #[serde(rename = "ExternalIP")]
     ExternalIp,
 }
 
 impl VirtualServiceKind {
+    /// The name as Kubernetes spells it (`ClusterIP`, `NodePort`, `LoadBalancer`,
+    /// `ExternalIP`), for output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+
     /// Whether traffic to this address is "external" in Kubernetes' sense.
     pub fn is_external(self) -> bool {
         !matches!(self, Self::ClusterIp)
@@ -180,6 +193,12 @@ pub struct VirtualService {
     pub destinations: Vec<Destination>,
 }
 
+impl fmt::Display for VirtualServiceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl VirtualService {
     pub fn socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.port)
@@ -187,7 +206,7 @@ impl VirtualService {
 }
 
 impl fmt::Display for VirtualService {
-    /// `TCP 10.96.0.10:53 rr persistent 10800 snat (ClusterIp kube-system/kube-dns:dns-tcp)
+    /// `TCP 10.96.0.10:53 rr persistent 10800 snat (ClusterIP kube-system/kube-dns:dns-tcp)
     /// -> 10.244.1.5:53 10.244.2.7:53`: ipvsadm-like, for logs and tests.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -212,11 +231,7 @@ impl fmt::Display for VirtualService {
                 write!(f, "{}{r}", if i == 0 { " " } else { "," })?;
             }
         }
-        write!(
-            f,
-            " ({:?} {}:{}) ->",
-            self.kind, self.service, self.port_name
-        )?;
+        write!(f, " ({} {}:{}) ->", self.kind, self.service, self.port_name)?;
         if self.destinations.is_empty() {
             f.write_str(" none")?;
         }

@@ -259,7 +259,7 @@ pub(crate) fn conflict_rejection(loser: &VirtualService, winner: &VirtualService
     Rejection {
         object: format!("Service {}", loser.service),
         reason: format!(
-            "{} {} ({:?}) is already served for Service {}; not programmed",
+            "{} {} ({}) is already served for Service {}; not programmed",
             loser.protocol,
             loser.socket_addr(),
             loser.kind,

@@ -181,7 +181,7 @@ fn bystander() -> Value {
         json!({"clusterIP": "10.96.9.9", "ports": [{"name": "http", "port": 80}]}),
     )
 }
-const BYSTANDER: &str = "TCP 10.96.9.9:80 rr (ClusterIp ns/ok:http) -> none";
+const BYSTANDER: &str = "TCP 10.96.9.9:80 rr (ClusterIP ns/ok:http) -> none";
 
 fn cases() -> Vec<Case> {
     vec![
@@ -190,7 +190,7 @@ fn cases() -> Vec<Case> {
             services: vec![web("10.96.0.10")],
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             extra: Some(|s| {
                 assert_eq!(*s.bound_addresses, ips(&["10.96.0.10"]));
@@ -217,8 +217,8 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
-                "TCP [fd00::10]:80 rr (ClusterIp ns/web:http) -> [fd00:244::2]:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP [fd00::10]:80 rr (ClusterIP ns/web:http) -> [fd00:244::2]:8080",
             ],
             extra: Some(|s| assert_eq!(*s.bound_addresses, ips(&["10.96.0.10", "fd00::10"]))),
             ..case("cluster_ips_dual_stack")
@@ -231,7 +231,7 @@ fn cases() -> Vec<Case> {
             )],
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             ..case("cluster_ip_fallback_without_cluster_ips")
         },
@@ -241,7 +241,7 @@ fn cases() -> Vec<Case> {
                 "web",
                 json!({"clusterIP": "010.096.000.010", "ports": [{"name": "http", "port": 80}]}),
             )],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> none"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> none"],
             ..case("legacy_ip_with_leading_zeros_is_decimal")
         },
         Case {
@@ -254,7 +254,7 @@ fn cases() -> Vec<Case> {
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
                 "TCP 10.0.0.5:30080 rr snat (NodePort ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             extra: Some(|s| {
@@ -273,11 +273,11 @@ fn cases() -> Vec<Case> {
             )],
             want: vec![
                 "TCP 10.0.0.5:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> none",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> none",
                 // Not fe80::1 (link-local) nor ::1.
                 "TCP [2001:db8::10]:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP [fd00::11]:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP [fd00::11]:80 rr (ClusterIP ns/web:http) -> none",
             ],
             ..case("node_port_family_follows_service_families")
         },
@@ -294,7 +294,7 @@ fn cases() -> Vec<Case> {
             },
             // 10.9.9.9 is an InternalIP but not configured here.
             want: vec![
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> none",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> none",
             ],
             ..case("node_port_addresses_primary")
@@ -314,9 +314,9 @@ fn cases() -> Vec<Case> {
             // is unrestricted, as in kube-proxy.
             want: vec![
                 "TCP 10.0.0.5:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> none",
                 "TCP [2001:db8::10]:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP [fd00::11]:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP [fd00::11]:80 rr (ClusterIP ns/web:http) -> none",
             ],
             ..case("node_port_addresses_cidrs")
         },
@@ -337,7 +337,7 @@ fn cases() -> Vec<Case> {
             )],
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
-                "TCP 10.96.0.12:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.12:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
                 "TCP 203.0.113.1:80 rr snat (LoadBalancer ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
                 "TCP 203.0.113.2:80 rr snat (LoadBalancer ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
@@ -358,7 +358,7 @@ fn cases() -> Vec<Case> {
                        "ports": [{"name": "http", "port": 80}]}),
                 json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.3", "ipMode": "Proxy"}]}}),
             )],
-            want: vec!["TCP 10.96.0.12:80 rr (ClusterIp ns/web:http) -> none"],
+            want: vec!["TCP 10.96.0.12:80 rr (ClusterIP ns/web:http) -> none"],
             extra: Some(|s| assert_eq!(*s.bound_addresses, ips(&["10.96.0.12"]))),
             ..case("load_balancer_ip_mode_proxy_skipped")
         },
@@ -376,9 +376,9 @@ fn cases() -> Vec<Case> {
                 json!([ep("10.244.1.2", "node-a")]),
             )],
             want: vec![
-                "TCP 10.96.0.13:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080",
-                "TCP 192.168.1.10:80 rr snat (ExternalIp ns/web:http) -> 10.244.1.2:8080",
-                "TCP 198.51.100.7:80 rr snat (ExternalIp ns/web:http) -> 10.244.1.2:8080",
+                "TCP 10.96.0.13:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080",
+                "TCP 192.168.1.10:80 rr snat (ExternalIP ns/web:http) -> 10.244.1.2:8080",
+                "TCP 198.51.100.7:80 rr snat (ExternalIP ns/web:http) -> 10.244.1.2:8080",
             ],
             extra: Some(|s| {
                 // A node address is not bound again; the IPv6 one has no IPv6 ClusterIP.
@@ -408,9 +408,9 @@ fn cases() -> Vec<Case> {
                 json!([ep("10.244.1.2", "node-a")]),
             )],
             want: vec![
-                "TCP 10.96.0.14:53 rr (ClusterIp ns/dns:dns-tcp) -> 10.244.1.2:5353",
-                "UDP 10.96.0.14:53 rr (ClusterIp ns/dns:dns) -> 10.244.1.2:5353",
-                "SCTP 10.96.0.14:9999 rr (ClusterIp ns/dns:sig) -> 10.244.1.2:9999",
+                "TCP 10.96.0.14:53 rr (ClusterIP ns/dns:dns-tcp) -> 10.244.1.2:5353",
+                "UDP 10.96.0.14:53 rr (ClusterIP ns/dns:dns) -> 10.244.1.2:5353",
+                "SCTP 10.96.0.14:9999 rr (ClusterIP ns/dns:sig) -> 10.244.1.2:9999",
             ],
             ..case("one_virtual_service_per_port_and_protocol")
         },
@@ -443,8 +443,8 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080",
-                "TCP 10.96.0.10:9090 rr (ClusterIp ns/web:metrics) -> 10.244.1.4:9101",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080",
+                "TCP 10.96.0.10:9090 rr (ClusterIP ns/web:metrics) -> 10.244.1.4:9101",
             ],
             ..case("endpoints_matched_by_port_name_and_protocol")
         },
@@ -463,7 +463,7 @@ fn cases() -> Vec<Case> {
                 json!([{"port": 8080}]),
                 json!([ep("10.244.1.2", "node-a")]),
             )],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:) -> 10.244.1.2:8080"],
             ..case("unnamed_port_and_default_protocol")
         },
         Case {
@@ -501,7 +501,7 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.1.3:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.1.3:8080",
             ],
             ..case("endpoints_deduplicated_across_slices")
         },
@@ -526,7 +526,7 @@ fn cases() -> Vec<Case> {
                     json!([ep("web.example.com", "node-a")]),
                 ),
             ],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080"],
             ..case("endpoint_family_must_match_virtual_service")
         },
         Case {
@@ -553,7 +553,7 @@ fn cases() -> Vec<Case> {
                     ),
                 ]),
             )],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080"],
             ..case("ready_endpoints_only")
         },
         Case {
@@ -585,7 +585,7 @@ fn cases() -> Vec<Case> {
                     ),
                 ]),
             )],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080"],
             ..case("serving_terminating_fallback")
         },
         Case {
@@ -612,7 +612,7 @@ fn cases() -> Vec<Case> {
             // The cluster set has a ready endpoint; the local set falls back on its own.
             want: vec![
                 "TCP 10.0.0.5:30080 rr (NodePort ns/web:http) -> 10.244.1.2:8080",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> 10.244.2.2:8080",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> 10.244.2.2:8080",
                 "TCP 192.168.1.10:30080 rr (NodePort ns/web:http) -> 10.244.1.2:8080",
             ],
             ..case("serving_terminating_fallback_local_set_separately")
@@ -643,8 +643,8 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080",
-                "TCP 10.96.0.20:80 rr (ClusterIp ns/web2:http) -> 10.244.1.3:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080",
+                "TCP 10.96.0.20:80 rr (ClusterIP ns/web2:http) -> 10.244.1.3:8080",
             ],
             ..case("unset_conditions_default_to_true")
         },
@@ -658,7 +658,7 @@ fn cases() -> Vec<Case> {
                     ep("10.244.1.2", "node-a"),
                 ]),
             )],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080"],
             ..case("endpoints_without_addresses_ignored")
         },
         Case {
@@ -670,7 +670,7 @@ fn cases() -> Vec<Case> {
                        "metadata": {"namespace": "ns", "name": "orphan"},
                        "addressType": "IPv4", "endpoints": [ep("10.244.9.9", "node-a")]}),
             ],
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> none"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> none"],
             ..case("slice_of_unknown_service_ignored")
         },
         // --- Traffic policies and topology --------------------------------------------------
@@ -688,9 +688,9 @@ fn cases() -> Vec<Case> {
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
                 "TCP 10.0.0.5:30080 rr (NodePort ns/web:http) -> 10.244.1.2:8080",
-                "TCP 10.96.0.12:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.12:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
                 "TCP 192.168.1.10:30080 rr (NodePort ns/web:http) -> 10.244.1.2:8080",
-                "TCP 198.51.100.7:80 rr (ExternalIp ns/web:http) -> 10.244.1.2:8080",
+                "TCP 198.51.100.7:80 rr (ExternalIP ns/web:http) -> 10.244.1.2:8080",
                 "TCP 203.0.113.1:80 rr (LoadBalancer ns/web:http) -> 10.244.1.2:8080",
             ],
             ..case("external_traffic_policy_local")
@@ -710,7 +710,7 @@ fn cases() -> Vec<Case> {
             // iptables/nftables semantics: refused, not forwarded to a remote endpoint.
             want: vec![
                 "TCP 10.0.0.5:30080 rr (NodePort ns/web:http) -> none",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> 10.244.2.2:8080",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> 10.244.2.2:8080",
                 "TCP 192.168.1.10:30080 rr (NodePort ns/web:http) -> none",
             ],
             ..case("external_traffic_policy_local_without_local_endpoints")
@@ -725,7 +725,7 @@ fn cases() -> Vec<Case> {
             slices: vec![http_slice("web-1", "web", two_eps())],
             want: vec![
                 "TCP 10.0.0.5:30080 rr snat (NodePort ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
-                "TCP 10.96.0.11:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080",
+                "TCP 10.96.0.11:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             ..case("internal_traffic_policy_local")
@@ -754,7 +754,7 @@ fn cases() -> Vec<Case> {
                 ..test_node()
             },
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.3.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.3.2:8080",
             ],
             ..case("topology_prefer_same_zone")
         },
@@ -772,7 +772,7 @@ fn cases() -> Vec<Case> {
                 labels: BTreeMap::from([(TOPOLOGY_ZONE_LABEL.to_owned(), "zone-a".to_owned())]),
                 ..test_node()
             },
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080"],
             ..case("topology_prefer_same_node")
         },
         Case {
@@ -790,7 +790,7 @@ fn cases() -> Vec<Case> {
                 ..test_node()
             },
             // Node hints exist but none for node-a: zone hints decide.
-            want: vec!["TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.2.2:8080"],
+            want: vec!["TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.2.2:8080"],
             ..case("topology_node_hints_fall_back_to_zone_hints")
         },
         Case {
@@ -808,7 +808,7 @@ fn cases() -> Vec<Case> {
                 ..test_node()
             },
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             ..case("topology_ignored_when_an_endpoint_lacks_hints")
         },
@@ -827,7 +827,7 @@ fn cases() -> Vec<Case> {
                 ..test_node()
             },
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             ..case("topology_ignored_when_no_hint_matches_this_node")
         },
@@ -849,8 +849,8 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             want: vec![
-                "TCP 10.96.0.30:80 rr persistent 600 (ClusterIp ns/a:http) -> none",
-                "TCP 10.96.0.31:80 rr persistent 10800 (ClusterIp ns/b:http) -> none",
+                "TCP 10.96.0.30:80 rr persistent 600 (ClusterIP ns/a:http) -> none",
+                "TCP 10.96.0.31:80 rr persistent 10800 (ClusterIP ns/b:http) -> none",
             ],
             ..case("session_affinity_client_ip")
         },
@@ -874,8 +874,8 @@ fn cases() -> Vec<Case> {
                 ..ModelConfig::default()
             },
             want: vec![
-                "TCP 10.96.0.30:80 mh (ClusterIp ns/a:http) -> none",
-                "TCP 10.96.0.31:80 wlc (ClusterIp ns/b:http) -> none",
+                "TCP 10.96.0.30:80 mh (ClusterIP ns/a:http) -> none",
+                "TCP 10.96.0.31:80 wlc (ClusterIP ns/b:http) -> none",
             ],
             ..case("scheduler_from_annotation_else_default")
         },
@@ -907,7 +907,7 @@ fn cases() -> Vec<Case> {
             },
             want: vec![
                 "TCP 10.0.0.5:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP 10.96.0.11:80 rr snat (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.11:80 rr snat (ClusterIP ns/web:http) -> none",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> none",
             ],
             ..case("masquerade_all")
@@ -926,10 +926,10 @@ fn cases() -> Vec<Case> {
             },
             // Only the family with a cluster CIDR can tell cluster clients from others.
             want: vec![
-                "TCP 10.96.0.11:80 rr masq-off-cluster (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.11:80 rr masq-off-cluster (ClusterIP ns/web:http) -> none",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> none",
                 "TCP [2001:db8::10]:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP [fd00::11]:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP [fd00::11]:80 rr (ClusterIP ns/web:http) -> none",
             ],
             ..case("masquerade_off_cluster_clients_of_cluster_ips")
         },
@@ -949,9 +949,9 @@ fn cases() -> Vec<Case> {
                 ..ModelConfig::default()
             },
             want: vec![
-                "TCP 10.96.0.12:80 rr (ClusterIp ns/web:http) -> none",
+                "TCP 10.96.0.12:80 rr (ClusterIP ns/web:http) -> none",
                 "TCP 192.168.1.10:30080 rr snat (NodePort ns/web:http) -> none",
-                "TCP 198.51.100.7:80 rr snat (ExternalIp ns/web:http) -> none",
+                "TCP 198.51.100.7:80 rr snat (ExternalIP ns/web:http) -> none",
                 "TCP 203.0.113.1:80 rr snat source-ranges 10.0.0.0/8,198.51.100.0/24 (LoadBalancer ns/web:http) -> none",
             ],
             ..case("source_ranges_only_on_load_balancer_ips")
@@ -999,10 +999,10 @@ fn cases() -> Vec<Case> {
                 ]),
             )],
             want: vec![
-                "TCP 10.96.0.40:80 rr (ClusterIp ns/lb:http) -> 10.244.1.2:8080 10.244.2.2:8080",
-                "TCP 10.96.0.40:443 rr (ClusterIp ns/lb:https) -> 10.244.1.2:8443 10.244.2.2:8443",
-                "TCP 10.96.0.41:80 rr (ClusterIp ns/np:http) -> none",
-                "TCP 10.96.0.42:80 rr (ClusterIp ns/cluster:http) -> none",
+                "TCP 10.96.0.40:80 rr (ClusterIP ns/lb:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.40:443 rr (ClusterIP ns/lb:https) -> 10.244.1.2:8443 10.244.2.2:8443",
+                "TCP 10.96.0.41:80 rr (ClusterIP ns/np:http) -> none",
+                "TCP 10.96.0.42:80 rr (ClusterIP ns/cluster:http) -> none",
             ],
             extra: Some(|s| {
                 // One local ready IP, counted once across both ports.
@@ -1074,7 +1074,7 @@ fn cases() -> Vec<Case> {
                 ..ModelConfig::default()
             },
             want: vec![
-                "TCP 10.96.0.61:80 rr (ClusterIp ns/ours:http) -> 10.244.1.2:8080",
+                "TCP 10.96.0.61:80 rr (ClusterIP ns/ours:http) -> 10.244.1.2:8080",
                 BYSTANDER,
             ],
             ..case("service_proxy_name_label")
@@ -1101,7 +1101,7 @@ fn cases() -> Vec<Case> {
                 only_labelled_services: true,
                 ..ModelConfig::default()
             },
-            want: vec!["TCP 10.96.0.61:80 rr (ClusterIp ns/ours:http) -> 10.244.1.2:8080"],
+            want: vec!["TCP 10.96.0.61:80 rr (ClusterIP ns/ours:http) -> 10.244.1.2:8080"],
             ..case("only_labelled_services_beside_kube_proxy")
         },
         // --- Rejections ---------------------------------------------------------------------
@@ -1226,8 +1226,8 @@ fn cases() -> Vec<Case> {
                 bystander(),
             ],
             want: vec![
-                "TCP 10.96.0.87:53 rr (ClusterIp ns/dns:t) -> none",
-                "UDP 10.96.0.87:53 rr (ClusterIp ns/dns:u) -> none",
+                "TCP 10.96.0.87:53 rr (ClusterIP ns/dns:t) -> none",
+                "UDP 10.96.0.87:53 rr (ClusterIP ns/dns:u) -> none",
                 BYSTANDER,
             ],
             rejected: vec![
@@ -1252,7 +1252,7 @@ fn cases() -> Vec<Case> {
                 http_slice("web-2", "web", json!([ep("10.244.2.2", "node-b")])),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> 10.244.1.2:8080 10.244.2.2:8080",
             ],
             rejected: vec![(
                 "EndpointSlice ns/web-1",
@@ -1280,14 +1280,14 @@ fn cases() -> Vec<Case> {
                 web("10.96.0.11"),
             ],
             want: vec![
-                "TCP 10.96.0.10:80 rr (ClusterIp ns/web:http) -> none",
-                "TCP 10.96.0.90:80 rr (ClusterIp ns/aaa-new:p) -> none",
-                "TCP 10.96.0.91:80 rr (ClusterIp ns/zzz-old:p) -> none",
+                "TCP 10.96.0.10:80 rr (ClusterIP ns/web:http) -> none",
+                "TCP 10.96.0.90:80 rr (ClusterIP ns/aaa-new:p) -> none",
+                "TCP 10.96.0.91:80 rr (ClusterIP ns/zzz-old:p) -> none",
             ],
             rejected: vec![
                 (
                     "Service ns/aaa-new",
-                    "TCP 10.96.0.91:80 (ExternalIp) is already served for Service ns/zzz-old",
+                    "TCP 10.96.0.91:80 (ExternalIP) is already served for Service ns/zzz-old",
                 ),
                 (
                     "Service ns/web",
@@ -1894,7 +1894,7 @@ fn special_external_ips_are_refused_and_the_rest_programmed() {
             json!({"clusterIP": cluster_ip, "externalIPs": [a], "ports": [{"name": "http", "port": 80}]}),
         )]);
         let cluster = format!(
-            "TCP {} rr (ClusterIp ns/bad:http) -> none",
+            "TCP {} rr (ClusterIP ns/bad:http) -> none",
             SocketAddr::new(ip(cluster_ip), 80)
         );
         let want: BTreeSet<String> = [cluster, BYSTANDER.to_owned()].into_iter().collect();

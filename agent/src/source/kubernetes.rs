@@ -57,6 +57,9 @@ pub struct KubernetesSourceConfig {
     pub kubeconfig: Option<PathBuf>,
     /// This node's name: its Node object is watched.
     pub node_name: String,
+    /// kube-proxy's `--master`: the API server's URL, over the kubeconfig's (without a
+    /// kubeconfig: that URL alone, with no credentials, as kube-proxy's client does).
+    pub master: Option<String>,
 }
 
 /// Tuning of [`watch_with`].
@@ -89,18 +92,32 @@ impl Default for WatchOptions {
 /// A client from `--kubeconfig`, else from the environment (`KUBECONFIG`, `~/.kube/config`,
 /// in-cluster service account).
 pub async fn client(cfg: &KubernetesSourceConfig) -> anyhow::Result<Client> {
-    let config = match &cfg.kubeconfig {
-        Some(path) => {
+    let master = cfg
+        .master
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
+    let mut config = match (&cfg.kubeconfig, master) {
+        (None, Some(url)) => kube::Config::new(
+            url.parse()
+                .with_context(|| format!("--master {url:?} is not a URL"))?,
+        ),
+        (Some(path), _) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("loading kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer()
+        (None, None) => kube::Config::infer()
             .await
             .context("no kubeconfig and no in-cluster config")?,
     };
+    if let Some(url) = master {
+        config.cluster_url = url
+            .parse()
+            .with_context(|| format!("--master {url:?} is not a URL"))?;
+    }
     let url = config.cluster_url.clone();
     Client::try_from(config).with_context(|| format!("building a client for {url}"))
 }

@@ -1,5 +1,5 @@
 //! The `/control/...` endpoints: how a lab test drives a running `fake-apiserver` (apply and
-//! delete objects, compact, bookmarks, dropped connections, downtime, the request log).
+//! delete objects, compact, bookmarks, dropped connections, downtime, the request log, RBAC).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -87,6 +87,25 @@ pub(super) async fn handle(
                 .collect();
             reply(StatusCode::OK, Value::Array(reqs))
         }
+        (Method::POST, "authorize") => {
+            let text = String::from_utf8_lossy(body);
+            if text.trim().is_empty() {
+                *lock(&sh.authz) = None;
+                return reply(StatusCode::OK, json!({ "authorizer": null }));
+            }
+            match super::authz::Authorizer::from_role_yaml(&text) {
+                Ok(a) => {
+                    let name = a.name.clone();
+                    *lock(&sh.authz) = Some(a);
+                    reply(StatusCode::OK, json!({ "authorizer": name }))
+                }
+                Err(e) => bad(format!("not a ClusterRole: {e:#}")),
+            }
+        }
+        (Method::GET, "denied") => reply(
+            StatusCode::OK,
+            Value::Array(lock(&sh.denied).iter().map(|d| json!(d)).collect()),
+        ),
         (Method::GET, "events") => reply(StatusCode::OK, Value::Array(sh.event_values())),
         (Method::GET, "resource-version") => reply(StatusCode::OK, rv(sh)),
         _ => reply(

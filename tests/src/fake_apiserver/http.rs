@@ -82,6 +82,14 @@ pub(super) async fn handle(
             format!("injected failure of {path}"),
         ));
     }
+    let denial = lock(&sh.authz).as_ref().and_then(|a| {
+        let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        a.check(method.as_str(), &path, watch)
+    });
+    if let Some(message) = denial {
+        lock(&sh.denied).push(format!("{method} {path}"));
+        return error_response(&ApiError::new(403, "Forbidden", message));
+    }
     if path == "/version" {
         return json_response(
             StatusCode::OK,
