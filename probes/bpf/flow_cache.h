@@ -81,6 +81,18 @@ static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
 #define SLOT_TAG_MASK 0xffffff00u
 #endif
 
+/* Whether slot s holds tuple t (addresses, ports and protocol), whatever it holds for it. */
+static __always_inline int flow_slot_holds(const struct flow_slot *s, const struct tuple *t)
+{
+	const __u32 *a = (const __u32 *)s;
+	const __u32 *b = (const __u32 *)t;
+	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
+		     (a[8] ^ b[8]);
+
+	return diff == 0 && s->proto == t->proto;
+}
+
 /*
  * Whether slot translates t in direction dir now: same tuple, younger than
  * FLOW_CACHE_TTL_JIFFIES, the packet brings no state bits the entry lacks, and no SYN: a SYN may
@@ -91,21 +103,14 @@ static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
 static __always_inline int flow_slot_hit(const struct flow_slot *s, const struct tuple *t,
 					 __u8 dir, __u8 bits, __u64 now_jiffies)
 {
-	const __u32 *a = (const __u32 *)s;
-	const __u32 *b = (const __u32 *)t;
-	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
-		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
-		     (a[8] ^ b[8]);
-
-	return diff == 0 && s->proto == t->proto && s->dir == dir && s->family != 0 &&
+	return flow_slot_holds(s, t) && s->dir == dir && s->family != 0 &&
 	       (__u32)now_jiffies - s->filled_jiffies < FLOW_CACHE_TTL_JIFFIES &&
 	       (bits & ~s->state) == 0 && !(bits & STATE_SYN);
 }
 
-/* Copies a translation into the flow_cache slot of t. */
-static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
-					   const __u8 addr[ADDR_LEN], __be16 port, __u8 state,
-					   __u64 now_jiffies)
+/* Starts filling slot s for tuple t: the tuple, what the slot holds (dir), the family, the time. */
+static __always_inline void flow_slot_set_key(struct flow_slot *s, const struct tuple *t, __u8 dir,
+					      __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
 	const __u32 *b = (const __u32 *)t;
@@ -122,10 +127,18 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 	s->proto = t->proto;
 	s->dir = dir;
 	s->family = addr_family(t->saddr);
+	s->filled_jiffies = now_jiffies;
+}
+
+/* Copies a translation into the flow_cache slot of t. */
+static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
+					   const __u8 addr[ADDR_LEN], __be16 port, __u8 state,
+					   __u64 now_jiffies)
+{
+	flow_slot_set_key(s, t, dir, now_jiffies);
 	s->state = state;
 	addr_copy(s->addr, addr);
 	s->port = port;
-	s->filled_jiffies = now_jiffies;
 }
 
 /* The words of a verdict slot that hold, in a translation slot, the translated address. */
@@ -142,39 +155,20 @@ static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct 
 					      __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
-	const __u32 *b = (const __u32 *)t;
 
-	a[0] = b[0];
-	a[1] = b[1];
-	a[2] = b[2];
-	a[3] = b[3];
-	a[4] = b[4];
-	a[5] = b[5];
-	a[6] = b[6];
-	a[7] = b[7];
-	a[8] = b[8];
-	s->proto = t->proto;
-	s->dir = kind;
-	s->family = addr_family(t->saddr);
+	flow_slot_set_key(s, t, kind, now_jiffies);
 	s->state = 0;
 	a[SLOT_VERDICT_BITS] = bits;
 	a[SLOT_VERDICT_MASK] = mask;
 	a[SLOT_VERDICT_STAT] = stat;
 	a[13] = 0;
-	s->filled_jiffies = now_jiffies;
 }
 
 /* Empties t's slot when it holds a verdict `kind` for t: the general path decided otherwise. */
 static __always_inline void flow_verdict_forget(struct flow_slot *s, const struct tuple *t,
 						__u8 kind)
 {
-	const __u32 *a = (const __u32 *)s;
-	const __u32 *b = (const __u32 *)t;
-	__u32 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
-		     (a[4] ^ b[4]) | (a[5] ^ b[5]) | (a[6] ^ b[6]) | (a[7] ^ b[7]) |
-		     (a[8] ^ b[8]);
-
-	if (diff == 0 && s->proto == t->proto && s->dir == kind)
+	if (flow_slot_holds(s, t) && s->dir == kind)
 		s->family = 0;
 }
 

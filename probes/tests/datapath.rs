@@ -97,6 +97,11 @@ fn add_service(fx: &Fixture, addr: IpAddr, port: u16, proto: L4Proto, flags: u32
         .svc_ports
         .insert(&SvcKey::new(addr, port, proto), &SvcValue { flags, svc_id })
         .expect("svc_ports");
+    add_service_address(fx, addr);
+}
+
+/// Marks `addr` a service address (`svc_addrs`, ADDR_F_SERVICE).
+fn add_service_address(fx: &Fixture, addr: IpAddr) {
     fx.dp
         .maps()
         .svc_addrs
@@ -108,6 +113,25 @@ fn add_service(fx: &Fixture, addr: IpAddr, port: u16, proto: L4Proto, flags: u32
             },
         )
         .expect("svc_addrs");
+}
+
+/// Records the IPVS connection `conn` (client -> backend) of the service vip:VIP_PORT in
+/// `conns`, with these IPVS flags, as the probe would.
+fn add_conn(fx: &Fixture, f: Family, conn: &Tuple, ipvs_flags: u32) {
+    fx.dp
+        .maps()
+        .conns
+        .insert(
+            conn,
+            &ConnValue {
+                vaddr: addr_to_bytes(vip(f)),
+                vport: U16::new(VIP_PORT),
+                pad: 0,
+                ipvs_flags,
+                created_ns: 1,
+            },
+        )
+        .expect("conns");
 }
 
 fn set_cluster_cidr(fx: &Fixture, f: Family, extra_flags: u32) {
@@ -330,26 +354,18 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     assert!(in_local_range(CLIENT_PORT));
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1);
-    fx.dp
-        .maps()
-        .conns
-        .insert(
-            &Tuple::new(
-                client(f),
-                CLIENT_PORT,
-                backend(f),
-                BACKEND_PORT,
-                L4Proto::Tcp,
-            ),
-            &ConnValue {
-                vaddr: addr_to_bytes(vip(f)),
-                vport: U16::new(VIP_PORT),
-                pad: 0,
-                ipvs_flags: 0x0100,
-                created_ns: 1,
-            },
-        )
-        .expect("conns");
+    add_conn(
+        &fx,
+        f,
+        &Tuple::new(
+            client(f),
+            CLIENT_PORT,
+            backend(f),
+            BACKEND_PORT,
+            L4Proto::Tcp,
+        ),
+        0x0100,
+    );
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1, "verdict kept");
     // ... until a SYN goes by the maps and replaces the verdict.
     let syn_ack = tcp(
@@ -392,17 +408,7 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
     assert_eq!(fx.egress(&fwd_syn, SVC).packet, fwd_syn);
     // ... keeps passing when the maps would now translate it (its source became a service
     // address: host-originated SNAT) ...
-    fx.dp
-        .maps()
-        .svc_addrs
-        .insert(
-            &AddrKey::new(client(f)),
-            &AddrValue {
-                flags: ADDR_F_SERVICE,
-                pad: 0,
-            },
-        )
-        .expect("svc_addrs");
+    add_service_address(&fx, client(f));
     assert_eq!(fx.egress(&fwd_ack, SVC).packet, fwd_ack, "verdict kept");
     // ... but only for packets with the marks the verdict was given for.
     let other_syn = tcp(
@@ -431,17 +437,7 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
         node(f),
         "other marks: by the maps"
     );
-    fx.dp
-        .maps()
-        .svc_addrs
-        .insert(
-            &AddrKey::new(client(f)),
-            &AddrValue {
-                flags: ADDR_F_SERVICE,
-                pad: 0,
-            },
-        )
-        .expect("svc_addrs");
+    add_service_address(&fx, client(f));
 
     // Past the TTL (at most 2.56 s, at HZ=100) every packet goes by the maps.
     std::thread::sleep(std::time::Duration::from_millis(2700));
@@ -524,20 +520,7 @@ fn reply_of_untranslated_service_connection_marked(f: Family, name: &str) {
         BACKEND_PORT,
         L4Proto::Tcp,
     );
-    fx.dp
-        .maps()
-        .conns
-        .insert(
-            &conn,
-            &ConnValue {
-                vaddr: addr_to_bytes(vip(f)),
-                vport: U16::new(VIP_PORT),
-                pad: 0,
-                ipvs_flags: 0x0100,
-                created_ns: 1,
-            },
-        )
-        .expect("conns");
+    add_conn(&fx, f, &conn, 0x0100);
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     let out = fx.ingress(&reply, 0);
     assert_eq!(out.return_value, TC_ACT_UNSPEC);
@@ -566,20 +549,7 @@ fn first_packet_leaves_service_resolution_to_the_agent(f: Family, name: &str) {
         BACKEND_PORT,
         L4Proto::Tcp,
     );
-    fx.dp
-        .maps()
-        .conns
-        .insert(
-            &conn,
-            &ConnValue {
-                vaddr: addr_to_bytes(vip(f)),
-                vport: U16::new(VIP_PORT),
-                pad: 0,
-                ipvs_flags: 0,
-                created_ns: 1,
-            },
-        )
-        .expect("conns");
+    add_conn(&fx, f, &conn, 0);
     let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
     let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
     assert_eq!(entry.svc_id, 0);

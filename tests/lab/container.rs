@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lab::agent::{Manifests, service_yaml, slice_yaml};
+use lab::apiserver::ApiServer;
 use lab::netns::Netns;
 use lab::oci::{self, PodEnv};
 use lab::topology::SnatTopology;
@@ -21,7 +22,6 @@ const DAEMONSET: &str = include_str!("../../manifests/daemonset.yaml");
 const CONFIGMAP: &str = include_str!("../../manifests/configmap.yaml");
 const AGENT: &str = "kube-ipvs-bpf";
 const INIT: &str = "mount-bpf-fs";
-const API: &str = "127.0.0.1:6443";
 
 fn rootfs() -> PathBuf {
     let p = PathBuf::from(
@@ -174,27 +174,6 @@ impl Drop for Running {
     }
 }
 
-fn fake_apiserver(ns: &Netns, manifests: &Manifests, kubeconfig: &Path) -> Child {
-    let bin = std::env::var("KUBE_IPVS_BPF_BIN")
-        .map(|b| b.replace("kube-ipvs-bpf", "fake-apiserver"))
-        .unwrap_or_else(|_| "fake-apiserver".into());
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .arg(bin)
-        .args(["--listen", API, "--kubeconfig"])
-        .arg(kubeconfig)
-        .arg("--manifests")
-        .arg(&manifests.dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fake-apiserver");
-    eventually("fake-apiserver up", Duration::from_secs(60), || {
-        kubeconfig.exists()
-    });
-    child
-}
-
 fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -221,7 +200,8 @@ fn the_daemonset_under_crun_programs_ipvs_snats_a_nodeport_without_conntrack_and
                 .replace("nodeName: lab", "nodeName: other")),
     );
     let config = config_dir("ctr");
-    let _api = KillOnDrop(fake_apiserver(&t.node, &m, &config.join("kubeconfig")));
+    let kubeconfig = config.join("kubeconfig");
+    let _api = ApiServer::start(&t.node, &m, kubeconfig.to_str().expect("UTF-8 path"));
 
     // The init container: bpffs is already mounted by the guest's init, so it changes nothing.
     let pod = pod_env(&config, &[], &[]);
@@ -308,14 +288,5 @@ fn the_agent_container_without_a_needed_capability_stops_at_start_naming_it() {
             out.contains(&format!("CAP_{cap}")),
             "without {cap}, the error does not name it:\n{out}"
         );
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
