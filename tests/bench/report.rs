@@ -16,7 +16,6 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 const DATAPATHS: [&str; 3] = ["ipvs", "nftables", "ours"];
-const CPS_CASES: [&str; 2] = ["cps_nodeport", "cps_clusterip"];
 
 fn main() {
     if let Err(e) = run() {
@@ -1161,13 +1160,11 @@ fn markdown(
     let _ = writeln!(
         md,
         "### Chart\n\n![datapath ratios](benchmarks.png)\n\n\
-         Text-free bars (no font dependency); everything is relative to kube-proxy ipvs mode = \
-         1.0 (the thick line; thin lines every 0.25). Colours: **grey** ipvs mode, **blue** \
-         nftables mode, **orange** ours. Panels, top to bottom: {}. Groups, left to right: \
-         NodePort CPS, ClusterIP CPS, NodePort CPS with the extra Services, ClusterIP CPS with \
-         the extra Services, NodePort node-CPU efficiency and ClusterIP node-CPU efficiency \
-         (ipvs mode's node share per connection divided by the datapath's: higher is better, \
-         like the rest). The numbers are in the tables above.\n",
+         Everything is relative to kube-proxy ipvs mode = 1.0 (the thick line), higher is \
+         better; each bar carries its value. Panels, top to bottom: {}. Groups: short-connection \
+         CPS for NodePort and ClusterIP (and with the extra Services, when the run had them), \
+         then node-CPU efficiency (ipvs mode's node share per connection divided by the \
+         datapath's). The text is DejaVu Sans (Debian's fonts-dejavu-core).\n",
         summaries
             .iter()
             .map(|(k, c, _)| format!("{k} {c}"))
@@ -1522,67 +1519,139 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
 // --- chart ----------------------------------------------------------------------------------
 
 /// Grouped bars per run, relative to ipvs mode (text-free; legend in the markdown).
+/// The font of the chart's text (Debian's fonts-dejavu-core, which `scripts/bench` installs).
+const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The chart: per run (kernel and clock) a panel of bars relative to kube-proxy's ipvs mode
+/// (= 1.0): short-connection CPS for NodePort and ClusterIP (and with the extra Services, when
+/// the run had them), then node-CPU efficiency (ipvs mode's node share per connection divided by
+/// the datapath's). Higher is better everywhere; each bar carries its value.
 fn chart(path: &PathBuf, summaries: &[(String, String, Value)]) -> Result<()> {
     use plotters::prelude::*;
-    let groups: Vec<Vec<Option<f64>>> = summaries
+    use plotters::style::{FontStyle, register_font};
+
+    let font = std::fs::read(CHART_FONT)
+        .with_context(|| format!("read {CHART_FONT} (Debian package fonts-dejavu-core)"))?;
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("{CHART_FONT}: not a font"))?;
+
+    // Per panel: its title and its groups (label, one value per datapath).
+    type Group = (String, Vec<Option<f64>>);
+    let panels: Vec<(String, Vec<Group>)> = summaries
         .iter()
-        .map(|(_, _, s)| {
+        .map(|(series, clock, s)| {
             let big = service_keys(s, "cps_nodeport")
                 .into_iter()
-                .find(|k| k != "1")
-                .unwrap_or_else(|| "1".into());
-            let mut v = Vec::new();
-            for (case, n) in [
-                ("cps_nodeport", "1"),
-                ("cps_clusterip", "1"),
-                ("cps_nodeport", big.as_str()),
-                ("cps_clusterip", big.as_str()),
-            ] {
-                let ipvs = num(s, &["cases", case, n, "ipvs", "rate", "median"]);
-                for dp in DATAPATHS {
-                    let x = num(s, &["cases", case, n, dp, "rate", "median"]);
-                    v.push(x.zip(ipvs).map(|(x, b)| x / b));
-                }
+                .find(|k| k != "1");
+            let mut groups: Vec<Group> = Vec::new();
+            let mut cases = vec![
+                ("NodePort CPS".to_string(), "cps_nodeport", "1".to_string()),
+                (
+                    "ClusterIP CPS".to_string(),
+                    "cps_clusterip",
+                    "1".to_string(),
+                ),
+            ];
+            if let Some(n) = &big {
+                cases.push((
+                    format!("NodePort CPS, {n} Services"),
+                    "cps_nodeport",
+                    n.clone(),
+                ));
+                cases.push((
+                    format!("ClusterIP CPS, {n} Services"),
+                    "cps_clusterip",
+                    n.clone(),
+                ));
             }
-            for case in CPS_CASES {
+            for (label, case, n) in cases {
+                let ipvs = num(s, &["cases", case, &n, "ipvs", "rate", "median"]);
+                let v = DATAPATHS
+                    .iter()
+                    .map(|dp| {
+                        num(s, &["cases", case, &n, dp, "rate", "median"])
+                            .zip(ipvs)
+                            .map(|(x, b)| x / b)
+                    })
+                    .collect();
+                groups.push((label, v));
+            }
+            for (label, case) in [
+                ("NodePort node-CPU efficiency", "cps_nodeport"),
+                ("ClusterIP node-CPU efficiency", "cps_clusterip"),
+            ] {
                 let ipvs = num(
                     s,
                     &["cases", case, "1", "ipvs", "node_cpu_us_per_conn", "median"],
                 );
-                for dp in DATAPATHS {
-                    let x = num(
-                        s,
-                        &["cases", case, "1", dp, "node_cpu_us_per_conn", "median"],
-                    );
-                    v.push(x.zip(ipvs).and_then(|(x, b)| (x > 0.0).then(|| b / x)));
-                }
+                let v = DATAPATHS
+                    .iter()
+                    .map(|dp| {
+                        num(
+                            s,
+                            &["cases", case, "1", dp, "node_cpu_us_per_conn", "median"],
+                        )
+                        .zip(ipvs)
+                        .and_then(|(x, b)| (x > 0.0).then(|| b / x))
+                    })
+                    .collect();
+                groups.push((label.to_string(), v));
             }
-            v
+            let title = format!(
+                "{series} {}: relative to kube-proxy ipvs mode (= 1.0), higher is better",
+                if clock == "icount" {
+                    "(QEMU -icount)"
+                } else {
+                    "(QEMU TCG)"
+                }
+            );
+            (title, groups)
         })
         .collect();
-    let panels = summaries.len().max(1);
-    let (w, ph) = (1200u32, 280u32);
-    let root = BitMapBackend::new(path, (w, ph * panels as u32)).into_drawing_area();
+
+    let (w, ph) = (1400u32, 380u32);
+    let root = BitMapBackend::new(path, (w, ph * panels.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).context("chart")?;
     let colors = [
         RGBColor(128, 128, 128),
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
     ];
-    let top = groups
+    let names = [
+        "kube-proxy ipvs mode",
+        "kube-proxy nftables mode",
+        "kube-ipvs-bpf",
+    ];
+    let top = panels
         .iter()
-        .flatten()
-        .flatten()
-        .copied()
+        .flat_map(|(_, g)| g.iter().flat_map(|(_, v)| v.iter().flatten().copied()))
         .fold(2.0f64, f64::max)
         .min(4.0)
-        * 1.05;
-    for (i, g) in groups.iter().enumerate() {
+        * 1.08;
+    let text = |size: u32| ("sans-serif", size).into_font().color(&BLACK);
+    for (i, (title, groups)) in panels.iter().enumerate() {
         let y0 = i as i32 * ph as i32;
         let (left, right, bottom, height) =
-            (40, w as i32 - 20, y0 + ph as i32 - 20, ph as i32 - 40);
+            (70, w as i32 - 20, y0 + ph as i32 - 60, ph as i32 - 120);
         let y = |v: f64| bottom - (v / top * height as f64) as i32;
-        // Grid: every 0.25, the 1.0 line thick.
+        root.draw(&Text::new(title.clone(), (left, y0 + 10), text(20)))
+            .context("chart")?;
+        // Legend, right of the title line.
+        for (k, name) in names.iter().enumerate() {
+            let x = right - 720 + k as i32 * 240;
+            root.draw(&Rectangle::new(
+                [(x, y0 + 40), (x + 14, y0 + 54)],
+                colors[k].filled(),
+            ))
+            .context("chart")?;
+            root.draw(&Text::new(name.to_string(), (x + 20, y0 + 39), text(15)))
+                .context("chart")?;
+        }
+        // Grid every 0.25 with labels every 0.5, the 1.0 line thick; the y axis's name.
         let mut v = 0.0;
         while v <= top {
             let c = if (v - 1.0).abs() < 1e-9 {
@@ -1592,18 +1661,40 @@ fn chart(path: &PathBuf, summaries: &[(String, String, Value)]) -> Result<()> {
             };
             root.draw(&PathElement::new(vec![(left, y(v)), (right, y(v))], c))
                 .context("chart")?;
+            if ((v * 2.0).round() - v * 2.0).abs() < 1e-9 {
+                root.draw(&Text::new(
+                    format!("{v:.1}×"),
+                    (left - 45, y(v) - 8),
+                    text(14),
+                ))
+                .context("chart")?;
+            }
             v += 0.25;
         }
-        let n_groups = g.len() / 3;
-        let gw = (right - left) / n_groups.max(1) as i32;
-        for (k, val) in g.iter().enumerate() {
-            let (grp, dp) = (k / 3, k % 3);
-            let Some(val) = val else { continue };
-            let x0 = left + grp as i32 * gw + gw / 8 + dp as i32 * (gw * 3 / 4 / 3);
-            let x1 = x0 + gw * 3 / 4 / 3 - 4;
-            root.draw(&Rectangle::new(
-                [(x0, y(val.min(top))), (x1, bottom)],
-                colors[dp].filled(),
+        let gw = (right - left) / groups.len().max(1) as i32;
+        let bw = gw * 3 / 4 / 3;
+        for (g, (label, values)) in groups.iter().enumerate() {
+            let gx = left + g as i32 * gw;
+            for (dp, val) in values.iter().enumerate() {
+                let Some(val) = val else { continue };
+                let x0 = gx + gw / 8 + dp as i32 * bw;
+                let x1 = x0 + bw - 4;
+                root.draw(&Rectangle::new(
+                    [(x0, y(val.min(top))), (x1, bottom)],
+                    colors[dp].filled(),
+                ))
+                .context("chart")?;
+                root.draw(&Text::new(
+                    format!("{val:.2}"),
+                    (x0, y(val.min(top)) - 18),
+                    text(13),
+                ))
+                .context("chart")?;
+            }
+            root.draw(&Text::new(
+                label.clone(),
+                (gx + gw / 8, bottom + 10),
+                text(15),
             ))
             .context("chart")?;
         }
