@@ -1089,10 +1089,28 @@ pub fn inspect_snat(output: Output, state_dir: PathBuf, pin_root: PathBuf) -> an
             "client_port_kept": rev.flags & probes::maps::SNAT_F_PORT_KEPT != 0,
         }));
     }
+    // The table's occupancy, from the records' states (the sweeper frees DEAD ones next pass).
+    let (used, busy, dead, free) = maps.snat.occupancy();
+    let capacity = maps.snat.capacity();
+    let occupancy = json!({
+        "records": capacity,
+        "used": used,
+        "being_written": busy,
+        "dead": dead,
+        "free": free,
+        "used_percent": used as f64 * 100.0 / f64::from(capacity.max(1)),
+    });
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&json!({"snat": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"snat": rows, "occupancy": occupancy}))?
+        );
         return Ok(());
     }
+    println!(
+        "SNAT table: {used} of {capacity} records in use ({:.1}%), {dead} dead (freed at the next sweep), {free} free",
+        occupancy["used_percent"].as_f64().unwrap_or(0.0)
+    );
     println!(
         "{:<5} {:<28} {:<28} {:<28} {:<32} {:<16} {:>6} {:>6}",
         "PROTO", "CLIENT", "NODE ADDRESS", "BACKEND", "SERVICE", "STATE", "AGE", "IDLE"

@@ -21,45 +21,11 @@
 //!
 //! Flags > configuration file > defaults, field by field ([`resolve`]).
 //!
-//! # Decisions on kube-proxy's fields
+//! # Fields
 //!
-//! "Zero" means absent, `null`, `""`, `0`, `0s`, `false`, `{}` or `[]`: always accepted.
-//!
-//! | field | decision |
-//! |---|---|
-//! | `apiVersion`, `kind` | one of the two pairs above; both required |
-//! | `featureGates` | error for any gate: none of kube-proxy's gates exists here |
-//! | `clientConnection.kubeconfig` | honoured ([`AgentConfig::kubeconfig`]) |
-//! | `clientConnection.{qps,burst,contentType,acceptContentTypes}` | accepted, ignored (client tuning; harmless) |
-//! | `logging` | accepted, ignored (use `--log-format` and `RUST_LOG`) |
-//! | `hostnameOverride` | honoured: the node name (trimmed, lower-cased as kube-proxy does) |
-//! | `bindAddress` | a specific IP is honoured as the node IP (kube-proxy: "override the node's primary IP"); `0.0.0.0`/`::` mean unset; an IPv6 value moves the default health/metrics addresses to IPv6 as in kube-proxy |
-//! | `healthzBindAddress` | honoured (`IP:port`, or `IP` with port 10256); default `0.0.0.0:10256` |
-//! | `metricsBindAddress` | honoured (`IP:port`, or `IP` with port 10249); default `127.0.0.1:10249` |
-//! | `bindAddressHardFail` | honoured ([`AgentConfig::bind_address_hard_fail`]) |
-//! | `enableProfiling` | error when true: no profiling endpoint |
-//! | `showHiddenMetricsForVersion` | accepted, ignored (there are no hidden metrics) |
-//! | `mode` | `""` and `ipvs` accepted (this agent is an IPVS proxy); `iptables`, `nftables`, `kernelspace` are errors |
-//! | `iptables.masqueradeAll` | honoured (kube-proxy's ipvs mode reads it too) |
-//! | `iptables.masqueradeBit` | `null` or 14 (the default) accepted; other values are errors: the datapath's marks are `kubeIpvsBpf.datapath.markService/markMasquerade` |
-//! | `iptables.localhostNodePorts` | `true` is an error (no NodePorts on loopback, as in kube-proxy's ipvs mode) |
-//! | `iptables.snatNodeInternalIP` | `true` is an error (the datapath chooses the SNAT address) |
-//! | `iptables.syncPeriod`, `iptables.minSyncPeriod` | honoured when `mode` is `""` (kube-proxy reads them in its default iptables mode) |
-//! | `ipvs.syncPeriod`, `ipvs.minSyncPeriod` | honoured when `mode` is `ipvs` |
-//! | `ipvs.scheduler` | honoured; must be a known IPVS scheduler |
-//! | `ipvs.excludeCIDRs` | honoured ([`AgentConfig::ipvs_exclude_cidrs`]: IPVS services there are never deleted) |
-//! | `ipvs.strictARP` | honoured (`arp_ignore=1`, `arp_announce=2`) |
-//! | `ipvs.tcpTimeout`, `ipvs.tcpFinTimeout`, `ipvs.udpTimeout` | honoured (0 leaves the kernel's value) |
-//! | `nftables.*` | accepted, ignored (kube-proxy reads them only in nftables mode, an error here) |
-//! | `winkernel.*`, `windowsRunAsService` | accepted, ignored (Windows only, as on a Linux kube-proxy) |
-//! | `detectLocalMode` | `""` and `ClusterCIDR` accepted; `NodeCIDR`, `BridgeInterface`, `InterfaceNamePrefix` are errors (local traffic is detected by cluster CIDR only) |
-//! | `detectLocal.*` | accepted, ignored (only read by the modes refused above) |
-//! | `clusterCIDR` | honoured: comma-separated, at most one CIDR per family |
-//! | `nodePortAddresses` | honoured: `primary` (alone), `all`, or CIDRs; `localhost` is an error |
-//! | `oomScoreAdj` | honoured ([`AgentConfig::oom_score_adj`], range -1000..=1000) |
-//! | `conntrack.*` | error when set: this agent does not tune nf_conntrack (service traffic bypasses it); set those sysctls on the node |
-//! | `configSyncPeriod` | accepted, ignored (informer resync; harmless) |
-//! | `portRange` | accepted, ignored (unused by kube-proxy itself) |
+//! Every field, its default, its kube-proxy equivalent and what this agent does with it:
+//! [`reference::FIELDS`], rendered as docs/configuration.md. "Zero" means absent, `null`, `""`,
+//! `0`, `0s`, `false`, `{}` or `[]`: always accepted.
 //!
 //! Top-level `syncPeriod`/`minSyncPeriod` conflict with a different non-zero per-mode value
 //! (an error names both). Zero durations mean "default", as in kube-proxy's own defaulting.
@@ -1093,5 +1059,6 @@ fn port_range(key: &str, s: &str) -> Result<RangeInclusive<u16>, ConfigError> {
     Ok(a..=b)
 }
 
+pub mod reference;
 #[cfg(test)]
 mod tests;

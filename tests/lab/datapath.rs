@@ -217,6 +217,13 @@ fn nodeport_from_an_external_client_is_source_natted_without_conntrack() {
             >= 20,
         "{snat}"
     );
+    // The occupancy counts the records listed, out of the table's size.
+    let occupancy = &snat["occupancy"];
+    assert!(
+        occupancy["used"].as_u64() >= Some(rows.len() as u64)
+            && occupancy["records"].as_u64() > occupancy["used"].as_u64(),
+        "{snat}"
+    );
     assert!(
         rows.iter().all(|r| r["node"]
             .as_str()
