@@ -193,7 +193,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		stat_inc(STAT_REPLY_MARKED);
 		if (slot) {
 			tuple_from_pkt(&p, &key);
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc, 0,
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc,
 					  STAT_REPLY_MARKED, now_jiffies);
 		}
 		return TC_ACT_UNSPEC;
@@ -219,7 +219,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		skb->mark |= bits;
 		stat_inc(STAT_SVC_MARKED);
 		if (slot)
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, 0, STAT_SVC_MARKED,
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, STAT_SVC_MARKED,
 					  now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
@@ -238,7 +238,7 @@ unmarked:
 	 */
 	if (slot && bpf_ntohs(p.dport) >= cfg->local_port_min &&
 	    bpf_ntohs(p.dport) <= cfg->local_port_max)
-		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, now_jiffies);
+		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, STAT_MAX, now_jiffies);
 	else if (slot)
 		flow_verdict_forget(slot, &key, FLOW_VERDICT_INGRESS);
 	return TC_ACT_UNSPEC;
@@ -374,15 +374,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 
 	/* 2. Does this connection need SNAT? Not one open before the switch from kube-proxy. */
 	flags = snat_reason(&p, skb->mark, cfg);
-	if (!flags) {
-		__u32 mask = cfg->mark_svc | cfg->mark_masq;
-
-		if (slot)
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_EGRESS, skb->mark & mask, mask,
-					  0, now_jiffies);
-		return TC_ACT_UNSPEC;
-	}
-	if (switch_exempt(cfg, &p, &key))
+	if (!flags || switch_exempt(cfg, &p, &key))
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */

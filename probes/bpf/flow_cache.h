@@ -11,8 +11,9 @@
  *   - FLOW_VERDICT_INGRESS: the mark bits the flow's packets get (verdict_bits) and the counter
  *     they count (verdict_stat, STAT_MAX: none): service packets, replies of untranslated service
  *     connections, and traffic that is none of the agent's (no bits, no counter);
- *   - FLOW_VERDICT_EGRESS: the flow needs no SNAT (snat_reason() 0) for packets whose service
- *     marks (skb->mark & verdict_mask) are verdict_bits.
+ * Egress keeps no verdict: a "no SNAT" decided for one packet's marks could outlive the
+ * translation another packet of the flow (other marks, another CPU) makes, and a connection in
+ * snat_fwd must always leave translated (the bounded fuzzer showed it).
  * A verdict is what the general path answers from the tuple, the marks and the agent's maps, so it
  * holds until those maps change: like a translation, a slot lives FLOW_CACHE_TTL_JIFFIES, so a
  * change to Services, service addresses, source ranges, cluster CIDRs or devices reaches the
@@ -143,15 +144,14 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 
 /* The words of a verdict slot that hold, in a translation slot, the translated address. */
 #define SLOT_VERDICT_BITS 10
-#define SLOT_VERDICT_MASK 11
 #define SLOT_VERDICT_STAT 12
 
 /*
- * Records in t's slot the general path's verdict `kind` (FLOW_VERDICT_*) with its mark bits, the
- * mask of the marks it depends on (egress) and the counter its packets count (ingress).
+ * Records in t's slot the general path's verdict `kind` (FLOW_VERDICT_*) with its mark bits and
+ * the counter its packets count.
  */
 static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t, __u8 kind,
-					      __u32 bits, __u32 mask, __u32 stat,
+					      __u32 bits, __u32 stat,
 					      __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
@@ -159,7 +159,7 @@ static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct 
 	flow_slot_set_key(s, t, kind, now_jiffies);
 	s->state = 0;
 	a[SLOT_VERDICT_BITS] = bits;
-	a[SLOT_VERDICT_MASK] = mask;
+	a[11] = 0;
 	a[SLOT_VERDICT_STAT] = stat;
 	a[13] = 0;
 }
@@ -185,8 +185,7 @@ enum fast_result {
  *   - a translation (when nat_ok: the nat_write programs are there), for a packet that carries no
  *     FIN or RST either (no state bit to record, no last-seen refresh: the slot is younger than
  *     its TTL): the translation is put in skb->cb for nat_write (FAST_JOB_*): FAST_NAT;
- *   - a verdict: on ingress the packet gets its mark bits and counts its counter; on egress it
- *     passes if its service marks are the slot's: FAST_DONE.
+ *   - on ingress, a verdict: the packet gets its mark bits and counts its counter: FAST_DONE.
  * Anything else is FAST_MISS.
  */
 static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 dir, int nat_ok)
@@ -258,9 +257,6 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
 		return FAST_MISS;
 	tag = w[9] & SLOT_TAG_MASK;
-	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family))
-		return (skb->mark & w[SLOT_VERDICT_MASK]) == w[SLOT_VERDICT_BITS] ? FAST_DONE
-										  : FAST_MISS;
 	if (dir == NAT_DST && tag == SLOT_TAG(proto, FLOW_VERDICT_INGRESS, family)) {
 		skb->mark |= w[SLOT_VERDICT_BITS];
 		if (w[SLOT_VERDICT_STAT] < STAT_MAX)

@@ -154,8 +154,8 @@ struct nat_claim {
 /*
  * A per-CPU flow cache slot (flow_cache): the translation of one connection direction, copied
  * from its snat_fwd/snat_rev entry so that established packets translate without a table lookup,
- * or a verdict of the general path on an untranslated flow (dir FLOW_VERDICT_*: the mark bits,
- * mark mask and counter in the first three words of addr; flow_cache.h).
+ * or an ingress verdict of the general path on an untranslated flow (dir FLOW_VERDICT_INGRESS:
+ * the mark bits in word 10 and the counter in word 12 of the slot; flow_cache.h).
  * Valid while the tuple (saddr, daddr, ports, proto), dir and family match and
  * (u32)jiffies - filled_jiffies < FLOW_CACHE_TTL_JIFFIES; family 0 is an empty slot. `state` holds
  * the state bits the table entry already has (a packet bringing new bits, and every refresh of

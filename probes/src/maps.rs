@@ -697,9 +697,8 @@ pub struct FlowSlot {
     pub dport: Be16,
     /// Its IP protocol number.
     pub proto: u8,
-    /// 0: source (egress), 1: destination (ingress); 2, 3: a verdict without translation
-    /// (egress, ingress: flow_cache.h), whose mark bits, mark mask and counter are in the first
-    /// three words of `addr`.
+    /// 0: source (egress), 1: destination (ingress); 3: an ingress verdict without translation
+    /// (flow_cache.h), whose mark bits and counter are in the first and third words of `addr`.
     pub dir: u8,
     /// 4 or 6; 0: empty.
     pub family: u8,
