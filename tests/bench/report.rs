@@ -1491,10 +1491,11 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
     );
     let _ = writeln!(
         md,
-        "- What would close the gap, from this profile (the flow cache already keeps the verdicts \
-         of untranslated flows and the translations of established ones, so most runs are a \
-         slot lookup; `bpf_stats` above counts what is left): (1) the general path's runs — \
-         the SYNs, the first reply, FINs of translated flows — still hash 20–40-byte keys \
+        "- What would close the gap, from this profile (the flow cache keeps the ingress verdicts \
+         of untranslated flows and the translations of established ones, so most of those runs \
+         are a slot lookup; `bpf_stats` above counts what is left): (1) the general path's runs \
+         — the SYNs, the first reply, FINs of translated flows, every egress run of an \
+         untranslated flow — still hash 20–40-byte keys \
          (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM trie; (2) an \"egress: nothing to \
          do\" mark bit set at ingress on replies would make half of the egress runs a mark test; \
          (3) the `notrack` and the filter accept straight in the built-in chains (or one native \
