@@ -193,7 +193,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		stat_inc(STAT_REPLY_MARKED);
 		if (slot) {
 			tuple_from_pkt(&p, &key);
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc,
+			flow_verdict_fill(slot, &key, cfg->mark_svc,
 					  STAT_REPLY_MARKED, now_jiffies);
 		}
 		return TC_ACT_UNSPEC;
@@ -219,7 +219,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		skb->mark |= bits;
 		stat_inc(STAT_SVC_MARKED);
 		if (slot)
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, STAT_SVC_MARKED,
+			flow_verdict_fill(slot, &key, bits, STAT_SVC_MARKED,
 					  now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
@@ -238,14 +238,14 @@ unmarked:
 	 */
 	if (slot && bpf_ntohs(p.dport) >= cfg->local_port_min &&
 	    bpf_ntohs(p.dport) <= cfg->local_port_max)
-		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, STAT_MAX, now_jiffies);
+		flow_verdict_fill(slot, &key, 0, STAT_MAX, now_jiffies);
 	else if (slot)
-		flow_verdict_forget(slot, &key, FLOW_VERDICT_INGRESS);
+		flow_verdict_forget(slot, &key);
 	return TC_ACT_UNSPEC;
 dropped:
 	/* A verdict the slot may still hold for this tuple is over. */
 	if (slot)
-		flow_verdict_forget(slot, &key, FLOW_VERDICT_INGRESS);
+		flow_verdict_forget(slot, &key);
 	return TC_ACT_SHOT;
 }
 

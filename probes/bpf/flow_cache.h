@@ -147,16 +147,15 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 #define SLOT_VERDICT_STAT 12
 
 /*
- * Records in t's slot the general path's verdict `kind` (FLOW_VERDICT_*) with its mark bits and
- * the counter its packets count.
+ * Records in t's slot the general path's ingress verdict (FLOW_VERDICT_INGRESS): the mark bits
+ * t's packets get and the counter they count.
  */
-static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t, __u8 kind,
-					      __u32 bits, __u32 stat,
-					      __u64 now_jiffies)
+static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t,
+					      __u32 bits, __u32 stat, __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
 
-	flow_slot_set_key(s, t, kind, now_jiffies);
+	flow_slot_set_key(s, t, FLOW_VERDICT_INGRESS, now_jiffies);
 	s->state = 0;
 	a[SLOT_VERDICT_BITS] = bits;
 	a[11] = 0;
@@ -164,11 +163,10 @@ static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct 
 	a[13] = 0;
 }
 
-/* Empties t's slot when it holds a verdict `kind` for t: the general path decided otherwise. */
-static __always_inline void flow_verdict_forget(struct flow_slot *s, const struct tuple *t,
-						__u8 kind)
+/* Empties t's slot when it holds t's ingress verdict: the general path decided otherwise. */
+static __always_inline void flow_verdict_forget(struct flow_slot *s, const struct tuple *t)
 {
-	if (flow_slot_holds(s, t) && s->dir == kind)
+	if (flow_slot_holds(s, t) && s->dir == FLOW_VERDICT_INGRESS)
 		s->family = 0;
 }
 
