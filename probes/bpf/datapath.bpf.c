@@ -136,6 +136,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct svc_value *svc;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
+	__u32 index, gen = 0;
 	__u64 now_jiffies;
 	__u8 bits;
 	int ret;
@@ -163,13 +164,17 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	bits = pkt_state_bits(&p) | STATE_REPLY;
 	now_jiffies = bpf_jiffies64();
 	cs = scratch_get();
-	slot = p.frag == FRAG_NONE ? flow_cache_slot(flow_index(&key)) : NULL;
+	index = flow_index(&key);
+	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
 		skb->mark |= cfg->mark_svc;
 		stat_inc(STAT_REV_HIT);
 		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port, cs) ? TC_ACT_SHOT
 										 : TC_ACT_UNSPEC;
 	}
+	/* Before the lookup whose miss a verdict records (flow_cache.h, flow_gen). */
+	if (slot)
+		gen = flow_gen_read(index);
 	e = snat_rev_lookup(cfg, &key);
 	if (e) {
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
@@ -194,7 +199,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		if (slot) {
 			tuple_from_pkt(&p, &key);
 			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc, 0,
-					  STAT_REPLY_MARKED, now_jiffies);
+					  STAT_REPLY_MARKED, gen, now_jiffies);
 		}
 		return TC_ACT_UNSPEC;
 	}
@@ -220,7 +225,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		stat_inc(STAT_SVC_MARKED);
 		if (slot)
 			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, 0, STAT_SVC_MARKED,
-					  now_jiffies);
+					  gen, now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -231,16 +236,13 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 unmarked:
 	/*
-	 * Not service traffic (or open before the switch): its next packets pass at once, if it
-	 * cannot be the reply of a translation made later (by another CPU, or before its first
-	 * reply: a UDP reply is no SYN). Those go to a SNAT port or to a client's own port kept
-	 * (snat_allocate()), both outside the local port range; a reply to a local port is safe.
+	 * Not service traffic (or open before the switch): its next packets pass at once, until a
+	 * translation whose replies are this flow is made (by another CPU, or before its first
+	 * reply: a UDP reply is no SYN): that bumps flow_gen on this index and ends the verdict.
 	 */
-	if (slot && bpf_ntohs(p.dport) >= cfg->local_port_min &&
-	    bpf_ntohs(p.dport) <= cfg->local_port_max)
-		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, now_jiffies);
-	else if (slot)
-		flow_verdict_forget(slot, &key);
+	if (slot)
+		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, gen,
+				  now_jiffies);
 	return TC_ACT_UNSPEC;
 dropped:
 	/* A verdict the slot may still hold for this tuple is over. */
@@ -383,8 +385,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		__u32 mask = cfg->mark_svc | cfg->mark_masq;
 
 		if (slot)
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_EGRESS, skb->mark & mask, mask, gen,
-					  now_jiffies);
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_EGRESS, skb->mark & mask, mask, 0,
+					  gen, now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
 	if (switch_exempt(cfg, &p, &key))
@@ -418,8 +420,12 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_NEW) {
-		/* Published: ends every CPU's "no SNAT" verdict on this index. */
+		/*
+		 * Published: ends every CPU's verdicts on the indexes of its two tuples (egress "no
+		 * SNAT"; ingress "not ours" on its replies).
+		 */
 		flow_gen_bump(index);
+		flow_gen_bump(flow_index(&cs->rev_key));
 		stat_inc(STAT_SNAT_ALLOC);
 		if (entry.flags & SNAT_F_PORT_KEPT)
 			stat_inc(STAT_SNAT_PORT_REUSE);

@@ -12,14 +12,16 @@
  *     they count (verdict_stat, STAT_MAX: none): service packets, replies of untranslated service
  *     connections, and traffic that is none of the agent's (no bits, no counter);
  *   - FLOW_VERDICT_EGRESS: the flow needs no SNAT (no snat_fwd record, snat_reason() 0) for
- *     packets whose service marks (skb->mark & verdict_mask) are verdict_bits, while the
- *     flow_gen counter of its index is verdict_gen. A connection in snat_fwd must always leave
- *     translated, and the record can be made by a packet of the flow with other marks, on
- *     another CPU (whose slot is its own) or on the fragment path (no slot): every record egress
- *     creates bumps flow_gen[index] after it is published, and the verdict's filler read the
- *     counter (a fully ordered atomic) before its own table lookup missed, so either that lookup
- *     saw the record or the verdict is stale at its next use. (The bounded fuzzer found the race
- *     when verdicts had no counter.)
+ *     packets whose service marks (skb->mark & verdict_mask) are verdict_bits.
+ * Both hold only while the flow_gen counter of the slot's index is the one the general path read
+ * before the table lookup (snat_fwd, snat_rev) whose miss the verdict records. A connection in
+ * snat_fwd must always leave translated and its replies in snat_rev must come back translated,
+ * and the record can be made by a packet of the flow with other marks, on another CPU (whose
+ * slot is its own) or on the fragment path (no slot): every record egress creates bumps flow_gen
+ * at the indexes of both its tuples after it is published, and the filler read the counter
+ * with a fully ordered atomic before its lookup, so either that lookup saw the record or the
+ * verdict is stale at its next use. (The bounded fuzzer found both races when verdicts had no
+ * counter.)
  * A verdict is what the general path answers from the tuple, the marks and the agent's maps, so it
  * holds until those maps change: like a translation, a slot lives FLOW_CACHE_TTL_JIFFIES, so a
  * change to Services, service addresses, source ranges, cluster CIDRs or devices reaches the
@@ -176,16 +178,17 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 #define SLOT_VERDICT_BITS 10
 #define SLOT_VERDICT_MASK 11 /* egress */
 #define SLOT_VERDICT_STAT 12 /* ingress */
-#define SLOT_VERDICT_GEN 12  /* egress */
+#define SLOT_VERDICT_GEN 13
 
 /*
- * Records in t's slot a verdict of the general path (kind FLOW_VERDICT_*) and its three words:
- * ingress: the mark bits t's packets get, 0, the counter they count; egress: the service marks
- * it holds for, their mask, the flow_gen counter read before the table lookup missed.
+ * Records in t's slot a verdict of the general path (kind FLOW_VERDICT_*): ingress, the mark
+ * bits t's packets get and the counter they count (stat); egress, the service marks it holds for
+ * (bits) and their mask; both, the flow_gen counter of t's index read before the table lookup
+ * whose miss the verdict records.
  */
 static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t,
-					      __u8 kind, __u32 bits, __u32 mask, __u32 word12,
-					      __u64 now_jiffies)
+					      __u8 kind, __u32 bits, __u32 mask, __u32 stat,
+					      __u32 gen, __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
 
@@ -193,8 +196,8 @@ static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct 
 	s->state = 0;
 	a[SLOT_VERDICT_BITS] = bits;
 	a[SLOT_VERDICT_MASK] = mask;
-	a[SLOT_VERDICT_STAT] = word12;
-	a[13] = 0;
+	a[SLOT_VERDICT_STAT] = stat;
+	a[SLOT_VERDICT_GEN] = gen;
 }
 
 /* Empties t's slot when it holds t's ingress verdict: the general path decided otherwise. */
@@ -300,6 +303,10 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 		return gen && *gen == w[SLOT_VERDICT_GEN] ? FAST_DONE : FAST_MISS;
 	}
 	if (dir == NAT_DST && tag == SLOT_TAG(proto, FLOW_VERDICT_INGRESS, family)) {
+		const __u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
+
+		if (!gen || *gen != w[SLOT_VERDICT_GEN])
+			return FAST_MISS;
 		skb->mark |= w[SLOT_VERDICT_BITS];
 		if (w[SLOT_VERDICT_STAT] < STAT_MAX)
 			stat_inc(w[SLOT_VERDICT_STAT]);

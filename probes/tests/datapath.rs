@@ -381,13 +381,16 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
         "a SYN goes by the maps"
     );
     assert_eq!(fx.ingress(&reply, 0).mark, SVC, "new verdict");
-    // Traffic to another port could be the reply of a translation made next: never kept.
+    // So does such traffic to any other port (a translation made later ends it: flow_gen) ...
+    let syn = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_SYN);
     let ack = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
     let fin = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK | TCP_FIN);
     assert!(!in_local_range(VIP_PORT));
     assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
-    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1 | SVC | MASQ, "by the maps");
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1, "verdict kept");
+    // ... until a SYN goes by the maps.
+    assert_eq!(fx.ingress(&syn, 0x1).mark, 0x1 | SVC | MASQ, "by the maps");
     // The Service gone: its established flow keeps its marks (and counts them), FIN included.
     fx.dp
         .maps()
@@ -489,6 +492,63 @@ fn egress_verdict_ends_when_another_cpu_translates_the_flow(f: Family, name: &st
     });
 }
 both_families!(egress_verdict_ends_when_another_cpu_translates_the_flow);
+
+/// An ingress "not ours" verdict is per CPU too, and the translation another CPU makes whose
+/// replies are that flow ends it at once (flow_gen, bumped at both tuples' indexes): the replies
+/// of a connection in snat_rev always come back translated, UDP (whose first reply is no SYN)
+/// included, on any port.
+fn ingress_verdict_ends_when_another_cpu_translates_its_flow(f: Family, name: &str) {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs two CPUs, this process may use {cpus:?}");
+        return;
+    }
+    let fx = Fixture::new(name);
+    // A client port outside the local range is kept by the translation, so the reply's tuple is
+    // known before it is made.
+    const KEPT_PORT: u16 = 20000;
+    assert!(!in_local_range(KEPT_PORT));
+    let request = udp(client(f), KEPT_PORT, backend(f), BACKEND_PORT, b"request");
+    let reply = udp(backend(f), BACKEND_PORT, node(f), KEPT_PORT, b"reply");
+    std::thread::scope(|scope| {
+        let on = |cpu: usize, egress: bool, packet: &[u8], mark: u32| {
+            let (fx, packet) = (&fx, packet.to_vec());
+            scope
+                .spawn(move || {
+                    pin_to(cpu);
+                    if egress {
+                        fx.egress(&packet, mark)
+                    } else {
+                        fx.ingress(&packet, mark)
+                    }
+                })
+                .join()
+                .expect("test thread")
+        };
+        // CPU A: the reply tuple is none of the agent's (twice: the second is the verdict's).
+        for _ in 0..2 {
+            let out = on(cpus[0], false, &reply, 0);
+            assert_eq!((out.packet.as_slice(), out.mark), (reply.as_slice(), 0));
+        }
+        // CPU B: the request is masqueraded, to the node's address and the client's own port.
+        let out = on(cpus[1], true, &request, MASQ);
+        let seen = check_frame(&out.packet);
+        assert_eq!(
+            (seen.src, seen.sport()),
+            (node(f), KEPT_PORT),
+            "CPU B translates"
+        );
+        // CPU A: the reply now comes back to the client.
+        let out = on(cpus[0], false, &reply, 0);
+        let seen = check_frame(&out.packet);
+        assert_eq!(
+            (seen.dst, seen.dport(), out.mark),
+            (client(f), KEPT_PORT, SVC),
+            "CPU A reverse-translates the reply"
+        );
+    });
+}
+both_families!(ingress_verdict_ends_when_another_cpu_translates_its_flow);
 
 /// A verdict is forgotten when the general path drops a packet of its flow: a Service given
 /// loadBalancerSourceRanges that exclude an established flow's client drops the flow's next SYN,
