@@ -314,7 +314,7 @@ impl Syncer {
         }
         // Before the first sync marks or translates anything: the connections kube-proxy's
         // conntrack holds to its virtual services (the node's IPVS services now) stay its own.
-        if let Some(dp) = &s.datapath {
+        if let Some(dp) = &mut s.datapath {
             let ports = match s.ipvs.services().await {
                 Ok(services) => services
                     .iter()
