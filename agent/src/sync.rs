@@ -972,7 +972,10 @@ pub async fn run(
     // The takeover's last step (docs/switching.md): kube-proxy's chains and ipsets go once this
     // agent serves the node. Never in a canary beside kube-proxy (labelled Services only), nor
     // without the datapath (nothing of this agent's would stand in for kube-proxy's rules).
+    // After the first successful sync; a failed step (an ipset someone else's rule uses) is
+    // retried at full resyncs only.
     let mut kube_proxy_state_left = syncer.datapath.is_some() && !cfg.model.only_labelled_services;
+    let mut kube_proxy_state_tried = false;
     let mut pending = true;
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
@@ -1086,7 +1089,8 @@ pub async fn run(
                         "sync done"
                     );
                 }
-                if kube_proxy_state_left {
+                if kube_proxy_state_left && (full || !kube_proxy_state_tried) {
+                    kube_proxy_state_tried = true;
                     kube_proxy_state_left = !crate::takeover::remove_kube_proxy_state(
                         cfg.node_port_range.clone(),
                         cfg.ipvs_exclude_cidrs.clone(),

@@ -67,7 +67,8 @@ pub fn open_flow_tuples(entry: &CtEntry) -> Vec<(Tuple, u32)> {
 /// its programs attached). The old connections need none of it: their NAT lives in their
 /// conntrack entries, and the switch window's filter accept stands in for `KUBE-FORWARD`.
 /// What was removed is logged once, at info; a node with nothing of kube-proxy's logs nothing.
-/// Returns whether every step succeeded (a failed one is logged and the caller tries again).
+/// Returns whether every step succeeded (a failed one is logged; the sync loop tries again at
+/// its next full resync).
 pub async fn remove_kube_proxy_state(
     node_port_range: std::ops::RangeInclusive<u16>,
     ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
