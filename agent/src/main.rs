@@ -61,6 +61,13 @@ fn main() -> std::process::ExitCode {
                         bpf_pin_root,
                     },
             } => cli::inspect_counters(output, bpf_pin_root),
+            Command::Inspect {
+                what:
+                    InspectWhat::Switch {
+                        output,
+                        bpf_pin_root,
+                    },
+            } => agent::datapath::switch::inspect(output == cli::Output::Json, &bpf_pin_root),
         }
     })
 }
