@@ -7,6 +7,7 @@ pub mod features;
 pub mod libbpf_log;
 pub mod loader;
 pub mod maps;
+pub mod nat_protocol;
 pub mod nat_table;
 pub mod objects;
 pub mod typed_map;

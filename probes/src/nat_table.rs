@@ -10,7 +10,9 @@
 //! control word, the record marked dead) then, one sweep later, [`SnatTable::reclaim`] (dead
 //! records freed), so a program that found a record just before it was unindexed is done with it
 //! before it is reused. Records are read with volatile copies: a record being written may read
-//! torn, which is why callers go by its state and re-check.
+//! torn, which is why callers go by its state and re-check. Lookups, listing, removal and
+//! reclaiming are [`crate::nat_protocol`]'s code run over the mapped words (this type is its
+//! [`TableMemory`]), the code loom checks (tests/loom_nat_table.rs).
 
 use std::ffi::c_void;
 use std::os::fd::{AsFd, AsRawFd};
@@ -24,6 +26,7 @@ use crate::maps::{
     NAT_LOCK_STRIPES, NAT_PROBE_BUCKETS, NAT_WAYS, NatBucket, NatRecord, REC_BUSY, REC_DEAD,
     REC_FREE, REC_USED, SnatEntry, TAG_BUSY, TAG_FREE, TAG_VALID, Tuple,
 };
+use crate::nat_protocol::{self, TableMemory};
 use crate::typed_map::SnatHandles;
 
 /// The odd constants of `tuple_hash()` (table.h), one per 32-bit word of a tuple.
@@ -240,13 +243,6 @@ impl SnatTable {
         }
     }
 
-    fn pos(&self, index: Index, k: &Tuple) -> NatPos {
-        match index {
-            Index::Fwd => self.pos_fwd(k),
-            Index::Rev => self.pos_rev(k),
-        }
-    }
-
     fn index(&self, index: Index) -> &Mapping {
         match index {
             Index::Fwd => &self.fwd,
@@ -258,49 +254,16 @@ impl SnatTable {
         self.index(index).element::<NatBucket>(bucket)
     }
 
-    fn next(&self, bucket: u32) -> u32 {
-        if bucket + 1 >= self.buckets() {
-            0
-        } else {
-            bucket + 1
-        }
-    }
-
     /// A bucket's control word (its first 8 bytes: the ways' tag bytes, the overflow flag).
-    fn ctrl(&self, b: *mut NatBucket) -> &AtomicU64 {
+    fn ctrl(&self, index: Index, bucket: u32) -> &AtomicU64 {
+        let b = self.bucket(index, bucket);
         // SAFETY: b is an element of a live mapping, 8-byte aligned (32-byte elements from a
         // page-aligned start); its first 8 bytes are the control word.
         unsafe { AtomicU64::from_ptr(b.cast::<u64>()) }
     }
 
-    fn tag(&self, b: *mut NatBucket, way: usize) -> u8 {
-        (self.ctrl(b).load(Ordering::Acquire) >> (8 * way)) as u8
-    }
-
-    /// Sets byte `byte` of a control word to `new` if it is `expected` (any when `None`), with
-    /// a compare-and-swap of the whole word (programs store other bytes of it meanwhile).
-    fn set_ctrl_byte(&self, b: *mut NatBucket, byte: usize, expected: Option<u8>, new: u8) -> bool {
-        let ctrl = self.ctrl(b);
-        let shift = 8 * byte;
-        let mut current = ctrl.load(Ordering::Acquire);
-        loop {
-            if expected.is_some_and(|e| (current >> shift) as u8 != e) {
-                return false;
-            }
-            let next = (current & !(0xff << shift)) | (u64::from(new) << shift);
-            match ctrl.compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(actual) => current = actual,
-            }
-        }
-    }
-
-    /// The overflow flag is byte NAT_WAYS of the control word.
-    fn overflowed(&self, b: *mut NatBucket) -> bool {
-        (self.ctrl(b).load(Ordering::Acquire) >> (8 * NAT_WAYS)) as u8 != 0
-    }
-
-    fn way_rec(&self, b: *mut NatBucket, way: usize) -> &AtomicU32 {
+    fn way_rec(&self, index: Index, bucket: u32, way: usize) -> &AtomicU32 {
+        let b = self.bucket(index, bucket);
         // SAFETY: b is an element of a live mapping; rec is 4-byte aligned inside it.
         unsafe { atomic(std::ptr::addr_of_mut!((*b).rec[way])) }
     }
@@ -345,11 +308,7 @@ impl SnatTable {
 
     /// Every live record ([`REC_USED`]) with its number.
     pub fn records(&self) -> Vec<(u32, NatRecord)> {
-        (0..self.capacity())
-            .filter(|&rec| self.record_state(rec).load(Ordering::Acquire) == REC_USED)
-            .filter_map(|rec| self.record(rec).map(|r| (rec, r)))
-            .filter(|(_, r)| r.state == REC_USED)
-            .collect()
+        nat_protocol::live_records(self)
     }
 
     /// How many records are in each state: (used, busy, dead, free).
@@ -368,31 +327,7 @@ impl SnatTable {
 
     /// The record tuple `k` is indexed under in `index`: (number, copy).
     pub fn find(&self, index: Index, k: &Tuple) -> Option<(u32, NatRecord)> {
-        let pos = self.pos(index, k);
-        let mut bucket = pos.home;
-        for _ in 0..NAT_PROBE_BUCKETS {
-            let b = self.bucket(index, bucket);
-            for way in 0..NAT_WAYS {
-                if self.tag(b, way) != pos.tag {
-                    continue;
-                }
-                let rec = self.way_rec(b, way).load(Ordering::Acquire);
-                if let Some(r) = self.record(rec) {
-                    let key = match index {
-                        Index::Fwd => r.fwd_key,
-                        Index::Rev => r.rev_key,
-                    };
-                    if key == *k {
-                        return Some((rec, r));
-                    }
-                }
-            }
-            if !self.overflowed(b) {
-                return None;
-            }
-            bucket = self.next(bucket);
-        }
-        None
+        nat_protocol::find(self, index, k)
     }
 
     /// The forward entry of the connection leaving as `k` (egress's lookup).
@@ -409,9 +344,8 @@ impl SnatTable {
     pub fn index_len(&self, index: Index) -> usize {
         (0..self.buckets())
             .map(|bucket| {
-                let b = self.bucket(index, bucket);
                 (0..NAT_WAYS)
-                    .filter(|&way| self.tag(b, way) & TAG_VALID != 0)
+                    .filter(|&way| nat_protocol::tag(self, index, bucket, way) & TAG_VALID != 0)
                     .count()
             })
             .sum()
@@ -447,44 +381,12 @@ impl SnatTable {
     /// the programs may have changed since (a SYN reopening a closed connection, a packet
     /// refreshing it). The remaining window is this re-check to the indexes' update.
     pub fn unindex_if(&self, rec: u32, still: impl FnOnce(&NatRecord) -> bool) -> bool {
-        let Some(r) = self.record(rec) else {
-            return false;
-        };
-        if r.state != REC_USED || !still(&r) {
-            return false;
-        }
-        self.unindex_way(Index::Fwd, &r.fwd_key, rec);
-        self.unindex_way(Index::Rev, &r.rev_key, rec);
-        self.record_state(rec)
-            .compare_exchange(REC_USED, REC_DEAD, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    fn unindex_way(&self, index: Index, k: &Tuple, rec: u32) {
-        let pos = self.pos(index, k);
-        let mut bucket = pos.home;
-        for _ in 0..NAT_PROBE_BUCKETS {
-            let b = self.bucket(index, bucket);
-            for way in 0..NAT_WAYS {
-                if self.way_rec(b, way).load(Ordering::Acquire) == rec
-                    && self.set_ctrl_byte(b, way, Some(pos.tag), TAG_FREE)
-                {
-                    return;
-                }
-            }
-            bucket = self.next(bucket);
-        }
+        nat_protocol::unindex_if(self, rec, still)
     }
 
     /// Frees every dead record; returns how many.
     pub fn reclaim(&self) -> usize {
-        (0..self.capacity())
-            .filter(|&rec| {
-                self.record_state(rec)
-                    .compare_exchange(REC_DEAD, REC_FREE, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            })
-            .count()
+        nat_protocol::reclaim(self)
     }
 
     /// Sets the resolution of record `rec` (the agent's join with `conns`): `flags` ORed into
@@ -565,7 +467,7 @@ impl SnatTable {
     }
 
     fn claim(&self, index: Index, k: &Tuple) -> Result<Claim> {
-        let pos = self.pos(index, k);
+        let pos = TableMemory::pos(self, index, k);
         let home_lock = self.stripe(index, pos.home);
         if !self.lock(home_lock) {
             return Err(Error::TableBusy(index.name()));
@@ -577,14 +479,14 @@ impl SnatTable {
         let mut bucket = pos.home;
         let mut passed_busy = false;
         for _ in 0..NAT_PROBE_BUCKETS {
-            let b = self.bucket(index, bucket);
             let lock = self.stripe(index, bucket);
             let own = !std::ptr::eq(lock, home_lock);
             if !own || self.lock(lock) {
-                let way =
-                    (0..NAT_WAYS).find(|&way| self.set_ctrl_byte(b, way, Some(TAG_FREE), TAG_BUSY));
+                let way = (0..NAT_WAYS).find(|&way| {
+                    nat_protocol::set_ctrl_byte(self, index, bucket, way, Some(TAG_FREE), TAG_BUSY)
+                });
                 if way.is_none() {
-                    self.set_overflow(b);
+                    self.set_overflow(index, bucket);
                 }
                 if own {
                     lock.store(0, Ordering::Release);
@@ -600,10 +502,10 @@ impl SnatTable {
             } else {
                 // Its lock stayed taken: passed over, marked overflowed first so that lookups
                 // going on from it reach a way claimed further on (table.h).
-                self.set_overflow(b);
+                self.set_overflow(index, bucket);
                 passed_busy = true;
             }
-            bucket = self.next(bucket);
+            bucket = nat_protocol::next_bucket(self, bucket);
         }
         home_lock.store(0, Ordering::Release);
         if passed_busy {
@@ -614,22 +516,21 @@ impl SnatTable {
     }
 
     /// Sets a bucket's overflow flag (byte `NAT_WAYS` of its control word), unless set.
-    fn set_overflow(&self, b: *mut NatBucket) {
-        if !self.overflowed(b) {
-            self.set_ctrl_byte(b, NAT_WAYS, None, 1);
+    fn set_overflow(&self, index: Index, bucket: u32) {
+        if !nat_protocol::overflowed(self, index, bucket) {
+            nat_protocol::set_ctrl_byte(self, index, bucket, NAT_WAYS, None, 1);
         }
     }
 
     fn publish(&self, index: Index, c: &Claim, rec: u32) {
-        let b = self.bucket(index, c.bucket);
-        self.way_rec(b, c.way).store(rec, Ordering::Release);
-        self.set_ctrl_byte(b, c.way, None, c.tag);
+        self.way_rec(index, c.bucket, c.way)
+            .store(rec, Ordering::Release);
+        nat_protocol::set_ctrl_byte(self, index, c.bucket, c.way, None, c.tag);
         self.stripe(index, c.home).store(0, Ordering::Release);
     }
 
     fn unclaim(&self, index: Index, c: &Claim) {
-        let b = self.bucket(index, c.bucket);
-        self.set_ctrl_byte(b, c.way, None, TAG_FREE);
+        nat_protocol::set_ctrl_byte(self, index, c.bucket, c.way, None, TAG_FREE);
         self.stripe(index, c.home).store(0, Ordering::Release);
     }
 
@@ -658,6 +559,64 @@ impl SnatTable {
             // SAFETY: an element of the live locks mapping.
             unsafe { atomic(self.locks.element::<u32>(stripe)) }.store(0, Ordering::Release);
         }
+    }
+}
+
+impl TableMemory for SnatTable {
+    fn buckets(&self) -> u32 {
+        self.fwd.entries
+    }
+
+    fn capacity(&self) -> u32 {
+        self.records.entries
+    }
+
+    fn pos(&self, index: Index, k: &Tuple) -> NatPos {
+        match index {
+            Index::Fwd => self.pos_fwd(k),
+            Index::Rev => self.pos_rev(k),
+        }
+    }
+
+    fn ctrl_load(&self, index: Index, bucket: u32, order: Ordering) -> u64 {
+        self.ctrl(index, bucket).load(order)
+    }
+
+    fn ctrl_compare_exchange(
+        &self,
+        index: Index,
+        bucket: u32,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> std::result::Result<u64, u64> {
+        self.ctrl(index, bucket)
+            .compare_exchange(current, new, success, failure)
+    }
+
+    fn way_rec_load(&self, index: Index, bucket: u32, way: usize, order: Ordering) -> u32 {
+        self.way_rec(index, bucket, way).load(order)
+    }
+
+    fn state_load(&self, rec: u32, order: Ordering) -> u32 {
+        self.record_state(rec).load(order)
+    }
+
+    fn state_compare_exchange(
+        &self,
+        rec: u32,
+        current: u32,
+        new: u32,
+        success: Ordering,
+        failure: Ordering,
+    ) -> std::result::Result<u32, u32> {
+        self.record_state(rec)
+            .compare_exchange(current, new, success, failure)
+    }
+
+    fn record_copy(&self, rec: u32) -> Option<NatRecord> {
+        self.record(rec)
     }
 }
 

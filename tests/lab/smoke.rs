@@ -36,3 +36,31 @@ fn bpffs_and_tracefs_are_mounted() {
     assert!(mounts.contains(" /sys/fs/bpf bpf "), "{mounts}");
     assert!(mounts.contains("tracefs"), "{mounts}");
 }
+
+/// The staged agent (the image's stripped binary: amd64's, or arm64's in the arm64 lab) is an ELF
+/// for this machine and runs: `--version` names the crate's version.
+#[test]
+fn the_staged_agent_is_built_for_this_machine_and_runs() {
+    require_lab();
+    let path = lab::agent::agent_path();
+    let elf = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&elf[..4], b"\x7fELF", "{} is no ELF", path.display());
+    // e_machine, little-endian at offset 18: EM_X86_64 62, EM_AARCH64 183.
+    let machine = u16::from_le_bytes([elf[18], elf[19]]);
+    let expected = match std::env::consts::ARCH {
+        "x86_64" => 62,
+        "aarch64" => 183,
+        other => panic!("the lab runs x86_64 and aarch64, not {other}"),
+    };
+    assert_eq!(
+        machine,
+        expected,
+        "{} is built for machine {machine}",
+        path.display()
+    );
+    let out = sh(&format!("{} --version", path.display()));
+    assert!(
+        out.contains(env!("CARGO_PKG_VERSION")),
+        "--version printed {out:?}"
+    );
+}
