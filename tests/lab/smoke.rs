@@ -11,11 +11,13 @@ fn kernel_has_ipvs_with_module_btf() {
         std::path::Path::new("/sys/kernel/btf/ip_vs").exists(),
         "ip_vs module BTF missing"
     );
+    // The lab's kernel label is the version, with "-arm64" for Debian's arm64 kernels.
     let release = sh("uname -r");
+    let label = lab::lab_kernel();
+    let (version, arch) = label.split_once('-').unwrap_or((&label, ""));
     assert!(
-        release.starts_with(&lab::lab_kernel()),
-        "booted {release}, expected {}",
-        lab::lab_kernel()
+        release.starts_with(version) && release.ends_with(arch),
+        "booted {release}, expected {label}"
     );
 }
 
