@@ -758,14 +758,7 @@ pub async fn execute(r: Resolved) -> anyhow::Result<()> {
             }) {
                 tracing::warn!("{}", crate::logging::error_line(&e));
             }
-            crate::cli::run_kubernetes(
-                r.config,
-                crate::cli::RuntimeOptions {
-                    master: r.master,
-                    ..Default::default()
-                },
-            )
-            .await
+            crate::cli::run_kubernetes(r.config, r.master).await
         }
     }
 }
