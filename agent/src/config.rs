@@ -552,13 +552,21 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         check_kind(f)?;
     }
     check_unsupported(f)?;
-
-    let mode_ipvs = f.mode.as_deref() == Some("ipvs");
     let iptables = f.iptables.clone().unwrap_or_default();
     let ipvs = f.ipvs.clone().unwrap_or_default();
     let own = f.kube_ipvs_bpf.clone().unwrap_or_default();
+    file_node(f, &mut cfg)?;
+    file_model(f, &iptables, &ipvs, &own, &mut cfg)?;
+    file_sync(f, &iptables, &ipvs, &own, &mut cfg)?;
+    file_ipvs(&ipvs, &mut cfg)?;
+    file_datapath(&own, &mut cfg)?;
+    apply_overrides(&mut cfg, flags)?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
 
-    // Node identity.
+/// The node's identity, the listeners, the API server's kubeconfig and oomScoreAdj.
+fn file_node(f: &FileConfig, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
     let bind_ip = match non_empty(&f.bind_address) {
         Some(s) => Some(
             s.parse::<IpAddr>()
@@ -601,8 +609,17 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         }
         cfg.oom_score_adj = Some(adj);
     }
+    Ok(())
+}
 
-    // Model.
+/// The service model's settings.
+fn file_model(
+    f: &FileConfig,
+    iptables: &IptablesSection,
+    ipvs: &IpvsSection,
+    own: &OwnSection,
+    cfg: &mut AgentConfig,
+) -> Result<(), ConfigError> {
     if let Some(s) = non_empty(&f.cluster_cidr) {
         cfg.model.cluster_cidrs = cluster_cidrs("clusterCIDR", s)?;
     }
@@ -621,11 +638,19 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         cfg.model.proxy_name = Some(name.to_owned());
     }
     cfg.model.only_labelled_services = own.only_labelled_services.unwrap_or(false);
-    if let Some(d) = opt_duration("kubeIpvsBpf.nodeCheckPeriod", &own.node_check_period)? {
-        cfg.timing.node_check_period = d;
-    }
+    Ok(())
+}
 
-    // Sync loop.
+/// The sync loop's timing (the per-mode section's periods follow `mode`), the state
+/// directory and the NodePort range.
+fn file_sync(
+    f: &FileConfig,
+    iptables: &IptablesSection,
+    ipvs: &IpvsSection,
+    own: &OwnSection,
+    cfg: &mut AgentConfig,
+) -> Result<(), ConfigError> {
+    let mode_ipvs = f.mode.as_deref() == Some("ipvs");
     let (section, sync_key, min_key) = if mode_ipvs {
         (
             (&ipvs.sync_period, &ipvs.min_sync_period),
@@ -648,14 +673,20 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
     if let Some(d) = opt_duration("kubeIpvsBpf.drainTimeout", &own.drain_timeout)? {
         cfg.timing.drain_timeout = d;
     }
+    if let Some(d) = opt_duration("kubeIpvsBpf.nodeCheckPeriod", &own.node_check_period)? {
+        cfg.timing.node_check_period = d;
+    }
     if let Some(dir) = own.state_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
         cfg.state_dir = dir.clone();
     }
     if let Some(s) = non_empty(&own.node_port_range) {
         cfg.node_port_range = port_range("kubeIpvsBpf.nodePortRange", s)?;
     }
+    Ok(())
+}
 
-    // IPVS.
+/// kube-proxy's `ipvs` section, but the scheduler (the model's).
+fn file_ipvs(ipvs: &IpvsSection, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
     cfg.ipvs.timeouts = IpvsTimeouts {
         tcp: opt_duration("ipvs.tcpTimeout", &ipvs.tcp_timeout)?,
         tcp_fin: opt_duration("ipvs.tcpFinTimeout", &ipvs.tcp_fin_timeout)?,
@@ -682,8 +713,11 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         })?;
         cfg.ipvs.exclude_cidrs.push(net);
     }
+    Ok(())
+}
 
-    // Datapath.
+/// `kubeIpvsBpf.datapath` and `kubeIpvsBpf.iptablesBackend`.
+fn file_datapath(own: &OwnSection, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
     if let Some(s) = non_empty(&own.iptables_backend) {
         cfg.datapath.iptables_backend = value_enum("kubeIpvsBpf.iptablesBackend", s)?;
     }
@@ -721,10 +755,14 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
                 .map_err(|m| invalid("kubeIpvsBpf.datapath.sweepPeriod", format!("{s:?}: {m}")))?;
         }
     }
+    Ok(())
+}
 
-    apply_overrides(&mut cfg, flags)?;
-    validate(&cfg)?;
-    Ok(cfg)
+/// `slot` becomes the flag's value where the flag was given.
+fn over<T: Clone>(slot: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *slot = v.clone();
+    }
 }
 
 fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigError> {
@@ -742,51 +780,25 @@ fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigErr
         cfg.model.node_port_addresses =
             node_port_addresses("--nodeport-addresses", &o.node_port_addresses)?;
     }
-    if let Some(s) = &o.scheduler {
-        cfg.model.default_scheduler = s.clone();
-    }
-    if let Some(m) = o.masquerade_all {
-        cfg.model.masquerade_all = m;
-    }
+    over(&mut cfg.model.default_scheduler, &o.scheduler);
+    over(&mut cfg.model.masquerade_all, &o.masquerade_all);
     if let Some(p) = &o.proxy_name {
         cfg.model.proxy_name = Some(p.clone()).filter(|p| !p.is_empty());
     }
-    if let Some(d) = o.sync_period {
-        cfg.timing.sync_period = d;
-    }
-    if let Some(d) = o.min_sync_period {
-        cfg.timing.min_sync_period = d;
-    }
-    if let Some(d) = o.drain_timeout {
-        cfg.timing.drain_timeout = d;
-    }
-    if let Some(d) = o.sweep_period {
-        cfg.datapath.sweep_period = d;
-    }
-    if let Some(d) = &o.state_dir {
-        cfg.state_dir = d.clone();
-    }
-    if let Some(a) = o.healthz_bind_address {
-        cfg.listeners.healthz = a;
-    }
-    if let Some(a) = o.metrics_bind_address {
-        cfg.listeners.metrics = a;
-    }
+    over(&mut cfg.timing.sync_period, &o.sync_period);
+    over(&mut cfg.timing.min_sync_period, &o.min_sync_period);
+    over(&mut cfg.timing.drain_timeout, &o.drain_timeout);
+    over(&mut cfg.datapath.sweep_period, &o.sweep_period);
+    over(&mut cfg.state_dir, &o.state_dir);
+    over(&mut cfg.listeners.healthz, &o.healthz_bind_address);
+    over(&mut cfg.listeners.metrics, &o.metrics_bind_address);
     if let Some(k) = &o.kubeconfig {
         cfg.kubeconfig = Some(k.clone());
     }
-    if let Some(d) = o.node_check_period {
-        cfg.timing.node_check_period = d;
-    }
-    if let Some(b) = o.iptables_backend {
-        cfg.datapath.iptables_backend = b;
-    }
-    if let Some(k) = o.datapath {
-        cfg.datapath.kind = k;
-    }
-    if let Some(r) = &o.bpf_pin_root {
-        cfg.datapath.pin_root = r.clone();
-    }
+    over(&mut cfg.timing.node_check_period, &o.node_check_period);
+    over(&mut cfg.datapath.iptables_backend, &o.iptables_backend);
+    over(&mut cfg.datapath.kind, &o.datapath);
+    over(&mut cfg.datapath.pin_root, &o.bpf_pin_root);
     for (name, n) in &o.bpf_map_sizes {
         set_map_size(&mut cfg.datapath.map_sizes, "--bpf-map-size", name, *n)?;
     }

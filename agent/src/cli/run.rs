@@ -71,10 +71,64 @@ async fn run_resolved(
         tracing::warn!("setting oom_score_adj {adj}: {e}");
     }
     let node_name = hostname_or(cfg.node_name.clone());
+    let sync_cfg = sync_config(&cfg, &node_name);
+    tracing::info!(source = %source_name, node = %node_name, "starting");
+    // Before anything is loaded, attached or created: the kernel can run the datapath, and no
+    // other agent uses it. The lock is held until the process ends.
+    let _lock = match &sync_cfg.datapath {
+        Some(dp) => Some(datapath_preflight(dp)?),
+        None => None,
+    };
+
+    // A running kube-proxy holds its healthz and metrics ports: change nothing on the node
+    // until it is gone (docs/switching.md). A canary beside kube-proxy's iptables or nftables
+    // mode (only labelled Services) shares the node with it by design, on ports of its own.
+    if !cfg.model.only_labelled_services {
+        let kube_proxy_ports = [cfg.listeners.healthz, cfg.listeners.metrics];
+        if !crate::takeover::wait_for_kube_proxy(&kube_proxy_ports, shutdown_signal()).await {
+            return Ok(());
+        }
+    }
+
+    // Health and metrics first: a probe answers while the first sync is still coming.
+    let mut observers = start_listeners(&cfg).await?;
+
+    let snapshots = match source {
+        Source::File(path) => watch_path(path, Duration::from_secs(1)),
+        Source::Kubernetes => {
+            let kcfg = KubernetesSourceConfig {
+                kubeconfig: cfg.kubeconfig.clone(),
+                node_name: node_name.clone(),
+                master,
+            };
+            let client = kubernetes::client(&kcfg).await?;
+            observers.events = Some(std::sync::Arc::new(kubernetes::ServiceEvents::new(
+                client.clone(),
+                &node_name,
+            )));
+            // The first snapshot waits for complete lists of every kind: never sync a half
+            // listed state (it would delete what is missing).
+            tokio::select! {
+                r = kubernetes::watch(client, kcfg.node_name.clone()) => r?,
+                _ = shutdown_signal() => return Ok(()),
+            }
+        }
+    };
+    let port_watch = sync_cfg.datapath.clone();
+    let syncer = Syncer::start(sync_cfg).await?;
+    if let Some(dp) = port_watch {
+        watch_local_ports(&dp, cfg.timing.sync_period);
+    }
+    sync::run(syncer, snapshots, observers, shutdown_signal()).await
+}
+
+/// The sync loop's configuration: the parts of `cfg` it takes whole, and the datapath's
+/// (without one when `cfg` asks for IPVS alone).
+fn sync_config(cfg: &config::AgentConfig, node_name: &str) -> SyncConfig {
     let dp = &cfg.datapath;
-    let sync_cfg = SyncConfig {
+    SyncConfig {
         model: cfg.model.clone(),
-        node_name: node_name.clone(),
+        node_name: node_name.to_owned(),
         node_ips: cfg.node_ips.clone(),
         timing: cfg.timing,
         node_port_range: cfg.node_port_range.clone(),
@@ -96,26 +150,13 @@ async fn run_resolved(
         }),
         sweep_period: dp.sweep_period,
         ..SyncConfig::default()
-    };
-    tracing::info!(source = %source_name, node = %node_name, "starting");
-    // Before anything is loaded, attached or created: the kernel can run the datapath, and no
-    // other agent uses it. The lock is held until the process ends.
-    let _lock = match &sync_cfg.datapath {
-        Some(dp) => Some(datapath_preflight(dp)?),
-        None => None,
-    };
-
-    // A running kube-proxy holds its healthz and metrics ports: change nothing on the node
-    // until it is gone (docs/switching.md). A canary beside kube-proxy's iptables or nftables
-    // mode (only labelled Services) shares the node with it by design, on ports of its own.
-    if !cfg.model.only_labelled_services {
-        let kube_proxy_ports = [cfg.listeners.healthz, cfg.listeners.metrics];
-        if !crate::takeover::wait_for_kube_proxy(&kube_proxy_ports, shutdown_signal()).await {
-            return Ok(());
-        }
     }
+}
 
-    // Health and metrics first: a probe answers while the first sync is still coming.
+/// Starts the health and metrics servers (a failure to bind stops start-up only with
+/// `bindAddressHardFail`) and returns the observers of the sync loop, without its event
+/// recorder (the Kubernetes source's).
+async fn start_listeners(cfg: &config::AgentConfig) -> anyhow::Result<sync::Observers> {
     let families: Vec<metrics::IpFamily> = {
         let mut f: Vec<metrics::IpFamily> = cfg
             .model
@@ -162,41 +203,13 @@ async fn run_resolved(
         NodePortAddresses::AllLocal => Vec::new(),
         _ => cfg.node_ips.clone(),
     };
-    let mut observers = sync::Observers {
+    Ok(sync::Observers {
         health: health.clone(),
         metrics: metrics.clone(),
         health_checks: health::HealthCheckServers::new(health, hc_bind),
         changes: metrics::ChangeTracker::new(std::time::SystemTime::now()),
         events: None,
-    };
-
-    let snapshots = match source {
-        Source::File(path) => watch_path(path, Duration::from_secs(1)),
-        Source::Kubernetes => {
-            let kcfg = KubernetesSourceConfig {
-                kubeconfig: cfg.kubeconfig.clone(),
-                node_name: node_name.clone(),
-                master,
-            };
-            let client = kubernetes::client(&kcfg).await?;
-            observers.events = Some(std::sync::Arc::new(kubernetes::ServiceEvents::new(
-                client.clone(),
-                &node_name,
-            )));
-            // The first snapshot waits for complete lists of every kind: never sync a half
-            // listed state (it would delete what is missing).
-            tokio::select! {
-                r = kubernetes::watch(client, kcfg.node_name.clone()) => r?,
-                _ = shutdown_signal() => return Ok(()),
-            }
-        }
-    };
-    let port_watch = sync_cfg.datapath.clone();
-    let syncer = Syncer::start(sync_cfg).await?;
-    if let Some(dp) = port_watch {
-        watch_local_ports(&dp, cfg.timing.sync_period);
-    }
-    sync::run(syncer, snapshots, observers, shutdown_signal()).await
+    })
 }
 
 /// What `run` checks before it loads the datapath: the kernel's features (listed in the log;
