@@ -310,6 +310,33 @@ fn with_config_the_file_wins_and_ignored_flags_are_named() {
     assert_eq!(r.config.node_name.as_deref(), Some("from-file"));
 }
 
+/// The settings that are this binary's own flags (`run --datapath`, ...) have no kube-proxy
+/// flag: under kube-proxy's command line they come from `--config` alone, else the defaults.
+#[test]
+fn with_config_the_agents_own_settings_come_from_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = config_file(
+        dir.path(),
+        &format!(
+            "{KUBEADM_CONFIG}\nkubeIpvsBpf:\n  nodeCheckPeriod: 9s\n  iptablesBackend: nft\n  \
+             datapath:\n    kind: none\n    pinRoot: /sys/fs/bpf/kp/v2\n    mapSizes: {{snat: 512}}\n"
+        ),
+    );
+    let r = resolved(&["kube-proxy", &format!("--config={}", conf.display())]);
+    let dp = &r.config.datapath;
+    assert_eq!(r.config.timing.node_check_period, Duration::from_secs(9));
+    assert_eq!(dp.iptables_backend, config::IptablesBackend::Nft);
+    assert_eq!(dp.kind, config::DatapathKind::None);
+    assert_eq!(dp.pin_root, Path::new("/sys/fs/bpf/kp/v2"));
+    assert_eq!(dp.map_sizes.snat, 512);
+    let r = resolved(&["kube-proxy", "--proxy-mode=ipvs"]);
+    assert_eq!(r.config.datapath, config::DatapathSettings::default());
+    assert_eq!(
+        r.config.timing.node_check_period,
+        config::DEFAULT_NODE_CHECK_PERIOD
+    );
+}
+
 #[test]
 fn what_cannot_be_honoured_is_refused_by_flag_name() {
     for (flag, want) in [
