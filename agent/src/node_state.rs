@@ -14,9 +14,10 @@
 //! any nf_tables change ([`nftables_events`], the `NFNLGRP_NFTABLES` multicast group: prompt
 //! notice of a ruleset flush on nft-based iptables) or any change to `kube-ipvs0` (rtnetlink).
 //!
-//! The desired state depends on a [`NodeStatePhase`]: today there is only the normal one. The
-//! kube-proxy takeover (planned) will add a phase in which, e.g., `vs.conntrack` stays 1 while
-//! kube-proxy's MASQUERADE rules still serve connections.
+//! The desired state depends on a [`NodeStatePhase`]: the normal one, or the switch window from
+//! kube-proxy (docs/switching.md), in which the filter chain also accepts the connections
+//! kube-proxy opened (`ct state established,related`). The datapath follows the window's flag
+//! (`CFG_F_SWITCH`) into the phase at each check.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -26,14 +27,27 @@ use crate::datapath::{rules, sysctl};
 use crate::model::DUMMY_INTERFACE;
 use crate::node::{NodeError, Rtnl};
 
-/// Which set of node state the agent wants. Only the normal phase exists so far; a kube-proxy
-/// takeover phase (kube-proxy's rules and `vs.conntrack=1` left in place until its connections
-/// drain) is meant to be added here, changing [`DesiredNodeState::new`]'s result.
+/// Which set of node state the agent wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NodeStatePhase {
     /// This agent alone serves the node: every sysctl and rule of its own.
     #[default]
     Normal,
+    /// The switch window from kube-proxy is open (docs/switching.md): the normal state, and the
+    /// filter chain also accepts `ct state established,related` (the connections kube-proxy
+    /// opened, still tracked), as kube-proxy's KUBE-FORWARD did.
+    Switch,
+}
+
+impl NodeStatePhase {
+    /// The phase of a switch window open (`true`) or closed.
+    pub fn of_switch_window(open: bool) -> NodeStatePhase {
+        if open {
+            NodeStatePhase::Switch
+        } else {
+            NodeStatePhase::Normal
+        }
+    }
 }
 
 /// The part of the node state a repair touched: the `what` label of
@@ -128,13 +142,11 @@ impl DesiredNodeState {
         strict_arp: bool,
         rules: Option<RulesSpec>,
     ) -> DesiredNodeState {
-        match phase {
-            NodeStatePhase::Normal => DesiredNodeState {
-                phase,
-                sysctl_root,
-                sysctls: sysctl::owned(kernel, strict_arp),
-                rules,
-            },
+        DesiredNodeState {
+            phase,
+            sysctl_root,
+            sysctls: sysctl::owned(kernel, strict_arp),
+            rules,
         }
     }
 
@@ -155,7 +167,13 @@ impl DesiredNodeState {
             let families: &[bool] = if spec.ipv6 { &[false, true] } else { &[false] };
             for &ipv6 in families {
                 let family = if ipv6 { "IPv6" } else { "IPv4" };
-                match rules::repair(spec.backend, ipv6, spec.mark_svc, &spec.xt_svc_pin) {
+                match rules::repair(
+                    spec.backend,
+                    ipv6,
+                    spec.mark_svc,
+                    &spec.xt_svc_pin,
+                    self.phase == NodeStatePhase::Switch,
+                ) {
                     Ok(found) if found.is_empty() => {}
                     Ok(found) => report.repairs.push(Repair::new(
                         Part::Iptables,

@@ -307,7 +307,7 @@ impl Syncer {
         }
         // Before the first sync marks or translates anything: the connections kube-proxy's
         // conntrack holds to its virtual services (the node's IPVS services now) stay its own.
-        if let Some(dp) = &s.datapath {
+        if let Some(dp) = &mut s.datapath {
             let ports = match s.ipvs.services().await {
                 Ok(services) => services
                     .iter()
@@ -962,6 +962,13 @@ pub async fn run(
         }
         None => None,
     };
+    // The takeover's last step (docs/switching.md): kube-proxy's chains and ipsets go once this
+    // agent serves the node. Never in a canary beside kube-proxy (labelled Services only), nor
+    // without the datapath (nothing of this agent's would stand in for kube-proxy's rules).
+    // After the first successful sync; a failed step (an ipset someone else's rule uses) is
+    // retried at full resyncs only.
+    let mut kube_proxy_state_left = syncer.datapath.is_some() && !cfg.model.only_labelled_services;
+    let mut kube_proxy_state_tried = false;
     let mut pending = true;
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
@@ -1074,6 +1081,14 @@ pub async fn run(
                         phases = %serde_json::to_string(&r.phases).unwrap_or_default(),
                         "sync done"
                     );
+                }
+                if kube_proxy_state_left && (full || !kube_proxy_state_tried) {
+                    kube_proxy_state_tried = true;
+                    kube_proxy_state_left = !crate::takeover::remove_kube_proxy_state(
+                        cfg.node_port_range.clone(),
+                        cfg.ipvs.exclude_cidrs.clone(),
+                    )
+                    .await;
                 }
             }
             Err(e) => {

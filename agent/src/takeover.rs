@@ -1,8 +1,10 @@
 //! Taking a node over from a running kube-proxy (docs/switching.md, "Order of the takeover"):
 //! while another process holds kube-proxy's healthz or metrics port, kube-proxy is taken to be
 //! running, and the agent changes nothing on the node (a running kube-proxy rewrites its chains
-//! on every sync and may set `vs.conntrack` back). This module owns that wait, and which
-//! connections kube-proxy left tracked stay its own until they end ([`old_flow_tuples`]).
+//! on every sync and may set `vs.conntrack` back). This module owns that wait, which
+//! connections kube-proxy left tracked stay its own until they end ([`old_flow_tuples`]), and
+//! the removal of kube-proxy's chains, ipsets and nf_tables tables once the agent serves the
+//! node ([`remove_kube_proxy_state`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +58,54 @@ pub fn open_flow_tuples(entry: &CtEntry) -> Vec<(Tuple, u32)> {
     .filter_map(tuple_of)
     .map(|t| (t, entry.id))
     .collect()
+}
+
+/// Step 4 of the takeover (docs/switching.md): removes what `cleanup --kube-proxy --keep-ipvs`
+/// removes (kube-proxy's iptables chains and the jumps to them, its ipsets, its nf_tables
+/// tables), never IPVS services or `kube-ipvs0`, which the agent adopted in place. Called once
+/// the agent serves the node (after its first sync: kube-proxy gone, the agent's rules written,
+/// its programs attached). The old connections need none of it: their NAT lives in their
+/// conntrack entries, and the switch window's filter accept stands in for `KUBE-FORWARD`.
+/// What was removed is logged once, at info; a node with nothing of kube-proxy's logs nothing.
+/// Returns whether every step succeeded (a failed one is logged; the sync loop tries again at
+/// its next full resync).
+pub async fn remove_kube_proxy_state(
+    node_port_range: std::ops::RangeInclusive<u16>,
+    ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
+) -> bool {
+    let opts = crate::cleanup::CleanupOptions {
+        keep_ipvs: true,
+        node_port_range,
+        ipvs_exclude_cidrs,
+        ..crate::cleanup::CleanupOptions::default()
+    };
+    let report = match crate::cleanup::cleanup_kube_proxy(&opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("removing kube-proxy's chains and ipsets: {e}");
+            return false;
+        }
+    };
+    if !report.removed.is_empty() {
+        let count = |kind: &str| report.removed.iter().filter(|r| r.kind == kind).count();
+        tracing::info!(
+            iptables_chains = count("iptables chain"),
+            iptables_rules = count("iptables rule"),
+            ipsets = count("ipset"),
+            nft_tables = count("nft table"),
+            removed = %report
+                .removed
+                .iter()
+                .map(|r| format!("{} {}", r.kind, r.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            "removed kube-proxy's chains and ipsets (IPVS services and kube-ipvs0 adopted in place)"
+        );
+    }
+    for e in &report.errors {
+        tracing::warn!("removing kube-proxy's chains and ipsets: {e}");
+    }
+    report.is_ok()
 }
 
 /// How often the ports are tried.

@@ -253,7 +253,7 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             } else {
                 "iptables-nft-save"
             };
-            rules::missing(&sh(&format!("{tool} -t raw; {tool} -t filter")))
+            rules::missing(&sh(&format!("{tool} -t raw; {tool} -t filter")), false)
         };
 
         // Start wrote everything: nothing to repair.
@@ -346,6 +346,67 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             let line = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}} {n}");
             assert!(text.contains(&line), "{line} not in:\n{text}");
         }
+    })
+    .expect("a network namespace");
+}
+
+/// The switch window from kube-proxy (docs/switching.md): while `CFG_F_SWITCH` is set the
+/// filter chain also accepts `ct state established,related` (both families), the node check
+/// follows the flag both ways without counting it as a repair, a flush during the window brings
+/// the accept back with the rest, and an agent restarted during the window writes it at start.
+#[test]
+fn the_filter_chain_accepts_established_connections_only_while_the_switch_window_is_open() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("switch");
+    in_netns(|| {
+        let accept = format!(
+            "-A KUBE-IPVS-BPF-FILTER -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{}\" -j ACCEPT",
+            rules::SWITCH_ACCEPT
+        );
+        let has_accept = |ipv6: bool| {
+            let tool = if ipv6 {
+                "ip6tables-nft-save"
+            } else {
+                "iptables-nft-save"
+            };
+            sh(&format!("{tool} -t filter")).lines().any(|l| l == accept)
+        };
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        let maps = probes::DatapathMaps::open_pinned(&scratch.root.join("v2")).expect("the pins");
+        assert!(!has_accept(false) && !has_accept(true));
+
+        // The window opens (as `seed` does): the next check adds the accept, not a repair.
+        maps.set_switch_window(true).expect("open the window");
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+        assert!(has_accept(false) && has_accept(true));
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+
+        // A firewall reload during the window: the accept comes back with the rest.
+        sh("nft flush ruleset");
+        let r = dp.repair_node();
+        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert!(has_accept(false) && has_accept(true));
+
+        // An agent restarted during the window writes it at start.
+        drop(dp);
+        sh("nft flush ruleset");
+        let mut dp = Datapath::start(scratch.config()).expect("restart the datapath");
+        assert!(has_accept(false) && has_accept(true));
+
+        // The window closes (the sweeper's refresh): the next check drops it.
+        maps.set_switch_window(false).expect("close the window");
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+        assert!(!has_accept(false) && !has_accept(true));
+        let save = sh("iptables-nft-save -t filter");
+        assert!(
+            save.contains("-A KUBE-IPVS-BPF-FILTER -m mark --mark"),
+            "the chain's own rule stays:\n{save}"
+        );
     })
     .expect("a network namespace");
 }

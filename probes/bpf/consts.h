@@ -155,6 +155,7 @@ enum flow_cache_geometry {
 enum nat_dir {
 	NAT_SRC = 0, /* egress: rewrite the source */
 	NAT_DST = 1, /* ingress: rewrite the destination */
+	FLOW_VERDICT_EGRESS = 2,  /* egress: nothing to do, for packets with the same service marks */
 	FLOW_VERDICT_INGRESS = 3, /* ingress: set these mark bits and count this counter */
 };
 

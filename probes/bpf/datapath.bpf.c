@@ -136,6 +136,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct svc_value *svc;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
+	__u32 index, gen = 0;
 	__u64 now_jiffies;
 	__u8 bits;
 	int ret;
@@ -163,13 +164,17 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	bits = pkt_state_bits(&p) | STATE_REPLY;
 	now_jiffies = bpf_jiffies64();
 	cs = scratch_get();
-	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
+	index = flow_index(&key);
+	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
 		skb->mark |= cfg->mark_svc;
 		stat_inc(STAT_REV_HIT);
 		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port, cs) ? TC_ACT_SHOT
 										 : TC_ACT_UNSPEC;
 	}
+	/* Before the lookup whose miss a verdict records (flow_cache.h, flow_gen). */
+	if (slot)
+		gen = flow_gen_read(index);
 	e = snat_rev_lookup(cfg, &key);
 	if (e) {
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
@@ -193,8 +198,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		stat_inc(STAT_REPLY_MARKED);
 		if (slot) {
 			tuple_from_pkt(&p, &key);
-			flow_verdict_fill(slot, &key, cfg->mark_svc,
-					  STAT_REPLY_MARKED, now_jiffies);
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc, 0,
+					  STAT_REPLY_MARKED, gen, now_jiffies);
 		}
 		return TC_ACT_UNSPEC;
 	}
@@ -219,8 +224,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		skb->mark |= bits;
 		stat_inc(STAT_SVC_MARKED);
 		if (slot)
-			flow_verdict_fill(slot, &key, bits, STAT_SVC_MARKED,
-					  now_jiffies);
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, 0, STAT_SVC_MARKED,
+					  gen, now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -231,16 +236,13 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 unmarked:
 	/*
-	 * Not service traffic (or open before the switch): its next packets pass at once, if it
-	 * cannot be the reply of a translation made later (by another CPU, or before its first
-	 * reply: a UDP reply is no SYN). Those go to a SNAT port or to a client's own port kept
-	 * (snat_allocate()), both outside the local port range; a reply to a local port is safe.
+	 * Not service traffic (or open before the switch): its next packets pass at once, until a
+	 * translation whose replies are this flow is made (by another CPU, or before its first
+	 * reply: a UDP reply is no SYN): that bumps flow_gen on this index and ends the verdict.
 	 */
-	if (slot && bpf_ntohs(p.dport) >= cfg->local_port_min &&
-	    bpf_ntohs(p.dport) <= cfg->local_port_max)
-		flow_verdict_fill(slot, &key, 0, STAT_MAX, now_jiffies);
-	else if (slot)
-		flow_verdict_forget(slot, &key);
+	if (slot)
+		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, gen,
+				  now_jiffies);
 	return TC_ACT_UNSPEC;
 dropped:
 	/* A verdict the slot may still hold for this tuple is over. */
@@ -329,6 +331,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct nat_pos fwd_pos;
 	const __u8 *node_addr;
 	__u32 ifindex = skb->ifindex;
+	__u32 index, gen = 0;
 	__u64 now_jiffies;
 	__u8 bits;
 	__u64 now;
@@ -347,12 +350,16 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	bits = pkt_state_bits(&p);
 	now_jiffies = bpf_jiffies64();
 	cs = scratch_get();
-	slot = p.frag == FRAG_NONE ? flow_cache_slot(&key) : NULL;
+	index = flow_index(&key);
+	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_SRC, bits, now_jiffies)) {
 		stat_inc(STAT_FWD_HIT);
 		return nat_commit(skb, &p, NAT_SRC, slot->addr, slot->port, cs) ? TC_ACT_SHOT
 										 : TC_ACT_UNSPEC;
 	}
+	/* Before the lookup whose miss a verdict records (flow_cache.h, FLOW_VERDICT_EGRESS). */
+	if (slot)
+		gen = flow_gen_read(index);
 	fwd_pos = nat_pos_fwd(cfg, &key);
 	r = record_at(snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag));
 	e = record_entry(r, NAT_INDEX_FWD);
@@ -374,7 +381,15 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 
 	/* 2. Does this connection need SNAT? Not one open before the switch from kube-proxy. */
 	flags = snat_reason(&p, skb->mark, cfg);
-	if (!flags || switch_exempt(cfg, &p, &key))
+	if (!flags) {
+		__u32 mask = cfg->mark_svc | cfg->mark_masq;
+
+		if (slot)
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_EGRESS, skb->mark & mask, mask, 0,
+					  gen, now_jiffies);
+		return TC_ACT_UNSPEC;
+	}
+	if (switch_exempt(cfg, &p, &key))
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */
@@ -405,6 +420,12 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		return TC_ACT_SHOT;
 	}
 	if (ret == ALLOC_NEW) {
+		/*
+		 * Published: ends every CPU's verdicts on the indexes of its two tuples (egress "no
+		 * SNAT"; ingress "not ours" on its replies).
+		 */
+		flow_gen_bump(index);
+		flow_gen_bump(flow_index(&cs->rev_key));
 		stat_inc(STAT_SNAT_ALLOC);
 		if (entry.flags & SNAT_F_PORT_KEPT)
 			stat_inc(STAT_SNAT_PORT_REUSE);

@@ -11,9 +11,17 @@
  *   - FLOW_VERDICT_INGRESS: the mark bits the flow's packets get (verdict_bits) and the counter
  *     they count (verdict_stat, STAT_MAX: none): service packets, replies of untranslated service
  *     connections, and traffic that is none of the agent's (no bits, no counter);
- * Egress keeps no verdict: a "no SNAT" decided for one packet's marks could outlive the
- * translation another packet of the flow (other marks, another CPU) makes, and a connection in
- * snat_fwd must always leave translated (the bounded fuzzer showed it).
+ *   - FLOW_VERDICT_EGRESS: the flow needs no SNAT (no snat_fwd record, snat_reason() 0) for
+ *     packets whose service marks (skb->mark & verdict_mask) are verdict_bits.
+ * Both hold only while the flow_gen counter of the slot's index is the one the general path read
+ * before the table lookup (snat_fwd, snat_rev) whose miss the verdict records. A connection in
+ * snat_fwd must always leave translated and its replies in snat_rev must come back translated,
+ * and the record can be made by a packet of the flow with other marks, on another CPU (whose
+ * slot is its own) or on the fragment path (no slot): every record egress creates bumps flow_gen
+ * at the indexes of both its tuples after it is published, and the filler read the counter
+ * with a fully ordered atomic before its lookup, so either that lookup saw the record or the
+ * verdict is stale at its next use. (The bounded fuzzer found both races when verdicts had no
+ * counter.)
  * A verdict is what the general path answers from the tuple, the marks and the agent's maps, so it
  * holds until those maps change: like a translation, a slot lives FLOW_CACHE_TTL_JIFFIES, so a
  * change to Services, service addresses, source ranges, cluster CIDRs or devices reaches the
@@ -62,12 +70,36 @@ static __always_inline __u8 addr_family(const __u8 a[ADDR_LEN])
 	return (w[0] | w[1]) == 0 && w[2] == V4_MAPPED_WORD2 ? 4 : 6;
 }
 
-static __always_inline struct flow_slot *flow_cache_slot(const struct tuple *t)
+/* The flow_cache (and flow_gen) index of tuple t. */
+static __always_inline __u32 flow_index(const struct tuple *t)
 {
-	__u32 index = flow_hash(addr_fold(t->saddr), addr_fold(t->daddr),
-				*(const __u32 *)&t->sport, t->proto);
+	return flow_hash(addr_fold(t->saddr), addr_fold(t->daddr), *(const __u32 *)&t->sport,
+			 t->proto);
+}
 
+static __always_inline struct flow_slot *flow_cache_slot(__u32 index)
+{
 	return bpf_map_lookup_elem(&flow_cache, &index);
+}
+
+/*
+ * The flow_gen counter of an index, read fully ordered (a fetch-add of 0: BPF has no acquire
+ * load on 6.1/6.12), before the table lookup whose miss an egress verdict records.
+ */
+static __always_inline __u32 flow_gen_read(__u32 index)
+{
+	__u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
+
+	return gen ? __sync_fetch_and_add(gen, 0) : 0;
+}
+
+/* Ends every CPU's egress verdicts on index: a SNAT record was just published for one of its tuples. */
+static __always_inline void flow_gen_bump(__u32 index)
+{
+	__u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
+
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
 }
 
 /*
@@ -144,23 +176,28 @@ static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tup
 
 /* The words of a verdict slot that hold, in a translation slot, the translated address. */
 #define SLOT_VERDICT_BITS 10
-#define SLOT_VERDICT_STAT 12
+#define SLOT_VERDICT_MASK 11 /* egress */
+#define SLOT_VERDICT_STAT 12 /* ingress */
+#define SLOT_VERDICT_GEN 13
 
 /*
- * Records in t's slot the general path's ingress verdict (FLOW_VERDICT_INGRESS): the mark bits
- * t's packets get and the counter they count.
+ * Records in t's slot a verdict of the general path (kind FLOW_VERDICT_*): ingress, the mark
+ * bits t's packets get and the counter they count (stat); egress, the service marks it holds for
+ * (bits) and their mask; both, the flow_gen counter of t's index read before the table lookup
+ * whose miss the verdict records.
  */
 static __always_inline void flow_verdict_fill(struct flow_slot *s, const struct tuple *t,
-					      __u32 bits, __u32 stat, __u64 now_jiffies)
+					      __u8 kind, __u32 bits, __u32 mask, __u32 stat,
+					      __u32 gen, __u64 now_jiffies)
 {
 	__u32 *a = (__u32 *)s;
 
-	flow_slot_set_key(s, t, FLOW_VERDICT_INGRESS, now_jiffies);
+	flow_slot_set_key(s, t, kind, now_jiffies);
 	s->state = 0;
 	a[SLOT_VERDICT_BITS] = bits;
-	a[11] = 0;
+	a[SLOT_VERDICT_MASK] = mask;
 	a[SLOT_VERDICT_STAT] = stat;
-	a[13] = 0;
+	a[SLOT_VERDICT_GEN] = gen;
 }
 
 /* Empties t's slot when it holds t's ingress verdict: the general path decided otherwise. */
@@ -183,7 +220,9 @@ enum fast_result {
  *   - a translation (when nat_ok: the nat_write programs are there), for a packet that carries no
  *     FIN or RST either (no state bit to record, no last-seen refresh: the slot is younger than
  *     its TTL): the translation is put in skb->cb for nat_write (FAST_JOB_*): FAST_NAT;
- *   - on ingress, a verdict: the packet gets its mark bits and counts its counter: FAST_DONE.
+ *   - a verdict: on ingress the packet gets its mark bits and counts its counter; on egress it
+ *     passes if its service marks are the slot's and no record was made on the slot's index
+ *     since (flow_gen): FAST_DONE.
  * Anything else is FAST_MISS.
  */
 static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 dir, int nat_ok)
@@ -255,7 +294,19 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
 		return FAST_MISS;
 	tag = w[9] & SLOT_TAG_MASK;
+	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family)) {
+		const __u32 *gen;
+
+		if ((skb->mark & w[SLOT_VERDICT_MASK]) != w[SLOT_VERDICT_BITS])
+			return FAST_MISS;
+		gen = bpf_map_lookup_elem(&flow_gen, &index);
+		return gen && *gen == w[SLOT_VERDICT_GEN] ? FAST_DONE : FAST_MISS;
+	}
 	if (dir == NAT_DST && tag == SLOT_TAG(proto, FLOW_VERDICT_INGRESS, family)) {
+		const __u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
+
+		if (!gen || *gen != w[SLOT_VERDICT_GEN])
+			return FAST_MISS;
 		skb->mark |= w[SLOT_VERDICT_BITS];
 		if (w[SLOT_VERDICT_STAT] < STAT_MAX)
 			stat_inc(w[SLOT_VERDICT_STAT]);

@@ -181,6 +181,20 @@ struct {
 } cpu_scratch SEC(".maps");
 
 /*
+ * Shared by all CPUs: per flow_cache index, a counter bumped (fully ordered, after the record is
+ * published) each time egress creates a SNAT record for a tuple of that index. An egress verdict
+ * ("no SNAT") records the counter it read before its table lookup missed, and holds only while
+ * the counter is unchanged: a translation made by another CPU, or by the fragment path, ends
+ * every CPU's verdicts on that index (flow_cache.h).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} flow_gen SEC(".maps");
+
+/*
  * Slot 0: nat_write_egress / nat_write_ingress, set by the loader when the kernel has
  * bpf_cast_to_kern_ctx (6.2+); one array per direction because a program array only takes
  * programs of its first user's attach type (TCX ingress vs egress). Not pinned: when the agent

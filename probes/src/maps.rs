@@ -160,15 +160,19 @@ pub mod map_names {
     /// `cpu_scratch`: per-CPU hand-off to `nat_write_*`, clock cache, port and record
     /// allocation state.
     pub const CPU_SCRATCH: &str = "cpu_scratch";
+    /// `flow_gen`: per `flow_cache` index, a counter of the SNAT records egress created for its
+    /// tuples (shared by all CPUs); egress "no SNAT" verdicts hold while it is unchanged.
+    pub const FLOW_GEN: &str = "flow_gen";
     /// `nat_writers_egress`: program array, slot 0 `nat_write_egress`.
     pub const NAT_WRITERS_EGRESS: &str = "nat_writers_egress";
     /// `nat_writers_ingress`: program array, slot 0 `nat_write_ingress`.
     pub const NAT_WRITERS_INGRESS: &str = "nat_writers_ingress";
     /// The datapath object's own maps: never pinned, each loaded object has its own (the
     /// kernel empties the program arrays when the agent that loaded them exits).
-    pub const PER_OBJECT: [&str; 4] = [
+    pub const PER_OBJECT: [&str; 5] = [
         FLOW_CACHE,
         CPU_SCRATCH,
+        FLOW_GEN,
         NAT_WRITERS_EGRESS,
         NAT_WRITERS_INGRESS,
     ];
@@ -697,8 +701,9 @@ pub struct FlowSlot {
     pub dport: Be16,
     /// Its IP protocol number.
     pub proto: u8,
-    /// 0: source (egress), 1: destination (ingress); 3: an ingress verdict without translation
-    /// (flow_cache.h), whose mark bits and counter are in the first and third words of `addr`.
+    /// 0: source (egress), 1: destination (ingress); 2 and 3: an egress or ingress verdict
+    /// without translation (flow_cache.h), in the first three words of `addr` (egress: service
+    /// marks, their mask, `flow_gen` counter; ingress: mark bits, 0, counter).
     pub dir: u8,
     /// 4 or 6; 0: empty.
     pub family: u8,

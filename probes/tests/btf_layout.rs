@@ -322,6 +322,7 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::SWITCH_FLOWS => (size_of::<Tuple>(), size_of::<SwitchFlow>()),
             map_names::FLOW_CACHE => (4, size_of::<FlowSlot>()),
             map_names::CPU_SCRATCH => (4, size_of::<CpuScratch>()),
+            map_names::FLOW_GEN => (4, 4),
             map_names::NAT_WRITERS_EGRESS | map_names::NAT_WRITERS_INGRESS => (4, 4),
             other => panic!("unexpected map {other}"),
         }

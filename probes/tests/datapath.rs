@@ -346,7 +346,7 @@ both_families!(flow_cache_serves_established_packets_until_its_ttl);
 /// that is not a service's and goes to a local port). Shown by changing the maps under an
 /// established flow: its next packets keep the verdict (and count their counter), a SYN goes by
 /// the maps and replaces it, and after FLOW_CACHE_TTL_JIFFIES every packet does. Egress keeps
-/// none: a flow's next packet goes by the maps.
+/// "no SNAT" verdicts for packets with the same service marks (FLOW_VERDICT_EGRESS).
 fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, name: &str) {
     let fx = Fixture::new(name);
     // Ingress, traffic that is none of the agent's, to a local port: passes unmarked, and keeps
@@ -381,13 +381,16 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
         "a SYN goes by the maps"
     );
     assert_eq!(fx.ingress(&reply, 0).mark, SVC, "new verdict");
-    // Traffic to another port could be the reply of a translation made next: never kept.
+    // So does such traffic to any other port (a translation made later ends it: flow_gen) ...
+    let syn = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_SYN);
     let ack = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
     let fin = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK | TCP_FIN);
     assert!(!in_local_range(VIP_PORT));
     assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
-    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1 | SVC | MASQ, "by the maps");
+    assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1, "verdict kept");
+    // ... until a SYN goes by the maps.
+    assert_eq!(fx.ingress(&syn, 0x1).mark, 0x1 | SVC | MASQ, "by the maps");
     // The Service gone: its established flow keeps its marks (and counts them), FIN included.
     fx.dp
         .maps()
@@ -402,21 +405,34 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
     assert_eq!(fx.ingress(&ack, 0x1).mark, 0x1 | SVC | MASQ, "verdict kept");
     assert_eq!(fx.ingress(&fin, 0).mark, SVC | MASQ, "FIN too");
 
-    // Egress keeps no verdict: untranslated service traffic to an in-cluster backend passes, and
-    // the next packet of the flow goes by the maps at once (its source became a service address:
-    // host-originated SNAT).
+    // Egress keeps its "no SNAT" verdict for packets with the same service marks: untranslated
+    // service traffic to an in-cluster backend passes, and keeps passing when its source becomes
+    // a service address (host-originated SNAT, by the maps) ...
     let fwd_syn = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
     let fwd_ack = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
     assert_eq!(fx.egress(&fwd_syn, SVC).packet, fwd_syn);
+    assert_eq!(fx.egress(&fwd_ack, SVC).packet, fwd_ack);
     add_service_address(&fx, client(f));
+    assert_eq!(
+        fx.egress(&fwd_ack, SVC).packet,
+        fwd_ack,
+        "egress verdict kept"
+    );
+    // ... but a packet with other marks goes by the maps (and its translation is the flow's).
+    let out = fx.egress(&fwd_ack, 0);
+    assert_eq!(
+        check_frame(&out.packet).src,
+        node(f),
+        "other marks: by the maps"
+    );
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(entry.flags, SNAT_F_HOST);
     let out = fx.egress(&fwd_ack, SVC);
     assert_eq!(
         check_frame(&out.packet).src,
         node(f),
-        "egress goes by the maps"
+        "the flow is translated now"
     );
-    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!(entry.flags, SNAT_F_HOST);
 
     // Past the TTL (at most 2.56 s, at HZ=100) every packet goes by the maps.
     std::thread::sleep(std::time::Duration::from_millis(2700));
@@ -427,10 +443,112 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
             (Counter::ReplyMarked, 2),
             (Counter::SvcMarked, 3),
             (Counter::SnatAlloc, 1),
+            (Counter::FwdHit, 1),
         ],
     );
 }
 both_families!(flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl);
+
+/// An egress "no SNAT" verdict is per CPU, but the translation a packet of the same flow gets on
+/// another CPU (other marks) ends it at once (flow_gen, flow_cache.h): a connection in snat_fwd
+/// always leaves translated. (The bounded fuzzer found this race when verdicts had no counter.)
+fn egress_verdict_ends_when_another_cpu_translates_the_flow(f: Family, name: &str) {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs two CPUs, this process may use {cpus:?}");
+        return;
+    }
+    let fx = Fixture::new(name);
+    let syn = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
+    let ack = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
+    std::thread::scope(|scope| {
+        let on = |cpu: usize, packet: &[u8], mark: u32| {
+            let (fx, packet) = (&fx, packet.to_vec());
+            scope
+                .spawn(move || {
+                    pin_to(cpu);
+                    fx.egress(&packet, mark).packet
+                })
+                .join()
+                .expect("test thread")
+        };
+        // CPU A: the flow needs no SNAT with the service mark; its verdict is kept even when the
+        // maps change (the source becomes a service address) ...
+        assert_eq!(on(cpus[0], &syn, SVC), syn);
+        assert_eq!(on(cpus[0], &ack, SVC), ack);
+        add_service_address(&fx, client(f));
+        assert_eq!(on(cpus[0], &ack, SVC), ack, "CPU A keeps its verdict");
+        // ... until CPU B translates a packet of the flow without the mark.
+        let out = on(cpus[1], &ack, 0);
+        assert_eq!(check_frame(&out).src, node(f), "CPU B: by the maps");
+        let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+        let out = on(cpus[0], &ack, SVC);
+        let seen = check_frame(&out);
+        assert_eq!(
+            (seen.src, seen.sport()),
+            (entry.address(), entry.port.get()),
+            "CPU A translates the flow as snat_fwd says"
+        );
+    });
+}
+both_families!(egress_verdict_ends_when_another_cpu_translates_the_flow);
+
+/// An ingress "not ours" verdict is per CPU too, and the translation another CPU makes whose
+/// replies are that flow ends it at once (flow_gen, bumped at both tuples' indexes): the replies
+/// of a connection in snat_rev always come back translated, UDP (whose first reply is no SYN)
+/// included, on any port.
+fn ingress_verdict_ends_when_another_cpu_translates_its_flow(f: Family, name: &str) {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs two CPUs, this process may use {cpus:?}");
+        return;
+    }
+    let fx = Fixture::new(name);
+    // A client port outside the local range is kept by the translation, so the reply's tuple is
+    // known before it is made.
+    const KEPT_PORT: u16 = 20000;
+    assert!(!in_local_range(KEPT_PORT));
+    let request = udp(client(f), KEPT_PORT, backend(f), BACKEND_PORT, b"request");
+    let reply = udp(backend(f), BACKEND_PORT, node(f), KEPT_PORT, b"reply");
+    std::thread::scope(|scope| {
+        let on = |cpu: usize, egress: bool, packet: &[u8], mark: u32| {
+            let (fx, packet) = (&fx, packet.to_vec());
+            scope
+                .spawn(move || {
+                    pin_to(cpu);
+                    if egress {
+                        fx.egress(&packet, mark)
+                    } else {
+                        fx.ingress(&packet, mark)
+                    }
+                })
+                .join()
+                .expect("test thread")
+        };
+        // CPU A: the reply tuple is none of the agent's (twice: the second is the verdict's).
+        for _ in 0..2 {
+            let out = on(cpus[0], false, &reply, 0);
+            assert_eq!((out.packet.as_slice(), out.mark), (reply.as_slice(), 0));
+        }
+        // CPU B: the request is masqueraded, to the node's address and the client's own port.
+        let out = on(cpus[1], true, &request, MASQ);
+        let seen = check_frame(&out.packet);
+        assert_eq!(
+            (seen.src, seen.sport()),
+            (node(f), KEPT_PORT),
+            "CPU B translates"
+        );
+        // CPU A: the reply now comes back to the client.
+        let out = on(cpus[0], false, &reply, 0);
+        let seen = check_frame(&out.packet);
+        assert_eq!(
+            (seen.dst, seen.dport(), out.mark),
+            (client(f), KEPT_PORT, SVC),
+            "CPU A reverse-translates the reply"
+        );
+    });
+}
+both_families!(ingress_verdict_ends_when_another_cpu_translates_its_flow);
 
 /// A verdict is forgotten when the general path drops a packet of its flow: a Service given
 /// loadBalancerSourceRanges that exclude an established flow's client drops the flow's next SYN,

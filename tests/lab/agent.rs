@@ -8,10 +8,16 @@ use std::time::{Duration, Instant};
 use lab::agent::{Agent, Manifests, ops_issued, service_yaml, slice_yaml};
 use lab::ipvsadm;
 use lab::topology::SnatTopology;
-use lab::traffic::{HeldConnection, Server, seen_source, tcp_request};
+use lab::traffic::{
+    HeldConnection, Server, seen_source, tcp_request, udp_request, udp_request_from,
+};
 use lab::{Netns, Topology, require_lab};
 
 fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn ip4(s: &str) -> std::net::Ipv4Addr {
     s.parse().expect("ip")
 }
 
@@ -733,6 +739,377 @@ fn a_connection_kube_proxy_masqueraded_survives_the_switch() {
             .as_str()
             .is_some_and(|m| m.starts_with("node fully switched from kube-proxy"))
     });
+}
+
+/// `OutRsts` of `ns`'s TCP MIB (`/proc/net/snmp`): the RSTs its stack has sent.
+fn tcp_out_rsts(ns: &Netns) -> u64 {
+    let snmp = ns.sh("cat /proc/net/snmp");
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "OutRsts")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("OutRsts in /proc/net/snmp")
+}
+
+/// IPVS's per-service counters (`ipvsadm -Ln --stats --exact`): "TCP 10.96.0.60:80" →
+/// (connections, packets in). The kernel zeroes them when a service is created, so counters
+/// that never went down say the service was never deleted and added again.
+fn ipvs_service_stats(ns: &Netns) -> std::collections::BTreeMap<String, (u64, u64)> {
+    ns.sh("ipvsadm -Ln --stats --exact")
+        .lines()
+        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                format!("{} {}", f[0], f[1]),
+                (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?),
+            ))
+        })
+        .collect()
+}
+
+/// Packets the node's `ct state invalid` drops (the firewall's own rules) have dropped.
+fn invalid_drops(ns: &Netns) -> u64 {
+    ["INPUT", "FORWARD", "OUTPUT"]
+        .iter()
+        .map(|chain| {
+            ns.sh(&format!("iptables -L {chain} -v -n -x"))
+                .lines()
+                .filter(|l| l.contains("ctstate INVALID") && l.contains("DROP"))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Issue 19's matrix (docs/switching.md, "Tests"): kube-proxy's ipvs mode as generated
+/// (`lab::kube_proxy`), kept alive by re-applying its rules every half second while holding its
+/// healthz port, behind a node firewall that drops `ct state invalid`, serves five connections:
+/// a NodePort TCP connection from an off-node client and a UDP NodePort flow (both masqueraded
+/// by kube-proxy), a pod → ClusterIP TCP connection, a host → ClusterIP TCP connection, and a
+/// pod → ClusterIP TCP stream. The agent takes over when kube-proxy stops. Checked: every old
+/// flow carries bytes both ways after the switch (the stream 8 MiB each way, many TCP windows),
+/// the UDP flow keeps its masqueraded source port, no namespace sent a RST and the firewall
+/// dropped nothing invalid; connections opened after the switch have no conntrack entry; no
+/// `KUBE-*` chain or kube-proxy ipset is left; IPVS's counters of kube-proxy's services never
+/// went down (never re-created); `inspect switch` lists the old flows while the window is open
+/// and the window's filter accept is in place; when the old flows end, the window closes,
+/// `switch_flows` is empty and the accept is gone.
+#[test]
+fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_invalid() {
+    use lab::kube_proxy::{self, NodeConfig, Protocol, ServicePort};
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    require_lab();
+    let t = SnatTopology::new("ag-swm");
+    let _tcp = Server::tcp_echo(&t.remote, "10.244.2.2:8080".parse().unwrap());
+    let _udp = Server::udp(&t.remote, "10.244.2.2:8080".parse().unwrap(), 0);
+    let remote = [(ip4("10.244.2.2"), 8080)];
+    let services = vec![
+        ServicePort {
+            node_port: Some(30060),
+            ..ServicePort::cluster_ip(
+                "lab",
+                "web",
+                "p",
+                Protocol::Tcp,
+                ip4("10.96.0.60"),
+                80,
+                &remote,
+            )
+        },
+        ServicePort {
+            node_port: Some(30061),
+            ..ServicePort::cluster_ip(
+                "lab",
+                "dns",
+                "p",
+                Protocol::Udp,
+                ip4("10.96.0.61"),
+                53,
+                &remote,
+            )
+        },
+    ];
+    let node = NodeConfig {
+        cluster_cidr: "10.244.0.0/16".into(),
+        service_cidr: "10.96.0.0/16".into(),
+        nodeport_addresses: vec![ip4("10.0.1.1")],
+    };
+    kube_proxy::apply_ipvs_mode(&t.node, &services, &node).expect("kube-proxy's ipvs mode");
+    // The node's firewall: drops what conntrack calls invalid. Old flows' UDP entries time out
+    // in 5 s once idle (the window then closes soon after the flow ends).
+    for chain in ["INPUT", "FORWARD", "OUTPUT"] {
+        t.node.sh(&format!(
+            "iptables -I {chain} 1 -m conntrack --ctstate INVALID -j DROP"
+        ));
+    }
+    t.node
+        .sh("sysctl -qw net.netfilter.nf_conntrack_udp_timeout=5 \
+         net.netfilter.nf_conntrack_udp_timeout_stream=5");
+    let rsts = |t: &SnatTopology| -> Vec<u64> {
+        [&t.client, &t.node, &t.pod, &t.remote]
+            .iter()
+            .map(|ns| tcp_out_rsts(ns))
+            .collect()
+    };
+    let rsts_before = rsts(&t);
+
+    let m = Manifests::new("switch-matrix");
+    let other = |y: String| y.replace("nodeName: lab", "nodeName: other");
+    let udp = |y: String| y.replace("protocol: TCP", "protocol: UDP");
+    m.write(
+        "svc.yaml",
+        &(service_yaml("web", "10.96.0.60", 80, Some(30060))
+            + &other(slice_yaml("web", &["10.244.2.2"], 8080))
+            + &udp(service_yaml("dns", "10.96.0.61", 53, Some(30061)))
+            + &udp(other(slice_yaml("dns", &["10.244.2.2"], 8080)))),
+    );
+
+    let udp_flow = t.client.run(|| {
+        let s = UdpSocket::bind("10.0.1.2:0").expect("bind");
+        s.connect("10.0.1.1:30061").expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    });
+    // The backend's view of the UDP flow's source ("10.0.2.1:P -> 10.244.2.2:8080").
+    let udp_ping = |s: &UdpSocket, i: usize| -> String {
+        let msg = format!("ping {i}");
+        s.send(msg.as_bytes()).expect("UDP send");
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).expect("UDP answer");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        text.split(" -> ").next().unwrap_or_default().to_owned()
+    };
+
+    let stop_kube_proxy = AtomicBool::new(false);
+    let stop_pings = std::sync::Arc::new(AtomicBool::new(false));
+    let (agent, mut old, udp_source, pinger) = std::thread::scope(|scope| {
+        // kube-proxy runs: it holds its healthz port and rewrites its rules every half second.
+        let healthz = t
+            .node
+            .run(|| std::net::TcpListener::bind("0.0.0.0:10256").expect("hold 10256"));
+        let kube_proxy = scope.spawn(|| {
+            let mut syncs = 0u32;
+            while !stop_kube_proxy.load(Ordering::Relaxed) {
+                kube_proxy::add_ipvs_mode_services(&t.node, &services, &[], &node)
+                    .expect("kube-proxy's sync");
+                syncs += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            syncs
+        });
+        let old = [
+            ("NodePort from the client", &t.client, "10.0.1.1:30060"),
+            ("pod to ClusterIP", &t.pod, "10.96.0.60:80"),
+            ("host to ClusterIP", &t.node, "10.96.0.60:80"),
+            ("pod to ClusterIP, long stream", &t.pod, "10.96.0.60:80"),
+        ]
+        .map(|(what, ns, to)| {
+            let mut c = HeldConnection::open(ns, to.parse().unwrap())
+                .unwrap_or_else(|e| panic!("{what} through kube-proxy: {e}"));
+            assert_eq!(c.echo("before\n").expect(what), "before\n", "{what}");
+            (what, c)
+        });
+        let udp_source = udp_ping(&udp_flow, 0);
+        assert!(
+            udp_source.starts_with("10.0.2.1:"),
+            "kube-proxy masquerades the UDP NodePort flow: {udp_source}"
+        );
+        // Every kube-proxy service has counted a connection (its counters can only grow).
+        udp_request(&t.pod, "10.96.0.61:53".parse().unwrap()).expect("UDP ClusterIP");
+        let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+        assert!(
+            conntrack.contains("dport=30060") && conntrack.contains("dport=30061"),
+            "kube-proxy's connections are tracked:\n{conntrack}"
+        );
+        // The UDP flow sends every 300 ms across the switch (its entry outlives the agent's
+        // start), noting the source the backend sees each time.
+        let stop = stop_pings.clone();
+        let pinger = std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut i = 1;
+            while !stop.load(Ordering::Relaxed) {
+                seen.insert(udp_ping(&udp_flow, i));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (udp_flow, seen, i)
+        });
+
+        let agent = Agent::start(
+            &t.node,
+            &m.dir,
+            &[
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--nodeport-addresses",
+                "10.0.1.1/32",
+                "--sweep-period",
+                "1s",
+                "--node-check-period",
+                "1s",
+            ],
+        );
+        agent.wait_for(0, Duration::from_secs(300), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("waiting for kube-proxy"))
+        });
+        stop_kube_proxy.store(true, Ordering::Relaxed);
+        let syncs = kube_proxy.join().expect("kube-proxy's loop");
+        assert!(syncs > 0);
+        drop(healthz);
+        (agent, old, udp_source, pinger)
+    });
+    let stats_before = ipvs_service_stats(&t.node);
+    assert_eq!(stats_before.len(), 4, "{stats_before:?}");
+    assert!(
+        stats_before.values().all(|&(conns, _)| conns > 0),
+        "{stats_before:?}"
+    );
+
+    let first = agent.wait_sync(0, 1);
+    agent.wait_for(0, Duration::from_secs(60), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("removed kube-proxy's chains and ipsets"))
+    });
+    // The window is open: its filter accept is in place, `inspect switch` lists the old flows.
+    let window_accept = |ns: &Netns| {
+        ns.sh("iptables-save -t filter")
+            .lines()
+            .any(|l| l.contains("connections open before the switch from kube-proxy"))
+    };
+    assert!(
+        window_accept(&t.node),
+        "{}",
+        t.node.sh("iptables-save -t filter")
+    );
+    let window = agent.inspect_switch(&t.node);
+    assert_eq!(window["open"], true, "{window}");
+    let listed = window["connections"].as_u64().unwrap_or(0);
+    assert!(listed >= 5, "the old flows listed: {window}");
+    assert!(
+        window["old_connections"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["protocol"] == "udp")),
+        "the UDP flow listed: {window}"
+    );
+    assert_eq!(window["tuples"].as_u64(), Some(listed * 4), "{window}");
+    let text = t.node.sh(&format!(
+        "{} inspect switch --bpf-pin-root {}",
+        lab::agent::agent_bin(),
+        lab::agent::pin_root(&t.node)
+    ));
+    assert!(
+        text.starts_with("switch window from kube-proxy: open"),
+        "{text}"
+    );
+
+    // kube-proxy's chains and ipsets are gone; the agent's own chains stay.
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = t.node.sh(save);
+        let left: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.contains("KUBE-") && !l.contains("KUBE-IPVS-BPF-"))
+            .collect();
+        assert!(left.is_empty(), "{save}: kube-proxy's rules left: {left:?}");
+    }
+    let ipsets = t.node.sh("ipset list -n");
+    assert!(ipsets.trim().is_empty(), "ipsets left: {ipsets}");
+
+    // Every old flow carries bytes both ways, for several sweeps and node checks.
+    stop_pings.store(true, Ordering::Relaxed);
+    let (udp_flow, udp_seen, pings) = pinger.join().expect("the UDP flow");
+    assert_eq!(
+        udp_seen,
+        std::collections::BTreeSet::from([udp_source.clone()]),
+        "the UDP flow's source as the backend saw it over {pings} datagrams"
+    );
+    for i in 0..6 {
+        for (what, c) in old.iter_mut().take(3) {
+            let msg = format!("after the switch {i}\n");
+            assert_eq!(
+                c.echo(&msg)
+                    .unwrap_or_else(|e| panic!("{what} after the switch: {e}")),
+                msg
+            );
+        }
+        assert_eq!(
+            udp_ping(&udp_flow, pings + i),
+            udp_source,
+            "the UDP flow's source as the backend sees it"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The stream: 8 MiB each way in 64 KiB echoes, many TCP windows.
+    let chunk: String = "0123456789abcdef".repeat(4096);
+    let (what, stream) = &mut old[3];
+    for _ in 0..128 {
+        assert_eq!(
+            stream
+                .echo(&chunk)
+                .unwrap_or_else(|e| panic!("{what} after the switch: {e}")),
+            chunk
+        );
+    }
+
+    // Connections opened now are the agent's: no conntrack entry.
+    let mut new_ports = Vec::new();
+    for (ns, to) in [(&t.client, "10.0.1.1:30060"), (&t.pod, "10.96.0.60:80")] {
+        let mut c = HeldConnection::open(ns, to.parse().unwrap()).expect("a new connection");
+        assert_eq!(c.echo("new\n").expect("echo"), "new\n");
+        new_ports.push(c.local_addr().expect("address").port());
+    }
+    let (udp_new, _) =
+        udp_request_from(&t.client, "10.0.1.1:30061".parse().unwrap()).expect("a new UDP flow");
+    new_ports.push(udp_new.port());
+    let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+    for port in &new_ports {
+        assert!(
+            !conntrack.contains(&format!("sport={port} ")),
+            "a new connection (client port {port}) is tracked:\n{conntrack}"
+        );
+    }
+
+    // The old flows end: the window closes, its accept goes, switch_flows is empty.
+    for (what, mut c) in old {
+        assert_eq!(c.echo("last\n").expect(what), "last\n", "{what}");
+    }
+    drop(udp_flow);
+    agent.wait_for(0, Duration::from_secs(90), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("node fully switched from kube-proxy"))
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the window's accept dropped",
+        || !window_accept(&t.node),
+    );
+    let window = agent.inspect_switch(&t.node);
+    assert_eq!(window["open"], false, "{window}");
+    assert_eq!(window["tuples"], 0, "{window}");
+
+    // Nothing was reset or dropped as invalid, and kube-proxy's services were adopted in place.
+    assert_eq!(
+        rsts(&t),
+        rsts_before,
+        "RSTs sent (client, node, pod, remote)"
+    );
+    assert_eq!(invalid_drops(&t.node), 0, "packets dropped as invalid");
+    let stats_after = ipvs_service_stats(&t.node);
+    for (service, before) in &stats_before {
+        let after = stats_after.get(service).copied().unwrap_or_default();
+        assert!(
+            after.0 >= before.0 && after.1 >= before.1,
+            "{service}: IPVS counters went from {before:?} to {after:?} (re-created); first sync: {first}"
+        );
+    }
 }
 
 /// kubeadm's kube-proxy DaemonSet with only its image swapped: the same command line

@@ -291,6 +291,17 @@ impl Agent {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect snat output: {e}: {out}"))
     }
 
+    /// `inspect switch --output json` for this agent (the switch window from kube-proxy), run
+    /// inside `ns`.
+    pub fn inspect_switch(&self, ns: &Netns) -> Value {
+        let out = ns.sh(&format!(
+            "{} inspect switch --output json --bpf-pin-root {}",
+            agent_bin(),
+            self.pin_root
+        ));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect switch output: {e}: {out}"))
+    }
+
     /// `inspect counters --output json` for this agent: counter name → value.
     pub fn counters(&self, ns: &Netns) -> std::collections::BTreeMap<String, u64> {
         self.try_counters(ns).unwrap_or_else(|e| panic!("{e:#}"))

@@ -118,6 +118,15 @@ pub enum InspectWhat {
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
+    /// The switch window from kube-proxy: open or closed, the old connections kept on conntrack.
+    Switch {
+        /// Output: text for people, json for tools.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Where the running agent pinned the datapath's maps.
+        #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+        bpf_pin_root: PathBuf,
+    },
     /// The datapath's counters (summed over CPUs).
     Counters {
         /// Output: text for people, json for tools.
@@ -281,6 +290,13 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
                     bpf_pin_root,
                 },
         } => inspect_counters(output, bpf_pin_root),
+        Command::Inspect {
+            what:
+                InspectWhat::Switch {
+                    output,
+                    bpf_pin_root,
+                },
+        } => crate::datapath::switch::inspect(output == Output::Json, &bpf_pin_root),
     }
 }
 

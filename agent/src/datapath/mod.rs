@@ -350,8 +350,10 @@ impl Datapath {
             },
             "eBPF datapath loaded"
         );
+        // An agent restarted during the switch window finds it open in the pinned config.
+        let window = loaded.maps().switch_window_open().unwrap_or(false);
         let node = DesiredNodeState::new(
-            NodeStatePhase::Normal,
+            NodeStatePhase::of_switch_window(window),
             cfg.sysctl_root.clone(),
             kernel,
             cfg.strict_arp,
@@ -393,7 +395,7 @@ impl Datapath {
     /// they stay tracked, keeping the NAT kube-proxy gave them, until they end. An agent
     /// restarted during the window finds its map pinned and goes on with it.
     pub fn seed_switch(
-        &self,
+        &mut self,
         service_ports: &std::collections::HashSet<(IpAddr, u8, u16)>,
     ) -> anyhow::Result<()> {
         let tracked =
@@ -405,6 +407,29 @@ impl Datapath {
                  stay tracked until they end"
             );
         }
+        self.follow_switch_window()
+    }
+
+    /// Puts the node state in the phase of the switch window as the pinned config has it, and
+    /// rewrites the iptables rules when that changed (the window's established accept added or
+    /// dropped): the sweeper closes the window, the next node check follows.
+    fn follow_switch_window(&mut self) -> anyhow::Result<()> {
+        let open = self
+            .loaded
+            .maps()
+            .switch_window_open()
+            .context("reading the switch window's flag")?;
+        let phase = NodeStatePhase::of_switch_window(open);
+        if phase == self.node.phase {
+            return Ok(());
+        }
+        self.node.phase = phase;
+        self.write_rules()?;
+        tracing::info!(
+            window = if open { "open" } else { "closed" },
+            "switch window from kube-proxy: filter chain's accept of established connections {}",
+            if open { "added" } else { "dropped" }
+        );
         Ok(())
     }
 
@@ -451,10 +476,11 @@ impl Datapath {
         let Some(spec) = &self.node.rules else {
             return Ok(());
         };
-        rules::apply(spec.backend, false, spec.mark_svc, &spec.xt_svc_pin)
+        let window = self.node.phase == NodeStatePhase::Switch;
+        rules::apply(spec.backend, false, spec.mark_svc, &spec.xt_svc_pin, window)
             .context("writing the IPv4 iptables rules")?;
         if spec.ipv6 {
-            rules::apply(spec.backend, true, spec.mark_svc, &spec.xt_svc_pin)
+            rules::apply(spec.backend, true, spec.mark_svc, &spec.xt_svc_pin, window)
                 .context("writing the IPv6 iptables rules")?;
         }
         Ok(())
@@ -465,7 +491,13 @@ impl Datapath {
     /// every device it attached to (re-attached when the kernel no longer runs them there). A
     /// device that cannot be re-attached is forgotten: the next device sync attaches it again.
     pub fn repair_node(&mut self) -> RepairReport {
-        let mut report = self.node.repair();
+        let mut report = RepairReport::default();
+        if let Err(e) = self.follow_switch_window() {
+            report.failed(format!(
+                "following the switch window from kube-proxy: {e:#}"
+            ));
+        }
+        report.extend(self.node.repair());
         let mut devices: Vec<(u32, String, DeviceKind)> = self
             .attached
             .iter()

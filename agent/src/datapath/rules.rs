@@ -9,7 +9,11 @@
 //! - filter INPUT and FORWARD: untracked packets never match `ct state established`, so where a
 //!   firewall drops by default the service-marked packets are accepted here, before it (as
 //!   kube-proxy keeps KUBE-FORWARD). An nftables-only firewall in another table cannot be
-//!   overridden this way: its drop still applies (docs/datapath.md).
+//!   overridden this way: its drop still applies (docs/datapath.md). While the switch window
+//!   from kube-proxy is open (docs/switching.md), the filter chain also accepts `ct state
+//!   established,related`, as kube-proxy's KUBE-FORWARD did, so the connections kube-proxy
+//!   opened (tracked) pass a firewall that drops by default once its chains are gone; the rule
+//!   goes when the window closes ([`SWITCH_ACCEPT`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -18,6 +22,9 @@ use std::process::{Command, Stdio};
 pub const CHAIN_PREROUTING: &str = "KUBE-IPVS-BPF-PREROUTING";
 pub const CHAIN_OUTPUT: &str = "KUBE-IPVS-BPF-OUTPUT";
 pub const CHAIN_FILTER: &str = "KUBE-IPVS-BPF-FILTER";
+
+/// The comment of the filter rule kept only while the switch window from kube-proxy is open.
+pub const SWITCH_ACCEPT: &str = "kube-ipvs-bpf: connections open before the switch from kube-proxy";
 
 /// Errors running iptables-save/-restore.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +61,9 @@ impl Backend {
 
 /// The restore input that (re)writes the agent's chains, plus a jump for each built-in chain
 /// whose current rules (`save`, the output of `iptables-save` for that table set) lack it.
-pub fn restore_input(save: &str, mark_svc: u32, xt_svc_pin: &Path) -> String {
+/// `switch_window`: the switch window from kube-proxy is open (the filter chain also accepts
+/// `ct state established,related`).
+pub fn restore_input(save: &str, mark_svc: u32, xt_svc_pin: &Path, switch_window: bool) -> String {
     let has_jump = |chain: &str, target: &str| {
         save.lines()
             .any(|l| l.starts_with(&format!("-A {chain} ")) && l.contains(&format!("-j {target}")))
@@ -87,6 +96,11 @@ pub fn restore_input(save: &str, mark_svc: u32, xt_svc_pin: &Path) -> String {
     out.push_str(&format!(
         "-A {CHAIN_FILTER} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT\n"
     ));
+    if switch_window {
+        out.push_str(&format!(
+            "-A {CHAIN_FILTER} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{SWITCH_ACCEPT}\" -j ACCEPT\n"
+        ));
+    }
     for chain in ["INPUT", "FORWARD"] {
         if !has_jump(chain, CHAIN_FILTER) {
             out.push_str(&format!("-I {chain} 1 -j {CHAIN_FILTER}\n"));
@@ -167,8 +181,9 @@ const JUMPS: [(&str, &str); 4] = [
 ];
 
 /// What `save` (the `raw` and `filter` tables as `iptables-save` prints them) lacks of our
-/// rules: a chain, one of its rules (known by its comment), or a jump. Empty: all there.
-pub fn missing(save: &str) -> Vec<String> {
+/// rules: a chain, one of its rules (known by its comment), or a jump; and the switch window's
+/// accept where it is not wanted (or missing where it is). Empty: all as wanted.
+pub fn missing(save: &str, switch_window: bool) -> Vec<String> {
     let mut out = Vec::new();
     for (chain, comments) in CHAIN_RULES {
         if !save.lines().any(|l| l.starts_with(&format!(":{chain} "))) {
@@ -184,6 +199,18 @@ pub fn missing(save: &str) -> Vec<String> {
                 out.push(format!("rule \"{c}\" missing from {chain}"));
             }
         }
+        if chain == CHAIN_FILTER {
+            match (
+                switch_window,
+                rules.iter().any(|r| r.contains(SWITCH_ACCEPT)),
+            ) {
+                (true, false) => out.push(format!("rule \"{SWITCH_ACCEPT}\" missing from {chain}")),
+                (false, true) => out.push(format!(
+                    "rule \"{SWITCH_ACCEPT}\" in {chain} after the switch window closed"
+                )),
+                _ => {}
+            }
+        }
     }
     for (builtin, chain) in JUMPS {
         let jump = save.lines().any(|l| {
@@ -196,15 +223,20 @@ pub fn missing(save: &str) -> Vec<String> {
     out
 }
 
-/// Writes the rules for one family.
+/// Writes the rules for one family (`switch_window`: see [`restore_input`]).
 pub fn apply(
     backend: Backend,
     ipv6: bool,
     mark_svc: u32,
     xt_svc_pin: &Path,
+    switch_window: bool,
 ) -> Result<(), RulesError> {
     let save = save(backend, ipv6)?;
-    restore(backend, ipv6, &restore_input(&save, mark_svc, xt_svc_pin))
+    restore(
+        backend,
+        ipv6,
+        &restore_input(&save, mark_svc, xt_svc_pin, switch_window),
+    )
 }
 
 fn restore(backend: Backend, ipv6: bool, input: &str) -> Result<(), RulesError> {
@@ -223,11 +255,16 @@ pub fn repair(
     ipv6: bool,
     mark_svc: u32,
     xt_svc_pin: &Path,
+    switch_window: bool,
 ) -> Result<Vec<String>, RulesError> {
     let save = save(backend, ipv6)?;
-    let missing = missing(&save);
+    let missing = missing(&save, switch_window);
     if !missing.is_empty() {
-        restore(backend, ipv6, &restore_input(&save, mark_svc, xt_svc_pin))?;
+        restore(
+            backend,
+            ipv6,
+            &restore_input(&save, mark_svc, xt_svc_pin, switch_window),
+        )?;
     }
     Ok(missing)
 }
@@ -239,7 +276,12 @@ mod tests {
     #[test]
     fn first_run_inserts_jumps_and_later_runs_only_rewrite_the_chains() {
         let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc");
-        let first = restore_input("*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", 0x200000, pin);
+        let first = restore_input(
+            "*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n",
+            0x200000,
+            pin,
+            false,
+        );
         assert!(first.contains("-I PREROUTING 1 -j KUBE-IPVS-BPF-PREROUTING\n"));
         assert!(first.contains("-I OUTPUT 1 -j KUBE-IPVS-BPF-OUTPUT\n"));
         assert!(first.contains("-I INPUT 1 -j KUBE-IPVS-BPF-FILTER\n"));
@@ -258,7 +300,7 @@ mod tests {
                 .is_some_and(|l| l.ends_with("-j RETURN"))
         );
         let save = "*raw\n-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING\n-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT\nCOMMIT\n*filter\n-A INPUT -j KUBE-IPVS-BPF-FILTER\n-A FORWARD -j KUBE-IPVS-BPF-FILTER\nCOMMIT\n";
-        let again = restore_input(save, 0x200000, pin);
+        let again = restore_input(save, 0x200000, pin, false);
         assert!(!again.contains("-I "), "{again}");
         assert!(again.contains(":KUBE-IPVS-BPF-FILTER - [0:0]"));
     }
@@ -268,12 +310,12 @@ mod tests {
         let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
         // What the restore input creates, as iptables-save prints it (jumps appended).
         let mut save = String::new();
-        for l in restore_input("", 0x200000, pin).lines() {
+        for l in restore_input("", 0x200000, pin, false).lines() {
             let l = l.replace("-I ", "-A ").replace(" 1 -j", " -j");
             save.push_str(&l);
             save.push('\n');
         }
-        assert_eq!(missing(&save), Vec::<String>::new(), "{save}");
+        assert_eq!(missing(&save, false), Vec::<String>::new(), "{save}");
         let without = |pred: &dyn Fn(&str) -> bool| -> String {
             save.lines()
                 .filter(|l| !pred(l))
@@ -281,17 +323,58 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            missing(&without(&|l| l == "-A INPUT -j KUBE-IPVS-BPF-FILTER")),
+            missing(
+                &without(&|l| l == "-A INPUT -j KUBE-IPVS-BPF-FILTER"),
+                false
+            ),
             vec!["jump INPUT -> KUBE-IPVS-BPF-FILTER missing"]
         );
         assert_eq!(
-            missing(&without(&|l| l.contains("host service traffic"))),
+            missing(&without(&|l| l.contains("host service traffic")), false),
             vec![
                 "rule \"kube-ipvs-bpf: host service traffic is not tracked\" missing from KUBE-IPVS-BPF-OUTPUT"
             ]
         );
         // A flushed ruleset: everything.
-        assert_eq!(missing("").len(), 7);
+        assert_eq!(missing("", false).len(), 7);
+    }
+
+    #[test]
+    fn the_switch_windows_accept_is_wanted_while_it_is_open_and_unwanted_after() {
+        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
+        let as_saved = |window: bool| -> String {
+            restore_input("", 0x200000, pin, window)
+                .lines()
+                .map(|l| format!("{}\n", l.replace("-I ", "-A ").replace(" 1 -j", " -j")))
+                .collect()
+        };
+        let (open, closed) = (as_saved(true), as_saved(false));
+        let accept = open
+            .lines()
+            .find(|l| l.contains(SWITCH_ACCEPT))
+            .expect("the window's accept");
+        assert!(
+            accept
+                .starts_with("-A KUBE-IPVS-BPF-FILTER -m conntrack --ctstate RELATED,ESTABLISHED")
+                && accept.ends_with("-j ACCEPT"),
+            "{accept}"
+        );
+        assert!(!closed.contains(SWITCH_ACCEPT));
+        assert!(missing(&open, true).is_empty());
+        assert!(missing(&closed, false).is_empty());
+        // Opened: the accept is missing; closed: it is left over. Either way a rewrite.
+        assert_eq!(
+            missing(&closed, true),
+            vec![format!(
+                "rule \"{SWITCH_ACCEPT}\" missing from KUBE-IPVS-BPF-FILTER"
+            )]
+        );
+        assert_eq!(
+            missing(&open, false),
+            vec![format!(
+                "rule \"{SWITCH_ACCEPT}\" in KUBE-IPVS-BPF-FILTER after the switch window closed"
+            )]
+        );
     }
 
     #[test]

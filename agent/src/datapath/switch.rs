@@ -2,7 +2,8 @@
 //! entries hold when the agent takes a node over stay kube-proxy's until they end. This module
 //! owns `switch_flows` and the `CFG_F_SWITCH` flag: [`seed`] fills the map from a conntrack dump
 //! at start and opens the window; [`refresh`] (each sweep pass while the window is open) prunes
-//! the tuples of entries conntrack no longer holds, and closes the window once the map is empty.
+//! the tuples of entries conntrack no longer holds, and closes the window once the map is empty;
+//! [`inspect`] is `kube-ipvs-bpf inspect switch`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -132,4 +133,192 @@ fn conntrack_dump() -> anyhow::Result<Vec<CtEntry>> {
         .context("opening ctnetlink")?
         .conntrack_entries()
         .context("dumping conntrack")
+}
+
+/// One old connection in the switch window, as `inspect switch` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OldConnection {
+    /// The conntrack entry's id (`conntrack -L -o id`).
+    pub conntrack_id: u32,
+    pub protocol: String,
+    /// Its tuples in `switch_flows` (the entry's original and reply tuples and both reversed),
+    /// sorted.
+    pub tuples: Vec<String>,
+    /// Seconds since the agent's last conntrack dump that listed it (the sweep period at most
+    /// while the agent runs).
+    pub seen_seconds_ago: u64,
+}
+
+/// The switch window as `inspect switch` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WindowReport {
+    /// Whether `CFG_F_SWITCH` is set.
+    pub open: bool,
+    /// Old connections (conntrack entries) still in `switch_flows`.
+    pub connections: usize,
+    /// Their tuples (four each).
+    pub tuples: usize,
+    pub old_connections: Vec<OldConnection>,
+}
+
+/// The window's report from the flag and `switch_flows`' entries, at `now_ns`.
+pub fn window_report(open: bool, entries: &[(Tuple, SwitchFlow)], now_ns: u64) -> WindowReport {
+    let mut by_id: std::collections::BTreeMap<u32, OldConnection> = Default::default();
+    for (tuple, flow) in entries {
+        let c = by_id.entry(flow.ct_id).or_insert_with(|| OldConnection {
+            conntrack_id: flow.ct_id,
+            protocol: tuple
+                .to_string()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            tuples: Vec::new(),
+            seen_seconds_ago: u64::MAX,
+        });
+        c.tuples.push(tuple.to_string());
+        c.seen_seconds_ago = c
+            .seen_seconds_ago
+            .min(now_ns.saturating_sub(flow.seen_ns) / 1_000_000_000);
+    }
+    let old_connections: Vec<OldConnection> = by_id
+        .into_values()
+        .map(|mut c| {
+            c.tuples.sort();
+            c
+        })
+        .collect();
+    WindowReport {
+        open,
+        connections: old_connections.len(),
+        tuples: entries.len(),
+        old_connections,
+    }
+}
+
+impl std::fmt::Display for WindowReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.open {
+            writeln!(
+                f,
+                "switch window from kube-proxy: open, {} old connections ({} tuples) stay on conntrack until they end",
+                self.connections, self.tuples
+            )?;
+        } else {
+            writeln!(
+                f,
+                "switch window from kube-proxy: closed ({} old connections, {} tuples)",
+                self.connections, self.tuples
+            )?;
+        }
+        if self.old_connections.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            f,
+            "{:<12} {:<5} {:>6}  TUPLES",
+            "CONNTRACK ID", "PROTO", "SEEN"
+        )?;
+        for c in &self.old_connections {
+            let tuples: Vec<&str> = c
+                .tuples
+                .iter()
+                .map(|t| t.split_once(' ').map_or(t.as_str(), |(_, rest)| rest))
+                .collect();
+            writeln!(
+                f,
+                "{:<12} {:<5} {:>5}s  {}",
+                c.conntrack_id,
+                c.protocol,
+                c.seen_seconds_ago,
+                tuples.join("; ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `inspect switch`: the window (open or closed) and the old connections it keeps, from the
+/// pinned maps, as text or JSON.
+pub fn inspect(json: bool, pin_root: &std::path::Path) -> anyhow::Result<()> {
+    let maps = DatapathMaps::open_pinned(pin_root).with_context(|| {
+        format!(
+            "opening the datapath maps under {} (is the agent running?)",
+            pin_root.display()
+        )
+    })?;
+    let open = maps
+        .switch_window_open()
+        .context("reading the switch window's flag")?;
+    let entries = match &maps.switch_flows {
+        Some(map) => map.entries().context("reading switch_flows")?,
+        None => Vec::new(),
+    };
+    let report = window_report(open, &entries, super::sweep::monotonic_ns());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probes::maps::L4Proto;
+
+    #[test]
+    fn the_report_groups_the_tuples_by_conntrack_entry() {
+        let t = |a: &str, ap: u16, b: &str, bp: u16, p: L4Proto| {
+            Tuple::new(a.parse().unwrap(), ap, b.parse().unwrap(), bp, p)
+        };
+        let flow = |ct_id: u32, seen_s: u64| SwitchFlow {
+            ct_id,
+            pad: 0,
+            seen_ns: seen_s * 1_000_000_000,
+        };
+        let tcp = t("10.0.1.2", 40000, "10.96.0.41", 80, L4Proto::Tcp);
+        let tcp_reply = t("10.0.2.2", 8080, "10.0.2.1", 21530, L4Proto::Tcp);
+        let udp = t("10.0.1.2", 5353, "10.96.0.10", 53, L4Proto::Udp);
+        let entries = vec![
+            (tcp, flow(7, 10)),
+            (tcp.reversed(), flow(7, 10)),
+            (tcp_reply, flow(7, 12)),
+            (tcp_reply.reversed(), flow(7, 12)),
+            (udp, flow(9, 12)),
+            (udp.reversed(), flow(9, 12)),
+        ];
+        let r = window_report(true, &entries, 15 * 1_000_000_000);
+        assert_eq!((r.open, r.connections, r.tuples), (true, 2, 6));
+        let first = &r.old_connections[0];
+        assert_eq!(
+            (
+                first.conntrack_id,
+                first.protocol.as_str(),
+                first.seen_seconds_ago
+            ),
+            (7, "tcp", 3)
+        );
+        assert_eq!(first.tuples.len(), 4);
+        assert!(
+            first
+                .tuples
+                .contains(&"tcp 10.0.2.2:8080 -> 10.0.2.1:21530".to_owned())
+        );
+        assert_eq!(r.old_connections[1].protocol, "udp");
+        let text = r.to_string();
+        assert!(
+            text.starts_with("switch window from kube-proxy: open, 2 old connections (6 tuples)")
+        );
+        assert!(text.contains("10.0.1.2:40000 -> 10.96.0.41:80"), "{text}");
+        let closed = window_report(false, &[], 0);
+        assert_eq!(
+            closed.to_string(),
+            "switch window from kube-proxy: closed (0 old connections, 0 tuples)\n"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["old_connections"][0]["conntrack_id"], 7);
+        assert_eq!(json["open"], true);
+    }
 }
