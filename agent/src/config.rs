@@ -21,6 +21,12 @@
 //!
 //! Flags > configuration file > defaults, field by field ([`resolve`]).
 //!
+//! # The resolved configuration
+//!
+//! [`AgentConfig`] owns one typed part per consumer, handed on whole: the service model's
+//! ([`ModelConfig`]), the sync loop's timing ([`SyncTiming`]), IPVS's ([`IpvsSettings`]), the
+//! listeners' ([`Listeners`]) and the eBPF datapath's ([`DatapathSettings`]).
+//!
 //! # Fields
 //!
 //! Every field, its default, its kube-proxy equivalent and what this agent does with it:
@@ -39,7 +45,12 @@
 //!   nodePortRange: 30000-32767  # kube-apiserver's --service-node-port-range
 //!   serviceProxyName: ""      # service.kubernetes.io/service-proxy-name this agent answers to
 //!   onlyLabelledServices: false # true: only Services with that label (beside kube-proxy)
+//!   nodeCheckPeriod: 5s       # how often the node state outside IPVS is checked and repaired
+//!   iptablesBackend: default  # default (iptables-restore as installed), nft or legacy
 //!   datapath:                 # read by the datapath loader
+//!     kind: bpf               # bpf (IPVS + eBPF SNAT) or none (IPVS alone)
+//!     pinRoot: /sys/fs/bpf/kube-ipvs-bpf/v2  # where maps and programs are pinned
+//!     mapSizes: {snat: 262144}  # a map's entries, by name (applied when the map is created)
 //!     markService: 0x200000
 //!     markMasquerade: 0x400000
 //!     snatPortRange: 1024-29999   # default: the widest range outside the node's ephemeral
@@ -88,6 +99,8 @@ pub const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 /// record is freed one pass after it is removed), so longer ones fill the table with dead
 /// connections (a reset TCP connection times out after 10 s).
 pub const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(60);
+/// Default interval of the node state's checks (outside IPVS).
+pub const DEFAULT_NODE_CHECK_PERIOD: Duration = Duration::from_secs(5);
 /// Default NodePort range (kube-apiserver's default `--service-node-port-range`).
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
@@ -248,6 +261,10 @@ pub struct OwnSection {
     pub service_proxy_name: Option<String>,
     /// Handle only the Services labelled with `serviceProxyName` (to run beside kube-proxy).
     pub only_labelled_services: Option<bool>,
+    /// How often the node state outside IPVS is checked and repaired (`--node-check-period`).
+    pub node_check_period: Option<String>,
+    /// `default`, `nft` or `legacy` (`--iptables-backend`).
+    pub iptables_backend: Option<String>,
     pub datapath: Option<DatapathSection>,
 }
 
@@ -255,6 +272,12 @@ pub struct OwnSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DatapathSection {
+    /// `bpf` or `none` (`--datapath`).
+    pub kind: Option<String>,
+    /// Where the maps and programs are pinned (`--bpf-pin-root`).
+    pub pin_root: Option<PathBuf>,
+    /// Entries of a map, by name (`--bpf-map-size NAME=ENTRIES`).
+    pub map_sizes: Option<BTreeMap<String, u32>>,
     pub mark_service: Option<u32>,
     pub mark_masquerade: Option<u32>,
     /// `first-last`: ports the datapath SNATs to.
@@ -283,10 +306,46 @@ pub struct Overrides {
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub kubeconfig: Option<PathBuf>,
+    pub node_check_period: Option<Duration>,
+    pub iptables_backend: Option<IptablesBackend>,
+    pub datapath: Option<DatapathKind>,
+    pub bpf_pin_root: Option<PathBuf>,
+    /// `--bpf-map-size NAME=ENTRIES`, in the order given (a later one wins).
+    pub bpf_map_sizes: Vec<(String, u32)>,
+}
+
+/// Which datapath `run` uses (`kubeIpvsBpf.datapath.kind`, `--datapath`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum DatapathKind {
+    /// IPVS plus the eBPF SNAT datapath (conntrack-free).
+    Bpf,
+    /// IPVS alone: no SNAT (for hosts without BPF; external and hairpin traffic needs SNAT).
+    None,
+}
+
+/// Which iptables the agent writes its few rules with (`kubeIpvsBpf.iptablesBackend`,
+/// `--iptables-backend`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum IptablesBackend {
+    /// `iptables-restore` as installed.
+    Default,
+    Nft,
+    Legacy,
+}
+
+impl IptablesBackend {
+    /// The datapath's rules backend.
+    pub fn rules_backend(self) -> crate::datapath::rules::Backend {
+        match self {
+            IptablesBackend::Default => crate::datapath::rules::Backend::Default,
+            IptablesBackend::Nft => crate::datapath::rules::Backend::Nft,
+            IptablesBackend::Legacy => crate::datapath::rules::Backend::Legacy,
+        }
+    }
 }
 
 /// IPVS connection timeouts (`ipvsadm --set`); `None` leaves the kernel's value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IpvsTimeouts {
     pub tcp: Option<Duration>,
     pub tcp_fin: Option<Duration>,
@@ -297,12 +356,98 @@ impl IpvsTimeouts {
     pub fn is_empty(&self) -> bool {
         self.tcp.is_none() && self.tcp_fin.is_none() && self.udp.is_none()
     }
+
+    /// As IPVS takes them (`ipvsadm --set`): whole seconds, 0 leaves the kernel's value.
+    pub fn kernel(&self) -> ipvs::Timeouts {
+        let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs() as u32);
+        ipvs::Timeouts {
+            tcp: secs(self.tcp),
+            tcp_fin: secs(self.tcp_fin),
+            udp: secs(self.udp),
+        }
+    }
+
+    /// The SNAT sweeper's timeouts: these where set, its defaults elsewhere.
+    pub fn sweep(&self) -> crate::datapath::sweep::Timeouts {
+        let mut t = crate::datapath::sweep::Timeouts::default();
+        if let Some(d) = self.tcp {
+            t.tcp = d;
+        }
+        if let Some(d) = self.tcp_fin {
+            t.tcp_fin = d;
+        }
+        if let Some(d) = self.udp {
+            t.udp = d;
+        }
+        t
+    }
 }
 
-/// Settings of the eBPF datapath (`kubeIpvsBpf.datapath`), for
+/// The sync loop's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTiming {
+    /// Interval of full resyncs, which repair drift.
+    pub sync_period: Duration,
+    /// Shortest interval between two syncs.
+    pub min_sync_period: Duration,
+    /// Longest drain of a removed TCP/SCTP destination before it is deleted anyway.
+    pub drain_timeout: Duration,
+    /// How often the node state outside IPVS is checked and repaired.
+    pub node_check_period: Duration,
+}
+
+impl Default for SyncTiming {
+    fn default() -> Self {
+        Self {
+            sync_period: DEFAULT_SYNC_PERIOD,
+            min_sync_period: DEFAULT_MIN_SYNC_PERIOD,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            node_check_period: DEFAULT_NODE_CHECK_PERIOD,
+        }
+    }
+}
+
+/// IPVS's settings (kube-proxy's `ipvs` section, but the scheduler: the model's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpvsSettings {
+    pub timeouts: IpvsTimeouts,
+    pub strict_arp: bool,
+    /// IPVS services whose address is in one of these are never deleted.
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+/// The health and metrics listeners ([`crate::admin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    /// /healthz and /livez.
+    pub healthz: SocketAddr,
+    /// /metrics.
+    pub metrics: SocketAddr,
+    /// Whether failing to bind either address stops the agent.
+    pub hard_fail: bool,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            healthz: DEFAULT_HEALTHZ_BIND_ADDRESS,
+            metrics: DEFAULT_METRICS_BIND_ADDRESS,
+            hard_fail: false,
+        }
+    }
+}
+
+/// Settings of the datapath (`kubeIpvsBpf.datapath`, and the rules' iptables), for
 /// [`crate::datapath::DatapathConfig`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatapathSettings {
+    pub kind: DatapathKind,
+    /// Where the maps and programs are pinned (versioned).
+    pub pin_root: PathBuf,
+    /// Which iptables writes the agent's rules.
+    pub iptables_backend: IptablesBackend,
+    /// The maps' sizes, applied when the maps are created.
+    pub map_sizes: probes::MapSizes,
     pub mark_service: u32,
     pub mark_masquerade: u32,
     /// SNAT ports; `None`: the datapath picks the widest range outside the node's ephemeral
@@ -315,6 +460,10 @@ pub struct DatapathSettings {
 impl Default for DatapathSettings {
     fn default() -> Self {
         Self {
+            kind: DatapathKind::Bpf,
+            pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+            iptables_backend: IptablesBackend::Default,
+            map_sizes: probes::MapSizes::default(),
             mark_service: probes::maps::DEFAULT_MARK_SVC,
             mark_masquerade: probes::maps::DEFAULT_MARK_MASQ,
             snat_port_range: None,
@@ -324,35 +473,22 @@ impl Default for DatapathSettings {
 }
 
 /// The resolved configuration: flags over file over defaults, validated.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     /// The Node's name; `None`: the hostname.
     pub node_name: Option<String>,
     /// The Node's IPs; empty: the Node object's InternalIPs, else the host's addresses.
     pub node_ips: Vec<IpAddr>,
-    pub cluster_cidrs: Vec<IpNet>,
-    pub node_port_addresses: NodePortAddresses,
-    pub scheduler: String,
-    pub masquerade_all: bool,
-    pub proxy_name: Option<String>,
-    /// Only Services labelled `service.kubernetes.io/service-proxy-name: <proxy_name>` are
-    /// handled (unlabelled ones are left to kube-proxy). Requires `proxy_name`.
-    pub only_labelled_services: bool,
-    pub sync_period: Duration,
-    pub min_sync_period: Duration,
-    pub drain_timeout: Duration,
-    pub state_dir: PathBuf,
-    pub node_port_range: RangeInclusive<u16>,
-    pub ipvs_timeouts: IpvsTimeouts,
-    pub strict_arp: bool,
-    /// IPVS services whose address is in one of these are never deleted.
-    pub ipvs_exclude_cidrs: Vec<IpNet>,
-    pub healthz_bind_address: SocketAddr,
-    pub metrics_bind_address: SocketAddr,
-    /// Whether failing to bind the health or metrics address stops the agent.
-    pub bind_address_hard_fail: bool,
     pub kubeconfig: Option<PathBuf>,
     pub oom_score_adj: Option<i32>,
+    /// The service model's settings (cluster CIDRs, NodePort addresses, default scheduler,
+    /// masquerading, service-proxy-name).
+    pub model: ModelConfig,
+    pub state_dir: PathBuf,
+    pub node_port_range: RangeInclusive<u16>,
+    pub timing: SyncTiming,
+    pub ipvs: IpvsSettings,
+    pub listeners: Listeners,
     pub datapath: DatapathSettings,
 }
 
@@ -361,47 +497,24 @@ impl Default for AgentConfig {
         Self {
             node_name: None,
             node_ips: Vec::new(),
-            cluster_cidrs: Vec::new(),
-            node_port_addresses: NodePortAddresses::AllLocal,
-            scheduler: "rr".to_owned(),
-            masquerade_all: false,
-            proxy_name: None,
-            only_labelled_services: false,
-            sync_period: DEFAULT_SYNC_PERIOD,
-            min_sync_period: DEFAULT_MIN_SYNC_PERIOD,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            state_dir: PathBuf::from(crate::state::DEFAULT_STATE_DIR),
-            node_port_range: DEFAULT_NODE_PORT_RANGE,
-            ipvs_timeouts: IpvsTimeouts::default(),
-            strict_arp: false,
-            ipvs_exclude_cidrs: Vec::new(),
-            healthz_bind_address: DEFAULT_HEALTHZ_BIND_ADDRESS,
-            metrics_bind_address: DEFAULT_METRICS_BIND_ADDRESS,
-            bind_address_hard_fail: false,
             kubeconfig: None,
             oom_score_adj: None,
+            model: ModelConfig::default(),
+            state_dir: PathBuf::from(crate::state::DEFAULT_STATE_DIR),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            timing: SyncTiming::default(),
+            ipvs: IpvsSettings::default(),
+            listeners: Listeners::default(),
             datapath: DatapathSettings::default(),
         }
     }
 }
 
 impl AgentConfig {
-    /// The model's part of the configuration.
-    pub fn model_config(&self) -> ModelConfig {
-        ModelConfig {
-            cluster_cidrs: self.cluster_cidrs.clone(),
-            node_port_addresses: self.node_port_addresses.clone(),
-            default_scheduler: self.scheduler.clone(),
-            masquerade_all: self.masquerade_all,
-            proxy_name: self.proxy_name.clone(),
-            only_labelled_services: self.only_labelled_services,
-        }
-    }
-
     /// How long a queued change may wait for a successful sync before the health check fails:
     /// 2 × `sync_period`, as kube-proxy.
     pub fn health_timeout(&self) -> Duration {
-        self.sync_period.saturating_mul(2)
+        self.timing.sync_period.saturating_mul(2)
     }
 }
 
@@ -439,13 +552,21 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         check_kind(f)?;
     }
     check_unsupported(f)?;
-
-    let mode_ipvs = f.mode.as_deref() == Some("ipvs");
     let iptables = f.iptables.clone().unwrap_or_default();
     let ipvs = f.ipvs.clone().unwrap_or_default();
     let own = f.kube_ipvs_bpf.clone().unwrap_or_default();
+    file_node(f, &mut cfg)?;
+    file_model(f, &iptables, &ipvs, &own, &mut cfg)?;
+    file_sync(f, &iptables, &ipvs, &own, &mut cfg)?;
+    file_ipvs(&ipvs, &mut cfg)?;
+    file_datapath(&own, &mut cfg)?;
+    apply_overrides(&mut cfg, flags)?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
 
-    // Node identity.
+/// The node's identity, the listeners, the API server's kubeconfig and oomScoreAdj.
+fn file_node(f: &FileConfig, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
     let bind_ip = match non_empty(&f.bind_address) {
         Some(s) => Some(
             s.parse::<IpAddr>()
@@ -458,20 +579,20 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
             cfg.node_ips = vec![ip];
         }
         if ip.is_ipv6() {
-            cfg.healthz_bind_address = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 10256);
-            cfg.metrics_bind_address = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 10249);
+            cfg.listeners.healthz = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 10256);
+            cfg.listeners.metrics = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 10249);
         }
     }
     if let Some(h) = non_empty(&f.hostname_override) {
         cfg.node_name = Some(h.trim().to_lowercase());
     }
     if let Some(s) = non_empty(&f.healthz_bind_address) {
-        cfg.healthz_bind_address = bind_address("healthzBindAddress", s, 10256)?;
+        cfg.listeners.healthz = bind_address("healthzBindAddress", s, 10256)?;
     }
     if let Some(s) = non_empty(&f.metrics_bind_address) {
-        cfg.metrics_bind_address = bind_address("metricsBindAddress", s, 10249)?;
+        cfg.listeners.metrics = bind_address("metricsBindAddress", s, 10249)?;
     }
-    cfg.bind_address_hard_fail = f.bind_address_hard_fail.unwrap_or(false);
+    cfg.listeners.hard_fail = f.bind_address_hard_fail.unwrap_or(false);
     if let Some(k) = f
         .client_connection
         .as_ref()
@@ -488,28 +609,48 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         }
         cfg.oom_score_adj = Some(adj);
     }
+    Ok(())
+}
 
-    // Model.
+/// The service model's settings.
+fn file_model(
+    f: &FileConfig,
+    iptables: &IptablesSection,
+    ipvs: &IpvsSection,
+    own: &OwnSection,
+    cfg: &mut AgentConfig,
+) -> Result<(), ConfigError> {
     if let Some(s) = non_empty(&f.cluster_cidr) {
-        cfg.cluster_cidrs = cluster_cidrs("clusterCIDR", s)?;
+        cfg.model.cluster_cidrs = cluster_cidrs("clusterCIDR", s)?;
     }
     if let Some(list) = f.node_port_addresses.as_ref().filter(|l| !l.is_empty()) {
-        cfg.node_port_addresses = node_port_addresses("nodePortAddresses", list)?;
+        cfg.model.node_port_addresses = node_port_addresses("nodePortAddresses", list)?;
     }
     if let Some(s) = non_empty(&ipvs.scheduler) {
-        cfg.scheduler = s.to_owned();
+        cfg.model.default_scheduler = s.to_owned();
     }
-    cfg.masquerade_all = match (f.masquerade_all, iptables.masquerade_all) {
+    cfg.model.masquerade_all = match (f.masquerade_all, iptables.masquerade_all) {
         (Some(top), _) => top,
         (None, Some(ipt)) => ipt,
         (None, None) => false,
     };
     if let Some(name) = non_empty(&own.service_proxy_name) {
-        cfg.proxy_name = Some(name.to_owned());
+        cfg.model.proxy_name = Some(name.to_owned());
     }
-    cfg.only_labelled_services = own.only_labelled_services.unwrap_or(false);
+    cfg.model.only_labelled_services = own.only_labelled_services.unwrap_or(false);
+    Ok(())
+}
 
-    // Sync loop.
+/// The sync loop's timing (the per-mode section's periods follow `mode`), the state
+/// directory and the NodePort range.
+fn file_sync(
+    f: &FileConfig,
+    iptables: &IptablesSection,
+    ipvs: &IpvsSection,
+    own: &OwnSection,
+    cfg: &mut AgentConfig,
+) -> Result<(), ConfigError> {
+    let mode_ipvs = f.mode.as_deref() == Some("ipvs");
     let (section, sync_key, min_key) = if mode_ipvs {
         (
             (&ipvs.sync_period, &ipvs.min_sync_period),
@@ -524,13 +665,16 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
         )
     };
     if let Some(d) = pick_duration(("syncPeriod", &f.sync_period), (sync_key, section.0))? {
-        cfg.sync_period = d;
+        cfg.timing.sync_period = d;
     }
     if let Some(d) = pick_duration(("minSyncPeriod", &f.min_sync_period), (min_key, section.1))? {
-        cfg.min_sync_period = d;
+        cfg.timing.min_sync_period = d;
     }
     if let Some(d) = opt_duration("kubeIpvsBpf.drainTimeout", &own.drain_timeout)? {
-        cfg.drain_timeout = d;
+        cfg.timing.drain_timeout = d;
+    }
+    if let Some(d) = opt_duration("kubeIpvsBpf.nodeCheckPeriod", &own.node_check_period)? {
+        cfg.timing.node_check_period = d;
     }
     if let Some(dir) = own.state_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
         cfg.state_dir = dir.clone();
@@ -538,17 +682,20 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
     if let Some(s) = non_empty(&own.node_port_range) {
         cfg.node_port_range = port_range("kubeIpvsBpf.nodePortRange", s)?;
     }
+    Ok(())
+}
 
-    // IPVS.
-    cfg.ipvs_timeouts = IpvsTimeouts {
+/// kube-proxy's `ipvs` section, but the scheduler (the model's).
+fn file_ipvs(ipvs: &IpvsSection, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
+    cfg.ipvs.timeouts = IpvsTimeouts {
         tcp: opt_duration("ipvs.tcpTimeout", &ipvs.tcp_timeout)?,
         tcp_fin: opt_duration("ipvs.tcpFinTimeout", &ipvs.tcp_fin_timeout)?,
         udp: opt_duration("ipvs.udpTimeout", &ipvs.udp_timeout)?,
     };
     for (key, d) in [
-        ("ipvs.tcpTimeout", cfg.ipvs_timeouts.tcp),
-        ("ipvs.tcpFinTimeout", cfg.ipvs_timeouts.tcp_fin),
-        ("ipvs.udpTimeout", cfg.ipvs_timeouts.udp),
+        ("ipvs.tcpTimeout", cfg.ipvs.timeouts.tcp),
+        ("ipvs.tcpFinTimeout", cfg.ipvs.timeouts.tcp_fin),
+        ("ipvs.udpTimeout", cfg.ipvs.timeouts.udp),
     ] {
         if let Some(d) = d
             && (d.as_secs() > i32::MAX as u64 || d.subsec_nanos() != 0)
@@ -556,7 +703,7 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
             return Err(invalid(key, "must be a whole number of seconds"));
         }
     }
-    cfg.strict_arp = ipvs.strict_arp.unwrap_or(false);
+    cfg.ipvs.strict_arp = ipvs.strict_arp.unwrap_or(false);
     for (i, c) in ipvs.exclude_cidrs.iter().flatten().enumerate() {
         let net = c.trim().parse::<IpNet>().map_err(|_| {
             invalid(
@@ -564,11 +711,34 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
                 format!("{c:?} is not a CIDR"),
             )
         })?;
-        cfg.ipvs_exclude_cidrs.push(net);
+        cfg.ipvs.exclude_cidrs.push(net);
     }
+    Ok(())
+}
 
-    // Datapath.
+/// `kubeIpvsBpf.datapath` and `kubeIpvsBpf.iptablesBackend`.
+fn file_datapath(own: &OwnSection, cfg: &mut AgentConfig) -> Result<(), ConfigError> {
+    if let Some(s) = non_empty(&own.iptables_backend) {
+        cfg.datapath.iptables_backend = value_enum("kubeIpvsBpf.iptablesBackend", s)?;
+    }
     if let Some(dp) = own.datapath.as_ref() {
+        if let Some(s) = non_empty(&dp.kind) {
+            cfg.datapath.kind = value_enum("kubeIpvsBpf.datapath.kind", s)?;
+        }
+        if let Some(root) = dp.pin_root.as_ref().filter(|r| !r.as_os_str().is_empty()) {
+            cfg.datapath.pin_root = root.clone();
+        }
+        for (name, n) in dp.map_sizes.iter().flatten() {
+            // Zero asks for nothing (the default), as every zero value of the file.
+            if *n != 0 {
+                set_map_size(
+                    &mut cfg.datapath.map_sizes,
+                    &format!("kubeIpvsBpf.datapath.mapSizes.{name}"),
+                    name,
+                    *n,
+                )?;
+            }
+        }
         if let Some(m) = dp.mark_service {
             cfg.datapath.mark_service = m;
         }
@@ -585,10 +755,14 @@ pub fn resolve(file: Option<&FileConfig>, flags: &Overrides) -> Result<AgentConf
                 .map_err(|m| invalid("kubeIpvsBpf.datapath.sweepPeriod", format!("{s:?}: {m}")))?;
         }
     }
+    Ok(())
+}
 
-    apply_overrides(&mut cfg, flags)?;
-    validate(&cfg)?;
-    Ok(cfg)
+/// `slot` becomes the flag's value where the flag was given.
+fn over<T: Clone>(slot: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *slot = v.clone();
+    }
 }
 
 fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigError> {
@@ -599,81 +773,76 @@ fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigErr
         cfg.node_ips = o.node_ips.clone();
     }
     if !o.cluster_cidrs.is_empty() {
-        cfg.cluster_cidrs = o.cluster_cidrs.clone();
-        check_cidr_families("--cluster-cidr", &cfg.cluster_cidrs)?;
+        cfg.model.cluster_cidrs = o.cluster_cidrs.clone();
+        check_cidr_families("--cluster-cidr", &cfg.model.cluster_cidrs)?;
     }
     if !o.node_port_addresses.is_empty() {
-        cfg.node_port_addresses =
+        cfg.model.node_port_addresses =
             node_port_addresses("--nodeport-addresses", &o.node_port_addresses)?;
     }
-    if let Some(s) = &o.scheduler {
-        cfg.scheduler = s.clone();
-    }
-    if let Some(m) = o.masquerade_all {
-        cfg.masquerade_all = m;
-    }
+    over(&mut cfg.model.default_scheduler, &o.scheduler);
+    over(&mut cfg.model.masquerade_all, &o.masquerade_all);
     if let Some(p) = &o.proxy_name {
-        cfg.proxy_name = Some(p.clone()).filter(|p| !p.is_empty());
+        cfg.model.proxy_name = Some(p.clone()).filter(|p| !p.is_empty());
     }
-    if let Some(d) = o.sync_period {
-        cfg.sync_period = d;
-    }
-    if let Some(d) = o.min_sync_period {
-        cfg.min_sync_period = d;
-    }
-    if let Some(d) = o.drain_timeout {
-        cfg.drain_timeout = d;
-    }
-    if let Some(d) = o.sweep_period {
-        cfg.datapath.sweep_period = d;
-    }
-    if let Some(d) = &o.state_dir {
-        cfg.state_dir = d.clone();
-    }
-    if let Some(a) = o.healthz_bind_address {
-        cfg.healthz_bind_address = a;
-    }
-    if let Some(a) = o.metrics_bind_address {
-        cfg.metrics_bind_address = a;
-    }
+    over(&mut cfg.timing.sync_period, &o.sync_period);
+    over(&mut cfg.timing.min_sync_period, &o.min_sync_period);
+    over(&mut cfg.timing.drain_timeout, &o.drain_timeout);
+    over(&mut cfg.datapath.sweep_period, &o.sweep_period);
+    over(&mut cfg.state_dir, &o.state_dir);
+    over(&mut cfg.listeners.healthz, &o.healthz_bind_address);
+    over(&mut cfg.listeners.metrics, &o.metrics_bind_address);
     if let Some(k) = &o.kubeconfig {
         cfg.kubeconfig = Some(k.clone());
+    }
+    over(&mut cfg.timing.node_check_period, &o.node_check_period);
+    over(&mut cfg.datapath.iptables_backend, &o.iptables_backend);
+    over(&mut cfg.datapath.kind, &o.datapath);
+    over(&mut cfg.datapath.pin_root, &o.bpf_pin_root);
+    for (name, n) in &o.bpf_map_sizes {
+        set_map_size(&mut cfg.datapath.map_sizes, "--bpf-map-size", name, *n)?;
     }
     Ok(())
 }
 
 /// Checks that hold whatever their source.
 fn validate(cfg: &AgentConfig) -> Result<(), ConfigError> {
-    if !model::is_known_scheduler(&cfg.scheduler) {
+    if !model::is_known_scheduler(&cfg.model.default_scheduler) {
         return Err(invalid(
             "ipvs.scheduler",
             format!(
                 "unknown IPVS scheduler {:?} (known: {})",
-                cfg.scheduler,
+                cfg.model.default_scheduler,
                 model::KNOWN_SCHEDULERS.join(" ")
             ),
         ));
     }
-    if cfg.sync_period.is_zero() {
+    if cfg.timing.sync_period.is_zero() {
         return Err(invalid("syncPeriod", "must be greater than 0"));
     }
-    if cfg.min_sync_period > cfg.sync_period {
+    if cfg.timing.min_sync_period > cfg.timing.sync_period {
         return Err(invalid(
             "minSyncPeriod",
             format!(
                 "{} is longer than syncPeriod {}",
-                humantime::format_duration(cfg.min_sync_period),
-                humantime::format_duration(cfg.sync_period)
+                humantime::format_duration(cfg.timing.min_sync_period),
+                humantime::format_duration(cfg.timing.sync_period)
             ),
         ));
     }
-    if cfg.only_labelled_services && cfg.proxy_name.is_none() {
+    if cfg.model.only_labelled_services && cfg.model.proxy_name.is_none() {
         return Err(invalid(
             "kubeIpvsBpf.onlyLabelledServices",
             "needs kubeIpvsBpf.serviceProxyName: the label value to handle",
         ));
     }
     let dp = &cfg.datapath;
+    if cfg.timing.node_check_period.is_zero() {
+        return Err(invalid(
+            "kubeIpvsBpf.nodeCheckPeriod (--node-check-period)",
+            "must be greater than 0",
+        ));
+    }
     if dp.mark_service == 0 {
         return Err(invalid("kubeIpvsBpf.datapath.markService", "must not be 0"));
     }
@@ -1046,6 +1215,59 @@ pub fn node_port_addresses(key: &str, list: &[String]) -> Result<NodePortAddress
         .collect::<Result<Vec<_>, _>>()?;
     Ok(NodePortAddresses::Cidrs(cidrs))
 }
+
+/// A value of a clap `ValueEnum` (`kind: bpf`), spelled as its flag takes it.
+fn value_enum<T: clap::ValueEnum>(key: &str, s: &str) -> Result<T, ConfigError> {
+    T::from_str(s, false).map_err(|_| {
+        let known: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
+            .collect();
+        invalid(key, format!("{s:?}: expected one of {}", known.join(", ")))
+    })
+}
+
+/// Sets the size of map `name` (one of [`MAP_NAMES`]); `key` names the setting in an error.
+fn set_map_size(
+    sizes: &mut probes::MapSizes,
+    key: &str,
+    name: &str,
+    entries: u32,
+) -> Result<(), ConfigError> {
+    let slot = match name {
+        "svc_ports" => &mut sizes.svc_ports,
+        "svc_addrs" => &mut sizes.svc_addrs,
+        "src_ranges" => &mut sizes.src_ranges,
+        "cluster_cidrs" => &mut sizes.cluster_cidrs,
+        "devices" => &mut sizes.devices,
+        "snat" => &mut sizes.snat,
+        "conns" => &mut sizes.conns,
+        "frags" => &mut sizes.frags,
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown map {other:?} (known: {})", MAP_NAMES.join(", ")),
+            ));
+        }
+    };
+    if entries == 0 {
+        return Err(invalid(key, "a map needs at least one entry"));
+    }
+    *slot = entries;
+    Ok(())
+}
+
+/// The maps whose size is configurable (`kubeIpvsBpf.datapath.mapSizes`, `--bpf-map-size`).
+pub const MAP_NAMES: &[&str] = &[
+    "svc_ports",
+    "svc_addrs",
+    "src_ranges",
+    "cluster_cidrs",
+    "devices",
+    "snat",
+    "conns",
+    "frags",
+];
 
 /// `first-last` → an inclusive port range.
 fn port_range(key: &str, s: &str) -> Result<RangeInclusive<u16>, ConfigError> {

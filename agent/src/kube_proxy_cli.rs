@@ -744,7 +744,7 @@ pub async fn execute(r: Resolved) -> anyhow::Result<()> {
         Action::Cleanup => crate::cli::cleanup_as_kube_proxy(&r.config).await,
         Action::InitOnly => crate::init::run(&crate::init::InitConfig {
             bpffs: PathBuf::from(crate::init::DEFAULT_BPFFS),
-            pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+            pin_root: r.config.datapath.pin_root.clone(),
         })
         .map(|_| ()),
         Action::Run => {
@@ -754,18 +754,11 @@ pub async fn execute(r: Resolved) -> anyhow::Result<()> {
             // start-up check names what is missing.
             if let Err(e) = crate::init::run(&crate::init::InitConfig {
                 bpffs: PathBuf::from(crate::init::DEFAULT_BPFFS),
-                pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
+                pin_root: r.config.datapath.pin_root.clone(),
             }) {
                 tracing::warn!("{}", crate::logging::error_line(&e));
             }
-            crate::cli::run_kubernetes(
-                r.config,
-                crate::cli::RuntimeOptions {
-                    master: r.master,
-                    ..Default::default()
-                },
-            )
-            .await
+            crate::cli::run_kubernetes(r.config, r.master).await
         }
     }
 }

@@ -20,7 +20,8 @@
 //! - [`takeover`]: waiting for a running kube-proxy to stop before changing the node;
 //! - [`capabilities`]: the capabilities `run` checks for at start;
 //! - [`init`]: the init container's node preparation (bpffs);
-//! - [`cli`]: the command line;
+//! - [`cli`]: this binary's command line (the clap types and the dispatch; one module per
+//!   command);
 //! - [`kube_proxy_cli`]: kube-proxy's command line (flags, precedence with `--config`);
 //! - [`logging`]: the log subscriber and the one-line error rendering.
 //!

@@ -1,12 +1,12 @@
 //! kube-ipvs-bpf command-line entry point: tells kube-proxy's command line from this binary's
 //! own (`agent::kube_proxy_cli`), sets up logging (`agent::logging`) and runs the chosen
-//! command (see `agent::cli`).
+//! command (`agent::cli::execute`).
 
 use std::ffi::OsString;
 
 use clap::Parser;
 
-use agent::cli::{self, Cli, Command, InspectWhat};
+use agent::cli::{self, Cli};
 use agent::kube_proxy_cli;
 
 fn main() -> std::process::ExitCode {
@@ -30,46 +30,7 @@ fn main() -> std::process::ExitCode {
     agent::logging::init(cli.log_format, "info");
     // libbpf's messages (e.g. "Parent Qdisc doesn't exists" at each attach) at debug level.
     probes::libbpf_log::route_to_tracing();
-    block_on(async {
-        match cli.command {
-            Command::Run(args) => cli::run(*args).await,
-            Command::Plan { source, output } => cli::plan(source, output).await,
-            Command::Cleanup(args) => cli::cleanup(args).await,
-            Command::Init {
-                bpffs,
-                bpf_pin_root,
-            } => agent::init::run(&agent::init::InitConfig {
-                bpffs,
-                pin_root: bpf_pin_root,
-            })
-            .map(|_| ()),
-            Command::Inspect {
-                what: InspectWhat::Services { output, state_dir },
-            } => cli::inspect_services(output, state_dir).await,
-            Command::Inspect {
-                what:
-                    InspectWhat::Snat {
-                        output,
-                        state_dir,
-                        bpf_pin_root,
-                    },
-            } => cli::inspect_snat(output, state_dir, bpf_pin_root),
-            Command::Inspect {
-                what:
-                    InspectWhat::Counters {
-                        output,
-                        bpf_pin_root,
-                    },
-            } => cli::inspect_counters(output, bpf_pin_root),
-            Command::Inspect {
-                what:
-                    InspectWhat::Switch {
-                        output,
-                        bpf_pin_root,
-                    },
-            } => agent::datapath::switch::inspect(output == cli::Output::Json, &bpf_pin_root),
-        }
-    })
+    block_on(cli::execute(cli.command))
 }
 
 /// Runs `f` on a single-threaded runtime; an error is logged once, on one line.

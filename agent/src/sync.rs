@@ -17,6 +17,7 @@ use anyhow::Context;
 use ipvs::IpvsHandle;
 use tokio::sync::watch;
 
+use crate::config::{IpvsSettings, SyncTiming};
 use crate::datapath::{Datapath, DatapathConfig, DeviceReport};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
 use crate::node::{AddressEntry, Link, Rtnl};
@@ -45,10 +46,10 @@ pub struct SyncConfig {
     pub node_name: String,
     /// The Node's InternalIPs (`--node-ip`); empty: the host's addresses.
     pub node_ips: Vec<IpAddr>,
-    pub min_sync_period: Duration,
-    pub sync_period: Duration,
-    /// How long a removed TCP/SCTP destination may drain before it is deleted anyway.
-    pub drain_timeout: Duration,
+    /// The loop's periods and the drain timeout; its node check period is how often the node
+    /// state outside IPVS is checked and repaired (`crate::node_state`), nf_tables and
+    /// kube-ipvs0 changes bring a check forward.
+    pub timing: SyncTiming,
     /// How often draining destinations are checked for idleness.
     pub drain_check_period: Duration,
     pub node_port_range: std::ops::RangeInclusive<u16>,
@@ -60,13 +61,9 @@ pub struct SyncConfig {
     pub datapath: Option<DatapathConfig>,
     /// How often expired SNAT entries are swept.
     pub sweep_period: Duration,
-    /// IPVS connection timeouts to set (0: leave the kernel's).
-    pub ipvs_timeouts: ipvs::Timeouts,
-    /// IPVS services on these addresses are never touched (`ipvs.excludeCIDRs`).
-    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
-    /// How often the node state outside IPVS is checked and repaired (`crate::node_state`);
-    /// nf_tables and kube-ipvs0 changes bring a check forward.
-    pub node_check_period: Duration,
+    /// IPVS connection timeouts to set (unset: leave the kernel's), and the services never
+    /// touched (`ipvs.excludeCIDRs`).
+    pub ipvs: IpvsSettings,
 }
 
 impl Default for SyncConfig {
@@ -75,18 +72,14 @@ impl Default for SyncConfig {
             model: ModelConfig::default(),
             node_name: String::new(),
             node_ips: Vec::new(),
-            min_sync_period: Duration::from_secs(1),
-            sync_period: Duration::from_secs(30),
-            drain_timeout: Duration::from_secs(300),
+            timing: SyncTiming::default(),
             drain_check_period: Duration::from_secs(2),
             node_port_range: 30000..=32767,
             state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
             ipvs_concurrency: 64,
             datapath: Some(DatapathConfig::default()),
             sweep_period: Duration::from_secs(10),
-            ipvs_timeouts: ipvs::Timeouts::default(),
-            ipvs_exclude_cidrs: Vec::new(),
-            node_check_period: Duration::from_secs(5),
+            ipvs: IpvsSettings::default(),
         }
     }
 }
@@ -341,7 +334,7 @@ impl Syncer {
                 );
             }
         }
-        let t = s.cfg.ipvs_timeouts;
+        let t = s.cfg.ipvs.timeouts.kernel();
         if t.tcp + t.tcp_fin + t.udp > 0 {
             s.ipvs
                 .set_timeouts(&t)
@@ -641,7 +634,7 @@ impl Syncer {
             bound: self.bound.clone(),
             node_addresses: node.addresses.iter().map(|a| a.address).collect(),
             node_port_range: self.cfg.node_port_range.clone(),
-            exclude: self.cfg.ipvs_exclude_cidrs.clone(),
+            exclude: self.cfg.ipvs.exclude_cidrs.clone(),
             recorded: self.recorded.clone(),
         });
     }
@@ -671,7 +664,7 @@ impl Syncer {
         let ctx = ipvs_rec::PlanContext {
             observed: &self.cache,
             ownership,
-            drain_timeout: self.cfg.drain_timeout,
+            drain_timeout: self.cfg.timing.drain_timeout,
             now: Instant::now(),
             scope,
         };
@@ -948,7 +941,7 @@ pub async fn run(
     // when this returns.
     let _sweeper = syncer.start_sweeper(&observers.metrics);
     // The node state (rules, sysctls, TC, kube-ipvs0): periodically, and soon after a change.
-    let node_check_period = cfg.node_check_period.max(Duration::from_millis(100));
+    let node_check_period = cfg.timing.node_check_period.max(Duration::from_millis(100));
     let mut node_check = tokio::time::interval_at(
         (Instant::now() + node_check_period).into(),
         node_check_period,
@@ -980,12 +973,12 @@ pub async fn run(
     let mut source_open = true;
     let mut last_sync: Option<Instant> = None;
     let mut first = true;
-    let mut next_full = Instant::now() + cfg.sync_period;
+    let mut next_full = Instant::now() + cfg.timing.sync_period;
     loop {
         let now = Instant::now();
         let mut wake = next_full;
         if pending {
-            wake = wake.min(last_sync.map_or(now, |t| (t + cfg.min_sync_period).max(now)));
+            wake = wake.min(last_sync.map_or(now, |t| (t + cfg.timing.min_sync_period).max(now)));
         } else if syncer.draining() {
             wake = wake.min(now + cfg.drain_check_period);
         } else if syncer.state_pending() {
@@ -1054,7 +1047,7 @@ pub async fn run(
         }
         let full = Instant::now() >= next_full;
         if full {
-            next_full = Instant::now() + cfg.sync_period;
+            next_full = Instant::now() + cfg.timing.sync_period;
         }
         let snapshot = snapshots.borrow_and_update().clone();
         pending = false;
@@ -1093,7 +1086,7 @@ pub async fn run(
                     kube_proxy_state_tried = true;
                     kube_proxy_state_left = !crate::takeover::remove_kube_proxy_state(
                         cfg.node_port_range.clone(),
-                        cfg.ipvs_exclude_cidrs.clone(),
+                        cfg.ipvs.exclude_cidrs.clone(),
                     )
                     .await;
                 }

@@ -156,7 +156,7 @@ fn configmap_config_loads() {
     let data = cm.data.unwrap();
     let file = agent::config::parse(&data["config.yaml"]).unwrap_or_else(|e| panic!("{e}"));
     let cfg = agent::config::resolve(Some(&file), &agent::config::Overrides::default()).unwrap();
-    assert_eq!(cfg.healthz_bind_address.port(), 10256);
+    assert_eq!(cfg.listeners.healthz.port(), 10256);
     assert_eq!(cfg.state_dir, Path::new("/run/kube-ipvs-bpf"));
     // The probes and the mounts follow the configuration.
     let c = agent_container(&pod(&daemonset()));

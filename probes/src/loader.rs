@@ -34,12 +34,12 @@ use libbpf_rs::{
 use crate::error::{Error, Result};
 use crate::maps::{self, Stats, map_names};
 use crate::maps::{CFG_F_DIRECT_WRITES, Config};
-use crate::nat_table::SnatTable;
+use crate::nat_table::{SnatHandles, SnatTable};
 use crate::objects::{
     DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
     PROBE_KRETPROBE_PROGRAM, PROBE_TARGET_FUNCTION,
 };
-use crate::typed_map::{DatapathMaps, PerCpuArray, SnatHandles, TypedMap};
+use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
 
 /// Default pin root; `v2` is the map layout version (a layout change gets a new directory).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/kube-ipvs-bpf/v2";

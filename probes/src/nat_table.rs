@@ -27,7 +27,6 @@ use crate::maps::{
     REC_FREE, REC_USED, SnatEntry, TAG_BUSY, TAG_FREE, TAG_VALID, Tuple,
 };
 use crate::nat_protocol::{self, TableMemory};
-use crate::typed_map::SnatHandles;
 
 /// The odd constants of `tuple_hash()` (table.h), one per 32-bit word of a tuple.
 const HASH_MULTIPLIERS: [u64; 10] = [
@@ -181,6 +180,18 @@ impl Drop for Mapping {
 unsafe fn atomic<'a>(word: *mut u32) -> &'a AtomicU32 {
     // SAFETY: the caller's contract; AtomicU32 has u32's layout.
     unsafe { AtomicU32::from_ptr(word) }
+}
+
+/// The maps of the SNAT table, before they are mapped.
+pub struct SnatHandles {
+    /// `snat_records`.
+    pub records: MapHandle,
+    /// `snat_fwd`.
+    pub fwd: MapHandle,
+    /// `snat_rev`.
+    pub rev: MapHandle,
+    /// `snat_locks`.
+    pub locks: MapHandle,
 }
 
 /// The SNAT table (its mapped maps plus the hash seed the programs use).

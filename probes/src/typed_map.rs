@@ -16,7 +16,7 @@ use crate::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
     DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
 };
-use crate::nat_table::SnatTable;
+use crate::nat_table::{SnatHandles, SnatTable};
 
 /// A plain-old-data type that can be a map key or value.
 pub trait MapPod: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {}
@@ -362,18 +362,6 @@ pub struct DatapathMaps {
     pub switch_flows: Option<TypedMap<Tuple, SwitchFlow>>,
     /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
     pub(crate) owned_flags: u32,
-}
-
-/// The maps of the SNAT table, before they are mapped.
-pub struct SnatHandles {
-    /// `snat_records`.
-    pub records: MapHandle,
-    /// `snat_fwd`.
-    pub fwd: MapHandle,
-    /// `snat_rev`.
-    pub rev: MapHandle,
-    /// `snat_locks`.
-    pub locks: MapHandle,
 }
 
 impl DatapathMaps {

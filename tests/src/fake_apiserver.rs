@@ -30,7 +30,7 @@
 //! [`fail_requests`](FakeApiServer::fail_requests) (injected errors) and
 //! [`write_kubeconfig`](FakeApiServer::write_kubeconfig).
 //!
-//! The `fake-apiserver` binary (`tests/bench/fake_apiserver.rs`) serves the same on an
+//! The `fake-apiserver` binary (`tests/bin/fake_apiserver.rs`) serves the same on an
 //! address, loads manifests from a directory, and is driven over HTTP on the same port:
 //!
 //! | request | effect |

@@ -360,6 +360,36 @@ pub const FIELDS: &[Field] = &[
         "true: only Services carrying that label (to run beside kube-proxy)",
     ),
     f(
+        "kubeIpvsBpf.nodeCheckPeriod",
+        "5s",
+        "–",
+        "how often the node state outside IPVS (iptables rules, sysctls, TC programs, kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner (`--node-check-period`)",
+    ),
+    f(
+        "kubeIpvsBpf.iptablesBackend",
+        "`default`",
+        "–",
+        "`default` (`iptables-restore` as installed), `nft` or `legacy`: the iptables the agent writes its rules with (`--iptables-backend`)",
+    ),
+    f(
+        "kubeIpvsBpf.datapath.kind",
+        "`bpf`",
+        "– (`mode: ipvs`)",
+        "`bpf`: IPVS plus the eBPF SNAT datapath; `none`: IPVS alone, no SNAT (`--datapath`)",
+    ),
+    f(
+        "kubeIpvsBpf.datapath.pinRoot",
+        "`/sys/fs/bpf/kube-ipvs-bpf/v2`",
+        "–",
+        "where the datapath's maps and programs are pinned, the map layout's version last (`--bpf-pin-root`)",
+    ),
+    f(
+        "kubeIpvsBpf.datapath.mapSizes",
+        "see docs/datapath.md",
+        "–",
+        "a map's entries by name (`svc_ports`, `svc_addrs`, `src_ranges`, `cluster_cidrs`, `devices`, `snat`, `conns`, `frags`), applied when the maps are created: a pinned map keeps its size (`--bpf-map-size NAME=ENTRIES`, name by name over the file)",
+    ),
+    f(
         "kubeIpvsBpf.datapath.markService",
         "`0x200000`",
         "– (kube-proxy's `0x4000` is not used)",
@@ -480,6 +510,19 @@ mod tests {
         assert!(
             missing.is_empty() && extra.is_empty(),
             "undocumented: {missing:?}; not in the schema: {extra:?}"
+        );
+    }
+
+    /// The pin root's default is written out above: it follows the loader's.
+    #[test]
+    fn reference_pin_root_default_is_the_loaders() {
+        let field = FIELDS
+            .iter()
+            .find(|f| f.path == "kubeIpvsBpf.datapath.pinRoot")
+            .map(|f| f.default);
+        assert_eq!(
+            field,
+            Some(format!("`{}`", probes::loader::DEFAULT_PIN_ROOT).as_str())
         );
     }
 

@@ -35,7 +35,7 @@ const KUBEADM_DEFAULT: &str = include_str!("../../tests/fixtures/kubeadm-kube-pr
 fn kubeadm_kube_proxy_configmap_loads() {
     let cfg = resolved(KUBEADM_DEFAULT);
     assert_eq!(
-        cfg.cluster_cidrs,
+        cfg.model.cluster_cidrs,
         vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
     );
     assert_eq!(
@@ -43,7 +43,10 @@ fn kubeadm_kube_proxy_configmap_loads() {
         Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
     );
     let expected = AgentConfig {
-        cluster_cidrs: cfg.cluster_cidrs.clone(),
+        model: ModelConfig {
+            cluster_cidrs: cfg.model.cluster_cidrs.clone(),
+            ..ModelConfig::default()
+        },
         kubeconfig: cfg.kubeconfig.clone(),
         ..AgentConfig::default()
     };
@@ -54,13 +57,13 @@ fn kubeadm_kube_proxy_configmap_loads() {
 fn defaults_without_a_file() {
     let cfg = resolve(None, &Overrides::default()).unwrap();
     assert_eq!(cfg, AgentConfig::default());
-    assert_eq!(cfg.healthz_bind_address.to_string(), "0.0.0.0:10256");
-    assert_eq!(cfg.metrics_bind_address.to_string(), "127.0.0.1:10249");
-    assert_eq!(cfg.sync_period, Duration::from_secs(30));
-    assert_eq!(cfg.min_sync_period, Duration::from_secs(1));
+    assert_eq!(cfg.listeners.healthz.to_string(), "0.0.0.0:10256");
+    assert_eq!(cfg.listeners.metrics.to_string(), "127.0.0.1:10249");
+    assert_eq!(cfg.timing.sync_period, Duration::from_secs(30));
+    assert_eq!(cfg.timing.min_sync_period, Duration::from_secs(1));
     assert_eq!(cfg.health_timeout(), Duration::from_secs(60));
     assert_eq!(cfg.node_port_range, 30000..=32767);
-    assert_eq!(cfg.scheduler, "rr");
+    assert_eq!(cfg.model.default_scheduler, "rr");
 }
 
 #[test]
@@ -130,8 +133,8 @@ fn bind_address() {
     assert!(resolved(&kp("bindAddress: 0.0.0.0\n")).node_ips.is_empty());
     let v6 = resolved(&kp("bindAddress: '::'\n"));
     assert!(v6.node_ips.is_empty());
-    assert_eq!(v6.healthz_bind_address.to_string(), "[::]:10256");
-    assert_eq!(v6.metrics_bind_address.to_string(), "[::1]:10249");
+    assert_eq!(v6.listeners.healthz.to_string(), "[::]:10256");
+    assert_eq!(v6.listeners.metrics.to_string(), "[::1]:10249");
     assert_names(&kp("bindAddress: node-1\n"), "bindAddress");
 }
 
@@ -140,10 +143,10 @@ fn healthz_and_metrics_bind_addresses() {
     let cfg = resolved(&kp(
         "healthzBindAddress: 127.0.0.1:20256\nmetricsBindAddress: 0.0.0.0\n",
     ));
-    assert_eq!(cfg.healthz_bind_address.to_string(), "127.0.0.1:20256");
-    assert_eq!(cfg.metrics_bind_address.to_string(), "0.0.0.0:10249");
+    assert_eq!(cfg.listeners.healthz.to_string(), "127.0.0.1:20256");
+    assert_eq!(cfg.listeners.metrics.to_string(), "0.0.0.0:10249");
     let v6 = resolved(&kp("metricsBindAddress: '[::]:9999'\n"));
-    assert_eq!(v6.metrics_bind_address.to_string(), "[::]:9999");
+    assert_eq!(v6.listeners.metrics.to_string(), "[::]:9999");
     assert_names(
         &kp("healthzBindAddress: localhost:1\n"),
         "healthzBindAddress",
@@ -153,7 +156,11 @@ fn healthz_and_metrics_bind_addresses() {
 
 #[test]
 fn bind_address_hard_fail() {
-    assert!(resolved(&kp("bindAddressHardFail: true\n")).bind_address_hard_fail);
+    assert!(
+        resolved(&kp("bindAddressHardFail: true\n"))
+            .listeners
+            .hard_fail
+    );
 }
 
 #[test]
@@ -176,7 +183,7 @@ fn oom_score_adj() {
 #[test]
 fn cluster_cidr_is_comma_separated_one_per_family() {
     let cfg = resolved(&kp("clusterCIDR: 10.244.0.0/16, fd00:10:244::/56\n"));
-    assert_eq!(cfg.cluster_cidrs.len(), 2);
+    assert_eq!(cfg.model.cluster_cidrs.len(), 2);
     assert_names(&kp("clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n"), "clusterCIDR");
     assert_names(&kp("clusterCIDR: 10.0.0.0\n"), "clusterCIDR");
 }
@@ -184,22 +191,30 @@ fn cluster_cidr_is_comma_separated_one_per_family() {
 #[test]
 fn node_port_addresses_forms() {
     assert_eq!(
-        resolved(&kp("nodePortAddresses: [primary]\n")).node_port_addresses,
+        resolved(&kp("nodePortAddresses: [primary]\n"))
+            .model
+            .node_port_addresses,
         NodePortAddresses::Primary
     );
     assert_eq!(
-        resolved(&kp("nodePortAddresses: [all]\n")).node_port_addresses,
+        resolved(&kp("nodePortAddresses: [all]\n"))
+            .model
+            .node_port_addresses,
         NodePortAddresses::AllLocal
     );
     assert_eq!(
-        resolved(&kp("nodePortAddresses: [10.0.0.0/8, 'fd00::/64']\n")).node_port_addresses,
+        resolved(&kp("nodePortAddresses: [10.0.0.0/8, 'fd00::/64']\n"))
+            .model
+            .node_port_addresses,
         NodePortAddresses::Cidrs(vec![
             "10.0.0.0/8".parse().unwrap(),
             "fd00::/64".parse().unwrap()
         ])
     );
     assert_eq!(
-        resolved(&kp("nodePortAddresses: []\n")).node_port_addresses,
+        resolved(&kp("nodePortAddresses: []\n"))
+            .model
+            .node_port_addresses,
         NodePortAddresses::AllLocal
     );
     assert_names(&kp("nodePortAddresses: [localhost]\n"), "nodePortAddresses");
@@ -212,22 +227,40 @@ fn node_port_addresses_forms() {
 
 #[test]
 fn scheduler() {
-    assert_eq!(resolved(&kp("ipvs:\n  scheduler: mh\n")).scheduler, "mh");
+    assert_eq!(
+        resolved(&kp("ipvs:\n  scheduler: mh\n"))
+            .model
+            .default_scheduler,
+        "mh"
+    );
     assert_names(&kp("ipvs:\n  scheduler: fastest\n"), "ipvs.scheduler");
 }
 
 #[test]
 fn masquerade_all_top_level_or_iptables_section() {
-    assert!(resolved(&ours("masqueradeAll: true\n")).masquerade_all);
-    assert!(resolved(&kp("iptables:\n  masqueradeAll: true\n")).masquerade_all);
+    assert!(
+        resolved(&ours("masqueradeAll: true\n"))
+            .model
+            .masquerade_all
+    );
+    assert!(
+        resolved(&kp("iptables:\n  masqueradeAll: true\n"))
+            .model
+            .masquerade_all
+    );
     assert!(
         !resolved(&kp(
             "masqueradeAll: false\niptables:\n  masqueradeAll: true\n"
         ))
+        .model
         .masquerade_all
     );
     // nftables' copy is ignored (kube-proxy reads it in nftables mode only).
-    assert!(!resolved(&kp("nftables:\n  masqueradeAll: true\n")).masquerade_all);
+    assert!(
+        !resolved(&kp("nftables:\n  masqueradeAll: true\n"))
+            .model
+            .masquerade_all
+    );
 }
 
 #[test]
@@ -235,16 +268,19 @@ fn sync_periods_follow_the_mode_section() {
     let ipvs = resolved(&kp(
         "mode: ipvs\nipvs:\n  syncPeriod: 1m\n  minSyncPeriod: 2s\niptables:\n  syncPeriod: 5m\n",
     ));
-    assert_eq!(ipvs.sync_period, Duration::from_secs(60));
-    assert_eq!(ipvs.min_sync_period, Duration::from_secs(2));
+    assert_eq!(ipvs.timing.sync_period, Duration::from_secs(60));
+    assert_eq!(ipvs.timing.min_sync_period, Duration::from_secs(2));
     let default_mode = resolved(&kp(
         "iptables:\n  syncPeriod: 45s\n  minSyncPeriod: 500ms\nipvs:\n  syncPeriod: 5m\n",
     ));
-    assert_eq!(default_mode.sync_period, Duration::from_secs(45));
-    assert_eq!(default_mode.min_sync_period, Duration::from_millis(500));
+    assert_eq!(default_mode.timing.sync_period, Duration::from_secs(45));
+    assert_eq!(
+        default_mode.timing.min_sync_period,
+        Duration::from_millis(500)
+    );
     let top = resolved(&ours("syncPeriod: 2m\nminSyncPeriod: 0s\n"));
-    assert_eq!(top.sync_period, Duration::from_secs(120));
-    assert_eq!(top.min_sync_period, DEFAULT_MIN_SYNC_PERIOD);
+    assert_eq!(top.timing.sync_period, Duration::from_secs(120));
+    assert_eq!(top.timing.min_sync_period, DEFAULT_MIN_SYNC_PERIOD);
 }
 
 #[test]
@@ -275,7 +311,7 @@ fn ipvs_timeouts() {
         "ipvs:\n  tcpTimeout: 15m\n  tcpFinTimeout: 2m\n  udpTimeout: 0s\n",
     ));
     assert_eq!(
-        cfg.ipvs_timeouts,
+        cfg.ipvs.timeouts,
         IpvsTimeouts {
             tcp: Some(Duration::from_secs(900)),
             tcp_fin: Some(Duration::from_secs(120)),
@@ -291,9 +327,9 @@ fn strict_arp_and_exclude_cidrs() {
     let cfg = resolved(&kp(
         "ipvs:\n  strictARP: true\n  excludeCIDRs: [10.200.0.0/16]\n",
     ));
-    assert!(cfg.strict_arp);
+    assert!(cfg.ipvs.strict_arp);
     assert_eq!(
-        cfg.ipvs_exclude_cidrs,
+        cfg.ipvs.exclude_cidrs,
         vec!["10.200.0.0/16".parse::<IpNet>().unwrap()]
     );
     assert_names(
@@ -307,15 +343,15 @@ fn own_section() {
     let cfg = resolved(&ours(
         "kubeIpvsBpf:\n  drainTimeout: 90s\n  stateDir: /var/run/kib\n  nodePortRange: 31000-32767\n  serviceProxyName: kube-ipvs-bpf\n",
     ));
-    assert_eq!(cfg.drain_timeout, Duration::from_secs(90));
+    assert_eq!(cfg.timing.drain_timeout, Duration::from_secs(90));
     assert_eq!(cfg.state_dir, PathBuf::from("/var/run/kib"));
     assert_eq!(cfg.node_port_range, 31000..=32767);
-    assert_eq!(cfg.proxy_name.as_deref(), Some("kube-ipvs-bpf"));
-    assert!(!cfg.only_labelled_services);
+    assert_eq!(cfg.model.proxy_name.as_deref(), Some("kube-ipvs-bpf"));
+    assert!(!cfg.model.only_labelled_services);
     let only = resolved(&ours(
         "kubeIpvsBpf:\n  serviceProxyName: kube-ipvs-bpf\n  onlyLabelledServices: true\n",
     ));
-    assert!(only.only_labelled_services);
+    assert!(only.model.only_labelled_services);
     assert_names(
         &ours("kubeIpvsBpf:\n  onlyLabelledServices: true\n"),
         "kubeIpvsBpf.onlyLabelledServices",
@@ -487,17 +523,17 @@ fn flags_override_file_override_defaults() {
     };
     let cfg = resolve(Some(&file), &flags).unwrap();
     assert_eq!(cfg.node_name.as_deref(), Some("from-flag"));
-    assert_eq!(cfg.scheduler, "lc");
-    assert!(!cfg.masquerade_all);
-    assert_eq!(cfg.min_sync_period, Duration::from_secs(5));
-    assert_eq!(cfg.healthz_bind_address.to_string(), "127.0.0.1:1");
-    assert_eq!(cfg.node_port_addresses, NodePortAddresses::Primary);
+    assert_eq!(cfg.model.default_scheduler, "lc");
+    assert!(!cfg.model.masquerade_all);
+    assert_eq!(cfg.timing.min_sync_period, Duration::from_secs(5));
+    assert_eq!(cfg.listeners.healthz.to_string(), "127.0.0.1:1");
+    assert_eq!(cfg.model.node_port_addresses, NodePortAddresses::Primary);
     // From the file.
-    assert_eq!(cfg.sync_period, Duration::from_secs(60));
-    assert_eq!(cfg.cluster_cidrs.len(), 1);
-    assert_eq!(cfg.metrics_bind_address.to_string(), "0.0.0.0:10249");
+    assert_eq!(cfg.timing.sync_period, Duration::from_secs(60));
+    assert_eq!(cfg.model.cluster_cidrs.len(), 1);
+    assert_eq!(cfg.listeners.metrics.to_string(), "0.0.0.0:10249");
     // Defaults.
-    assert_eq!(cfg.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(cfg.timing.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
 }
 
 #[test]
@@ -520,15 +556,114 @@ fn flags_are_validated_too() {
 }
 
 #[test]
-fn model_config_mirrors_the_agent_config() {
+fn the_models_settings_resolve_into_its_own_config() {
     let cfg = resolved(&ours(
         "clusterCIDR: 10.244.0.0/16\nmasqueradeAll: true\nkubeIpvsBpf:\n  serviceProxyName: x\n",
     ));
-    let m = cfg.model_config();
-    assert_eq!(m.cluster_cidrs, cfg.cluster_cidrs);
+    let m = &cfg.model;
+    assert_eq!(
+        m.cluster_cidrs,
+        vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+    );
     assert!(m.masquerade_all);
     assert_eq!(m.proxy_name.as_deref(), Some("x"));
     assert_eq!(m.default_scheduler, "rr");
+}
+
+/// The settings that were flags only (`--node-check-period`, `--iptables-backend`,
+/// `--datapath`, `--bpf-pin-root`, `--bpf-map-size`) are read from the file, and a flag wins
+/// over the file, field by field (map sizes name by name).
+#[test]
+fn former_flag_only_settings_are_read_from_the_file_and_flags_win() {
+    let yaml = ours(
+        "kubeIpvsBpf:\n  nodeCheckPeriod: 7s\n  iptablesBackend: legacy\n  datapath:\n    \
+         kind: none\n    pinRoot: /sys/fs/bpf/elsewhere/v2\n    mapSizes:\n      snat: 1024\n      \
+         conns: 2048\n      frags: 0\n",
+    );
+    let cfg = resolved(&yaml);
+    let dp = &cfg.datapath;
+    assert_eq!(cfg.timing.node_check_period, Duration::from_secs(7));
+    assert_eq!(dp.iptables_backend, IptablesBackend::Legacy);
+    assert_eq!(dp.kind, DatapathKind::None);
+    assert_eq!(dp.pin_root, PathBuf::from("/sys/fs/bpf/elsewhere/v2"));
+    let defaults = probes::MapSizes::default();
+    assert_eq!(
+        dp.map_sizes,
+        probes::MapSizes {
+            snat: 1024,
+            conns: 2048,
+            ..defaults
+        },
+        "frags: 0 asks for the default"
+    );
+
+    let file = parse(&yaml).unwrap();
+    let flags = Overrides {
+        node_check_period: Some(Duration::from_secs(3)),
+        iptables_backend: Some(IptablesBackend::Nft),
+        datapath: Some(DatapathKind::Bpf),
+        bpf_pin_root: Some(PathBuf::from("/sys/fs/bpf/flag/v2")),
+        bpf_map_sizes: vec![("snat".into(), 4096), ("devices".into(), 64)],
+        ..Overrides::default()
+    };
+    let cfg = resolve(Some(&file), &flags).unwrap();
+    let dp = &cfg.datapath;
+    assert_eq!(cfg.timing.node_check_period, Duration::from_secs(3));
+    assert_eq!(dp.iptables_backend, IptablesBackend::Nft);
+    assert_eq!(dp.kind, DatapathKind::Bpf);
+    assert_eq!(dp.pin_root, PathBuf::from("/sys/fs/bpf/flag/v2"));
+    assert_eq!(
+        dp.map_sizes,
+        probes::MapSizes {
+            snat: 4096,
+            conns: 2048,
+            devices: 64,
+            ..defaults
+        }
+    );
+
+    // Without either, the defaults (the flags' former defaults).
+    let cfg = resolve(None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.timing.node_check_period, Duration::from_secs(5));
+    assert_eq!(cfg.datapath.iptables_backend, IptablesBackend::Default);
+    assert_eq!(cfg.datapath.kind, DatapathKind::Bpf);
+    assert_eq!(
+        cfg.datapath.pin_root,
+        PathBuf::from(probes::loader::DEFAULT_PIN_ROOT)
+    );
+    assert_eq!(cfg.datapath.map_sizes, defaults);
+}
+
+#[test]
+fn former_flag_only_settings_are_checked_and_named() {
+    assert_names(
+        &ours("kubeIpvsBpf:\n  iptablesBackend: iptables\n"),
+        "kubeIpvsBpf.iptablesBackend",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    kind: xdp\n"),
+        "kubeIpvsBpf.datapath.kind",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    mapSizes:\n      nope: 10\n"),
+        "kubeIpvsBpf.datapath.mapSizes.nope",
+    );
+    assert_names(
+        &ours("kubeIpvsBpf:\n  nodeCheckPeriod: 5\n"),
+        "kubeIpvsBpf.nodeCheckPeriod",
+    );
+    let bad = Overrides {
+        bpf_map_sizes: vec![("nope".into(), 1)],
+        ..Overrides::default()
+    };
+    let e = resolve(None, &bad).unwrap_err().to_string();
+    assert!(e.contains("--bpf-map-size") && e.contains("nope"), "{e}");
+    let zero = Overrides {
+        node_check_period: Some(Duration::ZERO),
+        ..Overrides::default()
+    };
+    let e = resolve(None, &zero).unwrap_err().to_string();
+    assert!(e.contains("--node-check-period"), "{e}");
 }
 
 #[test]

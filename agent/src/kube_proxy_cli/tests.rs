@@ -88,11 +88,11 @@ fn kubeadms_daemonset_command_line_and_configmap_resolve() {
         Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
     );
     assert_eq!(
-        r.config.cluster_cidrs,
+        r.config.model.cluster_cidrs,
         vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
     );
-    assert_eq!(r.config.scheduler, "rr");
-    assert_eq!(r.config.sync_period, config::DEFAULT_SYNC_PERIOD);
+    assert_eq!(r.config.model.default_scheduler, "rr");
+    assert_eq!(r.config.timing.sync_period, config::DEFAULT_SYNC_PERIOD);
     assert!(
         r.ignored_for_config.is_empty(),
         "{:?}",
@@ -131,39 +131,39 @@ fn each_flag_sets_its_setting_without_config() {
     assert_eq!(c.kubeconfig.as_deref(), Some(Path::new("/k.conf")));
     assert_eq!(r.master.as_deref(), Some("https://10.0.0.1:6443"));
     assert_eq!(c.node_name.as_deref(), Some("worker-2"));
-    assert_eq!(c.scheduler, "wlc");
-    assert_eq!(c.sync_period, Duration::from_secs(45));
-    assert_eq!(c.min_sync_period, Duration::from_secs(2));
+    assert_eq!(c.model.default_scheduler, "wlc");
+    assert_eq!(c.timing.sync_period, Duration::from_secs(45));
+    assert_eq!(c.timing.min_sync_period, Duration::from_secs(2));
     assert_eq!(
-        c.ipvs_exclude_cidrs,
+        c.ipvs.exclude_cidrs,
         vec![
             "10.1.0.0/16".parse::<IpNet>().unwrap(),
             "fd00:1::/64".parse().unwrap()
         ]
     );
-    assert!(c.strict_arp);
-    assert_eq!(c.ipvs_timeouts.tcp, Some(Duration::from_secs(900)));
-    assert_eq!(c.ipvs_timeouts.tcp_fin, Some(Duration::from_secs(30)));
-    assert_eq!(c.ipvs_timeouts.udp, Some(Duration::from_secs(5)));
-    assert_eq!(c.cluster_cidrs.len(), 2);
+    assert!(c.ipvs.strict_arp);
+    assert_eq!(c.ipvs.timeouts.tcp, Some(Duration::from_secs(900)));
+    assert_eq!(c.ipvs.timeouts.tcp_fin, Some(Duration::from_secs(30)));
+    assert_eq!(c.ipvs.timeouts.udp, Some(Duration::from_secs(5)));
+    assert_eq!(c.model.cluster_cidrs.len(), 2);
     assert_eq!(
-        c.node_port_addresses,
+        c.model.node_port_addresses,
         NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
     );
-    assert!(c.masquerade_all);
+    assert!(c.model.masquerade_all);
     assert_eq!(
-        c.healthz_bind_address,
+        c.listeners.healthz,
         "0.0.0.0:20256".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(
-        c.metrics_bind_address,
+        c.listeners.metrics,
         "0.0.0.0:20249".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(
         c.node_ips,
         vec!["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]
     );
-    assert!(c.bind_address_hard_fail);
+    assert!(c.listeners.hard_fail);
     assert_eq!(c.oom_score_adj, Some(-999));
     assert!(r.notes.is_empty(), "{:?}", r.notes);
 }
@@ -181,9 +181,9 @@ fn go_flag_syntax_is_read_as_kube_proxy_reads_it() {
         "4",
         "--logging-format=json",
     ]);
-    assert_eq!(r.config.scheduler, "lc");
-    assert!(!r.config.masquerade_all);
-    assert!(r.config.strict_arp);
+    assert_eq!(r.config.model.default_scheduler, "lc");
+    assert!(!r.config.model.masquerade_all);
+    assert!(r.config.ipvs.strict_arp);
     assert_eq!(r.log_level, "debug");
     assert!(matches!(r.log_format, LogFormat::Json));
     assert_eq!(resolved(&["kube-proxy", "--v=7"]).log_level, "trace");
@@ -200,7 +200,7 @@ fn per_mode_sync_periods_apply_as_in_kube_proxy() {
         "--iptables-sync-period=40s",
         "--ipvs-sync-period=50s",
     ]);
-    assert_eq!(r.config.sync_period, Duration::from_secs(40));
+    assert_eq!(r.config.timing.sync_period, Duration::from_secs(40));
     assert!(
         r.notes.iter().any(|n| n.contains("--ipvs-sync-period")),
         "{:?}",
@@ -212,7 +212,7 @@ fn per_mode_sync_periods_apply_as_in_kube_proxy() {
         "--iptables-sync-period=40s",
         "--ipvs-sync-period=50s",
     ]);
-    assert_eq!(r.config.sync_period, Duration::from_secs(50));
+    assert_eq!(r.config.timing.sync_period, Duration::from_secs(50));
     assert!(
         r.notes.iter().any(|n| n.contains("--iptables-sync-period")),
         "{:?}",
@@ -220,19 +220,19 @@ fn per_mode_sync_periods_apply_as_in_kube_proxy() {
     );
     // This agent's own mode-independent names.
     let r = resolved(&["kube-proxy", "--sync-period=20s", "--min-sync-period=500ms"]);
-    assert_eq!(r.config.sync_period, Duration::from_secs(20));
-    assert_eq!(r.config.min_sync_period, Duration::from_millis(500));
+    assert_eq!(r.config.timing.sync_period, Duration::from_secs(20));
+    assert_eq!(r.config.timing.min_sync_period, Duration::from_millis(500));
 }
 
 #[test]
 fn deprecated_port_flags_set_the_servers_ports() {
     let r = resolved(&["kube-proxy", "--healthz-port=11256", "--metrics-port=11249"]);
     assert_eq!(
-        r.config.healthz_bind_address,
+        r.config.listeners.healthz,
         "0.0.0.0:11256".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(
-        r.config.metrics_bind_address,
+        r.config.listeners.metrics,
         "127.0.0.1:11249".parse::<SocketAddr>().unwrap()
     );
     // On the address's IP; a port in the address wins.
@@ -244,11 +244,11 @@ fn deprecated_port_flags_set_the_servers_ports() {
         "--metrics-port=11249",
     ]);
     assert_eq!(
-        r.config.healthz_bind_address,
+        r.config.listeners.healthz,
         "10.0.0.5:11256".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(
-        r.config.metrics_bind_address,
+        r.config.listeners.metrics,
         "0.0.0.0:9999".parse::<SocketAddr>().unwrap()
     );
     let e = error(&["kube-proxy", "--healthz-port=0"]);
@@ -274,9 +274,9 @@ fn with_config_the_file_wins_and_ignored_flags_are_named() {
         "-v=4",
     ]);
     // The file's values, not the flags'.
-    assert_eq!(r.config.scheduler, "rr");
+    assert_eq!(r.config.model.default_scheduler, "rr");
     assert_eq!(
-        r.config.cluster_cidrs,
+        r.config.model.cluster_cidrs,
         vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
     );
     assert_eq!(
@@ -284,7 +284,7 @@ fn with_config_the_file_wins_and_ignored_flags_are_named() {
         Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
     );
     assert_eq!(
-        r.config.healthz_bind_address,
+        r.config.listeners.healthz,
         config::DEFAULT_HEALTHZ_BIND_ADDRESS
     );
     assert_eq!(
@@ -308,6 +308,33 @@ fn with_config_the_file_wins_and_ignored_flags_are_named() {
     );
     let r = resolved(&["kube-proxy", &format!("--config={}", conf.display())]);
     assert_eq!(r.config.node_name.as_deref(), Some("from-file"));
+}
+
+/// The settings that are this binary's own flags (`run --datapath`, ...) have no kube-proxy
+/// flag: under kube-proxy's command line they come from `--config` alone, else the defaults.
+#[test]
+fn with_config_the_agents_own_settings_come_from_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = config_file(
+        dir.path(),
+        &format!(
+            "{KUBEADM_CONFIG}\nkubeIpvsBpf:\n  nodeCheckPeriod: 9s\n  iptablesBackend: nft\n  \
+             datapath:\n    kind: none\n    pinRoot: /sys/fs/bpf/kp/v2\n    mapSizes: {{snat: 512}}\n"
+        ),
+    );
+    let r = resolved(&["kube-proxy", &format!("--config={}", conf.display())]);
+    let dp = &r.config.datapath;
+    assert_eq!(r.config.timing.node_check_period, Duration::from_secs(9));
+    assert_eq!(dp.iptables_backend, config::IptablesBackend::Nft);
+    assert_eq!(dp.kind, config::DatapathKind::None);
+    assert_eq!(dp.pin_root, Path::new("/sys/fs/bpf/kp/v2"));
+    assert_eq!(dp.map_sizes.snat, 512);
+    let r = resolved(&["kube-proxy", "--proxy-mode=ipvs"]);
+    assert_eq!(r.config.datapath, config::DatapathSettings::default());
+    assert_eq!(
+        r.config.timing.node_check_period,
+        config::DEFAULT_NODE_CHECK_PERIOD
+    );
 }
 
 #[test]
@@ -416,7 +443,7 @@ fn cleanup_and_init_only_are_actions() {
     ]);
     assert_eq!(r.action, Action::Cleanup);
     assert_eq!(
-        r.config.ipvs_exclude_cidrs,
+        r.config.ipvs.exclude_cidrs,
         vec!["10.5.0.0/16".parse::<IpNet>().unwrap()]
     );
 }

@@ -882,7 +882,7 @@ fn markdown(
             md,
             "### How it was measured\n\n\
              `scripts/bench datapath` boots each kernel in the lab VM twice (plain TCG, then \
-             `-icount`) and runs `bench-datapath` (tests/bench/datapath.rs) there. Topology \
+             `-icount`) and runs `bench-datapath` (bench/src/datapath.rs) there. Topology \
              (`SnatTopology`, built afresh for every datapath in every round): an off-cluster \
              client 10.0.1.2 → the node 10.0.1.1 → a router → the remote pod 10.244.2.2; a local \
              pod 10.244.1.2 behind the node's `cni0`. The router has no route back to the client, \
