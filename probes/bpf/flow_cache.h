@@ -93,7 +93,15 @@ static __always_inline __u32 flow_gen_read(__u32 index)
 	return gen ? __sync_fetch_and_add(gen, 0) : 0;
 }
 
-/* Ends every CPU's egress verdicts on index: a SNAT record was just published for one of its tuples. */
+/* Whether no SNAT record was made on index since a verdict read its flow_gen counter as gen. */
+static __always_inline int flow_gen_unchanged(__u32 index, __u32 gen)
+{
+	const __u32 *now = bpf_map_lookup_elem(&flow_gen, &index);
+
+	return now && *now == gen;
+}
+
+/* Ends every CPU's verdicts on index: a SNAT record was just published for one of its tuples. */
 static __always_inline void flow_gen_bump(__u32 index)
 {
 	__u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
@@ -294,18 +302,13 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
 		return FAST_MISS;
 	tag = w[9] & SLOT_TAG_MASK;
-	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family)) {
-		const __u32 *gen;
-
-		if ((skb->mark & w[SLOT_VERDICT_MASK]) != w[SLOT_VERDICT_BITS])
-			return FAST_MISS;
-		gen = bpf_map_lookup_elem(&flow_gen, &index);
-		return gen && *gen == w[SLOT_VERDICT_GEN] ? FAST_DONE : FAST_MISS;
-	}
+	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family))
+		return (skb->mark & w[SLOT_VERDICT_MASK]) == w[SLOT_VERDICT_BITS] &&
+			       flow_gen_unchanged(index, w[SLOT_VERDICT_GEN])
+			   ? FAST_DONE
+			   : FAST_MISS;
 	if (dir == NAT_DST && tag == SLOT_TAG(proto, FLOW_VERDICT_INGRESS, family)) {
-		const __u32 *gen = bpf_map_lookup_elem(&flow_gen, &index);
-
-		if (!gen || *gen != w[SLOT_VERDICT_GEN])
+		if (!flow_gen_unchanged(index, w[SLOT_VERDICT_GEN]))
 			return FAST_MISS;
 		skb->mark |= w[SLOT_VERDICT_BITS];
 		if (w[SLOT_VERDICT_STAT] < STAT_MAX)

@@ -461,35 +461,24 @@ fn egress_verdict_ends_when_another_cpu_translates_the_flow(f: Family, name: &st
     let fx = Fixture::new(name);
     let syn = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_SYN);
     let ack = tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK);
-    std::thread::scope(|scope| {
-        let on = |cpu: usize, packet: &[u8], mark: u32| {
-            let (fx, packet) = (&fx, packet.to_vec());
-            scope
-                .spawn(move || {
-                    pin_to(cpu);
-                    fx.egress(&packet, mark).packet
-                })
-                .join()
-                .expect("test thread")
-        };
-        // CPU A: the flow needs no SNAT with the service mark; its verdict is kept even when the
-        // maps change (the source becomes a service address) ...
-        assert_eq!(on(cpus[0], &syn, SVC), syn);
-        assert_eq!(on(cpus[0], &ack, SVC), ack);
-        add_service_address(&fx, client(f));
-        assert_eq!(on(cpus[0], &ack, SVC), ack, "CPU A keeps its verdict");
-        // ... until CPU B translates a packet of the flow without the mark.
-        let out = on(cpus[1], &ack, 0);
-        assert_eq!(check_frame(&out).src, node(f), "CPU B: by the maps");
-        let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
-        let out = on(cpus[0], &ack, SVC);
-        let seen = check_frame(&out);
-        assert_eq!(
-            (seen.src, seen.sport()),
-            (entry.address(), entry.port.get()),
-            "CPU A translates the flow as snat_fwd says"
-        );
-    });
+    let on = |cpu: usize, packet: &[u8], mark: u32| on_cpu(cpu, || fx.egress(packet, mark).packet);
+    // CPU A: the flow needs no SNAT with the service mark; its verdict is kept even when the maps
+    // change (the source becomes a service address) ...
+    assert_eq!(on(cpus[0], &syn, SVC), syn);
+    assert_eq!(on(cpus[0], &ack, SVC), ack);
+    add_service_address(&fx, client(f));
+    assert_eq!(on(cpus[0], &ack, SVC), ack, "CPU A keeps its verdict");
+    // ... until CPU B translates a packet of the flow without the mark.
+    let out = on(cpus[1], &ack, 0);
+    assert_eq!(check_frame(&out).src, node(f), "CPU B: by the maps");
+    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    let out = on(cpus[0], &ack, SVC);
+    let seen = check_frame(&out);
+    assert_eq!(
+        (seen.src, seen.sport()),
+        (entry.address(), entry.port.get()),
+        "CPU A translates the flow as snat_fwd says"
+    );
 }
 both_families!(egress_verdict_ends_when_another_cpu_translates_the_flow);
 
@@ -510,43 +499,27 @@ fn ingress_verdict_ends_when_another_cpu_translates_its_flow(f: Family, name: &s
     assert!(!in_local_range(KEPT_PORT));
     let request = udp(client(f), KEPT_PORT, backend(f), BACKEND_PORT, b"request");
     let reply = udp(backend(f), BACKEND_PORT, node(f), KEPT_PORT, b"reply");
-    std::thread::scope(|scope| {
-        let on = |cpu: usize, egress: bool, packet: &[u8], mark: u32| {
-            let (fx, packet) = (&fx, packet.to_vec());
-            scope
-                .spawn(move || {
-                    pin_to(cpu);
-                    if egress {
-                        fx.egress(&packet, mark)
-                    } else {
-                        fx.ingress(&packet, mark)
-                    }
-                })
-                .join()
-                .expect("test thread")
-        };
-        // CPU A: the reply tuple is none of the agent's (twice: the second is the verdict's).
-        for _ in 0..2 {
-            let out = on(cpus[0], false, &reply, 0);
-            assert_eq!((out.packet.as_slice(), out.mark), (reply.as_slice(), 0));
-        }
-        // CPU B: the request is masqueraded, to the node's address and the client's own port.
-        let out = on(cpus[1], true, &request, MASQ);
-        let seen = check_frame(&out.packet);
-        assert_eq!(
-            (seen.src, seen.sport()),
-            (node(f), KEPT_PORT),
-            "CPU B translates"
-        );
-        // CPU A: the reply now comes back to the client.
-        let out = on(cpus[0], false, &reply, 0);
-        let seen = check_frame(&out.packet);
-        assert_eq!(
-            (seen.dst, seen.dport(), out.mark),
-            (client(f), KEPT_PORT, SVC),
-            "CPU A reverse-translates the reply"
-        );
-    });
+    // CPU A: the reply tuple is none of the agent's (twice: the second is the verdict's).
+    for _ in 0..2 {
+        let out = on_cpu(cpus[0], || fx.ingress(&reply, 0));
+        assert_eq!((out.packet.as_slice(), out.mark), (reply.as_slice(), 0));
+    }
+    // CPU B: the request is masqueraded, to the node's address and the client's own port.
+    let out = on_cpu(cpus[1], || fx.egress(&request, MASQ));
+    let seen = check_frame(&out.packet);
+    assert_eq!(
+        (seen.src, seen.sport()),
+        (node(f), KEPT_PORT),
+        "CPU B translates"
+    );
+    // CPU A: the reply now comes back to the client.
+    let out = on_cpu(cpus[0], || fx.ingress(&reply, 0));
+    let seen = check_frame(&out.packet);
+    assert_eq!(
+        (seen.dst, seen.dport(), out.mark),
+        (client(f), KEPT_PORT, SVC),
+        "CPU A reverse-translates the reply"
+    );
 }
 both_families!(ingress_verdict_ends_when_another_cpu_translates_its_flow);
 

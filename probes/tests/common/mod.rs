@@ -702,6 +702,19 @@ pub fn pin_to(cpu: usize) {
     }
 }
 
+/// Runs `body` on a thread pinned to `cpu` and returns what it returns.
+pub fn on_cpu<T: Send>(cpu: usize, body: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                pin_to(cpu);
+                body()
+            })
+            .join()
+            .expect("pinned test thread")
+    })
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: as in pin_to; sched_getaffinity fills the set.
