@@ -443,6 +443,16 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// The protocol as the tuple's text form starts: `tcp`, `udp`, `sctp` or `proto N`.
+    pub fn protocol_name(&self) -> String {
+        match L4Proto::from_number(self.proto) {
+            Some(L4Proto::Tcp) => "tcp".to_owned(),
+            Some(L4Proto::Udp) => "udp".to_owned(),
+            Some(L4Proto::Sctp) => "sctp".to_owned(),
+            None => format!("proto {}", self.proto),
+        }
+    }
+
     /// The tuple `saddr:sport -> daddr:dport/proto`.
     pub fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16, proto: L4Proto) -> Self {
         Tuple {
@@ -481,12 +491,7 @@ impl Tuple {
 /// `tcp 10.0.0.1:40000 -> 10.96.0.10:80` (IPv6 addresses in brackets).
 impl std::fmt::Display for Tuple {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match L4Proto::from_number(self.proto) {
-            Some(L4Proto::Tcp) => "tcp".to_owned(),
-            Some(L4Proto::Udp) => "udp".to_owned(),
-            Some(L4Proto::Sctp) => "sctp".to_owned(),
-            None => format!("proto {}", self.proto),
-        };
+        let proto = self.protocol_name();
         let sock = |addr: IpAddr, port: Be16| std::net::SocketAddr::new(addr, port.get());
         write!(
             f,

@@ -167,12 +167,7 @@ pub fn window_report(open: bool, entries: &[(Tuple, SwitchFlow)], now_ns: u64) -
     for (tuple, flow) in entries {
         let c = by_id.entry(flow.ct_id).or_insert_with(|| OldConnection {
             conntrack_id: flow.ct_id,
-            protocol: tuple
-                .to_string()
-                .split(' ')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
+            protocol: tuple.protocol_name(),
             tuples: Vec::new(),
             seen_seconds_ago: u64::MAX,
         });
