@@ -629,11 +629,10 @@ fn file_model(
     if let Some(s) = non_empty(&ipvs.scheduler) {
         cfg.model.default_scheduler = s.to_owned();
     }
-    cfg.model.masquerade_all = match (f.masquerade_all, iptables.masquerade_all) {
-        (Some(top), _) => top,
-        (None, Some(ipt)) => ipt,
-        (None, None) => false,
-    };
+    cfg.model.masquerade_all = f
+        .masquerade_all
+        .or(iptables.masquerade_all)
+        .unwrap_or(false);
     if let Some(name) = non_empty(&own.service_proxy_name) {
         cfg.model.proxy_name = Some(name.to_owned());
     }

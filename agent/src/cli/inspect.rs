@@ -133,41 +133,43 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// The names of the bits of `bits` that `names` lists, comma-separated, in `names`' order.
+fn bit_names(bits: u8, names: &[(u8, &str)]) -> String {
+    names
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Why a connection was source-NATed (the entry's `SNAT_F_*` reason bits).
 fn reason_text(flags: u8) -> String {
     use probes::maps::{SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ, SNAT_F_OFFCLUSTER};
-    let mut v = Vec::new();
-    for (b, n) in [
-        (SNAT_F_MASQ, "masquerade"),
-        (SNAT_F_HAIRPIN, "hairpin"),
-        (SNAT_F_OFFCLUSTER, "off-cluster-backend"),
-        (SNAT_F_HOST, "host"),
-    ] {
-        if flags & b != 0 {
-            v.push(n);
-        }
-    }
-    v.join(",")
+    bit_names(
+        flags,
+        &[
+            (SNAT_F_MASQ, "masquerade"),
+            (SNAT_F_HAIRPIN, "hairpin"),
+            (SNAT_F_OFFCLUSTER, "off-cluster-backend"),
+            (SNAT_F_HOST, "host"),
+        ],
+    )
 }
 
+/// The TCP state bits an entry has seen (`STATE_*`), `-` for none.
 fn state_text(bits: u8) -> String {
     use probes::maps::{STATE_FIN, STATE_REPLY, STATE_RST, STATE_SYN};
-    let mut v = Vec::new();
-    for (b, n) in [
-        (STATE_SYN, "syn"),
-        (STATE_REPLY, "reply"),
-        (STATE_FIN, "fin"),
-        (STATE_RST, "rst"),
-    ] {
-        if bits & b != 0 {
-            v.push(n);
-        }
-    }
-    if v.is_empty() {
-        "-".into()
-    } else {
-        v.join(",")
-    }
+    let names = bit_names(
+        bits,
+        &[
+            (STATE_SYN, "syn"),
+            (STATE_REPLY, "reply"),
+            (STATE_FIN, "fin"),
+            (STATE_RST, "rst"),
+        ],
+    );
+    if names.is_empty() { "-".into() } else { names }
 }
 
 /// `inspect snat`: every translated connection, from the pinned maps.
