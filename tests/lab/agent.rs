@@ -1374,6 +1374,47 @@ fn the_agents_open_connections_survive_the_rollback_to_kube_proxy_behind_a_firew
     lab.nothing_reset_nor_recreated(&rsts_before, &stats_before, "after the drain");
 }
 
+/// A pod's connection to a ClusterIP (not source-NATed) that lives longer than IPVS's TCP timeout
+/// counted from its start (10 s here), behind an nftables-only node firewall whose forward chain
+/// drops by default, accepting established connections and the service mark (the rule
+/// docs/datapath.md tells its operator to add): its replies, forwarded to the pod, stay marked as
+/// service traffic because the sweeper keeps the connection's `conns` entry while IPVS holds the
+/// connection, so none is dropped and none is tracked. (With the entry expired by age alone, the
+/// replies went unmarked after 10 s: conntrack picked them up mid-connection as new, and the
+/// firewall dropped them.)
+#[test]
+fn a_pods_connection_outliving_ipvs_timeout_keeps_its_replies_behind_a_forward_drop_firewall() {
+    require_lab();
+    let lab = SwitchLab::new("ag-long");
+    let t = &lab.t;
+    t.node.sh("ipvsadm --set 10 5 5");
+    t.node.sh(
+        "nft add table inet filter && \
+         nft add chain inet filter forward '{ type filter hook forward priority 0; policy drop; }' && \
+         nft add rule inet filter forward ct state established,related accept && \
+         nft add rule inet filter forward meta mark and 0x00200000 == 0x00200000 accept",
+    );
+    let agent = lab.start_agent();
+    agent.wait_sync(0, 1);
+    let mut c =
+        HeldConnection::open(&t.pod, "10.96.0.60:80".parse().unwrap()).expect("pod to ClusterIP");
+    let port = c.local_addr().expect("address").port();
+    for i in 0..25 {
+        let msg = format!("{i} s\n");
+        assert_eq!(
+            c.echo(&msg)
+                .unwrap_or_else(|e| panic!("{i} s into the connection: {e}")),
+            msg
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+    assert!(
+        !conntrack.contains(&format!("dport={port} ")),
+        "the connection's replies stayed untracked:\n{conntrack}"
+    );
+}
+
 /// kubeadm's kube-proxy DaemonSet with only its image swapped: the same command line
 /// (`/usr/local/bin/kube-proxy --config=/var/lib/kube-proxy/config.conf
 /// --hostname-override=$(NODE_NAME)`, the kubelet having expanded NODE_NAME), the same

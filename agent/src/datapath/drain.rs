@@ -8,17 +8,15 @@
 //! [`end`] is an agent taking the node back during a drain.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use probes::DatapathMaps;
-use probes::maps::{
-    CFG_F_DRAIN, CFG_F_DRAIN_RECORD, CFG_F_SWITCH, ConnValue, L4Proto, SwitchFlow, Tuple,
-};
+use probes::maps::{CFG_F_DRAIN, CFG_F_DRAIN_RECORD, CFG_F_SWITCH, ConnValue, SwitchFlow, Tuple};
 
+use super::ipvs_conns::{self, IpvsConn};
 use super::sweep::monotonic_ns;
 use super::switch;
 use super::sysctl::{self, Sysctl};
@@ -103,94 +101,10 @@ pub fn end(maps: &DatapathMaps) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// One IPVS connection of `/proc/net/ip_vs_conn`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpvsConn {
-    /// Client -> virtual service, as the agent keys it in `switch_flows`.
-    pub client_to_service: Tuple,
-    /// IPVS's state name (`ESTABLISHED`, `FIN_WAIT`, `TIME_WAIT`, `UDP`, …).
-    pub state: &'static str,
-}
-
-impl IpvsConn {
-    /// Whether the connection can still carry data: IPVS holds it in another state than
-    /// `TIME_WAIT` or `CLOSE` (both sides closed, or reset).
-    pub fn open(&self) -> bool {
-        !matches!(self.state, "TIME_WAIT" | "CLOSE")
-    }
-}
-
-/// IPVS's state names (TCP's, UDP's, SCTP's), so a parsed state is one of them.
-const STATE_NAMES: &[&str] = &[
-    "NONE",
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT",
-    "TIME_WAIT",
-    "CLOSE",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "SYNACK",
-    "UDP",
-    "INIT",
-    "COOKIE_WAIT",
-    "COOKIE_ECHOED",
-    "SHUTDOWN_SENT",
-    "SHUTDOWN_RECEIVED",
-    "SHUTDOWN_ACK_SENT",
-    "REJECTED",
-    "ERR",
-];
-
-/// The connections of `/proc/net/ip_vs_conn`'s text (the kernel's `ip_vs_conn_seq_show`:
-/// `Pro FromIP FPrt ToIP TPrt DestIP DPrt State Expires …`, IPv4 addresses and ports in hex,
-/// IPv6 addresses written out in full). Persistence templates (client port 0) and lines that do
-/// not parse are left out.
-pub fn parse_ip_vs_conn(text: &str) -> Vec<IpvsConn> {
-    text.lines().skip(1).filter_map(parse_conn_line).collect()
-}
-
-fn parse_conn_line(line: &str) -> Option<IpvsConn> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    if f.len() < 8 {
-        return None;
-    }
-    let proto = match f[0] {
-        "TCP" => L4Proto::Tcp,
-        "UDP" => L4Proto::Udp,
-        "SCTP" => L4Proto::Sctp,
-        _ => return None,
-    };
-    let addr = |s: &str| -> Option<IpAddr> {
-        if s.contains(':') {
-            s.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
-        } else {
-            u32::from_str_radix(s, 16)
-                .ok()
-                .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
-        }
-    };
-    let port = |s: &str| u16::from_str_radix(s, 16).ok();
-    let (client, cport) = (addr(f[1])?, port(f[2])?);
-    let (service, vport) = (addr(f[3])?, port(f[4])?);
-    if cport == 0 {
-        return None;
-    }
-    let state = STATE_NAMES.iter().copied().find(|s| *s == f[7])?;
-    Some(IpvsConn {
-        client_to_service: Tuple::new(client, cport, service, vport, proto),
-        state,
-    })
-}
-
 /// The open connections IPVS holds in the calling thread's network namespace, by client ->
 /// service tuple.
 pub fn ipvs_open_connections() -> anyhow::Result<HashSet<Tuple>> {
-    let path = "/proc/net/ip_vs_conn";
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(parse_ip_vs_conn(&text)
+    Ok(ipvs_conns::read()?
         .into_iter()
         .filter(IpvsConn::open)
         .map(|c| c.client_to_service)
@@ -314,47 +228,7 @@ pub async fn run(opts: &DrainOptions) -> anyhow::Result<DrainReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ip_vs_conn_lines_give_client_to_service_tuples_and_states() {
-        // As 6.12's ip_vs_conn_seq_show prints them (header, IPv4 TCP, UDP, a template, IPv6).
-        let text = "\
-Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData
-TCP 0A000102 9C40 0A600029 0050 0A000202 1F90 ESTABLISHED     899
-UDP 0A000102 14E9 0A60000A 0035 0A000203 0035 UDP             299
-TCP 0A000102 0000 0A600029 0050 0A000202 1F90 NONE            179
-TCP 0A000103 9C41 0A600029 0050 0A000202 1F90 TIME_WAIT       119
-TCP fd00:0000:0000:0000:0000:0000:0000:0002 9C42 fd00:0000:0000:0000:0000:0000:0000:0029 0050 [fd00:0000:0000:0000:0000:0000:0000:0003] 1F90 FIN_WAIT        119
-garbage
-";
-        let conns = parse_ip_vs_conn(text);
-        let t = |a: &str, ap: u16, b: &str, bp: u16, p| {
-            Tuple::new(a.parse().unwrap(), ap, b.parse().unwrap(), bp, p)
-        };
-        assert_eq!(
-            conns,
-            vec![
-                IpvsConn {
-                    client_to_service: t("10.0.1.2", 40000, "10.96.0.41", 80, L4Proto::Tcp),
-                    state: "ESTABLISHED",
-                },
-                IpvsConn {
-                    client_to_service: t("10.0.1.2", 5353, "10.96.0.10", 53, L4Proto::Udp),
-                    state: "UDP",
-                },
-                IpvsConn {
-                    client_to_service: t("10.0.1.3", 40001, "10.96.0.41", 80, L4Proto::Tcp),
-                    state: "TIME_WAIT",
-                },
-                IpvsConn {
-                    client_to_service: t("fd00::2", 40002, "fd00::29", 80, L4Proto::Tcp),
-                    state: "FIN_WAIT",
-                },
-            ]
-        );
-        let open: Vec<bool> = conns.iter().map(IpvsConn::open).collect();
-        assert_eq!(open, vec![true, true, false, true]);
-    }
+    use probes::maps::L4Proto;
 
     #[test]
     fn a_conns_entry_is_keyed_by_its_client_and_virtual_service() {

@@ -13,6 +13,7 @@
 //! explicit range that now overlaps is logged as an error.
 
 pub mod drain;
+pub mod ipvs_conns;
 pub mod lock;
 pub mod rules;
 pub mod sweep;
