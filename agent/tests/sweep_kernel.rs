@@ -45,6 +45,22 @@ fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
     frame
 }
 
+/// The `conns` entry the IPVS probe writes for a connection through VIP:80, made at `created_ns`.
+fn probe_saw(maps: &probes::DatapathMaps, key: &Tuple, created_ns: u64) {
+    maps.conns
+        .insert(
+            key,
+            &ConnValue {
+                vaddr: addr_to_bytes(IpAddr::V4(VIP)),
+                vport: U16::new(80),
+                pad: 0,
+                ipvs_flags: 0,
+                created_ns,
+            },
+        )
+        .expect("conns");
+}
+
 #[test]
 fn sweeps_resolve_new_records_then_expire_and_free_them() {
     if !can_load_datapath() {
@@ -78,18 +94,7 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
         L4Proto::Tcp,
     );
     for key in [seen, untranslated] {
-        maps.conns
-            .insert(
-                &key,
-                &ConnValue {
-                    vaddr: addr_to_bytes(IpAddr::V4(VIP)),
-                    vport: U16::new(80),
-                    pad: 0,
-                    ipvs_flags: 0,
-                    created_ns: long_ago,
-                },
-            )
-            .expect("conns");
+        probe_saw(maps, &key, long_ago);
     }
     let context = SkbContext {
         mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
@@ -183,18 +188,7 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
     };
     let (long_lived, ended, young) = (conn(7000), conn(7001), conn(7002));
     for (key, created_ns) in [(long_lived, long_ago), (ended, long_ago), (young, now)] {
-        maps.conns
-            .insert(
-                &key,
-                &ConnValue {
-                    vaddr: addr_to_bytes(IpAddr::V4(VIP)),
-                    vport: U16::new(80),
-                    pad: 0,
-                    ipvs_flags: 0,
-                    created_ns,
-                },
-            )
-            .expect("conns");
+        probe_saw(maps, &key, created_ns);
     }
     let mut reads = 0;
     let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {

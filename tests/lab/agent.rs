@@ -967,17 +967,29 @@ fn udp_pinger(
     })
 }
 
-/// Every old flow carries bytes both ways: six rounds of echoes on the first three TCP flows and
-/// datagrams on the UDP flow (whose source the backend must see unchanged, `udp_source`), half a
-/// second apart; then the stream (the fourth) echoes 8 MiB each way in 64 KiB writes, many TCP
-/// windows. `when` names the moment in failures.
+/// Every old flow carries bytes both ways. The UDP pinger stops first: the backend must have seen
+/// one source throughout, `udp_source`. Then six rounds of echoes on the first three TCP flows
+/// and datagrams on the UDP flow (same source), half a second apart; then the stream (the
+/// fourth) echoes 8 MiB each way in 64 KiB writes, many TCP windows. `when` names the moment in
+/// failures. Gives back the UDP flow.
 fn old_flows_carry_bytes(
     old: &mut [(&'static str, HeldConnection); 4],
-    udp_flow: &std::net::UdpSocket,
+    pinger: std::thread::JoinHandle<(
+        std::net::UdpSocket,
+        std::collections::BTreeSet<String>,
+        usize,
+    )>,
+    stop_pings: &std::sync::atomic::AtomicBool,
     udp_source: &str,
-    first_ping: usize,
     when: &str,
-) {
+) -> std::net::UdpSocket {
+    stop_pings.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (udp_flow, udp_seen, first_ping) = pinger.join().expect("the UDP flow");
+    assert_eq!(
+        udp_seen,
+        std::collections::BTreeSet::from([udp_source.to_owned()]),
+        "the UDP flow's source as the backend saw it over {first_ping} datagrams"
+    );
     for i in 0..6 {
         for (what, c) in old.iter_mut().take(3) {
             let msg = format!("{when} {i}\n");
@@ -988,7 +1000,7 @@ fn old_flows_carry_bytes(
             );
         }
         assert_eq!(
-            udp_ping(udp_flow, first_ping + i),
+            udp_ping(&udp_flow, first_ping + i),
             udp_source,
             "the UDP flow's source as the backend sees it {when}"
         );
@@ -1004,6 +1016,7 @@ fn old_flows_carry_bytes(
             chunk
         );
     }
+    udp_flow
 }
 
 /// Issue 19's matrix (docs/switching.md, "Tests"): kube-proxy's ipvs mode as generated
@@ -1136,14 +1149,13 @@ fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_in
     assert!(ipsets.trim().is_empty(), "ipsets left: {ipsets}");
 
     // Every old flow carries bytes both ways, for several sweeps and node checks.
-    stop_pings.store(true, Ordering::Relaxed);
-    let (udp_flow, udp_seen, pings) = pinger.join().expect("the UDP flow");
-    assert_eq!(
-        udp_seen,
-        std::collections::BTreeSet::from([udp_source.clone()]),
-        "the UDP flow's source as the backend saw it over {pings} datagrams"
+    let udp_flow = old_flows_carry_bytes(
+        &mut old,
+        pinger,
+        &stop_pings,
+        &udp_source,
+        "after the switch",
     );
-    old_flows_carry_bytes(&mut old, &udp_flow, &udp_source, pings, "after the switch");
 
     // Connections opened now are the agent's: no conntrack entry.
     let mut new_ports = Vec::new();
@@ -1292,14 +1304,13 @@ fn the_agents_open_connections_survive_the_rollback_to_kube_proxy_behind_a_firew
         });
 
         // The agent's connections go on, untouched by kube-proxy's rules.
-        stop_pings.store(true, Ordering::Relaxed);
-        let (udp_flow, udp_seen, pings) = pinger.join().expect("the UDP flow");
-        assert_eq!(
-            udp_seen,
-            std::collections::BTreeSet::from([udp_source.clone()]),
-            "the UDP flow's source as the backend saw it over {pings} datagrams"
+        let udp_flow = old_flows_carry_bytes(
+            &mut old,
+            pinger,
+            &stop_pings,
+            &udp_source,
+            "during the drain",
         );
-        old_flows_carry_bytes(&mut old, &udp_flow, &udp_source, pings, "during the drain");
 
         // Connections opened now are conntrack's (kube-proxy's rules), and work.
         let mut new_ports = Vec::new();
