@@ -44,28 +44,36 @@ pub fn client_to_service(conn: &Tuple, value: &ConnValue) -> Tuple {
 /// 1. `CFG_F_DRAIN_RECORD`: the probe puts every connection IPVS makes from now on in
 ///    `switch_flows` (the programs still mark all of them);
 /// 2. `net.ipv4.vs.conntrack=1` under `proc_sys`;
-/// 3. `switch_flows` emptied of a takeover's tuples (those connections are conntrack's either
-///    way), then filled with the client -> service tuple of every `conns` entry;
-/// 4. `CFG_F_DRAIN` (and the two other switch flags cleared): from here the programs mark only
+/// 3. `switch_flows` filled with the client -> service tuple of every `conns` entry;
+/// 4. `CFG_F_DRAIN` (and `CFG_F_DRAIN_RECORD` cleared): from here the programs mark only
 ///    the tuples in `switch_flows`, make no SNAT record, and the probe records nothing.
 ///
 /// Returns the tuples in `switch_flows`. A drain already under way (an interrupted `drain`) is
-/// taken up where it is.
+/// taken up where it is; one is refused, changing nothing, while the switch window from
+/// kube-proxy is open.
 pub fn begin(maps: &DatapathMaps, proc_sys: &std::path::Path) -> anyhow::Result<usize> {
     let map = maps
         .switch_flows
         .as_ref()
         .context("the pinned datapath has no switch_flows map (an older agent's): cannot drain")?;
-    if maps.switch_flags()? & CFG_F_DRAIN != 0 {
+    let flags = maps.switch_flags()?;
+    if flags & CFG_F_DRAIN != 0 {
         return Ok(map.entries()?.len());
+    }
+    // The window's tuples mean "conntrack's" and the drain's "the agent's": one map cannot hold
+    // both, and emptying it while the window is open would hand kube-proxy's connections to the
+    // programs. So a drain waits for the window to close.
+    if flags & CFG_F_SWITCH != 0 {
+        anyhow::bail!(
+            "the switch window from kube-proxy is still open ({} tuples of its connections): \
+             run the agent until `inspect switch` says closed, then drain",
+            map.entries()?.len()
+        );
     }
     maps.set_switch_flags(CFG_F_DRAIN_RECORD, 0)
         .context("setting CFG_F_DRAIN_RECORD")?;
     sysctl::set_in(proc_sys, &CONNTRACK_ON)
         .with_context(|| format!("setting {}={}", CONNTRACK_ON.name, CONNTRACK_ON.value))?;
-    if maps.switch_flags()? & CFG_F_SWITCH != 0 {
-        switch::clear(map)?;
-    }
     let now_ns = monotonic_ns();
     for (conn, value) in maps.conns.entries().context("reading conns")? {
         map.insert(
@@ -77,7 +85,7 @@ pub fn begin(maps: &DatapathMaps, proc_sys: &std::path::Path) -> anyhow::Result<
             },
         )?;
     }
-    maps.set_switch_flags(CFG_F_DRAIN, CFG_F_DRAIN_RECORD | CFG_F_SWITCH)
+    maps.set_switch_flags(CFG_F_DRAIN, CFG_F_DRAIN_RECORD)
         .context("setting CFG_F_DRAIN")?;
     Ok(map.entries()?.len())
 }
