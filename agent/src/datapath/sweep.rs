@@ -2,9 +2,10 @@
 //! programs never delete: the agent sweeps the SNAT table (each record holds both directions of
 //! a connection) and `conns` from their own state, with IPVS's timeouts measured from the last
 //! packet seen in either direction, and, for an untranslated connection (no packet of it leaves
-//! a trace in the maps), from IPVS's own connection table ([`super::ipvs_conns`]). It also resolves each new SNAT record against the IPVS
-//! probe's `conns` (its service, and the `probe_hit`/`probe_miss` counters), which the programs
-//! leave out of a connection's first packet.
+//! a trace in the maps), from IPVS's own connection table ([`super::ipvs_conns`]). It also
+//! resolves each new SNAT record against the IPVS probe's `conns` (its service, and the
+//! `probe_hit`/`probe_miss` counters), which the programs leave out of a connection's first
+//! packet.
 //!
 //! The [`Sweeper`] is a thread of its own with its own handles on the pinned maps: a pass over
 //! full maps takes a while (docs/datapath.md, Expiry), and neither the sync loop nor the health
