@@ -253,7 +253,11 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             } else {
                 "iptables-nft-save"
             };
-            rules::missing(&sh(&format!("{tool} -t raw; {tool} -t filter")), false)
+            rules::missing(
+                &sh(&format!("{tool} -t raw; {tool} -t filter")),
+                false,
+                rules::Notrack::Nftables,
+            )
         };
 
         // Start wrote everything: nothing to repair.
@@ -276,13 +280,24 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         }
         assert!(!missing(false).is_empty());
         let r = dp.repair_node();
-        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert_eq!(
+            parts(&r),
+            vec![Part::Nftables, Part::Iptables, Part::Iptables],
+            "{r:?}"
+        );
         assert!(
             r.repairs[0]
+                .found
+                .contains("chain inet kube-ipvs-bpf prerouting missing"),
+            "{r:?}"
+        );
+        assert!(
+            r.repairs[1]
                 .found
                 .contains("chain KUBE-IPVS-BPF-FILTER missing"),
             "{r:?}"
         );
+        assert!(sh("nft list table inet kube-ipvs-bpf").contains("notrack"));
         metrics.node_repairs(&r.repairs);
         assert_eq!(missing(false), Vec::<String>::new());
         assert_eq!(missing(true), Vec::<String>::new());
@@ -342,7 +357,13 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
 
         let text = metrics.encode();
-        for (what, n) in [("iptables", 3), ("sysctl", 2), ("tc", 1), ("kube_ipvs0", 0)] {
+        for (what, n) in [
+            ("iptables", 3),
+            ("nftables", 1),
+            ("sysctl", 2),
+            ("tc", 1),
+            ("kube_ipvs0", 0),
+        ] {
             let line = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}} {n}");
             assert!(text.contains(&line), "{line} not in:\n{text}");
         }
