@@ -409,7 +409,11 @@ fn the_filter_chain_accepts_established_connections_only_while_the_switch_window
         // A firewall reload during the window: the accept comes back with the rest.
         sh("nft flush ruleset");
         let r = dp.repair_node();
-        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert_eq!(
+            parts(&r),
+            vec![Part::Nftables, Part::Iptables, Part::Iptables],
+            "{r:?}"
+        );
         assert!(has_accept(false) && has_accept(true));
 
         // An agent restarted during the window writes it at start.
