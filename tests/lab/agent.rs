@@ -573,16 +573,16 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     agent.wait_sync(0, 1);
     let rules_in_place = |ns: &Netns| {
         let save = ns.sh("iptables-save -t raw; iptables-save -t filter");
+        let table = ns.sh("nft list table inet kube-ipvs-bpf 2>/dev/null || true");
         [
-            "-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING",
             "-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT",
             "-A INPUT -j KUBE-IPVS-BPF-FILTER",
             "-A FORWARD -j KUBE-IPVS-BPF-FILTER",
-            "-A KUBE-IPVS-BPF-PREROUTING",
             "-A KUBE-IPVS-BPF-FILTER",
         ]
         .iter()
         .all(|r| save.contains(r))
+            && table.contains("meta mark & 0x00200000 == 0x00200000 notrack")
     };
     let vs_conntrack = |ns: &Netns| ns.sh("sysctl -n net.ipv4.vs.conntrack").trim().to_string();
     assert!(rules_in_place(&t.node));
@@ -598,7 +598,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     eventually(Duration::from_secs(60), "vs.conntrack back to 0", || {
         vs_conntrack(&t.node) == "0"
     });
-    for what in ["iptables", "sysctl"] {
+    for what in ["nftables", "iptables", "sysctl"] {
         agent.wait_for(mark, Duration::from_secs(30), |v| {
             v["message"] == "node state repaired" && v["what"] == what
         });
