@@ -9,10 +9,9 @@
 
 mod common;
 
-use common::{in_netns, small_map_sizes};
+use common::{in_netns, sh, small_map_sizes};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent::admin::metrics::Metrics;
@@ -20,23 +19,12 @@ use agent::datapath::{Datapath, DatapathConfig, rules};
 use agent::node_state::{Part, RepairReport};
 
 fn skip() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return true;
-    }
-    for (tool, flag) in [
+    if common::skip_without(&[
         ("iptables-nft-save", "--version"),
         ("nft", "--version"),
         ("ip", "-V"),
-    ] {
-        if !Command::new(tool)
-            .arg(flag)
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            eprintln!("skipped: {tool} not installed");
-            return true;
-        }
+    ]) {
+        return true;
     }
     let bpffs = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
@@ -46,16 +34,6 @@ fn skip() -> bool {
         eprintln!("skipped: bpffs is not mounted");
     }
     !bpffs
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

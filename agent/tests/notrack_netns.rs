@@ -11,41 +11,36 @@ use std::process::Command;
 
 use agent::cleanup::nfnetlink::Nfnl;
 use agent::datapath::notrack;
-use common::in_netns;
+use common::{in_netns, sh};
 
 const MARK: u32 = 0x0020_0000;
 
 fn skip() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return true;
-    }
-    for (tool, flag) in [
+    common::skip_without(&[
         ("nft", "--version"),
         ("conntrack", "--version"),
         ("ip", "-V"),
         ("bash", "--version"),
-    ] {
-        if !Command::new(tool)
-            .arg(flag)
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            eprintln!("skipped: {tool} not installed");
-            return true;
-        }
-    }
-    false
+    ])
 }
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Runs `f` in a namespace of its own with a peer ([`Peer`], named after `tag`), the marking
+/// and firewall of [`mark_and_track`], and the agent's table written; says so and passes when
+/// the test cannot run.
+fn with_table(tag: &str, f: impl FnOnce(&Peer, &mut Nfnl) + Send) {
+    if skip() {
+        return;
+    }
+    let ran = in_netns(|| {
+        let peer = Peer::new(tag);
+        mark_and_track("kibnt0");
+        let mut nl = Nfnl::open().expect("nfnetlink");
+        notrack::apply(&mut nl, MARK).expect("write the table");
+        f(&peer, &mut nl);
+    });
+    if ran.is_none() {
+        eprintln!("skipped: cannot create a network namespace");
+    }
 }
 
 /// A peer namespace (`ip netns add`) holding the far end of a veth pair from the calling
@@ -122,20 +117,15 @@ fn expected_listing() -> String {
 
 #[test]
 fn the_table_holds_the_notrack_rule_and_writing_it_again_changes_nothing() {
-    if skip() {
-        return;
-    }
-    let ran = in_netns(|| {
-        let mut nl = Nfnl::open().expect("nfnetlink");
-        notrack::apply(&mut nl, MARK).expect("write the table");
+    with_table("listing", |_, nl| {
         let listed = sh("nft list table inet kube-ipvs-bpf");
         assert_eq!(listed, expected_listing());
         // Written again (a restart): the same single rule, not a second one.
-        notrack::apply(&mut nl, MARK).expect("write the table again");
+        notrack::apply(nl, MARK).expect("write the table again");
         assert_eq!(sh("nft list table inet kube-ipvs-bpf"), expected_listing());
         assert_eq!(notrack::repair(MARK).expect("check"), Vec::<String>::new());
         // Another mark (configuration changed, agent restarted): replaced, not appended.
-        notrack::apply(&mut nl, 0x0100_0000).expect("another mark");
+        notrack::apply(nl, 0x0100_0000).expect("another mark");
         let other = sh("nft list table inet kube-ipvs-bpf");
         assert_eq!(other.matches("notrack").count(), 1, "{other}");
         assert!(
@@ -143,48 +133,26 @@ fn the_table_holds_the_notrack_rule_and_writing_it_again_changes_nothing() {
             "{other}"
         );
     });
-    if ran.is_none() {
-        eprintln!("skipped: cannot create a network namespace");
-    }
 }
 
 #[test]
 fn a_packet_with_the_service_mark_is_untracked_and_one_without_is_tracked() {
-    if skip() {
-        return;
-    }
-    let ran = in_netns(|| {
-        let peer = Peer::new("traffic");
-        mark_and_track("kibnt0");
-        let mut nl = Nfnl::open().expect("nfnetlink");
-        notrack::apply(&mut nl, MARK).expect("write the table");
+    with_table("traffic", |peer, nl| {
         peer.send_udp(9999, 3);
         peer.send_udp(9998, 3);
         assert_eq!(tracked_to(9999), 0, "marked packets were tracked");
         assert_eq!(tracked_to(9998), 3, "unmarked packets must be tracked");
 
         // Without our table the same marked packets are tracked: the rule is what untracks.
-        let mut nl = Nfnl::open().expect("nfnetlink");
         assert!(nl.nft_delete_table(&notrack::table()).expect("delete"));
         peer.send_udp(9999, 2);
         assert_eq!(tracked_to(9999), 2);
     });
-    if ran.is_none() {
-        eprintln!("skipped: cannot create a network namespace");
-    }
 }
 
 #[test]
 fn a_flushed_or_edited_table_is_found_and_rewritten_whole() {
-    if skip() {
-        return;
-    }
-    let ran = in_netns(|| {
-        let peer = Peer::new("repair");
-        mark_and_track("kibnt0");
-        let mut nl = Nfnl::open().expect("nfnetlink");
-        notrack::apply(&mut nl, MARK).expect("write the table");
-
+    with_table("repair", |peer, _| {
         // The rule deleted by hand (by handle): the check names it and puts it back.
         let handles = sh("nft -a list chain inet kube-ipvs-bpf prerouting");
         let handle = handles
@@ -227,7 +195,4 @@ fn a_flushed_or_edited_table_is_found_and_rewritten_whole() {
             "marked packets tracked after the repair"
         );
     });
-    if ran.is_none() {
-        eprintln!("skipped: cannot create a network namespace");
-    }
 }

@@ -552,14 +552,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     require_lab();
     let t = SnatTopology::new("ag-repair");
     t.node_firewall(false);
-    let _srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
-    let m = Manifests::new("repair");
-    m.write(
-        "svc.yaml",
-        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
-            + &slice_yaml("web", &["10.244.2.2"], 8080)
-                .replace("nodeName: lab", "nodeName: other")),
-    );
+    let (_srv, m) = remote_web_service(&t, "repair");
     let agent = Agent::start(
         &t.node,
         &m.dir,
@@ -604,24 +597,48 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         });
     }
 
+    service_connections_leave_no_conntrack_entry(&t, "after the repair");
+}
+
+/// Service `web` (10.96.0.10:80, NodePort 30080) with its one endpoint on the remote node,
+/// 10.244.2.2:8080 (served), in manifests named `name`.
+fn remote_web_service(t: &SnatTopology, name: &str) -> (Server, Manifests) {
+    let srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
+    let m = Manifests::new(name);
+    m.write(
+        "svc.yaml",
+        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
+            + &slice_yaml("web", &["10.244.2.2"], 8080)
+                .replace("nodeName: lab", "nodeName: other")),
+    );
+    (srv, m)
+}
+
+/// Five NodePort connections from the client (the remote pod sees the node's address) and five
+/// ClusterIP connections from the pod to [`remote_web_service`] all work (`when` names the
+/// situation in failures), and the node's conntrack table gains no entry for any of them.
+fn service_connections_leave_no_conntrack_entry(t: &SnatTopology, when: &str) {
     let before = t.conntrack_count();
     for _ in 0..5 {
-        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("NodePort");
+        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
+            .unwrap_or_else(|e| panic!("NodePort {when}: {e}"));
         assert_eq!(
             seen_source(&a).map(|s| s.ip()),
             Some(ip("10.0.2.1")),
             "the remote pod must see the node's address: {a}"
         );
+        tcp_request(&t.pod, "10.96.0.10:80".parse().unwrap())
+            .unwrap_or_else(|e| panic!("ClusterIP from a pod {when}: {e}"));
     }
     assert_eq!(
         t.conntrack_count(),
         before,
-        "NodePort connections were tracked"
+        "service connections were tracked ({when})"
     );
     let listed = t.node.sh("conntrack -L 2>/dev/null");
     assert!(
-        !listed.contains("dport=30080"),
-        "service flows in conntrack:\n{listed}"
+        !listed.contains("dport=30080") && !listed.contains("dst=10.96.0.10"),
+        "service flows in conntrack ({when}):\n{listed}"
     );
 }
 
@@ -1317,14 +1334,7 @@ fn services_work_untracked_behind(kind: NodeFirewall, name: &str) {
     require_lab();
     let t = SnatTopology::new(name);
     kind.write(&t.node);
-    let _srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
-    let m = Manifests::new(name);
-    m.write(
-        "svc.yaml",
-        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
-            + &slice_yaml("web", &["10.244.2.2"], 8080)
-                .replace("nodeName: lab", "nodeName: other")),
-    );
+    let (_srv, m) = remote_web_service(&t, name);
     let agent = Agent::start(
         &t.node,
         &m.dir,
@@ -1378,24 +1388,7 @@ fn services_work_untracked_behind(kind: NodeFirewall, name: &str) {
         );
     }
 
-    let before = t.conntrack_count();
-    for _ in 0..5 {
-        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
-            .unwrap_or_else(|e| panic!("NodePort behind the {kind:?} firewall: {e}"));
-        assert_eq!(seen_source(&a).map(|s| s.ip()), Some(ip("10.0.2.1")), "{a}");
-        tcp_request(&t.pod, "10.96.0.10:80".parse().unwrap())
-            .unwrap_or_else(|e| panic!("ClusterIP from a pod behind the {kind:?} firewall: {e}"));
-    }
-    assert_eq!(
-        t.conntrack_count(),
-        before,
-        "service connections were tracked"
-    );
-    let listed = t.node.sh("conntrack -L 2>/dev/null");
-    assert!(
-        !listed.contains("dport=30080") && !listed.contains("dst=10.96.0.10"),
-        "service flows in conntrack:\n{listed}"
-    );
+    service_connections_leave_no_conntrack_entry(&t, &format!("behind the {kind:?} firewall"));
 }
 
 #[test]
