@@ -530,3 +530,37 @@ fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
     })
     .expect("a network namespace");
 }
+
+/// An agent upgraded from one that untracked service traffic in iptables (raw PREROUTING,
+/// `KUBE-IPVS-BPF-PREROUTING`): the start writes the nf_tables table and removes the old chain
+/// and its jump, in both families; a check afterwards finds nothing to repair.
+#[test]
+fn the_iptables_prerouting_chain_of_an_older_agent_goes_when_the_table_is_written() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("upgrade");
+    in_netns(|| {
+        for tool in ["iptables-nft", "ip6tables-nft"] {
+            sh(&format!(
+                "{tool} -t raw -N KUBE-IPVS-BPF-PREROUTING && \
+                 {tool} -t raw -A KUBE-IPVS-BPF-PREROUTING -m mark --mark 0x200000/0x200000 -j CT --notrack && \
+                 {tool} -t raw -I PREROUTING 1 -j KUBE-IPVS-BPF-PREROUTING"
+            ));
+        }
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+            let raw = sh(&format!("{tool} -t raw"));
+            assert!(!raw.contains("KUBE-IPVS-BPF-PREROUTING"), "{tool}:\n{raw}");
+            assert!(raw.contains("-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT"), "{raw}");
+        }
+        let table = sh("nft list table inet kube-ipvs-bpf");
+        assert!(
+            table.contains("meta mark & 0x00200000 == 0x00200000 notrack"),
+            "{table}"
+        );
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+    })
+    .expect("a network namespace");
+}
