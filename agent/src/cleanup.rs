@@ -20,7 +20,8 @@
 //!    ipvs-mode node keeps its IPVS connection table).
 //!
 //! **This agent**: its `KUBE-IPVS-BPF-*` chains and the jumps to them (all four iptables
-//! variants), its TC filters (netlink clsact filters with its handle and priority on every
+//! variants), its nf_tables table `inet kube-ipvs-bpf` (which the kube-proxy cleanup never
+//! touches: [`is_kube_proxy_table`]), its TC filters (netlink clsact filters with its handle and priority on every
 //! interface), its pinned BPF objects under the pin root (pinned links detached first), its IPVS
 //! services and `kube-ipvs0` (same rule as above; unless `keep_ipvs`, as at the end of a drain
 //! for the rollback to kube-proxy, which owns them again), and its state file. The IPVS sysctls
@@ -196,7 +197,7 @@ pub async fn cleanup_kube_proxy(opts: &CleanupOptions) -> Result<CleanupReport, 
     };
     iptables_step(opts, Owner::KubeProxy, &mut report);
     ipset_step(opts, &mut report);
-    nft_step(opts, &mut report);
+    nft_step(opts, Owner::KubeProxy, &mut report);
     if opts.keep_ipvs {
         report.notes.push(format!(
             "IPVS services and {DUMMY_INTERFACE} kept (--keep-ipvs)"
@@ -217,6 +218,7 @@ pub async fn cleanup_self(opts: &CleanupOptions) -> Result<CleanupReport, Cleanu
     };
     let rtnl = Rtnl::connect()?;
     iptables_step(opts, Owner::Agent, &mut report);
+    nft_step(opts, Owner::Agent, &mut report);
     tc_step(opts, &rtnl, &mut report).await;
     pins_step(opts, &mut report);
     if opts.keep_ipvs {
@@ -295,10 +297,16 @@ fn ipset_step(opts: &CleanupOptions, report: &mut CleanupReport) {
     }
 }
 
-fn nft_step(opts: &CleanupOptions, report: &mut CleanupReport) {
+/// Removes the nf_tables tables of `owner`: kube-proxy's ([`is_kube_proxy_table`]) or this
+/// agent's ([`crate::datapath::notrack::table`]).
+fn nft_step(opts: &CleanupOptions, owner: Owner, report: &mut CleanupReport) {
+    let owned = |t: &NftTable| match owner {
+        Owner::KubeProxy => is_kube_proxy_table(t),
+        Owner::Agent => *t == crate::datapath::notrack::table(),
+    };
     let result = Nfnl::open().and_then(|mut nl| {
         let tables = nl.nft_tables()?;
-        for t in tables.iter().filter(|t| is_kube_proxy_table(t)) {
+        for t in tables.iter().filter(|t| owned(t)) {
             if opts.dry_run {
                 report.removed("nft table", t.to_string());
                 continue;
@@ -567,6 +575,8 @@ mod tests {
         )));
         assert!(!is_kube_proxy_table(&t(NFPROTO_IPV4, "filter")));
         assert!(!is_kube_proxy_table(&t(NFPROTO_IPV4, "kube-proxy-canary")));
+        // Ours is never kube-proxy's (the takeover and `cleanup --kube-proxy` keep it).
+        assert!(!is_kube_proxy_table(&crate::datapath::notrack::table()));
     }
 
     #[test]

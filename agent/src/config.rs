@@ -46,7 +46,7 @@
 //!   serviceProxyName: ""      # service.kubernetes.io/service-proxy-name this agent answers to
 //!   onlyLabelledServices: false # true: only Services with that label (beside kube-proxy)
 //!   nodeCheckPeriod: 5s       # how often the node state outside IPVS is checked and repaired
-//!   iptablesBackend: default  # default (iptables-restore as installed), nft or legacy
+//!   iptablesBackend: default  # default (the node firewall's, as kube-proxy's wrapper finds it), nft or legacy
 //!   datapath:                 # read by the datapath loader
 //!     kind: bpf               # bpf (IPVS + eBPF SNAT) or none (IPVS alone)
 //!     pinRoot: /sys/fs/bpf/kube-ipvs-bpf/v2  # where maps and programs are pinned
@@ -327,7 +327,7 @@ pub enum DatapathKind {
 /// `--iptables-backend`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
 pub enum IptablesBackend {
-    /// `iptables-restore` as installed.
+    /// The one the node's firewall uses (`datapath::rules::detect_backend`).
     Default,
     Nft,
     Legacy,

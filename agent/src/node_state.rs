@@ -1,5 +1,6 @@
 //! The node state the agent keeps outside IPVS and the BPF maps, as a desired value, and its
-//! repair: the sysctls (`datapath::sysctl`), the iptables rules (`datapath::rules`), the TC
+//! repair: the sysctls (`datapath::sysctl`), the agent's nf_tables table (`datapath::notrack`),
+//! the iptables rules (`datapath::rules`), the TC
 //! attachments (checked by `datapath::Datapath::repair_node`) and `kube-ipvs0` (its existence
 //! and the service addresses bound on it, [`repair_kube_ipvs0`]; it is left down, as kube-proxy
 //! leaves it, so being down is not drift).
@@ -7,7 +8,7 @@
 //! All of it is written at start and can be undone behind the agent's back: a firewall reload
 //! (Debian's nftables service starts with `flush ruleset`) drops the rules, a tool writes
 //! `net.ipv4.vs.conntrack=1`, someone deletes `kube-ipvs0` or a clsact qdisc. Each check reads the
-//! kernel's own view (`iptables-save`, `/proc/sys`, the pinned TCX link or the clsact filter,
+//! kernel's own view (nfnetlink dumps, `iptables-save`, `/proc/sys`, the pinned TCX link or the clsact filter,
 //! rtnetlink) and rewrites what differs; every repair is logged at warn with what was found and
 //! counted in `kube_ipvs_bpf_node_repairs_total{what}`. The sync loop runs the check every
 //! `--node-check-period` (the safety net; also the only notice on legacy iptables) and soon after
@@ -23,7 +24,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::datapath::{rules, sysctl};
+use crate::datapath::{notrack, rules, sysctl};
 use crate::model::DUMMY_INTERFACE;
 use crate::node::{NodeError, Rtnl};
 
@@ -55,17 +56,25 @@ impl NodeStatePhase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Part {
     Iptables,
+    Nftables,
     Sysctl,
     Tc,
     KubeIpvs0,
 }
 
 impl Part {
-    pub const ALL: [Part; 4] = [Part::Iptables, Part::Sysctl, Part::Tc, Part::KubeIpvs0];
+    pub const ALL: [Part; 5] = [
+        Part::Iptables,
+        Part::Nftables,
+        Part::Sysctl,
+        Part::Tc,
+        Part::KubeIpvs0,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Part::Iptables => "iptables",
+            Part::Nftables => "nftables",
             Part::Sysctl => "sysctl",
             Part::Tc => "tc",
             Part::KubeIpvs0 => "kube_ipvs0",
@@ -112,10 +121,14 @@ impl RepairReport {
     }
 }
 
-/// The iptables rules the agent keeps (see `datapath::rules`).
+/// The nf_tables table and iptables rules the agent keeps (see `datapath::notrack`,
+/// `datapath::rules`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RulesSpec {
     pub backend: rules::Backend,
+    /// Where service traffic is untracked at PREROUTING: the agent's nf_tables table, or an
+    /// iptables rule on a kernel without nf_tables.
+    pub notrack: rules::Notrack,
     pub mark_svc: u32,
     /// The pinned `xt_svc` program the OUTPUT rule matches with.
     pub xt_svc_pin: PathBuf,
@@ -164,6 +177,18 @@ impl DesiredNodeState {
             }
         }
         if let Some(spec) = &self.rules {
+            if spec.notrack == rules::Notrack::Nftables {
+                match notrack::repair(spec.mark_svc) {
+                    Ok(found) if found.is_empty() => {}
+                    Ok(found) => report
+                        .repairs
+                        .push(Repair::new(Part::Nftables, found.join("; "))),
+                    Err(e) => report.failed(format!(
+                        "checking nf_tables table inet {}: {e}",
+                        notrack::TABLE
+                    )),
+                }
+            }
             let families: &[bool] = if spec.ipv6 { &[false, true] } else { &[false] };
             for &ipv6 in families {
                 let family = if ipv6 { "IPv6" } else { "IPv4" };
@@ -173,6 +198,7 @@ impl DesiredNodeState {
                     spec.mark_svc,
                     &spec.xt_svc_pin,
                     self.phase == NodeStatePhase::Switch,
+                    spec.notrack,
                 ) {
                     Ok(found) if found.is_empty() => {}
                     Ok(found) => report.repairs.push(Repair::new(
@@ -299,6 +325,7 @@ mod tests {
     fn the_normal_phase_wants_every_owned_sysctl_and_the_rules() {
         let spec = RulesSpec {
             backend: rules::Backend::Nft,
+            notrack: rules::Notrack::Nftables,
             mark_svc: 0x200000,
             xt_svc_pin: PathBuf::from("/sys/fs/bpf/x/prog_xt_svc"),
             ipv6: true,
@@ -314,7 +341,7 @@ mod tests {
         assert_eq!(d.rules, Some(spec));
         assert_eq!(
             Part::ALL.map(Part::as_str),
-            ["iptables", "sysctl", "tc", "kube_ipvs0"]
+            ["iptables", "nftables", "sysctl", "tc", "kube_ipvs0"]
         );
     }
 }

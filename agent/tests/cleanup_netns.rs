@@ -269,6 +269,9 @@ fn kube_proxy_cleanup_nft_tables_and_ipsets_only_kube_proxys() {
                  table inet filter {\n chain input { type filter hook input priority 0; }\n}\n",
             ),
         );
+        // This agent's own table, as it writes it.
+        let mut nl = agent::cleanup::nfnetlink::Nfnl::open().unwrap();
+        agent::datapath::notrack::apply(&mut nl, 0x0020_0000).unwrap();
         create_kube_proxy_ipsets();
         sh("ipset create KUBE-SRC-ROUTERPOLICY hash:ip", None);
         sh("ipset create DOCKER-X hash:ip", None);
@@ -305,6 +308,7 @@ fn kube_proxy_cleanup_nft_tables_and_ipsets_only_kube_proxys() {
         assert!(tables.contains(&"table inet kube-proxy"), "{tables:?}");
         assert!(tables.contains(&"table ip kube-proxy-canary"), "{tables:?}");
         assert!(tables.contains(&"table inet filter"), "{tables:?}");
+        assert!(tables.contains(&"table inet kube-ipvs-bpf"), "{tables:?}");
         assert!(!tables.contains(&"table ip kube-proxy"), "{tables:?}");
         assert!(!tables.contains(&"table ip6 kube-proxy"), "{tables:?}");
 
@@ -371,7 +375,7 @@ fn keep_ipvs_leaves_kube_ipvs0() {
 
 #[test]
 fn self_cleanup_removes_only_the_agents_state() {
-    if skip_unless(&["iptables-nft-save", "ip", "ipset"]) {
+    if skip_unless(&["iptables-nft-save", "ip", "ipset", "nft"]) {
         return;
     }
     let variant = Variant {
@@ -391,6 +395,9 @@ fn self_cleanup_removes_only_the_agents_state() {
         sh("iptables-nft-restore", Some(MIXED_V4));
         sh("ip link add kube-ipvs0 type dummy", None);
         sh("ip link add eth9 type dummy", None);
+        let mut nl = agent::cleanup::nfnetlink::Nfnl::open().unwrap();
+        agent::datapath::notrack::apply(&mut nl, 0x0020_0000).unwrap();
+        sh("nft add table inet filter", None);
         let rt = runtime();
         let dry = rt
             .block_on(cleanup_self(&CleanupOptions {
@@ -411,6 +418,13 @@ fn self_cleanup_removes_only_the_agents_state() {
             ]
         );
         assert_eq!(removed(&report, "interface"), ["kube-ipvs0"]);
+        assert_eq!(removed(&report, "nft table"), ["inet kube-ipvs-bpf"]);
+        assert_eq!(removed(&dry, "nft table"), ["inet kube-ipvs-bpf"]);
+        let tables = sh("nft list tables", None);
+        assert!(
+            !tables.contains("kube-ipvs-bpf") && tables.contains("table inet filter"),
+            "{tables}"
+        );
         assert_eq!(removed(&report, "bpf pins").len(), 1);
         assert_eq!(removed(&report, "state file").len(), 1);
         assert_eq!(removed(&dry, "state file"), removed(&report, "state file"));

@@ -9,10 +9,9 @@
 
 mod common;
 
-use common::{in_netns, small_map_sizes};
+use common::{in_netns, sh, small_map_sizes};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent::admin::metrics::Metrics;
@@ -20,23 +19,12 @@ use agent::datapath::{Datapath, DatapathConfig, rules};
 use agent::node_state::{Part, RepairReport};
 
 fn skip() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return true;
-    }
-    for (tool, flag) in [
+    if common::skip_without(&[
         ("iptables-nft-save", "--version"),
         ("nft", "--version"),
         ("ip", "-V"),
-    ] {
-        if !Command::new(tool)
-            .arg(flag)
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            eprintln!("skipped: {tool} not installed");
-            return true;
-        }
+    ]) {
+        return true;
     }
     let bpffs = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
@@ -46,16 +34,6 @@ fn skip() -> bool {
         eprintln!("skipped: bpffs is not mounted");
     }
     !bpffs
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -253,7 +231,11 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             } else {
                 "iptables-nft-save"
             };
-            rules::missing(&sh(&format!("{tool} -t raw; {tool} -t filter")), false)
+            rules::missing(
+                &sh(&format!("{tool} -t raw; {tool} -t filter")),
+                false,
+                rules::Notrack::Nftables,
+            )
         };
 
         // Start wrote everything: nothing to repair.
@@ -276,13 +258,24 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         }
         assert!(!missing(false).is_empty());
         let r = dp.repair_node();
-        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert_eq!(
+            parts(&r),
+            vec![Part::Nftables, Part::Iptables, Part::Iptables],
+            "{r:?}"
+        );
         assert!(
             r.repairs[0]
+                .found
+                .contains("chain inet kube-ipvs-bpf prerouting missing"),
+            "{r:?}"
+        );
+        assert!(
+            r.repairs[1]
                 .found
                 .contains("chain KUBE-IPVS-BPF-FILTER missing"),
             "{r:?}"
         );
+        assert!(sh("nft list table inet kube-ipvs-bpf").contains("notrack"));
         metrics.node_repairs(&r.repairs);
         assert_eq!(missing(false), Vec::<String>::new());
         assert_eq!(missing(true), Vec::<String>::new());
@@ -342,7 +335,13 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
 
         let text = metrics.encode();
-        for (what, n) in [("iptables", 3), ("sysctl", 2), ("tc", 1), ("kube_ipvs0", 0)] {
+        for (what, n) in [
+            ("iptables", 3),
+            ("nftables", 1),
+            ("sysctl", 2),
+            ("tc", 1),
+            ("kube_ipvs0", 0),
+        ] {
             let line = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}} {n}");
             assert!(text.contains(&line), "{line} not in:\n{text}");
         }
@@ -388,7 +387,11 @@ fn the_filter_chain_accepts_established_connections_only_while_the_switch_window
         // A firewall reload during the window: the accept comes back with the rest.
         sh("nft flush ruleset");
         let r = dp.repair_node();
-        assert_eq!(parts(&r), vec![Part::Iptables, Part::Iptables], "{r:?}");
+        assert_eq!(
+            parts(&r),
+            vec![Part::Nftables, Part::Iptables, Part::Iptables],
+            "{r:?}"
+        );
         assert!(has_accept(false) && has_accept(true));
 
         // An agent restarted during the window writes it at start.
@@ -524,6 +527,40 @@ fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
             assert_eq!(ifindex("kube-ipvs0"), index);
             assert_eq!(on_device(), 3);
         });
+    })
+    .expect("a network namespace");
+}
+
+/// An agent upgraded from one that untracked service traffic in iptables (raw PREROUTING,
+/// `KUBE-IPVS-BPF-PREROUTING`): the start writes the nf_tables table and removes the old chain
+/// and its jump, in both families; a check afterwards finds nothing to repair.
+#[test]
+fn the_iptables_prerouting_chain_of_an_older_agent_goes_when_the_table_is_written() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("upgrade");
+    in_netns(|| {
+        for tool in ["iptables-nft", "ip6tables-nft"] {
+            sh(&format!(
+                "{tool} -t raw -N KUBE-IPVS-BPF-PREROUTING && \
+                 {tool} -t raw -A KUBE-IPVS-BPF-PREROUTING -m mark --mark 0x200000/0x200000 -j CT --notrack && \
+                 {tool} -t raw -I PREROUTING 1 -j KUBE-IPVS-BPF-PREROUTING"
+            ));
+        }
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+            let raw = sh(&format!("{tool} -t raw"));
+            assert!(!raw.contains("KUBE-IPVS-BPF-PREROUTING"), "{tool}:\n{raw}");
+            assert!(raw.contains("-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT"), "{raw}");
+        }
+        let table = sh("nft list table inet kube-ipvs-bpf");
+        assert!(
+            table.contains("meta mark & 0x00200000 == 0x00200000 notrack"),
+            "{table}"
+        );
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
     })
     .expect("a network namespace");
 }

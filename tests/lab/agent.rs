@@ -552,14 +552,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     require_lab();
     let t = SnatTopology::new("ag-repair");
     t.node_firewall(false);
-    let _srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
-    let m = Manifests::new("repair");
-    m.write(
-        "svc.yaml",
-        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
-            + &slice_yaml("web", &["10.244.2.2"], 8080)
-                .replace("nodeName: lab", "nodeName: other")),
-    );
+    let (_srv, m) = remote_web_service(&t, "repair");
     let agent = Agent::start(
         &t.node,
         &m.dir,
@@ -573,16 +566,16 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     agent.wait_sync(0, 1);
     let rules_in_place = |ns: &Netns| {
         let save = ns.sh("iptables-save -t raw; iptables-save -t filter");
+        let table = ns.sh("nft list table inet kube-ipvs-bpf 2>/dev/null || true");
         [
-            "-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING",
             "-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT",
             "-A INPUT -j KUBE-IPVS-BPF-FILTER",
             "-A FORWARD -j KUBE-IPVS-BPF-FILTER",
-            "-A KUBE-IPVS-BPF-PREROUTING",
             "-A KUBE-IPVS-BPF-FILTER",
         ]
         .iter()
         .all(|r| save.contains(r))
+            && table.contains("meta mark & 0x00200000 == 0x00200000 notrack")
     };
     let vs_conntrack = |ns: &Netns| ns.sh("sysctl -n net.ipv4.vs.conntrack").trim().to_string();
     assert!(rules_in_place(&t.node));
@@ -598,30 +591,54 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     eventually(Duration::from_secs(60), "vs.conntrack back to 0", || {
         vs_conntrack(&t.node) == "0"
     });
-    for what in ["iptables", "sysctl"] {
+    for what in ["nftables", "iptables", "sysctl"] {
         agent.wait_for(mark, Duration::from_secs(30), |v| {
             v["message"] == "node state repaired" && v["what"] == what
         });
     }
 
+    service_connections_leave_no_conntrack_entry(&t, "after the repair");
+}
+
+/// Service `web` (10.96.0.10:80, NodePort 30080) with its one endpoint on the remote node,
+/// 10.244.2.2:8080 (served), in manifests named `name`.
+fn remote_web_service(t: &SnatTopology, name: &str) -> (Server, Manifests) {
+    let srv = Server::tcp(&t.remote, "10.244.2.2:8080".parse().unwrap());
+    let m = Manifests::new(name);
+    m.write(
+        "svc.yaml",
+        &(service_yaml("web", "10.96.0.10", 80, Some(30080))
+            + &slice_yaml("web", &["10.244.2.2"], 8080)
+                .replace("nodeName: lab", "nodeName: other")),
+    );
+    (srv, m)
+}
+
+/// Five NodePort connections from the client (the remote pod sees the node's address) and five
+/// ClusterIP connections from the pod to [`remote_web_service`] all work (`when` names the
+/// situation in failures), and the node's conntrack table gains no entry for any of them.
+fn service_connections_leave_no_conntrack_entry(t: &SnatTopology, when: &str) {
     let before = t.conntrack_count();
     for _ in 0..5 {
-        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap()).expect("NodePort");
+        let a = tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
+            .unwrap_or_else(|e| panic!("NodePort {when}: {e}"));
         assert_eq!(
             seen_source(&a).map(|s| s.ip()),
             Some(ip("10.0.2.1")),
             "the remote pod must see the node's address: {a}"
         );
+        tcp_request(&t.pod, "10.96.0.10:80".parse().unwrap())
+            .unwrap_or_else(|e| panic!("ClusterIP from a pod {when}: {e}"));
     }
     assert_eq!(
         t.conntrack_count(),
         before,
-        "NodePort connections were tracked"
+        "service connections were tracked ({when})"
     );
     let listed = t.node.sh("conntrack -L 2>/dev/null");
     assert!(
-        !listed.contains("dport=30080"),
-        "service flows in conntrack:\n{listed}"
+        !listed.contains("dport=30080") && !listed.contains("dst=10.96.0.10"),
+        "service flows in conntrack ({when}):\n{listed}"
     );
 }
 
@@ -1560,4 +1577,146 @@ fn kubeadms_kube_proxy_command_line_and_configmap_run_it_under_system_node_proxi
 /// The pin root kube-proxy's command line uses (the agent's default).
 fn probes_default_pin_root() -> &'static str {
     "/sys/fs/bpf/kube-ipvs-bpf/v2"
+}
+
+/// The three kinds of node firewall the agent's rules meet (issue 15): iptables through
+/// nf_tables (`iptables-nft`), legacy iptables, and a firewall written in nftables alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeFirewall {
+    /// `iptables-nft` chains with policy drop, kubelet's hint chain in iptables-nft's mangle.
+    IptablesNft,
+    /// `iptables-legacy` chains with policy drop, kubelet's hint chain in legacy mangle.
+    IptablesLegacy,
+    /// `table inet filter` with input and forward chains of policy drop, plus the accept of the
+    /// service mark docs/datapath.md tells its operator to add; no iptables rule at all.
+    NftablesOnly,
+}
+
+impl NodeFirewall {
+    /// Writes the firewall on the node (before the agent starts, as kubelet and the firewall
+    /// would be).
+    fn write(self, node: &Netns) {
+        let iptables = |ipt: &str| {
+            format!(
+                "{ipt} -t mangle -N KUBE-IPTABLES-HINT && {ipt} -P INPUT DROP && {ipt} -P FORWARD DROP && \
+                 {ipt} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && \
+                 {ipt} -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && \
+                 {ipt} -A INPUT -i lo -j ACCEPT"
+            )
+        };
+        match self {
+            NodeFirewall::IptablesNft => {
+                node.sh(&iptables("iptables-nft"));
+                node.sh(&iptables("ip6tables-nft"));
+            }
+            NodeFirewall::IptablesLegacy => {
+                node.sh(&iptables("iptables-legacy"));
+                node.sh(&iptables("ip6tables-legacy"));
+            }
+            NodeFirewall::NftablesOnly => {
+                node.sh("nft -f - <<'EOF'\n\
+                 table inet filter {\n\
+                 chain input { type filter hook input priority filter; policy drop;\n\
+                   ct state established,related accept; iif lo accept;\n\
+                   meta mark & 0x00200000 == 0x00200000 accept; }\n\
+                 chain forward { type filter hook forward priority filter; policy drop;\n\
+                   ct state established,related accept;\n\
+                   meta mark & 0x00200000 == 0x00200000 accept; }\n\
+                 }\n\
+                 EOF");
+            }
+        }
+    }
+
+    /// The iptables the agent must write to (and the other one, which must hold nothing of
+    /// ours).
+    fn backends(self) -> (&'static str, &'static str) {
+        match self {
+            NodeFirewall::IptablesLegacy => ("legacy", "nft"),
+            _ => ("nft", "legacy"),
+        }
+    }
+}
+
+/// Behind a node firewall of `kind` that drops by default: the agent with
+/// `iptablesBackend: default` picks the iptables the firewall uses and logs it, writes its
+/// filter accept first in that backend's INPUT and FORWARD (and nothing in the other), its
+/// notrack as the native nf_tables table with no iptables PREROUTING chain; NodePort
+/// connections from a client and ClusterIP connections from a pod work and add no conntrack
+/// entry.
+fn services_work_untracked_behind(kind: NodeFirewall, name: &str) {
+    require_lab();
+    let t = SnatTopology::new(name);
+    kind.write(&t.node);
+    let (_srv, m) = remote_web_service(&t, name);
+    let agent = Agent::start(
+        &t.node,
+        &m.dir,
+        &["--cluster-cidr", SnatTopology::CLUSTER_CIDRS],
+    );
+    agent.wait_sync(0, 1);
+    let (ours, other) = kind.backends();
+    let detected = agent.wait_for(0, Duration::from_secs(30), |v| {
+        v["message"] == "iptables backend detected"
+    });
+    assert_eq!(
+        detected["backend"]
+            .as_str()
+            .map(str::to_lowercase)
+            .as_deref(),
+        Some(ours),
+        "{detected}"
+    );
+    agent.wait_for(0, Duration::from_secs(30), |v| {
+        v["message"] == "node rules written" && v["notrack"] == "nf_tables table inet kube-ipvs-bpf"
+    });
+
+    let table = t.node.sh("nft list table inet kube-ipvs-bpf");
+    assert!(
+        table.contains("type filter hook prerouting priority raw; policy accept;")
+            && table.contains("meta mark & 0x00200000 == 0x00200000 notrack"),
+        "{table}"
+    );
+    for family in ["iptables", "ip6tables"] {
+        let save = t.node.sh(&format!(
+            "{family}-{ours}-save -t filter; {family}-{ours}-save -t raw"
+        ));
+        for chain in ["INPUT", "FORWARD"] {
+            let first = save
+                .lines()
+                .find(|l| l.starts_with(&format!("-A {chain} ")));
+            assert_eq!(
+                first,
+                Some(format!("-A {chain} -j KUBE-IPVS-BPF-FILTER").as_str()),
+                "{family}-{ours}: our accept must come first in {chain}:\n{save}"
+            );
+        }
+        assert!(save.contains("-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT"), "{save}");
+        assert!(!save.contains("KUBE-IPVS-BPF-PREROUTING"), "{save}");
+        let elsewhere = t
+            .node
+            .sh(&format!("{family}-{other}-save 2>/dev/null || true"));
+        assert!(
+            !elsewhere.contains("KUBE-IPVS-BPF"),
+            "rules of ours in {family}-{other}:\n{elsewhere}"
+        );
+    }
+
+    service_connections_leave_no_conntrack_entry(&t, &format!("behind the {kind:?} firewall"));
+}
+
+#[test]
+fn behind_an_iptables_nft_firewall_the_accept_is_in_iptables_nft_and_services_are_untracked() {
+    services_work_untracked_behind(NodeFirewall::IptablesNft, "ag-fw-nft");
+}
+
+#[test]
+fn behind_an_iptables_legacy_firewall_the_accept_is_in_iptables_legacy_and_services_are_untracked()
+{
+    services_work_untracked_behind(NodeFirewall::IptablesLegacy, "ag-fw-leg");
+}
+
+#[test]
+fn behind_an_nftables_only_drop_policy_with_the_documented_accept_services_are_untracked() {
+    services_work_untracked_behind(NodeFirewall::NftablesOnly, "ag-fw-nfo");
 }

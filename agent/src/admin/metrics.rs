@@ -41,7 +41,7 @@
 //! | `kube_ipvs_bpf_sweep_failures_total` | counter | |
 //! | `kube_ipvs_bpf_rejected_objects` | gauge | `kind` (`Service`, `EndpointSlice`) |
 //! | `kube_ipvs_bpf_sync_failures_total` | counter | |
-//! | `kube_ipvs_bpf_node_repairs_total` | counter | `what` (`iptables`, `sysctl`, `tc`, `kube_ipvs0`): node state found changed behind the agent's back and rewritten (`crate::node_state`) |
+//! | `kube_ipvs_bpf_node_repairs_total` | counter | `what` (`iptables`, `nftables`, `sysctl`, `tc`, `kube_ipvs0`): node state found changed behind the agent's back and rewritten (`crate::node_state`) |
 //!
 //! The datapath series are refreshed by the sweeper after each pass (`--sweep-period`, 10 s) and
 //! after each sync.

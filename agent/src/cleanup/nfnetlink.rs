@@ -1,7 +1,9 @@
-//! The two nfnetlink conversations cleanup needs, without shelling out: nf_tables tables (list,
-//! and delete in a one-message batch) and ipset sets (list names, destroy one). This module owns
-//! the message layouts (pure builders and parsers, byte-tested) and a small blocking socket
-//! ([`Nfnl`]) that speaks them in the network namespace of the calling thread.
+//! The nfnetlink conversations the agent needs, without shelling out: nf_tables tables (list,
+//! and delete in a one-message batch), the agent's own notrack table (one batch replacing it,
+//! and dumps of chains and rules to check it: `crate::datapath::notrack`) and ipset sets (list
+//! names, destroy one). This module owns the message layouts (pure builders and parsers,
+//! byte-tested) and a small blocking socket ([`Nfnl`]) that speaks them in the network namespace
+//! of the calling thread.
 //!
 //! Layouts (all from the kernel's uapi headers):
 //! - `struct nlmsghdr` (16 bytes, host order) + `struct nfgenmsg` (`nfgen_family` u8, `version`
@@ -11,6 +13,14 @@
 //! - nf_tables changes go in a batch: `NFNL_MSG_BATCH_BEGIN` (16) and `NFNL_MSG_BATCH_END` (17)
 //!   with `res_id` = `NFNL_SUBSYS_NFTABLES`, around `NFT_MSG_DELTABLE` (2) carrying
 //!   `NFTA_TABLE_NAME` (1) and the table's family in `nfgen_family`;
+//! - a base chain (`NFT_MSG_NEWCHAIN`, 3): `NFTA_CHAIN_TABLE` (1), `NFTA_CHAIN_NAME` (3),
+//!   `NFTA_CHAIN_HOOK` (4, nested: `NFTA_HOOK_HOOKNUM` (1) and `NFTA_HOOK_PRIORITY` (2), both
+//!   big-endian u32), `NFTA_CHAIN_POLICY` (5, big-endian `NF_ACCEPT` = 1), `NFTA_CHAIN_TYPE` (7,
+//!   "filter"); a rule (`NFT_MSG_NEWRULE`, 6): `NFTA_RULE_TABLE` (1), `NFTA_RULE_CHAIN` (2),
+//!   `NFTA_RULE_EXPRESSIONS` (4, a nested list of `NFTA_LIST_ELEM` (1), each `NFTA_EXPR_NAME`
+//!   (1) and nested `NFTA_EXPR_DATA` (2)) and `NFTA_RULE_USERDATA` (7, where `nft` keeps a
+//!   comment: type `NFTNL_UDATA_RULE_COMMENT` (0) u8, length u8, the NUL-terminated text).
+//!   Nested attributes carry `NLA_F_NESTED` (0x8000), as libnftnl sends them;
 //! - ipset: `IPSET_CMD_LIST` (7) dumps sets (`IPSET_ATTR_FLAGS` with `IPSET_FLAG_LIST_SETNAME`
 //!   asks for names only), `IPSET_CMD_DESTROY` (3) with `IPSET_ATTR_SETNAME` (2) destroys one;
 //!   every request carries `IPSET_ATTR_PROTOCOL` (1) = 6, the oldest protocol, which every
@@ -29,6 +39,7 @@ pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
+pub const NLA_F_NESTED: u16 = 1 << 15;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 pub const NFNETLINK_V0: u8 = 0;
@@ -40,7 +51,52 @@ pub const NFNL_MSG_BATCH_END: u16 = 17;
 pub const NFT_MSG_NEWTABLE: u8 = 0;
 pub const NFT_MSG_GETTABLE: u8 = 1;
 pub const NFT_MSG_DELTABLE: u8 = 2;
+pub const NFT_MSG_NEWCHAIN: u8 = 3;
+pub const NFT_MSG_GETCHAIN: u8 = 4;
+pub const NFT_MSG_NEWRULE: u8 = 6;
+pub const NFT_MSG_GETRULE: u8 = 7;
 pub const NFTA_TABLE_NAME: u16 = 1;
+pub const NFTA_CHAIN_TABLE: u16 = 1;
+pub const NFTA_CHAIN_NAME: u16 = 3;
+pub const NFTA_CHAIN_HOOK: u16 = 4;
+pub const NFTA_CHAIN_POLICY: u16 = 5;
+pub const NFTA_CHAIN_TYPE: u16 = 7;
+pub const NFTA_HOOK_HOOKNUM: u16 = 1;
+pub const NFTA_HOOK_PRIORITY: u16 = 2;
+pub const NFTA_RULE_TABLE: u16 = 1;
+pub const NFTA_RULE_CHAIN: u16 = 2;
+pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub const NFTA_RULE_USERDATA: u16 = 7;
+pub const NFTA_LIST_ELEM: u16 = 1;
+pub const NFTA_EXPR_NAME: u16 = 1;
+pub const NFTA_EXPR_DATA: u16 = 2;
+pub const NFTA_DATA_VALUE: u16 = 1;
+pub const NFTA_META_DREG: u16 = 1;
+pub const NFTA_META_KEY: u16 = 2;
+pub const NFTA_BITWISE_SREG: u16 = 1;
+pub const NFTA_BITWISE_DREG: u16 = 2;
+pub const NFTA_BITWISE_LEN: u16 = 3;
+pub const NFTA_BITWISE_MASK: u16 = 4;
+pub const NFTA_BITWISE_XOR: u16 = 5;
+pub const NFTA_BITWISE_OP: u16 = 6;
+/// `NFT_BITWISE_BOOL`: `(reg & mask) ^ xor`.
+pub const NFT_BITWISE_BOOL: u32 = 0;
+pub const NFTA_CMP_SREG: u16 = 1;
+pub const NFTA_CMP_OP: u16 = 2;
+pub const NFTA_CMP_DATA: u16 = 3;
+pub const NFT_META_MARK: u32 = 3;
+pub const NFT_CMP_EQ: u32 = 0;
+/// `NFT_REG_1`: the 16-byte register `nft` loads a meta key into.
+pub const NFT_REG_1: u32 = 1;
+pub const NF_ACCEPT: u32 = 1;
+pub const NF_INET_PRE_ROUTING: u32 = 0;
+pub const NF_INET_LOCAL_OUT: u32 = 3;
+/// `NF_IP_PRI_RAW`: the priority of the raw table (`priority raw` in `nft`).
+pub const NF_IP_PRI_RAW: i32 = -300;
+/// `NFTNL_UDATA_RULE_COMMENT`: a rule comment in `NFTA_RULE_USERDATA`.
+pub const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
+pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLM_F_APPEND: u16 = 0x800;
 
 pub const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
@@ -167,6 +223,203 @@ pub fn nft_delete_table_batch(seq: u32, family: u8, name: &str) -> Vec<u8> {
         &[],
     ));
     b
+}
+
+/// A nested attribute (`NLA_F_NESTED` set).
+pub fn attr_nested(ty: u16, inner: &[u8]) -> Vec<u8> {
+    attr(ty | NLA_F_NESTED, inner)
+}
+
+/// A big-endian u32 attribute (nf_tables' integers).
+pub fn attr_be32(ty: u16, v: u32) -> Vec<u8> {
+    attr(ty, &v.to_be_bytes())
+}
+
+/// One expression of a rule: `NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { data } }`
+/// (no data attribute when `data` is empty, as for `notrack`).
+pub fn nft_expr(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut e = attr_str(NFTA_EXPR_NAME, name);
+    if !data.is_empty() {
+        e.extend(attr_nested(NFTA_EXPR_DATA, data));
+    }
+    attr_nested(NFTA_LIST_ELEM, &e)
+}
+
+/// `[ meta load KEY => reg DREG ]`.
+pub fn nft_meta_load(key: u32, dreg: u32) -> Vec<u8> {
+    let mut d = attr_be32(NFTA_META_KEY, key);
+    d.extend(attr_be32(NFTA_META_DREG, dreg));
+    nft_expr("meta", &d)
+}
+
+/// `[ bitwise reg REG = ( reg REG & MASK ) ^ 0 ]` over `mask.len()` bytes. The operation
+/// attribute (`NFT_BITWISE_BOOL`, kernel 5.6 on) is sent as nft 1.0 sends it; older kernels
+/// ignore it and do the same.
+pub fn nft_bitwise_and(reg: u32, mask: &[u8]) -> Vec<u8> {
+    let mut d = attr_be32(NFTA_BITWISE_SREG, reg);
+    d.extend(attr_be32(NFTA_BITWISE_DREG, reg));
+    d.extend(attr_be32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL));
+    d.extend(attr_be32(NFTA_BITWISE_LEN, mask.len() as u32));
+    d.extend(attr_nested(NFTA_BITWISE_MASK, &attr(NFTA_DATA_VALUE, mask)));
+    d.extend(attr_nested(
+        NFTA_BITWISE_XOR,
+        &attr(NFTA_DATA_VALUE, &vec![0; mask.len()]),
+    ));
+    nft_expr("bitwise", &d)
+}
+
+/// `[ cmp eq reg REG VALUE ]`.
+pub fn nft_cmp_eq(reg: u32, value: &[u8]) -> Vec<u8> {
+    let mut d = attr_be32(NFTA_CMP_SREG, reg);
+    d.extend(attr_be32(NFTA_CMP_OP, NFT_CMP_EQ));
+    d.extend(attr_nested(NFTA_CMP_DATA, &attr(NFTA_DATA_VALUE, value)));
+    nft_expr("cmp", &d)
+}
+
+/// `[ notrack ]`.
+pub fn nft_notrack() -> Vec<u8> {
+    nft_expr("notrack", &[])
+}
+
+/// `NFTA_RULE_USERDATA` holding a comment as `nft` writes one (`comment "..."` in `nft list`).
+pub fn rule_comment_userdata(comment: &str) -> Vec<u8> {
+    let mut text = comment.as_bytes().to_vec();
+    text.push(0);
+    let mut u = vec![NFTNL_UDATA_RULE_COMMENT, text.len() as u8];
+    u.extend(text);
+    u
+}
+
+/// The comment in a rule's `NFTA_RULE_USERDATA`, if it has one.
+pub fn userdata_comment(mut u: &[u8]) -> Option<String> {
+    while u.len() >= 2 {
+        let (ty, len) = (u[0], u[1] as usize);
+        let value = u.get(2..2 + len)?;
+        if ty == NFTNL_UDATA_RULE_COMMENT {
+            return Some(c_string(value));
+        }
+        u = &u[2 + len..];
+    }
+    None
+}
+
+/// A base chain of type filter with policy accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseChain {
+    pub name: String,
+    /// `NF_INET_*`.
+    pub hook: u32,
+    pub priority: i32,
+}
+
+/// A rule: its chain, its expressions (the concatenated `NFTA_LIST_ELEM`s) and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftRule {
+    pub chain: String,
+    pub exprs: Vec<u8>,
+    pub comment: String,
+}
+
+/// A batch that creates table `name` of `family` or replaces it whole (`add table`, `delete
+/// table`, `add table`, its chains, its rules: one transaction, so packets see the old table or
+/// the new one). Every message but begin and end asks for an acknowledgement; returns the
+/// bytes and the number of messages (sequence numbers `seq..seq + count`).
+pub fn nft_replace_table_batch(
+    seq: u32,
+    family: u8,
+    name: &str,
+    chains: &[BaseChain],
+    rules: &[NftRule],
+) -> (Vec<u8>, u32) {
+    let res_id = u16::from(NFNL_SUBSYS_NFTABLES);
+    let mut n = seq;
+    let mut next = || {
+        let s = n;
+        n = n.wrapping_add(1);
+        s
+    };
+    let table = attr_str(NFTA_TABLE_NAME, name);
+    let mut b = message(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        next(),
+        NFPROTO_UNSPEC,
+        res_id,
+        &[],
+    );
+    let ack = NLM_F_REQUEST | NLM_F_ACK;
+    for (cmd, flags) in [
+        (NFT_MSG_NEWTABLE, ack | NLM_F_CREATE),
+        (NFT_MSG_DELTABLE, ack),
+        (NFT_MSG_NEWTABLE, ack | NLM_F_CREATE),
+    ] {
+        b.extend(message(nft_type(cmd), flags, next(), family, 0, &table));
+    }
+    for c in chains {
+        let mut a = attr_str(NFTA_CHAIN_TABLE, name);
+        a.extend(attr_str(NFTA_CHAIN_NAME, &c.name));
+        // In the order nft 1.0 sends them.
+        a.extend(attr_str(NFTA_CHAIN_TYPE, "filter"));
+        a.extend(attr_be32(NFTA_CHAIN_POLICY, NF_ACCEPT));
+        let mut hook = attr_be32(NFTA_HOOK_HOOKNUM, c.hook);
+        hook.extend(attr_be32(NFTA_HOOK_PRIORITY, c.priority as u32));
+        a.extend(attr_nested(NFTA_CHAIN_HOOK, &hook));
+        b.extend(message(
+            nft_type(NFT_MSG_NEWCHAIN),
+            ack | NLM_F_CREATE,
+            next(),
+            family,
+            0,
+            &a,
+        ));
+    }
+    for r in rules {
+        let mut a = attr_str(NFTA_RULE_TABLE, name);
+        a.extend(attr_str(NFTA_RULE_CHAIN, &r.chain));
+        a.extend(attr_nested(NFTA_RULE_EXPRESSIONS, &r.exprs));
+        a.extend(attr(NFTA_RULE_USERDATA, &rule_comment_userdata(&r.comment)));
+        b.extend(message(
+            nft_type(NFT_MSG_NEWRULE),
+            ack | NLM_F_CREATE | NLM_F_APPEND,
+            next(),
+            family,
+            0,
+            &a,
+        ));
+    }
+    b.extend(message(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        next(),
+        NFPROTO_UNSPEC,
+        res_id,
+        &[],
+    ));
+    (b, n.wrapping_sub(seq))
+}
+
+/// Dump of every chain of `family`.
+pub fn nft_list_chains(seq: u32, family: u8) -> Vec<u8> {
+    message(
+        nft_type(NFT_MSG_GETCHAIN),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        0,
+        &[],
+    )
+}
+
+/// Dump of the rules of table `table` of `family`.
+pub fn nft_list_rules(seq: u32, family: u8, table: &str) -> Vec<u8> {
+    message(
+        nft_type(NFT_MSG_GETRULE),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        0,
+        &attr_str(NFTA_RULE_TABLE, table),
+    )
 }
 
 /// Dump of every ipset's name.
@@ -310,6 +563,85 @@ pub fn parse_nft_tables(msgs: &[Received]) -> Vec<NftTable> {
         .collect()
 }
 
+/// A chain as a `NFT_MSG_GETCHAIN` dump shows it: its table, name and hook (number and
+/// priority; `None` for a regular chain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftChainInfo {
+    pub family: u8,
+    pub table: String,
+    pub name: String,
+    pub hook: Option<(u32, i32)>,
+}
+
+fn be32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+fn attr_of<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
+    attrs.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
+}
+
+/// The chains in a `NFT_MSG_GETCHAIN` dump's replies.
+pub fn parse_nft_chains(msgs: &[Received]) -> Vec<NftChainInfo> {
+    msgs.iter()
+        .filter(|m| m.ty == nft_type(NFT_MSG_NEWCHAIN))
+        .filter_map(|m| {
+            let family = *m.payload.first()?;
+            let attrs = parse_attrs(&m.payload);
+            let hook = attr_of(&attrs, NFTA_CHAIN_HOOK).and_then(|h| {
+                let h = parse_nlattrs(h);
+                Some((
+                    be32(attr_of(&h, NFTA_HOOK_HOOKNUM)?)?,
+                    be32(attr_of(&h, NFTA_HOOK_PRIORITY)?)? as i32,
+                ))
+            });
+            Some(NftChainInfo {
+                family,
+                table: c_string(attr_of(&attrs, NFTA_CHAIN_TABLE)?),
+                name: c_string(attr_of(&attrs, NFTA_CHAIN_NAME)?),
+                hook,
+            })
+        })
+        .collect()
+}
+
+/// A rule as a `NFT_MSG_GETRULE` dump shows it: its table, chain, the names of its
+/// expressions in order, and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftRuleInfo {
+    pub table: String,
+    pub chain: String,
+    pub exprs: Vec<String>,
+    pub comment: Option<String>,
+}
+
+/// The rules in a `NFT_MSG_GETRULE` dump's replies.
+pub fn parse_nft_rules(msgs: &[Received]) -> Vec<NftRuleInfo> {
+    msgs.iter()
+        .filter(|m| m.ty == nft_type(NFT_MSG_NEWRULE))
+        .filter_map(|m| {
+            let attrs = parse_attrs(&m.payload);
+            let exprs = attr_of(&attrs, NFTA_RULE_EXPRESSIONS)
+                .map(|e| {
+                    parse_nlattrs(e)
+                        .into_iter()
+                        .filter(|(t, _)| *t == NFTA_LIST_ELEM)
+                        .filter_map(|(_, el)| {
+                            attr_of(&parse_nlattrs(el), NFTA_EXPR_NAME).map(c_string)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(NftRuleInfo {
+                table: c_string(attr_of(&attrs, NFTA_RULE_TABLE)?),
+                chain: c_string(attr_of(&attrs, NFTA_RULE_CHAIN)?),
+                exprs,
+                comment: attr_of(&attrs, NFTA_RULE_USERDATA).and_then(userdata_comment),
+            })
+        })
+        .collect()
+}
+
 /// The set names in an `IPSET_CMD_LIST` dump's replies.
 pub fn parse_ipset_names(msgs: &[Received]) -> Vec<String> {
     msgs.iter()
@@ -442,6 +774,50 @@ impl Nfnl {
             Err(NfnlError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Creates table `name` of `family` with `chains` and `rules`, or replaces it whole
+    /// ([`nft_replace_table_batch`]).
+    pub fn nft_replace_table(
+        &mut self,
+        family: u8,
+        name: &str,
+        chains: &[BaseChain],
+        rules: &[NftRule],
+    ) -> Result<(), NfnlError> {
+        let seq = self.seq;
+        let (msg, count) = nft_replace_table_batch(seq, family, name, chains, rules);
+        self.next_seq(count);
+        self.request(
+            &format!("writing nf_tables table {name}"),
+            &msg,
+            seq..seq.wrapping_add(count),
+            // The last message before the batch end.
+            seq.wrapping_add(count - 2),
+        )
+    }
+
+    /// Every chain of `family`.
+    pub fn nft_chains(&mut self, family: u8) -> Result<Vec<NftChainInfo>, NfnlError> {
+        let msgs = self.dump("listing nf_tables chains", |seq| {
+            nft_list_chains(seq, family)
+        })?;
+        Ok(parse_nft_chains(&msgs))
+    }
+
+    /// The rules of table `table` of `family` (none when it does not exist).
+    pub fn nft_rules(&mut self, family: u8, table: &str) -> Result<Vec<NftRuleInfo>, NfnlError> {
+        let msgs = match self.dump("listing nf_tables rules", |seq| {
+            nft_list_rules(seq, family, table)
+        }) {
+            Ok(m) => m,
+            Err(NfnlError::Kernel { errno, .. }) if errno == libc::ENOENT => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(parse_nft_rules(&msgs)
+            .into_iter()
+            .filter(|r| r.table == table)
+            .collect())
     }
 
     /// Every ipset's name.

@@ -262,7 +262,7 @@ pub struct RunArgs {
     /// /sys/fs/bpf/kube-ipvs-bpf, the map layout's version last, see --version).
     #[arg(long)]
     pub bpf_pin_root: Option<PathBuf>,
-    /// iptables flavour for the agent's rules (default: iptables-restore as installed).
+    /// iptables flavour for the agent's rules (default: the node firewall's, detected at start).
     #[arg(long, value_enum)]
     pub iptables_backend: Option<IptablesBackend>,
     /// A datapath map's size, NAME=ENTRIES (repeatable; names: svc_ports, svc_addrs,

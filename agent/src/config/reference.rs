@@ -363,13 +363,13 @@ pub const FIELDS: &[Field] = &[
         "kubeIpvsBpf.nodeCheckPeriod",
         "5s",
         "–",
-        "how often the node state outside IPVS (iptables rules, sysctls, TC programs, kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner (`--node-check-period`)",
+        "how often the node state outside IPVS (nf_tables table, iptables rules, sysctls, TC programs, kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner (`--node-check-period`)",
     ),
     f(
         "kubeIpvsBpf.iptablesBackend",
         "`default`",
         "–",
-        "`default` (`iptables-restore` as installed), `nft` or `legacy`: the iptables the agent writes its rules with (`--iptables-backend`)",
+        "`default`, `nft` or `legacy`: the iptables the agent writes its rules with (`--iptables-backend`). `default` finds the one the node's firewall uses, as kube-proxy's iptables wrapper does: kubelet's `KUBE-IPTABLES-HINT` chain in iptables-nft's mangle table, else in iptables-legacy's, else the variant holding more rules (`iptables-restore` as installed when neither variant's save runs); the choice is logged at start. The notrack rule is native nf_tables either way (docs/datapath.md)",
     ),
     f(
         "kubeIpvsBpf.datapath.kind",

@@ -1,5 +1,5 @@
 //! The node's eBPF datapath as the agent runs it (docs/datapath.md): loading (or re-using) the
-//! pinned programs and maps, the sysctls and iptables rules it needs, attaching the TC programs
+//! pinned programs and maps, the sysctls, nf_tables table and iptables rules it needs, attaching the TC programs
 //! to every device that can carry service traffic, the per-device SNAT source addresses, the
 //! service maps (through [`crate::reconcile::datapath`]), counters and expiry.
 //!
@@ -15,6 +15,7 @@
 pub mod drain;
 pub mod ipvs_conns;
 pub mod lock;
+pub mod notrack;
 pub mod rules;
 pub mod sweep;
 pub mod switch;
@@ -296,6 +297,18 @@ pub fn device_sources(
     out
 }
 
+/// The iptables the agent writes with: `configured`, or with [`rules::Backend::Default`] the
+/// one the node's firewall uses ([`rules::detect_backend`]); the choice is logged.
+fn resolve_backend(configured: rules::Backend) -> rules::Backend {
+    if configured != rules::Backend::Default {
+        tracing::info!(backend = ?configured, "iptables backend as configured (kubeIpvsBpf.iptablesBackend)");
+        return configured;
+    }
+    let (backend, why) = rules::detect_backend();
+    tracing::info!(backend = ?backend, reason = why, "iptables backend detected");
+    backend
+}
+
 /// The running datapath.
 pub struct Datapath {
     loaded: Loaded,
@@ -309,7 +322,10 @@ pub struct Datapath {
     /// Whether the pins of other layout versions (an upgraded agent's) were removed: done once
     /// this datapath is attached to every device, so they never run together for long.
     other_layouts_removed: bool,
-    /// The sysctls and iptables rules kept on the node (checked by [`Datapath::repair_node`]).
+    /// Whether the node rules were written once (the first write decides nf_tables or
+    /// iptables notrack, and logs it).
+    rules_written: bool,
+    /// The sysctls, nf_tables table and iptables rules kept on the node (checked by [`Datapath::repair_node`]).
     node: DesiredNodeState,
 }
 
@@ -360,7 +376,9 @@ impl Datapath {
             kernel,
             cfg.strict_arp,
             Some(RulesSpec {
-                backend: cfg.rules_backend,
+                backend: resolve_backend(cfg.rules_backend),
+                // Until the first write finds nf_tables missing (see write_rules).
+                notrack: rules::Notrack::Nftables,
                 mark_svc: cfg.mark_svc,
                 xt_svc_pin: loaded.xt_svc_pin_path(),
                 ipv6: std::path::Path::new("/proc/sys/net/ipv6").exists(),
@@ -376,6 +394,7 @@ impl Datapath {
             probe: None,
             last_addresses: None,
             other_layouts_removed: false,
+            rules_written: false,
         };
         dp.write_config()?;
         match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
@@ -480,16 +499,63 @@ impl Datapath {
         Ok(())
     }
 
-    fn write_rules(&self) -> anyhow::Result<()> {
-        let Some(spec) = &self.node.rules else {
+    /// Writes the nf_tables table ([`notrack`]) and the iptables rules of each family. A
+    /// kernel without nf_tables (the table cannot be written at the first write) keeps the
+    /// iptables notrack rule instead, from then on.
+    fn write_rules(&mut self) -> anyhow::Result<()> {
+        let window = self.node.phase == NodeStatePhase::Switch;
+        let Some(spec) = &mut self.node.rules else {
             return Ok(());
         };
-        let window = self.node.phase == NodeStatePhase::Switch;
-        rules::apply(spec.backend, false, spec.mark_svc, &spec.xt_svc_pin, window)
-            .context("writing the IPv4 iptables rules")?;
+        if spec.notrack == rules::Notrack::Nftables {
+            let written = crate::cleanup::nfnetlink::Nfnl::open()
+                .and_then(|mut nl| notrack::apply(&mut nl, spec.mark_svc));
+            match written {
+                Ok(()) => {}
+                Err(e) if !self.rules_written => {
+                    tracing::warn!(
+                        "nf_tables table inet {} not written ({e}): the kernel seems to lack                          nf_tables; service traffic is untracked by an iptables raw PREROUTING                          rule instead",
+                        notrack::TABLE
+                    );
+                    spec.notrack = rules::Notrack::Iptables;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("writing nf_tables table inet {}", notrack::TABLE)
+                    });
+                }
+            }
+        }
+        let spec = spec.clone();
+        rules::apply(
+            spec.backend,
+            false,
+            spec.mark_svc,
+            &spec.xt_svc_pin,
+            window,
+            spec.notrack,
+        )
+        .context("writing the IPv4 iptables rules")?;
         if spec.ipv6 {
-            rules::apply(spec.backend, true, spec.mark_svc, &spec.xt_svc_pin, window)
-                .context("writing the IPv6 iptables rules")?;
+            rules::apply(
+                spec.backend,
+                true,
+                spec.mark_svc,
+                &spec.xt_svc_pin,
+                window,
+                spec.notrack,
+            )
+            .context("writing the IPv6 iptables rules")?;
+        }
+        if !self.rules_written {
+            self.rules_written = true;
+            tracing::info!(
+                notrack = match spec.notrack {
+                    rules::Notrack::Nftables => "nf_tables table inet kube-ipvs-bpf",
+                    rules::Notrack::Iptables => "iptables raw PREROUTING",
+                },
+                "node rules written"
+            );
         }
         Ok(())
     }

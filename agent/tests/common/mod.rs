@@ -102,3 +102,37 @@ pub fn in_netns<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
         .expect("test thread panicked")
     })
 }
+
+/// Whether a test must be skipped: not root, or one of `tools` (program, version flag) does not
+/// run. Says which; the test then passes without running.
+pub fn skip_without(tools: &[(&str, &str)]) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return true;
+    }
+    for (tool, flag) in tools {
+        if !std::process::Command::new(tool)
+            .arg(flag)
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("skipped: {tool} not installed");
+            return true;
+        }
+    }
+    false
+}
+
+/// Runs `cmd` with `sh -c` and returns its output; panics (with its stderr) when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

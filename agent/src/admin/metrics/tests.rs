@@ -200,7 +200,7 @@ fn node_repairs_exist_at_zero_and_count_each_repair_by_part() {
     use crate::node_state::{Part, Repair};
     let m = Metrics::new(&[]);
     let t = m.encode();
-    for what in ["iptables", "sysctl", "tc", "kube_ipvs0"] {
+    for what in ["iptables", "nftables", "sysctl", "tc", "kube_ipvs0"] {
         let name = format!("kube_ipvs_bpf_node_repairs_total{{what=\"{what}\"}}");
         assert_eq!(sample(&t, &name), Some(0.0), "{name}");
     }
