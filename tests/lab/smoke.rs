@@ -15,7 +15,9 @@ fn kernel_has_ipvs_with_module_btf() {
         "ip_vs module BTF missing"
     );
     // The lab's kernel label is the version, with "-arm64" for Debian's arm64 kernels.
+    // (Trimmed: uname's newline made the arm64 label's suffix check fail.)
     let release = sh("uname -r");
+    let release = release.trim();
     let label = lab::lab_kernel();
     let (version, arch) = label.split_once('-').unwrap_or((&label, ""));
     assert!(
