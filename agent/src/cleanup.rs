@@ -22,8 +22,9 @@
 //! **This agent**: its `KUBE-IPVS-BPF-*` chains and the jumps to them (all four iptables
 //! variants), its TC filters (netlink clsact filters with its handle and priority on every
 //! interface), its pinned BPF objects under the pin root (pinned links detached first), its IPVS
-//! services and `kube-ipvs0` (same rule as above), and its state file. The IPVS sysctls it set
-//! are left as they are (their previous values are not recorded).
+//! services and `kube-ipvs0` (same rule as above; unless `keep_ipvs`, as at the end of a drain
+//! for the rollback to kube-proxy, which owns them again), and its state file. The IPVS sysctls
+//! it set are left as they are (their previous values are not recorded).
 //!
 //! IPVS is only looked at when the `ip_vs` module is loaded (`/proc/net/ip_vs`): connecting
 //! would load it. Everything happens in the network namespace of the calling thread.
@@ -92,7 +93,8 @@ pub fn kube_proxy_ipset_names() -> BTreeSet<String> {
 pub struct CleanupOptions {
     /// Report what would be removed, remove nothing.
     pub dry_run: bool,
-    /// kube-proxy cleanup: leave IPVS services and `kube-ipvs0` for this agent to adopt.
+    /// Leave IPVS services and `kube-ipvs0`: for this agent to adopt (kube-proxy's cleanup), or
+    /// for kube-proxy (this agent's, at the end of a drain).
     pub keep_ipvs: bool,
     /// The NodePort range (services on node addresses in it are proxy-owned).
     pub node_port_range: RangeInclusive<u16>,
@@ -217,8 +219,14 @@ pub async fn cleanup_self(opts: &CleanupOptions) -> Result<CleanupReport, Cleanu
     iptables_step(opts, Owner::Agent, &mut report);
     tc_step(opts, &rtnl, &mut report).await;
     pins_step(opts, &mut report);
-    ipvs_step(opts, &rtnl, &mut report).await;
-    interface_step(opts, &rtnl, &mut report).await;
+    if opts.keep_ipvs {
+        report.notes.push(format!(
+            "IPVS services and {DUMMY_INTERFACE} kept (kube-proxy's again after a drain)"
+        ));
+    } else {
+        ipvs_step(opts, &rtnl, &mut report).await;
+        interface_step(opts, &rtnl, &mut report).await;
+    }
     state_step(opts, &mut report);
     report
         .notes

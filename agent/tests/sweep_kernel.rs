@@ -2,7 +2,8 @@
 //! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
 //! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
 //! one pass after they are removed; `conns` entries older than IPVS's timeout stay while a
-//! record translates their connection and go with it, untranslated ones go; a connection
+//! record translates their connection and go with it, untranslated ones go unless IPVS still
+//! holds their connection (a long-lived one); a connection
 //! reopened while a pass runs is not removed on the pass's older copy; a dropped packet is
 //! logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
@@ -13,7 +14,7 @@ use common::{can_load_datapath, load_with_one_service, small_map_sizes, test_pin
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep, sweep_records};
+use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep, sweep_records, sweep_with_ipvs};
 use probes::maps::{
     ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
     Tuple, addr_to_bytes,
@@ -42,6 +43,22 @@ fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
     frame.extend(dport.to_be_bytes());
     frame.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
     frame
+}
+
+/// The `conns` entry the IPVS probe writes for a connection through VIP:80, made at `created_ns`.
+fn probe_saw(maps: &probes::DatapathMaps, key: &Tuple, created_ns: u64) {
+    maps.conns
+        .insert(
+            key,
+            &ConnValue {
+                vaddr: addr_to_bytes(IpAddr::V4(VIP)),
+                vport: U16::new(80),
+                pad: 0,
+                ipvs_flags: 0,
+                created_ns,
+            },
+        )
+        .expect("conns");
 }
 
 #[test]
@@ -77,18 +94,7 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
         L4Proto::Tcp,
     );
     for key in [seen, untranslated] {
-        maps.conns
-            .insert(
-                &key,
-                &ConnValue {
-                    vaddr: addr_to_bytes(IpAddr::V4(VIP)),
-                    vport: U16::new(80),
-                    pad: 0,
-                    ipvs_flags: 0,
-                    created_ns: long_ago,
-                },
-            )
-            .expect("conns");
+        probe_saw(maps, &key, long_ago);
     }
     let context = SkbContext {
         mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
@@ -154,6 +160,66 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     assert_eq!(report.snat_reclaimed, 2);
     let (used, busy, dead, _) = maps.snat.occupancy();
     assert_eq!((used, busy, dead), (0, 0, 0));
+}
+
+/// An untranslated connection (pod to ClusterIP) past IPVS's established timeout from its
+/// creation keeps its `conns` entry while IPVS still holds it (a long-lived connection: its
+/// replies must stay marked), and loses it once IPVS does not; IPVS's table is read once per
+/// pass, and only when such an entry is up for expiry.
+#[test]
+fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = test_pins("sweep-held");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
+    let maps = dp.maps();
+    let t = Timeouts::default();
+    let now = monotonic_ns();
+    let long_ago = now - Duration::from_secs(1000).as_nanos() as u64;
+    let conn = |sport| {
+        Tuple::new(
+            IpAddr::V4(SEEN),
+            sport,
+            IpAddr::V4(BACKEND),
+            8080,
+            L4Proto::Tcp,
+        )
+    };
+    let (long_lived, ended, young) = (conn(7000), conn(7001), conn(7002));
+    for (key, created_ns) in [(long_lived, long_ago), (ended, long_ago), (young, now)] {
+        probe_saw(maps, &key, created_ns);
+    }
+    let mut reads = 0;
+    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
+        reads += 1;
+        Some([long_lived, young].into_iter().collect())
+    })
+    .expect("sweep");
+    assert_eq!(reads, 1, "IPVS's table read once");
+    assert_eq!(
+        (
+            report.conns_expired,
+            report.conns_held_by_ipvs,
+            report.conns_live
+        ),
+        (1, 1, 2)
+    );
+    assert!(maps.conns.get(&long_lived).expect("conns").is_some());
+    assert!(maps.conns.get(&ended).expect("conns").is_none());
+    // IPVS no longer holds it: the entry goes.
+    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
+        Some(std::collections::HashSet::new())
+    })
+    .expect("sweep");
+    assert_eq!((report.conns_expired, report.conns_live), (1, 1));
+    assert!(maps.conns.get(&long_lived).expect("conns").is_none());
+    // Nothing up for expiry: IPVS's table is not read.
+    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
+        panic!("IPVS's table read with no entry up for expiry")
+    })
+    .expect("sweep");
+    assert_eq!(report.conns_live, 1);
 }
 
 /// A client that reuses its port for a new connection while a sweep pass runs: the pass started

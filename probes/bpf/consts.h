@@ -61,6 +61,8 @@ enum cfg_flags {
 	CFG_F_CLUSTER_CIDRS = 0x2, /* cluster_cidrs holds at least one prefix */
 	CFG_F_DIRECT_WRITES = 0x4, /* nat_write_* are installed: translations take the fast path */
 	CFG_F_SWITCH = 0x8, /* switch window: connections in switch_flows are left to conntrack */
+	CFG_F_DRAIN = 0x10, /* rollback drain: only connections in switch_flows are the agent's */
+	CFG_F_DRAIN_RECORD = 0x20, /* the probe also puts each new connection in switch_flows */
 };
 
 /* snat_entry.state: what was seen on the connection (TCP flags, reply) */

@@ -214,8 +214,8 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 			stat_drop(STAT_FILTERED_SRC_RANGE, &key);
 			goto dropped;
 		}
-		/* A connection open before the switch from kube-proxy stays tracked. */
-		if (switch_exempt(cfg, &p, &key))
+		/* A connection open before a switch keeps the handling it had (switch.h). */
+		if (!switch_ours(cfg, &p, &key))
 			goto unmarked;
 		if ((svc->flags & SVC_F_MASQ) || (cfg->flags & CFG_F_MASQ_ALL) ||
 		    ((svc->flags & SVC_F_MASQ_OFFCLUSTER) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
@@ -236,7 +236,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 unmarked:
 	/*
-	 * Not service traffic (or open before the switch): its next packets pass at once, until a
+	 * Not service traffic (or not the agent's, switch.h): its next packets pass at once, until a
 	 * translation whose replies are this flow is made (by another CPU, or before its first
 	 * reply: a UDP reply is no SYN): that bumps flow_gen on this index and ends the verdict.
 	 */
@@ -379,7 +379,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		return TC_ACT_UNSPEC;
 	}
 
-	/* 2. Does this connection need SNAT? Not one open before the switch from kube-proxy. */
+	/* 2. Does this connection need SNAT? */
 	flags = snat_reason(&p, skb->mark, cfg);
 	if (!flags) {
 		__u32 mask = cfg->mark_svc | cfg->mark_masq;
@@ -389,7 +389,11 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 					  gen, now_jiffies);
 		return TC_ACT_UNSPEC;
 	}
-	if (switch_exempt(cfg, &p, &key))
+	/*
+	 * Not one open before the switch from kube-proxy; and no new translation while draining
+	 * (a connection the agent translated before the drain has its record: step 1).
+	 */
+	if ((cfg->flags & CFG_F_DRAIN) || !switch_ours(cfg, &p, &key))
 		return TC_ACT_UNSPEC;
 
 	/* 3. Allocation. */
@@ -547,8 +551,8 @@ int xt_svc(struct __sk_buff *skb)
 	if (svc_port_lookup(p.daddr, p.dport, p.proto)) {
 		struct config *cfg = config_get();
 
-		/* A connection open before the switch from kube-proxy stays tracked. */
-		return !(cfg && switch_exempt(cfg, &p, &key));
+		/* A connection open before a switch keeps the handling it had (switch.h). */
+		return !cfg || switch_ours(cfg, &p, &key);
 	}
 	tuple_reversed_from_pkt(&p, &key);
 	if (conns_has(&key))

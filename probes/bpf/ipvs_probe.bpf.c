@@ -3,7 +3,8 @@
  * ipvs_probe.bpf.c: the hook on IPVS connection creation. When ip_vs_conn_new() returns a new
  * connection, it is recorded in `conns` keyed by (client -> backend, protocol) with the service
  * address:port and the IPVS flags. Persistence templates (IP_VS_CONN_F_TEMPLATE, client port 0)
- * are skipped.
+ * are skipped. While the agent drains for a rollback (docs/switching.md) it records nothing, and
+ * while it prepares one it also puts each connection in switch_flows.
  *
  * Two programs with one body: fexit (kernels whose trampoline takes 7 arguments) and kretprobe
  * (every kernel). Neither is autoloaded: the loader enables the one it tries.
@@ -83,16 +84,38 @@ static __always_inline void read_addr(__u8 out[ADDR_LEN], const union nf_inet_ad
 	words[3] = direct ? addr->ip : BPF_CORE_READ(addr, ip);
 }
 
+/*
+ * While the agent prepares a rollback (CFG_F_DRAIN_RECORD, docs/switching.md), a connection IPVS
+ * makes is one the programs still mark: its client -> service tuple goes in switch_flows, so it
+ * stays the agent's once the drain starts.
+ */
+static __always_inline void record_drain_flow(const struct tuple *conn, const struct conn_value *v)
+{
+	struct tuple key = *conn;
+	struct switch_flow flow = { .seen_ns = v->created_ns };
+
+	__builtin_memcpy(key.daddr, v->vaddr, ADDR_LEN);
+	key.dport = v->vport;
+	bpf_map_update_elem(&switch_flows, &key, &flow, BPF_ANY);
+}
+
 static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 {
 	struct tuple key = {};
 	struct conn_value value = {};
+	struct config *cfg = config_get();
 	__u32 flags;
 	__u16 af;
 	__u16 daf;
 	__be16 cport;
 
 	if (!cp)
+		return 0;
+	/*
+	 * Draining (rollback to kube-proxy): new connections are conntrack's (vs.conntrack=1), and
+	 * their replies must stay tracked too.
+	 */
+	if (cfg && (cfg->flags & CFG_F_DRAIN))
 		return 0;
 	flags = CONN_FIELD(direct, cp, flags);
 	cport = CONN_FIELD(direct, cp, cport);
@@ -112,6 +135,8 @@ static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 	value.ipvs_flags = flags;
 	value.created_ns = bpf_ktime_get_ns();
 	bpf_map_update_elem(&conns, &key, &value, BPF_ANY);
+	if (cfg && (cfg->flags & CFG_F_DRAIN_RECORD))
+		record_drain_flow(&key, &value);
 	stat_inc(STAT_PROBE_CONN);
 	return 0;
 }

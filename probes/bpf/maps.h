@@ -83,12 +83,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } config SEC(".maps");
 
-#ifndef KIB_PROBE_OBJECT
 /*
- * switch_flows: the connections kube-proxy's conntrack entries held when the agent took the node
- * over, by each of their four tuples (docs/switching.md). The agent fills and prunes it from
- * conntrack dumps; the programs look it up only while config.flags has CFG_F_SWITCH, and a TCP
- * SYN removes the tuple it reuses.
+ * switch_flows: the connections open at a switch between kube-proxy and the agent, which keep the
+ * handling they had (docs/switching.md, switch.h). At a takeover (config.flags CFG_F_SWITCH): the
+ * connections kube-proxy's conntrack entries held, by each of their four tuples; the agent fills
+ * and prunes it from conntrack dumps. At a rollback (CFG_F_DRAIN): the connections the agent
+ * handled, by their client -> service tuple; the agent fills it from `conns` and the probe adds
+ * the connections IPVS makes meanwhile (CFG_F_DRAIN_RECORD), and the agent prunes it from IPVS's
+ * connection table. The programs look it up only under one of those flags, and a TCP SYN removes
+ * the tuple it reuses. Shared with the probe object.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -98,6 +101,8 @@ struct {
 	__type(value, struct switch_flow);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } switch_flows SEC(".maps");
+
+#ifndef KIB_PROBE_OBJECT
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

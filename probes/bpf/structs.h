@@ -227,9 +227,9 @@ struct drop_event {
  * key is one of the entry's four tuples, docs/switching.md). Written by the agent only.
  */
 struct switch_flow {
-	__u32 ct_id; /* the conntrack entry's id */
+	__u32 ct_id; /* takeover: the conntrack entry's id; rollback: 0 */
 	__u32 pad;
-	__u64 seen_ns; /* CLOCK_MONOTONIC: the agent's last dump that listed the entry */
+	__u64 seen_ns; /* CLOCK_MONOTONIC: the agent's last dump that listed the connection */
 };
 
 _Static_assert(sizeof(struct drop_event) == 48, "drop_event");

@@ -51,6 +51,17 @@ pub const CFG_F_DIRECT_WRITES: u32 = 0x4;
 /// `config.flags`: the switch window from kube-proxy is open: the connections in `switch_flows`
 /// are left to conntrack (docs/switching.md).
 pub const CFG_F_SWITCH: u32 = 0x8;
+/// `config.flags`: the rollback drain (docs/switching.md): only the connections in `switch_flows`
+/// (the agent's, by client -> service tuple) are marked and translated, no new SNAT record is
+/// made, and the probe records nothing.
+pub const CFG_F_DRAIN: u32 = 0x10;
+/// `config.flags`: the probe also puts each new IPVS connection in `switch_flows` (while a drain
+/// is prepared).
+pub const CFG_F_DRAIN_RECORD: u32 = 0x20;
+/// The `config.flags` bits of a switch between kube-proxy and the agent, each set only by the
+/// switch's own code ([`crate::DatapathMaps::set_switch_flags`]): every other configuration write
+/// keeps them.
+pub const CFG_SWITCH_FLAGS: u32 = CFG_F_SWITCH | CFG_F_DRAIN | CFG_F_DRAIN_RECORD;
 /// `switch_flows`' capacity (fixed: four tuples for each of 262,144 conntrack entries; the map is
 /// not preallocated).
 pub const SWITCH_FLOWS_SIZE: u32 = 4 * 262_144;
@@ -620,17 +631,20 @@ pub struct DropEvent {
     pub key: Tuple,
 }
 
-/// `struct switch_flow`: a connection kube-proxy's conntrack entry held when the agent took the
-/// node over (`switch_flows`' value, under each of the entry's four tuples). Written by the agent.
+/// `struct switch_flow`: a connection open at a switch, which keeps the handling it had
+/// (docs/switching.md): at a takeover, one kube-proxy's conntrack entry held (under each of the
+/// entry's four tuples; written by the agent); at a rollback, one the agent handled (under its
+/// client -> service tuple; written by the agent and the probe).
 #[derive(
     FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
 )]
 #[repr(C)]
 pub struct SwitchFlow {
-    /// The conntrack entry's id.
+    /// The conntrack entry's id (takeover); 0 (rollback).
     pub ct_id: u32,
     pub pad: u32,
-    /// The agent's last conntrack dump that listed the entry, CLOCK_MONOTONIC ns.
+    /// The agent's last dump (conntrack's, or IPVS's) that listed the connection, CLOCK_MONOTONIC
+    /// ns.
     pub seen_ns: u64,
 }
 

@@ -462,17 +462,17 @@ impl DatapathMaps {
         self.config.insert(&0, &self.complete(config))
     }
 
-    /// `config` with the SNAT table's fields, the loader's flags and the switch window's flag as
-    /// the map has it (set only by [`DatapathMaps::set_switch_window`]) filled in (what
-    /// [`DatapathMaps::set_config`] writes).
+    /// `config` with the SNAT table's fields, the loader's flags and the switch flags as the map
+    /// has them (`CFG_SWITCH_FLAGS`, set only by [`DatapathMaps::set_switch_flags`]) filled in
+    /// (what [`DatapathMaps::set_config`] writes).
     pub fn complete(&self, config: &Config) -> Config {
         let switch = self
             .config()
             .ok()
             .flatten()
-            .map_or(0, |c| c.flags & crate::maps::CFG_F_SWITCH);
+            .map_or(0, |c| c.flags & crate::maps::CFG_SWITCH_FLAGS);
         Config {
-            flags: (config.flags & !crate::maps::CFG_F_SWITCH) | self.owned_flags | switch,
+            flags: (config.flags & !crate::maps::CFG_SWITCH_FLAGS) | self.owned_flags | switch,
             nat_seed: self.snat.seed(),
             nat_buckets: self.snat.buckets(),
             nat_records: self.snat.capacity(),
@@ -480,16 +480,29 @@ impl DatapathMaps {
         }
     }
 
+    /// Sets the `set` bits and clears the `clear` bits of `CFG_SWITCH_FLAGS` (docs/switching.md),
+    /// leaving the rest of the configuration as it is. Returns the flags written.
+    pub fn set_switch_flags(&self, set: u32, clear: u32) -> Result<u32> {
+        let mut config = self.config()?.unwrap_or_default();
+        config.flags = (config.flags | (set & crate::maps::CFG_SWITCH_FLAGS))
+            & !(clear & crate::maps::CFG_SWITCH_FLAGS & !set);
+        self.config.insert(&0, &config)?;
+        Ok(config.flags)
+    }
+
     /// Opens or closes the switch window from kube-proxy (`CFG_F_SWITCH`, docs/switching.md),
     /// leaving the rest of the configuration as it is.
     pub fn set_switch_window(&self, open: bool) -> Result<()> {
-        let mut config = self.config()?.unwrap_or_default();
-        if open {
-            config.flags |= crate::maps::CFG_F_SWITCH;
-        } else {
-            config.flags &= !crate::maps::CFG_F_SWITCH;
-        }
-        self.config.insert(&0, &config)
+        let bit = crate::maps::CFG_F_SWITCH;
+        let (set, clear) = if open { (bit, 0) } else { (0, bit) };
+        self.set_switch_flags(set, clear).map(|_| ())
+    }
+
+    /// The `CFG_SWITCH_FLAGS` bits the configuration has.
+    pub fn switch_flags(&self) -> Result<u32> {
+        Ok(self
+            .config()?
+            .map_or(0, |c| c.flags & crate::maps::CFG_SWITCH_FLAGS))
     }
 
     /// Whether the switch window is open.

@@ -8,12 +8,13 @@ use std::net::IpAddr;
 
 use common::*;
 use probes::maps::{
-    ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_MASQ_ALL, CFG_F_SWITCH, CidrKey,
-    Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX, DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ,
-    DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey,
-    SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ, SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN,
-    STATE_REPLY, STATE_SYN, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats,
-    SvcKey, SvcValue, SwitchFlow, Tuple, addr_to_bytes,
+    ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_DRAIN, CFG_F_MASQ_ALL,
+    CFG_F_SWITCH, CidrKey, Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX,
+    DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ, DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX,
+    DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey, SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ,
+    SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ,
+    SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, SwitchFlow, Tuple,
+    addr_to_bytes,
 };
 use probes::{DatapathProgram, RewritePolicy};
 use zerocopy::byteorder::network_endian::U16;
@@ -1279,6 +1280,92 @@ fn xt_svc_leaves_old_connections_tracked_in_the_switch_window(f: Family, name: &
     assert_eq!(verdict(&ack), 1);
 }
 both_families!(xt_svc_leaves_old_connections_tracked_in_the_switch_window);
+
+/// The rollback drain (docs/switching.md): with `CFG_F_DRAIN`, only a packet whose client ->
+/// service tuple is in `switch_flows` (a connection the agent handled before the drain) is marked
+/// at ingress; every other connection is left unmarked (to conntrack and kube-proxy's rules), a
+/// SYN on an old tuple included (it takes the tuple out of the map). Egress translates a
+/// connection that has its SNAT record and makes no new one, whatever the marks say.
+fn drain_keeps_the_agents_connections_and_leaves_new_ones_to_conntrack(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, SVC_F_MASQ, 1);
+    // A connection translated before the drain (its record made by its SYN), and one only marked.
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let translated = Tuple::new(client(f), CLIENT_PORT, vip(f), VIP_PORT, L4Proto::Tcp);
+    let marked = Tuple::new(client(f), CLIENT_PORT + 1, vip(f), VIP_PORT, L4Proto::Tcp);
+    old_connection(&fx, &translated);
+    old_connection(&fx, &marked);
+    fx.dp
+        .maps()
+        .set_switch_flags(CFG_F_DRAIN, 0)
+        .expect("drain flag");
+    // The agent's configuration writes keep the drain.
+    fx.set_config(Config::default());
+    let flags = fx.dp.maps().switch_flags().expect("config");
+    assert_eq!(flags, CFG_F_DRAIN, "drain kept");
+
+    let ack = |sport| tcp(client(f), sport, vip(f), VIP_PORT, TCP_ACK);
+    assert_eq!(fx.ingress(&ack(CLIENT_PORT), 0x1).mark, 0x1 | SVC | MASQ);
+    assert_eq!(fx.ingress(&ack(CLIENT_PORT + 1), 0).mark, SVC | MASQ);
+    // A new connection, and a packet of one that is not the agent's: unmarked, untouched.
+    let syn = tcp(client(f), CLIENT_PORT + 2, vip(f), VIP_PORT, TCP_SYN);
+    let out = fx.ingress(&syn, 0x1);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, 0x1));
+    assert_eq!(out.packet, syn, "untouched");
+    assert_eq!(fx.ingress(&ack(CLIENT_PORT + 2), 0).mark, 0);
+    // A SYN reusing an old connection's tuple is a new connection: conntrack's.
+    let reuse = tcp(client(f), CLIENT_PORT + 1, vip(f), VIP_PORT, TCP_SYN);
+    assert_eq!(fx.ingress(&reuse, 0).mark, 0);
+    assert!(!in_switch_flows(&fx, &marked));
+    assert!(in_switch_flows(&fx, &translated));
+
+    // Egress: the translated connection keeps its source port ...
+    let out = fx.egress(
+        &tcp(client(f), CLIENT_PORT, backend(f), BACKEND_PORT, TCP_ACK),
+        SVC | MASQ,
+    );
+    let p = check_frame(&out.packet);
+    assert_eq!((p.src, p.sport()), (node(f), port));
+    // ... and no connection gets a new record, even one carrying the masquerade mark.
+    let forwarded = tcp(
+        client(f),
+        CLIENT_PORT + 3,
+        backend(f),
+        BACKEND_PORT,
+        TCP_SYN,
+    );
+    let out = fx.egress(&forwarded, SVC | MASQ);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(out.packet, forwarded, "not translated");
+    assert!(fwd(&fx, client(f), CLIENT_PORT + 3, backend(f), BACKEND_PORT).is_none());
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SvcMarked, 2),
+            (Counter::SnatAlloc, 1),
+            (Counter::FwdHit, 1),
+        ],
+    );
+}
+both_families!(drain_keeps_the_agents_connections_and_leaves_new_ones_to_conntrack);
+
+/// Host-originated traffic during the drain: `xt_svc` matches (untracks) only a connection in
+/// `switch_flows`; a new one stays tracked, for kube-proxy's rules.
+fn xt_svc_matches_only_the_agents_connections_during_the_drain(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    let old = Tuple::new(node(f), 45_000, vip(f), VIP_PORT, L4Proto::Tcp);
+    old_connection(&fx, &old);
+    fx.dp
+        .maps()
+        .set_switch_flags(CFG_F_DRAIN, 0)
+        .expect("drain flag");
+    let verdict = |packet: &[u8]| fx.run(DatapathProgram::XtSvc, packet, 0).return_value;
+    assert_eq!(verdict(&tcp(node(f), 45_000, vip(f), VIP_PORT, TCP_ACK)), 1);
+    assert_eq!(verdict(&tcp(node(f), 45_001, vip(f), VIP_PORT, TCP_SYN)), 0);
+    assert_eq!(verdict(&tcp(node(f), 45_001, vip(f), VIP_PORT, TCP_ACK)), 0);
+}
+both_families!(xt_svc_matches_only_the_agents_connections_during_the_drain);
 
 /// IPv4 options move the L4 header: the address and port are written separately.
 #[test]

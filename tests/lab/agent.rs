@@ -784,6 +784,241 @@ fn invalid_drops(ns: &Netns) -> u64 {
         .sum()
 }
 
+/// The node of issue 19's switch tests (docs/switching.md, "Tests"): the SNAT topology, a TCP
+/// echo and a UDP server on a remote pod (10.244.2.2:8080), and two Services with NodePorts on
+/// it, `web` (TCP 10.96.0.60:80, 30060) and `dns` (UDP 10.96.0.61:53, 30061), as kube-proxy's
+/// generator describes them (`services`, `node`) and as the agent's manifests (`manifests`).
+struct SwitchLab {
+    t: SnatTopology,
+    services: Vec<lab::kube_proxy::ServicePort>,
+    node: lab::kube_proxy::NodeConfig,
+    manifests: Manifests,
+    _servers: [Server; 2],
+}
+
+impl SwitchLab {
+    fn new(name: &str) -> SwitchLab {
+        use lab::kube_proxy::{NodeConfig, Protocol, ServicePort};
+        let t = SnatTopology::new(name);
+        let servers = [
+            Server::tcp_echo(&t.remote, "10.244.2.2:8080".parse().unwrap()),
+            Server::udp(&t.remote, "10.244.2.2:8080".parse().unwrap(), 0),
+        ];
+        let remote = [(ip4("10.244.2.2"), 8080)];
+        let service = |name, proto, ip, port, node_port| ServicePort {
+            node_port: Some(node_port),
+            ..ServicePort::cluster_ip("lab", name, "p", proto, ip4(ip), port, &remote)
+        };
+        let services = vec![
+            service("web", Protocol::Tcp, "10.96.0.60", 80, 30060),
+            service("dns", Protocol::Udp, "10.96.0.61", 53, 30061),
+        ];
+        let node = NodeConfig {
+            cluster_cidr: "10.244.0.0/16".into(),
+            service_cidr: "10.96.0.0/16".into(),
+            nodeport_addresses: vec![ip4("10.0.1.1")],
+        };
+        let manifests = Manifests::new(name);
+        let other = |y: String| y.replace("nodeName: lab", "nodeName: other");
+        let udp = |y: String| y.replace("protocol: TCP", "protocol: UDP");
+        manifests.write(
+            "svc.yaml",
+            &(service_yaml("web", "10.96.0.60", 80, Some(30060))
+                + &other(slice_yaml("web", &["10.244.2.2"], 8080))
+                + &udp(service_yaml("dns", "10.96.0.61", 53, Some(30061)))
+                + &udp(other(slice_yaml("dns", &["10.244.2.2"], 8080)))),
+        );
+        SwitchLab {
+            t,
+            services,
+            node,
+            manifests,
+            _servers: servers,
+        }
+    }
+
+    /// The node's firewall: drops what conntrack calls invalid, first in INPUT, FORWARD and
+    /// OUTPUT. Tracked UDP flows time out 5 s after their last packet.
+    fn firewall_dropping_invalid(&self) {
+        for chain in ["INPUT", "FORWARD", "OUTPUT"] {
+            self.t.node.sh(&format!(
+                "iptables -I {chain} 1 -m conntrack --ctstate INVALID -j DROP"
+            ));
+        }
+        self.t
+            .node
+            .sh("sysctl -qw net.netfilter.nf_conntrack_udp_timeout=5 \
+             net.netfilter.nf_conntrack_udp_timeout_stream=5");
+    }
+
+    /// The RSTs each namespace's stack has sent (client, node, pod, remote).
+    fn rsts(&self) -> Vec<u64> {
+        let t = &self.t;
+        [&t.client, &t.node, &t.pod, &t.remote]
+            .iter()
+            .map(|ns| tcp_out_rsts(ns))
+            .collect()
+    }
+
+    /// No namespace sent a RST since `rsts_before` ([`SwitchLab::rsts`]), the firewall dropped
+    /// nothing as invalid, and no IPVS service's counters went down since `stats_before`
+    /// ([`ipvs_service_stats`]: the kernel zeroes them when it creates a service, so none was
+    /// deleted and added again). `context` goes in a failure's message.
+    fn nothing_reset_nor_recreated(
+        &self,
+        rsts_before: &[u64],
+        stats_before: &std::collections::BTreeMap<String, (u64, u64)>,
+        context: &str,
+    ) {
+        assert_eq!(
+            self.rsts(),
+            rsts_before,
+            "RSTs sent (client, node, pod, remote)"
+        );
+        assert_eq!(invalid_drops(&self.t.node), 0, "packets dropped as invalid");
+        let stats_after = ipvs_service_stats(&self.t.node);
+        for (service, before) in stats_before {
+            let after = stats_after.get(service).copied().unwrap_or_default();
+            assert!(
+                after.0 >= before.0 && after.1 >= before.1,
+                "{service}: IPVS counters went from {before:?} to {after:?} (re-created); {context}"
+            );
+        }
+    }
+
+    /// The agent's command line for these Services (file source, fast sweeps and node checks).
+    fn start_agent(&self) -> Agent {
+        Agent::start(
+            &self.t.node,
+            &self.manifests.dir,
+            &[
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--nodeport-addresses",
+                "10.0.1.1/32",
+                "--sweep-period",
+                "1s",
+                "--node-check-period",
+                "1s",
+            ],
+        )
+    }
+
+    /// The four long-lived TCP connections, open and echoing "before": NodePort from the
+    /// client, pod to ClusterIP, host to ClusterIP, and a pod to ClusterIP stream.
+    fn open_tcp_flows(&self, through: &str) -> [(&'static str, HeldConnection); 4] {
+        let t = &self.t;
+        [
+            ("NodePort from the client", &t.client, "10.0.1.1:30060"),
+            ("pod to ClusterIP", &t.pod, "10.96.0.60:80"),
+            ("host to ClusterIP", &t.node, "10.96.0.60:80"),
+            ("pod to ClusterIP, long stream", &t.pod, "10.96.0.60:80"),
+        ]
+        .map(|(what, ns, to)| {
+            let mut c = HeldConnection::open(ns, to.parse().unwrap())
+                .unwrap_or_else(|e| panic!("{what} through {through}: {e}"));
+            assert_eq!(c.echo("before\n").expect(what), "before\n", "{what}");
+            (what, c)
+        })
+    }
+
+    /// The client's UDP flow to the UDP NodePort (5 s read timeout).
+    fn udp_flow(&self) -> std::net::UdpSocket {
+        self.t.client.run(|| {
+            let s = std::net::UdpSocket::bind("10.0.1.2:0").expect("bind");
+            s.connect("10.0.1.1:30061").expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            s
+        })
+    }
+}
+
+/// One datagram of a [`SwitchLab::udp_flow`] and its answer: the flow's source as the backend saw
+/// it ("10.0.2.1:P").
+fn udp_ping(s: &std::net::UdpSocket, i: usize) -> String {
+    let msg = format!("ping {i}");
+    s.send(msg.as_bytes()).expect("UDP send");
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).expect("UDP answer");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.split(" -> ").next().unwrap_or_default().to_owned()
+}
+
+/// Sends a [`SwitchLab::udp_flow`] datagram every 300 ms until `stop`, noting each source the
+/// backend saw; gives back the flow, the sources and the next ping number.
+fn udp_pinger(
+    flow: std::net::UdpSocket,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(
+    std::net::UdpSocket,
+    std::collections::BTreeSet<String>,
+    usize,
+)> {
+    std::thread::spawn(move || {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut i = 1;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            seen.insert(udp_ping(&flow, i));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        (flow, seen, i)
+    })
+}
+
+/// Every old flow carries bytes both ways. The UDP pinger stops first: the backend must have seen
+/// one source throughout, `udp_source`. Then six rounds of echoes on the first three TCP flows
+/// and datagrams on the UDP flow (same source), half a second apart; then the stream (the
+/// fourth) echoes 8 MiB each way in 64 KiB writes, many TCP windows. `when` names the moment in
+/// failures. Gives back the UDP flow.
+fn old_flows_carry_bytes(
+    old: &mut [(&'static str, HeldConnection); 4],
+    pinger: std::thread::JoinHandle<(
+        std::net::UdpSocket,
+        std::collections::BTreeSet<String>,
+        usize,
+    )>,
+    stop_pings: &std::sync::atomic::AtomicBool,
+    udp_source: &str,
+    when: &str,
+) -> std::net::UdpSocket {
+    stop_pings.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (udp_flow, udp_seen, first_ping) = pinger.join().expect("the UDP flow");
+    assert_eq!(
+        udp_seen,
+        std::collections::BTreeSet::from([udp_source.to_owned()]),
+        "the UDP flow's source as the backend saw it over {first_ping} datagrams"
+    );
+    for i in 0..6 {
+        for (what, c) in old.iter_mut().take(3) {
+            let msg = format!("{when} {i}\n");
+            assert_eq!(
+                c.echo(&msg)
+                    .unwrap_or_else(|e| panic!("{what} {when}: {e}")),
+                msg
+            );
+        }
+        assert_eq!(
+            udp_ping(&udp_flow, first_ping + i),
+            udp_source,
+            "the UDP flow's source as the backend sees it {when}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let chunk: String = "0123456789abcdef".repeat(4096);
+    let (what, stream) = &mut old[3];
+    for _ in 0..128 {
+        assert_eq!(
+            stream
+                .echo(&chunk)
+                .unwrap_or_else(|e| panic!("{what} {when}: {e}")),
+            chunk
+        );
+    }
+    udp_flow
+}
+
 /// Issue 19's matrix (docs/switching.md, "Tests"): kube-proxy's ipvs mode as generated
 /// (`lab::kube_proxy`), kept alive by re-applying its rules every half second while holding its
 /// healthz port, behind a node firewall that drops `ct state invalid`, serves five connections:
@@ -799,91 +1034,16 @@ fn invalid_drops(ns: &Netns) -> u64 {
 /// `switch_flows` is empty and the accept is gone.
 #[test]
 fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_invalid() {
-    use lab::kube_proxy::{self, NodeConfig, Protocol, ServicePort};
-    use std::net::UdpSocket;
+    use lab::kube_proxy;
     use std::sync::atomic::{AtomicBool, Ordering};
     require_lab();
-    let t = SnatTopology::new("ag-swm");
-    let _tcp = Server::tcp_echo(&t.remote, "10.244.2.2:8080".parse().unwrap());
-    let _udp = Server::udp(&t.remote, "10.244.2.2:8080".parse().unwrap(), 0);
-    let remote = [(ip4("10.244.2.2"), 8080)];
-    let services = vec![
-        ServicePort {
-            node_port: Some(30060),
-            ..ServicePort::cluster_ip(
-                "lab",
-                "web",
-                "p",
-                Protocol::Tcp,
-                ip4("10.96.0.60"),
-                80,
-                &remote,
-            )
-        },
-        ServicePort {
-            node_port: Some(30061),
-            ..ServicePort::cluster_ip(
-                "lab",
-                "dns",
-                "p",
-                Protocol::Udp,
-                ip4("10.96.0.61"),
-                53,
-                &remote,
-            )
-        },
-    ];
-    let node = NodeConfig {
-        cluster_cidr: "10.244.0.0/16".into(),
-        service_cidr: "10.96.0.0/16".into(),
-        nodeport_addresses: vec![ip4("10.0.1.1")],
-    };
-    kube_proxy::apply_ipvs_mode(&t.node, &services, &node).expect("kube-proxy's ipvs mode");
-    // The node's firewall: drops what conntrack calls invalid. Old flows' UDP entries time out
-    // in 5 s once idle (the window then closes soon after the flow ends).
-    for chain in ["INPUT", "FORWARD", "OUTPUT"] {
-        t.node.sh(&format!(
-            "iptables -I {chain} 1 -m conntrack --ctstate INVALID -j DROP"
-        ));
-    }
-    t.node
-        .sh("sysctl -qw net.netfilter.nf_conntrack_udp_timeout=5 \
-         net.netfilter.nf_conntrack_udp_timeout_stream=5");
-    let rsts = |t: &SnatTopology| -> Vec<u64> {
-        [&t.client, &t.node, &t.pod, &t.remote]
-            .iter()
-            .map(|ns| tcp_out_rsts(ns))
-            .collect()
-    };
-    let rsts_before = rsts(&t);
-
-    let m = Manifests::new("switch-matrix");
-    let other = |y: String| y.replace("nodeName: lab", "nodeName: other");
-    let udp = |y: String| y.replace("protocol: TCP", "protocol: UDP");
-    m.write(
-        "svc.yaml",
-        &(service_yaml("web", "10.96.0.60", 80, Some(30060))
-            + &other(slice_yaml("web", &["10.244.2.2"], 8080))
-            + &udp(service_yaml("dns", "10.96.0.61", 53, Some(30061)))
-            + &udp(other(slice_yaml("dns", &["10.244.2.2"], 8080)))),
-    );
-
-    let udp_flow = t.client.run(|| {
-        let s = UdpSocket::bind("10.0.1.2:0").expect("bind");
-        s.connect("10.0.1.1:30061").expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        s
-    });
-    // The backend's view of the UDP flow's source ("10.0.2.1:P -> 10.244.2.2:8080").
-    let udp_ping = |s: &UdpSocket, i: usize| -> String {
-        let msg = format!("ping {i}");
-        s.send(msg.as_bytes()).expect("UDP send");
-        let mut buf = [0u8; 512];
-        let n = s.recv(&mut buf).expect("UDP answer");
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        text.split(" -> ").next().unwrap_or_default().to_owned()
-    };
+    let lab = SwitchLab::new("ag-swm");
+    let (t, services, node) = (&lab.t, &lab.services, &lab.node);
+    kube_proxy::apply_ipvs_mode(&t.node, services, node).expect("kube-proxy's ipvs mode");
+    // After kube-proxy's rules, which replace the filter table.
+    lab.firewall_dropping_invalid();
+    let rsts_before = lab.rsts();
+    let udp_flow = lab.udp_flow();
 
     let stop_kube_proxy = AtomicBool::new(false);
     let stop_pings = std::sync::Arc::new(AtomicBool::new(false));
@@ -895,25 +1055,14 @@ fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_in
         let kube_proxy = scope.spawn(|| {
             let mut syncs = 0u32;
             while !stop_kube_proxy.load(Ordering::Relaxed) {
-                kube_proxy::add_ipvs_mode_services(&t.node, &services, &[], &node)
+                kube_proxy::add_ipvs_mode_services(&t.node, services, &[], node)
                     .expect("kube-proxy's sync");
                 syncs += 1;
                 std::thread::sleep(Duration::from_millis(500));
             }
             syncs
         });
-        let old = [
-            ("NodePort from the client", &t.client, "10.0.1.1:30060"),
-            ("pod to ClusterIP", &t.pod, "10.96.0.60:80"),
-            ("host to ClusterIP", &t.node, "10.96.0.60:80"),
-            ("pod to ClusterIP, long stream", &t.pod, "10.96.0.60:80"),
-        ]
-        .map(|(what, ns, to)| {
-            let mut c = HeldConnection::open(ns, to.parse().unwrap())
-                .unwrap_or_else(|e| panic!("{what} through kube-proxy: {e}"));
-            assert_eq!(c.echo("before\n").expect(what), "before\n", "{what}");
-            (what, c)
-        });
+        let old = lab.open_tcp_flows("kube-proxy");
         let udp_source = udp_ping(&udp_flow, 0);
         assert!(
             udp_source.starts_with("10.0.2.1:"),
@@ -928,32 +1077,9 @@ fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_in
         );
         // The UDP flow sends every 300 ms across the switch (its entry outlives the agent's
         // start), noting the source the backend sees each time.
-        let stop = stop_pings.clone();
-        let pinger = std::thread::spawn(move || {
-            let mut seen = std::collections::BTreeSet::new();
-            let mut i = 1;
-            while !stop.load(Ordering::Relaxed) {
-                seen.insert(udp_ping(&udp_flow, i));
-                i += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            (udp_flow, seen, i)
-        });
+        let pinger = udp_pinger(udp_flow, stop_pings.clone());
 
-        let agent = Agent::start(
-            &t.node,
-            &m.dir,
-            &[
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--nodeport-addresses",
-                "10.0.1.1/32",
-                "--sweep-period",
-                "1s",
-                "--node-check-period",
-                "1s",
-            ],
-        );
+        let agent = lab.start_agent();
         agent.wait_for(0, Duration::from_secs(300), |v| {
             v["message"]
                 .as_str()
@@ -1023,40 +1149,13 @@ fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_in
     assert!(ipsets.trim().is_empty(), "ipsets left: {ipsets}");
 
     // Every old flow carries bytes both ways, for several sweeps and node checks.
-    stop_pings.store(true, Ordering::Relaxed);
-    let (udp_flow, udp_seen, pings) = pinger.join().expect("the UDP flow");
-    assert_eq!(
-        udp_seen,
-        std::collections::BTreeSet::from([udp_source.clone()]),
-        "the UDP flow's source as the backend saw it over {pings} datagrams"
+    let udp_flow = old_flows_carry_bytes(
+        &mut old,
+        pinger,
+        &stop_pings,
+        &udp_source,
+        "after the switch",
     );
-    for i in 0..6 {
-        for (what, c) in old.iter_mut().take(3) {
-            let msg = format!("after the switch {i}\n");
-            assert_eq!(
-                c.echo(&msg)
-                    .unwrap_or_else(|e| panic!("{what} after the switch: {e}")),
-                msg
-            );
-        }
-        assert_eq!(
-            udp_ping(&udp_flow, pings + i),
-            udp_source,
-            "the UDP flow's source as the backend sees it"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    // The stream: 8 MiB each way in 64 KiB echoes, many TCP windows.
-    let chunk: String = "0123456789abcdef".repeat(4096);
-    let (what, stream) = &mut old[3];
-    for _ in 0..128 {
-        assert_eq!(
-            stream
-                .echo(&chunk)
-                .unwrap_or_else(|e| panic!("{what} after the switch: {e}")),
-            chunk
-        );
-    }
 
     // Connections opened now are the agent's: no conntrack entry.
     let mut new_ports = Vec::new();
@@ -1096,20 +1195,235 @@ fn kube_proxys_open_connections_survive_the_switch_behind_a_firewall_dropping_in
     assert_eq!(window["tuples"], 0, "{window}");
 
     // Nothing was reset or dropped as invalid, and kube-proxy's services were adopted in place.
-    assert_eq!(
-        rsts(&t),
-        rsts_before,
-        "RSTs sent (client, node, pod, remote)"
+    lab.nothing_reset_nor_recreated(&rsts_before, &stats_before, &format!("first sync: {first}"));
+}
+
+/// Issue 19's rollback (docs/switching.md, "Rollback"): the agent serves five connections behind
+/// a node firewall that drops `ct state invalid` (a NodePort TCP connection from the off-node
+/// client and a UDP NodePort flow, both source-NATed by its programs, a pod → ClusterIP and a
+/// host → ClusterIP TCP connection, and a pod → ClusterIP stream). The agent stops,
+/// `kube-ipvs-bpf drain` begins, and kube-proxy's ipvs mode starts on the IPVS state the agent
+/// left (its rules re-applied every half second while it holds its healthz port). Checked:
+/// every old flow carries bytes both ways during the drain (the stream 8 MiB each way), the UDP
+/// flow keeps its source port; connections opened during the drain work and are conntrack's; no
+/// namespace sent a RST and the firewall dropped nothing invalid. When the old flows end, the
+/// drain removes the agent's datapath (no program attached, no pin, no `KUBE-IPVS-BPF-*` chain)
+/// and exits 0, leaving IPVS's services (their counters never went down: never re-created) and
+/// `kube-ipvs0` to kube-proxy; a connection opened during the drain outlives that removal.
+#[test]
+fn the_agents_open_connections_survive_the_rollback_to_kube_proxy_behind_a_firewall_dropping_invalid()
+ {
+    use lab::kube_proxy;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    require_lab();
+    let lab = SwitchLab::new("ag-rbk");
+    let (t, services, node) = (&lab.t, &lab.services, &lab.node);
+    lab.firewall_dropping_invalid();
+    // IPVS forgets an idle UDP connection after 5 s: the drain ends soon after the UDP flow.
+    t.node.sh("ipvsadm --set 900 120 5");
+    let rsts_before = lab.rsts();
+    let agent = lab.start_agent();
+    agent.wait_sync(0, 1);
+
+    let mut old = lab.open_tcp_flows("the agent");
+    let udp_flow = lab.udp_flow();
+    let udp_source = udp_ping(&udp_flow, 0);
+    assert!(
+        udp_source.starts_with("10.0.2.1:"),
+        "the agent translates the UDP NodePort flow: {udp_source}"
     );
-    assert_eq!(invalid_drops(&t.node), 0, "packets dropped as invalid");
-    let stats_after = ipvs_service_stats(&t.node);
-    for (service, before) in &stats_before {
-        let after = stats_after.get(service).copied().unwrap_or_default();
-        assert!(
-            after.0 >= before.0 && after.1 >= before.1,
-            "{service}: IPVS counters went from {before:?} to {after:?} (re-created); first sync: {first}"
+    // Every Service has counted a connection (its counters can only grow).
+    udp_request(&t.pod, "10.96.0.61:53".parse().unwrap()).expect("UDP ClusterIP");
+    let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+    assert!(
+        !conntrack.contains("dport=30060") && !conntrack.contains("dport=30061"),
+        "the agent's connections are untracked:\n{conntrack}"
+    );
+    let stop_pings = std::sync::Arc::new(AtomicBool::new(false));
+    let pinger = udp_pinger(udp_flow, stop_pings.clone());
+
+    // The rollback: the agent stops (its datapath stays, frozen), the drain begins, then
+    // kube-proxy starts.
+    agent.stop();
+    let pin_root = lab::agent::pin_root(&t.node);
+    let state_dir = format!("/tmp/agent-state-{}", t.node.name());
+    let mut drain = Agent::start_command(
+        &t.node,
+        &lab::agent::agent_bin(),
+        &[
+            "--log-format",
+            "json",
+            "drain",
+            "--bpf-pin-root",
+            &pin_root,
+            "--state-dir",
+            &state_dir,
+            "--period",
+            "1s",
+            "--timeout",
+            "5m",
+        ],
+        &pin_root,
+    );
+    let begun = drain.wait_for(0, Duration::from_secs(60), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("draining for the rollback"))
+    });
+    assert!(
+        begun["connections"].as_u64().unwrap_or(0) >= 5,
+        "the agent's connections when the drain began: {begun}"
+    );
+    assert_eq!(t.node.sh("sysctl -n net.ipv4.vs.conntrack").trim(), "1");
+    let inspect = t.node.sh(&format!(
+        "{} inspect switch --output json --bpf-pin-root {pin_root}",
+        lab::agent::agent_bin()
+    ));
+    let window: serde_json::Value = serde_json::from_str(&inspect).expect("inspect switch");
+    assert_eq!(window["draining"], true, "{window}");
+    assert!(
+        window["connections"].as_u64().unwrap_or(0) >= 5,
+        "the agent's connections listed: {window}"
+    );
+    let stats_before = ipvs_service_stats(&t.node);
+    assert_eq!(stats_before.len(), 4, "{stats_before:?}");
+    kube_proxy::start_ipvs_mode_on_programmed_ipvs(&t.node, services, node)
+        .expect("kube-proxy starts");
+
+    let stop_kube_proxy = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let _healthz = t
+            .node
+            .run(|| std::net::TcpListener::bind("0.0.0.0:10256").expect("hold 10256"));
+        let kube_proxy = scope.spawn(|| {
+            while !stop_kube_proxy.load(Ordering::Relaxed) {
+                kube_proxy::add_ipvs_mode_services(&t.node, services, &[], node)
+                    .expect("kube-proxy's sync");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+
+        // The agent's connections go on, untouched by kube-proxy's rules.
+        let udp_flow = old_flows_carry_bytes(
+            &mut old,
+            pinger,
+            &stop_pings,
+            &udp_source,
+            "during the drain",
         );
+
+        // Connections opened now are conntrack's (kube-proxy's rules), and work.
+        let mut new_ports = Vec::new();
+        let mut held = Vec::new();
+        for (ns, to) in [(&t.client, "10.0.1.1:30060"), (&t.pod, "10.96.0.60:80")] {
+            let mut c = HeldConnection::open(ns, to.parse().unwrap())
+                .unwrap_or_else(|e| panic!("a new connection to {to} during the drain: {e}"));
+            assert_eq!(c.echo("new\n").expect("echo"), "new\n");
+            new_ports.push(c.local_addr().expect("address").port());
+            held.push(c);
+        }
+        let (udp_new, _) = udp_request_from(&t.client, "10.0.1.1:30061".parse().unwrap())
+            .expect("a new UDP flow during the drain");
+        new_ports.push(udp_new.port());
+        let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+        for port in &new_ports {
+            assert!(
+                conntrack.contains(&format!("sport={port} ")),
+                "a new connection (client port {port}) is not tracked:\n{conntrack}"
+            );
+        }
+
+        // The agent's connections end: the drain removes its datapath and exits.
+        for (what, mut c) in old {
+            assert_eq!(c.echo("last\n").expect(what), "last\n", "{what}");
+        }
+        drop(udp_flow);
+        eventually(Duration::from_secs(120), "the drain's end", || {
+            drain.exited().is_some()
+        });
+        let status = drain.exited().expect("exited");
+        assert!(status.success(), "drain: {status}\n{}", drain.log_text());
+        assert!(
+            !std::path::Path::new(&pin_root).exists(),
+            "the pins are gone: {}",
+            t.node.sh(&format!("ls -R {pin_root} 2>&1"))
+        );
+        let attached = t.node.sh("bpftool net show");
+        assert!(
+            !attached.contains("tc_ingress") && !attached.contains("tc_egress"),
+            "no program of the agent attached:\n{attached}"
+        );
+        let rules = t.node.sh("iptables-save; ip6tables-save");
+        assert!(!rules.contains("KUBE-IPVS-BPF"), "{rules}");
+        assert!(
+            rules.contains("KUBE-POSTROUTING"),
+            "kube-proxy's rules stay"
+        );
+        let addrs = t.node.sh("ip -4 addr show dev kube-ipvs0");
+        assert!(
+            addrs.contains("10.96.0.60") && addrs.contains("10.96.0.61"),
+            "kube-ipvs0 stays: {addrs}"
+        );
+
+        // kube-proxy alone serves: the connection opened during the drain, and a new one.
+        for (i, c) in held.iter_mut().enumerate() {
+            let msg = format!("after the drain {i}\n");
+            assert_eq!(
+                c.echo(&msg).expect("a connection opened during the drain"),
+                msg
+            );
+        }
+        let mut c = HeldConnection::open(&t.client, "10.0.1.1:30060".parse().unwrap())
+            .expect("a new NodePort connection after the drain");
+        assert_eq!(c.echo("kube-proxy\n").expect("echo"), "kube-proxy\n");
+
+        stop_kube_proxy.store(true, Ordering::Relaxed);
+        kube_proxy.join().expect("kube-proxy's loop");
+    });
+
+    // Nothing was reset or dropped as invalid, and IPVS's services were never re-created.
+    lab.nothing_reset_nor_recreated(&rsts_before, &stats_before, "after the drain");
+}
+
+/// A pod's connection to a ClusterIP (not source-NATed) that lives longer than IPVS's TCP timeout
+/// counted from its start (10 s here), behind an nftables-only node firewall whose forward chain
+/// drops by default, accepting established connections and the service mark (the rule
+/// docs/datapath.md tells its operator to add): its replies, forwarded to the pod, stay marked as
+/// service traffic because the sweeper keeps the connection's `conns` entry while IPVS holds the
+/// connection, so none is dropped and none is tracked. (With the entry expired by age alone, the
+/// replies went unmarked after 10 s: conntrack picked them up mid-connection as new, and the
+/// firewall dropped them.)
+#[test]
+fn a_pods_connection_outliving_ipvs_timeout_keeps_its_replies_behind_a_forward_drop_firewall() {
+    require_lab();
+    let lab = SwitchLab::new("ag-long");
+    let t = &lab.t;
+    t.node.sh("ipvsadm --set 10 5 5");
+    t.node.sh(
+        "nft add table inet filter && \
+         nft add chain inet filter forward '{ type filter hook forward priority 0; policy drop; }' && \
+         nft add rule inet filter forward ct state established,related accept && \
+         nft add rule inet filter forward meta mark and 0x00200000 == 0x00200000 accept",
+    );
+    let agent = lab.start_agent();
+    agent.wait_sync(0, 1);
+    let mut c =
+        HeldConnection::open(&t.pod, "10.96.0.60:80".parse().unwrap()).expect("pod to ClusterIP");
+    let port = c.local_addr().expect("address").port();
+    for i in 0..25 {
+        let msg = format!("{i} s\n");
+        assert_eq!(
+            c.echo(&msg)
+                .unwrap_or_else(|e| panic!("{i} s into the connection: {e}")),
+            msg
+        );
+        std::thread::sleep(Duration::from_secs(1));
     }
+    let conntrack = t.node.sh("conntrack -L 2>/dev/null");
+    assert!(
+        !conntrack.contains(&format!("dport={port} ")),
+        "the connection's replies stayed untracked:\n{conntrack}"
+    );
 }
 
 /// kubeadm's kube-proxy DaemonSet with only its image swapped: the same command line

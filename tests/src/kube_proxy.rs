@@ -1303,6 +1303,30 @@ pub fn apply_ipvs_mode(ns: &Netns, services: &[ServicePort], node: &NodeConfig) 
     add_kube_ipvs0(ns, &kube_ipvs0_addresses(services))
 }
 
+/// kube-proxy's ipvs mode starting on a node whose IPVS services and `kube-ipvs0` addresses are
+/// already the ones it wants (a rollback from the agent, which programs them identically): its
+/// sysctls, its ipsets, and its chains with `iptables-restore --noflush` (the node's other rules,
+/// the agent's among them, stay; its jumps are appended); IPVS and `kube-ipvs0` are adopted as
+/// they are. [`add_ipvs_mode_services`] with no new Service is its next sync.
+pub fn start_ipvs_mode_on_programmed_ipvs(
+    ns: &Netns,
+    services: &[ServicePort],
+    node: &NodeConfig,
+) -> Result<()> {
+    apply_sysctls(ns, &ipvs_mode_sysctls())?;
+    restore(
+        ns,
+        "ipset restore -exist",
+        &ipset_restore(&ipvs_ipsets(services)),
+    )?;
+    restore(
+        ns,
+        "iptables-restore --noflush",
+        &ipvs_iptables(services, node),
+    )?;
+    restore(ns, "ip6tables-restore --noflush", &ipvs_ip6tables())
+}
+
 /// Adds more Services to a node already in ipvs mode (what kube-proxy's next sync does):
 /// `all` is every Service now present, `added` the new ones.
 pub fn add_ipvs_mode_services(

@@ -1,11 +1,13 @@
-//! This binary's own command line: the clap types of `run`, `plan`, `inspect`, `cleanup` and
-//! `init` with their flags, and the dispatch of a parsed command to its module (one per
-//! command: [`run`], [`plan`], [`inspect`], [`cleanup`]; `init` is [`crate::init`]'s), and
+//! This binary's own command line: the clap types of `run`, `plan`, `inspect`, `cleanup`,
+//! `drain` and `init` with their flags, and the dispatch of a parsed command to its module (one
+//! per command: [`run`], [`plan`], [`inspect`], [`cleanup`], [`drain`]; `init` is
+//! [`crate::init`]'s), and
 //! `--version`. How each prints: text for people, `--output json` for tools. kube-proxy's
 //! command line is [`crate::kube_proxy_cli`]'s, which runs through [`run_kubernetes`] and
 //! [`cleanup_as_kube_proxy`].
 
 mod cleanup;
+mod drain;
 mod inspect;
 mod plan;
 mod run;
@@ -22,6 +24,7 @@ use crate::state;
 
 pub use crate::config::{DatapathKind, IptablesBackend};
 pub use cleanup::{cleanup, cleanup_as_kube_proxy};
+pub use drain::drain;
 pub use inspect::{inspect_counters, inspect_services, inspect_snat};
 pub use plan::plan;
 pub use run::{run, run_kubernetes};
@@ -79,6 +82,11 @@ pub enum Command {
     },
     /// Remove what kube-proxy left on this node (`--kube-proxy`), or this agent's own state.
     Cleanup(CleanupArgs),
+    /// Roll this node back to kube-proxy's ipvs mode without resetting a connection (run it with
+    /// the agent stopped): new connections go to conntrack and kube-proxy's rules, the agent's
+    /// keep their translation until they end, then its datapath is removed. IPVS's services and
+    /// kube-ipvs0 are left to kube-proxy. See docs/switching.md.
+    Drain(DrainArgs),
     /// Prepare the node (mount bpffs at the pin root if needed) and exit: the init container.
     Init {
         /// The bpffs mount point, mounted when the pin root is not on bpffs.
@@ -118,7 +126,8 @@ pub enum InspectWhat {
         #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
         bpf_pin_root: PathBuf,
     },
-    /// The switch window from kube-proxy: open or closed, the old connections kept on conntrack.
+    /// The switch window from kube-proxy: open or closed, the old connections kept on conntrack;
+    /// or a rollback's drain and the agent's connections still open.
     Switch {
         /// Output: text for people, json for tools.
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -159,6 +168,30 @@ pub struct CleanupArgs {
     /// Configuration file (for the NodePort range and ipvs.excludeCIDRs).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Output: text for people, json for tools.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// Where the agent pinned the datapath's maps and programs.
+    #[arg(long, default_value = probes::loader::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
+    /// The agent's state directory (its state file is removed at the end).
+    #[arg(long, default_value = state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The longest wait for the agent's connections to end; those still open then are cut
+    /// when its datapath goes. 0: no limit.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
+    pub timeout: Duration,
+    /// How often IPVS's connection table is read for the agent's connections still open.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub period: Duration,
+    /// Leave the datapath in place, draining, when the agent's connections have ended (remove
+    /// it later with `kube-ipvs-bpf cleanup`).
+    #[arg(long)]
+    pub no_cleanup: bool,
     /// Output: text for people, json for tools.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -264,6 +297,7 @@ pub async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run(*args).await,
         Command::Plan { source, output } => plan(source, output).await,
         Command::Cleanup(args) => cleanup(args).await,
+        Command::Drain(args) => drain(args).await,
         Command::Init {
             bpffs,
             bpf_pin_root,

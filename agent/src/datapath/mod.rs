@@ -12,6 +12,8 @@
 //! sysctl later: the datapath follows a change (the automatic range moves with it), and an
 //! explicit range that now overlaps is logged as an error.
 
+pub mod drain;
+pub mod ipvs_conns;
 pub mod lock;
 pub mod rules;
 pub mod sweep;
@@ -398,6 +400,12 @@ impl Datapath {
         &mut self,
         service_ports: &std::collections::HashSet<(IpAddr, u8, u16)>,
     ) -> anyhow::Result<()> {
+        if drain::end(self.loaded.maps()).context("ending the drain under way")? {
+            tracing::warn!(
+                "a drain for the rollback to kube-proxy was under way: the agent takes the node \
+                 back (the connections opened meanwhile are on conntrack and stay there)"
+            );
+        }
         let tracked =
             switch::seed_from_conntrack(self.loaded.maps(), service_ports, sweep::monotonic_ns())?;
         if tracked > 0 {

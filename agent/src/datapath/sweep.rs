@@ -1,7 +1,8 @@
 //! Expiry and resolution of datapath entries, and the sweeper thread that runs them. The
 //! programs never delete: the agent sweeps the SNAT table (each record holds both directions of
 //! a connection) and `conns` from their own state, with IPVS's timeouts measured from the last
-//! packet seen in either direction. It also resolves each new SNAT record against the IPVS
+//! packet seen in either direction, and, for an untranslated connection (no packet of it leaves
+//! a trace in the maps), from IPVS's own connection table ([`super::ipvs_conns`]). It also resolves each new SNAT record against the IPVS
 //! probe's `conns` (its service, and the `probe_hit`/`probe_miss` counters), which the programs
 //! leave out of a connection's first packet.
 //!
@@ -11,7 +12,7 @@
 //! metrics (drops by reason, map occupancy) and logs drops, at most once a minute per reason,
 //! naming the last dropped packet's connection (`drop_last`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use probes::maps::{
     STATE_FIN, STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
 
+use super::ipvs_conns;
 use crate::admin::metrics::{DROP_REASONS, Metrics};
 
 /// Idle timeouts (IPVS's: tcp 900 s, tcpfin 120 s, udp 300 s by default, or the kernel's as
@@ -114,11 +116,12 @@ pub enum Translation {
     Expired { last_seen_ns: u64 },
 }
 
-/// Whether a `conns` entry has expired at `now_ns`. It follows the IPVS connection it records:
-/// while a SNAT record translates the connection, that record's state and last packet say when
-/// (the entry goes with it); an untranslated connection's packets leave no trace in any map, so
-/// its entry lives IPVS's timeout of an established connection of its protocol (tcp, udp),
-/// counted from its creation.
+/// Whether a `conns` entry may have expired at `now_ns`. It follows the IPVS connection it
+/// records: while a SNAT record translates the connection, that record's state and last packet
+/// say when (the entry goes with it); an untranslated connection's packets leave no trace in any
+/// map, so its entry is a candidate once it is older than IPVS's timeout of an established
+/// connection of its protocol (tcp, udp), and [`sweep_records`] then asks IPVS's own table
+/// whether the connection is still held.
 pub fn conn_expired(
     key: &Tuple,
     conn: &ConnValue,
@@ -159,6 +162,9 @@ pub struct SweepReport {
     pub probe_misses: usize,
     /// `conns` entries removed.
     pub conns_expired: usize,
+    /// `conns` entries of untranslated connections past their timeout kept because IPVS still
+    /// holds the connection (a long-lived one).
+    pub conns_held_by_ipvs: usize,
     /// `conns` entries left after it.
     pub conns_live: usize,
 }
@@ -216,6 +222,21 @@ pub fn sweep_records(
     now_ns: u64,
     t: &Timeouts,
 ) -> probes::Result<SweepReport> {
+    sweep_with_ipvs(maps, records, now_ns, t, ipvs_conns::held_by_backend)
+}
+
+/// [`sweep_records`] with IPVS's connection table (by client -> backend tuple) read by
+/// `ipvs_held` — at most once, and only when an untranslated connection's entry is past its
+/// timeout; `None` (unreadable) expires such entries by age alone.
+pub fn sweep_with_ipvs(
+    maps: &DatapathMaps,
+    records: Vec<(u32, NatRecord)>,
+    now_ns: u64,
+    t: &Timeouts,
+    ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
+) -> probes::Result<SweepReport> {
+    let mut ipvs_held = Some(ipvs_held);
+    let mut held: Option<HashSet<Tuple>> = None;
     let conns = maps.conns.entries()?;
     let mut report = SweepReport {
         snat_reclaimed: maps.snat.reclaim(),
@@ -259,7 +280,20 @@ pub fn sweep_records(
                 None => Translation::None,
             },
         };
-        if conn_expired(key, conn, translation, now_ns, t) {
+        let mut expired = conn_expired(key, conn, translation, now_ns, t);
+        // An untranslated connection past IPVS's timeout from its creation: over unless IPVS
+        // still holds it (its timer restarts with every packet; a long-lived connection's
+        // replies must stay marked).
+        if expired && translation == Translation::None {
+            if let Some(read) = ipvs_held.take() {
+                held = read();
+            }
+            if held.as_ref().is_some_and(|h| h.contains(key)) {
+                expired = false;
+                report.conns_held_by_ipvs += 1;
+            }
+        }
+        if expired {
             if maps.conns.delete(key)? {
                 report.conns_expired += 1;
             }

@@ -3,7 +3,8 @@
 //! owns `switch_flows` and the `CFG_F_SWITCH` flag: [`seed`] fills the map from a conntrack dump
 //! at start and opens the window; [`refresh`] (each sweep pass while the window is open) prunes
 //! the tuples of entries conntrack no longer holds, and closes the window once the map is empty;
-//! [`inspect`] is `kube-ipvs-bpf inspect switch`.
+//! [`inspect`] is `kube-ipvs-bpf inspect switch` (which also shows a rollback's drain,
+//! [`super::drain`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -69,9 +70,29 @@ pub fn refresh(
     let Some(map) = &maps.switch_flows else {
         return Ok(SwitchProgress::default());
     };
-    let mut progress = SwitchProgress::default();
+    let (tracked, removed) = keep_only(map, |t| current.contains_key(t), now_ns)?;
+    let mut progress = SwitchProgress {
+        tracked,
+        removed,
+        closed: false,
+    };
+    if progress.tracked == 0 && maps.switch_window_open()? {
+        maps.set_switch_window(false)?;
+        progress.closed = true;
+    }
+    Ok(progress)
+}
+
+/// Removes from `switch_flows` (`map`) every tuple whose connection is no longer `open` and
+/// refreshes the others' `seen_ns` to `now_ns`. Returns how many it kept and removed.
+pub fn keep_only(
+    map: &probes::typed_map::TypedMap<Tuple, SwitchFlow>,
+    open: impl Fn(&Tuple) -> bool,
+    now_ns: u64,
+) -> probes::Result<(usize, usize)> {
+    let (mut kept, mut removed) = (0, 0);
     for (tuple, flow) in map.entries()? {
-        if current.contains_key(&tuple) {
+        if open(&tuple) {
             map.insert(
                 &tuple,
                 &SwitchFlow {
@@ -79,16 +100,20 @@ pub fn refresh(
                     ..flow
                 },
             )?;
-            progress.tracked += 1;
+            kept += 1;
         } else if map.delete(&tuple)? {
-            progress.removed += 1;
+            removed += 1;
         }
     }
-    if progress.tracked == 0 && maps.switch_window_open()? {
-        maps.set_switch_window(false)?;
-        progress.closed = true;
+    Ok((kept, removed))
+}
+
+/// Empties `switch_flows` (`map`).
+pub fn clear(map: &probes::typed_map::TypedMap<Tuple, SwitchFlow>) -> probes::Result<()> {
+    for (tuple, _) in map.entries()? {
+        map.delete(&tuple)?;
     }
-    Ok(progress)
+    Ok(())
 }
 
 /// Every open connection's tuples in `entries`, whatever its destination ([`refresh`] only
@@ -154,6 +179,9 @@ pub struct OldConnection {
 pub struct WindowReport {
     /// Whether `CFG_F_SWITCH` is set.
     pub open: bool,
+    /// Whether a drain for the rollback to kube-proxy is under way (`switch_flows` then holds the
+    /// agent's connections, one client -> service tuple each, conntrack id 0).
+    pub draining: bool,
     /// Old connections (conntrack entries) still in `switch_flows`.
     pub connections: usize,
     /// Their tuples (four each).
@@ -161,11 +189,18 @@ pub struct WindowReport {
     pub old_connections: Vec<OldConnection>,
 }
 
-/// The window's report from the flag and `switch_flows`' entries, at `now_ns`.
-pub fn window_report(open: bool, entries: &[(Tuple, SwitchFlow)], now_ns: u64) -> WindowReport {
-    let mut by_id: std::collections::BTreeMap<u32, OldConnection> = Default::default();
-    for (tuple, flow) in entries {
-        let c = by_id.entry(flow.ct_id).or_insert_with(|| OldConnection {
+/// The window's report from the flags and `switch_flows`' entries, at `now_ns`: grouped by
+/// conntrack entry (a takeover's four tuples each), or one per tuple while `draining`.
+pub fn window_report(
+    open: bool,
+    draining: bool,
+    entries: &[(Tuple, SwitchFlow)],
+    now_ns: u64,
+) -> WindowReport {
+    let mut by_id: std::collections::BTreeMap<(u32, usize), OldConnection> = Default::default();
+    for (i, (tuple, flow)) in entries.iter().enumerate() {
+        let key = (flow.ct_id, if draining { i } else { 0 });
+        let c = by_id.entry(key).or_insert_with(|| OldConnection {
             conntrack_id: flow.ct_id,
             protocol: tuple.protocol_name(),
             tuples: Vec::new(),
@@ -185,6 +220,7 @@ pub fn window_report(open: bool, entries: &[(Tuple, SwitchFlow)], now_ns: u64) -
         .collect();
     WindowReport {
         open,
+        draining,
         connections: old_connections.len(),
         tuples: entries.len(),
         old_connections,
@@ -193,7 +229,13 @@ pub fn window_report(open: bool, entries: &[(Tuple, SwitchFlow)], now_ns: u64) -
 
 impl std::fmt::Display for WindowReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.open {
+        if self.draining {
+            writeln!(
+                f,
+                "rollback to kube-proxy: draining, {} of the agent's connections still open (new ones are conntrack's)",
+                self.connections
+            )?;
+        } else if self.open {
             writeln!(
                 f,
                 "switch window from kube-proxy: open, {} old connections ({} tuples) stay on conntrack until they end",
@@ -249,7 +291,8 @@ pub fn inspect(json: bool, pin_root: &std::path::Path) -> anyhow::Result<()> {
         Some(map) => map.entries().context("reading switch_flows")?,
         None => Vec::new(),
     };
-    let report = window_report(open, &entries, super::sweep::monotonic_ns());
+    let draining = super::drain::draining(&maps).context("reading the drain's flags")?;
+    let report = window_report(open, draining, &entries, super::sweep::monotonic_ns());
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -284,7 +327,7 @@ mod tests {
             (udp, flow(9, 12)),
             (udp.reversed(), flow(9, 12)),
         ];
-        let r = window_report(true, &entries, 15 * 1_000_000_000);
+        let r = window_report(true, false, &entries, 15 * 1_000_000_000);
         assert_eq!((r.open, r.connections, r.tuples), (true, 2, 6));
         let first = &r.old_connections[0];
         assert_eq!(
@@ -307,7 +350,7 @@ mod tests {
             text.starts_with("switch window from kube-proxy: open, 2 old connections (6 tuples)")
         );
         assert!(text.contains("10.0.1.2:40000 -> 10.96.0.41:80"), "{text}");
-        let closed = window_report(false, &[], 0);
+        let closed = window_report(false, false, &[], 0);
         assert_eq!(
             closed.to_string(),
             "switch window from kube-proxy: closed (0 old connections, 0 tuples)\n"
@@ -315,5 +358,30 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["old_connections"][0]["conntrack_id"], 7);
         assert_eq!(json["open"], true);
+        // During a drain each tuple is one of the agent's connections.
+        let drain = [
+            (
+                tcp,
+                SwitchFlow {
+                    ct_id: 0,
+                    ..flow(0, 12)
+                },
+            ),
+            (
+                udp,
+                SwitchFlow {
+                    ct_id: 0,
+                    ..flow(0, 14)
+                },
+            ),
+        ];
+        let r = window_report(false, true, &drain, 15 * 1_000_000_000);
+        assert_eq!((r.draining, r.connections, r.tuples), (true, 2, 2));
+        assert!(
+            r.to_string().starts_with(
+                "rollback to kube-proxy: draining, 2 of the agent's connections still open"
+            ),
+            "{r}"
+        );
     }
 }
