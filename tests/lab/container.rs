@@ -23,18 +23,6 @@ const CONFIGMAP: &str = include_str!("../../manifests/configmap.yaml");
 const AGENT: &str = "kube-ipvs-bpf";
 const INIT: &str = "mount-bpf-fs";
 
-fn rootfs() -> PathBuf {
-    let p = PathBuf::from(
-        std::env::var("LAB_IMAGE_ROOTFS").unwrap_or_else(|_| "/lab/image/rootfs".into()),
-    );
-    assert!(
-        p.join("usr/local/bin/kube-ipvs-bpf").exists(),
-        "no image root filesystem at {} (scripts/image builds it, scripts/lab stages it)",
-        p.display()
-    );
-    p
-}
-
 /// The configMap volume's files: the ConfigMap's config.yaml with the pod CIDRs set and a
 /// kubeconfig for the fake API server (clientConnection.kubeconfig), as an operator would.
 fn config_dir(name: &str) -> PathBuf {
@@ -54,7 +42,7 @@ fn config_dir(name: &str) -> PathBuf {
 
 fn pod_env(config: &Path, drop_caps: &[&str], extra_args: &[&str]) -> PodEnv {
     PodEnv {
-        rootfs: rootfs(),
+        rootfs: lab::image_rootfs(),
         entrypoint: vec!["/usr/local/bin/kube-ipvs-bpf".into()],
         node_name: "lab".into(),
         config_map_dirs: [("config".to_owned(), config.to_path_buf())].into(),

@@ -32,6 +32,21 @@ pub fn lab_kernel() -> String {
     std::env::var("LAB_KERNEL").unwrap_or_else(|_| "host".to_string())
 }
 
+/// The image's root filesystem as `scripts/lab` stages it (`LAB_IMAGE_ROOTFS`, default
+/// /lab/image/rootfs): scripts/image's amd64 one, or its arm64 one in the arm64 lab. Panics
+/// naming the path when it holds no agent.
+pub fn image_rootfs() -> std::path::PathBuf {
+    let p = std::path::PathBuf::from(
+        std::env::var("LAB_IMAGE_ROOTFS").unwrap_or_else(|_| "/lab/image/rootfs".into()),
+    );
+    assert!(
+        p.join("usr/local/bin/kube-ipvs-bpf").exists(),
+        "no image root filesystem at {} (scripts/image builds it, scripts/lab stages it)",
+        p.display()
+    );
+    p
+}
+
 /// Directory where a test may leave artifacts; the lab copies it back to the host.
 pub fn artifacts_dir(test: &str) -> std::path::PathBuf {
     let base = std::env::var("LAB_ARTIFACTS").unwrap_or_else(|_| "/lab/artifacts".to_string());
