@@ -4,8 +4,9 @@
 //! connection to a "service port" and one to another port are open; the window seeded from that
 //! dump holds the service connection's tuples only and is open in the datapath's `config`; a
 //! refresh while the connection lives keeps it; once it is closed (conntrack's TIME_WAIT), the
-//! next refresh empties the map and closes the window. Needs root, bpffs and nft; says so and
-//! passes without them.
+//! next refresh empties the map and closes the window. And `drain` (the rollback) is refused while
+//! the window is open, changing nothing. Needs root, bpffs and nft; says so and passes without
+//! them.
 
 mod common;
 
@@ -16,6 +17,7 @@ use std::process::Command;
 
 use agent::cleanup::nfnetlink::Nfnl;
 use agent::conntrack::CtEntry;
+use agent::datapath::drain;
 use agent::datapath::switch::{open_tuples, refresh, seed};
 use agent::takeover::old_flow_tuples;
 use common::{can_load_datapath, in_netns, load_with_one_service, small_map_sizes, test_pins};
@@ -161,4 +163,62 @@ fn the_window_keeps_open_service_connections_and_closes_when_they_end() {
     );
     assert!(in_map().is_empty());
     assert!(!window_open(), "window closed");
+}
+
+/// `drain` while the switch window from kube-proxy is open: refused, and nothing changed (the
+/// window's flag and tuples, no drain flag, the conntrack sysctl untouched); once the window
+/// closes, the same call starts the drain.
+#[test]
+fn a_drain_is_refused_while_the_switch_window_is_open_and_changes_nothing() {
+    if !can_load_datapath() {
+        eprintln!("skipped: needs root and bpffs");
+        return;
+    }
+    let pins = test_pins("drain-refused");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
+    let maps = dp.maps();
+    let flows_map = maps.switch_flows.as_ref().expect("switch_flows");
+    // The conntrack sysctl under a directory of its own (as /proc/sys lays it out).
+    let proc_sys = tempfile::tempdir().expect("tempdir");
+    let conntrack = proc_sys.path().join("net/ipv4/vs/conntrack");
+    std::fs::create_dir_all(conntrack.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&conntrack, "0").expect("write");
+
+    // An open window holding one of kube-proxy's connections.
+    let old = Tuple::new(
+        IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
+        40000,
+        IpAddr::V4(VIP),
+        80,
+        L4Proto::Tcp,
+    );
+    let flows = std::collections::HashMap::from([(old, 7u32)]);
+    assert_eq!(seed(maps, &flows, 1).expect("seed"), 1);
+    let before = maps.switch_flags().expect("flags");
+    assert_eq!(before, CFG_F_SWITCH);
+
+    let refused = drain::begin(maps, proc_sys.path());
+    let err = format!(
+        "{:#}",
+        refused.expect_err("a drain while the window is open")
+    );
+    assert!(err.contains("switch window"), "{err}");
+    assert_eq!(maps.switch_flags().expect("flags"), before, "flags changed");
+    assert!(!drain::draining(maps).expect("flags"));
+    let held: Vec<Tuple> = flows_map
+        .entries()
+        .expect("switch_flows")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(held, vec![old], "the window's tuples changed");
+    assert_eq!(std::fs::read_to_string(&conntrack).expect("read"), "0");
+
+    // The window closes (its connection ended): the drain starts.
+    let progress = refresh(maps, &std::collections::HashMap::new(), 2).expect("refresh");
+    assert!(progress.closed);
+    drain::begin(maps, proc_sys.path()).expect("a drain once the window closed");
+    assert!(drain::draining(maps).expect("flags"));
+    assert_eq!(maps.switch_flags().expect("flags") & CFG_F_SWITCH, 0);
+    assert_eq!(std::fs::read_to_string(&conntrack).expect("read"), "1");
 }
