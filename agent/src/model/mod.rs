@@ -17,6 +17,7 @@
 
 mod cache;
 mod endpoints;
+mod objects;
 mod service;
 mod service_port;
 mod validate;
@@ -36,6 +37,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 pub use cache::{Changed, ModelCache};
+pub use objects::{ObjectChange, ObjectKey, Objects, object_key};
 pub use service_port::ServicePort;
 pub use validate::{ServiceError, is_known_scheduler, special_address};
 
@@ -266,9 +268,9 @@ pub struct Rejection {
 /// Everything this node should program.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    /// Sorted by (address, protocol, port); no two share that key. Shared with the model's
-    /// memo ([`ModelCache`]): cloning the list is cheap.
-    pub virtual_services: Vec<Arc<VirtualService>>,
+    /// By (address, protocol, port). Shared with the model's memo ([`ModelCache`]): cloning it
+    /// is O(1), and the next build changes it in place of the keys that changed.
+    pub virtual_services: VirtualServices,
     /// Addresses to assign to [`DUMMY_INTERFACE`]: every ClusterIP, and every external IP and
     /// LB ingress IP that is not already a node address (as kube-proxy's IPVS mode binds them).
     pub bound_addresses: Arc<BTreeSet<IpAddr>>,
@@ -290,10 +292,67 @@ pub struct DesiredState {
 impl DesiredState {
     /// The virtual service with this key (address, protocol, port), if any.
     pub fn find(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
-        self.virtual_services
-            .binary_search_by(|v| ServicePort::of(v).cmp(key))
-            .ok()
-            .map(|i| &self.virtual_services[i])
+        self.virtual_services.get(key)
+    }
+}
+
+/// The virtual services of a [`DesiredState`], one per key (address, protocol, port), as a
+/// persistent map: a clone shares everything, a change copies the path to it. Serialized as a
+/// list in key order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtualServices(imbl::OrdMap<ServicePort, Arc<VirtualService>>);
+
+impl VirtualServices {
+    /// In key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Arc<VirtualService>> {
+        self.0.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
+        self.0.get(key)
+    }
+
+    /// Makes `vs` the virtual service of its key (none: removes the key's).
+    fn set(&mut self, key: ServicePort, vs: Option<Arc<VirtualService>>) {
+        match vs {
+            Some(vs) => self.0.insert(key, vs),
+            None => self.0.remove(&key),
+        };
+    }
+}
+
+/// A later virtual service of a key replaces an earlier one.
+impl FromIterator<Arc<VirtualService>> for VirtualServices {
+    fn from_iter<I: IntoIterator<Item = Arc<VirtualService>>>(iter: I) -> Self {
+        VirtualServices(iter.into_iter().map(|v| (ServicePort::of(&v), v)).collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a VirtualServices {
+    type Item = &'a Arc<VirtualService>;
+    type IntoIter = imbl::ordmap::Values<
+        'a,
+        ServicePort,
+        Arc<VirtualService>,
+        imbl::shared_ptr::DefaultSharedPtr,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.values()
+    }
+}
+
+impl Serialize for VirtualServices {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
     }
 }
 
@@ -427,4 +486,16 @@ pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     cfg: &ModelConfig,
 ) -> DesiredState {
     ModelCache::default().build(services, slices, node, cfg).0
+}
+
+/// [`build`] on a source's maps (a [`crate::source::Snapshot`]'s).
+pub fn build_objects(
+    services: &Objects<Service>,
+    slices: &Objects<EndpointSlice>,
+    node: &NodeInfo,
+    cfg: &ModelConfig,
+) -> DesiredState {
+    ModelCache::default()
+        .build_objects(services, slices, node, cfg)
+        .0
 }
