@@ -104,6 +104,16 @@ fn observed_ipvs(want: &ipvs_rec::DesiredIpvs) -> ipvs_rec::ObservedIpvs {
         .collect()
 }
 
+/// This process's resident set (VmRSS), in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 /// Per-change durations of each phase.
 #[derive(Default)]
 struct Phases(BTreeMap<&'static str, Vec<Duration>>);
@@ -140,6 +150,7 @@ fn main() {
     let (services, slices) = store.publish();
     let (first, _) = cache.build_objects(&services, &slices, &node, &cfg);
     let first_build = t.elapsed();
+    let rss_first = rss_mib();
     let maps = observed_maps(&maps_rec::plan(
         &maps_rec::desired(&first, &[]),
         &ObservedMaps::default(),
@@ -226,6 +237,10 @@ fn main() {
     println!(
         "{n} Services x {endpoints} endpoints ({virtual_services} virtual services): first build {:.1} ms; {changes} single endpoint changes ({ops} operations planned)",
         first_build.as_secs_f64() * 1e3
+    );
+    println!(
+        "RSS: {rss_first:.1} MiB after the first build, {:.1} MiB after the changes",
+        rss_mib()
     );
     println!("per change, µs (host wall clock, Instant):");
     println!("{:<16} {:>10} {:>10} {:>10}", "phase", "p50", "p99", "max");

@@ -1,7 +1,8 @@
 //! The service model: what this node should program, computed from Kubernetes objects.
 //!
-//! This module owns the public types of the model and [`build`], the single entry point. It is
-//! pure code: no I/O, no clocks, no randomness, and its output order is deterministic, so the
+//! This module owns the public types of the model and its entry points: [`build`] (lists of
+//! objects), [`build_objects`] (a source's maps, [`Objects`]) and [`ModelCache`] (the same,
+//! recomputing only what changed since its previous build). It is pure code: no I/O, no clocks, no randomness, and its output order is deterministic, so the
 //! same objects always give the same [`DesiredState`] (the reconcilers diff it against the
 //! kernel).
 //!
@@ -13,7 +14,9 @@
 //! - `endpoints`: EndpointSlices → de-duplicated endpoints per service port, and kube-proxy's
 //!   endpoint categorisation (ready / serving-terminating fallback, node-local, topology hints);
 //! - `service`: a checked service and its endpoints → virtual services, and the resolution of
-//!   addresses claimed twice.
+//!   addresses claimed twice;
+//! - `objects`: the input maps ([`Objects`]) and how two versions of one differ;
+//! - `cache`: [`ModelCache`], the memo that makes a change cost in proportion to the change.
 
 mod cache;
 mod endpoints;
