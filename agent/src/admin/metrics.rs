@@ -806,11 +806,12 @@ pub fn trigger_time(
 /// `internalTrafficPolicy: Local` whose ClusterIP has no local endpoint, and those with
 /// `externalTrafficPolicy: Local` whose external addresses (NodePort, load balancer, external
 /// IPs) have none. Computed from the model's output, whose destinations for a `Local` policy
-/// are the local endpoints ([`crate::model::VirtualService::local_only`]).
+/// are the local endpoints ([`crate::model::VirtualService::local_only`]); only those are read
+/// (every sync: O(them), not O(every virtual service)).
 pub fn no_local_endpoints(desired: &DesiredState) -> NoLocalEndpoints {
     // (service, port name, family, policy) → has a destination
     let mut groups: BTreeMap<(&ServiceRef, &str, IpFamily, TrafficPolicy), bool> = BTreeMap::new();
-    for vs in desired.virtual_services.iter().filter(|v| v.local_only) {
+    for vs in desired.virtual_services.local_only() {
         let policy = if vs.kind.is_external() {
             TrafficPolicy::External
         } else {

@@ -669,11 +669,13 @@ mod tests {
     /// One step of a source's life: an object set or deleted, or a sync reading the map.
     #[derive(Debug, Clone)]
     enum Op {
-        /// Service `i` with port `port` and ClusterIP `ip` (few values: Services conflict).
+        /// Service `i` with port `port` and ClusterIP `ip` (few values: Services conflict),
+        /// `internalTrafficPolicy: Local` or not.
         Service {
             i: usize,
             port: u16,
             ip: u8,
+            local: bool,
         },
         NoService(usize),
         /// Slice of Service `i` with `endpoints` endpoints (a Service may not exist).
@@ -688,7 +690,8 @@ mod tests {
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         prop_oneof![
-            3 => (0..8usize, 80..82u16, 1..4u8).prop_map(|(i, port, ip)| Op::Service { i, port, ip }),
+            3 => (0..8usize, 80..82u16, 1..4u8, any::<bool>())
+                .prop_map(|(i, port, ip, local)| Op::Service { i, port, ip, local }),
             1 => (0..8usize).prop_map(Op::NoService),
             4 => (0..10usize, 0..4usize).prop_map(|(i, endpoints)| Op::Slice { i, endpoints }),
             1 => (0..10usize).prop_map(Op::NoSlice),
@@ -711,9 +714,13 @@ mod tests {
             for op in ops.iter().chain([&Op::Sync]) {
                 rv += 1;
                 match *op {
-                    Op::Service { i, port, ip } => {
+                    Op::Service { i, port, ip, local } => {
                         let ip = format!("10.96.0.{ip}");
-                        services.insert(service(i, rv, port, Some(&ip)));
+                        let mut s = (*service(i, rv, port, Some(&ip))).clone();
+                        if local && let Some(spec) = s.spec.as_mut() {
+                            spec.internal_traffic_policy = Some("Local".into());
+                        }
+                        services.insert(Arc::new(s));
                     }
                     Op::NoService(i) => {
                         services.remove("ns", &format!("s{i}"));
@@ -729,6 +736,8 @@ mod tests {
                         let all_services: Vec<Arc<Service>> = services.iter().cloned().collect();
                         let all_slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().collect();
                         proptest::prop_assert_eq!(&got, &build(&all_services, &all_slices, &node, &cfg));
+                        let vss = &got.virtual_services;
+                        proptest::prop_assert!(vss.local_only().eq(vss.iter().filter(|v| v.local_only)));
                         let (old, new) = (by_key(&previous), by_key(&got));
                         let Changed::Keys(keys) = &changed else {
                             proptest::prop_assert!(false, "rebuilt everything: {changed:?}");

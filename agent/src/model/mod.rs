@@ -303,31 +303,45 @@ impl DesiredState {
 /// persistent map: a clone shares everything, a change copies the path to it. Serialized as a
 /// list in key order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VirtualServices(imbl::OrdMap<ServicePort, Arc<VirtualService>>);
+pub struct VirtualServices {
+    all: imbl::OrdMap<ServicePort, Arc<VirtualService>>,
+    /// The keys of those with [`VirtualService::local_only`] (metrics read them every sync).
+    local_only: imbl::OrdSet<ServicePort>,
+}
 
 impl VirtualServices {
     /// In key order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Arc<VirtualService>> {
-        self.0.values()
+        self.all.values()
+    }
+
+    /// Those whose destinations are this node's endpoints only, in key order: O(them).
+    pub fn local_only(&self) -> impl Iterator<Item = &Arc<VirtualService>> {
+        self.local_only.iter().filter_map(|k| self.all.get(k))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.all.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.all.is_empty()
     }
 
     pub fn get(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
-        self.0.get(key)
+        self.all.get(key)
     }
 
     /// Makes `vs` the virtual service of its key (none: removes the key's).
     fn set(&mut self, key: ServicePort, vs: Option<Arc<VirtualService>>) {
+        if vs.as_ref().is_some_and(|v| v.local_only) {
+            self.local_only.insert(key);
+        } else {
+            self.local_only.remove(&key);
+        }
         match vs {
-            Some(vs) => self.0.insert(key, vs),
-            None => self.0.remove(&key),
+            Some(vs) => self.all.insert(key, vs),
+            None => self.all.remove(&key),
         };
     }
 }
@@ -335,7 +349,11 @@ impl VirtualServices {
 /// A later virtual service of a key replaces an earlier one.
 impl FromIterator<Arc<VirtualService>> for VirtualServices {
     fn from_iter<I: IntoIterator<Item = Arc<VirtualService>>>(iter: I) -> Self {
-        VirtualServices(iter.into_iter().map(|v| (ServicePort::of(&v), v)).collect())
+        let mut out = VirtualServices::default();
+        for v in iter {
+            out.set(ServicePort::of(&v), Some(v));
+        }
+        out
     }
 }
 
@@ -349,7 +367,7 @@ impl<'a> IntoIterator for &'a VirtualServices {
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.values()
+        self.all.values()
     }
 }
 
