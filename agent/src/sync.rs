@@ -515,9 +515,9 @@ impl Syncer {
         node: &NodeInfo,
         full: bool,
     ) -> (DesiredState, model::Changed) {
-        let (desired, changed) = self.model.build_shared(
-            snapshot.services.clone(),
-            snapshot.endpoint_slices.clone(),
+        let (desired, changed) = self.model.build_objects(
+            &snapshot.services,
+            &snapshot.endpoint_slices,
             node,
             &self.cfg.model,
         );

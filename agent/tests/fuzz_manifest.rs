@@ -535,11 +535,11 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
 
 /// The model's invariants (see the module doc).
 fn check_state(state: &DesiredState) {
-    let vss = &state.virtual_services;
+    let vss: Vec<_> = state.virtual_services.iter().collect();
     for pair in vss.windows(2) {
         let key = |v: &model::VirtualService| (v.address, v.protocol, v.port);
         assert!(
-            key(&pair[0]) < key(&pair[1]),
+            key(pair[0]) < key(pair[1]),
             "virtual services not sorted/unique: {} / {}",
             pair[0],
             pair[1]

@@ -110,7 +110,7 @@ async fn start(server: &FakeApiServer) -> (tempfile::TempDir, watch::Receiver<Ar
     (dir, rx)
 }
 
-fn names<K: kube::ResourceExt>(objs: &[std::sync::Arc<K>]) -> Vec<String> {
+fn names<K: kube::ResourceExt>(objs: &agent::model::Objects<K>) -> Vec<String> {
     objs.iter()
         .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
         .collect()
@@ -810,7 +810,7 @@ async fn special_addresses_are_warned_about_on_the_service() {
         let (_dir, client) = client(&server).await;
         let (_, rx) = start(&server).await;
         let snapshot = rx.borrow().clone();
-        let desired = agent::model::build(
+        let desired = agent::model::build_objects(
             &snapshot.services,
             &snapshot.endpoint_slices,
             &agent::model::NodeInfo::default(),

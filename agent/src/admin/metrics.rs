@@ -61,7 +61,6 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use k8s_openapi::Metadata;
 use probes::maps::Counter as DatapathCounter;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -71,10 +70,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
-use crate::model::{DesiredState, Rejection, ServiceRef};
+use crate::model::{DesiredState, Objects, Rejection, ServiceRef};
 use crate::reconcile::ipvs::OpCounts;
 use crate::source::Snapshot;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The EndpointSlice annotation holding the time of the change that triggered its update.
 pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
@@ -752,23 +750,22 @@ impl ChangeTracker {
     }
 
     /// The changes `snapshot` brings over the previous one (the first counts every object).
-    /// Objects are compared by identity: a source shares unchanged objects between its
-    /// snapshots, so this costs no copy and no hashing.
+    /// Objects are compared by identity, and a source's snapshots share what did not change
+    /// ([`crate::model::Objects::changes`]): this visits only the changes.
     pub fn observe(&mut self, snapshot: &Arc<Snapshot>) -> Changes {
         let mut changes = Changes::default();
-        let (old_services, old_slices) = match &self.previous {
-            Some(p) => (&p.services[..], &p.endpoint_slices[..]),
-            None => (&[][..], &[][..]),
-        };
-        changes.services = diff_objects(old_services, &snapshot.services, |_| {});
+        let empty = Snapshot::default();
+        let previous = self.previous.as_deref().unwrap_or(&empty);
+        changes.services = count_changes(&previous.services, &snapshot.services, |_| {});
         let (started, trigger_times) = (self.started, &mut self.trigger_times);
-        changes.endpoint_slices = diff_objects(old_slices, &snapshot.endpoint_slices, |s| {
-            if let Some(t) = trigger_time(&s.metadata)
-                && t > started
-            {
-                trigger_times.push(t);
-            }
-        });
+        changes.endpoint_slices =
+            count_changes(&previous.endpoint_slices, &snapshot.endpoint_slices, |s| {
+                if let Some(t) = trigger_time(&s.metadata)
+                    && t > started
+                {
+                    trigger_times.push(t);
+                }
+            });
         self.previous = Some(snapshot.clone());
         changes
     }
@@ -780,53 +777,17 @@ impl ChangeTracker {
     }
 }
 
-/// Counts the objects added, changed (a different object) or deleted between two lists, and
-/// calls `changed` on each new or changed one. Sources keep their objects in (namespace, name)
-/// order and share unchanged ones, so the walk compares pointers and allocates nothing until
-/// the lists stop lining up.
-fn diff_objects<K: Metadata<Ty = ObjectMeta>>(
-    old: &[Arc<K>],
-    new: &[Arc<K>],
-    mut changed: impl FnMut(&K),
-) -> u64 {
-    fn key<K: Metadata<Ty = ObjectMeta>>(o: &K) -> (&str, &str) {
-        let m = o.metadata();
-        (
-            m.namespace.as_deref().unwrap_or("default"),
-            m.name.as_deref().unwrap_or(""),
-        )
-    }
+/// Counts the objects added, changed (a different object) or deleted between two versions,
+/// and calls `changed` on each new or changed one.
+fn count_changes<K>(old: &Objects<K>, new: &Objects<K>, mut changed: impl FnMut(&K)) -> u64 {
     let mut count = 0;
-    let mut i = 0;
-    while i < old.len() && i < new.len() {
-        if !Arc::ptr_eq(&old[i], &new[i]) {
-            if key(&*old[i]) != key(&*new[i]) {
-                break;
-            }
-            count += 1;
-            changed(&new[i]);
-        }
-        i += 1;
-    }
-    // The rest (an insertion or deletion shifted the lists): by key.
-    let by_key: HashMap<(&str, &str), &Arc<K>> = old[i..].iter().map(|o| (key(&**o), o)).collect();
-    let mut seen = 0;
-    for o in &new[i..] {
-        match by_key.get(&key(&**o)) {
-            Some(prev) => {
-                seen += 1;
-                if !Arc::ptr_eq(prev, o) {
-                    count += 1;
-                    changed(o);
-                }
-            }
-            None => {
-                count += 1;
-                changed(o);
-            }
+    for c in old.changes(new) {
+        count += 1;
+        if let Some(n) = c.after() {
+            changed(n);
         }
     }
-    count + (old.len() - i).saturating_sub(seen) as u64
+    count
 }
 
 /// An object's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339).
@@ -845,11 +806,12 @@ pub fn trigger_time(
 /// `internalTrafficPolicy: Local` whose ClusterIP has no local endpoint, and those with
 /// `externalTrafficPolicy: Local` whose external addresses (NodePort, load balancer, external
 /// IPs) have none. Computed from the model's output, whose destinations for a `Local` policy
-/// are the local endpoints ([`crate::model::VirtualService::local_only`]).
+/// are the local endpoints ([`crate::model::VirtualService::local_only`]); only those are read
+/// (every sync: O(them), not O(every virtual service)).
 pub fn no_local_endpoints(desired: &DesiredState) -> NoLocalEndpoints {
     // (service, port name, family, policy) → has a destination
     let mut groups: BTreeMap<(&ServiceRef, &str, IpFamily, TrafficPolicy), bool> = BTreeMap::new();
-    for vs in desired.virtual_services.iter().filter(|v| v.local_only) {
+    for vs in desired.virtual_services.local_only() {
         let policy = if vs.kind.is_external() {
             TrafficPolicy::External
         } else {

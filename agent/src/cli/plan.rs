@@ -62,7 +62,7 @@ pub async fn plan(args: SourceArgs, output: Output) -> anyhow::Result<()> {
         &links,
         &entries,
     );
-    let desired = model::build(&snapshot.services, &snapshot.endpoint_slices, &node, cfg);
+    let desired = model::build_objects(&snapshot.services, &snapshot.endpoint_slices, &node, cfg);
     let mut warnings: Vec<String> = crate::reconcile::datapath::sctp_not_source_nated(
         desired.virtual_services.iter().map(|v| &**v),
     )

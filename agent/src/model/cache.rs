@@ -1,30 +1,30 @@
 //! Incremental model building. [`ModelCache::build`] gives the same [`DesiredState`] as
 //! [`super::build`], but keeps everything between calls: the per-Service output (validation,
-//! endpoint categorization, virtual services), the candidates for every virtual-service key
-//! (conflict resolution), the address sets, rejections and health checks. A call finds what
-//! changed by object identity (sources share unchanged objects between snapshots, so comparing
-//! two snapshots is a pointer walk), recomputes only the Services touched, updates the keys
-//! they claim, and reports those keys ([`Changed`]) so the reconcilers diff only them.
+//! endpoint categorization, virtual services), the candidates and winner of every
+//! virtual-service key (conflict resolution), the address sets, rejections and health checks.
+//! A call finds what changed with [`Objects::changes`] against the previous call's input (a
+//! source's maps share what did not change, so this visits only the changes), recomputes only
+//! the Services touched, updates the keys they claim in place, and reports those keys
+//! ([`Changed`]) so the reconcilers diff only them. The output shares the maintained virtual
+//! services and address sets, so one change costs O(log n) here, not O(n).
 //!
-//! A new node view or configuration recomputes everything; so does an input that names the
-//! same Service or EndpointSlice (namespace/name) twice (only a file source can do that).
+//! A new node view or configuration recomputes everything.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::endpoints::SliceIndex;
+use super::objects::{ObjectKey, Objects, object_key};
 use super::service::{self, Candidate, NodeContext};
 use super::validate;
 use super::{
     DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Rejection, SERVICE_NAME_LABEL,
-    ServiceError, ServicePort, VirtualService, VirtualServiceKind,
+    ServiceError, ServicePort, VirtualService, VirtualServiceKind, VirtualServices,
 };
 
 /// Which virtual services may differ from the previous build.
@@ -42,84 +42,19 @@ impl Changed {
     }
 }
 
-/// (namespace, name) of an object; namespace "default" when unset.
-type ObjKey = (String, String);
-
-fn obj_key(meta: &ObjectMeta) -> (&str, &str) {
-    (
-        meta.namespace
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .unwrap_or("default"),
-        meta.name.as_deref().unwrap_or(""),
-    )
-}
-
-fn owned((ns, name): (&str, &str)) -> ObjKey {
+fn owned((ns, name): (&str, &str)) -> ObjectKey {
     (ns.to_string(), name.to_string())
 }
 
 /// The Service (namespace, name) an EndpointSlice belongs to.
-fn slice_service(s: &EndpointSlice) -> Option<ObjKey> {
+fn slice_service(s: &EndpointSlice) -> Option<ObjectKey> {
     let svc = s
         .metadata
         .labels
         .as_ref()?
         .get(SERVICE_NAME_LABEL)
         .filter(|n| !n.is_empty())?;
-    Some((obj_key(&s.metadata).0.to_string(), svc.clone()))
-}
-
-/// How one object differs between two lists.
-enum Diff<'a, K> {
-    Added(&'a Arc<K>),
-    Changed(&'a Arc<K>, &'a Arc<K>),
-    Removed(&'a Arc<K>),
-}
-
-/// Walks two lists of objects (each unique by key; `None` when `new` names a key twice) and
-/// reports the differences. Lists that line up cost a pointer comparison per object.
-fn diff<'a, K: Metadata<Ty = ObjectMeta>>(
-    old: &'a [Arc<K>],
-    new: &'a [Arc<K>],
-) -> Option<Vec<Diff<'a, K>>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < old.len() && i < new.len() {
-        if !Arc::ptr_eq(&old[i], &new[i]) {
-            if obj_key(old[i].metadata()) != obj_key(new[i].metadata()) {
-                break;
-            }
-            out.push(Diff::Changed(&old[i], &new[i]));
-        }
-        i += 1;
-    }
-    if i == new.len() {
-        // Nothing added (the usual change: objects edited in place): only removals are left,
-        // and the aligned prefix is hashed for nothing.
-        out.extend(old[i..].iter().map(Diff::Removed));
-        return Some(out);
-    }
-    let mut rest: HashMap<(&str, &str), &Arc<K>> = old[i..]
-        .iter()
-        .map(|o| (obj_key(o.metadata()), o))
-        .collect();
-    // The aligned prefix has the previous list's keys (unique): a later object may repeat one.
-    let mut seen: std::collections::HashSet<(&str, &str)> =
-        new[..i].iter().map(|o| obj_key(o.metadata())).collect();
-    for o in &new[i..] {
-        let k = obj_key(o.metadata());
-        if !seen.insert(k) {
-            return None;
-        }
-        match rest.remove(&k) {
-            Some(prev) if Arc::ptr_eq(prev, o) => {}
-            Some(prev) => out.push(Diff::Changed(prev, o)),
-            None => out.push(Diff::Added(o)),
-        }
-    }
-    out.extend(rest.into_values().map(Diff::Removed));
-    Some(out)
+    Some((object_key(&s.metadata).0.to_string(), svc.clone()))
 }
 
 /// One Service's part of the model.
@@ -193,26 +128,31 @@ fn roles(vs: &VirtualService, ctx: &NodeContext<'_>) -> (bool, bool) {
 #[derive(Debug, Default)]
 pub struct ModelCache {
     context: Option<(NodeInfo, ModelConfig)>,
-    services: Vec<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    /// The input of the previous build: the next one diffs against it.
+    services: Objects<Service>,
+    slices: Objects<EndpointSlice>,
     /// (namespace, Service) → slice name → slice.
-    slices_of: HashMap<ObjKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    slices_of: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
     /// (namespace, name) → the Service and its output.
-    entries: HashMap<ObjKey, (Arc<Service>, ServiceOutput)>,
+    entries: HashMap<ObjectKey, (Arc<Service>, ServiceOutput)>,
     /// Every key claimed by some Service, with its candidates in winning order.
     by_key: BTreeMap<ServicePort, Vec<Candidate>>,
+    /// The first candidate of every key: the output's virtual services.
+    winners: VirtualServices,
+    /// Keys claimed by more than one Service: the losers' rejections.
+    conflicts: BTreeMap<ServicePort, Vec<Rejection>>,
     /// Address → (winners binding it, winners carrying a NodePort on it).
     address_roles: HashMap<IpAddr, (usize, usize)>,
     bound: Arc<BTreeSet<IpAddr>>,
     node_ports: Arc<BTreeSet<IpAddr>>,
-    /// Services with rejections or a health check (usually few): gathered per build.
-    rejected_of: BTreeMap<ObjKey, Vec<Rejection>>,
-    health_of: BTreeMap<ObjKey, HealthCheckNodePort>,
-    /// Objects named twice in the input (the first one is used); such an input is rebuilt
-    /// from scratch every time.
+    /// Services with rejections or a health check (usually few): gathered per build, as are
+    /// the conflicts, duplicates and ignored slices (O(those) per build).
+    rejected_of: BTreeMap<ObjectKey, Vec<Rejection>>,
+    health_of: BTreeMap<ObjectKey, HealthCheckNodePort>,
+    /// Objects named twice in the input (the first one is used).
     duplicates: Vec<Rejection>,
     /// EndpointSlices of Services that do not exist, by that Service.
-    ignored: BTreeMap<ObjKey, Vec<String>>,
+    ignored: BTreeMap<ObjectKey, Vec<String>>,
 }
 
 impl ModelCache {
@@ -225,13 +165,14 @@ impl ModelCache {
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> (DesiredState, Changed) {
-        // Shared objects are the fast path; other callers (tests, `plan`) get copies.
-        let services: Vec<Arc<Service>> = services.iter().map(|s| to_arc(s.borrow())).collect();
-        let slices: Vec<Arc<EndpointSlice>> = slices.iter().map(|s| to_arc(s.borrow())).collect();
-        self.build_shared(services, slices, node, cfg)
+        // Copies: nothing is shared with the previous call, every object counts as changed.
+        let services: Objects<Service> = services.iter().map(|s| to_arc(s.borrow())).collect();
+        let slices: Objects<EndpointSlice> = slices.iter().map(|s| to_arc(s.borrow())).collect();
+        self.build_objects(&services, &slices, node, cfg)
     }
 
-    /// [`Self::build`] on shared objects: an unchanged object is recognized by identity.
+    /// [`Self::build`] on lists of shared objects (an object kept from the previous call is
+    /// recognized by identity), collected into [`Objects`] (O(n log n)).
     pub fn build_shared(
         &mut self,
         services: Vec<Arc<Service>>,
@@ -239,69 +180,64 @@ impl ModelCache {
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> (DesiredState, Changed) {
+        self.build_objects(&services.into(), &slices.into(), node, cfg)
+    }
+
+    /// [`Self::build`] on a source's maps: the changes since the previous call are found by
+    /// [`Objects::changes`], which skips what the two versions share, so a change to one
+    /// object costs O(log n) here, whatever the number of objects.
+    pub fn build_objects(
+        &mut self,
+        services: &Objects<Service>,
+        slices: &Objects<EndpointSlice>,
+        node: &NodeInfo,
+        cfg: &ModelConfig,
+    ) -> (DesiredState, Changed) {
         let same_context = matches!(&self.context, Some((n, c)) if n == node && c == cfg);
-        let diffs = if same_context {
-            diff(&self.services, &services).zip(diff(&self.slices, &slices))
-        } else {
-            None
-        };
-        let Some((service_diffs, slice_diffs)) = diffs else {
-            // Everything from scratch (new context, or a Service named twice).
+        if !same_context {
+            // Everything from scratch.
             *self = ModelCache {
                 context: Some((node.clone(), cfg.clone())),
                 ..ModelCache::default()
             };
             let state = self.rebuild(services, slices, node, cfg);
             return (state, Changed::All);
-        };
-        let mut dirty: BTreeSet<ObjKey> = BTreeSet::new();
-        for d in &slice_diffs {
-            let (old, new) = match d {
-                Diff::Added(n) => (None, Some(*n)),
-                Diff::Changed(o, n) => (Some(*o), Some(*n)),
-                Diff::Removed(o) => (Some(*o), None),
-            };
-            if let Some(o) = old
+        }
+        let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
+        for d in self.slices.changes(slices) {
+            if let Some(o) = d.before()
                 && let Some(k) = slice_service(o)
             {
                 if let Some(m) = self.slices_of.get_mut(&k) {
-                    m.remove(obj_key(&o.metadata).1);
+                    m.remove(object_key(&o.metadata).1);
                     if m.is_empty() {
                         self.slices_of.remove(&k);
                     }
                 }
                 dirty.insert(k);
             }
-            if let Some(n) = new
+            if let Some(n) = d.after()
                 && let Some(k) = slice_service(n)
             {
                 self.slices_of
                     .entry(k.clone())
                     .or_default()
-                    .insert(obj_key(&n.metadata).1.to_string(), n.clone());
+                    .insert(object_key(&n.metadata).1.to_string(), n.clone());
                 dirty.insert(k);
             }
         }
-        for d in &service_diffs {
-            let s = match d {
-                Diff::Added(s) | Diff::Changed(_, s) | Diff::Removed(s) => s,
-            };
-            dirty.insert(owned(obj_key(&s.metadata)));
-        }
-        // Owned, so the old lists can be replaced while updating.
-        let mut present: HashMap<ObjKey, Option<Arc<Service>>> = HashMap::new();
-        for d in &service_diffs {
-            match d {
-                Diff::Added(s) | Diff::Changed(_, s) => {
-                    present.insert(owned(obj_key(&s.metadata)), Some((*s).clone()));
-                }
-                Diff::Removed(s) => {
-                    present.insert(owned(obj_key(&s.metadata)), None);
-                }
+        // The Services that changed: their new object, or `None` when deleted.
+        let mut present: HashMap<ObjectKey, Option<Arc<Service>>> = HashMap::new();
+        for d in self.services.changes(services) {
+            let key = d
+                .before()
+                .or(d.after())
+                .map(|s| owned(object_key(&s.metadata)));
+            if let Some(key) = key {
+                present.insert(key.clone(), d.after().cloned());
+                dirty.insert(key);
             }
         }
-        drop(service_diffs);
-        drop(slice_diffs);
         let ctx = NodeContext::new(node, cfg);
         let mut changed = BTreeSet::new();
         for key in &dirty {
@@ -313,70 +249,73 @@ impl ModelCache {
             self.update(key, svc, &ctx, node, cfg, &mut changed);
             self.refresh_ignored(key);
         }
-        self.services = services;
-        self.slices = slices;
-        let state = self.output(&ctx);
+        self.services = services.clone();
+        self.slices = slices.clone();
+        self.refresh_duplicates();
+        let state = self.output();
         (state, Changed::Keys(changed))
     }
 
     /// Builds every Service from scratch into an empty cache.
     fn rebuild(
         &mut self,
-        services: Vec<Arc<Service>>,
-        slices: Vec<Arc<EndpointSlice>>,
+        services: &Objects<Service>,
+        slices: &Objects<EndpointSlice>,
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> DesiredState {
-        // A namespace/name seen twice, whatever the slices' Services: the next build's diff
-        // walks the list by namespace/name, so it must start from scratch too.
-        let mut names: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
-        let mut repeated = false;
-        for s in &slices {
-            let first = names.insert(obj_key(&s.metadata));
+        for s in slices.iter() {
             if let Some(k) = slice_service(s) {
-                let name = obj_key(&s.metadata).1.to_string();
-                if !first {
-                    self.duplicates.push(Rejection {
-                        object: format!("EndpointSlice {}/{name}", obj_key(&s.metadata).0),
-                        reason: "another EndpointSlice with the same namespace/name came first"
-                            .to_owned(),
-                    });
-                    continue;
-                }
+                let name = object_key(&s.metadata).1.to_string();
                 self.slices_of.entry(k).or_default().insert(name, s.clone());
-            } else if !first {
-                repeated = true;
             }
         }
         let ctx = NodeContext::new(node, cfg);
         let mut changed = BTreeSet::new();
-        for svc in &services {
-            let key = owned(obj_key(&svc.metadata));
-            if self.entries.contains_key(&key) {
-                self.duplicates.push(Rejection {
-                    object: format!("Service {}/{}", key.0, key.1),
-                    reason: ServiceError::Duplicate.to_string(),
-                });
-                continue;
-            }
+        for svc in services.iter() {
+            let key = owned(object_key(&svc.metadata));
             self.update(&key, Some(svc.clone()), &ctx, node, cfg, &mut changed);
         }
-        let keys: Vec<ObjKey> = self.slices_of.keys().cloned().collect();
+        let keys: Vec<ObjectKey> = self.slices_of.keys().cloned().collect();
         for key in &keys {
             self.refresh_ignored(key);
         }
-        if !self.duplicates.is_empty() || repeated {
-            self.context = None;
-        }
-        self.services = services;
-        self.slices = slices;
-        self.output(&ctx)
+        self.services = services.clone();
+        self.slices = slices.clone();
+        self.refresh_duplicates();
+        self.output()
+    }
+
+    /// The rejections of objects a list named twice (the first one is used): O(such objects).
+    fn refresh_duplicates(&mut self) {
+        let services = self.services.repeated().iter().map(|s| {
+            let (ns, name) = object_key(&s.metadata);
+            Rejection {
+                object: format!("Service {ns}/{name}"),
+                reason: ServiceError::Duplicate.to_string(),
+            }
+        });
+        // A repeated slice of no Service is not reported (nothing reads it).
+        let slices = self
+            .slices
+            .repeated()
+            .iter()
+            .filter(|s| slice_service(s).is_some())
+            .map(|s| {
+                let (ns, name) = object_key(&s.metadata);
+                Rejection {
+                    object: format!("EndpointSlice {ns}/{name}"),
+                    reason: "another EndpointSlice with the same namespace/name came first"
+                        .to_owned(),
+                }
+            });
+        self.duplicates = services.chain(slices).collect();
     }
 
     /// Recomputes one Service (or removes it, with `None`) and the keys it claims.
     fn update(
         &mut self,
-        key: &ObjKey,
+        key: &ObjectKey,
         svc: Option<Arc<Service>>,
         ctx: &NodeContext<'_>,
         node: &NodeInfo,
@@ -412,6 +351,8 @@ impl ModelCache {
         for (k, before) in keys {
             let after = self.winner(&k);
             self.set_winner(before.as_ref(), after.as_ref(), ctx);
+            self.winners.set(k, after);
+            self.refresh_conflicts(k);
             changed.insert(k);
         }
         self.rejected_of.remove(key);
@@ -429,7 +370,7 @@ impl ModelCache {
     }
 
     /// Whether `key` names slices without a Service (reported, not an error).
-    fn refresh_ignored(&mut self, key: &ObjKey) {
+    fn refresh_ignored(&mut self, key: &ObjectKey) {
         match self.slices_of.get(key) {
             Some(slices) if !self.entries.contains_key(key) => {
                 let (ns, svc) = key;
@@ -528,31 +469,39 @@ impl ModelCache {
             .map(|c| c.vs.clone())
     }
 
-    /// The desired state from the maintained parts (a pointer copy per virtual service).
-    fn output(&self, ctx: &NodeContext<'_>) -> DesiredState {
-        let _ = ctx;
+    /// The rejections of the candidates of `k` that lose to another Service's.
+    fn refresh_conflicts(&mut self, k: ServicePort) {
+        let lost: Vec<Rejection> = match self.by_key.get(&k).and_then(|l| l.split_first()) {
+            Some((winner, losers)) => losers
+                .iter()
+                .filter(|l| l.vs.service != winner.vs.service)
+                .map(|l| service::conflict_rejection(&l.vs, &winner.vs))
+                .collect(),
+            None => Vec::new(),
+        };
+        if lost.is_empty() {
+            self.conflicts.remove(&k);
+        } else {
+            self.conflicts.insert(k, lost);
+        }
+    }
+
+    /// The desired state from the maintained parts: the virtual services and address sets are
+    /// shared (O(1)); rejections, health checks and ignored slices are gathered (O(those)).
+    fn output(&self) -> DesiredState {
         let mut rejected: Vec<Rejection> = self
             .rejected_of
             .values()
             .flatten()
+            .chain(self.conflicts.values().flatten())
             .chain(&self.duplicates)
             .cloned()
             .collect();
-        let mut virtual_services = Vec::with_capacity(self.by_key.len());
-        for list in self.by_key.values() {
-            let Some(winner) = list.first() else { continue };
-            virtual_services.push(winner.vs.clone());
-            for loser in &list[1..] {
-                if loser.vs.service != winner.vs.service {
-                    rejected.push(service::conflict_rejection(&loser.vs, &winner.vs));
-                }
-            }
-        }
         rejected.sort();
         rejected.dedup();
         let ignored_slices: Vec<String> = self.ignored.values().flatten().cloned().collect();
         DesiredState {
-            virtual_services,
+            virtual_services: self.winners.clone(),
             bound_addresses: self.bound.clone(),
             service_addresses: self.bound.clone(),
             node_port_addresses: self.node_ports.clone(),
@@ -715,6 +664,93 @@ mod tests {
             cache.build_shared(services, slices, &other, &cfg).1,
             Changed::All
         );
+    }
+
+    /// One step of a source's life: an object set or deleted, or a sync reading the map.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Service `i` with port `port` and ClusterIP `ip` (few values: Services conflict),
+        /// `internalTrafficPolicy: Local` or not.
+        Service {
+            i: usize,
+            port: u16,
+            ip: u8,
+            local: bool,
+        },
+        NoService(usize),
+        /// Slice of Service `i` with `endpoints` endpoints (a Service may not exist).
+        Slice {
+            i: usize,
+            endpoints: usize,
+        },
+        NoSlice(usize),
+        Sync,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..8usize, 80..82u16, 1..4u8, any::<bool>())
+                .prop_map(|(i, port, ip, local)| Op::Service { i, port, ip, local }),
+            1 => (0..8usize).prop_map(Op::NoService),
+            4 => (0..10usize, 0..4usize).prop_map(|(i, endpoints)| Op::Slice { i, endpoints }),
+            1 => (0..10usize).prop_map(Op::NoSlice),
+            2 => Just(Op::Sync),
+        ]
+    }
+
+    proptest::proptest! {
+        /// A source's maps changed by single watch events and read at random points (changes
+        /// coalesced between syncs, as the sync loop does): each incremental build equals a
+        /// full build of the same objects, and its `Changed` holds every key that differs.
+        #[test]
+        fn builds_from_changed_maps_equal_full_builds(ops in proptest::collection::vec(op(), 1..60)) {
+            let (node, cfg) = (node(), ModelConfig::default());
+            let mut services: Objects<Service> = Objects::default();
+            let mut slices: Objects<EndpointSlice> = Objects::default();
+            let mut cache = ModelCache::default();
+            let mut previous = cache.build_objects(&services, &slices, &node, &cfg).0;
+            let mut rv = 1;
+            for op in ops.iter().chain([&Op::Sync]) {
+                rv += 1;
+                match *op {
+                    Op::Service { i, port, ip, local } => {
+                        let ip = format!("10.96.0.{ip}");
+                        let mut s = (*service(i, rv, port, Some(&ip))).clone();
+                        if local && let Some(spec) = s.spec.as_mut() {
+                            spec.internal_traffic_policy = Some("Local".into());
+                        }
+                        services.insert(Arc::new(s));
+                    }
+                    Op::NoService(i) => {
+                        services.remove("ns", &format!("s{i}"));
+                    }
+                    Op::Slice { i, endpoints } => {
+                        slices.insert(slice(i, rv, endpoints));
+                    }
+                    Op::NoSlice(i) => {
+                        slices.remove("ns", &format!("s{i}-1"));
+                    }
+                    Op::Sync => {
+                        let (got, changed) = cache.build_objects(&services, &slices, &node, &cfg);
+                        let all_services: Vec<Arc<Service>> = services.iter().cloned().collect();
+                        let all_slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().collect();
+                        proptest::prop_assert_eq!(&got, &build(&all_services, &all_slices, &node, &cfg));
+                        let vss = &got.virtual_services;
+                        proptest::prop_assert!(vss.local_only().eq(vss.iter().filter(|v| v.local_only)));
+                        let (old, new) = (by_key(&previous), by_key(&got));
+                        let Changed::Keys(keys) = &changed else {
+                            proptest::prop_assert!(false, "rebuilt everything: {changed:?}");
+                            return Ok(());
+                        };
+                        for k in old.keys().chain(new.keys()) {
+                            proptest::prop_assert!(old.get(k) == new.get(k) || keys.contains(k), "{k} not in {keys:?}");
+                        }
+                        previous = got;
+                    }
+                }
+            }
+        }
     }
 
     /// Two defects found by fuzzing the file source (issue 13), the incremental build then

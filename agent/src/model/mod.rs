@@ -1,7 +1,8 @@
 //! The service model: what this node should program, computed from Kubernetes objects.
 //!
-//! This module owns the public types of the model and [`build`], the single entry point. It is
-//! pure code: no I/O, no clocks, no randomness, and its output order is deterministic, so the
+//! This module owns the public types of the model and its entry points: [`build`] (lists of
+//! objects), [`build_objects`] (a source's maps, [`Objects`]) and [`ModelCache`] (the same,
+//! recomputing only what changed since its previous build). It is pure code: no I/O, no clocks, no randomness, and its output order is deterministic, so the
 //! same objects always give the same [`DesiredState`] (the reconcilers diff it against the
 //! kernel).
 //!
@@ -13,10 +14,13 @@
 //! - `endpoints`: EndpointSlices → de-duplicated endpoints per service port, and kube-proxy's
 //!   endpoint categorisation (ready / serving-terminating fallback, node-local, topology hints);
 //! - `service`: a checked service and its endpoints → virtual services, and the resolution of
-//!   addresses claimed twice.
+//!   addresses claimed twice;
+//! - `objects`: the input maps ([`Objects`]) and how two versions of one differ;
+//! - `cache`: [`ModelCache`], the memo that makes a change cost in proportion to the change.
 
 mod cache;
 mod endpoints;
+mod objects;
 mod service;
 mod service_port;
 mod validate;
@@ -36,6 +40,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 pub use cache::{Changed, ModelCache};
+pub use objects::{ObjectChange, ObjectKey, Objects, object_key};
 pub use service_port::ServicePort;
 pub use validate::{ServiceError, is_known_scheduler, special_address};
 
@@ -266,9 +271,9 @@ pub struct Rejection {
 /// Everything this node should program.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    /// Sorted by (address, protocol, port); no two share that key. Shared with the model's
-    /// memo ([`ModelCache`]): cloning the list is cheap.
-    pub virtual_services: Vec<Arc<VirtualService>>,
+    /// By (address, protocol, port). Shared with the model's memo ([`ModelCache`]): cloning it
+    /// is O(1), and the next build changes it in place of the keys that changed.
+    pub virtual_services: VirtualServices,
     /// Addresses to assign to [`DUMMY_INTERFACE`]: every ClusterIP, and every external IP and
     /// LB ingress IP that is not already a node address (as kube-proxy's IPVS mode binds them).
     pub bound_addresses: Arc<BTreeSet<IpAddr>>,
@@ -290,10 +295,85 @@ pub struct DesiredState {
 impl DesiredState {
     /// The virtual service with this key (address, protocol, port), if any.
     pub fn find(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
-        self.virtual_services
-            .binary_search_by(|v| ServicePort::of(v).cmp(key))
-            .ok()
-            .map(|i| &self.virtual_services[i])
+        self.virtual_services.get(key)
+    }
+}
+
+/// The virtual services of a [`DesiredState`], one per key (address, protocol, port), as a
+/// persistent map: a clone shares everything, a change copies the path to it. Serialized as a
+/// list in key order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtualServices {
+    all: imbl::OrdMap<ServicePort, Arc<VirtualService>>,
+    /// The keys of those with [`VirtualService::local_only`] (metrics read them every sync).
+    local_only: imbl::OrdSet<ServicePort>,
+}
+
+impl VirtualServices {
+    /// In key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Arc<VirtualService>> {
+        self.all.values()
+    }
+
+    /// Those whose destinations are this node's endpoints only, in key order: O(them).
+    pub fn local_only(&self) -> impl Iterator<Item = &Arc<VirtualService>> {
+        self.local_only.iter().filter_map(|k| self.all.get(k))
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    pub fn get(&self, key: &ServicePort) -> Option<&Arc<VirtualService>> {
+        self.all.get(key)
+    }
+
+    /// Makes `vs` the virtual service of its key (none: removes the key's).
+    fn set(&mut self, key: ServicePort, vs: Option<Arc<VirtualService>>) {
+        if vs.as_ref().is_some_and(|v| v.local_only) {
+            self.local_only.insert(key);
+        } else {
+            self.local_only.remove(&key);
+        }
+        match vs {
+            Some(vs) => self.all.insert(key, vs),
+            None => self.all.remove(&key),
+        };
+    }
+}
+
+/// A later virtual service of a key replaces an earlier one.
+impl FromIterator<Arc<VirtualService>> for VirtualServices {
+    fn from_iter<I: IntoIterator<Item = Arc<VirtualService>>>(iter: I) -> Self {
+        let mut out = VirtualServices::default();
+        for v in iter {
+            out.set(ServicePort::of(&v), Some(v));
+        }
+        out
+    }
+}
+
+impl<'a> IntoIterator for &'a VirtualServices {
+    type Item = &'a Arc<VirtualService>;
+    type IntoIter = imbl::ordmap::Values<
+        'a,
+        ServicePort,
+        Arc<VirtualService>,
+        imbl::shared_ptr::DefaultSharedPtr,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.all.values()
+    }
+}
+
+impl Serialize for VirtualServices {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
     }
 }
 
@@ -427,4 +507,16 @@ pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     cfg: &ModelConfig,
 ) -> DesiredState {
     ModelCache::default().build(services, slices, node, cfg).0
+}
+
+/// [`build`] on a source's maps (a [`crate::source::Snapshot`]'s).
+pub fn build_objects(
+    services: &Objects<Service>,
+    slices: &Objects<EndpointSlice>,
+    node: &NodeInfo,
+    cfg: &ModelConfig,
+) -> DesiredState {
+    ModelCache::default()
+        .build_objects(services, slices, node, cfg)
+        .0
 }

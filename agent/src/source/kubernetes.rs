@@ -184,6 +184,7 @@ async fn run_watcher<K>(
     store: fn(&mut Stores) -> &mut Reflected<K>,
 ) where
     K: Resource<DynamicType = ()> + Significant + DeserializeOwned + std::fmt::Debug + Send,
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
     K: 'static,
 {
     let resource = K::plural(&());

@@ -49,21 +49,6 @@ fn versioned<K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize>(mut o
     Arc::new(obj)
 }
 
-/// Objects in (namespace, name) order, as the Kubernetes source keeps them.
-fn sorted<K: k8s_openapi::Metadata<Ty = ObjectMeta>>(mut v: Vec<Arc<K>>) -> Vec<Arc<K>> {
-    v.sort_by(|a, b| {
-        let k = |o: &Arc<K>| {
-            let m = o.metadata();
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
-        k(a).cmp(&k(b))
-    });
-    v
-}
-
 /// Loads `path` once, logging every error with the file and object it is about.
 pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
     read_snapshot(&mut ManifestReader::default(), path, generation)
@@ -83,8 +68,9 @@ pub fn read_snapshot(reader: &mut ManifestReader, path: &Path, generation: u64) 
         tracing::warn!(file = %f.display(), "keeping the objects of this file's last good read until it reads cleanly");
     }
     Snapshot {
-        services: sorted(loaded.services.into_iter().map(versioned).collect()),
-        endpoint_slices: sorted(loaded.endpoint_slices.into_iter().map(versioned).collect()),
+        // The first object of a (namespace, name) is used, the model rejects the others.
+        services: loaded.services.into_iter().map(versioned).collect(),
+        endpoint_slices: loaded.endpoint_slices.into_iter().map(versioned).collect(),
         node: None,
         generation,
     }
@@ -166,6 +152,7 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
         let snap = rx.borrow_and_update().clone();
         assert_eq!(snap.generation, 2);
         assert_eq!(snap.services.len(), 1);
-        assert_eq!(snap.services[0].metadata.name.as_deref(), Some("b"));
+        let first = snap.services.iter().next().expect("a Service");
+        assert_eq!(first.metadata.name.as_deref(), Some("b"));
     }
 }

@@ -374,12 +374,14 @@ fn change_tracker_counts_adds_updates_and_deletes() {
         services: vec![
             Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010)),
             Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011)),
-        ],
+        ]
+        .into(),
         endpoint_slices: vec![
             Arc::new(slice("a-1", "a", "n1", Some("2026-11-22T00:18:00Z"), "1")),
             // Before the agent started: not a programming latency.
             Arc::new(slice("b-1", "b", "n1", Some("2026-11-21T00:00:00Z"), "1")),
-        ],
+        ]
+        .into(),
         ..Snapshot::default()
     };
     assert_eq!(
@@ -398,9 +400,14 @@ fn change_tracker_counts_adds_updates_and_deletes() {
     assert!(tr.take_trigger_times().is_empty());
 
     // One slice updated (a new object with a new trigger time), one Service deleted.
-    snap.endpoint_slices[0] =
-        Arc::new(slice("a-1", "a", "n1", Some("2026-11-22T00:20:00.5Z"), "2"));
-    snap.services.pop();
+    snap.endpoint_slices.insert(Arc::new(slice(
+        "a-1",
+        "a",
+        "n1",
+        Some("2026-11-22T00:20:00.5Z"),
+        "2",
+    )));
+    snap.services.remove("ns", "b");
     assert_eq!(
         tr.observe(&Arc::new(snap.clone())),
         Changes {
@@ -430,7 +437,7 @@ fn change_tracker_compares_objects_by_identity_even_out_of_order() {
     let b = Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011));
     let snap = |services: Vec<Arc<k8s_openapi::api::core::v1::Service>>| {
         Arc::new(Snapshot {
-            services,
+            services: services.into(),
             ..Snapshot::default()
         })
     };

@@ -27,11 +27,7 @@ const MAX_NOTE: usize = 1024;
 pub fn service_uid<'a>(snapshot: &'a Snapshot, service: &ServiceRef) -> Option<&'a str> {
     snapshot
         .services
-        .iter()
-        .find(|s| {
-            s.metadata.namespace.as_deref() == Some(service.namespace.as_str())
-                && s.metadata.name.as_deref() == Some(service.name.as_str())
-        })
+        .get(&service.namespace, &service.name)
         .and_then(|s| s.metadata.uid.as_deref())
 }
 

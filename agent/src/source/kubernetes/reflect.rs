@@ -3,14 +3,16 @@
 //! exposes a state missing objects; each event says whether it changed anything the model
 //! sees, so bookkeeping-only updates (a new resourceVersion, a Node heartbeat) publish nothing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 
+use crate::model::{ObjectChange, Objects, object_key};
 use crate::source::Snapshot;
 
 /// What the snapshot-worthy content of an object is: the object without the fields the API
@@ -52,10 +54,11 @@ impl Significant for Node {
 /// Objects of one resource, by namespace and name.
 #[derive(Debug)]
 pub(crate) struct Reflected<K> {
-    /// Shared with the published snapshots.
-    objects: BTreeMap<(String, String), Arc<K>>,
+    /// Shared with the published snapshots (a persistent map: an event changes it in
+    /// O(log n) without copying what a snapshot holds).
+    objects: Objects<K>,
     /// The relist in progress, from its `Init` to its `InitDone`.
-    relist: Option<BTreeMap<(String, String), Arc<K>>>,
+    relist: Option<Objects<K>>,
     /// The first list has completed.
     listed: bool,
 }
@@ -63,25 +66,19 @@ pub(crate) struct Reflected<K> {
 impl<K> Default for Reflected<K> {
     fn default() -> Self {
         Self {
-            objects: BTreeMap::new(),
+            objects: Objects::default(),
             relist: None,
             listed: false,
         }
     }
 }
 
-fn key<K: ResourceExt>(obj: &K) -> (String, String) {
-    (obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
-fn same_maps<K: Significant>(
-    a: &BTreeMap<(String, String), Arc<K>>,
-    b: &BTreeMap<(String, String), Arc<K>>,
-) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b.iter())
-            .all(|((ka, va), (kb, vb))| ka == kb && K::same(va, vb))
+/// Whether two lists differ only in stripped fields.
+fn same_maps<K: Significant>(a: &Objects<K>, b: &Objects<K>) -> bool {
+    a.changes(b).all(|c| match c {
+        ObjectChange::Changed(old, new) => K::same(old, new),
+        ObjectChange::Added(_) | ObjectChange::Removed(_) => false,
+    })
 }
 
 /// What the agent never reads and a real API server sends in bulk: managed fields and
@@ -95,19 +92,19 @@ fn slim<K: Resource>(mut obj: K) -> K {
     obj
 }
 
-impl<K: Significant> Reflected<K> {
+impl<K: Significant + Metadata<Ty = ObjectMeta>> Reflected<K> {
     /// Applies one watcher event; returns whether what the model sees changed (always true
     /// at the end of the first list).
     pub(crate) fn apply(&mut self, event: Event<K>) -> bool {
         match event {
             Event::Init => {
-                self.relist = Some(BTreeMap::new());
+                self.relist = Some(Objects::default());
                 false
             }
             Event::InitApply(obj) => {
                 self.relist
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&obj), Arc::new(slim(obj)));
+                    .get_or_insert_with(Objects::default)
+                    .insert(Arc::new(slim(obj)));
                 false
             }
             Event::InitDone => {
@@ -118,13 +115,14 @@ impl<K: Significant> Reflected<K> {
                 changed
             }
             Event::Apply(obj) => {
-                let k = key(&obj);
-                let obj = slim(obj);
-                let changed = self.objects.get(&k).is_none_or(|old| !K::same(old, &obj));
-                self.objects.insert(k, Arc::new(obj));
-                changed
+                let obj = Arc::new(slim(obj));
+                let old = self.objects.insert(obj.clone());
+                old.is_none_or(|old| !K::same(&old, &obj))
             }
-            Event::Delete(obj) => self.objects.remove(&key(&obj)).is_some(),
+            Event::Delete(obj) => {
+                let (ns, name) = object_key(obj.metadata());
+                self.objects.remove(ns, name).is_some()
+            }
         }
     }
 
@@ -132,8 +130,8 @@ impl<K: Significant> Reflected<K> {
         self.listed
     }
 
-    pub(crate) fn objects(&self) -> impl Iterator<Item = &Arc<K>> {
-        self.objects.values()
+    pub(crate) fn objects(&self) -> &Objects<K> {
+        &self.objects
     }
 
     #[cfg(test)]
@@ -158,11 +156,12 @@ impl Stores {
 
     pub(crate) fn snapshot(&self, node_name: &str, generation: u64) -> Snapshot {
         Snapshot {
-            services: self.services.objects().cloned().collect(),
-            endpoint_slices: self.endpoint_slices.objects().cloned().collect(),
+            services: self.services.objects().clone(),
+            endpoint_slices: self.endpoint_slices.objects().clone(),
             node: self
                 .node
                 .objects()
+                .iter()
                 .find(|n| n.metadata.name.as_deref() == Some(node_name))
                 .map(|n| (**n).clone()),
             generation,
@@ -193,7 +192,7 @@ mod tests {
     }
 
     fn names(r: &Reflected<Service>) -> Vec<String> {
-        r.objects().map(|s| s.name_any()).collect()
+        r.objects().iter().map(|s| s.name_any()).collect()
     }
 
     #[test]
@@ -228,7 +227,7 @@ mod tests {
         assert!(!r.apply(Event::Apply(svc("a", "2", "10.0.0.1"))));
         // ...but the new object is kept.
         assert_eq!(
-            r.objects().next().and_then(|s| s.resource_version()),
+            r.objects().iter().next().and_then(|s| s.resource_version()),
             Some("2".to_string())
         );
         // A relist with the same content publishes nothing either.
