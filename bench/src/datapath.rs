@@ -32,7 +32,7 @@
 //! case, BENCH_CONCURRENCY [16], BENCH_RR_REQUESTS [2000], BENCH_BULK_MB [32],
 //! BENCH_UDP_REQUESTS [1000], BENCH_FILL [10000], BENCH_EVENT_CONNS [200],
 //! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
-//! [__memset,clear_page_erms,nft_do_chain,skb_ensure_writable] (symbols whose callers each
+//! [__memset,nft_do_chain] (symbols whose callers each
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
 //! [5000], BENCH_CT_MAX [1024], BENCH_DATAPATHS [ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
@@ -1256,12 +1256,12 @@ fn profile(ns: &Netns, to: &str, conns: u64, concurrency: usize) -> Result<Value
     // its callers, as shares of all samples).
     let mut callers = serde_json::Map::new();
     let wanted = std::env::var("BENCH_PROFILE_CALLERS").unwrap_or_else(|_| {
-        "__memset,clear_page_erms,nft_do_chain,skb_ensure_writable".to_string()
+        "__memset,nft_do_chain".to_string()
     });
     for sym in wanted.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let text = try_sh(&format!(
             "perf report -i {data} --stdio -q --no-children --sort sym -S '{sym}' \
-             -g graph,1,callee,function,percent --max-stack 12 2>/dev/null | head -n 60"
+             -g graph,0.25,callee,function,percent --max-stack 16 2>/dev/null | head -n 120"
         ))
         .unwrap_or_default();
         if !text.trim().is_empty() {
