@@ -23,14 +23,17 @@
 //! through the NodePort. After the
 //! rounds, per datapath on a fresh topology: conntrack events per connection (`conntrack -E`),
 //! BPF run-time statistics (ours; `kernel.bpf_stats_enabled`, outside the timed windows), a
-//! system-wide `perf` profile of each CPS case (also of the direct baseline), and
+//! system-wide `perf` profile of each CPS case (also of the direct baseline) with the call
+//! chains of the symbols named in `BENCH_PROFILE_CALLERS`, and
 //! the table-full case (`nf_conntrack_max` = `BENCH_CT_MAX`, `BENCH_HOLD_CONNS` held
 //! connections through the NodePort).
 //!
 //! Environment (defaults in brackets): BENCH_ROUNDS [5], BENCH_CONNS [2000] connections per CPS
 //! case, BENCH_CONCURRENCY [16], BENCH_RR_REQUESTS [2000], BENCH_BULK_MB [32],
 //! BENCH_UDP_REQUESTS [1000], BENCH_FILL [10000], BENCH_EVENT_CONNS [200],
-//! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_HOLD_CONNS
+//! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
+//! [__memset,nft_do_chain] (symbols whose callers each
+//! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
 //! [5000], BENCH_CT_MAX [1024], BENCH_DATAPATHS [ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
 
@@ -1233,7 +1236,7 @@ fn profile(ns: &Netns, to: &str, conns: u64, concurrency: usize) -> Result<Value
     let data = format!("/tmp/perf-{}.data", ns.name());
     let out = Command::new("perf")
         .args([
-            "record", "-a", "-q", "-F", "5000", "-o", &data, "--", "nsenter",
+            "record", "-a", "-g", "-q", "-F", "5000", "-o", &data, "--", "nsenter",
         ])
         .arg(format!("--net={}", ns.path()))
         .arg(loadgen_bin())
@@ -1249,6 +1252,22 @@ fn profile(ns: &Netns, to: &str, conns: u64, concurrency: usize) -> Result<Value
     let report = try_sh(&format!(
         "perf report -i {data} --stdio -q --no-children --sort dso,sym -F overhead,period,dso,sym --percent-limit 0 2>/dev/null"
     ))?;
+    // Who calls the symbols worth attributing (callee order: each symbol, then the chains of
+    // its callers, as shares of all samples).
+    let mut callers = serde_json::Map::new();
+    let wanted = std::env::var("BENCH_PROFILE_CALLERS").unwrap_or_else(|_| {
+        "__memset,nft_do_chain".to_string()
+    });
+    for sym in wanted.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let text = try_sh(&format!(
+            "perf report -i {data} --stdio -q --no-children --sort sym -S '{sym}' \
+             -g graph,0.25,callee,function,percent --max-stack 16 2>/dev/null | head -n 120"
+        ))
+        .unwrap_or_default();
+        if !text.trim().is_empty() {
+            callers.insert(sym.to_string(), Value::String(text));
+        }
+    }
     let _ = std::fs::remove_file(&data);
     let ok = lg["ok"].as_u64().unwrap_or(0).max(1) as f64;
     let mut symbols = Vec::new();
@@ -1279,6 +1298,7 @@ fn profile(ns: &Netns, to: &str, conns: u64, concurrency: usize) -> Result<Value
         "event": "cpu-clock",
         "total_ns_per_conn": total / ok,
         "symbols": symbols,
+        "callers": callers,
         "loadgen": lg,
     }))
 }

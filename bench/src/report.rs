@@ -569,6 +569,9 @@ fn summarize(run: &RunDoc) -> Value {
                         .collect(),
                 ),
             );
+            if let Some(c) = p["callers"].as_object().filter(|c| !c.is_empty()) {
+                profile.insert(format!("{case}_callers"), Value::Object(c.clone()));
+            }
             let row: Map<String, Value> = CATEGORIES
                 .iter()
                 .map(|c| {
@@ -1349,6 +1352,25 @@ fn where_time_goes(
                 );
             }
             md.push('\n');
+        }
+        // Who calls the symbols worth attributing, in ours and in nftables mode (`perf report
+        // --no-children -g callee`: shares of all the profile's samples).
+        for dp in ["ours", "nftables"] {
+            let callers = get(
+                s,
+                &["details", dp, "profile_us_per_conn", "nodeport_callers"],
+            );
+            for (sym, text) in callers.as_object().into_iter().flatten() {
+                let Some(text) = text.as_str().filter(|t| !t.trim().is_empty()) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    md,
+                    "Callers of `{sym}`, {dp}, NodePort ({series} {clock}; percentages of all \
+                     samples):\n\n```text\n{}\n```\n",
+                    text.trim_end()
+                );
+            }
         }
     }
     // BPF statistics.
