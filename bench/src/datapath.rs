@@ -1255,9 +1255,8 @@ fn profile(ns: &Netns, to: &str, conns: u64, concurrency: usize) -> Result<Value
     // Who calls the symbols worth attributing (callee order: each symbol, then the chains of
     // its callers, as shares of all samples).
     let mut callers = serde_json::Map::new();
-    let wanted = std::env::var("BENCH_PROFILE_CALLERS").unwrap_or_else(|_| {
-        "__memset,nft_do_chain".to_string()
-    });
+    let wanted = std::env::var("BENCH_PROFILE_CALLERS")
+        .unwrap_or_else(|_| "__memset,nft_do_chain".to_string());
     for sym in wanted.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let text = try_sh(&format!(
             "perf report -i {data} --stdio -q --no-children --sort sym -S '{sym}' \
