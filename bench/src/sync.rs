@@ -86,9 +86,12 @@ fn control(ns: &Netns, path: &str, body: String) -> anyhow::Result<()> {
     })
 }
 
-fn rss_kib(pid: u32) -> (u64, u64) {
+/// The agent's resident memory from /proc/PID/status, KiB: VmRSS and its peak (VmHWM), and
+/// VmRSS's three parts: anonymous memory (the heap: what issue 17's goal counts), file pages
+/// (the binary) and shared memory (the pages of mmapped BPF maps, e.g. the SNAT table).
+fn rss_kib(pid: u32) -> Value {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
+    let field = |name: &str| -> u64 {
         status
             .lines()
             .find(|l| l.starts_with(name))
@@ -96,7 +99,13 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    json!({
+        "rss": field("VmRSS:"),
+        "peak": field("VmHWM:"),
+        "anon": field("RssAnon:"),
+        "file": field("RssFile:"),
+        "shmem": field("RssShmem:"),
+    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -212,7 +221,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let programmed_s = start.elapsed().as_secs_f64();
-    let (rss_after_sync, hwm_after_sync) = rss_kib(pid);
+    let rss_after_sync = rss_kib(pid);
 
     // Single endpoint changes, each measured until the kernel shows it.
     let latencies = ns.run(move || -> anyhow::Result<Vec<f64>> {
@@ -252,7 +261,7 @@ fn main() -> anyhow::Result<()> {
             Ok(out)
         })
     })?;
-    let (rss_end, hwm_end) = rss_kib(pid);
+    let rss_end = rss_kib(pid);
     // The agent's own account of each change's sync.
     let syncs: Vec<Value> = rx
         .try_iter()
@@ -317,7 +326,13 @@ fn main() -> anyhow::Result<()> {
                 "p99": percentile(&sync_ms, 0.99),
                 "phases_p50": phase_p50,
             },
-            "agent_rss_kib": {"after_first_sync": rss_after_sync, "peak_after_first_sync": hwm_after_sync, "end": rss_end, "peak": hwm_end},
+            "agent_rss_kib": {
+                "after_first_sync": rss_after_sync["rss"],
+                "peak_after_first_sync": rss_after_sync["peak"],
+                "end": rss_end["rss"],
+                "peak": rss_end["peak"],
+            },
+            "agent_rss_parts_kib": {"after_first_sync": rss_after_sync, "end": rss_end},
         })
     );
     drop(agent);
