@@ -46,6 +46,15 @@ fn connect(listener: &TcpListener) -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// The tuples `switch_flows` holds.
+fn flow_tuples(map: &probes::TypedMap<Tuple, probes::maps::SwitchFlow>) -> HashSet<Tuple> {
+    map.entries()
+        .expect("switch_flows")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
 #[test]
 fn the_window_keeps_open_service_connections_and_closes_when_they_end() {
     if !can_load_datapath() || Command::new("nft").arg("--version").output().is_err() {
@@ -95,14 +104,7 @@ fn the_window_keeps_open_service_connections_and_closes_when_they_end() {
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let flows_map = maps.switch_flows.as_ref().expect("switch_flows");
-    let in_map = || -> HashSet<Tuple> {
-        flows_map
-            .entries()
-            .expect("switch_flows")
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect()
-    };
+    let in_map = || flow_tuples(flows_map);
     let window_open = || maps.config().expect("config").expect("written").flags & CFG_F_SWITCH != 0;
     let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let is_service = |address: IpAddr, proto: u8, port: u16| {
@@ -205,13 +207,11 @@ fn a_drain_is_refused_while_the_switch_window_is_open_and_changes_nothing() {
     assert!(err.contains("switch window"), "{err}");
     assert_eq!(maps.switch_flags().expect("flags"), before, "flags changed");
     assert!(!drain::draining(maps).expect("flags"));
-    let held: Vec<Tuple> = flows_map
-        .entries()
-        .expect("switch_flows")
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
-    assert_eq!(held, vec![old], "the window's tuples changed");
+    assert_eq!(
+        flow_tuples(flows_map),
+        HashSet::from([old]),
+        "the window's tuples changed"
+    );
     assert_eq!(std::fs::read_to_string(&conntrack).expect("read"), "0");
 
     // The window closes (its connection ended): the drain starts.
