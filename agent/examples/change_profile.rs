@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::model::{
-    Changed, DesiredState, LocalAddress, ModelCache, ModelConfig, NodeInfo, Objects,
+    Changed, DesiredState, EndpointSliceInfo, LocalAddress, ModelCache, ModelConfig, NodeInfo,
+    Objects,
 };
 use agent::reconcile::datapath::{self as maps_rec, MapOp, ObservedMaps};
 use agent::reconcile::ipvs as ipvs_rec;
@@ -30,7 +31,7 @@ fn service(i: usize) -> Service {
     .expect("service")
 }
 
-fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSlice {
+fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSliceInfo {
     let eps: Vec<_> = (0..endpoints)
         .map(|j| {
             let n = i * 16 + j;
@@ -38,7 +39,7 @@ fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSlice {
             json!({"addresses": [ip], "conditions": {"ready": true}})
         })
         .collect();
-    serde_json::from_value(json!({
+    serde_json::from_value::<EndpointSlice>(json!({
         "metadata": {"namespace": "ns", "name": format!("s{i}-1"), "resourceVersion": rv.to_string(),
                      "labels": {"kubernetes.io/service-name": format!("s{i}")}},
         "addressType": "IPv4",
@@ -46,16 +47,17 @@ fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSlice {
         "endpoints": eps
     }))
     .expect("slice")
+    .into()
 }
 
 /// The source's store and what publishing a change costs (as the Kubernetes source's
 /// `Stores::snapshot` does it: its maps, shared, into the snapshot).
 struct Store {
     services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
+    slices: Objects<EndpointSliceInfo>,
 }
 
-type Published = (Objects<Service>, Objects<EndpointSlice>);
+type Published = (Objects<Service>, Objects<EndpointSliceInfo>);
 
 impl Store {
     fn publish(&self) -> Published {

@@ -23,7 +23,8 @@
 //! - [`cli`]: this binary's command line (the clap types and the dispatch; one module per
 //!   command);
 //! - [`kube_proxy_cli`]: kube-proxy's command line (flags, precedence with `--config`);
-//! - [`logging`]: the log subscriber and the one-line error rendering.
+//! - [`logging`]: the log subscriber and the one-line error rendering;
+//! - [`heap`]: the allocator's account, and returning its free pages after a full sync.
 //!
 //! The binary (`main.rs`) stays a thin wrapper around these modules.
 
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod heap;
 pub mod init;
 pub mod kube_proxy_cli;
 pub mod logging;

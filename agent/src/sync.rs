@@ -1064,6 +1064,14 @@ pub async fn run(
                         > 0;
                 // Every sync that did something is logged, and the first one (a restart that
                 // finds nothing to do says so).
+                // The transient allocations of the first sync (the first list, the kernel's
+                // dump) and of full syncs are returned to the kernel rather than kept
+                // resident by the allocator.
+                let heap = if full || first || r.full {
+                    crate::heap::trim()
+                } else {
+                    None
+                };
                 if changed || r.failures > 0 || full || std::mem::take(&mut first) {
                     tracing::info!(
                         full = r.full,
@@ -1079,6 +1087,8 @@ pub async fn run(
                         failures = r.failures,
                         duration_ms = r.duration_ms,
                         phases = %serde_json::to_string(&r.phases).unwrap_or_default(),
+                        heap_in_use_kib = heap.map(|h| h.in_use >> 10),
+                        heap_free_kib = heap.map(|h| h.free >> 10),
                         "sync done"
                     );
                 }

@@ -110,9 +110,12 @@ async fn start(server: &FakeApiServer) -> (tempfile::TempDir, watch::Receiver<Ar
     (dir, rx)
 }
 
-fn names<K: kube::ResourceExt>(objs: &agent::model::Objects<K>) -> Vec<String> {
+fn names<K: agent::model::Keyed>(objs: &agent::model::Objects<K>) -> Vec<String> {
     objs.iter()
-        .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+        .map(|o| {
+            let (ns, name) = o.object_key();
+            format!("{ns}/{name}")
+        })
         .collect()
 }
 
@@ -126,12 +129,11 @@ fn port_of(s: &Snapshot, name: &str) -> Option<i32> {
 fn slice_ips(s: &Snapshot, name: &str) -> Vec<String> {
     s.endpoint_slices
         .iter()
-        .filter(|x| x.metadata.name.as_deref() == Some(name))
-        .flat_map(|x| {
-            x.endpoints
-                .iter()
-                .flatten()
-                .flat_map(|e| e.addresses.clone())
+        .filter(|x| &*x.name == name)
+        .flat_map(|x| x.endpoints.iter().filter_map(|e| e.address.as_ref()))
+        .map(|a| match a {
+            agent::model::SliceAddress::Ip(ip) => ip.to_string(),
+            agent::model::SliceAddress::Invalid(a) => a.to_string(),
         })
         .collect()
 }

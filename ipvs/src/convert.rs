@@ -226,7 +226,7 @@ pub fn service_from_attrs(attrs: &[ServiceAttr]) -> Result<Service, IpvsError> {
         timeout: timeout.unwrap_or(0),
         netmask: netmask_from_wire(family, netmask.unwrap_or(0)),
         pe_name: pe,
-        stats: stats_from_attrs(s32, s64),
+        stats: stats_from_attrs(s32, s64).map(Box::new),
     })
 }
 
@@ -406,7 +406,7 @@ pub fn destination_from_attrs(
         active_conns: act.unwrap_or(0),
         inactive_conns: inact.unwrap_or(0),
         persistent_conns: pers.unwrap_or(0),
-        stats: stats_from_attrs(s32, s64),
+        stats: stats_from_attrs(s32, s64).map(Box::new),
     })
 }
 

@@ -116,11 +116,11 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut svc = Service::new(key6, "sh");
     svc.flags = ServiceFlags::PERSISTENT | ServiceFlags::HASHED;
     svc.pe_name = Some("sip".into());
-    svc.stats = Some(Stats {
+    svc.stats = Some(Box::new(Stats {
         conns: 1 << 40,
         is_64bit: true,
         ..Stats::default()
-    });
+    }));
     let mut d = Destination::new(IpAddr::V6("fd00::2".parse().expect("v6")), 8080);
     d.forward = ForwardMethod::Tunnel;
     d.tunnel = Some(TunnelConfig {
@@ -128,7 +128,7 @@ fn seeds() -> Vec<Vec<u8>> {
         port: 6080,
         ..TunnelConfig::default()
     });
-    d.stats = Some(Stats::default());
+    d.stats = Some(Box::default());
     let msgs = [
         request::add_service(&Service::new(key4, "rr")).expect("valid"),
         request::add_destination(

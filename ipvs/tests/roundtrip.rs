@@ -157,7 +157,7 @@ fn service_requests() {
 fn service_replies_with_stats() {
     for mut svc in services() {
         for is_64bit in [true, false] {
-            svc.stats = Some(stats(is_64bit));
+            svc.stats = Some(Box::new(stats(is_64bit)));
             svc.flags |= ServiceFlags::HASHED;
             let back = through_wire(&reply::service(&svc));
             assert_eq!(back.cmd, IpvsCmd::NewService);
@@ -192,7 +192,7 @@ fn destination_requests_and_replies() {
             full.inactive_conns = 12;
             full.persistent_conns = 13;
             for is_64bit in [true, false] {
-                full.stats = Some(stats(is_64bit));
+                full.stats = Some(Box::new(stats(is_64bit)));
                 let back = through_wire(&reply::destination(&full));
                 assert_eq!(back.cmd, IpvsCmd::NewDest);
                 assert_eq!(

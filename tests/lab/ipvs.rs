@@ -514,7 +514,7 @@ fn traffic_through_a_service_and_statistics_match_ipvsadm() {
         for _ in 0..50 {
             let l = library_holds(&h).await;
             if l.iter()
-                .all(|(s, _)| s.stats.is_some_and(|st| st.conns == 5))
+                .all(|(s, _)| s.stats.as_ref().is_some_and(|st| st.conns == 5))
             {
                 return l;
             }
@@ -525,7 +525,7 @@ fn traffic_through_a_service_and_statistics_match_ipvsadm() {
     let k = kernel(&t.node);
     for (svc, dests) in &lib {
         let ks = &k[&key_name(&svc.key)];
-        let st = svc.stats.expect("service stats");
+        let st = svc.stats.as_deref().copied().expect("service stats");
         assert_eq!(st.conns, 5, "{}: connections", svc.key);
         let counters = ipvsadm::Counters {
             conns: st.conns,
@@ -537,7 +537,7 @@ fn traffic_through_a_service_and_statistics_match_ipvsadm() {
         assert_eq!(counters, ks.stats, "{}: statistics", svc.key);
         for d in dests {
             let kd = ks.dest(d.address, d.port).expect("dest");
-            let ds = d.stats.expect("dest stats");
+            let ds = d.stats.as_deref().copied().expect("dest stats");
             assert_eq!(
                 (ds.conns, ds.inpkts, ds.outpkts, ds.inbytes, ds.outbytes),
                 (

@@ -74,9 +74,7 @@ use crate::model::{DesiredState, Objects, Rejection, ServiceRef};
 use crate::reconcile::ipvs::OpCounts;
 use crate::source::Snapshot;
 
-/// The EndpointSlice annotation holding the time of the change that triggered its update.
-pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
-    "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::model::LAST_CHANGE_TRIGGER_TIME_ANNOTATION;
 
 /// The datapath counters that count dropped packets, each a `reason` of
 /// `kube_ipvs_bpf_datapath_drops_total` (docs/datapath.md, Counters). `parse_error` is not one:
@@ -760,7 +758,7 @@ impl ChangeTracker {
         let (started, trigger_times) = (self.started, &mut self.trigger_times);
         changes.endpoint_slices =
             count_changes(&previous.endpoint_slices, &snapshot.endpoint_slices, |s| {
-                if let Some(t) = trigger_time(&s.metadata)
+                if let Some(t) = s.last_change_trigger_time.as_deref().and_then(trigger_time)
                     && t > started
                 {
                     trigger_times.push(t);
@@ -790,15 +788,10 @@ fn count_changes<K>(old: &Objects<K>, new: &Objects<K>, mut changed: impl FnMut(
     count
 }
 
-/// An object's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339).
-pub fn trigger_time(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<SystemTime> {
-    let s = meta
-        .annotations
-        .as_ref()?
-        .get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION)?;
-    let ts: jiff::Timestamp = s.parse().ok()?;
+/// An EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` annotation (RFC 3339)
+/// as a time.
+pub fn trigger_time(annotation: &str) -> Option<SystemTime> {
+    let ts: jiff::Timestamp = annotation.parse().ok()?;
     Some(SystemTime::from(ts))
 }
 

@@ -33,7 +33,7 @@ pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Res
             .virtual_services
             .iter()
             .find(|r| Some(r.address) == address && r.port == port && r.protocol == proto);
-        let st = svc.stats.unwrap_or_default();
+        let st = svc.stats.as_deref().copied().unwrap_or_default();
         rows.push(json!({
             "service": named.map_or("-".to_string(), |r| format!("{}:{}", r.service, r.port_name)),
             "kind": named.map_or("foreign".to_string(), |r| r.kind.clone()),
@@ -49,7 +49,7 @@ pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Res
             "bytes_in": st.inbytes,
             "bytes_out": st.outbytes,
             "destinations": dests.values().map(|d| {
-                let ds = d.stats.unwrap_or_default();
+                let ds = d.stats.as_deref().copied().unwrap_or_default();
                 json!({"address": d.address, "port": d.port, "weight": d.weight,
                        "active_connections": d.active_conns, "inactive_connections": d.inactive_conns,
                        "connections": ds.conns, "packets_in": ds.inpkts, "packets_out": ds.outpkts})

@@ -18,13 +18,14 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::endpoint_slice::EndpointSliceInfo;
 use super::endpoints::SliceIndex;
 use super::objects::{ObjectKey, Objects, object_key};
 use super::service::{self, Candidate, NodeContext};
 use super::validate;
 use super::{
-    DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Rejection, SERVICE_NAME_LABEL,
-    ServiceError, ServicePort, VirtualService, VirtualServiceKind, VirtualServices,
+    DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Rejection, ServiceError, ServicePort,
+    VirtualService, VirtualServiceKind, VirtualServices,
 };
 
 /// Which virtual services may differ from the previous build.
@@ -47,14 +48,8 @@ fn owned((ns, name): (&str, &str)) -> ObjectKey {
 }
 
 /// The Service (namespace, name) an EndpointSlice belongs to.
-fn slice_service(s: &EndpointSlice) -> Option<ObjectKey> {
-    let svc = s
-        .metadata
-        .labels
-        .as_ref()?
-        .get(SERVICE_NAME_LABEL)
-        .filter(|n| !n.is_empty())?;
-    Some((object_key(&s.metadata).0.to_string(), svc.clone()))
+fn slice_service(s: &EndpointSliceInfo) -> Option<ObjectKey> {
+    s.service().map(owned)
 }
 
 /// One Service's part of the model.
@@ -68,7 +63,7 @@ struct ServiceOutput {
 /// Computes one Service's part of the model.
 fn compute(
     svc: &Service,
-    slices: Option<&BTreeMap<String, Arc<EndpointSlice>>>,
+    slices: Option<&BTreeMap<String, Arc<EndpointSliceInfo>>>,
     ctx: &NodeContext<'_>,
     node: &NodeInfo,
     cfg: &ModelConfig,
@@ -130,9 +125,9 @@ pub struct ModelCache {
     context: Option<(NodeInfo, ModelConfig)>,
     /// The input of the previous build: the next one diffs against it.
     services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
+    slices: Objects<EndpointSliceInfo>,
     /// (namespace, Service) → slice name → slice.
-    slices_of: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    slices_of: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSliceInfo>>>,
     /// (namespace, name) → the Service and its output.
     entries: HashMap<ObjectKey, (Arc<Service>, ServiceOutput)>,
     /// Every key claimed by some Service, with its candidates in winning order.
@@ -167,7 +162,10 @@ impl ModelCache {
     ) -> (DesiredState, Changed) {
         // Copies: nothing is shared with the previous call, every object counts as changed.
         let services: Objects<Service> = services.iter().map(|s| to_arc(s.borrow())).collect();
-        let slices: Objects<EndpointSlice> = slices.iter().map(|s| to_arc(s.borrow())).collect();
+        let slices: Objects<EndpointSliceInfo> = slices
+            .iter()
+            .map(|s| Arc::new(EndpointSliceInfo::from(s.borrow())))
+            .collect();
         self.build_objects(&services, &slices, node, cfg)
     }
 
@@ -176,7 +174,7 @@ impl ModelCache {
     pub fn build_shared(
         &mut self,
         services: Vec<Arc<Service>>,
-        slices: Vec<Arc<EndpointSlice>>,
+        slices: Vec<Arc<EndpointSliceInfo>>,
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> (DesiredState, Changed) {
@@ -189,7 +187,7 @@ impl ModelCache {
     pub fn build_objects(
         &mut self,
         services: &Objects<Service>,
-        slices: &Objects<EndpointSlice>,
+        slices: &Objects<EndpointSliceInfo>,
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> (DesiredState, Changed) {
@@ -209,7 +207,7 @@ impl ModelCache {
                 && let Some(k) = slice_service(o)
             {
                 if let Some(m) = self.slices_of.get_mut(&k) {
-                    m.remove(object_key(&o.metadata).1);
+                    m.remove(&*o.name);
                     if m.is_empty() {
                         self.slices_of.remove(&k);
                     }
@@ -222,7 +220,7 @@ impl ModelCache {
                 self.slices_of
                     .entry(k.clone())
                     .or_default()
-                    .insert(object_key(&n.metadata).1.to_string(), n.clone());
+                    .insert(n.name.to_string(), n.clone());
                 dirty.insert(k);
             }
         }
@@ -260,14 +258,16 @@ impl ModelCache {
     fn rebuild(
         &mut self,
         services: &Objects<Service>,
-        slices: &Objects<EndpointSlice>,
+        slices: &Objects<EndpointSliceInfo>,
         node: &NodeInfo,
         cfg: &ModelConfig,
     ) -> DesiredState {
         for s in slices.iter() {
             if let Some(k) = slice_service(s) {
-                let name = object_key(&s.metadata).1.to_string();
-                self.slices_of.entry(k).or_default().insert(name, s.clone());
+                self.slices_of
+                    .entry(k)
+                    .or_default()
+                    .insert(s.name.to_string(), s.clone());
             }
         }
         let ctx = NodeContext::new(node, cfg);
@@ -302,7 +302,7 @@ impl ModelCache {
             .iter()
             .filter(|s| slice_service(s).is_some())
             .map(|s| {
-                let (ns, name) = object_key(&s.metadata);
+                let (ns, name) = s.key();
                 Rejection {
                     object: format!("EndpointSlice {ns}/{name}"),
                     reason: "another EndpointSlice with the same namespace/name came first"
@@ -521,7 +521,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{LocalAddress, build};
+    use crate::model::SERVICE_NAME_LABEL;
+
+    /// A fresh cache's build: what [`super::super::build`] gives for these objects.
+    fn fresh(
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSliceInfo>],
+        node: &NodeInfo,
+        cfg: &ModelConfig,
+    ) -> DesiredState {
+        ModelCache::default()
+            .build_shared(services.to_vec(), slices.to_vec(), node, cfg)
+            .0
+    }
+    use crate::model::LocalAddress;
 
     fn service(i: usize, rv: u32, port: u16, ip: Option<&str>) -> Arc<Service> {
         let ip = ip.map_or(format!("10.96.0.{}", i + 1), str::to_string);
@@ -536,12 +549,12 @@ mod tests {
         )
     }
 
-    fn slice(i: usize, rv: u32, endpoints: usize) -> Arc<EndpointSlice> {
+    fn slice(i: usize, rv: u32, endpoints: usize) -> Arc<EndpointSliceInfo> {
         let eps: Vec<_> = (0..endpoints)
             .map(|j| json!({"addresses": [format!("10.244.{i}.{}", j + 1)], "conditions": {"ready": true}}))
             .collect();
-        Arc::new(
-            serde_json::from_value(json!({
+        Arc::new(EndpointSliceInfo::from(
+            serde_json::from_value::<EndpointSlice>(json!({
                 "metadata": {"namespace": "ns", "name": format!("s{i}-1"), "resourceVersion": rv.to_string(),
                              "labels": {SERVICE_NAME_LABEL: format!("s{i}")}},
                 "addressType": "IPv4",
@@ -549,7 +562,7 @@ mod tests {
                 "endpoints": eps
             }))
             .unwrap(),
-        )
+        ))
     }
 
     fn node() -> NodeInfo {
@@ -570,19 +583,19 @@ mod tests {
             .collect()
     }
 
-    type Step = Box<dyn Fn(&mut Vec<Arc<Service>>, &mut Vec<Arc<EndpointSlice>>)>;
+    type Step = Box<dyn Fn(&mut Vec<Arc<Service>>, &mut Vec<Arc<EndpointSliceInfo>>)>;
 
     /// After every change: the incremental build equals a fresh one, and every virtual service
     /// that differs from the previous build is in `Changed`.
     #[test]
     fn incremental_builds_equal_fresh_builds_and_report_every_change() {
         let mut services: Vec<Arc<Service>> = (0..20).map(|i| service(i, 1, 80, None)).collect();
-        let mut slices: Vec<Arc<EndpointSlice>> = (0..20).map(|i| slice(i, 1, 2)).collect();
+        let mut slices: Vec<Arc<EndpointSliceInfo>> = (0..20).map(|i| slice(i, 1, 2)).collect();
         let (node, cfg) = (node(), ModelConfig::default());
         let mut cache = ModelCache::default();
         let (first, changed) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
         assert_eq!(changed, Changed::All);
-        assert_eq!(first, build(&services, &slices, &node, &cfg));
+        assert_eq!(first, fresh(&services, &slices, &node, &cfg));
         let mut previous = first;
         let steps: Vec<(&str, Step)> = vec![
             (
@@ -637,7 +650,7 @@ mod tests {
         for (what, step) in &steps {
             step(&mut services, &mut slices);
             let (got, changed) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
-            assert_eq!(got, build(&services, &slices, &node, &cfg), "{what}");
+            assert_eq!(got, fresh(&services, &slices, &node, &cfg), "{what}");
             let (old, new) = (by_key(&previous), by_key(&got));
             let differing: BTreeSet<ServicePort> = old
                 .keys()
@@ -707,7 +720,7 @@ mod tests {
         fn builds_from_changed_maps_equal_full_builds(ops in proptest::collection::vec(op(), 1..60)) {
             let (node, cfg) = (node(), ModelConfig::default());
             let mut services: Objects<Service> = Objects::default();
-            let mut slices: Objects<EndpointSlice> = Objects::default();
+            let mut slices: Objects<EndpointSliceInfo> = Objects::default();
             let mut cache = ModelCache::default();
             let mut previous = cache.build_objects(&services, &slices, &node, &cfg).0;
             let mut rv = 1;
@@ -734,8 +747,8 @@ mod tests {
                     Op::Sync => {
                         let (got, changed) = cache.build_objects(&services, &slices, &node, &cfg);
                         let all_services: Vec<Arc<Service>> = services.iter().cloned().collect();
-                        let all_slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().collect();
-                        proptest::prop_assert_eq!(&got, &build(&all_services, &all_slices, &node, &cfg));
+                        let all_slices: Vec<Arc<EndpointSliceInfo>> = slices.iter().cloned().collect();
+                        proptest::prop_assert_eq!(&got, &fresh(&all_services, &all_slices, &node, &cfg));
                         let vss = &got.virtual_services;
                         proptest::prop_assert!(vss.local_only().eq(vss.iter().filter(|v| v.local_only)));
                         let (old, new) = (by_key(&previous), by_key(&got));
@@ -765,7 +778,7 @@ mod tests {
         // The same slice name for another Service.
         let renamed = |rv: u32| {
             let mut s = (*slice(1, rv, 1)).clone();
-            s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "s2".to_owned())].into());
+            s.service_name = Some("s2".into());
             Arc::new(s)
         };
         for twice in ["services", "slices", "slice names"] {
@@ -794,14 +807,14 @@ mod tests {
             let (got, _) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
             assert_eq!(
                 got,
-                build(&services, &slices, &node, &cfg),
+                fresh(&services, &slices, &node, &cfg),
                 "slices twice: {slices_twice}"
             );
             let (services, slices) = (vec![service(1, 4, 80, None)], Vec::new());
             let (got, _) = cache.build_shared(services.clone(), slices.clone(), &node, &cfg);
             assert_eq!(
                 got,
-                build(&services, &slices, &node, &cfg),
+                fresh(&services, &slices, &node, &cfg),
                 "slices twice: {slices_twice}"
             );
         }

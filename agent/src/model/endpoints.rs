@@ -17,13 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use super::validate::parse_ip;
-use super::{Protocol, Rejection, SERVICE_PROXY_NAME_LABEL, ServiceRef};
-
-/// Label the EndpointSlice controller puts on slices of headless Services.
-const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+use super::endpoint_slice::{EndpointSliceInfo, SliceAddress};
+use super::{Protocol, Rejection, ServiceRef};
 
 /// Endpoint conditions and placement, as kube-proxy's `BaseEndpointInfo` holds them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,31 +103,30 @@ impl SliceIndex {
     /// are ignored (the caller logs that at info level if it wants). Slices are applied in
     /// (namespace, name) order so that de-duplication is deterministic.
     pub fn build<'a>(
-        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        slices: impl IntoIterator<Item = &'a EndpointSliceInfo>,
         known: impl Fn(&ServiceRef) -> bool,
         node_name: &str,
         proxy_name: Option<&str>,
         rejected: &mut Vec<Rejection>,
     ) -> Self {
-        let mut ordered: Vec<(ServiceRef, &str, &EndpointSlice)> = Vec::new();
+        let mut ordered: Vec<(ServiceRef, &str, &EndpointSliceInfo)> = Vec::new();
         for slice in slices {
-            let labels = slice.metadata.labels.as_ref();
             let Some(sref) = super::endpoint_slice_service(slice) else {
                 continue; // not managed for a Service: kube-proxy ignores it too
             };
             // kube-proxy's informers skip slices labelled for another proxy or as headless.
-            if labels
-                .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-                .is_some_and(|p| proxy_name != Some(p.as_str()))
-                || labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+            if slice
+                .proxy_name
+                .as_deref()
+                .is_some_and(|p| proxy_name != Some(p))
+                || slice.headless
             {
                 continue;
             }
             if !known(&sref) {
                 continue;
             }
-            let name = slice.metadata.name.as_deref().unwrap_or("");
-            ordered.push((sref, name, slice));
+            ordered.push((sref, &slice.name, slice));
         }
         ordered.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
 
@@ -163,9 +157,13 @@ impl SliceIndex {
 }
 
 /// Adds one slice's endpoints; returns notes about what was skipped as invalid.
-fn add_slice(eps: &mut ServiceEndpoints, slice: &EndpointSlice, node_name: &str) -> Vec<String> {
+fn add_slice(
+    eps: &mut ServiceEndpoints,
+    slice: &EndpointSliceInfo,
+    node_name: &str,
+) -> Vec<String> {
     let mut notes = Vec::new();
-    let want_v4 = match slice.address_type.as_str() {
+    let want_v4 = match &*slice.address_type {
         "IPv4" => true,
         "IPv6" => false,
         "FQDN" => return notes, // not proxied by kube-proxy
@@ -176,8 +174,8 @@ fn add_slice(eps: &mut ServiceEndpoints, slice: &EndpointSlice, node_name: &str)
     };
 
     let mut ports: Vec<(PortKey, u16)> = Vec::new();
-    for p in slice.ports.iter().flatten() {
-        let name = p.name.clone().unwrap_or_default();
+    for p in &slice.ports {
+        let name = p.name.as_deref().unwrap_or_default().to_owned();
         let protocol = match p.protocol.as_deref() {
             None | Some("") => Protocol::Tcp,
             Some(s) => match Protocol::from_k8s(s) {
@@ -199,49 +197,39 @@ fn add_slice(eps: &mut ServiceEndpoints, slice: &EndpointSlice, node_name: &str)
         }
     }
 
-    let mut bad_addresses: Vec<&str> = Vec::new();
+    let mut bad_addresses: Vec<String> = Vec::new();
     let mut parsed: Vec<Endpoint> = Vec::new();
-    for ep in slice.endpoints.iter().flatten() {
-        let Some(first) = ep.addresses.first() else {
-            continue; // no address: nothing to proxy to
-        };
-        let address = match parse_ip(first) {
-            Some(ip) if ip.is_ipv4() == want_v4 => ip,
-            _ => {
-                bad_addresses.push(first);
+    for ep in &slice.endpoints {
+        let address = match &ep.address {
+            None => continue, // no address: nothing to proxy to
+            Some(SliceAddress::Ip(ip)) if ip.is_ipv4() == want_v4 => *ip,
+            Some(SliceAddress::Ip(ip)) => {
+                bad_addresses.push(ip.to_string());
+                continue;
+            }
+            Some(SliceAddress::Invalid(a)) => {
+                bad_addresses.push(a.to_string());
                 continue;
             }
         };
-        let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        let hints = ep.hints.as_ref();
-        let mut zone_hints: Vec<String> = hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| z.name.clone())
-            .collect();
-        zone_hints.sort();
-        zone_hints.dedup();
-        let mut node_hints: Vec<String> = hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| n.name.clone())
-            .collect();
-        node_hints.sort();
-        node_hints.dedup();
+        let names = |v: &[Box<str>]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         parsed.push(Endpoint {
             address,
             port: 0,
             local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
-            ready,
-            serving,
-            terminating,
-            zone_hints,
-            node_hints,
+            ready: ep.ready.unwrap_or(true),
+            serving: ep.serving.unwrap_or(true),
+            terminating: ep.terminating.unwrap_or(false),
+            zone_hints: ep
+                .hints
+                .as_ref()
+                .map(|h| names(&h.zones))
+                .unwrap_or_default(),
+            node_hints: ep
+                .hints
+                .as_ref()
+                .map(|h| names(&h.nodes))
+                .unwrap_or_default(),
         });
     }
     if !bad_addresses.is_empty() {

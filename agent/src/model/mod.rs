@@ -11,6 +11,8 @@
 //! the items they affect. The work is split as follows:
 //! - `validate`: a `Service` object → a checked, typed service (or a reason to reject or ignore
 //!   it);
+//! - `endpoint_slice`: an EndpointSlice reduced to what the model reads ([`EndpointSliceInfo`]),
+//!   the form the sources keep;
 //! - `endpoints`: EndpointSlices → de-duplicated endpoints per service port, and kube-proxy's
 //!   endpoint categorisation (ready / serving-terminating fallback, node-local, topology hints);
 //! - `service`: a checked service and its endpoints → virtual services, and the resolution of
@@ -19,6 +21,7 @@
 //! - `cache`: [`ModelCache`], the memo that makes a change cost in proportion to the change.
 
 mod cache;
+mod endpoint_slice;
 mod endpoints;
 mod objects;
 mod service;
@@ -40,7 +43,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 pub use cache::{Changed, ModelCache};
-pub use objects::{ObjectChange, ObjectKey, Objects, object_key};
+pub use endpoint_slice::{
+    EndpointSliceInfo, LAST_CHANGE_TRIGGER_TIME_ANNOTATION, SliceAddress, SliceEndpoint,
+    SliceHints, SlicePort,
+};
+pub use objects::{Keyed, ObjectChange, ObjectKey, Objects, object_key};
 pub use service_port::ServicePort;
 pub use validate::{ServiceError, is_known_scheduler, special_address};
 
@@ -478,20 +485,10 @@ impl ModelConfig {
 /// The Service an EndpointSlice belongs to: its namespace (default "default") and its
 /// [`SERVICE_NAME_LABEL`]; `None` without that label. [`build`] ignores slices whose Service it
 /// does not proxy; a caller that wants to log them can compare this with its Services.
-pub fn endpoint_slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
-    let service = slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(SERVICE_NAME_LABEL)
-        .filter(|s| !s.is_empty())?;
-    let namespace = slice
-        .metadata
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default");
-    Some(ServiceRef::new(namespace, service.as_str()))
+pub fn endpoint_slice_service(slice: &EndpointSliceInfo) -> Option<ServiceRef> {
+    slice
+        .service()
+        .map(|(namespace, name)| ServiceRef::new(namespace, name))
 }
 
 /// Computes the desired state of this node from all Services and EndpointSlices.
@@ -512,7 +509,7 @@ pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 /// [`build`] on a source's maps (a [`crate::source::Snapshot`]'s).
 pub fn build_objects(
     services: &Objects<Service>,
-    slices: &Objects<EndpointSlice>,
+    slices: &Objects<EndpointSliceInfo>,
     node: &NodeInfo,
     cfg: &ModelConfig,
 ) -> DesiredState {

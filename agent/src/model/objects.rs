@@ -29,6 +29,30 @@ fn owned((ns, name): (&str, &str)) -> ObjectKey {
     (ns.to_string(), name.to_string())
 }
 
+/// What an object is stored under in [`Objects`]: its (namespace, name), namespace "default"
+/// when unset or empty.
+pub trait Keyed {
+    fn object_key(&self) -> (&str, &str);
+}
+
+impl Keyed for k8s_openapi::api::core::v1::Service {
+    fn object_key(&self) -> (&str, &str) {
+        object_key(self.metadata())
+    }
+}
+
+impl Keyed for k8s_openapi::api::core::v1::Node {
+    fn object_key(&self) -> (&str, &str) {
+        object_key(self.metadata())
+    }
+}
+
+impl Keyed for super::EndpointSliceInfo {
+    fn object_key(&self) -> (&str, &str) {
+        self.key()
+    }
+}
+
 /// An object as stored: two are equal when they are the same object (a source replaces an
 /// object that changed and keeps the one that did not), so comparing costs a pointer.
 struct Shared<K>(Arc<K>);
@@ -102,10 +126,10 @@ impl<'a, K> ObjectChange<'a, K> {
     }
 }
 
-impl<K: Metadata<Ty = ObjectMeta>> Objects<K> {
+impl<K: Keyed> Objects<K> {
     /// Stores `obj` under its (namespace, name); returns the object it replaces.
     pub fn insert(&mut self, obj: Arc<K>) -> Option<Arc<K>> {
-        let key = owned(object_key(obj.metadata()));
+        let key = owned(obj.object_key());
         self.map.insert(key, Shared(obj)).map(|s| s.0)
     }
 
@@ -164,11 +188,11 @@ impl<K> Objects<K> {
 
 /// The first object of each (namespace, name) is kept, the later ones are
 /// [`Objects::repeated`].
-impl<K: Metadata<Ty = ObjectMeta>> FromIterator<Arc<K>> for Objects<K> {
+impl<K: Keyed> FromIterator<Arc<K>> for Objects<K> {
     fn from_iter<I: IntoIterator<Item = Arc<K>>>(iter: I) -> Self {
         let mut out = Objects::default();
         for obj in iter {
-            let key = owned(object_key(obj.metadata()));
+            let key = owned(obj.object_key());
             if out.map.contains_key(&key) {
                 out.repeated.push(obj);
             } else {
@@ -179,7 +203,7 @@ impl<K: Metadata<Ty = ObjectMeta>> FromIterator<Arc<K>> for Objects<K> {
     }
 }
 
-impl<K: Metadata<Ty = ObjectMeta>> From<Vec<Arc<K>>> for Objects<K> {
+impl<K: Keyed> From<Vec<Arc<K>>> for Objects<K> {
     fn from(v: Vec<Arc<K>>) -> Self {
         v.into_iter().collect()
     }

@@ -1784,7 +1784,10 @@ fn endpoint_slice_service_reads_label_and_namespace() {
                "metadata": {"namespace": "ns", "name": "y"},
                "addressType": "IPv4", "endpoints": []}),
     ]);
-    let got: Vec<Option<ServiceRef>> = slices.iter().map(endpoint_slice_service).collect();
+    let got: Vec<Option<ServiceRef>> = slices
+        .iter()
+        .map(|s| endpoint_slice_service(&EndpointSliceInfo::from(s)))
+        .collect();
     assert_eq!(
         got,
         vec![

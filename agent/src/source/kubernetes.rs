@@ -38,11 +38,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::Snapshot;
+use crate::model::EndpointSliceInfo;
 pub use events::{
     REJECTION_REASON, REPORTING_CONTROLLER, RejectionWarning, ServiceEvents, rejection_warnings,
     service_uid,
 };
-use reflect::{Reflected, Significant, Stores};
+use reflect::{Reflected, Stores, Watched};
 
 /// The label selector of Services and EndpointSlices (kube-proxy's, less the proxy name).
 pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
@@ -183,7 +184,7 @@ async fn run_watcher<K>(
     shared: Arc<Shared>,
     store: fn(&mut Stores) -> &mut Reflected<K>,
 ) where
-    K: Resource<DynamicType = ()> + Significant + DeserializeOwned + std::fmt::Debug + Send,
+    K: Resource<DynamicType = ()> + Watched + DeserializeOwned + std::fmt::Debug + Send,
     K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
     K: 'static,
 {
@@ -382,7 +383,10 @@ pub async fn list_once(client: Client, node_name: &str) -> anyhow::Result<Snapsh
     };
     Ok(Snapshot {
         services: services.into_iter().map(Arc::new).collect(),
-        endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
+        endpoint_slices: endpoint_slices
+            .into_iter()
+            .map(|s| Arc::new(EndpointSliceInfo::from(s)))
+            .collect(),
         node,
         generation: 1,
     })

@@ -13,10 +13,8 @@ pub mod file;
 pub mod kubernetes;
 pub mod watch;
 
+use crate::model::{EndpointSliceInfo, Objects};
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use crate::model::Objects;
 
 /// Every Service and EndpointSlice a source knows at one moment, and this node's Node object
 /// when the source has one (its InternalIPs, zone and labels feed the model; its deletion and
@@ -25,7 +23,8 @@ use crate::model::Objects;
 pub struct Snapshot {
     /// Shared with the source's store: publishing a change copies nothing.
     pub services: Objects<Service>,
-    pub endpoint_slices: Objects<EndpointSlice>,
+    /// Reduced to what the agent reads as they arrive ([`EndpointSliceInfo`]).
+    pub endpoint_slices: Objects<EndpointSliceInfo>,
     pub node: Option<Node>,
     /// Increases with every change.
     pub generation: u64,

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::Snapshot;
 use super::file::{ManifestReader, is_manifest_name};
+use crate::model::EndpointSliceInfo;
 
 /// What identifies the content of a path cheaply: the name, size and modification time of each
 /// file the loader reads (a directory's other entries, e.g. a temporary file being written
@@ -70,7 +71,11 @@ pub fn read_snapshot(reader: &mut ManifestReader, path: &Path, generation: u64) 
     Snapshot {
         // The first object of a (namespace, name) is used, the model rejects the others.
         services: loaded.services.into_iter().map(versioned).collect(),
-        endpoint_slices: loaded.endpoint_slices.into_iter().map(versioned).collect(),
+        endpoint_slices: loaded
+            .endpoint_slices
+            .into_iter()
+            .map(|s| Arc::new(EndpointSliceInfo::from(s)))
+            .collect(),
         node: None,
         generation,
     }

@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
-use crate::model::{self, LocalAddress, ModelConfig, NodeInfo};
+use crate::model::{self, EndpointSliceInfo, LocalAddress, ModelConfig, NodeInfo};
 
 /// The kube-proxy metric names a dashboard reads, as kube-proxy v1.36 exported them
 /// (reference `metrics-at-sync.txt` plus the histograms it exports once observed).
@@ -322,6 +322,17 @@ fn slice(name: &str, service: &str, node: &str, trigger: Option<&str>, rv: &str)
     .unwrap()
 }
 
+/// [`slice`] as a source keeps it.
+fn info(
+    name: &str,
+    service: &str,
+    node: &str,
+    trigger: Option<&str>,
+    rv: &str,
+) -> EndpointSliceInfo {
+    slice(name, service, node, trigger, rv).into()
+}
+
 #[test]
 fn no_local_endpoints_counts_local_policies_without_local_endpoints() {
     let services = vec![
@@ -377,9 +388,9 @@ fn change_tracker_counts_adds_updates_and_deletes() {
         ]
         .into(),
         endpoint_slices: vec![
-            Arc::new(slice("a-1", "a", "n1", Some("2026-11-22T00:18:00Z"), "1")),
+            Arc::new(info("a-1", "a", "n1", Some("2026-11-22T00:18:00Z"), "1")),
             // Before the agent started: not a programming latency.
-            Arc::new(slice("b-1", "b", "n1", Some("2026-11-21T00:00:00Z"), "1")),
+            Arc::new(info("b-1", "b", "n1", Some("2026-11-21T00:00:00Z"), "1")),
         ]
         .into(),
         ..Snapshot::default()
@@ -400,7 +411,7 @@ fn change_tracker_counts_adds_updates_and_deletes() {
     assert!(tr.take_trigger_times().is_empty());
 
     // One slice updated (a new object with a new trigger time), one Service deleted.
-    snap.endpoint_slices.insert(Arc::new(slice(
+    snap.endpoint_slices.insert(Arc::new(info(
         "a-1",
         "a",
         "n1",

@@ -9,61 +9,94 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
 use kube::runtime::watcher::Event;
-use kube::{Resource, ResourceExt};
 
-use crate::model::{ObjectChange, Objects, object_key};
+use crate::model::{EndpointSliceInfo, Keyed, ObjectChange, Objects, object_key};
 use crate::source::Snapshot;
 
-/// What the snapshot-worthy content of an object is: the object without the fields the API
-/// server changes on its own.
-pub(crate) trait Significant: ResourceExt + Clone + PartialEq {
-    /// Clears the fields whose changes alone publish nothing.
-    fn strip(&mut self) {
-        let meta = self.meta_mut();
-        meta.resource_version = None;
-        meta.managed_fields = None;
+/// What a store keeps of a watched resource's objects, and which of their changes count.
+pub(crate) trait Watched: Resource + Clone + Metadata<Ty = ObjectMeta> {
+    /// The stored form.
+    type Stored: Keyed;
+
+    /// `self` as stored.
+    fn store(self) -> Self::Stored;
+
+    /// Whether two stored objects differ only in what the API server changes on its own (a
+    /// new resourceVersion, managed fields, a heartbeat): such a change publishes nothing.
+    fn same(a: &Self::Stored, b: &Self::Stored) -> bool;
+}
+
+/// `obj` without the fields whose changes alone publish nothing.
+fn stripped<K: Resource + Clone>(obj: &K) -> K {
+    let mut obj = obj.clone();
+    let meta = obj.meta_mut();
+    meta.resource_version = None;
+    meta.managed_fields = None;
+    obj
+}
+
+impl Watched for Service {
+    type Stored = Service;
+
+    fn store(self) -> Service {
+        slim(self)
     }
 
-    /// Whether `a` and `b` differ only in stripped fields.
-    fn same(a: &Self, b: &Self) -> bool {
-        let (mut a, mut b) = (a.clone(), b.clone());
-        a.strip();
-        b.strip();
+    fn same(a: &Service, b: &Service) -> bool {
+        stripped(a) == stripped(b)
+    }
+}
+
+/// Slices are kept as [`EndpointSliceInfo`]: what it drops changes nothing the model sees.
+impl Watched for EndpointSlice {
+    type Stored = EndpointSliceInfo;
+
+    fn store(self) -> EndpointSliceInfo {
+        self.into()
+    }
+
+    fn same(a: &EndpointSliceInfo, b: &EndpointSliceInfo) -> bool {
         a == b
     }
 }
 
-impl Significant for Service {}
-impl Significant for EndpointSlice {}
+impl Watched for Node {
+    type Stored = Node;
 
-impl Significant for Node {
-    fn strip(&mut self) {
-        let meta = self.meta_mut();
-        meta.resource_version = None;
-        meta.managed_fields = None;
+    fn store(self) -> Node {
+        slim(self)
+    }
+
+    fn same(a: &Node, b: &Node) -> bool {
         // The kubelet's status heartbeats.
-        if let Some(conds) = self.status.as_mut().and_then(|s| s.conditions.as_mut()) {
-            for c in conds {
-                c.last_heartbeat_time = None;
+        let beatless = |n: &Node| {
+            let mut n = stripped(n);
+            if let Some(conds) = n.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+                for c in conds {
+                    c.last_heartbeat_time = None;
+                }
             }
-        }
+            n
+        };
+        beatless(a) == beatless(b)
     }
 }
 
-/// Objects of one resource, by namespace and name.
+/// Objects of one resource, by namespace and name, as stored ([`Watched::Stored`]).
 #[derive(Debug)]
-pub(crate) struct Reflected<K> {
+pub(crate) struct Reflected<K: Watched> {
     /// Shared with the published snapshots (a persistent map: an event changes it in
     /// O(log n) without copying what a snapshot holds).
-    objects: Objects<K>,
+    objects: Objects<K::Stored>,
     /// The relist in progress, from its `Init` to its `InitDone`.
-    relist: Option<Objects<K>>,
+    relist: Option<Objects<K::Stored>>,
     /// The first list has completed.
     listed: bool,
 }
 
-impl<K> Default for Reflected<K> {
+impl<K: Watched> Default for Reflected<K> {
     fn default() -> Self {
         Self {
             objects: Objects::default(),
@@ -74,7 +107,7 @@ impl<K> Default for Reflected<K> {
 }
 
 /// Whether two lists differ only in stripped fields.
-fn same_maps<K: Significant>(a: &Objects<K>, b: &Objects<K>) -> bool {
+fn same_maps<K: Watched>(a: &Objects<K::Stored>, b: &Objects<K::Stored>) -> bool {
     a.changes(b).all(|c| match c {
         ObjectChange::Changed(old, new) => K::same(old, new),
         ObjectChange::Added(_) | ObjectChange::Removed(_) => false,
@@ -92,7 +125,7 @@ fn slim<K: Resource>(mut obj: K) -> K {
     obj
 }
 
-impl<K: Significant + Metadata<Ty = ObjectMeta>> Reflected<K> {
+impl<K: Watched> Reflected<K> {
     /// Applies one watcher event; returns whether what the model sees changed (always true
     /// at the end of the first list).
     pub(crate) fn apply(&mut self, event: Event<K>) -> bool {
@@ -104,18 +137,18 @@ impl<K: Significant + Metadata<Ty = ObjectMeta>> Reflected<K> {
             Event::InitApply(obj) => {
                 self.relist
                     .get_or_insert_with(Objects::default)
-                    .insert(Arc::new(slim(obj)));
+                    .insert(Arc::new(obj.store()));
                 false
             }
             Event::InitDone => {
                 let listed = self.relist.take().unwrap_or_default();
-                let changed = !self.listed || !same_maps(&self.objects, &listed);
+                let changed = !self.listed || !same_maps::<K>(&self.objects, &listed);
                 self.objects = listed;
                 self.listed = true;
                 changed
             }
             Event::Apply(obj) => {
-                let obj = Arc::new(slim(obj));
+                let obj = Arc::new(obj.store());
                 let old = self.objects.insert(obj.clone());
                 old.is_none_or(|old| !K::same(&old, &obj))
             }
@@ -130,7 +163,7 @@ impl<K: Significant + Metadata<Ty = ObjectMeta>> Reflected<K> {
         self.listed
     }
 
-    pub(crate) fn objects(&self) -> &Objects<K> {
+    pub(crate) fn objects(&self) -> &Objects<K::Stored> {
         &self.objects
     }
 
@@ -172,6 +205,7 @@ impl Stores {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::ResourceExt;
 
     use super::*;
 
