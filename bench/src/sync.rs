@@ -333,6 +333,8 @@ fn main() -> anyhow::Result<()> {
                 "peak": rss_end["peak"],
             },
             "agent_rss_parts_kib": {"after_first_sync": rss_after_sync, "end": rss_end},
+            // The allocator's own account after the first sync's trim (glibc mallinfo2).
+            "agent_heap_kib": {"in_use": first["heap_in_use_kib"], "free": first["heap_free_kib"]},
         })
     );
     drop(agent);
