@@ -98,7 +98,7 @@ fn observed_ipvs(want: &ipvs_rec::DesiredIpvs) -> ipvs_rec::ObservedIpvs {
                 .map(|(&(a, p), &w)| {
                     let mut dest = ipvs::Destination::new(a, p);
                     dest.weight = w;
-                    ((a, p), dest)
+                    ((a, p), ipvs_rec::ObservedDest::from(&dest))
                 })
                 .collect();
             (*k, (d.service.clone(), dests))

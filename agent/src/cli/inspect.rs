@@ -15,7 +15,7 @@ pub async fn inspect_services(output: Output, state_dir: PathBuf) -> anyhow::Res
     let h = ipvs::IpvsHandle::connect()
         .await
         .context("connecting to IPVS")?;
-    let observed = ipvs_rec::observe_with(&h, true)
+    let observed = ipvs_rec::observe_with_stats(&h)
         .await
         .context("dumping IPVS")?;
     let rec = state::read(&state_dir)?;

@@ -52,8 +52,34 @@ pub struct DesiredService {
 /// The IPVS table this node should have.
 pub type DesiredIpvs = BTreeMap<ServiceKey, DesiredService>;
 
-/// What the kernel holds (a dump, or the applier's cache of it).
-pub type ObservedIpvs = BTreeMap<ServiceKey, (Service, BTreeMap<DestKey, Destination>)>;
+/// An IPVS table: each service with its destinations, kept as `D`.
+pub type IpvsTable<D> = BTreeMap<ServiceKey, (Service, BTreeMap<DestKey, D>)>;
+
+/// What the kernel holds (a dump, or the applier's cache of it), as the plans read it.
+pub type ObservedIpvs = IpvsTable<ObservedDest>;
+
+/// What the reconciler keeps of a kernel destination: the fields [`plan`] reads. A whole
+/// [`Destination`] is four times the size, and the cache holds one per endpoint (100,000 at
+/// 10,000 Services).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObservedDest {
+    pub weight: u32,
+    pub forward: ForwardMethod,
+    /// As of the last dump (a drain refreshes them, [`refresh_draining`]).
+    pub active_conns: u32,
+    pub inactive_conns: u32,
+}
+
+impl From<&Destination> for ObservedDest {
+    fn from(d: &Destination) -> Self {
+        ObservedDest {
+            weight: d.weight,
+            forward: d.forward,
+            active_conns: d.active_conns,
+            inactive_conns: d.inactive_conns,
+        }
+    }
+}
 
 /// The flag bit marking an IPVS virtual service as created by this agent (see the module
 /// documentation). The kernel (`ip_vs_ctl.c`, 6.1 and 6.12 alike) copies the flags userspace
@@ -439,7 +465,7 @@ fn record(cache: &mut ObservedIpvs, op: &IpvsOp) {
             if let Some((_, dests)) = cache.get_mut(k) {
                 let e = dests
                     .entry((d.address, d.port))
-                    .or_insert_with(|| d.clone());
+                    .or_insert_with(|| ObservedDest::from(d));
                 e.weight = d.weight;
                 e.forward = d.forward;
             }
@@ -452,15 +478,24 @@ fn record(cache: &mut ObservedIpvs, op: &IpvsOp) {
     }
 }
 
-/// Dumps the kernel's IPVS table (services and their destinations).
+/// Dumps the kernel's IPVS table (services and their destinations) as the plans read it.
 pub async fn observe(handle: &IpvsHandle) -> Result<ObservedIpvs, IpvsError> {
-    observe_with(handle, false).await
+    dump(handle, false, |d| ObservedDest::from(&d)).await
 }
 
-/// [`observe`], keeping the statistics when `stats` is set (for `inspect`; the reconciler
-/// does not need them, and at 100,000 destinations they are megabytes).
-pub async fn observe_with(handle: &IpvsHandle, stats: bool) -> Result<ObservedIpvs, IpvsError> {
-    let mut out = ObservedIpvs::new();
+/// The kernel's IPVS table whole, statistics included (for `inspect`).
+pub async fn observe_with_stats(handle: &IpvsHandle) -> Result<IpvsTable<Destination>, IpvsError> {
+    dump(handle, true, |d| d).await
+}
+
+/// Dumps every service and its destinations, keeping each destination as `keep` makes it
+/// and the services' statistics only with `stats`.
+async fn dump<D>(
+    handle: &IpvsHandle,
+    stats: bool,
+    keep: impl Fn(Destination) -> D,
+) -> Result<IpvsTable<D>, IpvsError> {
+    let mut out = IpvsTable::new();
     for mut s in handle.services().await? {
         if !stats {
             s.stats = None;
@@ -473,14 +508,7 @@ pub async fn observe_with(handle: &IpvsHandle, stats: bool) -> Result<ObservedIp
         };
         let dests = dests
             .into_iter()
-            .map(|d| {
-                let d = if stats {
-                    d
-                } else {
-                    Destination { stats: None, ..d }
-                };
-                ((d.address, d.port), d)
-            })
+            .map(|d| ((d.address, d.port), keep(d)))
             .collect();
         out.insert(s.key, (s, dests));
     }
@@ -499,8 +527,8 @@ pub async fn refresh_draining(
             Ok(dests) => {
                 if let Some((_, cached)) = cache.get_mut(&key) {
                     *cached = dests
-                        .into_iter()
-                        .map(|d| ((d.address, d.port), d))
+                        .iter()
+                        .map(|d| ((d.address, d.port), ObservedDest::from(d)))
                         .collect();
                 }
             }
@@ -560,7 +588,7 @@ mod tests {
                 let dests = s
                     .destinations
                     .iter()
-                    .map(|(&(a, p), &w)| ((a, p), masq(a, p, w)))
+                    .map(|(&(a, p), &w)| ((a, p), ObservedDest::from(&masq(a, p, w))))
                     .collect();
                 (*k, (svc, dests))
             })
@@ -826,7 +854,9 @@ mod tests {
             key,
             (
                 foreign,
-                [((dest.address, dest.port), dest)].into_iter().collect(),
+                [((dest.address, dest.port), ObservedDest::from(&dest))]
+                    .into_iter()
+                    .collect(),
             ),
         );
         let want = desired(&[on_node_address(80, &[1])]);
