@@ -52,6 +52,35 @@ fn slice_service(s: &EndpointSliceInfo) -> Option<ObjectKey> {
     s.service().map(owned)
 }
 
+/// The slices of one Service, sorted by name. Most Services have one slice: a sorted `Vec`
+/// holds it in one small allocation where a `BTreeMap` allocates a node for eleven.
+#[derive(Debug, Default)]
+struct ServiceSlices(Vec<Arc<EndpointSliceInfo>>);
+
+impl ServiceSlices {
+    /// Adds `slice`, replacing the one of the same name.
+    fn insert(&mut self, slice: Arc<EndpointSliceInfo>) {
+        match self.0.binary_search_by(|s| s.name.cmp(&slice.name)) {
+            Ok(i) => self.0[i] = slice,
+            Err(i) => self.0.insert(i, slice),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|s| (*s.name).cmp(name)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &EndpointSliceInfo> {
+        self.0.iter().map(|s| &**s)
+    }
+}
+
 /// One Service's part of the model.
 #[derive(Debug, Default)]
 struct ServiceOutput {
@@ -63,7 +92,7 @@ struct ServiceOutput {
 /// Computes one Service's part of the model.
 fn compute(
     svc: &Service,
-    slices: Option<&BTreeMap<String, Arc<EndpointSliceInfo>>>,
+    slices: Option<&ServiceSlices>,
     ctx: &NodeContext<'_>,
     node: &NodeInfo,
     cfg: &ModelConfig,
@@ -82,7 +111,7 @@ fn compute(
                     reason: reason.clone(),
                 }));
             let index = SliceIndex::build(
-                slices.into_iter().flat_map(|m| m.values().map(|s| &**s)),
+                slices.into_iter().flat_map(ServiceSlices::iter),
                 |_| true,
                 &node.name,
                 cfg.proxy_name.as_deref(),
@@ -127,7 +156,7 @@ pub struct ModelCache {
     services: Objects<Service>,
     slices: Objects<EndpointSliceInfo>,
     /// (namespace, Service) → slice name → slice.
-    slices_of: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSliceInfo>>>,
+    slices_of: HashMap<ObjectKey, ServiceSlices>,
     /// (namespace, name) → the Service and its output.
     entries: HashMap<ObjectKey, (Arc<Service>, ServiceOutput)>,
     /// Every key claimed by some Service, with its candidates in winning order.
@@ -207,7 +236,7 @@ impl ModelCache {
                 && let Some(k) = slice_service(o)
             {
                 if let Some(m) = self.slices_of.get_mut(&k) {
-                    m.remove(&*o.name);
+                    m.remove(&o.name);
                     if m.is_empty() {
                         self.slices_of.remove(&k);
                     }
@@ -220,7 +249,7 @@ impl ModelCache {
                 self.slices_of
                     .entry(k.clone())
                     .or_default()
-                    .insert(n.name.to_string(), n.clone());
+                    .insert(n.clone());
                 dirty.insert(k);
             }
         }
@@ -264,10 +293,7 @@ impl ModelCache {
     ) -> DesiredState {
         for s in slices.iter() {
             if let Some(k) = slice_service(s) {
-                self.slices_of
-                    .entry(k)
-                    .or_default()
-                    .insert(s.name.to_string(), s.clone());
+                self.slices_of.entry(k).or_default().insert(s.clone());
             }
         }
         let ctx = NodeContext::new(node, cfg);
@@ -375,7 +401,8 @@ impl ModelCache {
             Some(slices) if !self.entries.contains_key(key) => {
                 let (ns, svc) = key;
                 let lines = slices
-                    .keys()
+                    .iter()
+                    .map(|s| &s.name)
                     .map(|name| {
                         format!(
                             "EndpointSlice {ns}/{name}: its Service {ns}/{svc} is unknown; ignored"
