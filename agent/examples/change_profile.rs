@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agent::model::{
     Changed, DesiredState, EndpointSliceInfo, LocalAddress, ModelCache, ModelConfig, NodeInfo,
-    Objects,
+    Objects, ServiceInfo,
 };
 use agent::reconcile::datapath::{self as maps_rec, MapOp, ObservedMaps};
 use agent::reconcile::ipvs as ipvs_rec;
@@ -21,14 +21,15 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
-fn service(i: usize) -> Service {
+fn service(i: usize) -> ServiceInfo {
     let ip = format!("10.{}.{}.{}", 96 + i / 62500, (i / 250) % 250, i % 250 + 1);
-    serde_json::from_value(json!({
+    serde_json::from_value::<Service>(json!({
         "metadata": {"namespace": "ns", "name": format!("s{i}"), "resourceVersion": "1"},
         "spec": {"clusterIP": ip, "clusterIPs": [ip],
                  "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}
     }))
     .expect("service")
+    .into()
 }
 
 fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSliceInfo {
@@ -53,11 +54,11 @@ fn slice(i: usize, rv: usize, endpoints: usize) -> EndpointSliceInfo {
 /// The source's store and what publishing a change costs (as the Kubernetes source's
 /// `Stores::snapshot` does it: its maps, shared, into the snapshot).
 struct Store {
-    services: Objects<Service>,
+    services: Objects<ServiceInfo>,
     slices: Objects<EndpointSliceInfo>,
 }
 
-type Published = (Objects<Service>, Objects<EndpointSliceInfo>);
+type Published = (Objects<ServiceInfo>, Objects<EndpointSliceInfo>);
 
 impl Store {
     fn publish(&self) -> Published {

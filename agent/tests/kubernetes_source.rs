@@ -122,8 +122,8 @@ fn names<K: agent::model::Keyed>(objs: &agent::model::Objects<K>) -> Vec<String>
 fn port_of(s: &Snapshot, name: &str) -> Option<i32> {
     s.services
         .iter()
-        .find(|x| x.metadata.name.as_deref() == Some(name))
-        .and_then(|x| x.spec.as_ref()?.ports.as_ref()?.first().map(|p| p.port))
+        .find(|x| &*x.name == name)
+        .and_then(|x| x.ports.first().map(|p| p.port))
 }
 
 fn slice_ips(s: &Snapshot, name: &str) -> Vec<String> {
@@ -273,18 +273,19 @@ async fn initial_list_has_all_three_kinds() {
                 .map(String::as_str),
             Some("z1")
         );
-        // The object is what the server holds, server-set fields included.
+        // The object is what the server holds (server-set fields included), as the source
+        // keeps it.
         let stored = server.objects::<Service>().expect("objects");
         let web = stored
             .iter()
             .find(|x| x.metadata.name.as_deref() == Some("web"))
             .expect("web");
         assert_eq!(
-            Some(web),
+            Some(agent::model::ServiceInfo::from(web)),
             s.services
                 .iter()
-                .find(|x| x.metadata.name.as_deref() == Some("web"))
-                .map(|v| &**v)
+                .find(|x| &*x.name == "web")
+                .map(|v| (**v).clone())
         );
 
         let reqs = server.requests();

@@ -20,8 +20,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoint_slice::EndpointSliceInfo;
 use super::endpoints::SliceIndex;
-use super::objects::{ObjectKey, Objects, object_key};
+use super::objects::{ObjectKey, Objects};
 use super::service::{self, Candidate, NodeContext};
+use super::service_info::ServiceInfo;
 use super::validate;
 use super::{
     DesiredState, HealthCheckNodePort, ModelConfig, NodeInfo, Rejection, ServiceError, ServicePort,
@@ -91,7 +92,7 @@ struct ServiceOutput {
 
 /// Computes one Service's part of the model.
 fn compute(
-    svc: &Service,
+    svc: &ServiceInfo,
     slices: Option<&ServiceSlices>,
     ctx: &NodeContext<'_>,
     node: &NodeInfo,
@@ -153,12 +154,12 @@ fn roles(vs: &VirtualService, ctx: &NodeContext<'_>) -> (bool, bool) {
 pub struct ModelCache {
     context: Option<(NodeInfo, ModelConfig)>,
     /// The input of the previous build: the next one diffs against it.
-    services: Objects<Service>,
+    services: Objects<ServiceInfo>,
     slices: Objects<EndpointSliceInfo>,
     /// (namespace, Service) → slice name → slice.
     slices_of: HashMap<ObjectKey, ServiceSlices>,
     /// (namespace, name) → the Service and its output.
-    entries: HashMap<ObjectKey, (Arc<Service>, ServiceOutput)>,
+    entries: HashMap<ObjectKey, (Arc<ServiceInfo>, ServiceOutput)>,
     /// Every key claimed by some Service, with its candidates in winning order.
     by_key: BTreeMap<ServicePort, Vec<Candidate>>,
     /// The first candidate of every key: the output's virtual services.
@@ -190,7 +191,10 @@ impl ModelCache {
         cfg: &ModelConfig,
     ) -> (DesiredState, Changed) {
         // Copies: nothing is shared with the previous call, every object counts as changed.
-        let services: Objects<Service> = services.iter().map(|s| to_arc(s.borrow())).collect();
+        let services: Objects<ServiceInfo> = services
+            .iter()
+            .map(|s| Arc::new(ServiceInfo::from(s.borrow())))
+            .collect();
         let slices: Objects<EndpointSliceInfo> = slices
             .iter()
             .map(|s| Arc::new(EndpointSliceInfo::from(s.borrow())))
@@ -202,7 +206,7 @@ impl ModelCache {
     /// recognized by identity), collected into [`Objects`] (O(n log n)).
     pub fn build_shared(
         &mut self,
-        services: Vec<Arc<Service>>,
+        services: Vec<Arc<ServiceInfo>>,
         slices: Vec<Arc<EndpointSliceInfo>>,
         node: &NodeInfo,
         cfg: &ModelConfig,
@@ -215,7 +219,7 @@ impl ModelCache {
     /// object costs O(log n) here, whatever the number of objects.
     pub fn build_objects(
         &mut self,
-        services: &Objects<Service>,
+        services: &Objects<ServiceInfo>,
         slices: &Objects<EndpointSliceInfo>,
         node: &NodeInfo,
         cfg: &ModelConfig,
@@ -254,12 +258,9 @@ impl ModelCache {
             }
         }
         // The Services that changed: their new object, or `None` when deleted.
-        let mut present: HashMap<ObjectKey, Option<Arc<Service>>> = HashMap::new();
+        let mut present: HashMap<ObjectKey, Option<Arc<ServiceInfo>>> = HashMap::new();
         for d in self.services.changes(services) {
-            let key = d
-                .before()
-                .or(d.after())
-                .map(|s| owned(object_key(&s.metadata)));
+            let key = d.before().or(d.after()).map(|s| owned(s.key()));
             if let Some(key) = key {
                 present.insert(key.clone(), d.after().cloned());
                 dirty.insert(key);
@@ -286,7 +287,7 @@ impl ModelCache {
     /// Builds every Service from scratch into an empty cache.
     fn rebuild(
         &mut self,
-        services: &Objects<Service>,
+        services: &Objects<ServiceInfo>,
         slices: &Objects<EndpointSliceInfo>,
         node: &NodeInfo,
         cfg: &ModelConfig,
@@ -299,7 +300,7 @@ impl ModelCache {
         let ctx = NodeContext::new(node, cfg);
         let mut changed = BTreeSet::new();
         for svc in services.iter() {
-            let key = owned(object_key(&svc.metadata));
+            let key = owned(svc.key());
             self.update(&key, Some(svc.clone()), &ctx, node, cfg, &mut changed);
         }
         let keys: Vec<ObjectKey> = self.slices_of.keys().cloned().collect();
@@ -315,7 +316,7 @@ impl ModelCache {
     /// The rejections of objects a list named twice (the first one is used): O(such objects).
     fn refresh_duplicates(&mut self) {
         let services = self.services.repeated().iter().map(|s| {
-            let (ns, name) = object_key(&s.metadata);
+            let (ns, name) = s.key();
             Rejection {
                 object: format!("Service {ns}/{name}"),
                 reason: ServiceError::Duplicate.to_string(),
@@ -342,7 +343,7 @@ impl ModelCache {
     fn update(
         &mut self,
         key: &ObjectKey,
-        svc: Option<Arc<Service>>,
+        svc: Option<Arc<ServiceInfo>>,
         ctx: &NodeContext<'_>,
         node: &NodeInfo,
         cfg: &ModelConfig,
@@ -539,10 +540,6 @@ impl ModelCache {
     }
 }
 
-fn to_arc<K: Clone>(k: &K) -> Arc<K> {
-    Arc::new(k.clone())
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -552,7 +549,7 @@ mod tests {
 
     /// A fresh cache's build: what [`super::super::build`] gives for these objects.
     fn fresh(
-        services: &[Arc<Service>],
+        services: &[Arc<ServiceInfo>],
         slices: &[Arc<EndpointSliceInfo>],
         node: &NodeInfo,
         cfg: &ModelConfig,
@@ -563,17 +560,17 @@ mod tests {
     }
     use crate::model::LocalAddress;
 
-    fn service(i: usize, rv: u32, port: u16, ip: Option<&str>) -> Arc<Service> {
+    fn service(i: usize, rv: u32, port: u16, ip: Option<&str>) -> Arc<ServiceInfo> {
         let ip = ip.map_or(format!("10.96.0.{}", i + 1), str::to_string);
-        Arc::new(
-            serde_json::from_value(json!({
+        Arc::new(ServiceInfo::from(
+            serde_json::from_value::<Service>(json!({
                 "metadata": {"namespace": "ns", "name": format!("s{i}"), "resourceVersion": rv.to_string(),
                              "creationTimestamp": format!("2026-01-01T00:00:{:02}Z", i % 60)},
                 "spec": {"type": "NodePort", "clusterIP": ip, "clusterIPs": [ip],
                          "ports": [{"name": "p", "port": port, "protocol": "TCP", "nodePort": 30000 + i}]}
             }))
             .unwrap(),
-        )
+        ))
     }
 
     fn slice(i: usize, rv: u32, endpoints: usize) -> Arc<EndpointSliceInfo> {
@@ -610,13 +607,14 @@ mod tests {
             .collect()
     }
 
-    type Step = Box<dyn Fn(&mut Vec<Arc<Service>>, &mut Vec<Arc<EndpointSliceInfo>>)>;
+    type Step = Box<dyn Fn(&mut Vec<Arc<ServiceInfo>>, &mut Vec<Arc<EndpointSliceInfo>>)>;
 
     /// After every change: the incremental build equals a fresh one, and every virtual service
     /// that differs from the previous build is in `Changed`.
     #[test]
     fn incremental_builds_equal_fresh_builds_and_report_every_change() {
-        let mut services: Vec<Arc<Service>> = (0..20).map(|i| service(i, 1, 80, None)).collect();
+        let mut services: Vec<Arc<ServiceInfo>> =
+            (0..20).map(|i| service(i, 1, 80, None)).collect();
         let mut slices: Vec<Arc<EndpointSliceInfo>> = (0..20).map(|i| slice(i, 1, 2)).collect();
         let (node, cfg) = (node(), ModelConfig::default());
         let mut cache = ModelCache::default();
@@ -666,7 +664,7 @@ mod tests {
             ),
             (
                 "the older one deleted: the newer wins",
-                Box::new(|sv, _| sv.retain(|s| s.metadata.name.as_deref() != Some("s1"))),
+                Box::new(|sv, _| sv.retain(|s| &*s.name != "s1")),
             ),
             (
                 "a slice for an unknown Service",
@@ -746,7 +744,7 @@ mod tests {
         #[test]
         fn builds_from_changed_maps_equal_full_builds(ops in proptest::collection::vec(op(), 1..60)) {
             let (node, cfg) = (node(), ModelConfig::default());
-            let mut services: Objects<Service> = Objects::default();
+            let mut services: Objects<ServiceInfo> = Objects::default();
             let mut slices: Objects<EndpointSliceInfo> = Objects::default();
             let mut cache = ModelCache::default();
             let mut previous = cache.build_objects(&services, &slices, &node, &cfg).0;
@@ -757,8 +755,8 @@ mod tests {
                     Op::Service { i, port, ip, local } => {
                         let ip = format!("10.96.0.{ip}");
                         let mut s = (*service(i, rv, port, Some(&ip))).clone();
-                        if local && let Some(spec) = s.spec.as_mut() {
-                            spec.internal_traffic_policy = Some("Local".into());
+                        if local {
+                            s.internal_traffic_policy = Some("Local".into());
                         }
                         services.insert(Arc::new(s));
                     }
@@ -773,7 +771,7 @@ mod tests {
                     }
                     Op::Sync => {
                         let (got, changed) = cache.build_objects(&services, &slices, &node, &cfg);
-                        let all_services: Vec<Arc<Service>> = services.iter().cloned().collect();
+                        let all_services: Vec<Arc<ServiceInfo>> = services.iter().cloned().collect();
                         let all_slices: Vec<Arc<EndpointSliceInfo>> = slices.iter().cloned().collect();
                         proptest::prop_assert_eq!(&got, &fresh(&all_services, &all_slices, &node, &cfg));
                         let vss = &got.virtual_services;

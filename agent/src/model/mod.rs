@@ -9,7 +9,9 @@
 //! The rules are kube-proxy's (v1.36). Where its modes disagree, the model follows the
 //! iptables/nftables modes, upstream's reference; the differences from IPVS mode are listed on
 //! the items they affect. The work is split as follows:
-//! - `validate`: a `Service` object → a checked, typed service (or a reason to reject or ignore
+//! - `service_info`: a Service reduced to what the model reads ([`ServiceInfo`]), the form the
+//!   sources keep;
+//! - `validate`: a Service → a checked, typed service (or a reason to reject or ignore
 //!   it);
 //! - `endpoint_slice`: an EndpointSlice reduced to what the model reads ([`EndpointSliceInfo`]),
 //!   the form the sources keep;
@@ -25,6 +27,7 @@ mod endpoint_slice;
 mod endpoints;
 mod objects;
 mod service;
+mod service_info;
 mod service_port;
 mod validate;
 
@@ -48,6 +51,7 @@ pub use endpoint_slice::{
     SliceHints, SlicePort,
 };
 pub use objects::{Keyed, ObjectChange, ObjectKey, Objects, object_key};
+pub use service_info::{LoadBalancerIngressInfo, ServiceInfo, ServicePortInfo};
 pub use service_port::ServicePort;
 pub use validate::{ServiceError, is_known_scheduler, special_address};
 
@@ -508,7 +512,7 @@ pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 
 /// [`build`] on a source's maps (a [`crate::source::Snapshot`]'s).
 pub fn build_objects(
-    services: &Objects<Service>,
+    services: &Objects<ServiceInfo>,
     slices: &Objects<EndpointSliceInfo>,
     node: &NodeInfo,
     cfg: &ModelConfig,

@@ -35,9 +35,9 @@ pub trait Keyed {
     fn object_key(&self) -> (&str, &str);
 }
 
-impl Keyed for k8s_openapi::api::core::v1::Service {
+impl Keyed for super::ServiceInfo {
     fn object_key(&self) -> (&str, &str) {
-        object_key(self.metadata())
+        self.key()
     }
 }
 

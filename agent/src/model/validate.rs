@@ -1,5 +1,5 @@
-//! Service validation: a `Service` object → a checked [`ParsedService`], or the reason it is
-//! ignored (not ours to proxy) or rejected (invalid).
+//! Service validation: a Service (as kept, [`ServiceInfo`]) → a checked [`ParsedService`], or
+//! the reason it is ignored (not ours to proxy) or rejected (invalid).
 //!
 //! This module owns the reading of every Service field the model uses, the API-server defaults
 //! a manifest read from a file may lack (protocol TCP, session affinity timeout 10800 s), and
@@ -20,12 +20,12 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::service_info::ServiceInfo;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT, KNOWN_SCHEDULERS, ModelConfig, Protocol, SCHEDULER_ANNOTATION,
-    SERVICE_PROXY_NAME_LABEL, ServiceRef,
+    ServiceRef,
 };
 
 /// Why a Service is rejected.
@@ -120,15 +120,8 @@ pub(crate) struct ParsedService {
 }
 
 /// The Service's namespace/name as used in reports (namespace "default" when unset).
-pub(crate) fn service_ref(svc: &Service) -> ServiceRef {
-    let ns = svc
-        .metadata
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default");
-    let name = svc.metadata.name.as_deref().unwrap_or("");
-    ServiceRef::new(ns, name)
+pub(crate) fn service_ref(svc: &ServiceInfo) -> ServiceRef {
+    ServiceRef::new(&*svc.namespace, &*svc.name)
 }
 
 /// Parses an IP the way kube-proxy (Go's `ParseIPSloppy`) does: IPv4-mapped IPv6 is IPv4, and
@@ -188,27 +181,20 @@ fn refuse_special(ips: Vec<IpAddr>, field: &str, refused: &mut Vec<String>) -> V
 /// Checks a Service. `Ok(None)`: not ours to proxy (headless, ExternalName, no ClusterIP, or
 /// owned by another proxy); these are not errors.
 pub(crate) fn parse_service(
-    svc: &Service,
+    svc: &ServiceInfo,
     cfg: &ModelConfig,
 ) -> Result<Option<ParsedService>, ServiceError> {
     let service = service_ref(svc);
     if service.name.is_empty() {
         return Err(ServiceError::MissingName);
     }
-    let owner = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
-    match owner {
-        Some(owner) if cfg.proxy_name.as_deref() != Some(owner.as_str()) => return Ok(None),
+    match svc.proxy_name.as_deref() {
+        Some(owner) if cfg.proxy_name.as_deref() != Some(owner) => return Ok(None),
         // Beside another proxy (kube-proxy handles the unlabelled ones): only ours.
         None if cfg.only_labelled_services => return Ok(None),
         _ => {}
     }
-    let empty = ServiceSpec::default();
-    let spec = svc.spec.as_ref().unwrap_or(&empty);
-
+    let spec = svc;
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     match svc_type {
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
@@ -224,24 +210,15 @@ pub(crate) fn parse_service(
     let external_ips = dedup(
         spec.external_ips
             .iter()
-            .flatten()
-            .map(|s| parse_ip(s).ok_or_else(|| ServiceError::InvalidExternalIp(s.clone())))
+            .map(|s| parse_ip(s).ok_or_else(|| ServiceError::InvalidExternalIp(s.to_string())))
             .collect::<Result<Vec<_>, _>>()?,
     );
     let external_ips = refuse_special(external_ips, "external IP", &mut refused);
 
     let mut lb_ips = Vec::new();
-    for ing in svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
-            continue; // hostname-only ingress: nothing to program
-        };
+    // Hostname-only ingress (nothing to program) is not kept.
+    for ing in &svc.load_balancer_ingress {
+        let ip = &*ing.ip;
         // kube-proxy's IsVIPMode: unset or "VIP". "Proxy" means the LB delivers to the node.
         if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
             continue;
@@ -253,13 +230,12 @@ pub(crate) fn parse_service(
     let source_ranges = spec
         .load_balancer_source_ranges
         .iter()
-        .flatten()
         .map(|s| {
             // The API mistakenly allows whitespace padding; kube-proxy trims it.
             s.trim()
                 .parse::<IpNet>()
                 .map(|n| n.trunc())
-                .map_err(|_| ServiceError::InvalidSourceRange(s.clone()))
+                .map_err(|_| ServiceError::InvalidSourceRange(s.to_string()))
         })
         .collect::<Result<BTreeSet<_>, _>>()?
         .into_iter()
@@ -283,29 +259,17 @@ pub(crate) fn parse_service(
 
     let persistence_timeout = match spec.session_affinity.as_deref() {
         None | Some("") | Some("None") => None,
-        Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            match t {
-                None => Some(DEFAULT_AFFINITY_TIMEOUT),
-                Some(t) if (1..=86_400).contains(&t) => Some(t.unsigned_abs()),
-                Some(t) => return Err(ServiceError::InvalidAffinityTimeout(t)),
-            }
-        }
+        Some("ClientIP") => match spec.affinity_timeout {
+            None => Some(DEFAULT_AFFINITY_TIMEOUT),
+            Some(t) if (1..=86_400).contains(&t) => Some(t.unsigned_abs()),
+            Some(t) => return Err(ServiceError::InvalidAffinityTimeout(t)),
+        },
         Some(other) => return Err(ServiceError::UnknownSessionAffinity(other.to_owned())),
     };
 
-    let scheduler = match svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
-    {
-        Some(s) if is_known_scheduler(s) => s.clone(),
-        Some(s) => return Err(ServiceError::UnknownScheduler(s.clone())),
+    let scheduler = match svc.scheduler.as_deref() {
+        Some(s) if is_known_scheduler(s) => s.to_owned(),
+        Some(s) => return Err(ServiceError::UnknownScheduler(s.to_owned())),
         None => cfg.default_scheduler.clone(),
     };
 
@@ -326,7 +290,7 @@ pub(crate) fn parse_service(
 
     Ok(Some(ParsedService {
         service,
-        created: svc.metadata.creation_timestamp.clone(),
+        created: svc.created.clone(),
         cluster_ips,
         ports,
         external_ips,
@@ -342,9 +306,9 @@ pub(crate) fn parse_service(
 }
 
 /// `spec.clusterIPs` (falling back to `spec.clusterIP`). `Ok(None)`: headless or unset.
-fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, ServiceError> {
+fn cluster_ips(spec: &ServiceInfo) -> Result<Option<Vec<IpAddr>>, ServiceError> {
     let raw: Vec<&str> = match spec.cluster_ips.as_deref() {
-        Some(list) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+        Some(list) if !list.is_empty() => list.iter().map(|s| &**s).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
     // kube-proxy's ShouldSkipService: clusterIP "" or "None" is not proxied.
@@ -368,12 +332,12 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, ServiceError> 
     Ok(Some(ips))
 }
 
-fn ports(spec: &ServiceSpec) -> Result<Vec<ParsedPort>, ServiceError> {
+fn ports(spec: &ServiceInfo) -> Result<Vec<ParsedPort>, ServiceError> {
     let mut out = Vec::new();
     let mut names = HashSet::new();
     let mut numbers = HashSet::new();
-    for p in spec.ports.iter().flatten() {
-        let name = p.name.clone().unwrap_or_default();
+    for p in &spec.ports {
+        let name = p.name.as_deref().unwrap_or_default().to_owned();
         let protocol = match p.protocol.as_deref() {
             None | Some("") => Protocol::Tcp,
             Some(s) => Protocol::from_k8s(s).ok_or_else(|| ServiceError::UnknownProtocol {

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::Snapshot;
-use crate::model::EndpointSliceInfo;
+use crate::model::{EndpointSliceInfo, ServiceInfo};
 pub use events::{
     REJECTION_REASON, REPORTING_CONTROLLER, RejectionWarning, ServiceEvents, rejection_warnings,
     service_uid,
@@ -382,7 +382,10 @@ pub async fn list_once(client: Client, node_name: &str) -> anyhow::Result<Snapsh
             .with_context(|| format!("getting Node {node_name:?}"))?
     };
     Ok(Snapshot {
-        services: services.into_iter().map(Arc::new).collect(),
+        services: services
+            .into_iter()
+            .map(|s| Arc::new(ServiceInfo::from(s)))
+            .collect(),
         endpoint_slices: endpoint_slices
             .into_iter()
             .map(|s| Arc::new(EndpointSliceInfo::from(s)))

@@ -13,8 +13,8 @@ pub mod file;
 pub mod kubernetes;
 pub mod watch;
 
-use crate::model::{EndpointSliceInfo, Objects};
-use k8s_openapi::api::core::v1::{Node, Service};
+use crate::model::{EndpointSliceInfo, Objects, ServiceInfo};
+use k8s_openapi::api::core::v1::Node;
 
 /// Every Service and EndpointSlice a source knows at one moment, and this node's Node object
 /// when the source has one (its InternalIPs, zone and labels feed the model; its deletion and
@@ -22,7 +22,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     /// Shared with the source's store: publishing a change copies nothing.
-    pub services: Objects<Service>,
+    /// Reduced to what the agent reads as they arrive ([`ServiceInfo`]).
+    pub services: Objects<ServiceInfo>,
     /// Reduced to what the agent reads as they arrive ([`EndpointSliceInfo`]).
     pub endpoint_slices: Objects<EndpointSliceInfo>,
     pub node: Option<Node>,

@@ -6,14 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use std::hash::{Hash, Hasher};
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
 
 use super::Snapshot;
 use super::file::{ManifestReader, is_manifest_name};
-use crate::model::EndpointSliceInfo;
+use crate::model::{EndpointSliceInfo, ServiceInfo};
 
 /// What identifies the content of a path cheaply: the name, size and modification time of each
 /// file the loader reads (a directory's other entries, e.g. a temporary file being written
@@ -38,18 +35,6 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Gives an object without a `resourceVersion` a hash of its content as one (so unchanged
-/// objects of a re-read file are recognized, as the API server's versions are), and returns it
-/// shared, with its (namespace, name).
-fn versioned<K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize>(mut obj: K) -> Arc<K> {
-    if obj.metadata().resource_version.is_none() {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_vec(&obj).unwrap_or_default().hash(&mut h);
-        obj.metadata_mut().resource_version = Some(format!("file-{:016x}", h.finish()));
-    }
-    Arc::new(obj)
-}
-
 /// Loads `path` once, logging every error with the file and object it is about.
 pub fn load_snapshot(path: &Path, generation: u64) -> Snapshot {
     read_snapshot(&mut ManifestReader::default(), path, generation)
@@ -70,7 +55,11 @@ pub fn read_snapshot(reader: &mut ManifestReader, path: &Path, generation: u64) 
     }
     Snapshot {
         // The first object of a (namespace, name) is used, the model rejects the others.
-        services: loaded.services.into_iter().map(versioned).collect(),
+        services: loaded
+            .services
+            .into_iter()
+            .map(|s| Arc::new(ServiceInfo::from(s)))
+            .collect(),
         endpoint_slices: loaded
             .endpoint_slices
             .into_iter()
@@ -158,6 +147,6 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
         assert_eq!(snap.generation, 2);
         assert_eq!(snap.services.len(), 1);
         let first = snap.services.iter().next().expect("a Service");
-        assert_eq!(first.metadata.name.as_deref(), Some("b"));
+        assert_eq!(&*first.name, "b");
     }
 }

@@ -383,8 +383,8 @@ fn change_tracker_counts_adds_updates_and_deletes() {
     let mut tr = ChangeTracker::new(started);
     let mut snap = Snapshot {
         services: vec![
-            Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010)),
-            Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011)),
+            Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010).into()),
+            Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011).into()),
         ]
         .into(),
         endpoint_slices: vec![
@@ -444,9 +444,11 @@ fn change_tracker_counts_adds_updates_and_deletes() {
 #[test]
 fn change_tracker_compares_objects_by_identity_even_out_of_order() {
     let mut tr = ChangeTracker::new(SystemTime::UNIX_EPOCH);
-    let a = Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010));
-    let b = Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011));
-    let snap = |services: Vec<Arc<k8s_openapi::api::core::v1::Service>>| {
+    let a: Arc<model::ServiceInfo> =
+        Arc::new(service("a", "Cluster", "Cluster", "10.96.0.10", 30010).into());
+    let b: Arc<model::ServiceInfo> =
+        Arc::new(service("b", "Cluster", "Cluster", "10.96.0.11", 30011).into());
+    let snap = |services: Vec<Arc<model::ServiceInfo>>| {
         Arc::new(Snapshot {
             services: services.into(),
             ..Snapshot::default()
@@ -459,7 +461,8 @@ fn change_tracker_compares_objects_by_identity_even_out_of_order() {
     let a2 = Arc::new((*a).clone());
     assert_eq!(tr.observe(&snap(vec![a2, b.clone()])).services, 1);
     // Inserted in the middle: one addition.
-    let c = Arc::new(service("c", "Cluster", "Cluster", "10.96.0.12", 30012));
+    let c: Arc<model::ServiceInfo> =
+        Arc::new(service("c", "Cluster", "Cluster", "10.96.0.12", 30012).into());
     let a3 = Arc::new((*a).clone());
     tr.observe(&snap(vec![a3.clone(), b.clone()]));
     assert_eq!(tr.observe(&snap(vec![a3, c, b])).services, 1);

@@ -28,7 +28,7 @@ pub fn service_uid<'a>(snapshot: &'a Snapshot, service: &ServiceRef) -> Option<&
     snapshot
         .services
         .get(&service.namespace, &service.name)
-        .and_then(|s| s.metadata.uid.as_deref())
+        .and_then(|s| s.uid.as_deref())
 }
 
 /// A Warning Event to post about a rejected Service.

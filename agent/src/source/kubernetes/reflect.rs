@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::runtime::watcher::Event;
 
-use crate::model::{EndpointSliceInfo, Keyed, ObjectChange, Objects, object_key};
+use crate::model::{EndpointSliceInfo, Keyed, ObjectChange, Objects, ServiceInfo, object_key};
 use crate::source::Snapshot;
 
 /// What a store keeps of a watched resource's objects, and which of their changes count.
@@ -37,15 +37,16 @@ fn stripped<K: Resource + Clone>(obj: &K) -> K {
     obj
 }
 
+/// Services are kept as [`ServiceInfo`]: what it drops changes nothing the model sees.
 impl Watched for Service {
-    type Stored = Service;
+    type Stored = ServiceInfo;
 
-    fn store(self) -> Service {
-        slim(self)
+    fn store(self) -> ServiceInfo {
+        self.into()
     }
 
-    fn same(a: &Service, b: &Service) -> bool {
-        stripped(a) == stripped(b)
+    fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
+        a == b
     }
 }
 
@@ -126,6 +127,18 @@ fn slim<K: Resource>(mut obj: K) -> K {
 }
 
 impl<K: Watched> Reflected<K> {
+    /// `obj` as stored, or the stored object it is the [`Watched::same`] as: an object that
+    /// did not change stays the one the snapshots hold, so the model sees no change in it
+    /// (a relist then recomputes only what differs).
+    fn kept(&self, obj: K) -> Arc<K::Stored> {
+        let obj = obj.store();
+        let (ns, name) = obj.object_key();
+        match self.objects.get(ns, name) {
+            Some(old) if K::same(old, &obj) => old.clone(),
+            _ => Arc::new(obj),
+        }
+    }
+
     /// Applies one watcher event; returns whether what the model sees changed (always true
     /// at the end of the first list).
     pub(crate) fn apply(&mut self, event: Event<K>) -> bool {
@@ -135,9 +148,8 @@ impl<K: Watched> Reflected<K> {
                 false
             }
             Event::InitApply(obj) => {
-                self.relist
-                    .get_or_insert_with(Objects::default)
-                    .insert(Arc::new(obj.store()));
+                let obj = self.kept(obj);
+                self.relist.get_or_insert_with(Objects::default).insert(obj);
                 false
             }
             Event::InitDone => {
@@ -148,9 +160,9 @@ impl<K: Watched> Reflected<K> {
                 changed
             }
             Event::Apply(obj) => {
-                let obj = Arc::new(obj.store());
+                let obj = self.kept(obj);
                 let old = self.objects.insert(obj.clone());
-                old.is_none_or(|old| !K::same(&old, &obj))
+                old.is_none_or(|old| !Arc::ptr_eq(&old, &obj))
             }
             Event::Delete(obj) => {
                 let (ns, name) = object_key(obj.metadata());
@@ -205,7 +217,6 @@ impl Stores {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use kube::ResourceExt;
 
     use super::*;
 
@@ -226,7 +237,7 @@ mod tests {
     }
 
     fn names(r: &Reflected<Service>) -> Vec<String> {
-        r.objects().iter().map(|s| s.name_any()).collect()
+        r.objects().iter().map(|s| s.name.to_string()).collect()
     }
 
     #[test]
@@ -259,11 +270,11 @@ mod tests {
         r.apply(Event::InitApply(svc("a", "1", "10.0.0.1")));
         assert!(r.apply(Event::InitDone));
         assert!(!r.apply(Event::Apply(svc("a", "2", "10.0.0.1"))));
-        // ...but the new object is kept.
-        assert_eq!(
-            r.objects().iter().next().and_then(|s| s.resource_version()),
-            Some("2".to_string())
-        );
+        // ...and the object the snapshots hold stays the same one, so the model sees no
+        // change in it.
+        let held = r.objects().iter().next().cloned().expect("a");
+        r.apply(Event::Apply(svc("a", "3", "10.0.0.1")));
+        assert!(Arc::ptr_eq(&held, r.objects().iter().next().expect("a")));
         // A relist with the same content publishes nothing either.
         r.apply(Event::Init);
         r.apply(Event::InitApply(svc("a", "5", "10.0.0.1")));
