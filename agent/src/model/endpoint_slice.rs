@@ -81,12 +81,8 @@ pub struct SliceHints {
     pub nodes: Box<[Box<str>]>,
 }
 
-fn boxed(s: String) -> Box<str> {
-    s.into_boxed_str()
-}
-
 fn sorted_names(names: impl Iterator<Item = String>) -> Box<[Box<str>]> {
-    let mut v: Vec<Box<str>> = names.map(boxed).collect();
+    let mut v: Vec<Box<str>> = names.map(String::into_boxed_str).collect();
     v.sort();
     v.dedup();
     v.into_boxed_slice()
@@ -95,8 +91,8 @@ fn sorted_names(names: impl Iterator<Item = String>) -> Box<[Box<str>]> {
 impl From<EndpointPort> for SlicePort {
     fn from(p: EndpointPort) -> Self {
         SlicePort {
-            name: p.name.map(boxed),
-            protocol: p.protocol.map(boxed),
+            name: p.name.map(String::into_boxed_str),
+            protocol: p.protocol.map(String::into_boxed_str),
             port: p.port,
         }
     }
@@ -106,7 +102,7 @@ impl From<Endpoint> for SliceEndpoint {
     fn from(ep: Endpoint) -> Self {
         let address = ep.addresses.into_iter().next().map(|a| match parse_ip(&a) {
             Some(ip) => SliceAddress::Ip(ip),
-            None => SliceAddress::Invalid(boxed(a)),
+            None => SliceAddress::Invalid(a.into()),
         });
         let cond = ep.conditions.unwrap_or_default();
         let hints = ep.hints.and_then(|h| {
@@ -119,7 +115,7 @@ impl From<Endpoint> for SliceEndpoint {
             ready: cond.ready,
             serving: cond.serving,
             terminating: cond.terminating,
-            node_name: ep.node_name.map(boxed),
+            node_name: ep.node_name.map(String::into_boxed_str),
             hints,
         }
     }
@@ -131,20 +127,24 @@ impl From<EndpointSlice> for EndpointSliceInfo {
         let mut labels = meta.labels.unwrap_or_default();
         let headless = labels.contains_key(HEADLESS_LABEL);
         EndpointSliceInfo {
-            namespace: boxed(
+            namespace: Box::<str>::from(
                 meta.namespace
                     .filter(|n| !n.is_empty())
                     .unwrap_or_else(|| "default".to_owned()),
             ),
-            name: boxed(meta.name.unwrap_or_default()),
-            service_name: labels.remove(SERVICE_NAME_LABEL).map(boxed),
-            proxy_name: labels.remove(SERVICE_PROXY_NAME_LABEL).map(boxed),
+            name: meta.name.unwrap_or_default().into(),
+            service_name: labels
+                .remove(SERVICE_NAME_LABEL)
+                .map(String::into_boxed_str),
+            proxy_name: labels
+                .remove(SERVICE_PROXY_NAME_LABEL)
+                .map(String::into_boxed_str),
             headless,
             last_change_trigger_time: meta
                 .annotations
                 .and_then(|mut a| a.remove(LAST_CHANGE_TRIGGER_TIME_ANNOTATION))
-                .map(boxed),
-            address_type: boxed(s.address_type),
+                .map(String::into_boxed_str),
+            address_type: s.address_type.into(),
             ports: s.ports.into_iter().flatten().map(SlicePort::from).collect(),
             endpoints: s
                 .endpoints

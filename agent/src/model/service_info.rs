@@ -62,19 +62,18 @@ pub struct LoadBalancerIngressInfo {
     pub ip_mode: Option<Box<str>>,
 }
 
-fn boxed(s: String) -> Box<str> {
-    s.into_boxed_str()
-}
-
 fn boxed_list(v: Option<Vec<String>>) -> Box<[Box<str>]> {
-    v.into_iter().flatten().map(boxed).collect()
+    v.into_iter()
+        .flatten()
+        .map(String::into_boxed_str)
+        .collect()
 }
 
 impl From<K8sServicePort> for ServicePortInfo {
     fn from(p: K8sServicePort) -> Self {
         ServicePortInfo {
-            name: p.name.map(boxed),
-            protocol: p.protocol.map(boxed),
+            name: p.name.map(String::into_boxed_str),
+            protocol: p.protocol.map(String::into_boxed_str),
             port: p.port,
             node_port: p.node_port,
         }
@@ -93,31 +92,33 @@ impl From<Service> for ServiceInfo {
             .flatten()
             .filter_map(|i| {
                 Some(LoadBalancerIngressInfo {
-                    ip: boxed(i.ip.filter(|ip| !ip.is_empty())?),
-                    ip_mode: i.ip_mode.map(boxed),
+                    ip: Box::<str>::from(i.ip.filter(|ip| !ip.is_empty())?),
+                    ip_mode: i.ip_mode.map(String::into_boxed_str),
                 })
             })
             .collect();
         ServiceInfo {
-            namespace: boxed(
+            namespace: Box::<str>::from(
                 meta.namespace
                     .filter(|n| !n.is_empty())
                     .unwrap_or_else(|| "default".to_owned()),
             ),
-            name: boxed(meta.name.unwrap_or_default()),
-            uid: meta.uid.map(boxed),
+            name: meta.name.unwrap_or_default().into(),
+            uid: meta.uid.map(String::into_boxed_str),
             created: meta.creation_timestamp,
             proxy_name: meta
                 .labels
                 .and_then(|mut l| l.remove(SERVICE_PROXY_NAME_LABEL))
-                .map(boxed),
+                .map(String::into_boxed_str),
             scheduler: meta
                 .annotations
                 .and_then(|mut a| a.remove(SCHEDULER_ANNOTATION))
-                .map(boxed),
-            type_: spec.type_.map(boxed),
-            cluster_ip: spec.cluster_ip.map(boxed),
-            cluster_ips: spec.cluster_ips.map(|v| v.into_iter().map(boxed).collect()),
+                .map(String::into_boxed_str),
+            type_: spec.type_.map(String::into_boxed_str),
+            cluster_ip: spec.cluster_ip.map(String::into_boxed_str),
+            cluster_ips: spec
+                .cluster_ips
+                .map(|v| v.into_iter().map(String::into_boxed_str).collect()),
             external_ips: boxed_list(spec.external_ips),
             load_balancer_source_ranges: boxed_list(spec.load_balancer_source_ranges),
             ports: spec
@@ -126,9 +127,9 @@ impl From<Service> for ServiceInfo {
                 .flatten()
                 .map(ServicePortInfo::from)
                 .collect(),
-            external_traffic_policy: spec.external_traffic_policy.map(boxed),
-            internal_traffic_policy: spec.internal_traffic_policy.map(boxed),
-            session_affinity: spec.session_affinity.map(boxed),
+            external_traffic_policy: spec.external_traffic_policy.map(String::into_boxed_str),
+            internal_traffic_policy: spec.internal_traffic_policy.map(String::into_boxed_str),
+            session_affinity: spec.session_affinity.map(String::into_boxed_str),
             affinity_timeout: spec
                 .session_affinity_config
                 .and_then(|c| c.client_ip)
