@@ -785,6 +785,7 @@ fn scalars(v: &Value, depth: usize) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in v.as_object().into_iter().flatten() {
         match v {
+            Value::Number(n) if n.is_u64() => out.push(format!("{k} {n}")),
             Value::Number(n) => out.push(format!("{k} {}", f(n.as_f64()))),
             Value::String(s) if s.len() < 40 => out.push(format!("{k} {s}")),
             Value::Object(_) if depth > 0 => out.extend(
