@@ -391,11 +391,12 @@ fn unix_now() -> f64 {
 }
 
 /// One single endpoint change of the changes phase: its latency, and where the time went, in
-/// ms from the POST (`t0`, seconds since the epoch) by the agent's own log timestamps: the
-/// source's snapshot published ("source changed", debug), the sync's "sync done" line logged
-/// (after the sync and the metrics and health updates that follow it) and, that line's time
-/// less the sync's duration, when the sync started (at the latest), and who used the CPU
-/// meanwhile.
+/// ms from the POST (`t0`, seconds since the epoch; the caller adds when the API server
+/// answered it, `posted_ms`) by the agent's own log timestamps: the source's snapshot
+/// published ("source changed", debug), the sync's "sync done" line logged (after the sync and
+/// the metrics and health updates that follow it) and, that line's time less the sync's
+/// duration, when the sync started (at the latest); node checks that overlapped; and who used
+/// the CPU meanwhile.
 fn change_record(service: usize, t0: f64, latency_ms: f64, log: &[Value], cpu: Value) -> Value {
     let at =
         |v: &Value| -> Option<f64> { Some((unix_seconds(v["timestamp"].as_str()?)? - t0) * 1e3) };
@@ -462,6 +463,7 @@ fn changes_phase(
             let t0_unix = unix_now();
             // The POST itself is part of the change's path (the API server accepting it).
             tokio::task::spawn_blocking(move || post("/control/apply", &body)).await??;
+            let posted = t0.elapsed().as_secs_f64() * 1e3;
             let deadline = t0 + Duration::from_secs(30);
             let latency = loop {
                 if h.destinations(&key).await?.len() > before {
@@ -476,7 +478,9 @@ fn changes_phase(
             let cpu = cpu.end(pid);
             tokio::time::sleep(Duration::from_millis(o.spacing_ms)).await;
             lines.extend(log.try_iter());
-            out.push(change_record(i, t0_unix, latency, &lines, cpu));
+            let mut record = change_record(i, t0_unix, latency, &lines, cpu);
+            record["posted_ms"] = json!(posted);
+            out.push(record);
             lines.clear();
         }
         Ok(out)
@@ -799,6 +803,7 @@ fn main() -> anyhow::Result<()> {
             "first_sync_map_changes": first["map_changes"],
             "change_latency_ms": latency,
             "change_latency_parts_ms": {
+                "posted": distribution(column("posted_ms")),
                 "published": distribution(column("published_ms")),
                 "sync_started": distribution(column("sync_started_ms")),
                 "sync_logged": distribution(column("sync_logged_ms")),
