@@ -17,8 +17,8 @@
 mod procstat;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
@@ -27,11 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ipvs::{IpvsHandle, ServiceKey};
 use lab::Netns;
+use lab::apiserver::API;
 use serde_json::{Value, json};
 
 use procstat::{busy_processes, cpu_ticks, stat_ticks, ticks_per_second};
-
-const API: &str = "127.0.0.1:6443";
 
 /// The agent's cgroup (v2), whose `memory.current` charges its heap, page cache and kernel
 /// objects (BPF maps included).
@@ -148,23 +147,8 @@ fn bin(name: &str) -> String {
 /// POSTs `body` to the fake API server's control endpoint `path`, from the calling thread
 /// (which must be in the bench's network namespace).
 fn post(path: &str, body: &str) -> anyhow::Result<()> {
-    let mut c = TcpStream::connect(API)?;
-    write!(
-        c,
-        "POST {path} HTTP/1.1\r\nHost: {API}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    c.read_to_string(&mut out)?;
-    if !out.starts_with("HTTP/1.1 2") {
-        bail!("control {path}: {}", out.lines().next().unwrap_or(""));
-    }
+    lab::apiserver::request("POST", path, body).with_context(|| format!("POST {path}"))?;
     Ok(())
-}
-
-fn control(ns: &Netns, path: &str, body: String) -> anyhow::Result<()> {
-    let path = path.to_string();
-    ns.run(move || post(&path, &body))
 }
 
 /// The agent's resident memory from /proc/PID/status, KiB: VmRSS and its peak (VmHWM), and
@@ -775,7 +759,7 @@ fn main() -> anyhow::Result<()> {
     sync_duration["phases_p50"] = Value::Object(phase_p50);
     let mut churn_latency = distribution(churn_latencies);
     churn_latency["missed"] = json!(churn_missed);
-    let _ = control(&ns, "/control/compact", String::new());
+    let _ = lab::apiserver::control(&ns, "POST", "/control/compact", "");
     let ops: Value = first["ipvs_ops"]
         .as_str()
         .and_then(|s| serde_json::from_str(s).ok())
