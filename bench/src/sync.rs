@@ -173,6 +173,23 @@ fn rss_kib(pid: u32) -> Value {
     })
 }
 
+/// `--bpf-map-size` arguments for maps whose default size `services` would overflow: one
+/// `svc_addrs` entry per ClusterIP (default 16,384, see docs/datapath.md) and one `svc_ports`
+/// entry per port (default 65,536), with a quarter to spare, in powers of two.
+fn map_sizes(services: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (map, default) in [("svc_addrs", 16_384), ("svc_ports", 65_536)] {
+        if services > default * 3 / 4 {
+            out.push("--bpf-map-size".into());
+            out.push(format!(
+                "{map}={}",
+                (services + services / 4).next_power_of_two()
+            ));
+        }
+    }
+    out
+}
+
 /// Makes the agent's cgroup: mounts cgroup2 on /sys/fs/cgroup if nothing is there (the lab's
 /// initramfs does not), enables the memory controller for the root's children, and creates
 /// [`AGENT_CGROUP`]. `None` (said on stderr) if any of it fails: the bench then runs without.
@@ -618,6 +635,7 @@ fn main() -> anyhow::Result<()> {
             .arg(format!("{}ms", o.sweep_period_ms))
             .arg("--node-check-period")
             .arg(format!("{}s", o.node_check_period_s))
+            .args(map_sizes(o.services))
             .args([
                 "--bpf-pin-root",
                 "/sys/fs/bpf/bench-sync",
@@ -833,6 +851,20 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_are_sized_only_past_their_defaults() {
+        assert!(map_sizes(10_000).is_empty());
+        assert_eq!(
+            map_sizes(50_000),
+            [
+                "--bpf-map-size",
+                "svc_addrs=65536",
+                "--bpf-map-size",
+                "svc_ports=65536"
+            ]
+        );
+    }
 
     #[test]
     fn log_timestamps_are_read_as_seconds_since_the_epoch() {
