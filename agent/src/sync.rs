@@ -807,15 +807,23 @@ impl Syncer {
     /// Checks the node state kept outside IPVS and repairs what differs (`crate::node_state`):
     /// the datapath's sysctls, rules and TC programs, and kube-ipvs0 with its addresses.
     pub async fn repair_node_state(&mut self) -> node_state::RepairReport {
+        let started = Instant::now();
         let mut report = self
             .datapath
             .as_mut()
             .map(Datapath::repair_node)
             .unwrap_or_default();
+        let datapath = started.elapsed();
         match node_state::repair_kube_ipvs0(&self.rtnl, &mut self.dummy_index, &self.bound).await {
             Ok(r) => report.extend(r),
             Err(e) => report.failed(format!("checking {DUMMY_INTERFACE}: {e}")),
         }
+        // What a check costs (it runs on the loop's thread: syncs and the source wait).
+        tracing::debug!(
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            datapath_ms = datapath.as_secs_f64() * 1e3,
+            "node state checked"
+        );
         if report.full_sync {
             self.ownership = None;
             self.node = None;

@@ -53,6 +53,9 @@ use lab::topology::SnatTopology;
 use lab::{Netns, try_sh};
 use serde_json::{Value, json};
 
+mod procstat;
+use procstat::{busy_processes, cpu_ticks, stat_ticks};
+
 const CLUSTER_IP: &str = "10.96.0.10";
 const NODE_IP: &str = "10.0.1.1";
 const REMOTE_POD: &str = "10.244.2.2";
@@ -546,7 +549,7 @@ impl Active {
 /// Waits until process `pid` has used no CPU for `quiet` (its work after a sync — the state
 /// file, metrics, freeing memory — must not land in a timed window); at most `max`.
 fn wait_quiet(pid: u32, quiet: Duration, max: Duration) -> f64 {
-    let cpu = || process_stat(pid).map(|(_, ticks)| ticks);
+    let cpu = || stat_ticks(&format!("/proc/{pid}/stat")).map(|(_, ticks)| ticks);
     let start = Instant::now();
     let mut last = cpu();
     let mut since = Instant::now();
@@ -696,11 +699,11 @@ fn run_case(t: &SnatTopology, active: Option<&Active>, case: &Case) -> Result<Va
     t.node.try_sh("conntrack -F 2>/dev/null; true")?;
     let ct_before = ct_count(&t.node)?;
     let counters_before = active.map(|a| a.counters(t)).unwrap_or_default();
-    let procs_before = process_cpu_ticks();
+    let procs_before = cpu_ticks("/proc");
     let t1 = Instant::now();
     let lg = loadgen(ns, &case.args)?;
     let t2 = Instant::now();
-    let procs = busy_processes(&procs_before, &process_cpu_ticks());
+    let procs = busy_processes(&procs_before, &cpu_ticks("/proc"));
     let ct_after = ct_count(&t.node)?;
     let peak = ct_table_size(&t.node)?;
     let counters_after = active.map(|a| a.counters(t)).unwrap_or_default();
@@ -734,54 +737,6 @@ fn run_case(t: &SnatTopology, active: Option<&Active>, case: &Case) -> Result<Va
         "steps": steps,
         "processes_cpu_s": procs,
     }))
-}
-
-/// utime+stime (clock ticks) of every process, by pid, with its command name.
-fn process_cpu_ticks() -> BTreeMap<u32, (String, u64)> {
-    let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Some(stat) = process_stat(pid) {
-            out.insert(pid, stat);
-        }
-    }
-    out
-}
-
-/// A process's command name and utime+stime (clock ticks), from `/proc/PID/stat`.
-fn process_stat(pid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command is in parentheses and may hold spaces; after it, state is field 3, utime 14
-    // and stime 15.
-    let open = stat.find('(')?;
-    let (head, rest) = stat.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some((head[open + 1..].to_string(), ticks))
-}
-
-/// The processes that used CPU between two [`process_cpu_ticks`] snapshots, in seconds, by
-/// command name (which process besides the load generator ran in a timed window: a datapath's
-/// agent, kernel threads).
-fn busy_processes(
-    before: &BTreeMap<u32, (String, u64)>,
-    after: &BTreeMap<u32, (String, u64)>,
-) -> BTreeMap<String, f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut out: BTreeMap<String, f64> = BTreeMap::new();
-    for (pid, (comm, ticks)) in after {
-        let used = ticks - before.get(pid).map_or(0, |b| b.1.min(*ticks));
-        if used > 0 {
-            *out.entry(comm.clone()).or_default() += used as f64 / hz;
-        }
-    }
-    out
 }
 
 /// Proves every path works before anything is timed (a NodePort answer proves the SNAT: the
@@ -1405,25 +1360,4 @@ fn run() -> Result<()> {
     }
     log(&format!("done in {:.0}s", started.elapsed().as_secs_f64()));
     Ok(())
-}
-
-#[cfg(test)]
-mod process_stat_tests {
-    use super::*;
-
-    #[test]
-    fn reads_this_process_name_and_cpu_ticks() {
-        // Burn a little CPU so the tick count is non-zero on any clock.
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(100) {
-            x = x.wrapping_mul(31).wrapping_add(1);
-        }
-        std::hint::black_box(x);
-        let (comm, ticks) = process_stat(std::process::id()).expect("own /proc stat");
-        let own = std::fs::read_to_string("/proc/self/comm").expect("comm");
-        assert_eq!(comm, own.trim_end());
-        assert!(ticks > 0);
-        assert!(process_cpu_ticks().contains_key(&std::process::id()));
-    }
 }

@@ -779,6 +779,26 @@ fn verdict(measured: Option<f64>, target: f64, at_least: bool) -> String {
 
 // --- markdown -------------------------------------------------------------------------------
 
+/// An object's numbers and short strings as `name value`, and (`depth` > 0) those of its
+/// objects `depth` levels down as `name.inner value`; arrays are left out.
+fn scalars(v: &Value, depth: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in v.as_object().into_iter().flatten() {
+        match v {
+            Value::Number(n) if n.is_u64() => out.push(format!("{k} {n}")),
+            Value::Number(n) => out.push(format!("{k} {}", f(n.as_f64()))),
+            Value::String(s) if s.len() < 40 => out.push(format!("{k} {s}")),
+            Value::Object(_) if depth > 0 => out.extend(
+                scalars(v, depth - 1)
+                    .into_iter()
+                    .map(|s| format!("{k}.{s}")),
+            ),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn f(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
@@ -1176,27 +1196,52 @@ fn markdown(
     );
 
     bpf_section(&mut md, doc);
-    // Other benchmarks kept in the JSON.
-    for (key, title) in [
-        ("ipvs", "IPVS library (`scripts/bench ipvs`)"),
-        ("sync", "Agent sync (`scripts/bench sync`)"),
-    ] {
-        let Some(obj) = doc[key].as_object() else {
+    // Other benchmarks kept in the JSON: the IPVS library, then the sync bench at 10,000
+    // Services (`sync`) and any other size run on demand (`sync_N`).
+    let mut others = vec![(
+        "ipvs".to_string(),
+        "IPVS library (`scripts/bench ipvs`)".to_string(),
+    )];
+    for key in doc.as_object().into_iter().flatten().map(|(k, _)| k) {
+        if key == "sync" {
+            others.push((key.clone(), "Agent sync (`scripts/bench sync`)".into()));
+        } else if let Some(n) = key.strip_prefix("sync_") {
+            others.push((
+                key.clone(),
+                format!("Agent sync, {n} Services (`BENCH_SERVICES={n} scripts/bench sync`)"),
+            ));
+        }
+    }
+    for (key, title) in others {
+        let Some(obj) = doc[&key].as_object() else {
             continue;
         };
         let _ = writeln!(md, "## {title}\n");
+        if key.starts_with("sync") {
+            let _ = writeln!(
+                md,
+                "The agent (`--source kubernetes`, a fake API server, its own cgroup) programs \
+                 the Services from empty; single endpoint changes are then timed from the POST \
+                 to the IPVS dump showing them (`change_latency_ms`, at the `--min-sync-period` \
+                 in `agent_options`; `change_latency_parts_ms`: when the source published and \
+                 the sync ran, and the slowest changes with the CPU used meanwhile); then 60 s \
+                 idle with the tables full (`idle`, sweeps and node checks included) and a \
+                 rolling-update churn (`churn`: one endpoint replaced every `interval_ms`, CPU \
+                 and latency together). Memory: VmRSS and its parts, and the cgroup's \
+                 `memory.current` (BPF maps and other kernel memory included). Clocks: latencies \
+                 on the guest's wall clock (TCG: host real time, emulated CPU), CPU from the \
+                 guest's /proc ticks.\n"
+            );
+        }
         for (k, v) in obj {
-            let flat: Vec<String> = v
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(kk, vv)| match vv {
-                    Value::Number(n) => Some(format!("{kk} {}", f(n.as_f64()))),
-                    Value::String(s) if s.len() < 40 => Some(format!("{kk} {s}")),
-                    _ => None,
-                })
-                .collect();
-            let _ = writeln!(md, "- `{key}.{k}`: {}", flat.join(", "));
+            let _ = writeln!(md, "- `{key}.{k}`: {}", scalars(v, 0).join(", "));
+            // Nested figures (latency distributions, CPU, memory), one line each.
+            for (kk, vv) in v.as_object().into_iter().flatten() {
+                let line = scalars(vv, 1);
+                if vv.is_object() && !line.is_empty() {
+                    let _ = writeln!(md, "  - {kk}: {}", line.join(", "));
+                }
+            }
         }
         md.push('\n');
     }
