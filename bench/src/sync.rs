@@ -612,6 +612,9 @@ fn main() -> anyhow::Result<()> {
             .arg(dir.join("cgroup.procs")),
         None => command.arg("-c").arg("exec \"$@\"").arg("sh"),
     };
+    // As the DaemonSet runs it: the lab's RUST_BACKTRACE=1 would have the first error logged
+    // with a backtrace map the whole unstripped binary (its debug info) into the agent's RSS.
+    command.env_remove("RUST_BACKTRACE");
     let start = Instant::now();
     let mut agent = Kill(
         command
