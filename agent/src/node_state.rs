@@ -213,13 +213,15 @@ impl DesiredNodeState {
     }
 }
 
-/// Checks `kube-ipvs0`: it must exist (re-created when it does not: `index` follows) and hold
-/// every address in `bound` (the ones the agent bound; a missing one is added back). Addresses
-/// the agent did not bind are left to the full resync.
+/// Checks `kube-ipvs0`: it must exist (re-created when it does not: `index` follows) and, with
+/// `bound`, hold every address in it (the ones the agent bound; a missing one is added back).
+/// Comparing the addresses means dumping them all (10,000 at 10,000 Services): the sync loop
+/// does it after a change to `kube-ipvs0`, not on every periodic check. Addresses the agent did
+/// not bind are left to the full resync.
 pub async fn repair_kube_ipvs0(
     rtnl: &Rtnl,
     index: &mut u32,
-    bound: &BTreeSet<IpAddr>,
+    bound: Option<&BTreeSet<IpAddr>>,
 ) -> Result<RepairReport, NodeError> {
     let mut report = RepairReport::default();
     match rtnl.link_index(DUMMY_INTERFACE).await? {
@@ -238,6 +240,9 @@ pub async fn repair_kube_ipvs0(
             report.full_sync = true;
         }
     }
+    let Some(bound) = bound else {
+        return Ok(report);
+    };
     let on = rtnl.addresses_on(*index).await?;
     let missing: Vec<IpAddr> = bound.difference(&on).copied().collect();
     if !missing.is_empty() {

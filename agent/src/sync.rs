@@ -806,7 +806,9 @@ impl Syncer {
 
     /// Checks the node state kept outside IPVS and repairs what differs (`crate::node_state`):
     /// the datapath's sysctls, rules and TC programs, and kube-ipvs0 with its addresses.
-    pub async fn repair_node_state(&mut self) -> node_state::RepairReport {
+    /// `addresses`: also compare kube-ipvs0's addresses with the bound ones (a dump of all of
+    /// them; see [`node_state::repair_kube_ipvs0`]).
+    pub async fn repair_node_state(&mut self, addresses: bool) -> node_state::RepairReport {
         let started = Instant::now();
         let mut report = self
             .datapath
@@ -814,7 +816,8 @@ impl Syncer {
             .map(Datapath::repair_node)
             .unwrap_or_default();
         let datapath = started.elapsed();
-        match node_state::repair_kube_ipvs0(&self.rtnl, &mut self.dummy_index, &self.bound).await {
+        let bound = addresses.then_some(&self.bound);
+        match node_state::repair_kube_ipvs0(&self.rtnl, &mut self.dummy_index, bound).await {
             Ok(r) => report.extend(r),
             Err(e) => report.failed(format!("checking {DUMMY_INTERFACE}: {e}")),
         }
@@ -915,9 +918,14 @@ const NODE_CHECK_DELAY: Duration = Duration::from_millis(300);
 const NODE_CHECK_SPACING: Duration = Duration::from_secs(1);
 
 /// Checks and repairs the node state and counts the repairs; a re-created kube-ipvs0 brings the
-/// next full sync forward.
-async fn check_node_state(syncer: &mut Syncer, observers: &Observers, next_full: &mut Instant) {
-    let r = syncer.repair_node_state().await;
+/// next full sync forward. `addresses`: kube-ipvs0's addresses too (after a change to it).
+async fn check_node_state(
+    syncer: &mut Syncer,
+    observers: &Observers,
+    next_full: &mut Instant,
+    addresses: bool,
+) {
+    let r = syncer.repair_node_state(addresses).await;
     observers.metrics.node_repairs(&r.repairs);
     if r.full_sync {
         *next_full = Instant::now();
@@ -956,6 +964,10 @@ pub async fn run(
     );
     node_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_soon: Option<Instant> = None;
+    // kube-ipvs0 changed since the last check: the next one compares its addresses. Periodic
+    // checks do not (a dump of every address) while its changes are followed; full syncs
+    // compare them anyway.
+    let mut check_addresses = false;
     let mut last_node_check = Instant::now();
     // Only the datapath keeps iptables rules.
     let mut nft_events = match syncer
@@ -1013,6 +1025,7 @@ pub async fn run(
                     // Our own service addresses on kube-ipvs0 change nothing the node view needs;
                     // kube-ipvs0 is checked (deleted, or an address removed by someone).
                     Some(index) if index == syncer.dummy_index => {
+                        check_addresses = true;
                         check_soon.get_or_insert(
                             (Instant::now() + NODE_CHECK_DELAY)
                                 .max(last_node_check + NODE_CHECK_SPACING),
@@ -1041,13 +1054,15 @@ pub async fn run(
             _ = tokio::time::sleep_until(check_soon.unwrap_or(now).into()), if check_soon.is_some() => {
                 check_soon = None;
                 node_check.reset();
-                check_node_state(&mut syncer, &observers, &mut next_full).await;
+                let addresses = std::mem::take(&mut check_addresses);
+                check_node_state(&mut syncer, &observers, &mut next_full, addresses).await;
                 last_node_check = Instant::now();
                 continue;
             }
             _ = node_check.tick() => {
                 check_soon = None;
-                check_node_state(&mut syncer, &observers, &mut next_full).await;
+                let addresses = std::mem::take(&mut check_addresses) || link_events.is_none();
+                check_node_state(&mut syncer, &observers, &mut next_full, addresses).await;
                 last_node_check = Instant::now();
                 continue;
             }
