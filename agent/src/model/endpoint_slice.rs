@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
+use super::object_key;
 use super::validate::parse_ip;
 use super::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
@@ -124,15 +125,13 @@ impl From<Endpoint> for SliceEndpoint {
 impl From<EndpointSlice> for EndpointSliceInfo {
     fn from(s: EndpointSlice) -> Self {
         let meta = s.metadata;
+        let (namespace, name) = object_key(&meta);
+        let (namespace, name): (Box<str>, Box<str>) = (namespace.into(), name.into());
         let mut labels = meta.labels.unwrap_or_default();
         let headless = labels.contains_key(HEADLESS_LABEL);
         EndpointSliceInfo {
-            namespace: Box::<str>::from(
-                meta.namespace
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "default".to_owned()),
-            ),
-            name: meta.name.unwrap_or_default().into(),
+            namespace,
+            name,
             service_name: labels
                 .remove(SERVICE_NAME_LABEL)
                 .map(String::into_boxed_str),

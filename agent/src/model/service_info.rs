@@ -11,6 +11,7 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::object_key;
 use super::{SCHEDULER_ANNOTATION, SERVICE_PROXY_NAME_LABEL};
 
 /// A Service reduced to what the agent reads (see the module documentation). Text fields are
@@ -83,6 +84,8 @@ impl From<K8sServicePort> for ServicePortInfo {
 impl From<Service> for ServiceInfo {
     fn from(svc: Service) -> Self {
         let meta = svc.metadata;
+        let (namespace, name) = object_key(&meta);
+        let (namespace, name): (Box<str>, Box<str>) = (namespace.into(), name.into());
         let spec = svc.spec.unwrap_or_default();
         let load_balancer_ingress = svc
             .status
@@ -98,12 +101,8 @@ impl From<Service> for ServiceInfo {
             })
             .collect();
         ServiceInfo {
-            namespace: Box::<str>::from(
-                meta.namespace
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "default".to_owned()),
-            ),
-            name: meta.name.unwrap_or_default().into(),
+            namespace,
+            name,
             uid: meta.uid.map(String::into_boxed_str),
             created: meta.creation_timestamp,
             proxy_name: meta

@@ -18,14 +18,17 @@ use crate::source::Snapshot;
 /// What a store keeps of a watched resource's objects, and which of their changes count.
 pub(crate) trait Watched: Resource + Clone + Metadata<Ty = ObjectMeta> {
     /// The stored form.
-    type Stored: Keyed;
+    type Stored: Keyed + PartialEq;
 
     /// `self` as stored.
     fn store(self) -> Self::Stored;
 
     /// Whether two stored objects differ only in what the API server changes on its own (a
     /// new resourceVersion, managed fields, a heartbeat): such a change publishes nothing.
-    fn same(a: &Self::Stored, b: &Self::Stored) -> bool;
+    /// A reduced form holds none of that: equality.
+    fn same(a: &Self::Stored, b: &Self::Stored) -> bool {
+        a == b
+    }
 }
 
 /// `obj` without the fields whose changes alone publish nothing.
@@ -44,10 +47,6 @@ impl Watched for Service {
     fn store(self) -> ServiceInfo {
         self.into()
     }
-
-    fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
-        a == b
-    }
 }
 
 /// Slices are kept as [`EndpointSliceInfo`]: what it drops changes nothing the model sees.
@@ -56,10 +55,6 @@ impl Watched for EndpointSlice {
 
     fn store(self) -> EndpointSliceInfo {
         self.into()
-    }
-
-    fn same(a: &EndpointSliceInfo, b: &EndpointSliceInfo) -> bool {
-        a == b
     }
 }
 
