@@ -1090,7 +1090,7 @@ pub async fn run(
                 // The transient allocations of the first sync (the first list, the kernel's
                 // dump) and of full syncs are returned to the kernel rather than kept
                 // resident by the allocator.
-                let heap = if full || first || r.full {
+                let heap = if full || first {
                     crate::heap::trim()
                 } else {
                     None
