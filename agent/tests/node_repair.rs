@@ -571,3 +571,107 @@ fn the_iptables_prerouting_chain_of_an_older_agent_goes_when_the_table_is_writte
     })
     .expect("a network namespace");
 }
+
+/// The node check skips reading the rules back while nf_tables' generation is unchanged: it
+/// must move with every transaction (ours, iptables-nft's, anyone's) and with nothing else.
+#[test]
+fn the_nf_tables_generation_moves_with_every_transaction_and_only_then() {
+    if skip() {
+        return;
+    }
+    in_netns(|| {
+        let generation = || {
+            agent::cleanup::nfnetlink::Nfnl::open()
+                .unwrap()
+                .nft_generation()
+                .unwrap()
+        };
+        let g0 = generation();
+        sh("ip link set lo up; nft list ruleset; iptables-nft-save; \
+            bash -c 'for i in 1 2 3; do echo x > /dev/udp/127.0.0.1/9; done'");
+        assert_eq!(generation(), g0, "reads and traffic changed the generation");
+        sh("nft add table inet kib-gen");
+        let g1 = generation();
+        assert_ne!(g1, g0);
+        sh("iptables-nft -A INPUT -i lo -j ACCEPT");
+        let g2 = generation();
+        assert_ne!(g2, g1);
+        sh("nft flush ruleset");
+        assert_ne!(generation(), g2);
+    })
+    .expect("a network namespace");
+}
+
+/// With legacy iptables the fingerprint is each table's `getsockopt` info: it changes when a
+/// rule is added, deleted or replaced by one of another size, not when counters move.
+#[test]
+fn a_legacy_table_s_info_changes_with_its_rules_and_not_with_its_counters() {
+    if skip() || common::skip_without(&[("iptables-legacy", "--version")]) {
+        return;
+    }
+    in_netns(|| {
+        sh("ip link set lo up");
+        let info = |ipv6| rules::legacy_table_info(ipv6, "filter").unwrap();
+        let (v4, v6) = (info(false), info(true));
+        assert_eq!(v4.len(), 52);
+        sh("iptables-legacy -A INPUT -i lo -j ACCEPT");
+        let added = info(false);
+        assert_ne!(added, v4);
+        assert_eq!(info(true), v6, "an IPv4 rule changed the IPv6 table's info");
+        sh("bash -c 'for i in 1 2 3; do echo x > /dev/udp/127.0.0.1/9; done'");
+        assert!(
+            sh("iptables-legacy-save -c -t filter").contains("-A INPUT -i lo -j ACCEPT")
+                && !sh("iptables-legacy-save -c -t filter").contains("[0:0] -A INPUT -i lo"),
+            "no packet counted"
+        );
+        assert_eq!(info(false), added, "counters changed the info");
+        sh("iptables-legacy -R INPUT 1 -i lo -m comment --comment longer -j ACCEPT");
+        assert_ne!(info(false), added);
+        sh("ip6tables-legacy -A INPUT -i lo -j ACCEPT");
+        assert_ne!(info(true), v6);
+    })
+    .expect("a network namespace");
+}
+
+/// On a node whose firewall is legacy iptables the rules are checked there: a jump deleted
+/// behind the agent's back is found and written back, and a change to other rules of the same
+/// tables makes the check read ours again and find them whole.
+#[test]
+fn on_a_legacy_iptables_node_a_deleted_jump_is_repaired() {
+    if skip() || common::skip_without(&[("iptables-legacy-save", "--version")]) {
+        return;
+    }
+    let scratch = Scratch::new("legacy");
+    in_netns(|| {
+        let mut dp = Datapath::start(DatapathConfig {
+            rules_backend: rules::Backend::Legacy,
+            ..scratch.config()
+        })
+        .expect("start the datapath");
+        let save = || sh("iptables-legacy-save -t raw; iptables-legacy-save -t filter");
+        assert_eq!(
+            rules::missing(&save(), false, rules::Notrack::Nftables),
+            Vec::<String>::new()
+        );
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+
+        sh("iptables-legacy -D FORWARD -j KUBE-IPVS-BPF-FILTER");
+        let r = dp.repair_node();
+        assert_eq!(parts(&r), vec![Part::Iptables], "{r:?}");
+        assert_eq!(
+            r.repairs[0].found,
+            "IPv4: jump FORWARD -> KUBE-IPVS-BPF-FILTER missing"
+        );
+        assert_eq!(
+            rules::missing(&save(), false, rules::Notrack::Nftables),
+            Vec::<String>::new()
+        );
+
+        sh("iptables-legacy -A FORWARD -i lo -j ACCEPT");
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+        assert!(save().contains("-A FORWARD -i lo -j ACCEPT"));
+    })
+    .expect("a network namespace");
+}

@@ -1,6 +1,8 @@
 //! The nfnetlink conversations the agent needs, without shelling out: nf_tables tables (list,
 //! and delete in a one-message batch), the agent's own notrack table (one batch replacing it,
-//! and dumps of chains and rules to check it: `crate::datapath::notrack`) and ipset sets (list
+//! and dumps of chains and rules to check it: `crate::datapath::notrack`), the ruleset's
+//! generation (which every nf_tables transaction bumps: the node check reads it to skip
+//! re-reading rules nobody changed) and ipset sets (list
 //! names, destroy one). This module owns the message layouts (pure builders and parsers,
 //! byte-tested) and a small blocking socket ([`Nfnl`]) that speaks them in the network namespace
 //! of the calling thread.
@@ -21,6 +23,8 @@
 //!   (1) and nested `NFTA_EXPR_DATA` (2)) and `NFTA_RULE_USERDATA` (7, where `nft` keeps a
 //!   comment: type `NFTNL_UDATA_RULE_COMMENT` (0) u8, length u8, the NUL-terminated text).
 //!   Nested attributes carry `NLA_F_NESTED` (0x8000), as libnftnl sends them;
+//! - the ruleset's generation: `NFT_MSG_GETGEN` (16) is answered by `NFT_MSG_NEWGEN` (15)
+//!   carrying `NFTA_GEN_ID` (1, big-endian u32), the counter each committed transaction bumps;
 //! - ipset: `IPSET_CMD_LIST` (7) dumps sets (`IPSET_ATTR_FLAGS` with `IPSET_FLAG_LIST_SETNAME`
 //!   asks for names only), `IPSET_CMD_DESTROY` (3) with `IPSET_ATTR_SETNAME` (2) destroys one;
 //!   every request carries `IPSET_ATTR_PROTOCOL` (1) = 6, the oldest protocol, which every
@@ -55,6 +59,9 @@ pub const NFT_MSG_NEWCHAIN: u8 = 3;
 pub const NFT_MSG_GETCHAIN: u8 = 4;
 pub const NFT_MSG_NEWRULE: u8 = 6;
 pub const NFT_MSG_GETRULE: u8 = 7;
+pub const NFT_MSG_NEWGEN: u8 = 15;
+pub const NFT_MSG_GETGEN: u8 = 16;
+pub const NFTA_GEN_ID: u16 = 1;
 pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_NAME: u16 = 3;
@@ -396,6 +403,31 @@ pub fn nft_replace_table_batch(
         &[],
     ));
     (b, n.wrapping_sub(seq))
+}
+
+/// A request for the ruleset's generation (answered by one `NFT_MSG_NEWGEN`, then the
+/// acknowledgement).
+pub fn nft_get_generation(seq: u32) -> Vec<u8> {
+    message(
+        nft_type(NFT_MSG_GETGEN),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        NFPROTO_UNSPEC,
+        0,
+        &[],
+    )
+}
+
+/// The generation an `NFT_MSG_NEWGEN` reply carries.
+pub fn parse_nft_generation(msgs: &[Received]) -> Option<u32> {
+    msgs.iter()
+        .filter(|m| m.ty == nft_type(NFT_MSG_NEWGEN))
+        .find_map(|m| {
+            parse_attrs(&m.payload)
+                .into_iter()
+                .find(|(ty, _)| *ty == NFTA_GEN_ID)
+                .and_then(|(_, v)| Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)))
+        })
 }
 
 /// Dump of every chain of `family`.
@@ -797,6 +829,13 @@ impl Nfnl {
         )
     }
 
+    /// The ruleset's generation: it changes with every committed nf_tables transaction (any
+    /// table's, iptables-nft's included), and only then.
+    pub fn nft_generation(&mut self) -> Result<u32, NfnlError> {
+        let msgs = self.dump("reading the nf_tables generation", nft_get_generation)?;
+        parse_nft_generation(&msgs).ok_or(NfnlError::Malformed("no NFTA_GEN_ID"))
+    }
+
     /// Every chain of `family`.
     pub fn nft_chains(&mut self, family: u8) -> Result<Vec<NftChainInfo>, NfnlError> {
         let msgs = self.dump("listing nf_tables chains", |seq| {
@@ -856,6 +895,29 @@ mod tests {
         b.extend_from_slice(&seq.to_le_bytes());
         b.extend_from_slice(&[0, 0, 0, 0]);
         b
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_generation_request_and_its_reply_follow_the_uapi_layout() {
+        // NFT_MSG_GETGEN (10 << 8 | 16), NLM_F_REQUEST | NLM_F_ACK, NFPROTO_UNSPEC, no attributes.
+        let mut want = hdr(20, 0x0a10, 0x5, 9);
+        want.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(nft_get_generation(9), want);
+        // NFT_MSG_NEWGEN as 6.12 sends it: NFTA_GEN_ID 0x1234 (big-endian), the process id, and
+        // its name; then the acknowledgement.
+        let mut reply = hdr(48, 0x0a0f, 0, 9);
+        reply.extend_from_slice(&[0, 0, 0, 0]);
+        reply.extend_from_slice(&attr(NFTA_GEN_ID, &0x1234u32.to_be_bytes()));
+        reply.extend_from_slice(&attr(2, &77u32.to_be_bytes()));
+        reply.extend_from_slice(&attr_str(3, "agent"));
+        let mut ack = hdr(36, NLMSG_ERROR, 0, 9);
+        ack.extend_from_slice(&[0; 20]);
+        reply.extend_from_slice(&ack);
+        let msgs = parse_messages(&reply).unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(parse_nft_generation(&msgs), Some(0x1234));
+        assert_eq!(parse_nft_generation(&msgs[1..]), None);
     }
 
     #[cfg(target_endian = "little")]

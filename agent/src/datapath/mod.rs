@@ -327,6 +327,9 @@ pub struct Datapath {
     rules_written: bool,
     /// The sysctls, nf_tables table and iptables rules kept on the node (checked by [`Datapath::repair_node`]).
     node: DesiredNodeState,
+    /// The last node check that found the rules whole (the next skips reading them back while
+    /// the rulesets are unchanged).
+    rules_checked: Option<crate::node_state::RulesChecked>,
 }
 
 /// What a device sync did.
@@ -386,6 +389,7 @@ impl Datapath {
         );
         let mut dp = Datapath {
             node,
+            rules_checked: None,
             loaded,
             cfg,
             observed: Default::default(),
@@ -571,7 +575,7 @@ impl Datapath {
                 "following the switch window from kube-proxy: {e:#}"
             ));
         }
-        report.extend(self.node.repair());
+        report.extend(self.node.repair(&mut self.rules_checked));
         let mut devices: Vec<(u32, String, DeviceKind)> = self
             .attached
             .iter()

@@ -32,6 +32,9 @@ pub const CHAIN_FILTER: &str = "KUBE-IPVS-BPF-FILTER";
 /// The comment of the filter rule kept only while the switch window from kube-proxy is open.
 pub const SWITCH_ACCEPT: &str = "kube-ipvs-bpf: connections open before the switch from kube-proxy";
 
+/// The iptables tables the agent keeps rules in.
+pub const TABLES: [&str; 2] = ["raw", "filter"];
+
 /// Errors running iptables-save/-restore.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -188,10 +191,65 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Rule
 /// The current rules of the two tables the agent writes to (`raw`, `filter`), for one family.
 fn save(backend: Backend, ipv6: bool) -> Result<String, RulesError> {
     let mut save = String::new();
-    for table in ["raw", "filter"] {
+    for table in TABLES {
         save.push_str(&run(&backend.program(ipv6, "save"), &["-t", table], None)?);
     }
     Ok(save)
+}
+
+/// `IPT_SO_GET_INFO` and `IP6T_SO_GET_INFO` (`IPT_BASE_CTL` + 0, at `SOL_IP` and `SOL_IPV6`).
+const SO_GET_INFO: libc::c_int = 64;
+
+/// The size of `struct ipt_getinfo` (and `ip6t_getinfo`): the table's name (32 bytes), then
+/// `valid_hooks`, `hook_entry[5]`, `underflow[5]`, `num_entries` and `size` (u32 each).
+const GETINFO_LEN: usize = 84;
+
+/// What legacy iptables (x_tables) says of table `table` of one family without listing it:
+/// its hooks, the offsets of their entries and underflows, its number of entries and its size
+/// in bytes (`struct ipt_getinfo` after the name, 52 bytes). Adding, deleting or replacing a
+/// rule by one of another size changes it; counters do not. One `getsockopt` on a raw socket
+/// (`CAP_NET_RAW`); the kernel loads the table's module when it is not loaded.
+pub fn legacy_table_info(ipv6: bool, table: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (domain, level) = if ipv6 {
+        (libc::AF_INET6, libc::SOL_IPV6)
+    } else {
+        (libc::AF_INET, libc::SOL_IP)
+    };
+    // SAFETY: socket(2) has no memory arguments; the descriptor is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = [0u8; GETINFO_LEN];
+    let name = table.as_bytes();
+    if name.len() >= 32 {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    info[..name.len()].copy_from_slice(name);
+    let mut len = GETINFO_LEN as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes, as the kernel requires exactly.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            SO_GET_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[32..].to_vec())
 }
 
 /// The comments of the rules in each chain of ours (`restore_input` writes them); the
