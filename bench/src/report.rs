@@ -1222,7 +1222,9 @@ fn markdown(
                 md,
                 "The agent (`--source kubernetes`, a fake API server, its own cgroup) programs \
                  the Services from empty; single endpoint changes are then timed from the POST \
-                 to the IPVS dump showing them (`change_latency_ms`, at the `--min-sync-period` \
+                 to the IPVS dump showing them, polled every 2 ms at nice 19 so that the \
+                 poller does not take the one vCPU from the agent (`change_latency_ms`, at the \
+                 `--min-sync-period` \
                  in `agent_options`; `change_latency_parts_ms`: when the source published and \
                  the sync ran, and the slowest changes with the CPU used meanwhile); then 60 s \
                  idle with the tables full (`idle`, sweeps and node checks included) and a \
