@@ -119,7 +119,7 @@ enum stat_index {
 /* Default sizes (docs/datapath.md); the loader overrides them before load. */
 enum default_sizes {
 	DEFAULT_SVC_PORTS_SIZE = 65536,
-	DEFAULT_SVC_ADDRS_SIZE = 16384,
+	DEFAULT_SVC_ADDRS_SIZE = 65536,
 	DEFAULT_SRC_RANGES_SIZE = 16384,
 	DEFAULT_CLUSTER_CIDRS_SIZE = 256,
 	DEFAULT_DEVICES_SIZE = 1024,

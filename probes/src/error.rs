@@ -161,4 +161,11 @@ fn libbpf_said(log: &[String]) -> String {
 }
 
 /// The crate's result type.
+impl Error {
+    /// Whether a map update failed because the map already holds its `max_entries` (`E2BIG`).
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, Error::Map { source, .. } if source.kind() == libbpf_rs::ErrorKind::TooBig)
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -60,7 +60,7 @@ pub const CLSACT_PRIORITY: u32 = 0x4b49;
 pub struct MapSizes {
     /// `svc_ports` (default 65 536).
     pub svc_ports: u32,
-    /// `svc_addrs` (default 16 384).
+    /// `svc_addrs` (default 65 536, as `svc_ports`: every service address has a port there).
     pub svc_addrs: u32,
     /// `src_ranges` (default 16 384).
     pub src_ranges: u32,

@@ -97,8 +97,9 @@ pub const IP_VS_CONN_F_TEMPLATE: u32 = 0x1000;
 
 /// Default `svc_ports` size.
 pub const DEFAULT_SVC_PORTS_SIZE: u32 = 65_536;
-/// Default `svc_addrs` size.
-pub const DEFAULT_SVC_ADDRS_SIZE: u32 = 16_384;
+/// Default `svc_addrs` size: that of `svc_ports` (every service address has at least one port
+/// there, so `svc_ports` fills first; 16,384 ran out at 50,000 Services).
+pub const DEFAULT_SVC_ADDRS_SIZE: u32 = 65_536;
 /// Default `src_ranges` size.
 pub const DEFAULT_SRC_RANGES_SIZE: u32 = 16_384;
 /// Default `cluster_cidrs` size.

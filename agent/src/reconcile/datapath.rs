@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use probes::maps::{
     ADDR_F_NODE, ADDR_F_SERVICE, AddrKey, AddrValue, CidrKey, RangeKey, SVC_F_MASQ,
-    SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SvcKey, SvcValue,
+    SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SvcKey, SvcValue, map_names,
 };
 use probes::{DatapathMaps, UpdateFlags};
 
@@ -154,6 +154,18 @@ pub enum MapOp {
     DelRange(RangeKey),
     PutCidr(CidrKey),
     DelCidr(CidrKey),
+}
+
+impl MapOp {
+    /// The map it writes.
+    pub fn map(&self) -> &'static str {
+        match self {
+            MapOp::PutPort(..) | MapOp::DelPort(_) => map_names::SVC_PORTS,
+            MapOp::PutAddr(..) | MapOp::DelAddr(_) => map_names::SVC_ADDRS,
+            MapOp::PutRange(_) | MapOp::DelRange(_) => map_names::SRC_RANGES,
+            MapOp::PutCidr(_) | MapOp::DelCidr(_) => map_names::CLUSTER_CIDRS,
+        }
+    }
 }
 
 /// The changes, split in the two phases around the IPVS reconciler.
@@ -296,6 +308,9 @@ pub fn apply(
 ) -> (usize, Vec<String>) {
     let mut done = 0;
     let mut failures = Vec::new();
+    // Entries a full map refused, by map: one failure each, not one per entry (at 50,000
+    // Services that would be tens of thousands of lines per sync).
+    let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
     for op in ops {
         let r = match op {
             MapOp::PutPort(k, v) => maps.svc_ports.update(k, v, UpdateFlags::Any).map(|()| {
@@ -329,10 +344,23 @@ pub fn apply(
         };
         match r {
             Ok(()) => done += 1,
+            Err(e) if e.is_map_full() => *full.entry(op.map()).or_default() += 1,
             Err(e) => failures.push(format!("{op:?}: {e}")),
         }
     }
+    failures.extend(full.into_iter().map(|(map, n)| map_full(map, n)));
     (done, failures)
+}
+
+/// What a full map means, once for all the entries it refused: which map, how many entries,
+/// and how to make room (its size is set when it is created).
+fn map_full(map: &str, refused: usize) -> String {
+    format!(
+        "map {map} is full: {refused} entries not written (the traffic of the services they \
+         describe is not handled as service traffic); set its size with --bpf-map-size \
+         {map}=ENTRIES or kubeIpvsBpf.datapath.mapSizes (applied when the map is created: a \
+         pinned map keeps its size until `kube-ipvs-bpf cleanup`)"
+    )
 }
 
 #[cfg(test)]
