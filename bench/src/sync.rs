@@ -174,11 +174,11 @@ fn rss_kib(pid: u32) -> Value {
 }
 
 /// `--bpf-map-size` arguments for maps whose default size `services` would overflow: one
-/// `svc_addrs` entry per ClusterIP (default 16,384, see docs/datapath.md) and one `svc_ports`
-/// entry per port (default 65,536), with a quarter to spare, in powers of two.
+/// `svc_addrs` entry per ClusterIP and one `svc_ports` entry per port (both 65,536 by default,
+/// `probes::maps`), with a quarter to spare, in powers of two.
 fn map_sizes(services: usize) -> Vec<String> {
     let mut out = Vec::new();
-    for (map, default) in [("svc_addrs", 16_384), ("svc_ports", 65_536)] {
+    for (map, default) in [("svc_addrs", 65_536), ("svc_ports", 65_536)] {
         if services > default * 3 / 4 {
             out.push("--bpf-map-size".into());
             out.push(format!(
