@@ -823,6 +823,10 @@ fn main() -> anyhow::Result<()> {
             },
             "programmed_from_empty_s": programmed_s,
             "first_sync_ms": first["duration_ms"],
+            // Where the first sync's time went (the agent's phases, ms).
+            "first_sync_phases_ms": first["phases"]
+                .as_str()
+                .and_then(|p| serde_json::from_str::<Value>(p).ok()),
             "first_sync_ipvs_ops": ops["issued"],
             "first_sync_map_changes": first["map_changes"],
             "change_latency_ms": latency,
