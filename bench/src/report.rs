@@ -1225,8 +1225,10 @@ fn markdown(
                  to the IPVS dump showing them, polled every 2 ms at nice 19 so that the \
                  poller does not take the one vCPU from the agent (`change_latency_ms`, at the \
                  `--min-sync-period` \
-                 in `agent_options`; `change_latency_parts_ms`: when the source published and \
-                 the sync ran, and the slowest changes with the CPU used meanwhile); then 60 s \
+                 in `agent_options`; `change_latency_parts_ms`: the POST's own time \
+                 (`posted`: the fake API server, in the same one-vCPU guest) and the rest \
+                 (`after_post`), when the source published and the sync ran, and the slowest \
+                 changes with the CPU used meanwhile); then 60 s \
                  idle with the tables full (`idle`, sweeps and node checks included) and a \
                  rolling-update churn (`churn`: one endpoint replaced every `interval_ms`, CPU \
                  and latency together). Memory: VmRSS and its parts, and the cgroup's \

@@ -499,6 +499,8 @@ fn changes_phase(
             lines.extend(log.try_iter());
             let mut record = change_record(i, t0_unix, latency, &lines, cpu);
             record["posted_ms"] = json!(posted);
+            // From the API server's answer to the kernel: the watch, the agent, IPVS.
+            record["after_post_ms"] = json!(latency - posted);
             out.push(record);
             lines.clear();
         }
@@ -832,6 +834,7 @@ fn main() -> anyhow::Result<()> {
             "change_latency_ms": latency,
             "change_latency_parts_ms": {
                 "posted": distribution(column("posted_ms")),
+                "after_post": distribution(column("after_post_ms")),
                 "published": distribution(column("published_ms")),
                 "sync_started": distribution(column("sync_started_ms")),
                 "sync_logged": distribution(column("sync_logged_ms")),
