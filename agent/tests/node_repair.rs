@@ -675,3 +675,64 @@ fn on_a_legacy_iptables_node_a_deleted_jump_is_repaired() {
     })
     .expect("a network namespace");
 }
+
+/// The address reconciler keeps many requests on the wire at once: 1,000 addresses (IPv4 and
+/// IPv6) bound on one device and then all removed but one, with the kernel's view and the
+/// reconciler's agreeing after each step, and an address the kernel refuses reported without
+/// stopping the others. (A veth stands in for kube-ipvs0: this kernel has no dummy driver.)
+#[test]
+fn a_thousand_addresses_are_bound_and_unbound_with_requests_in_flight() {
+    if skip() {
+        return;
+    }
+    in_netns(|| {
+        let rt = runtime();
+        let index = veth("kibaddr");
+        rt.block_on(async {
+            use agent::reconcile::addresses::{AddressPlan, apply, plan};
+            let rtnl = agent::node::Rtnl::connect().unwrap();
+            let want: BTreeSet<std::net::IpAddr> = (0..1000u32)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a60_0000 + i))
+                    } else {
+                        std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                            0xfd00_0096_u128 << 96 | u128::from(i),
+                        ))
+                    }
+                })
+                .collect();
+            let on_device = || -> BTreeSet<std::net::IpAddr> {
+                sh("ip -o addr show dev kibaddr")
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(3))
+                    .filter_map(|a| a.split('/').next()?.parse().ok())
+                    .filter(|a: &std::net::IpAddr| {
+                        !a.is_ipv6() || !a.to_string().starts_with("fe80")
+                    })
+                    .collect()
+            };
+            let mut observed = BTreeSet::new();
+            let failures = apply(&rtnl, index, &plan(&want, &observed), &mut observed).await;
+            assert!(failures.is_empty(), "{failures:?}");
+            assert_eq!(observed, want);
+            assert_eq!(on_device(), want);
+
+            let keep: BTreeSet<std::net::IpAddr> = want.iter().take(1).copied().collect();
+            let failures = apply(&rtnl, index, &plan(&keep, &observed), &mut observed).await;
+            assert!(failures.is_empty(), "{failures:?}");
+            assert_eq!(observed, keep);
+            assert_eq!(on_device(), keep);
+
+            // A device index that does not exist: every request fails, each reported.
+            let bad = AddressPlan {
+                add: want.iter().skip(1).take(3).copied().collect(),
+                remove: Vec::new(),
+            };
+            let failures = apply(&rtnl, 999_999, &bad, &mut observed).await;
+            assert_eq!(failures.len(), 3, "{failures:?}");
+            assert_eq!(observed, keep);
+        });
+    })
+    .expect("a network namespace");
+}

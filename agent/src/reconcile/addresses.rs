@@ -1,10 +1,17 @@
 //! Address reconciler: the service addresses bound on `kube-ipvs0` (created if missing), added
-//! and removed one by one. Every address on `kube-ipvs0` is this agent's.
+//! and removed one request per address, [`IN_FLIGHT`] requests on the wire at once. Every
+//! address on `kube-ipvs0` is this agent's.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use futures::StreamExt;
+
 use crate::node::{NodeError, Rtnl};
+
+/// Address requests on the wire at once: a first sync binds one address per Service (10,000
+/// and more), and waiting for each answer before sending the next costs a round trip each.
+pub const IN_FLIGHT: usize = 64;
 
 /// The changes that turn `observed` into `desired`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -35,16 +42,22 @@ pub async fn apply(
     observed: &mut BTreeSet<IpAddr>,
 ) -> Vec<NodeError> {
     let mut failures = Vec::new();
-    for &a in &plan.add {
-        match rtnl.add_address(index, a).await {
+    let mut added = futures::stream::iter(&plan.add)
+        .map(|&a| async move { (a, rtnl.add_address(index, a).await) })
+        .buffer_unordered(IN_FLIGHT);
+    while let Some((a, r)) = added.next().await {
+        match r {
             Ok(()) => {
                 observed.insert(a);
             }
             Err(e) => failures.push(e),
         }
     }
-    for &a in &plan.remove {
-        match rtnl.del_address(index, a).await {
+    let mut removed = futures::stream::iter(&plan.remove)
+        .map(|&a| async move { (a, rtnl.del_address(index, a).await) })
+        .buffer_unordered(IN_FLIGHT);
+    while let Some((a, r)) = removed.next().await {
+        match r {
             Ok(()) => {
                 observed.remove(&a);
             }
