@@ -1221,7 +1221,11 @@ fn markdown(
             let _ = writeln!(
                 md,
                 "The agent (`--source kubernetes`, a fake API server, its own cgroup) programs \
-                 the Services from empty; single endpoint changes are then timed from the POST \
+                 the Services from empty; after one untimed warm-up change (its record is \
+                 `change_latency_ms.warmup`: the first change's POST and sync ran 5-60x slower \
+                 than the next ones', most likely QEMU translating code the first sync never \
+                 ran), single endpoint changes are timed \
+                 from the POST \
                  to the IPVS dump showing them, polled every 2 ms at nice 19 so that the \
                  poller does not take the one vCPU from the agent (`change_latency_ms`, at the \
                  `--min-sync-period` \
