@@ -1226,7 +1226,7 @@ fn markdown(
                  than the next ones', most likely QEMU translating code the first sync never \
                  ran), single endpoint changes are timed \
                  from the POST \
-                 to the IPVS dump showing them, polled every 2 ms at nice 19 so that the \
+                 to the IPVS dump showing them, polled every 2 ms at nice 10 so that the \
                  poller does not take the one vCPU from the agent (`change_latency_ms`, at the \
                  `--min-sync-period` \
                  in `agent_options`; `change_latency_parts_ms`: the POST's own time \
