@@ -599,6 +599,7 @@ fn summarize(run: &RunDoc) -> Value {
                 },
                 "bpf_stats": bpf_summary(&d["bpf_stats"]),
                 "profile_us_per_conn": profile,
+                "idle": idle_summary(&d["idle"]),
             }),
         );
     }
@@ -612,6 +613,18 @@ fn summarize(run: &RunDoc) -> Value {
         "cases": cases,
         "details": details,
     })
+}
+
+/// The guest's busy CPU without traffic (bench-datapath's `idle`), in ms per second.
+fn idle_summary(i: &Value) -> Value {
+    match (i["busy_s"].as_f64(), i["window_s"].as_f64()) {
+        (Some(busy), Some(window)) if window > 0.0 => json!({
+            "window_s": round(window),
+            "busy_ms_per_s": round(busy * 1000.0 / window),
+            "processes_cpu_s": i["processes_cpu_s"],
+        }),
+        _ => Value::Null,
+    }
 }
 
 fn bpf_summary(b: &Value) -> Value {
@@ -1175,6 +1188,32 @@ fn markdown(
                 .collect::<Vec<_>>()
                 .join("; ")
         );
+        // The periodic work a timed window catches or misses by its phase (ours: the agent's).
+        let idle: Vec<String> = DATAPATHS
+            .iter()
+            .filter_map(|dp| {
+                let ms = num(s, &["details", dp, "idle", "busy_ms_per_s"])?;
+                let cps = num(s, &["cases", "cps_nodeport", "1", dp, "rate", "median"]);
+                Some(match cps.filter(|c| *c > 0.0) {
+                    Some(cps) => format!(
+                        "{dp} {} ms/s ({} µs per connection at its NodePort CPS)",
+                        f(Some(ms)),
+                        f(Some(ms * 1000.0 / cps))
+                    ),
+                    None => format!("{dp} {} ms/s", f(Some(ms))),
+                })
+            })
+            .collect();
+        if !idle.is_empty() {
+            let _ = writeln!(
+                md,
+                "Busy CPU without traffic over {} s after the profiles (periodic work, such as \
+                 the agent's node checks and sweeps, that a timed window catches or misses by \
+                 its phase): {}.\n",
+                f(s["config"]["idle_seconds"].as_f64()),
+                idle.join("; ")
+            );
+        }
     }
 
     where_time_goes(&mut md, summaries, headline);
