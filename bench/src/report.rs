@@ -302,6 +302,24 @@ const METRICS: [Metric; 8] = [
     Metric::Failed,
 ];
 
+/// Functions of the `ip_vs` module not named `ip_vs*` (its TCP and UDP protocol handlers, its
+/// reply path), which the guest's `perf` reports as `[kernel.kallsyms]` like the rest.
+const IPVS_MODULE_SYMBOLS: [&str; 13] = [
+    "tcp_state_transition",
+    "tcp_dnat_handler",
+    "tcp_snat_handler",
+    "tcp_conn_schedule",
+    "set_tcp_state",
+    "udp_state_transition",
+    "udp_dnat_handler",
+    "udp_snat_handler",
+    "udp_conn_schedule",
+    "handle_response",
+    "ensure_mtu_ok",
+    "crosses_local_route_boundary",
+    "is_new_conn",
+];
+
 /// Profile symbol → category (for "where the time goes").
 fn category(sym: &str, dso: &str, kernel: bool) -> &'static str {
     let starts = |p: &[&str]| p.iter().any(|x| sym.starts_with(x));
@@ -328,7 +346,7 @@ fn category(sym: &str, dso: &str, kernel: bool) -> &'static str {
         "sk_filter",
     ]) {
         "BPF helpers, maps, TC hook"
-    } else if starts(&["ip_vs", "__ip_vs"]) {
+    } else if starts(&["ip_vs", "__ip_vs"]) || IPVS_MODULE_SYMBOLS.contains(&sym) {
         "IPVS"
     } else if starts(&[
         "nf_conntrack",
@@ -398,6 +416,8 @@ fn category(sym: &str, dso: &str, kernel: bool) -> &'static str {
         "ip_rt_",
     ]) {
         "routing"
+    } else if !kernel && dso == "kube-ipvs-bpf" {
+        "the agent (user space)"
     } else if !kernel {
         "user space (loadgen)"
     } else if starts(&[
@@ -413,7 +433,7 @@ fn category(sym: &str, dso: &str, kernel: bool) -> &'static str {
     }
 }
 
-const CATEGORIES: [&str; 11] = [
+const CATEGORIES: [&str; 12] = [
     "BPF programs (JIT code)",
     "BPF helpers, maps, TC hook",
     "IPVS",
@@ -423,6 +443,7 @@ const CATEGORIES: [&str; 11] = [
     "routing",
     "rest of the kernel (TCP/IP, veth, scheduler, syscalls)",
     "user space (loadgen)",
+    "the agent (user space)",
     "idle",
     "total",
 ];
@@ -1964,6 +1985,14 @@ mod tests {
             "BPF helpers, maps, TC hook"
         );
         assert_eq!(category("ip_vs_in_hook", "[ip_vs]", true), "IPVS");
+        assert_eq!(
+            category("tcp_state_transition", "[kernel.kallsyms]", true),
+            "IPVS"
+        );
+        assert_eq!(
+            category("<alloc::vec::Vec<T>>::from_iter", "kube-ipvs-bpf", false),
+            "the agent (user space)"
+        );
         assert_eq!(
             category("nf_conntrack_in", "[nf_conntrack]", true),
             "conntrack and NAT"
