@@ -31,14 +31,14 @@ struct Args {
     commit: String,
     date: String,
     raw: Vec<PathBuf>,
-    bpf_only: bool,
+    json_sections_only: bool,
 }
 
 fn args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut json, mut md, mut png, mut commit, mut date) = (None, None, None, None, None);
     let mut raw = Vec::new();
-    let mut bpf_only = false;
+    let mut json_sections_only = false;
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -47,27 +47,27 @@ fn args() -> Result<Args> {
             "--png" => png = Some(PathBuf::from(val()?)),
             "--commit" => commit = Some(val()?),
             "--date" => date = Some(val()?),
-            "--bpf-only" => bpf_only = true,
+            "--json-sections" => json_sections_only = true,
             _ if a.starts_with("--") => bail!("unknown option {a}"),
             _ => raw.push(PathBuf::from(a)),
         }
     }
-    if raw.is_empty() && !bpf_only {
+    if raw.is_empty() && !json_sections_only {
         bail!(
             "usage: bench-report --json FILE --md FILE --png FILE --commit REV RAW...\n       \
-             bench-report --bpf-only --json FILE --md FILE"
+             bench-report --json-sections --json FILE --md FILE"
         );
     }
     Ok(Args {
         json: json.context("--json")?,
         md: md.context("--md")?,
         png: png
-            .or_else(|| bpf_only.then(PathBuf::new))
+            .or_else(|| json_sections_only.then(PathBuf::new))
             .context("--png")?,
         commit: commit.unwrap_or_else(|| "unknown".into()),
         date: date.unwrap_or_else(today),
         raw,
-        bpf_only,
+        json_sections_only,
     })
 }
 
@@ -1255,7 +1255,15 @@ fn markdown(
             .join(", ")
     );
 
-    bpf_section(&mut md, doc);
+    json_sections(&mut md, doc);
+    md
+}
+
+/// The sections made from docs/benchmarks.json alone, after the datapath's: the eBPF
+/// micro-benchmarks, the IPVS library, the sync bench at 10,000 Services (`sync`) and any other
+/// size run on demand (`sync_N`).
+fn json_sections(md: &mut String, doc: &Value) {
+    bpf_section(md, doc);
     // Other benchmarks kept in the JSON: the IPVS library, then the sync bench at 10,000
     // Services (`sync`) and any other size run on demand (`sync_N`).
     let mut others = vec![(
@@ -1313,7 +1321,6 @@ fn markdown(
         }
         md.push('\n');
     }
-    md
 }
 
 /// The eBPF micro-benchmark section (`scripts/bench bpf`), from `bpf` and `bpf_detail`.
@@ -1373,19 +1380,24 @@ fn bpf_section(md: &mut String, doc: &Value) {
     }
 }
 
-/// Replaces the eBPF micro-benchmark section of an existing report (`--bpf-only`: `scripts/bench
-/// bpf` refreshes its figures without the datapath runs' raw files).
-fn replace_bpf_section(report: &str, doc: &Value) -> String {
-    const HEAD: &str = "## eBPF datapath micro-benchmarks";
-    let mut section = String::new();
-    bpf_section(&mut section, doc);
-    let Some(start) = report.find(HEAD) else {
-        return format!("{report}\n{section}");
-    };
-    let end = report[start + HEAD.len()..]
-        .find("\n## ")
-        .map_or(report.len(), |i| start + HEAD.len() + i + 1);
-    format!("{}{section}{}", &report[..start], &report[end..])
+/// Replaces the sections of an existing report that are made from docs/benchmarks.json alone
+/// (`--json-sections`: `scripts/bench bpf`, `ipvs` and `sync` refresh their figures without the
+/// datapath runs' raw files). They are the report's last sections: everything from the first of
+/// their headings on is rewritten.
+fn replace_json_sections(report: &str, doc: &Value) -> String {
+    const HEADS: [&str; 3] = [
+        "## eBPF datapath micro-benchmarks",
+        "## IPVS library",
+        "## Agent sync",
+    ];
+    let mut sections = String::new();
+    json_sections(&mut sections, doc);
+    let start = HEADS.iter().filter_map(|h| report.find(h)).min();
+    match start {
+        Some(start) => format!("{}{sections}", &report[..start]),
+        None if report.is_empty() => sections,
+        None => format!("{}\n\n{sections}", report.trim_end_matches('\n')),
+    }
 }
 
 /// "Where the time goes": profile categories, BPF statistics, and what would close the gaps.
@@ -1853,14 +1865,14 @@ fn chart(path: &PathBuf, summaries: &[(String, String, Value)]) -> Result<()> {
 
 fn run() -> Result<()> {
     let a = args()?;
-    if a.bpf_only {
+    if a.json_sections_only {
         let doc: Value = serde_json::from_str(
             &std::fs::read_to_string(&a.json)
                 .with_context(|| format!("read {}", a.json.display()))?,
         )
         .with_context(|| format!("parse {}", a.json.display()))?;
         let report = std::fs::read_to_string(&a.md).unwrap_or_default();
-        std::fs::write(&a.md, replace_bpf_section(&report, &doc))
+        std::fs::write(&a.md, replace_json_sections(&report, &doc))
             .with_context(|| format!("write {}", a.md.display()))?;
         return Ok(());
     }
@@ -2019,16 +2031,18 @@ mod tests {
     }
 
     #[test]
-    fn bpf_only_replaces_just_the_bpf_section() {
+    fn json_sections_replace_the_sections_made_from_the_json_and_keep_the_datapath() {
         let doc = json!({
             "bpf": {"fast_path_ns": 62.0, "floor_ns": 26.0, "method": "m", "rewrite": "r"},
             "bpf_detail": {"kernel": "k", "bpf_own": {"fast_path_ns": 36.0}},
+            "ipvs": {"kernel_6_12": {"create_total_s": 14.8}},
+            "sync": {"kernel_6_12": {"first_sync_ms": 17659.5}},
         });
-        let report =
-            "# B\n\n## eBPF datapath micro-benchmarks (x)\n\nold\n\n## IPVS library\n\nkeep\n";
-        let out = replace_bpf_section(report, &doc);
+        let report = "# B\n\n## Datapath: x\n\nkeep\n\n## eBPF datapath micro-benchmarks (x)\n\n\
+                      old\n\n## IPVS library\n\nold ipvs\n\n## Agent sync (x)\n\nold sync\n";
+        let out = replace_json_sections(report, &doc);
         assert!(
-            out.starts_with("# B\n\n## eBPF datapath micro-benchmarks"),
+            out.starts_with("# B\n\n## Datapath: x\n\nkeep\n\n## eBPF datapath micro-benchmarks"),
             "{out}"
         );
         assert!(out.contains("| `fast_path_ns` | 62.00 | 36.00 |"), "{out}");
@@ -2037,7 +2051,23 @@ mod tests {
                 && out.contains("`first_packet_ns` ≤ 300: not measured"),
             "{out}"
         );
-        assert!(!out.contains("old") && !out.contains("floor_ns`"), "{out}");
-        assert!(out.ends_with("## IPVS library\n\nkeep\n"), "{out}");
+        assert!(
+            out.contains("- `ipvs.kernel_6_12`: create_total_s 14.8"),
+            "{out}"
+        );
+        assert!(
+            out.contains("- `sync.kernel_6_12`: first_sync_ms 17660"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("old ipvs")
+                && !out.contains("old sync")
+                && !out.contains("\n\nold\n")
+                && !out.contains("floor_ns`"),
+            "{out}"
+        );
+        // A report without those sections gets them appended.
+        let out = replace_json_sections("# B\n\n## Datapath: x\n", &doc);
+        assert!(out.starts_with("# B\n\n## Datapath: x\n\n## eBPF"), "{out}");
     }
 }
