@@ -54,7 +54,7 @@ use lab::{Netns, try_sh};
 use serde_json::{Value, json};
 
 mod procstat;
-use procstat::{busy_processes, cpu_ticks, stat_ticks};
+use procstat::{busy_processes, cpu_ticks, stat_ticks, ticks_per_second};
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const NODE_IP: &str = "10.0.1.1";
@@ -79,6 +79,7 @@ struct Config {
     profile_conns: u64,
     hold_conns: usize,
     ct_max: u64,
+    idle_seconds: u64,
     datapaths: Vec<Datapath>,
     clock: String,
 }
@@ -112,6 +113,8 @@ impl Config {
             profile_conns: env_num("BENCH_PROFILE_CONNS", 1000)?,
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
             ct_max: env_num("BENCH_CT_MAX", 1024)?,
+            // Two of the agent's 10 s sweep periods and five of its 5 s node checks.
+            idle_seconds: env_num("BENCH_IDLE_SECONDS", 25)?,
             datapaths,
             clock: std::env::var("BENCH_CLOCK").unwrap_or_else(|_| "tcg".into()),
         })
@@ -130,6 +133,7 @@ impl Config {
             "profile_conns": self.profile_conns,
             "hold_conns": self.hold_conns,
             "ct_max": self.ct_max,
+            "idle_seconds": self.idle_seconds,
             "datapaths": self.datapaths.iter().map(|d| d.name()).collect::<Vec<_>>(),
             "clock": self.clock,
         })
@@ -1106,6 +1110,9 @@ fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value
     });
 
     log(&format!("{}: profiles done", dp.name()));
+    // The datapath's periodic work without traffic (ours: the agent's sweeps and node checks),
+    // which a timed window catches or misses by its phase.
+    let idle = idle_window(Duration::from_secs(cfg.idle_seconds));
     // The table-full case: a small conntrack table and many held connections.
     t.node.try_sh("conntrack -F 2>/dev/null; true")?;
     let dmesg_before = table_full_messages();
@@ -1177,8 +1184,42 @@ fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value
         "conntrack_events": events,
         "bpf_stats": bpf,
         "profile": profiles,
+        "idle": idle,
         "table_full": table_full,
     }))
+}
+
+/// The whole guest's busy CPU over `window` without traffic (`/proc/stat`: all CPUs' time
+/// less idle and iowait), and the processes that used it.
+fn idle_window(window: Duration) -> Value {
+    let busy_ticks = || -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: u64 = v.iter().take(8).sum();
+        Some(total.saturating_sub(v.get(3)? + v.get(4).unwrap_or(&0)))
+    };
+    let (p0, b0, start) = (cpu_ticks("/proc"), busy_ticks(), Instant::now());
+    std::thread::sleep(window);
+    let (b1, window_s, p1) = (
+        busy_ticks(),
+        start.elapsed().as_secs_f64(),
+        cpu_ticks("/proc"),
+    );
+    match (b0, b1) {
+        (Some(b0), Some(b1)) => json!({
+            "window_s": window_s,
+            "busy_s": b1.saturating_sub(b0) as f64 / ticks_per_second(),
+            "processes_cpu_s": busy_processes(&p0, &p1),
+        }),
+        _ => Value::Null,
+    }
 }
 
 /// A system-wide profile (`perf record -a`, cpu-clock) of a NodePort or ClusterIP CPS run from
