@@ -69,9 +69,15 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     let pins = test_pins("sweep");
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
+    // IPVS's established TCP timeout at 20 s, so that "longer ago than it" is a time this
+    // machine's monotonic clock has seen (a CI machine may run this minutes after booting).
+    let t = Timeouts {
+        tcp: Duration::from_secs(20),
+        ..Timeouts::default()
+    };
     // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
     // ago than IPVS's TCP timeout, and an untranslated one as long ago.
-    let long_ago = monotonic_ns() - Duration::from_secs(1000).as_nanos() as u64;
+    let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
     let seen = Tuple::new(
         IpAddr::V4(SEEN),
         5000,
@@ -111,7 +117,6 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
             .expect("first packet");
         assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
     }
-    let t = Timeouts::default();
     let now = monotonic_ns();
 
     // First pass: both resolved, no record expired; the untranslated connection's entry is
@@ -175,8 +180,10 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let t = Timeouts::default();
-    let now = monotonic_ns();
-    let long_ago = now - Duration::from_secs(1000).as_nanos() as u64;
+    // No SNAT record here: the sweep's clock can run 1,000 s ahead of this machine's monotonic
+    // clock (which may have run for less than that).
+    let long_ago = monotonic_ns();
+    let now = long_ago + Duration::from_secs(1000).as_nanos() as u64;
     let conn = |sport| {
         Tuple::new(
             IpAddr::V4(SEEN),
