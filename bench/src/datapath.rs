@@ -616,14 +616,40 @@ fn cps_args(to: &str, conns: u64, concurrency: usize) -> Vec<String> {
     .collect()
 }
 
-fn cases(cfg: &Config, full: bool) -> Vec<Case> {
+/// Where a run's cases connect to: the Service (ClusterIP from the local pod, NodePort and its
+/// UDP port from the client), or, for the direct baseline, the remote pod itself.
+struct Targets {
+    clusterip: String,
+    nodeport: String,
+    udp: String,
+}
+
+impl Targets {
+    fn service() -> Targets {
+        Targets {
+            clusterip: format!("{CLUSTER_IP}:80"),
+            nodeport: format!("{NODE_IP}:{TCP_NODE_PORT}"),
+            udp: format!("{NODE_IP}:{UDP_NODE_PORT}"),
+        }
+    }
+
+    fn direct() -> Targets {
+        Targets {
+            clusterip: format!("{REMOTE_POD}:8080"),
+            nodeport: format!("{REMOTE_POD}:8080"),
+            udp: format!("{REMOTE_POD}:5353"),
+        }
+    }
+}
+
+fn cases(cfg: &Config, full: bool, to: &Targets) -> Vec<Case> {
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let np = format!("{NODE_IP}:{TCP_NODE_PORT}");
+    let np = to.nodeport.clone();
     let mut v = vec![
         Case {
             name: "cps_clusterip",
             from_pod: true,
-            args: cps_args(&format!("{CLUSTER_IP}:80"), cfg.conns, cfg.concurrency),
+            args: cps_args(&to.clusterip, cfg.conns, cfg.concurrency),
             conns: cfg.conns,
         },
         Case {
@@ -636,7 +662,7 @@ fn cases(cfg: &Config, full: bool) -> Vec<Case> {
     if full {
         // Latency without queueing: one connection at a time.
         for (name, from_pod, to) in [
-            ("lat_clusterip", true, format!("{CLUSTER_IP}:80")),
+            ("lat_clusterip", true, to.clusterip.clone()),
             ("lat_nodeport", false, np.clone()),
         ] {
             let n = (cfg.conns / 4).max(1);
@@ -679,7 +705,7 @@ fn cases(cfg: &Config, full: bool) -> Vec<Case> {
             args: s(&[
                 "udp-rr",
                 "--to",
-                &format!("{NODE_IP}:{UDP_NODE_PORT}"),
+                &to.udp,
                 "--requests",
                 &cfg.udp_requests.to_string(),
                 "--concurrency",
@@ -809,28 +835,23 @@ fn start_servers(t: &SnatTopology) -> Result<LoadServer> {
 
 // --- phases ---------------------------------------------------------------------------------
 
-/// The direct baseline of a round: the same traffic to the remote pod itself, no Service, no
-/// firewall (no conntrack), the router routing the client's network back.
+/// The direct baseline of a round: every case's traffic to the remote pod itself, no Service,
+/// no firewall (no conntrack), the router routing the client's network back. Each case's node
+/// share is its CPU per unit less this.
 fn baseline(cfg: &Config, round: usize) -> Result<Vec<Value>> {
     let t = SnatTopology::try_new(&format!("b{round}"))?;
     t.router.try_sh("ip route add 10.0.1.0/24 via 10.0.2.1")?;
     let _srv = start_servers(&t)?;
-    let to = format!("{REMOTE_POD}:8080");
     let mut out = Vec::new();
-    for (name, from_pod) in [("cps_clusterip", true), ("cps_nodeport", false)] {
-        let case = Case {
-            name,
-            from_pod,
-            args: cps_args(&to, cfg.conns, cfg.concurrency),
-            conns: cfg.conns,
-        };
+    for case in cases(cfg, true, &Targets::direct()) {
         let r = run_case(&t, None, &case)?;
         log(&format!(
-            "round {round} direct {name}: {:.0}/s",
+            "round {round} direct {}: {:.0}/s",
+            case.name,
             r["loadgen"]["rate_per_s"].as_f64().unwrap_or(0.0)
         ));
         out.push(json!({
-            "round": round, "datapath": "direct", "services": 0, "case": name, "result": r,
+            "round": round, "datapath": "direct", "services": 0, "case": case.name, "result": r,
         }));
     }
     Ok(out)
@@ -874,7 +895,7 @@ fn datapath_round(
         };
         // Services present (bench/web counts once, whatever its ports).
         let services = if with_fill { 1 + fill.len() } else { 1 };
-        for case in cases(cfg, !with_fill) {
+        for case in cases(cfg, !with_fill, &Targets::service()) {
             let r = run_case(&t, Some(&active), &case)?;
             log(&format!(
                 "round {round} {} services={services} {}: {:.0}/s p99 {}us ct/conn {:.2}",
