@@ -67,6 +67,11 @@ struct Options {
     idle_seconds: u64,
     churn_seconds: u64,
     churn_interval_ms: u64,
+    /// `--profile-first-sync` [0]: 1 records a system-wide `perf` profile (cpu-clock, call
+    /// graphs) of the first sync (from the agent's "Kubernetes source synced", its first
+    /// snapshot, to its "sync done"; perf's start-up takes the first moments), and prints its heaviest symbols
+    /// (`first_sync_profile`: process, DSO, symbol, share of all samples).
+    profile_first_sync: bool,
 }
 
 impl Options {
@@ -84,6 +89,7 @@ impl Options {
             idle_seconds: arg("--idle-seconds", 60) as u64,
             churn_seconds: arg("--churn-seconds", 60) as u64,
             churn_interval_ms: arg("--churn-interval-ms", 100).max(1) as u64,
+            profile_first_sync: arg("--profile-first-sync", 0) != 0,
         }
     }
 }
@@ -595,6 +601,59 @@ fn churn_phase(
     })
 }
 
+/// `perf record -a -g` (cpu-clock) over the agent's first sync.
+struct FirstSyncProfile(Kill);
+
+const FIRST_SYNC_PERF_DATA: &str = "/tmp/perf-first-sync.data";
+
+impl FirstSyncProfile {
+    fn start() -> anyhow::Result<Self> {
+        let perf = Command::new("perf")
+            .args([
+                "record",
+                "-a",
+                "-g",
+                "-F",
+                "499",
+                "-o",
+                FIRST_SYNC_PERF_DATA,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf record (--profile-first-sync)")?;
+        Ok(Self(Kill(perf)))
+    }
+
+    /// Stops the recording; the symbols over 0.2% of the samples, by process, DSO and symbol
+    /// (self time), by process alone, and the agent's functions by inclusive time.
+    fn finish(mut self) -> anyhow::Result<Value> {
+        let pid = self.0.0.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status()?;
+        self.0.0.wait()?;
+        let report = |sort: &str, limit: &str, more: &[&str]| -> anyhow::Result<Vec<String>> {
+            let out = Command::new("perf")
+                .args(["report", "-i", FIRST_SYNC_PERF_DATA, "--stdio", "-q"])
+                .args(["-g", "none", "--sort", sort, "--percent-limit", limit])
+                .args(more)
+                .stderr(Stdio::null())
+                .output()
+                .context("perf report")?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .filter(|l| !l.is_empty())
+                .collect())
+        };
+        Ok(json!({
+            "by_process": report("comm", "0.5", &["--no-children"])?,
+            "symbols": report("comm,dso,sym", "0.2", &["--no-children"])?,
+            // Inclusive (self + callees) in the agent's threads: which calls hold the time.
+            "agent_inclusive": report("sym", "1", &["--children", "--comms", "kube-ipvs-bpf,tokio-runtime-w"])?,
+        }))
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let o = Options::parse();
     let ns = Netns::new("bench-sync");
@@ -704,6 +763,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     });
+    let mut profile = None;
     let first = loop {
         let v = rx
             .recv_timeout(Duration::from_secs(3600))
@@ -711,11 +771,16 @@ fn main() -> anyhow::Result<()> {
         if v["message"] == "sync done" {
             break v;
         }
+        // The first snapshot (every Service listed): the first sync starts.
+        if o.profile_first_sync && profile.is_none() && v["message"] == "Kubernetes source synced" {
+            profile = Some(FirstSyncProfile::start()?);
+        }
         if v["level"] == "ERROR" {
             eprintln!("agent: {v}");
         }
     };
     let programmed_s = start.elapsed().as_secs_f64();
+    let first_sync_profile = profile.map(FirstSyncProfile::finish).transpose()?;
     let rss_after_sync = rss_kib(pid);
     let cgroup_after_sync = cgroup.as_deref().map(cgroup_memory_kib);
 
@@ -838,6 +903,7 @@ fn main() -> anyhow::Result<()> {
             },
             "programmed_from_empty_s": programmed_s,
             "first_sync_ms": first["duration_ms"],
+            "first_sync_profile": first_sync_profile,
             // Where the first sync's time went (the agent's phases, ms).
             "first_sync_phases_ms": first["phases"]
                 .as_str()
