@@ -53,6 +53,7 @@
 //!     mapSizes: {snat: 262144}  # a map's entries, by name (applied when the map is created)
 //!     markService: 0x200000
 //!     markMasquerade: 0x400000
+//!     markReply: 0x100000
 //!     snatPortRange: 1024-29999   # default: the widest range outside the node's ephemeral
 //!                                 # ports (ip_local_port_range) and the NodePorts; an explicit
 //!                                 # range must avoid both (checked at start-up)
@@ -280,6 +281,7 @@ pub struct DatapathSection {
     pub map_sizes: Option<BTreeMap<String, u32>>,
     pub mark_service: Option<u32>,
     pub mark_masquerade: Option<u32>,
+    pub mark_reply: Option<u32>,
     /// `first-last`: ports the datapath SNATs to.
     pub snat_port_range: Option<String>,
     /// How often expired SNAT entries are swept (`--sweep-period`).
@@ -450,11 +452,35 @@ pub struct DatapathSettings {
     pub map_sizes: probes::MapSizes,
     pub mark_service: u32,
     pub mark_masquerade: u32,
+    /// The mark bit of the replies TC ingress recognizes (0: none); `None`: the default
+    /// ([`DatapathSettings::reply_mark`]).
+    pub mark_reply: Option<u32>,
     /// SNAT ports; `None`: the datapath picks the widest range outside the node's ephemeral
     /// ports and the NodePorts.
     pub snat_port_range: Option<RangeInclusive<u16>>,
     /// How often expired SNAT entries are swept.
     pub sweep_period: Duration,
+}
+
+impl DatapathSettings {
+    /// The reply mark bit: `markReply` as configured, else 0x100000 or, when markService or
+    /// markMasquerade use that bit, the first of 0x800000, 0x1000000, 0x2000000, 0x80000 they
+    /// leave free (a node configured before the reply mark existed keeps starting).
+    pub fn reply_mark(&self) -> u32 {
+        let taken = self.mark_service | self.mark_masquerade;
+        self.mark_reply.unwrap_or_else(|| {
+            [
+                probes::maps::DEFAULT_MARK_REPLY,
+                0x80_0000,
+                0x100_0000,
+                0x200_0000,
+                0x8_0000,
+            ]
+            .into_iter()
+            .find(|m| m & taken == 0)
+            .unwrap_or(0)
+        })
+    }
 }
 
 impl Default for DatapathSettings {
@@ -466,6 +492,7 @@ impl Default for DatapathSettings {
             map_sizes: probes::MapSizes::default(),
             mark_service: probes::maps::DEFAULT_MARK_SVC,
             mark_masquerade: probes::maps::DEFAULT_MARK_MASQ,
+            mark_reply: None,
             snat_port_range: None,
             sweep_period: DEFAULT_SWEEP_PERIOD,
         }
@@ -744,6 +771,9 @@ fn file_datapath(own: &OwnSection, cfg: &mut AgentConfig) -> Result<(), ConfigEr
         if let Some(m) = dp.mark_masquerade {
             cfg.datapath.mark_masquerade = m;
         }
+        if let Some(m) = dp.mark_reply {
+            cfg.datapath.mark_reply = Some(m);
+        }
         if let Some(s) = non_empty(&dp.snat_port_range) {
             cfg.datapath.snat_port_range =
                 Some(port_range("kubeIpvsBpf.datapath.snatPortRange", s)?);
@@ -860,9 +890,27 @@ fn validate(cfg: &AgentConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if let Some(reply) = dp.mark_reply {
+        if reply.count_ones() > 1 {
+            return Err(invalid(
+                "kubeIpvsBpf.datapath.markReply",
+                format!("{reply:#x} is more than one bit (0: none)"),
+            ));
+        }
+        if reply & (dp.mark_service | dp.mark_masquerade) != 0 {
+            return Err(invalid(
+                "kubeIpvsBpf.datapath.markReply",
+                format!(
+                    "{reply:#x} shares a bit with markService {:#x} or markMasquerade {:#x}",
+                    dp.mark_service, dp.mark_masquerade
+                ),
+            ));
+        }
+    }
     for (key, mark) in [
         ("kubeIpvsBpf.datapath.markService", dp.mark_service),
         ("kubeIpvsBpf.datapath.markMasquerade", dp.mark_masquerade),
+        ("kubeIpvsBpf.datapath.markReply", dp.reply_mark()),
     ] {
         // kube-proxy's masquerade (0x4000) and drop (0x8000) bits: a kube-proxy running beside
         // this agent (service-proxy-name) would act on our packets.

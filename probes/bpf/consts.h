@@ -63,6 +63,13 @@ enum cfg_flags {
 	CFG_F_SWITCH = 0x8, /* switch window: connections in switch_flows are left to conntrack */
 	CFG_F_DRAIN = 0x10, /* rollback drain: only connections in switch_flows are the agent's */
 	CFG_F_DRAIN_RECORD = 0x20, /* the probe also puts each new connection in switch_flows */
+	/*
+	 * Bits 24-29: the reply mark's bit number plus one (0: no reply mark). Ingress sets that bit
+	 * (with mark_svc) on the replies it recognizes (reverse SNAT, a conns hit); egress passes a
+	 * packet carrying it at once: a reply of a service connection never needs SNAT.
+	 */
+	CFG_REPLY_MARK_SHIFT = 24,
+	CFG_REPLY_MARK_MASK = 0x3f000000,
 };
 
 /* snat_entry.state: what was seen on the connection (TCP flags, reply) */

@@ -34,6 +34,14 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* The reply mark bit (CFG_REPLY_MARK_*), 0 when the agent set none. */
+static __always_inline __u32 reply_mark(const struct config *cfg)
+{
+	__u32 n = (cfg->flags & CFG_REPLY_MARK_MASK) >> CFG_REPLY_MARK_SHIFT;
+
+	return n ? 1u << ((n - 1) & 31) : 0;
+}
+
 static __always_inline struct svc_value *svc_port_lookup(const __u8 addr[ADDR_LEN], __be16 port,
 							 __u8 proto)
 {
@@ -167,7 +175,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	index = flow_index(&key);
 	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
-		skb->mark |= cfg->mark_svc;
+		skb->mark |= cfg->mark_svc | reply_mark(cfg);
 		stat_inc(STAT_REV_HIT);
 		return nat_commit(skb, &p, NAT_DST, slot->addr, slot->port, cs) ? TC_ACT_SHOT
 										 : TC_ACT_UNSPEC;
@@ -182,7 +190,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		if (slot)
 			flow_slot_fill(slot, &key, NAT_DST, e->addr, e->port, e->state | bits,
 				       now_jiffies);
-		skb->mark |= cfg->mark_svc;
+		skb->mark |= cfg->mark_svc | reply_mark(cfg);
 		stat_inc(STAT_REV_HIT);
 		if (nat_commit(skb, &p, NAT_DST, e->addr, e->port, cs)) {
 			stat_inc(STAT_PARSE_ERROR);
@@ -194,11 +202,13 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	/* 2. Reply of an untranslated service connection (the probe saw client -> backend). */
 	tuple_reversed_from_pkt(&p, &key);
 	if (conns_has(&key)) {
-		skb->mark |= cfg->mark_svc;
+		__u32 bits = cfg->mark_svc | reply_mark(cfg);
+
+		skb->mark |= bits;
 		stat_inc(STAT_REPLY_MARKED);
 		if (slot) {
 			tuple_from_pkt(&p, &key);
-			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, cfg->mark_svc, 0,
+			flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, bits, 0,
 					  STAT_REPLY_MARKED, gen, now_jiffies);
 		}
 		return TC_ACT_UNSPEC;
@@ -263,7 +273,7 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	if (fast == FAST_DONE)
 		return TC_ACT_UNSPEC;
 	if (fast == FAST_NAT) {
-		skb->mark |= cfg->mark_svc;
+		skb->mark |= cfg->mark_svc | reply_mark(cfg);
 		bpf_tail_call(skb, &nat_writers_ingress, 0);
 		/* No writer (the agent is gone): the general path translates. */
 	}
@@ -452,6 +462,9 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 	int fast;
 
 	if (!cfg || !cfg->mark_svc)
+		return TC_ACT_UNSPEC;
+	/* A reply ingress recognized (reverse SNAT, a conns hit): nothing to do here. */
+	if (skb->mark & reply_mark(cfg))
 		return TC_ACT_UNSPEC;
 	fast = fast_path(skb, l2_len, NAT_SRC, cfg->flags & CFG_F_DIRECT_WRITES);
 	if (fast == FAST_DONE)

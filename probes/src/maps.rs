@@ -17,6 +17,9 @@ pub type Addr = [u8; 16];
 pub const DEFAULT_MARK_SVC: u32 = 0x0020_0000;
 /// Default masquerade mark (`config.mark_masq`).
 pub const DEFAULT_MARK_MASQ: u32 = 0x0040_0000;
+/// Default reply mark (`config.flags` bits 24-29, [`reply_mark_flags`]): set with the service
+/// mark on the replies TC ingress recognizes, so that TC egress passes them at once.
+pub const DEFAULT_MARK_REPLY: u32 = 0x0010_0000;
 /// Default lowest SNAT port: below it are privileged ports.
 pub const DEFAULT_SNAT_PORT_MIN: u16 = 1024;
 /// Default highest SNAT port: below the NodePort range (30000-32767) and below Linux's default
@@ -58,6 +61,22 @@ pub const CFG_F_DRAIN: u32 = 0x10;
 /// `config.flags`: the probe also puts each new IPVS connection in `switch_flows` (while a drain
 /// is prepared).
 pub const CFG_F_DRAIN_RECORD: u32 = 0x20;
+/// `config.flags` bits 24-29 ([`CFG_REPLY_MARK_MASK`]): the reply mark's bit number plus one,
+/// 0 for none (the `config` value has no room for a third mark word, and its layout is the
+/// pinned map's).
+pub const CFG_REPLY_MARK_SHIFT: u32 = 24;
+/// `config.flags`: where the reply mark's bit number is ([`CFG_REPLY_MARK_SHIFT`]).
+pub const CFG_REPLY_MARK_MASK: u32 = 0x3f00_0000;
+
+/// The `config.flags` bits that make `mark` the reply mark: its bit number plus one at
+/// [`CFG_REPLY_MARK_SHIFT`]; 0 (no reply mark) unless `mark` is a single bit.
+pub fn reply_mark_flags(mark: u32) -> u32 {
+    if mark.count_ones() != 1 {
+        return 0;
+    }
+    (mark.trailing_zeros() + 1) << CFG_REPLY_MARK_SHIFT
+}
+
 /// The `config.flags` bits of a switch between kube-proxy and the agent, each set only by the
 /// switch's own code ([`crate::DatapathMaps::set_switch_flags`]): every other configuration write
 /// keeps them.

@@ -412,6 +412,8 @@ fn mirrored_constants() -> Vec<(String, i64)> {
         CFG_F_CLUSTER_CIDRS,
         CFG_F_DIRECT_WRITES,
         CFG_F_SWITCH,
+        CFG_REPLY_MARK_SHIFT,
+        CFG_REPLY_MARK_MASK,
         SWITCH_FLOWS_SIZE,
         STATE_SYN,
         STATE_FIN,

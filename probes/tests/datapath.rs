@@ -14,7 +14,7 @@ use probes::maps::{
     DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey, SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ,
     SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ,
     SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, SwitchFlow, Tuple,
-    addr_to_bytes,
+    addr_to_bytes, reply_mark_flags,
 };
 use probes::{DatapathProgram, RewritePolicy};
 use zerocopy::byteorder::network_endian::U16;
@@ -598,6 +598,70 @@ fn reply_of_untranslated_service_connection_marked(f: Family, name: &str) {
     assert_counters(&fx.stats(), &[(Counter::ReplyMarked, 1)]);
 }
 both_families!(reply_of_untranslated_service_connection_marked);
+
+/// With a reply mark configured (`config.flags` bits 24-29), ingress sets it with the service
+/// mark on every reply it recognizes (reverse SNAT by the table and by the flow cache, a `conns`
+/// hit and that flow's cached verdict), and egress passes a packet carrying it untouched, even
+/// one it would otherwise translate; the same packet without it is translated.
+fn replies_carry_the_reply_mark_and_egress_passes_them(f: Family, name: &str) {
+    const REPLY: u32 = 0x0010_0000;
+    let fx = Fixture::new(name);
+    fx.set_config(Config {
+        flags: reply_mark_flags(REPLY),
+        ..Config::default()
+    });
+    // Reverse SNAT: the first reply from the table, the next from the flow cache.
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    for flags in [TCP_SYN | TCP_ACK, TCP_ACK] {
+        let reply = tcp(backend(f), BACKEND_PORT, node(f), port, flags);
+        let out = fx.ingress(&reply, 0x1);
+        assert_eq!(out.return_value, TC_ACT_UNSPEC);
+        assert_eq!(
+            out.mark,
+            0x1 | SVC | REPLY,
+            "reverse-translated reply, flags {flags:#x}"
+        );
+        let p = check_frame(&out.packet);
+        assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+    }
+    // A reply of an untranslated service connection: the conns hit, then its flow's verdict.
+    let conn = Tuple::new(
+        client_b(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    );
+    add_conn(&fx, f, &conn, 0x0100);
+    for _ in 0..2 {
+        let reply = tcp(backend(f), BACKEND_PORT, client_b(f), CLIENT_PORT, TCP_ACK);
+        let out = fx.ingress(&reply, 0);
+        assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, SVC | REPLY));
+        assert_eq!(out.packet, reply);
+    }
+    // Egress: a hairpin first packet (saddr == daddr) is translated without the reply mark and
+    // passed untouched with it (no record made).
+    let hairpin = tcp(client_c(f), CLIENT_PORT, client_c(f), BACKEND_PORT, TCP_SYN);
+    let out = fx.egress(&hairpin, SVC | REPLY);
+    assert_eq!((out.return_value, out.mark), (TC_ACT_UNSPEC, SVC | REPLY));
+    assert_eq!(
+        out.packet, hairpin,
+        "a reply-marked packet is passed untouched"
+    );
+    assert!(fwd(&fx, client_c(f), CLIENT_PORT, client_c(f), BACKEND_PORT).is_none());
+    let out = fx.egress(&hairpin, SVC);
+    assert_eq!(check_frame(&out.packet).src, node(f));
+    assert!(fwd(&fx, client_c(f), CLIENT_PORT, client_c(f), BACKEND_PORT).is_some());
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 2),
+            (Counter::RevHit, 2),
+            (Counter::ReplyMarked, 2),
+        ],
+    );
+}
+both_families!(replies_carry_the_reply_mark_and_egress_passes_them);
 
 /// The first packet does not consult `conns` (the agent resolves the service later, see
 /// agent/src/datapath/sweep.rs): the new record has no service and is not resolved, whatever the

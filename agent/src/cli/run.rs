@@ -138,6 +138,7 @@ fn sync_config(cfg: &config::AgentConfig, node_name: &str) -> SyncConfig {
             pin_root: dp.pin_root.clone(),
             mark_svc: dp.mark_service,
             mark_masq: dp.mark_masquerade,
+            mark_reply: dp.reply_mark(),
             snat_ports: dp.snat_port_range.as_ref().map(|r| (*r.start(), *r.end())),
             node_ports: (*cfg.node_port_range.start(), *cfg.node_port_range.end()),
             masquerade_all: cfg.model.masquerade_all,

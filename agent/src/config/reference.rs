@@ -402,6 +402,12 @@ pub const FIELDS: &[Field] = &[
         "the mark bit of a connection to source-NAT",
     ),
     f(
+        "kubeIpvsBpf.datapath.markReply",
+        "`0x100000` (when markService or markMasquerade use it: the first of `0x800000`, `0x1000000`, `0x2000000`, `0x80000` they leave free)",
+        "–",
+        "the mark bit TC ingress sets, with the service mark, on the replies of service connections it recognizes, so that TC egress passes them without a lookup; a single bit, or 0 for none",
+    ),
+    f(
         "kubeIpvsBpf.datapath.snatPortRange",
         "the widest range outside `ip_local_port_range` and the NodePorts",
         "– (MASQUERADE `--random-fully` picks any port)",

@@ -380,6 +380,24 @@ fn datapath_section() {
     assert_eq!(cfg.datapath.snat_port_range, Some(2000..=20000));
     assert_eq!(AgentConfig::default().datapath.snat_port_range, None);
     assert_eq!(AgentConfig::default().datapath.mark_service, 0x20_0000);
+    // The reply mark: 0x100000 by default, the next free bit when markService took it (as
+    // above), as configured otherwise (0: none).
+    assert_eq!(AgentConfig::default().datapath.reply_mark(), 0x10_0000);
+    assert_eq!(cfg.datapath.reply_mark(), 0x100_0000);
+    for (text, want) in [("0x2000000", 0x200_0000), ("0", 0)] {
+        let cfg = resolved(&ours(&format!(
+            "kubeIpvsBpf:\n  datapath:\n    markReply: {text}\n"
+        )));
+        assert_eq!(cfg.datapath.reply_mark(), want);
+    }
+    for bad in ["0x300000", "0x200000", "0x4000"] {
+        assert_names(
+            &ours(&format!(
+                "kubeIpvsBpf:\n  datapath:\n    markReply: {bad}\n"
+            )),
+            "markReply",
+        );
+    }
     assert_names(
         &ours("kubeIpvsBpf:\n  datapath:\n    markService: 0\n"),
         "markService",

@@ -46,6 +46,8 @@ pub struct DatapathConfig {
     pub pin_root: PathBuf,
     pub mark_svc: u32,
     pub mark_masq: u32,
+    /// The reply mark bit (0: none), in `config.flags` ([`probes::maps::reply_mark_flags`]).
+    pub mark_reply: u32,
     /// SNAT ports; `None`: the largest range outside `ip_local_port_range` and the NodePorts.
     pub snat_ports: Option<(u16, u16)>,
     pub node_ports: (u16, u16),
@@ -65,6 +67,7 @@ impl Default for DatapathConfig {
             pin_root: PathBuf::from(probes::loader::DEFAULT_PIN_ROOT),
             mark_svc: probes::maps::DEFAULT_MARK_SVC,
             mark_masq: probes::maps::DEFAULT_MARK_MASQ,
+            mark_reply: probes::maps::DEFAULT_MARK_REPLY,
             snat_ports: None,
             node_ports: (30000, 32767),
             masquerade_all: false,
@@ -478,7 +481,7 @@ impl Datapath {
             default
         });
         let (snat_min, snat_max) = snat_ports(self.cfg.snat_ports, local, self.cfg.node_ports)?;
-        let mut flags = 0;
+        let mut flags = probes::maps::reply_mark_flags(self.cfg.mark_reply);
         if self.cfg.masquerade_all {
             flags |= CFG_F_MASQ_ALL;
         }
