@@ -433,7 +433,7 @@ impl Syncer {
         timer.done("maps_plan");
 
         let addr_plan = self.plan_addresses(&desired, &changed);
-        self.add_addresses(addr_plan.add, &mut report).await;
+        self.add_addresses(addr_plan.add, &mut report);
         self.apply_maps(&map_plan, true, &mut report);
         self.refresh_draining().await;
         timer.done("maps_add");
@@ -452,7 +452,7 @@ impl Syncer {
         timer.done("ipvs_apply");
 
         self.apply_maps(&map_plan, false, &mut report);
-        self.remove_addresses(addr_plan.remove, &mut report).await;
+        self.remove_addresses(addr_plan.remove, &mut report);
         report.draining = self.drains.len();
         timer.done("remove");
 
@@ -592,13 +592,13 @@ impl Syncer {
         }
     }
 
-    async fn add_addresses(&mut self, add: Vec<IpAddr>, report: &mut SyncReport) {
+    fn add_addresses(&mut self, add: Vec<IpAddr>, report: &mut SyncReport) {
         let adds = addresses::AddressPlan {
             add,
             remove: Vec::new(),
         };
         report.addresses_added = adds.add.len();
-        for e in addresses::apply(&self.rtnl, self.dummy_index, &adds, &mut self.bound).await {
+        for e in addresses::apply(&self.rtnl, self.dummy_index, &adds, &mut self.bound) {
             report.failures += 1;
             tracing::error!("{e}");
         }
@@ -696,7 +696,7 @@ impl Syncer {
 
     /// Removes addresses from kube-ipvs0. An address still carrying one of our IPVS services
     /// (its deletion failed) stays, so the service stays ours and the next sync retries.
-    async fn remove_addresses(&mut self, remove: Vec<IpAddr>, report: &mut SyncReport) {
+    fn remove_addresses(&mut self, remove: Vec<IpAddr>, report: &mut SyncReport) {
         if remove.is_empty() {
             return;
         }
@@ -713,7 +713,7 @@ impl Syncer {
             remove: remove.into_iter().filter(|a| !in_use.contains(a)).collect(),
         };
         report.addresses_removed = removes.remove.len();
-        for e in addresses::apply(&self.rtnl, self.dummy_index, &removes, &mut self.bound).await {
+        for e in addresses::apply(&self.rtnl, self.dummy_index, &removes, &mut self.bound) {
             report.failures += 1;
             tracing::error!("{e}");
         }

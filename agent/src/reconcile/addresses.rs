@@ -1,17 +1,12 @@
 //! Address reconciler: the service addresses bound on `kube-ipvs0` (created if missing), added
-//! and removed one request per address, [`IN_FLIGHT`] requests on the wire at once. Every
-//! address on `kube-ipvs0` is this agent's.
+//! and removed one request per address, [`crate::node::ADDRESS_BATCH`] requests per system
+//! call (a first sync binds one address per Service, 10,000 and more). Every address on
+//! `kube-ipvs0` is this agent's.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use futures::StreamExt;
-
-use crate::node::{NodeError, Rtnl};
-
-/// Address requests on the wire at once: a first sync binds one address per Service (10,000
-/// and more), and waiting for each answer before sending the next costs a round trip each.
-pub const IN_FLIGHT: usize = 64;
+use crate::node::{AddressChange, NodeError, Rtnl};
 
 /// The changes that turn `observed` into `desired`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -35,17 +30,14 @@ pub fn plan(desired: &BTreeSet<IpAddr>, observed: &BTreeSet<IpAddr>) -> AddressP
 
 /// Applies `plan` on interface `index`, updating `observed`; returns the failures (each
 /// address is independent of the others).
-pub async fn apply(
+pub fn apply(
     rtnl: &Rtnl,
     index: u32,
     plan: &AddressPlan,
     observed: &mut BTreeSet<IpAddr>,
 ) -> Vec<NodeError> {
     let mut failures = Vec::new();
-    let mut added = futures::stream::iter(&plan.add)
-        .map(|&a| async move { (a, rtnl.add_address(index, a).await) })
-        .buffer_unordered(IN_FLIGHT);
-    while let Some((a, r)) = added.next().await {
+    for (a, r) in rtnl.change_addresses(index, AddressChange::Add, &plan.add) {
         match r {
             Ok(()) => {
                 observed.insert(a);
@@ -53,10 +45,7 @@ pub async fn apply(
             Err(e) => failures.push(e),
         }
     }
-    let mut removed = futures::stream::iter(&plan.remove)
-        .map(|&a| async move { (a, rtnl.del_address(index, a).await) })
-        .buffer_unordered(IN_FLIGHT);
-    while let Some((a, r)) = removed.next().await {
+    for (a, r) in rtnl.change_addresses(index, AddressChange::Remove, &plan.remove) {
         match r {
             Ok(()) => {
                 observed.remove(&a);
