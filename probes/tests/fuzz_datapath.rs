@@ -15,10 +15,12 @@
 //! the contract):
 //! - the run succeeds (with CHECKSUM_COMPLETE: `skb->csum` still matches the packet) and returns
 //!   TC_ACT_UNSPEC or TC_ACT_SHOT; the packet keeps its length;
-//! - marks: egress never changes the mark, ingress only adds the service/masquerade bits;
+//! - marks: egress never changes the mark, ingress only adds the service/masquerade/reply bits
+//!   (the datapath runs with the reply mark configured, as the agent writes it);
+//! - reply mark: an egress packet carrying it is passed untouched;
 //! - not IP, or malformed/truncated IP (the programs' parse rules, below): passed untouched;
 //! - masquerade: an egress TCP/UDP/SCTP packet carrying the masquerade mark, or one of a
-//!   connection already in `snat_fwd`, leaves translated to its `snat_fwd` entry (read from the
+//!   connection already in `snat_fwd`, without the reply mark, leaves translated to its `snat_fwd` entry (read from the
 //!   table's memory after the run) or is dropped, never untranslated; a later fragment with the
 //!   masquerade mark leaves with the node's address or is dropped;
 //! - reverse: an ingress TCP/UDP/SCTP packet whose tuple is in `snat_rev` leaves translated to
@@ -41,15 +43,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use common::*;
 use fuzz_driver::Rng;
 use probes::maps::{
-    CFG_F_CLUSTER_CIDRS, CidrKey, Config, ConnValue, DEFAULT_MARK_MASQ, DEFAULT_MARK_SVC, L4Proto,
-    RangeKey, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SvcKey, SvcValue, Tuple,
-    addr_to_bytes,
+    CFG_F_CLUSTER_CIDRS, CidrKey, Config, ConnValue, DEFAULT_MARK_MASQ, DEFAULT_MARK_REPLY,
+    DEFAULT_MARK_SVC, L4Proto, RangeKey, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES,
+    SvcKey, SvcValue, Tuple, addr_to_bytes, reply_mark_flags,
 };
 use probes::{DatapathProgram, RewritePolicy, SkbContext, TEST_RUN_CHECKSUM_COMPLETE};
 use zerocopy::byteorder::network_endian::U16 as Be16;
 
 const SVC: u32 = DEFAULT_MARK_SVC;
 const MASQ: u32 = DEFAULT_MARK_MASQ;
+const REPLY: u32 = DEFAULT_MARK_REPLY;
 const PROTO_GRE: u8 = 47;
 
 // ---------------------------------------------------------------------------------------------
@@ -768,7 +771,16 @@ impl Gen {
         let mark = if egress {
             {
                 let r = rng.u32();
-                *rng.pick(&[MASQ | SVC, MASQ | SVC, MASQ, SVC, 0, 0x1 | MASQ, r])
+                *rng.pick(&[
+                    MASQ | SVC,
+                    MASQ | SVC,
+                    MASQ,
+                    SVC,
+                    0,
+                    0x1 | MASQ,
+                    SVC | REPLY,
+                    r,
+                ])
             }
         } else {
             {
@@ -970,7 +982,7 @@ fn configure(fx: &Fixture) {
             .expect("conns");
     }
     fx.set_config(Config {
-        flags: CFG_F_CLUSTER_CIDRS,
+        flags: CFG_F_CLUSTER_CIDRS | reply_mark_flags(REPLY),
         ..Config::default()
     });
 }
@@ -1088,7 +1100,7 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
     }
     if !egress
         && (out.mark & case.mark != case.mark
-            || (out.mark & !(SVC | MASQ)) != (case.mark & !(SVC | MASQ)))
+            || (out.mark & !(SVC | MASQ | REPLY)) != (case.mark & !(SVC | MASQ | REPLY)))
     {
         fail(
             case,
@@ -1114,6 +1126,17 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
         Parse::Ok(v) => v,
     };
 
+    // A packet ingress recognized as a reply: egress has nothing to do.
+    if egress && case.mark & REPLY != 0 {
+        if dropped || q != p {
+            fail(
+                case,
+                t.policy,
+                "a reply-marked packet not passed untouched".into(),
+            );
+        }
+        return;
+    }
     // Masquerade and reverse translation must happen (or the packet be dropped).
     if egress && !dropped && matches!(v.proto, 6 | 17 | 132) {
         if v.frag == Frag::Later {
