@@ -1686,13 +1686,14 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
         md,
         "- What would close the gap, from this profile (the flow cache keeps the ingress verdicts \
          of untranslated flows and the translations of established ones, so most of those runs \
-         are a slot lookup; `bpf_stats` above counts what is left): (1) the general path's runs \
-         — the SYNs, the first reply, FINs of translated flows, every egress run of an \
-         untranslated flow — still hash 20–40-byte keys \
-         (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM trie; (2) an \"egress: nothing to \
-         do\" mark bit set at ingress on replies would make half of the egress runs a mark test; \
-         (3) the filter accept straight in the firewall's built-in chain rather than a jump to a \
-         chain of ours (the `notrack` is one native nf_tables rule already); (4) IPVS's own cost \
+         are a slot lookup, and egress passes the replies ingress recognized on their reply \
+         mark; `bpf_stats` above counts what is left): (1) the general path's runs — the SYNs, \
+         the first reply, FINs of translated flows, the first egress run of an untranslated \
+         flow — still hash 20–40-byte keys (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM \
+         trie, and `tc_ingress` is now the larger program; (2) the filter accept straight in the \
+         firewall's built-in chain rather than a jump to a chain of ours (the `notrack` is one \
+         native nf_tables rule already), and the iptables-nft base chains of LOCAL_OUT that every \
+         packet IPVS forwards walks; (3) IPVS's own cost \
          (about 10 µs per connection) is the floor of this design: going below nftables mode \
          needs IPVS's per-packet work gone for established packets (stage 2). `__memset` is not \
          ours: it is the kernel zeroing each allocation (`CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y` in \
