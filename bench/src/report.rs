@@ -1287,19 +1287,34 @@ fn json_sections(md: &mut String, doc: &Value) {
     bpf_section(md, doc);
     // Other benchmarks kept in the JSON: the IPVS library, then the sync bench at 10,000
     // Services (`sync`) and any other size run on demand (`sync_N`).
-    let mut others = vec![(
-        "ipvs".to_string(),
-        "IPVS library (`scripts/bench ipvs`)".to_string(),
-    )];
+    let mut others = vec![
+        (
+            "ipvs".to_string(),
+            "IPVS library (`scripts/bench ipvs`)".to_string(),
+        ),
+        (
+            "ipvs_icount".to_string(),
+            "IPVS library under -icount (`LAB_ICOUNT=0 scripts/bench ipvs`: times are guest \
+             instruction counts, 1 s = 10^9)"
+                .to_string(),
+        ),
+    ];
     for key in doc.as_object().into_iter().flatten().map(|(k, _)| k) {
-        if key == "sync" {
-            others.push((key.clone(), "Agent sync (`scripts/bench sync`)".into()));
-        } else if let Some(n) = key.strip_prefix("sync_") {
-            others.push((
-                key.clone(),
-                format!("Agent sync, {n} Services (`BENCH_SERVICES={n} scripts/bench sync`)"),
-            ));
-        }
+        let title = match key.strip_prefix("sync_") {
+            _ if key == "sync" => "Agent sync (`scripts/bench sync`)".to_string(),
+            Some("icount") => "Agent sync under -icount (`LAB_ICOUNT=0 scripts/bench sync`: \
+                               times are guest instruction counts, 1 s = 10^9)"
+                .to_string(),
+            Some(n) if n.starts_with("smp") => {
+                let cpus = &n[3..];
+                format!("Agent sync, {cpus} vCPUs (`LAB_SMP={cpus} scripts/bench sync`)")
+            }
+            Some(n) => {
+                format!("Agent sync, {n} Services (`BENCH_SERVICES={n} scripts/bench sync`)")
+            }
+            None => continue,
+        };
+        others.push((key.clone(), title));
     }
     for (key, title) in others {
         let Some(obj) = doc[&key].as_object() else {
