@@ -289,42 +289,6 @@ impl Rtnl {
             .filter_map(address_of)
             .collect())
     }
-
-    /// Adds `address` as a host address (/32 or /128) on interface `index`.
-    pub async fn add_address(&self, index: u32, address: IpAddr) -> Result<(), NodeError> {
-        let prefix = if address.is_ipv4() { 32 } else { 128 };
-        let mut req = self.handle.address().add(index, address, prefix);
-        if address.is_ipv6() {
-            // No duplicate address detection: a service address is ours, and DAD would leave
-            // it unusable ("tentative") for a second or more.
-            req.message_mut().header.flags |=
-                netlink_packet_route::address::AddressHeaderFlags::Nodad;
-        }
-        req.execute()
-            .await
-            .map_err(nl(format!("adding address {address}")))
-    }
-
-    /// Removes host address `address` from interface `index`.
-    pub async fn del_address(&self, index: u32, address: IpAddr) -> Result<(), NodeError> {
-        let prefix = if address.is_ipv4() { 32 } else { 128 };
-        let mut msg = AddressMessage::default();
-        msg.header.index = index;
-        msg.header.prefix_len = prefix;
-        msg.header.family = if address.is_ipv4() {
-            netlink_packet_route::AddressFamily::Inet
-        } else {
-            netlink_packet_route::AddressFamily::Inet6
-        };
-        msg.attributes.push(AddressAttribute::Local(address));
-        msg.attributes.push(AddressAttribute::Address(address));
-        self.handle
-            .address()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(nl(format!("removing address {address}")))
-    }
 }
 
 /// The request that adds (`NLM_F_CREATE | NLM_F_EXCL`, as `ip addr add`) or removes host

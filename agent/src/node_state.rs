@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 use crate::datapath::{notrack, rules, sysctl};
 use crate::model::DUMMY_INTERFACE;
-use crate::node::{NodeError, Rtnl};
+use crate::node::{AddressChange, NodeError, Rtnl};
 
 /// Which set of node state the agent wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -356,8 +356,8 @@ pub async fn repair_kube_ipvs0(
     let missing: Vec<IpAddr> = bound.difference(&on).copied().collect();
     if !missing.is_empty() {
         let mut added = Vec::new();
-        for a in &missing {
-            match rtnl.add_address(*index, *a).await {
+        for (a, r) in rtnl.change_addresses(*index, AddressChange::Add, &missing) {
+            match r {
                 Ok(()) => added.push(a.to_string()),
                 Err(e) => report.failed(format!("adding {a} back to {DUMMY_INTERFACE}: {e}")),
             }

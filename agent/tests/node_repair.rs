@@ -490,8 +490,9 @@ fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
                 .iter()
                 .map(|a| a.parse().unwrap())
                 .collect();
-            for a in &bound {
-                rtnl.add_address(index, *a).await.unwrap();
+            let to_bind: Vec<std::net::IpAddr> = bound.iter().copied().collect();
+            for (a, r) in rtnl.change_addresses(index, agent::node::AddressChange::Add, &to_bind) {
+                r.unwrap_or_else(|e| panic!("adding {a}: {e}"));
             }
             let on_device = || {
                 let out = sh("ip -o addr show dev kube-ipvs0");
@@ -702,16 +703,7 @@ fn a_thousand_addresses_are_bound_and_unbound_in_batches() {
                     }
                 })
                 .collect();
-            let on_device = || -> BTreeSet<std::net::IpAddr> {
-                sh("ip -o addr show dev kibaddr")
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().nth(3))
-                    .filter_map(|a| a.split('/').next()?.parse().ok())
-                    .filter(|a: &std::net::IpAddr| {
-                        !a.is_ipv6() || !a.to_string().starts_with("fe80")
-                    })
-                    .collect()
-            };
+            let on_device = || addresses_on("kibaddr");
             let mut observed = BTreeSet::new();
             let failures = apply(&rtnl, index, &plan(&want, &observed), &mut observed);
             assert!(failures.is_empty(), "{failures:?}");
@@ -759,21 +751,10 @@ fn batched_address_requests_answer_each_address() {
         return;
     }
     in_netns(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
+        let index = veth("kib-addr0");
         rt.block_on(async {
             let rtnl = agent::node::Rtnl::connect().unwrap();
-            sh("ip link add kib-addr0 type veth peer name kib-addr1");
-            let index = rtnl
-                .links()
-                .await
-                .unwrap()
-                .iter()
-                .find(|l| l.name == "kib-addr0")
-                .expect("kib-addr0")
-                .index;
             let mut addrs: Vec<std::net::IpAddr> = (0..250u32)
                 .map(|i| std::net::IpAddr::from([10, 96, (i / 200) as u8, (i % 200 + 1) as u8]))
                 .collect();
