@@ -648,8 +648,9 @@ impl FirstSyncProfile {
         Ok(json!({
             "by_process": report("comm", "0.5", &["--no-children"])?,
             "symbols": report("comm,dso,sym", "0.2", &["--no-children"])?,
-            // Inclusive (self + callees) in the agent's threads: which calls hold the time.
-            "agent_inclusive": report("sym", "1", &["--children", "--comms", "kube-ipvs-bpf,tokio-runtime-w"])?,
+            // Inclusive (self + callees) in the agent's main thread (its runtime is
+            // single-threaded): which calls hold the time.
+            "agent_inclusive": report("sym", "1", &["--children", "--comms", "kube-ipvs-bpf"])?,
         }))
     }
 }
