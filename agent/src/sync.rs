@@ -27,15 +27,6 @@ use crate::reconcile::{addresses, ipvs as ipvs_rec};
 use crate::source::Snapshot;
 use crate::state;
 
-/// Gives the heap's free pages back to the system. glibc keeps what a burst freed (the first
-/// list of 10,000 objects, 100,000 netlink replies) resident otherwise.
-fn release_free_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The state file is rewritten at most this often (and on full syncs).
 const STATE_WRITE_PERIOD: Duration = Duration::from_secs(2);
 
@@ -133,7 +124,6 @@ pub struct Syncer {
     /// Desired virtual services held by someone else's IPVS service, reported once each.
     logged_foreign: BTreeSet<ipvs::ServiceKey>,
     state_writer: Option<std::thread::JoinHandle<()>>,
-    syncs: u64,
 }
 
 /// The node as the model sees it: name, every local address, InternalIPs (`--node-ip`, else
@@ -299,7 +289,6 @@ impl Syncer {
             recorded: BTreeSet::new(),
             logged_foreign: BTreeSet::new(),
             state_writer: None,
-            syncs: 0,
         };
         s.recorded = recorded_keys(&s.cfg.state_dir);
         if let Some(dp) = s.cfg.datapath.clone() {
@@ -458,10 +447,6 @@ impl Syncer {
 
         self.follow_state_file(full, &changed, &node, &desired);
         timer.done("state");
-        self.syncs += 1;
-        if full || self.syncs == 1 {
-            release_free_memory();
-        }
         report.phases = timer.phases;
         report.duration_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((report, desired))
