@@ -1300,6 +1300,13 @@ fn json_sections(md: &mut String, doc: &Value) {
         ),
     ];
     for key in doc.as_object().into_iter().flatten().map(|(k, _)| k) {
+        if let Some(cpus) = key.strip_prefix("ipvs_smp") {
+            others.push((
+                key.clone(),
+                format!("IPVS library, {cpus} vCPUs (`LAB_SMP={cpus} scripts/bench ipvs`)"),
+            ));
+            continue;
+        }
         let title = match key.strip_prefix("sync_") {
             _ if key == "sync" => "Agent sync (`scripts/bench sync`)".to_string(),
             Some("icount") => "Agent sync under -icount (`LAB_ICOUNT=0 scripts/bench sync`: \

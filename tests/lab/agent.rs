@@ -100,6 +100,47 @@ fn an_empty_kernel_gets_the_file_applied() {
     assert_eq!(ops_issued(&ev).get("add_destination"), Some(&7));
 }
 
+/// 300 Services: more addresses than the agent binds in line (64), so on a guest with more than
+/// one CPU (the 2-vCPU lab run) they are bound on a thread of their own while IPVS is
+/// programmed, and in line on one CPU. Either way the kernel ends with every address and every
+/// virtual service, and the Services answer.
+#[test]
+fn a_first_sync_of_300_services_binds_every_address_and_programs_every_virtual_service() {
+    require_lab();
+    let t = Topology::new("ag-many");
+    let _srv = Server::tcp(&t.backend, "10.0.2.2:8080".parse().unwrap());
+    let m = Manifests::new("many");
+    let cluster_ip = |i: usize| format!("10.97.{}.{}", i / 200, i % 200 + 1);
+    let (mut services, mut slices) = (String::new(), String::new());
+    for i in 0..300 {
+        services += &service_yaml(&format!("s{i}"), &cluster_ip(i), 80, None);
+        slices += &slice_yaml(&format!("s{i}"), &["10.0.2.2"], 8080);
+    }
+    m.write("svc.yaml", &services);
+    m.write("eps.yaml", &slices);
+    let agent = Agent::start(&t.node, &m.dir, &[]);
+    let ev = agent.wait_sync(0, 1);
+    let cpus: usize = t.node.sh("nproc").trim().parse().expect("nproc");
+    assert_eq!(ev["addresses_added"], 300, "{ev}");
+    assert_eq!(ev["addresses_in_parallel"], cpus > 1, "{cpus} CPUs: {ev}");
+    assert_eq!(ev["failures"], 0, "{ev}");
+
+    let mut want: Vec<String> = (0..300).map(|i| format!("{}/32", cluster_ip(i))).collect();
+    want.sort();
+    assert_eq!(bound(&t.node), want);
+    let k = kernel(&t.node);
+    assert_eq!(k.len(), 300);
+    for i in 0..300 {
+        let key = format!("TCP {}:80", cluster_ip(i));
+        let v = find(&k, &key).unwrap_or_else(|| panic!("{key} missing"));
+        assert!(v.dest(ip("10.0.2.2"), 8080).is_some(), "{key}: {v:?}");
+    }
+    for i in [0, 150, 299] {
+        let to: SocketAddr = format!("{}:80", cluster_ip(i)).parse().unwrap();
+        tcp_request(&t.client, to).unwrap_or_else(|e| panic!("request to {to}: {e}"));
+    }
+}
+
 #[test]
 fn one_endpoint_added_is_one_destination_add_and_removed_drains_then_goes() {
     require_lab();

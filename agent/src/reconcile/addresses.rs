@@ -36,21 +36,30 @@ pub fn apply(
     plan: &AddressPlan,
     observed: &mut BTreeSet<IpAddr>,
 ) -> Vec<NodeError> {
+    let added = rtnl.change_addresses(index, AddressChange::Add, &plan.add);
+    let mut failures = record(AddressChange::Add, added, observed);
+    let removed = rtnl.change_addresses(index, AddressChange::Remove, &plan.remove);
+    failures.extend(record(AddressChange::Remove, removed, observed));
+    failures
+}
+
+/// Records in `observed` the addresses the kernel's `answers` to `change` say it applied;
+/// returns the failures.
+pub fn record(
+    change: AddressChange,
+    answers: Vec<(IpAddr, Result<(), NodeError>)>,
+    observed: &mut BTreeSet<IpAddr>,
+) -> Vec<NodeError> {
     let mut failures = Vec::new();
-    for (a, r) in rtnl.change_addresses(index, AddressChange::Add, &plan.add) {
-        match r {
-            Ok(()) => {
+    for (a, r) in answers {
+        match (r, change) {
+            (Ok(()), AddressChange::Add) => {
                 observed.insert(a);
             }
-            Err(e) => failures.push(e),
-        }
-    }
-    for (a, r) in rtnl.change_addresses(index, AddressChange::Remove, &plan.remove) {
-        match r {
-            Ok(()) => {
+            (Ok(()), AddressChange::Remove) => {
                 observed.remove(&a);
             }
-            Err(e) => failures.push(e),
+            (Err(e), _) => failures.push(e),
         }
     }
     failures
