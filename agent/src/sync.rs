@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::config::{IpvsSettings, SyncTiming};
 use crate::datapath::{Datapath, DatapathConfig, DeviceReport};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
-use crate::node::{AddressChange, AddressEntry, Link, NodeError, Rtnl};
+use crate::node::{AddressEntry, Link, Rtnl};
 use crate::node_state;
 use crate::reconcile::datapath::{MapPlan, sctp_not_source_nated};
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
@@ -29,33 +29,6 @@ use crate::state;
 
 /// The state file is rewritten at most this often (and on full syncs).
 const STATE_WRITE_PERIOD: Duration = Duration::from_secs(2);
-
-/// A sync that binds at least this many addresses, on a node with more than one CPU, binds
-/// them on a thread of their own while it applies the IPVS changes. The kernel's address
-/// inserts walk every address of the interface (O(n) each): a first sync at 10,000 Services
-/// spends about 40% as much CPU binding addresses as IPVS spends on its 110,000 objects, and
-/// the two take different locks (RTNL, IPVS's mutex). Fewer stay in line, each before its
-/// service, so that a new Service answers as soon as its IPVS service exists.
-const PARALLEL_BINDING_MIN: usize = 64;
-
-/// Addresses a sync is binding: already bound in line, or on their own thread.
-enum Binding {
-    Done,
-    Running {
-        /// For ownership meanwhile: an address being bound makes its IPVS services ours.
-        addresses: Vec<IpAddr>,
-        answers: tokio::sync::oneshot::Receiver<Vec<(IpAddr, Result<(), NodeError>)>>,
-    },
-}
-
-impl Binding {
-    fn pending(&self) -> &[IpAddr] {
-        match self {
-            Binding::Done => &[],
-            Binding::Running { addresses, .. } => addresses,
-        }
-    }
-}
 
 /// Settings of the loop and the reconcilers.
 #[derive(Debug, Clone)]
@@ -110,8 +83,6 @@ pub struct SyncReport {
     pub virtual_services: usize,
     pub ipvs_ops: ipvs_rec::OpCounts,
     pub addresses_added: usize,
-    /// The added addresses were bound on a thread of their own ([`PARALLEL_BINDING_MIN`]).
-    pub addresses_in_parallel: bool,
     pub addresses_removed: usize,
     pub draining: usize,
     pub map_changes: usize,
@@ -129,8 +100,6 @@ pub struct Syncer {
     ipvs: IpvsHandle,
     rtnl: Rtnl,
     dummy_index: u32,
-    /// The CPUs this process may run on ([`PARALLEL_BINDING_MIN`]).
-    cpus: usize,
     cache: ipvs_rec::ObservedIpvs,
     bound: BTreeSet<IpAddr>,
     drains: ipvs_rec::Drains,
@@ -306,7 +275,6 @@ impl Syncer {
             ipvs,
             rtnl,
             dummy_index,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cache: Default::default(),
             bound: Default::default(),
             drains: Default::default(),
@@ -421,10 +389,8 @@ impl Syncer {
     /// One sync of `snapshot` into the kernel; `full` dumps the kernel first. Its phases, in
     /// order (each timed in [`SyncReport::phases`]): observe (full syncs), node, model,
     /// maps_plan, maps_add (addresses and map entries added first, so a new virtual service
-    /// answers as soon as it exists; many addresses are bound on a thread of their own during
-    /// the next two phases, see [`PARALLEL_BINDING_MIN`]), ipvs_plan, ipvs_apply,
-    /// addresses_wait (for that thread), remove (map entries and addresses removed last: an
-    /// address on kube-ipvs0 is what makes its IPVS services ours), state.
+    /// answers as soon as it exists), ipvs_plan, ipvs_apply, remove (map entries and addresses
+    /// removed last: an address on kube-ipvs0 is what makes its IPVS services ours), state.
     pub async fn sync(
         &mut self,
         snapshot: &Snapshot,
@@ -456,7 +422,7 @@ impl Syncer {
         timer.done("maps_plan");
 
         let addr_plan = self.plan_addresses(&desired, &changed);
-        let binding = self.bind_addresses(addr_plan.add, &mut report);
+        self.add_addresses(addr_plan.add, &mut report);
         self.apply_maps(&map_plan, true, &mut report);
         self.refresh_draining().await;
         timer.done("maps_add");
@@ -467,14 +433,12 @@ impl Syncer {
             || report.addresses_added + addr_plan.remove.len() > 0
             || self.ownership.is_none()
         {
-            self.refresh_ownership(&node, binding.pending());
+            self.refresh_ownership(&node);
         }
         let ops = self.plan_ipvs(&want, scope.as_ref());
         timer.done("ipvs_plan");
         self.apply_ipvs(ops, &want, &mut report).await;
         timer.done("ipvs_apply");
-        self.finish_binding(binding, &mut report).await;
-        timer.done("addresses_wait");
 
         self.apply_maps(&map_plan, false, &mut report);
         self.remove_addresses(addr_plan.remove, &mut report);
@@ -613,68 +577,13 @@ impl Syncer {
         }
     }
 
-    /// Binds `add` on kube-ipvs0: in line, or on a thread of its own when there are many and
-    /// more than one CPU ([`PARALLEL_BINDING_MIN`]; [`Self::finish_binding`] waits for it).
-    fn bind_addresses(&mut self, add: Vec<IpAddr>, report: &mut SyncReport) -> Binding {
-        report.addresses_added = add.len();
-        if add.len() >= PARALLEL_BINDING_MIN && self.cpus > 1 {
-            let (tx, answers) = tokio::sync::oneshot::channel();
-            let (rtnl, index, to_bind) = (self.rtnl.clone(), self.dummy_index, add.clone());
-            let thread = std::thread::Builder::new()
-                .name("addresses".into())
-                .spawn(move || {
-                    // The receiver is gone only if the sync was dropped: nothing to tell.
-                    let _ = tx.send(rtnl.change_addresses(index, AddressChange::Add, &to_bind));
-                });
-            match thread {
-                Ok(_) => {
-                    report.addresses_in_parallel = true;
-                    return Binding::Running {
-                        addresses: add,
-                        answers,
-                    };
-                }
-                Err(e) => tracing::warn!("binding addresses in line: no thread: {e}"),
-            }
-        }
-        let answers = self
-            .rtnl
-            .change_addresses(self.dummy_index, AddressChange::Add, &add);
-        self.record_bound(answers, report);
-        Binding::Done
-    }
-
-    /// Waits for addresses bound on their own thread and records them.
-    async fn finish_binding(&mut self, binding: Binding, report: &mut SyncReport) {
-        let Binding::Running { addresses, answers } = binding else {
-            return;
+    fn add_addresses(&mut self, add: Vec<IpAddr>, report: &mut SyncReport) {
+        let adds = addresses::AddressPlan {
+            add,
+            remove: Vec::new(),
         };
-        match answers.await {
-            Ok(answers) => self.record_bound(answers, report),
-            Err(_) => {
-                // Only a panic on that thread ends it without an answer: which addresses it
-                // bound is unknown until the next full sync dumps kube-ipvs0.
-                tracing::error!(
-                    "binding {} addresses: the thread ended without an answer",
-                    addresses.len()
-                );
-                report.failures += addresses.len();
-                self.ownership = None;
-            }
-        }
-    }
-
-    fn record_bound(
-        &mut self,
-        answers: Vec<(IpAddr, Result<(), NodeError>)>,
-        report: &mut SyncReport,
-    ) {
-        let failures = addresses::record(AddressChange::Add, answers, &mut self.bound);
-        if !failures.is_empty() {
-            // The ownership may have counted them as bound.
-            self.ownership = None;
-        }
-        for e in failures {
+        report.addresses_added = adds.add.len();
+        for e in addresses::apply(&self.rtnl, self.dummy_index, &adds, &mut self.bound) {
             report.failures += 1;
             tracing::error!("{e}");
         }
@@ -705,10 +614,9 @@ impl Syncer {
     }
 
     /// Which IPVS services are ours: recomputed when the addresses it depends on changed.
-    /// Addresses being bound meanwhile (`binding`) count as bound.
-    fn refresh_ownership(&mut self, node: &NodeInfo, binding: &[IpAddr]) {
+    fn refresh_ownership(&mut self, node: &NodeInfo) {
         self.ownership = Some(ipvs_rec::Ownership {
-            bound: self.bound.iter().chain(binding).copied().collect(),
+            bound: self.bound.clone(),
             node_addresses: node.addresses.iter().map(|a| a.address).collect(),
             node_port_range: self.cfg.node_port_range.clone(),
             exclude: self.cfg.ipvs.exclude_cidrs.clone(),
@@ -1204,7 +1112,6 @@ pub async fn run(
                         virtual_services = r.virtual_services,
                         ipvs_ops = %serde_json::to_string(&r.ipvs_ops).unwrap_or_default(),
                         addresses_added = r.addresses_added,
-                        addresses_in_parallel = r.addresses_in_parallel,
                         addresses_removed = r.addresses_removed,
                         draining = r.draining,
                         map_changes = r.map_changes,

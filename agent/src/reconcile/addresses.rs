@@ -36,30 +36,21 @@ pub fn apply(
     plan: &AddressPlan,
     observed: &mut BTreeSet<IpAddr>,
 ) -> Vec<NodeError> {
-    let added = rtnl.change_addresses(index, AddressChange::Add, &plan.add);
-    let mut failures = record(AddressChange::Add, added, observed);
-    let removed = rtnl.change_addresses(index, AddressChange::Remove, &plan.remove);
-    failures.extend(record(AddressChange::Remove, removed, observed));
-    failures
-}
-
-/// Records in `observed` the addresses the kernel's `answers` to `change` say it applied;
-/// returns the failures.
-pub fn record(
-    change: AddressChange,
-    answers: Vec<(IpAddr, Result<(), NodeError>)>,
-    observed: &mut BTreeSet<IpAddr>,
-) -> Vec<NodeError> {
     let mut failures = Vec::new();
-    for (a, r) in answers {
-        match (r, change) {
-            (Ok(()), AddressChange::Add) => {
+    for (a, r) in rtnl.change_addresses(index, AddressChange::Add, &plan.add) {
+        match r {
+            Ok(()) => {
                 observed.insert(a);
             }
-            (Ok(()), AddressChange::Remove) => {
+            Err(e) => failures.push(e),
+        }
+    }
+    for (a, r) in rtnl.change_addresses(index, AddressChange::Remove, &plan.remove) {
+        match r {
+            Ok(()) => {
                 observed.remove(&a);
             }
-            (Err(e), _) => failures.push(e),
+            Err(e) => failures.push(e),
         }
     }
     failures
