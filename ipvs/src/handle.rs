@@ -185,6 +185,12 @@ impl IpvsHandle {
         self.inner.family_id
     }
 
+    /// A [`crate::IpvsBatch`] for this handle's family, on a socket of its own opened in the
+    /// calling thread's network namespace; `per_send` requests per `sendmsg`.
+    pub fn batch(&self, per_send: usize) -> Result<crate::IpvsBatch, IpvsError> {
+        crate::IpvsBatch::open(self.inner.family_id, per_send)
+    }
+
     async fn execute(
         &self,
         ctx: &ErrCtx<'_>,
@@ -522,7 +528,7 @@ fn failure_error(ctx: &ErrCtx<'_>, f: Failure) -> IpvsError {
     }
 }
 
-fn set_receive_buffer(sock: &netlink_sys::Socket, bytes: usize) {
+pub(crate) fn set_receive_buffer(sock: &netlink_sys::Socket, bytes: usize) {
     let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: the fd is a live socket owned by `sock`; `val` outlives the
     // call and the length passed is its size.

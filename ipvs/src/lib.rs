@@ -13,7 +13,10 @@
 //!
 //! * Typed layer ([`types`], re-exported at the root): [`ServiceKey`],
 //!   [`Service`], [`Destination`], [`Stats`], [`Timeouts`], [`Info`].
-//! * Client: [`IpvsHandle`], async, `&self`, pipelinable.
+//! * Client: [`IpvsHandle`], async, `&self`, pipelinable; and [`IpvsBatch`],
+//!   blocking, for many changes at once (many requests per `sendmsg`, only
+//!   failures answered: a first sync's 110,000 changes in under a thousand
+//!   system calls each way).
 //! * Raw layer: [`message::IpvsMessage`] (implements
 //!   `netlink_packet_generic::GenlFamily`, `Emitable` and
 //!   `ParseableParametrized`) and the per-nest attribute enums in [`attr`];
@@ -48,6 +51,7 @@
 #![deny(missing_docs)]
 
 pub mod attr;
+mod batch;
 pub mod constants;
 pub mod convert;
 pub mod error;
@@ -56,6 +60,7 @@ pub mod message;
 mod transport;
 pub mod types;
 
+pub use batch::{Change, IpvsBatch, MAX_BATCH};
 pub use error::{IpvsError, NameKind, Operation};
 pub use handle::{HandleConfig, IpvsHandle};
 pub use message::{IpvsCmd, IpvsCmdAttr, IpvsMessage};

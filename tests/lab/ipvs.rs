@@ -465,6 +465,105 @@ fn errors_are_typed_and_leave_the_kernel_unchanged() {
     );
 }
 
+/// Batches of 4 per `sendmsg`: every change is applied in order, each failure is typed as the
+/// single-request methods type it (whether it is a batch's last request, which carries the
+/// acknowledgement, or not), a change refused before sending leaves its batch's others alone,
+/// and the kernel ends with exactly what the successes made.
+#[test]
+fn batches_apply_each_change_in_order_and_type_each_failure() {
+    require_lab();
+    let ns = Netns::new("ipvs-batch");
+    let svc = Service::new(ServiceKey::tcp(v4(10, 96, 1, 1), 80), "rr");
+    let dest = Destination::new(v4(10, 244, 0, 9), 80);
+    let (s, d) = (svc.clone(), dest.clone());
+    ns.block_on(move || async move {
+        let h = IpvsHandle::connect().await.expect("connect");
+        h.add_service(&s).await.expect("add");
+        h.add_destination(&s.key, &d).await.expect("add dest");
+    });
+    let a = Service::new(ServiceKey::tcp(v4(10, 96, 1, 2), 80), "rr");
+    let mut a_wlc = a.clone();
+    a_wlc.scheduler = "wlc".into();
+    let a_dest = Destination::new(v4(10, 244, 0, 20), 8080);
+    let b = Service::new(ServiceKey::udp(v6("fd00::10"), 53), "rr");
+    let b_dest = Destination::new(v6("fd00:244::5"), 5353);
+    let missing = ServiceKey::udp(v4(10, 96, 1, 9), 53);
+    let bad_sched = Service::new(ServiceKey::tcp(v4(10, 96, 1, 3), 80), "nosuchsched");
+    let too_long = Service::new(ServiceKey::tcp(v4(10, 96, 1, 4), 80), &"x".repeat(40));
+    let results = ns.block_on(move || async move {
+        let h = IpvsHandle::connect().await.expect("connect");
+        let mut batch = h.batch(4).expect("batch socket");
+        batch.apply(&[
+            // First sendmsg: its last request fails.
+            ipvs::Change::AddService(&a),
+            ipvs::Change::AddService(&svc),
+            ipvs::Change::AddDestination(&a.key, &a_dest),
+            ipvs::Change::AddDestination(&missing, &dest),
+            // Second: failures around a success.
+            ipvs::Change::DeleteDestination(&svc.key, v4(10, 244, 0, 10), 80),
+            ipvs::Change::AddService(&bad_sched),
+            ipvs::Change::EditService(&a_wlc),
+            ipvs::Change::AddDestination(&a.key, &a_dest),
+            // Third: its last change is refused before sending.
+            ipvs::Change::DeleteService(&svc.key),
+            ipvs::Change::AddService(&b),
+            ipvs::Change::AddDestination(&b.key, &b_dest),
+            ipvs::Change::AddService(&too_long),
+        ])
+    });
+    let e: Vec<String> = results.iter().map(|r| format!("{r:?}")).collect();
+    assert_eq!(results.len(), 12, "{e:?}");
+    for i in [0, 2, 6, 8, 9, 10] {
+        assert!(results[i].is_ok(), "change {i}: {}", e[i]);
+    }
+    assert!(
+        matches!(results[1], Err(IpvsError::ServiceExists(_))),
+        "{}",
+        e[1]
+    );
+    assert!(
+        matches!(results[3], Err(IpvsError::ServiceNotFound(_))),
+        "{}",
+        e[3]
+    );
+    assert!(
+        matches!(results[4], Err(IpvsError::DestinationNotFound { .. })),
+        "{}",
+        e[4]
+    );
+    assert!(
+        matches!(&results[5], Err(IpvsError::UnknownScheduler(s)) if s == "nosuchsched"),
+        "{}",
+        e[5]
+    );
+    assert!(
+        matches!(results[7], Err(IpvsError::DestinationExists { .. })),
+        "{}",
+        e[7]
+    );
+    assert!(
+        matches!(results[11], Err(IpvsError::NameTooLong { .. })),
+        "{}",
+        e[11]
+    );
+
+    let k = kernel(&ns);
+    assert_eq!(
+        k.keys().cloned().collect::<Vec<_>>(),
+        vec![
+            "TCP 10.96.1.2:80".to_string(),
+            "UDP [fd00::10]:53".to_string()
+        ],
+        "{k:?}"
+    );
+    let ka = &k["TCP 10.96.1.2:80"];
+    assert_eq!(ka.scheduler, "wlc");
+    assert_eq!(ka.destinations.len(), 1);
+    assert!(ka.dest(v4(10, 244, 0, 20), 8080).is_some(), "{ka:?}");
+    let kb = &k["UDP [fd00::10]:53"];
+    assert!(kb.dest(v6("fd00:244::5"), 5353).is_some(), "{kb:?}");
+}
+
 /// client → VIP (IPVS on the node) → backend, TCP and UDP, IPv4 and IPv6; then the
 /// library's statistics and connection counts equal ipvsadm's.
 #[test]
