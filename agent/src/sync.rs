@@ -46,8 +46,8 @@ pub struct SyncConfig {
     pub node_port_range: std::ops::RangeInclusive<u16>,
     /// Where the state file for `inspect` is written.
     pub state_dir: PathBuf,
-    /// IPVS requests in flight at once.
-    pub ipvs_concurrency: usize,
+    /// IPVS requests per `sendmsg` (at most [`ipvs::MAX_BATCH`]).
+    pub ipvs_batch: usize,
     /// The eBPF datapath; `None` runs IPVS alone (no SNAT, no conntrack bypass).
     pub datapath: Option<DatapathConfig>,
     /// How often expired SNAT entries are swept.
@@ -67,7 +67,7 @@ impl Default for SyncConfig {
             drain_check_period: Duration::from_secs(2),
             node_port_range: 30000..=32767,
             state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
-            ipvs_concurrency: 64,
+            ipvs_batch: 128,
             datapath: Some(DatapathConfig::default()),
             sweep_period: Duration::from_secs(10),
             ipvs: IpvsSettings::default(),
@@ -98,6 +98,8 @@ pub struct SyncReport {
 pub struct Syncer {
     cfg: SyncConfig,
     ipvs: IpvsHandle,
+    /// The IPVS changes' socket (the handle's is for dumps and single requests).
+    ipvs_batch: ipvs_rec::SharedBatch,
     rtnl: Rtnl,
     dummy_index: u32,
     cache: ipvs_rec::ObservedIpvs,
@@ -270,8 +272,12 @@ impl Syncer {
             .ensure_dummy(DUMMY_INTERFACE)
             .await
             .with_context(|| format!("creating {DUMMY_INTERFACE}"))?;
+        let ipvs_batch = ipvs
+            .batch(cfg.ipvs_batch)
+            .context("opening the IPVS batch socket")?;
         let mut s = Syncer {
             cfg,
+            ipvs_batch: Arc::new(std::sync::Mutex::new(ipvs_batch)),
             ipvs,
             rtnl,
             dummy_index,
@@ -669,8 +675,7 @@ impl Syncer {
         want: &ipvs_rec::DesiredIpvs,
         report: &mut SyncReport,
     ) {
-        let (counts, failures) =
-            ipvs_rec::apply(&self.ipvs, ops, &mut self.cache, self.cfg.ipvs_concurrency).await;
+        let (counts, failures) = ipvs_rec::apply(&self.ipvs_batch, ops, &mut self.cache).await;
         for f in &failures {
             let origin = want.get(&f.op.service()).map_or("", |d| d.origin.as_str());
             tracing::error!(service = origin, op = f.op.kind(), "{}", f.error);

@@ -1,5 +1,6 @@
 //! `bench-ipvs`: how long the `ipvs` library takes to create N services × M destinations and
-//! to dump them back, on the kernel it runs on (the lab VM, via `scripts/bench ipvs`). Prints
+//! to dump them back, on the kernel it runs on (the lab VM, via `scripts/bench ipvs`), then to
+//! create them again through `IpvsBatch` (`batch_*`: `--batch` requests per sendmsg). Prints
 //! one JSON object. A benchmark, not a test: it asserts nothing but that the kernel took it.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -77,6 +78,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     h.flush().await?;
     let t_flush = t2.elapsed();
 
+    // The same objects again through batches (IpvsBatch: `--batch` requests per sendmsg, only
+    // failures and each batch's last request answered), then flushed.
+    let per_send = arg("--batch", 128);
+    let mut batch = h.batch(per_send)?;
+    let t3 = Instant::now();
+    let services_changes: Vec<ipvs::Change> = svc.iter().map(ipvs::Change::AddService).collect();
+    batch
+        .apply(&services_changes)
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let t_batch_services = t3.elapsed();
+    let dest_list: Vec<(ServiceKey, Destination)> = svc
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..dests).map(move |j| (s.key, Destination::new(backend(i, j), 8080))))
+        .collect();
+    let dest_changes: Vec<ipvs::Change> = dest_list
+        .iter()
+        .map(|(k, d)| ipvs::Change::AddDestination(k, d))
+        .collect();
+    batch
+        .apply(&dest_changes)
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let t_batch = t3.elapsed();
+    h.flush().await?;
+
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let ops = services * (1 + dests);
     println!(
@@ -92,6 +120,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "dump_services_s": t_dump_services.as_secs_f64(),
             "dump_total_s": t_dump.as_secs_f64(),
             "flush_s": t_flush.as_secs_f64(),
+            "batch": per_send,
+            "batch_create_services_s": t_batch_services.as_secs_f64(),
+            "batch_create_total_s": t_batch.as_secs_f64(),
         })
     );
     Ok(())

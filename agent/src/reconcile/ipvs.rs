@@ -31,8 +31,9 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use ipvs::{Destination, ForwardMethod, IpvsError, IpvsHandle, Service, ServiceFlags, ServiceKey};
+use ipvs::{
+    Destination, ForwardMethod, IpvsBatch, IpvsError, IpvsHandle, Service, ServiceFlags, ServiceKey,
+};
 
 use crate::model::{ServicePort, VirtualService};
 
@@ -224,6 +225,18 @@ impl IpvsOp {
         }
     }
 
+    /// The change as the `ipvs` library's batches take it.
+    fn change(&self) -> ipvs::Change<'_> {
+        match self {
+            Self::AddService(s) => ipvs::Change::AddService(s),
+            Self::EditService(s) => ipvs::Change::EditService(s),
+            Self::DeleteService(k) => ipvs::Change::DeleteService(k),
+            Self::AddDestination(k, d) => ipvs::Change::AddDestination(k, d),
+            Self::EditDestination(k, d) => ipvs::Change::EditDestination(k, d),
+            Self::DeleteDestination(k, a, p) => ipvs::Change::DeleteDestination(k, *a, *p),
+        }
+    }
+
     /// Operations run in three phases: services created or edited, then destinations, then
     /// services deleted.
     fn phase(&self) -> u8 {
@@ -402,14 +415,17 @@ pub struct OpFailure {
     pub error: IpvsError,
 }
 
-/// Issues `ops` (phase by phase, each phase pipelined `concurrency` deep) and updates `cache`
-/// (the observed table) with what succeeded, so the next plan diffs against the kernel without
-/// dumping it again. A failed operation never stops the others.
+/// The IPVS batch socket, shared with the thread that applies a phase.
+pub type SharedBatch = std::sync::Arc<std::sync::Mutex<IpvsBatch>>;
+
+/// Issues `ops` phase by phase, each phase in batches of requests per `sendmsg` on `batch`'s
+/// socket (on a blocking thread, so the loop's thread keeps answering health checks meanwhile),
+/// and updates `cache` (the observed table) with what succeeded, so the next plan diffs against
+/// the kernel without dumping it again. A failed operation never stops the others.
 pub async fn apply(
-    handle: &IpvsHandle,
+    batch: &SharedBatch,
     ops: Vec<IpvsOp>,
     cache: &mut ObservedIpvs,
-    concurrency: usize,
 ) -> (OpCounts, Vec<OpFailure>) {
     let mut counts = OpCounts::default();
     let mut failures = Vec::new();
@@ -417,25 +433,30 @@ pub async fn apply(
     for op in ops {
         phases[op.phase() as usize].push(op);
     }
-    for phase in phases {
-        let results: Vec<(IpvsOp, Result<(), IpvsError>)> = futures::stream::iter(phase)
-            .map(|op| async move {
-                let r = match &op {
-                    IpvsOp::AddService(s) => handle.add_service(s).await,
-                    IpvsOp::EditService(s) => handle.edit_service(s).await,
-                    IpvsOp::DeleteService(k) => handle.delete_service(k).await,
-                    IpvsOp::AddDestination(k, d) => handle.add_destination(k, d).await,
-                    IpvsOp::EditDestination(k, d) => handle.edit_destination(k, d).await,
-                    IpvsOp::DeleteDestination(k, a, p) => {
-                        handle.delete_destination(k, *a, *p).await
-                    }
+    for phase in phases.into_iter().filter(|p| !p.is_empty()) {
+        let batch = batch.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let results = {
+                let changes: Vec<ipvs::Change> = phase.iter().map(IpvsOp::change).collect();
+                let mut batch = match batch.lock() {
+                    Ok(b) => b,
+                    Err(poisoned) => poisoned.into_inner(),
                 };
-                (op, r)
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for (op, r) in results {
+                batch.apply(&changes)
+            };
+            (phase, results)
+        })
+        .await;
+        let (phase, results) = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                // The thread panicked: what the kernel applied is unknown until the next full
+                // sync dumps it. Nothing is recorded as done.
+                tracing::error!("applying IPVS changes: {e}");
+                continue;
+            }
+        };
+        for (op, r) in phase.into_iter().zip(results) {
             *counts.issued.entry(op.kind()).or_default() += 1;
             match r {
                 Ok(()) => record(cache, &op),
