@@ -112,16 +112,23 @@ impl IpvsBatch {
         })
     }
 
-    /// Applies `changes` in order, [`Self::open`]'s `per_send` per `sendmsg`; returns one
-    /// result per change, in the same order. Each change is independent of the others: a
-    /// failed one (the errors of the [`crate::IpvsHandle`] method of the same name) does not
-    /// stop the next. Blocks the calling thread while the kernel applies them.
-    pub fn apply(&mut self, changes: &[Change<'_>]) -> Vec<Result<(), IpvsError>> {
-        let mut results = Vec::with_capacity(changes.len());
-        for chunk in changes.chunks(self.per_send) {
-            results.extend(self.apply_chunk(chunk));
+    /// Applies `changes` in order, [`Self::open`]'s `per_send` per `sendmsg`; returns the
+    /// failures, each with its change's index in `changes` (every other change succeeded).
+    /// Each change is independent of the others: a failed one (the errors of the
+    /// [`crate::IpvsHandle`] method of the same name) does not stop the next. Blocks the
+    /// calling thread while the kernel applies them.
+    pub fn apply(&mut self, changes: &[Change<'_>]) -> Vec<(usize, IpvsError)> {
+        let mut failures = Vec::new();
+        for (n, chunk) in changes.chunks(self.per_send).enumerate() {
+            let offset = n * self.per_send;
+            failures.extend(
+                self.apply_chunk(chunk)
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.err().map(|e| (offset + i, e))),
+            );
         }
-        results
+        failures
     }
 
     fn apply_chunk(&mut self, changes: &[Change<'_>]) -> Vec<Result<(), IpvsError>> {

@@ -415,12 +415,42 @@ pub struct OpFailure {
     pub error: IpvsError,
 }
 
-/// The IPVS batch socket, shared with the thread that applies a phase.
+/// Changes handed to the batch socket per call (each call's borrowed list is built from the
+/// phase's operations).
+const CHANGES_PER_CALL: usize = 4096;
+
+/// A phase of at most this many changes is applied on the loop's thread (a couple of batches:
+/// the kernel's work of a single change's sync); a larger one on a blocking thread, so that the
+/// loop's thread keeps answering health checks through a first sync's 110,000 changes.
+const CHANGES_IN_LINE: usize = 256;
+
+/// Applies `phase` through `batch`; returns the failures, by index in `phase`. Blocks.
+fn apply_phase(batch: &SharedBatch, phase: &[IpvsOp]) -> Vec<(usize, IpvsError)> {
+    let mut batch = match batch.lock() {
+        Ok(b) => b,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    // The borrowed form of a few thousand at a time: a first sync's 100,000 destinations need
+    // not be held twice.
+    let mut failed = Vec::new();
+    for (n, chunk) in phase.chunks(CHANGES_PER_CALL).enumerate() {
+        let changes: Vec<ipvs::Change> = chunk.iter().map(IpvsOp::change).collect();
+        let offset = n * CHANGES_PER_CALL;
+        failed.extend(
+            batch
+                .apply(&changes)
+                .into_iter()
+                .map(|(i, e)| (offset + i, e)),
+        );
+    }
+    failed
+}
+
+/// The IPVS batch socket, shared with the thread that applies a large phase.
 pub type SharedBatch = std::sync::Arc<std::sync::Mutex<IpvsBatch>>;
 
 /// Issues `ops` phase by phase, each phase in batches of requests per `sendmsg` on `batch`'s
-/// socket (on a blocking thread, so the loop's thread keeps answering health checks meanwhile),
-/// and updates `cache` (the observed table) with what succeeded, so the next plan diffs against
+/// socket (a large phase on a blocking thread, see [`CHANGES_IN_LINE`]), and updates `cache` (the observed table) with what succeeded, so the next plan diffs against
 /// the kernel without dumping it again. A failed operation never stops the others.
 pub async fn apply(
     batch: &SharedBatch,
@@ -434,33 +464,32 @@ pub async fn apply(
         phases[op.phase() as usize].push(op);
     }
     for phase in phases.into_iter().filter(|p| !p.is_empty()) {
-        let batch = batch.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            let results = {
-                let changes: Vec<ipvs::Change> = phase.iter().map(IpvsOp::change).collect();
-                let mut batch = match batch.lock() {
-                    Ok(b) => b,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                batch.apply(&changes)
-            };
-            (phase, results)
-        })
-        .await;
-        let (phase, results) = match applied {
-            Ok(applied) => applied,
-            Err(e) => {
-                // The thread panicked: what the kernel applied is unknown until the next full
-                // sync dumps it. Nothing is recorded as done.
-                tracing::error!("applying IPVS changes: {e}");
-                continue;
+        let (phase, failed) = if phase.len() <= CHANGES_IN_LINE {
+            let failed = apply_phase(batch, &phase);
+            (phase, failed)
+        } else {
+            let batch = batch.clone();
+            let applied = tokio::task::spawn_blocking(move || {
+                let failed = apply_phase(&batch, &phase);
+                (phase, failed)
+            })
+            .await;
+            match applied {
+                Ok(applied) => applied,
+                Err(e) => {
+                    // The thread panicked: what the kernel applied is unknown until the next
+                    // full sync dumps it. Nothing is recorded as done.
+                    tracing::error!("applying IPVS changes: {e}");
+                    continue;
+                }
             }
         };
-        for (op, r) in phase.into_iter().zip(results) {
+        let mut failed = failed.into_iter().peekable();
+        for (i, op) in phase.into_iter().enumerate() {
             *counts.issued.entry(op.kind()).or_default() += 1;
-            match r {
-                Ok(()) => record(cache, &op),
-                Err(error) => {
+            match failed.next_if(|(at, _)| *at == i) {
+                None => record(cache, &op),
+                Some((_, error)) => {
                     *counts.failed.entry(op.kind()).or_default() += 1;
                     failures.push(OpFailure { op, error });
                 }
