@@ -249,24 +249,10 @@ impl IpvsBatch {
 }
 
 fn set_receive_timeout(sock: &Socket, timeout: Duration) -> Result<(), IpvsError> {
-    use std::os::fd::AsRawFd;
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: 0,
     };
-    // SAFETY: the fd is a live socket owned by `sock`; `tv` outlives the call and the length
-    // passed is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(IpvsError::Io(std::io::Error::last_os_error()));
-    }
+    crate::handle::set_socket_option(sock, libc::SO_RCVTIMEO, &tv)?;
     Ok(())
 }

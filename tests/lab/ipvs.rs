@@ -398,10 +398,8 @@ fn flush_removes_everything() {
     assert_eq!(ns.sh("ipvsadm -Sn").trim(), "");
 }
 
-#[test]
-fn errors_are_typed_and_leave_the_kernel_unchanged() {
-    require_lab();
-    let ns = Netns::new("ipvs-errors");
+/// TCP 10.96.1.1:80 (rr) with destination 10.244.0.9:80, added through the library.
+fn one_service_with_a_destination(ns: &Netns) -> (Service, Destination) {
     let svc = Service::new(ServiceKey::tcp(v4(10, 96, 1, 1), 80), "rr");
     let dest = Destination::new(v4(10, 244, 0, 9), 80);
     let (s, d) = (svc.clone(), dest.clone());
@@ -410,6 +408,14 @@ fn errors_are_typed_and_leave_the_kernel_unchanged() {
         h.add_service(&s).await.expect("add");
         h.add_destination(&s.key, &d).await.expect("add dest");
     });
+    (svc, dest)
+}
+
+#[test]
+fn errors_are_typed_and_leave_the_kernel_unchanged() {
+    require_lab();
+    let ns = Netns::new("ipvs-errors");
+    let (svc, dest) = one_service_with_a_destination(&ns);
     let before = ns.sh("ipvsadm -Sn");
     let missing = ServiceKey::udp(v4(10, 96, 1, 2), 53);
     let errors = ns.block_on(move || async move {
@@ -473,14 +479,7 @@ fn errors_are_typed_and_leave_the_kernel_unchanged() {
 fn batches_apply_each_change_in_order_and_type_each_failure() {
     require_lab();
     let ns = Netns::new("ipvs-batch");
-    let svc = Service::new(ServiceKey::tcp(v4(10, 96, 1, 1), 80), "rr");
-    let dest = Destination::new(v4(10, 244, 0, 9), 80);
-    let (s, d) = (svc.clone(), dest.clone());
-    ns.block_on(move || async move {
-        let h = IpvsHandle::connect().await.expect("connect");
-        h.add_service(&s).await.expect("add");
-        h.add_destination(&s.key, &d).await.expect("add dest");
-    });
+    let (svc, dest) = one_service_with_a_destination(&ns);
     let a = Service::new(ServiceKey::tcp(v4(10, 96, 1, 2), 80), "rr");
     let mut a_wlc = a.clone();
     a_wlc.scheduler = "wlc".into();
