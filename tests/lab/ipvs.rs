@@ -488,7 +488,7 @@ fn batches_apply_each_change_in_order_and_type_each_failure() {
     let b_dest = Destination::new(v6("fd00:244::5"), 5353);
     let missing = ServiceKey::udp(v4(10, 96, 1, 9), 53);
     let bad_sched = Service::new(ServiceKey::tcp(v4(10, 96, 1, 3), 80), "nosuchsched");
-    let too_long = Service::new(ServiceKey::tcp(v4(10, 96, 1, 4), 80), &"x".repeat(40));
+    let too_long = Service::new(ServiceKey::tcp(v4(10, 96, 1, 4), 80), "x".repeat(40));
     let results = ns.block_on(move || async move {
         let h = IpvsHandle::connect().await.expect("connect");
         let mut batch = h.batch(4).expect("batch socket");
