@@ -11,7 +11,6 @@
 //! been read before it, and every request not answered succeeded.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -32,10 +31,6 @@ pub const MAX_BATCH: usize = 256;
 
 /// Receive buffer asked for (`SO_RCVBUFFORCE`, else `SO_RCVBUF` up to `net.core.rmem_max`).
 const RECEIVE_BUFFER: usize = 4 << 20;
-
-/// The kernel has answered before `sendmsg` returns; this only bounds a wait that should never
-/// happen (a lost acknowledgement).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One change to the IPVS table, as [`crate::IpvsHandle`]'s methods of the same names make it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,7 +96,6 @@ impl IpvsBatch {
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
         crate::handle::set_receive_buffer(&socket, RECEIVE_BUFFER);
-        set_receive_timeout(&socket, ANSWER_TIMEOUT)?;
         Ok(IpvsBatch {
             socket,
             family_id,
@@ -206,7 +200,22 @@ impl IpvsBatch {
         results: &mut [Option<Result<(), IpvsError>>],
     ) -> std::io::Result<()> {
         loop {
-            let n = self.socket.recv(&mut &mut self.receive[..], 0)?;
+            // Everything is queued before `sendmsg` returns: a read that would wait means an
+            // answer was lost (the receive buffer overran).
+            let n = match self
+                .socket
+                .recv(&mut &mut self.receive[..], libc::MSG_DONTWAIT)
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        "the answer to the batch's last request is missing",
+                    ));
+                }
+                Err(e) => return Err(e),
+            };
             let mut at = 0;
             // One datagram may hold several messages, each NLMSG_ALIGNed.
             while let Some(len) = self
@@ -246,13 +255,4 @@ impl IpvsBatch {
             }
         }
     }
-}
-
-fn set_receive_timeout(sock: &Socket, timeout: Duration) -> Result<(), IpvsError> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    crate::handle::set_socket_option(sock, libc::SO_RCVTIMEO, &tv)?;
-    Ok(())
 }
