@@ -99,8 +99,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut batch = h.batch(per_send)?;
     let t3 = Instant::now();
-    let services_changes: Vec<ipvs::Change> = svc.iter().map(ipvs::Change::AddService).collect();
-    if let Some((_, e)) = batch.apply(&services_changes).into_iter().next() {
+    if let Some((_, e)) = batch
+        .apply(svc.iter().map(ipvs::Change::AddService))
+        .into_iter()
+        .next()
+    {
         return Err(e.into());
     }
     let t_batch_services = t3.elapsed();
@@ -109,11 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .enumerate()
         .flat_map(|(i, s)| (0..dests).map(move |j| (s.key, Destination::new(backend(i, j), 8080))))
         .collect();
-    let dest_changes: Vec<ipvs::Change> = dest_list
+    let dest_changes = dest_list
         .iter()
-        .map(|(k, d)| ipvs::Change::AddDestination(k, d))
-        .collect();
-    if let Some((_, e)) = batch.apply(&dest_changes).into_iter().next() {
+        .map(|(k, d)| ipvs::Change::AddDestination(k, d));
+    if let Some((_, e)) = batch.apply(dest_changes).into_iter().next() {
         return Err(e.into());
     }
     let t_batch = t3.elapsed();

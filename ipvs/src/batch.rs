@@ -107,22 +107,32 @@ impl IpvsBatch {
     }
 
     /// Applies `changes` in order, [`Self::open`]'s `per_send` per `sendmsg`; returns the
-    /// failures, each with its change's index in `changes` (every other change succeeded).
+    /// failures, each with its change's position in `changes` (every other change succeeded).
     /// Each change is independent of the others: a failed one (the errors of the
-    /// [`crate::IpvsHandle`] method of the same name) does not stop the next. Blocks the
-    /// calling thread while the kernel applies them.
-    pub fn apply(&mut self, changes: &[Change<'_>]) -> Vec<(usize, IpvsError)> {
-        let mut failures = Vec::new();
-        for (n, chunk) in changes.chunks(self.per_send).enumerate() {
-            let offset = n * self.per_send;
+    /// [`crate::IpvsHandle`] method of the same name) does not stop the next. Only one
+    /// `sendmsg`'s worth is held at a time. Blocks the calling thread while the kernel applies
+    /// them.
+    pub fn apply<'c>(
+        &mut self,
+        changes: impl IntoIterator<Item = Change<'c>>,
+    ) -> Vec<(usize, IpvsError)> {
+        let mut changes = changes.into_iter();
+        let mut chunk = Vec::with_capacity(self.per_send);
+        let (mut failures, mut offset) = (Vec::new(), 0);
+        loop {
+            chunk.clear();
+            chunk.extend(changes.by_ref().take(self.per_send));
+            if chunk.is_empty() {
+                return failures;
+            }
             failures.extend(
-                self.apply_chunk(chunk)
+                self.apply_chunk(&chunk)
                     .into_iter()
                     .enumerate()
                     .filter_map(|(i, r)| r.err().map(|e| (offset + i, e))),
             );
+            offset += chunk.len();
         }
-        failures
     }
 
     fn apply_chunk(&mut self, changes: &[Change<'_>]) -> Vec<Result<(), IpvsError>> {
@@ -177,9 +187,7 @@ impl IpvsBatch {
                     format!("sending a batch: {text}"),
                 ))
             });
-            return results.into_iter().flatten().collect();
-        }
-        if let Err(e) = self.read_answers(changes, first, last, &mut results) {
+        } else if let Err(e) = self.read_answers(changes, first, last, &mut results) {
             // Which requests the kernel applied is unknown: none is reported as done.
             let text = e.to_string();
             unanswered(&mut results, &|| {

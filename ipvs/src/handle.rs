@@ -530,32 +530,20 @@ fn failure_error(ctx: &ErrCtx<'_>, f: Failure) -> IpvsError {
 
 pub(crate) fn set_receive_buffer(sock: &netlink_sys::Socket, bytes: usize) {
     let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    if set_socket_option(sock, libc::SO_RCVBUFFORCE, &val).is_err() {
-        let _ = sock.set_rx_buf_sz(val);
-    }
-}
-
-/// `setsockopt(SOL_SOCKET, name, value)`.
-pub(crate) fn set_socket_option<T>(
-    sock: &netlink_sys::Socket,
-    name: libc::c_int,
-    value: &T,
-) -> std::io::Result<()> {
-    // SAFETY: the fd is a live socket owned by `sock`; `value` outlives the call and the
-    // length passed is its size.
+    // SAFETY: the fd is a live socket owned by `sock`; `val` outlives the
+    // call and the length passed is its size.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
+            libc::SO_RCVBUFFORCE,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+        let _ = sock.set_rx_buf_sz(val);
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -492,7 +492,7 @@ fn batches_apply_each_change_in_order_and_type_each_failure() {
     let results = ns.block_on(move || async move {
         let h = IpvsHandle::connect().await.expect("connect");
         let mut batch = h.batch(4).expect("batch socket");
-        batch.apply(&[
+        batch.apply([
             // First sendmsg: its last request fails.
             ipvs::Change::AddService(&a),
             ipvs::Change::AddService(&svc),

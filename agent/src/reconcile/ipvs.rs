@@ -415,9 +415,8 @@ pub struct OpFailure {
     pub error: IpvsError,
 }
 
-/// Changes handed to the batch socket per call (each call's borrowed list is built from the
-/// phase's operations).
-const CHANGES_PER_CALL: usize = 4096;
+/// The IPVS batch socket, shared with the thread that applies a large phase.
+pub type SharedBatch = std::sync::Arc<std::sync::Mutex<IpvsBatch>>;
 
 /// A phase of at most this many changes is applied on the loop's thread (a couple of batches:
 /// the kernel's work of a single change's sync); a larger one on a blocking thread, so that the
@@ -430,28 +429,13 @@ fn apply_phase(batch: &SharedBatch, phase: &[IpvsOp]) -> Vec<(usize, IpvsError)>
         Ok(b) => b,
         Err(poisoned) => poisoned.into_inner(),
     };
-    // The borrowed form of a few thousand at a time: a first sync's 100,000 destinations need
-    // not be held twice.
-    let mut failed = Vec::new();
-    for (n, chunk) in phase.chunks(CHANGES_PER_CALL).enumerate() {
-        let changes: Vec<ipvs::Change> = chunk.iter().map(IpvsOp::change).collect();
-        let offset = n * CHANGES_PER_CALL;
-        failed.extend(
-            batch
-                .apply(&changes)
-                .into_iter()
-                .map(|(i, e)| (offset + i, e)),
-        );
-    }
-    failed
+    batch.apply(phase.iter().map(IpvsOp::change))
 }
 
-/// The IPVS batch socket, shared with the thread that applies a large phase.
-pub type SharedBatch = std::sync::Arc<std::sync::Mutex<IpvsBatch>>;
-
 /// Issues `ops` phase by phase, each phase in batches of requests per `sendmsg` on `batch`'s
-/// socket (a large phase on a blocking thread, see [`CHANGES_IN_LINE`]), and updates `cache` (the observed table) with what succeeded, so the next plan diffs against
-/// the kernel without dumping it again. A failed operation never stops the others.
+/// socket (a large phase on a blocking thread, see [`CHANGES_IN_LINE`]), and updates `cache`
+/// (the observed table) with what succeeded, so the next plan diffs against the kernel without
+/// dumping it again. A failed operation never stops the others.
 pub async fn apply(
     batch: &SharedBatch,
     ops: Vec<IpvsOp>,
