@@ -144,8 +144,10 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct svc_value *svc;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
+	struct nat_pos rev_pos;
 	__u32 index, gen = 0;
 	__u64 now_jiffies;
+	long rec;
 	__u8 bits;
 	int ret;
 
@@ -183,12 +185,14 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	/* Before the lookup whose miss a verdict records (flow_cache.h, flow_gen). */
 	if (slot)
 		gen = flow_gen_read(index);
-	e = snat_rev_lookup(cfg, &key);
+	rev_pos = nat_pos_rev(cfg, &key);
+	rec = snat_rev_find(cfg, &key, rev_pos.home, rev_pos.tag);
+	e = record_entry(record_at(rec), NAT_INDEX_REV);
 	if (e) {
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
 		frag_record(&p);
 		if (slot)
-			flow_slot_fill(slot, &key, NAT_DST, e->addr, e->port, e->state | bits,
+			flow_slot_fill(slot, &key, NAT_DST, e->addr, e->port, e->state | bits, rec,
 				       now_jiffies);
 		skb->mark |= cfg->mark_svc | reply_mark(cfg);
 		stat_inc(STAT_REV_HIT);
@@ -342,6 +346,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	const __u8 *node_addr;
 	__u32 ifindex = skb->ifindex;
 	__u32 index, gen = 0;
+	__u32 rec = 0;
+	long found;
 	__u64 now_jiffies;
 	__u8 bits;
 	__u64 now;
@@ -371,7 +377,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	if (slot)
 		gen = flow_gen_read(index);
 	fwd_pos = nat_pos_fwd(cfg, &key);
-	r = record_at(snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag));
+	found = snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag);
+	r = record_at(found);
 	e = record_entry(r, NAT_INDEX_FWD);
 	if (e) {
 		if (bits & STATE_SYN)
@@ -379,7 +386,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
 		frag_record(&p);
 		if (slot)
-			flow_slot_fill(slot, &key, NAT_SRC, e->addr, e->port, e->state | bits,
+			flow_slot_fill(slot, &key, NAT_SRC, e->addr, e->port, e->state | bits, found,
 				       now_jiffies);
 		stat_inc(STAT_FWD_HIT);
 		if (nat_commit(skb, &p, NAT_SRC, e->addr, e->port, cs)) {
@@ -420,7 +427,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	if (!cs)
 		return TC_ACT_UNSPEC;
 	now = clock_coarse_ns(cs, now_jiffies);
-	ret = snat_allocate(&key, fwd_pos, cfg, cs, node_addr, flags, bits, now, &entry);
+	ret = snat_allocate(&key, fwd_pos, cfg, cs, node_addr, flags, bits, now, &entry, &rec);
 	if (ret == ALLOC_EXHAUSTED) {
 		stat_drop(STAT_PORT_EXHAUSTED, &key);
 		return TC_ACT_SHOT;
@@ -446,7 +453,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 	/* The next packets of the connection take the fast path. */
 	if (slot)
-		flow_slot_fill(slot, &key, NAT_SRC, entry.addr, entry.port, entry.state, now_jiffies);
+		flow_slot_fill(slot, &key, NAT_SRC, entry.addr, entry.port, entry.state, rec,
+			       now_jiffies);
 	/* 4. First fragment of a translated flow. */
 	frag_record(&p);
 	if (nat_commit(skb, &p, NAT_SRC, entry.addr, entry.port, cs)) {

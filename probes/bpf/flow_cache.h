@@ -40,6 +40,8 @@
 
 #include "maps.h"
 #include "parsing.h"
+#include "table.h"
+#include "conn_state.h"
 
 /*
  * The flow_cache slot index of a tuple from its folded addresses (the XOR of each address's
@@ -171,15 +173,55 @@ static __always_inline void flow_slot_set_key(struct flow_slot *s, const struct 
 	s->filled_jiffies = now_jiffies;
 }
 
-/* Copies a translation into the flow_cache slot of t. */
+/* Copies a translation, and the number of the record it is from, into the flow_cache slot of t. */
 static __always_inline void flow_slot_fill(struct flow_slot *s, const struct tuple *t, __u8 dir,
 					   const __u8 addr[ADDR_LEN], __be16 port, __u8 state,
-					   __u64 now_jiffies)
+					   __u32 record, __u64 now_jiffies)
 {
 	flow_slot_set_key(s, t, dir, now_jiffies);
 	s->state = state;
 	addr_copy(s->addr, addr);
 	s->port = port;
+	s->record = record;
+}
+
+/*
+ * A FIN or RST on the fast path (tcp_flags): its state bits go to the entry of the record the
+ * translation slot s was copied from, as the general path would have put them there, when that
+ * record still holds it: in use (REC_USED), with the slot's tuple as its tuple for the slot's
+ * direction, and the slot's translation. Returns 0 when it does not (the record was swept, or reused for another
+ * connection): the general path then decides, by the table. Ordering (docs/datapath.md, "Memory
+ * ordering", case 7): the record's tuple and entry are read after its state, through an address
+ * dependency on it (nat_dep), as a lookup reads a record after its number; a record read as
+ * REC_USED cannot be freed and rewritten before this program ends (REC_DEAD -> REC_FREE takes a
+ * sweep), so what is compared is one occupant's.
+ */
+static __always_inline int flow_slot_record_close(struct flow_slot *s, __u8 dir, __u8 tcp_flags,
+						  __u64 now_jiffies)
+{
+	__u32 n = s->record;
+	struct nat_record *r = bpf_map_lookup_elem(&snat_records, &n);
+	const __u32 *sw = (const __u32 *)s;
+	const __u32 *ew;
+	struct snat_entry *e;
+	__u32 state;
+	__u8 bits = (dir == NAT_DST ? STATE_REPLY : 0) | (tcp_flags & TCP_FLAG_FIN ? STATE_FIN : 0) |
+		    (tcp_flags & TCP_FLAG_RST ? STATE_RST : 0);
+
+	if (!r)
+		return 0;
+	state = *(volatile __u32 *)&r->state;
+	if (state != REC_USED)
+		return 0;
+	r = (struct nat_record *)((__u8 *)r + nat_dep(state));
+	e = dir == NAT_SRC ? &r->fwd : &r->rev;
+	ew = (const __u32 *)e;
+	if (!flow_slot_holds(s, dir == NAT_SRC ? &r->fwd_key : &r->rev_key) || e->port != s->port ||
+	    ((ew[0] ^ sw[10]) | (ew[1] ^ sw[11]) | (ew[2] ^ sw[12]) | (ew[3] ^ sw[13])) != 0)
+		return 0;
+	entry_touch(e, bits, clock_coarse_ns(scratch_get(), now_jiffies));
+	s->state |= bits;
+	return 1;
 }
 
 /* The words of a verdict slot that hold, in a translation slot, the translated address. */
@@ -225,9 +267,10 @@ enum fast_result {
  * The fast path, tried first by both TC programs: a linear, unfragmented IPv4 (20-byte header) or
  * IPv6 (no extension header) TCP/UDP packet that is no TCP SYN, whose flow_cache slot is younger
  * than its TTL and holds, for direction dir (NAT_SRC on egress, NAT_DST on ingress):
- *   - a translation (when nat_ok: the nat_write programs are there), for a packet that carries no
- *     FIN or RST either (no state bit to record, no last-seen refresh: the slot is younger than
- *     its TTL): the translation is put in skb->cb for nat_write (FAST_JOB_*): FAST_NAT;
+ *   - a translation (when nat_ok: the nat_write programs are there): the translation is put in
+ *     skb->cb for nat_write (FAST_JOB_*): FAST_NAT. A FIN or RST first records its state bits in
+ *     the slot's table record (flow_slot_record_close(); FAST_MISS when the record no longer
+ *     holds the translation). No last-seen refresh: the slot is younger than its TTL;
  *   - a verdict: on ingress the packet gets its mark bits and counts its counter; on egress it
  *     passes if its service marks are the slot's and no record was made on the slot's index
  *     since (flow_gen): FAST_DONE.
@@ -240,6 +283,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 	const __u32 *w;
 	struct flow_slot *s;
 	__u32 index, ports, tag, family;
+	__u64 now_jiffies;
 	__u8 *l3 = data + l2_len;
 	__u8 version = ip_version(skb, l2_len, data, data_end);
 	__u8 tcp_flags = 0;
@@ -299,7 +343,8 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 			return FAST_MISS;
 		family = 6;
 	}
-	if ((__u32)bpf_jiffies64() - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
+	now_jiffies = bpf_jiffies64();
+	if ((__u32)now_jiffies - s->filled_jiffies >= FLOW_CACHE_TTL_JIFFIES)
 		return FAST_MISS;
 	tag = w[9] & SLOT_TAG_MASK;
 	if (dir == NAT_SRC && tag == SLOT_TAG(proto, FLOW_VERDICT_EGRESS, family))
@@ -315,8 +360,10 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 			stat_inc(w[SLOT_VERDICT_STAT]);
 		return FAST_DONE;
 	}
-	if (!nat_ok || tag != SLOT_TAG(proto, dir, family) ||
-	    (tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+	if (!nat_ok || tag != SLOT_TAG(proto, dir, family))
+		return FAST_MISS;
+	if ((tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) &&
+	    !flow_slot_record_close(s, dir, tcp_flags, now_jiffies))
 		return FAST_MISS;
 	if (family == 6) {
 		skb->cb[0] = w[10];

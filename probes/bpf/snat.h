@@ -130,13 +130,13 @@ __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct
  * else one snat_reserve_port() finds. A port is taken by claiming its reply tuple in snat_rev
  * (table.h: a claim holds the tuple's bucket until published); then the forward tuple is claimed
  * in snat_fwd, a record allocated and written, and both ways published (or every claim given
- * back). *out receives the forward entry in use. svc_id is left 0: the agent fills it from conns
- * (SNAT_F_RESOLVED).
+ * back). *out receives the forward entry in use and *rec_out the number of its record. svc_id is
+ * left 0: the agent fills it from conns (SNAT_F_RESOLVED).
  */
 static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat_pos fwd_pos,
 					 const struct config *cfg, struct cpu_scratch *cs,
 					 const __u8 node_addr[ADDR_LEN], __u8 flags, __u8 state,
-					 __u64 now, struct snat_entry *out)
+					 __u64 now, struct snat_entry *out, __u32 *rec_out)
 {
 	struct tuple *rev_key = &cs->rev_key;
 	struct snat_entry *rev_value = &cs->rev_value;
@@ -199,10 +199,12 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 			return ALLOC_LOCK_BUSY;
 		if (ret != -EEXIST)
 			return ALLOC_MAP_FULL;
-		r = record_at(snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag));
+		rec = snat_fwd_find(cfg, fwd_key, fwd_pos.home, fwd_pos.tag);
+		r = record_at(rec);
 		if (!r)
 			return ALLOC_MAP_FULL;
 		__builtin_memcpy(out, &r->fwd, sizeof(*out));
+		*rec_out = rec;
 		return ALLOC_EXISTING;
 	}
 	rec = snat_record_alloc(cfg, &cs->rec_cursor);
@@ -221,6 +223,7 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	nat_store_release(&r->state, REC_USED);
 	nat_publish(&snat_rev, NAT_INDEX_REV, &cs->rev_claim, rec_index);
 	nat_publish(&snat_fwd, NAT_INDEX_FWD, &cs->fwd_claim, rec_index);
+	*rec_out = rec_index;
 	return ALLOC_NEW;
 }
 

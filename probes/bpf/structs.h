@@ -159,7 +159,8 @@ struct nat_claim {
  * Valid while the tuple (saddr, daddr, ports, proto), dir and family match and
  * (u32)jiffies - filled_jiffies < FLOW_CACHE_TTL_JIFFIES; family 0 is an empty slot. `state` holds
  * the state bits the table entry already has (a packet bringing new bits, and every refresh of
- * last_seen_ns, goes to the table entry). One 64-byte slot; the word at offset 36 is
+ * last_seen_ns, goes to the table entry). A translation slot also holds the number of the record
+ * it was copied from, where the fast path records a FIN or RST (flow_cache.h). The word at offset 36 is
  * proto | dir << 8 | family << 16 | state << 24, which the fast path compares in one go.
  */
 struct flow_slot {
@@ -175,6 +176,8 @@ struct flow_slot {
 	__be16 port;         /* translated port */
 	__u16 pad;
 	__u32 filled_jiffies; /* low 32 bits of jiffies */
+	__u32 record;         /* a translation's snat_records record (flow_cache.h, closing packets) */
+	__u32 pad2;
 } __attribute__((aligned(4)));
 
 /*
@@ -250,7 +253,7 @@ _Static_assert(sizeof(struct frag_value) == 4, "frag_value");
 _Static_assert(sizeof(struct config) == 32, "config");
 _Static_assert(sizeof(struct nat_bucket) == 32, "nat_bucket");
 _Static_assert(sizeof(struct nat_record) == 168, "nat_record");
-_Static_assert(sizeof(struct flow_slot) == 64, "flow_slot");
+_Static_assert(sizeof(struct flow_slot) == 72, "flow_slot");
 _Static_assert(sizeof(struct nat_job) == 28, "nat_job");
 _Static_assert(sizeof(struct cpu_scratch) == 168, "cpu_scratch");
 _Static_assert(__builtin_offsetof(struct flow_slot, proto) == 36, "flow_slot tag word");

@@ -756,6 +756,10 @@ pub struct FlowSlot {
     pub pad: u16,
     /// Low 32 bits of `bpf_jiffies64()` when the slot was filled.
     pub filled_jiffies: u32,
+    /// A translation's `snat_records` record, where the fast path records a FIN or RST.
+    pub record: u32,
+    /// Padding, zero.
+    pub pad2: u32,
 }
 
 /// `struct nat_job`: a rewrite handed from the TC programs to `nat_write_*` by the general path

@@ -57,7 +57,9 @@ fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
                 addr,
                 port,
                 pad,
-                filled_jiffies
+                filled_jiffies,
+                record,
+                pad2
             }),
         ),
         (

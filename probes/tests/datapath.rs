@@ -7,6 +7,8 @@ mod common;
 use std::net::IpAddr;
 
 use common::*;
+use libbpf_rs::query::{ProgInfoIter, ProgInfoQueryOptions};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use probes::maps::{
     ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_DRAIN, CFG_F_MASQ_ALL,
     CFG_F_SWITCH, CidrKey, Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX,
@@ -16,7 +18,9 @@ use probes::maps::{
     SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, SwitchFlow, Tuple,
     addr_to_bytes, reply_mark_flags,
 };
+use probes::maps::{FLOW_CACHE_SLOTS, FlowSlot, map_names};
 use probes::{DatapathProgram, RewritePolicy};
+use zerocopy::FromBytes;
 use zerocopy::byteorder::network_endian::U16;
 
 const SVC: u32 = DEFAULT_MARK_SVC;
@@ -265,6 +269,140 @@ fn established_fast_path(f: Family, name: &str) {
     );
 }
 both_families!(established_fast_path);
+
+/// Every CPU's `flow_cache` slot that holds tuple `t` (any direction), read from the kernel: the
+/// datapath object's own map, found among tc_egress's maps.
+fn flow_slots(fx: &Fixture, t: &Tuple) -> Vec<FlowSlot> {
+    let id = fx
+        .dp
+        .program_id(DatapathProgram::TcEgress)
+        .expect("tc_egress id");
+    let info = ProgInfoIter::with_query_opts(ProgInfoQueryOptions::default().include_map_ids(true))
+        .find(|info| info.id == id)
+        .expect("tc_egress info");
+    let map = info
+        .map_ids
+        .iter()
+        .map(|&m| MapHandle::from_map_id(m).expect("map of tc_egress"))
+        .find(|m| m.name() == map_names::FLOW_CACHE)
+        .expect("flow_cache");
+    let mut slots = Vec::new();
+    for index in 0..FLOW_CACHE_SLOTS {
+        let values = map
+            .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
+            .expect("flow_cache lookup")
+            .unwrap_or_default();
+        for value in values {
+            let (slot, _) = FlowSlot::read_from_prefix(&value).expect("flow_slot");
+            if slot.family != 0
+                && (slot.saddr, slot.daddr, slot.sport, slot.dport, slot.proto)
+                    == (t.saddr, t.daddr, t.sport, t.dport, t.proto)
+            {
+                slots.push(slot);
+            }
+        }
+    }
+    slots
+}
+
+/// A FIN of an established translated connection takes the fast path in each direction (its
+/// slot is not filled again: `filled_jiffies` stays) and still records its state bit in the table
+/// record the slot was copied from, as the general path would. An RST whose record was swept
+/// (unindexed, REC_DEAD) goes back to the table: with no entry, it passes untranslated. With the
+/// helper rewrite (no nat_write programs) FINs take the general path, with the same result.
+fn closing_packets_record_their_state_from_the_fast_path(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let cpu = allowed_cpus()[0];
+    on_cpu(cpu, || {
+        let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+        let fwd_key = Tuple::new(
+            client(f),
+            CLIENT_PORT,
+            backend(f),
+            BACKEND_PORT,
+            L4Proto::Tcp,
+        );
+        let rev_key = Tuple::new(backend(f), BACKEND_PORT, node(f), port, L4Proto::Tcp);
+        // The reply's SYN-ACK goes through snat_rev and fills the ingress slot.
+        let syn_ack = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_SYN | TCP_ACK);
+        let back = check_frame(&fx.ingress(&syn_ack, 0).packet);
+        assert_eq!((back.dst, back.dport()), (client(f), CLIENT_PORT));
+        let (rec, _) = fx
+            .dp
+            .maps()
+            .snat
+            .find(probes::Index::Fwd, &fwd_key)
+            .expect("forward entry");
+        let before = [flow_slots(&fx, &fwd_key), flow_slots(&fx, &rev_key)];
+        for slots in &before {
+            assert_eq!(slots.len(), 1, "one slot per direction on this CPU");
+            assert_eq!(slots[0].record, rec, "the slot names its record");
+        }
+        // A few jiffies, so that a slot filled again would show it.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+
+        let fin = tcp(
+            client(f),
+            CLIENT_PORT,
+            backend(f),
+            BACKEND_PORT,
+            TCP_ACK | TCP_FIN,
+        );
+        let p = check_frame(&fx.egress(&fin, 0).packet);
+        assert_eq!((p.src, p.sport()), (node(f), port));
+        let reply_fin = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_ACK | TCP_FIN);
+        let p = check_frame(&fx.ingress(&reply_fin, 0).packet);
+        assert_eq!((p.dst, p.dport()), (client(f), CLIENT_PORT));
+
+        let (_, record) = fx
+            .dp
+            .maps()
+            .snat
+            .find(probes::Index::Fwd, &fwd_key)
+            .expect("forward entry");
+        assert_eq!(record.fwd.state, STATE_SYN | STATE_FIN);
+        assert_eq!(record.rev.state, STATE_SYN | STATE_REPLY | STATE_FIN);
+        let after = [flow_slots(&fx, &fwd_key), flow_slots(&fx, &rev_key)];
+        for (old, new) in before.iter().zip(&after) {
+            assert_eq!(new.len(), 1);
+            assert_eq!(
+                new[0].state & STATE_FIN,
+                STATE_FIN,
+                "the slot knows the FIN"
+            );
+            if fx.dp.direct_writes() {
+                assert_eq!(
+                    new[0].filled_jiffies, old[0].filled_jiffies,
+                    "the FIN took the fast path"
+                );
+            }
+        }
+        assert_counters(
+            &fx.stats(),
+            &[
+                (Counter::SnatAlloc, 1),
+                (Counter::FwdHit, 1),
+                (Counter::RevHit, 2),
+            ],
+        );
+
+        // Swept (REC_DEAD): the fast path leaves an RST, a state bit the slots lack, to the
+        // table, which no longer has the connection. (The FINs the slots now know would still be
+        // translated from them until their TTL, as any packet the slots hold all bits of.)
+        assert!(fx.dp.maps().snat.unindex(rec), "record removed");
+        let rst = tcp(
+            client(f),
+            CLIENT_PORT,
+            backend(f),
+            BACKEND_PORT,
+            TCP_ACK | TCP_RST,
+        );
+        assert_eq!(fx.egress(&rst, 0).packet, rst);
+        let reply_rst = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_ACK | TCP_RST);
+        assert_eq!(fx.ingress(&reply_rst, 0).packet, reply_rst);
+    });
+}
+both_families!(closing_packets_record_their_state_from_the_fast_path);
 
 /// The per-CPU flow cache: once a packet of each direction has gone through the hash entry, the
 /// next ones are translated from the cache (shown by deleting the entries: still translated),

@@ -276,6 +276,15 @@ fn bpf_find(m: &Model, index: Index, conn: u32) -> Option<(u32, NatRecord)> {
     None
 }
 
+/// `flow_slot_record_close()`'s read of a slot's record by number: its state, then (address
+/// dependency on it) the record, when `REC_USED`.
+fn bpf_slot_record(m: &Model, rec: u32) -> Option<NatRecord> {
+    if m.records[rec as usize].state.load(Acquire) != REC_USED {
+        return None;
+    }
+    m.record_copy(rec)
+}
+
 /// `nat_claim()` in the home bucket: the lock, the tuple absent, a free way set `TAG_BUSY`.
 /// `Some(way)` with the lock held.
 fn bpf_claim(m: &Model, index: Index, conn: u32) -> Option<usize> {
@@ -495,6 +504,32 @@ fn case4_record_given_back_then_allocated_again() {
                 "the first writer's store landed late: {r:?}"
             );
         }
+    });
+}
+
+/// Case 7, a flow-cache slot's record (`flow_slot_record_close()`): a program reads, by its
+/// number, the record a slot was copied from while another program allocates that record for a
+/// new connection (the slot's own was swept and freed meanwhile; its words are still the old
+/// connection's). A reader that sees `REC_USED` sees the new connection's record whole, never a
+/// mix of the two: its tuple then fails the slot's compare. (A reader that sees the old
+/// connection's `REC_USED` is case 5's grace period: no sweep passes within one program run.)
+#[test]
+fn case7_slot_record_vs_reallocation() {
+    loom::model(|| {
+        // Record 0 held connection 1 and was freed; a program has just allocated it again (the
+        // allocation before the threads, as in case 3: see claimed_connection_1()).
+        let m = Model::new();
+        bpf_write(&m, 0, 1);
+        assert!(bpf_alloc(&m, 0));
+        let m = Arc::new(m);
+        let p0 = spawn(&m, move |m| {
+            bpf_write(m, 0, 2);
+            store_release(&m.records[0].state, REC_USED);
+        });
+        if let Some(r) = bpf_slot_record(&m, 0) {
+            assert!(written(&r, 2), "a mix of two connections: {r:?}");
+        }
+        p0.join().unwrap();
     });
 }
 

@@ -39,6 +39,7 @@ pub const PROTO_SCTP: u8 = 132;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 /// Mounts bpffs on /sys/fs/bpf unless it already is (once per process).
 pub fn ensure_bpffs() {
