@@ -19,8 +19,8 @@
 //!    `kube-ipvs0` interface. `keep_ipvs` leaves both for this agent to adopt in place (an
 //!    ipvs-mode node keeps its IPVS connection table).
 //!
-//! **This agent**: its `KUBE-IPVS-BPF-*` chains and the jumps to them (all four iptables
-//! variants), its nf_tables table `inet kube-ipvs-bpf` (which the kube-proxy cleanup never
+//! **This agent**: its `KUBE-IPVS-BPF-*` chains, the jumps to them and its rules in the built-in
+//! chains, known by their `kube-ipvs-bpf:` comment (all four iptables variants), its nf_tables table `inet kube-ipvs-bpf` (which the kube-proxy cleanup never
 //! touches: [`is_kube_proxy_table`]), its TC filters (netlink clsact filters with its handle and priority on every
 //! interface), its pinned BPF objects under the pin root (pinned links detached first), its IPVS
 //! services and `kube-ipvs0` (same rule as above; unless `keep_ipvs`, as at the end of a drain

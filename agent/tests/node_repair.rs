@@ -18,6 +18,17 @@ use agent::admin::metrics::Metrics;
 use agent::datapath::{Datapath, DatapathConfig, rules};
 use agent::node_state::{Part, RepairReport};
 
+/// The service mark the tests' agent configures (the default).
+const MARK_SVC: u32 = probes::maps::DEFAULT_MARK_SVC;
+
+/// Our accept of service traffic in INPUT and FORWARD, as `iptables-save` prints it.
+fn service_accept() -> String {
+    format!(
+        "-m mark --mark {MARK_SVC:#x}/{MARK_SVC:#x} -m comment --comment \"{}\" -j ACCEPT",
+        rules::SERVICE_ACCEPT
+    )
+}
+
 fn skip() -> bool {
     if common::skip_without(&[
         ("iptables-nft-save", "--version"),
@@ -233,6 +244,7 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             };
             rules::missing(
                 &sh(&format!("{tool} -t raw; {tool} -t filter")),
+                MARK_SVC,
                 false,
                 rules::Notrack::Nftables,
             )
@@ -270,9 +282,10 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
             "{r:?}"
         );
         assert!(
-            r.repairs[1]
-                .found
-                .contains("chain KUBE-IPVS-BPF-FILTER missing"),
+            r.repairs[1].found.contains(&format!(
+                "rule \"{}\" missing from INPUT",
+                rules::SERVICE_ACCEPT
+            )),
             "{r:?}"
         );
         assert!(sh("nft list table inet kube-ipvs-bpf").contains("notrack"));
@@ -280,8 +293,8 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         assert_eq!(missing(false), Vec::<String>::new());
         assert_eq!(missing(true), Vec::<String>::new());
 
-        // One jump deleted, two sysctls changed by someone else.
-        sh("iptables-nft -D INPUT -j KUBE-IPVS-BPF-FILTER");
+        // Our accept deleted, two sysctls changed by someone else.
+        sh(&format!("iptables-nft -D INPUT {}", service_accept()));
         std::fs::write(arp_ignore, "0").unwrap();
         std::fs::write(&conntrack, "1").unwrap();
         let r = dp.repair_node();
@@ -297,7 +310,10 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
         );
         assert_eq!(
             r.repairs[2].found,
-            "IPv4: jump INPUT -> KUBE-IPVS-BPF-FILTER missing"
+            format!(
+                "IPv4: rule \"{}\" missing from INPUT",
+                rules::SERVICE_ACCEPT
+            )
         );
         metrics.node_repairs(&r.repairs);
         assert_eq!(std::fs::read_to_string(arp_ignore).unwrap().trim(), "1");
@@ -349,28 +365,33 @@ fn rules_sysctls_and_tc_programs_are_repaired_logged_and_counted() {
     .expect("a network namespace");
 }
 
-/// The switch window from kube-proxy (docs/switching.md): while `CFG_F_SWITCH` is set the
-/// filter chain also accepts `ct state established,related` (both families), the node check
+/// The switch window from kube-proxy (docs/switching.md): while `CFG_F_SWITCH` is set INPUT
+/// and FORWARD also accept `ct state established,related` (both families), the node check
 /// follows the flag both ways without counting it as a repair, a flush during the window brings
 /// the accept back with the rest, and an agent restarted during the window writes it at start.
 #[test]
-fn the_filter_chain_accepts_established_connections_only_while_the_switch_window_is_open() {
+fn the_filter_rules_accept_established_connections_only_while_the_switch_window_is_open() {
     if skip() {
         return;
     }
     let scratch = Scratch::new("switch");
     in_netns(|| {
-        let accept = format!(
-            "-A KUBE-IPVS-BPF-FILTER -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{}\" -j ACCEPT",
-            rules::SWITCH_ACCEPT
-        );
+        let accept = |chain: &str| {
+            format!(
+                "-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{}\" -j ACCEPT",
+                rules::SWITCH_ACCEPT
+            )
+        };
         let has_accept = |ipv6: bool| {
             let tool = if ipv6 {
                 "ip6tables-nft-save"
             } else {
                 "iptables-nft-save"
             };
-            sh(&format!("{tool} -t filter")).lines().any(|l| l == accept)
+            let save = sh(&format!("{tool} -t filter"));
+            ["INPUT", "FORWARD"]
+                .iter()
+                .all(|chain| save.lines().any(|l| l == accept(chain)))
         };
         let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
         let maps = probes::DatapathMaps::open_pinned(&scratch.root.join("v2")).expect("the pins");
@@ -407,9 +428,10 @@ fn the_filter_chain_accepts_established_connections_only_while_the_switch_window
         assert!(!has_accept(false) && !has_accept(true));
         let save = sh("iptables-nft-save -t filter");
         assert!(
-            save.contains("-A KUBE-IPVS-BPF-FILTER -m mark --mark"),
-            "the chain's own rule stays:\n{save}"
+            save.contains(&format!("-A INPUT {}", service_accept())),
+            "the service accept stays:\n{save}"
         );
+        assert!(!save.contains(rules::SWITCH_ACCEPT), "{save}");
     })
     .expect("a network namespace");
 }
@@ -560,7 +582,10 @@ fn the_iptables_prerouting_chain_of_an_older_agent_goes_when_the_table_is_writte
         for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
             let raw = sh(&format!("{tool} -t raw"));
             assert!(!raw.contains("KUBE-IPVS-BPF-PREROUTING"), "{tool}:\n{raw}");
-            assert!(raw.contains("-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT"), "{raw}");
+            assert!(
+                raw.contains(&format!("-m comment --comment \"{}\" -j KUBE-IPVS-BPF-OUTPUT", rules::OUTPUT_JUMP)),
+                "{raw}"
+            );
         }
         let table = sh("nft list table inet kube-ipvs-bpf");
         assert!(
@@ -634,11 +659,11 @@ fn a_legacy_table_s_info_changes_with_its_rules_and_not_with_its_counters() {
     .expect("a network namespace");
 }
 
-/// On a node whose firewall is legacy iptables the rules are checked there: a jump deleted
+/// On a node whose firewall is legacy iptables the rules are checked there: our accept deleted
 /// behind the agent's back is found and written back, and a change to other rules of the same
 /// tables makes the check read ours again and find them whole.
 #[test]
-fn on_a_legacy_iptables_node_a_deleted_jump_is_repaired() {
+fn on_a_legacy_iptables_node_a_deleted_accept_is_repaired() {
     if skip() || common::skip_without(&[("iptables-legacy-save", "--version")]) {
         return;
     }
@@ -651,21 +676,24 @@ fn on_a_legacy_iptables_node_a_deleted_jump_is_repaired() {
         .expect("start the datapath");
         let save = || sh("iptables-legacy-save -t raw; iptables-legacy-save -t filter");
         assert_eq!(
-            rules::missing(&save(), false, rules::Notrack::Nftables),
+            rules::missing(&save(), MARK_SVC, false, rules::Notrack::Nftables),
             Vec::<String>::new()
         );
         let r = dp.repair_node();
         assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
 
-        sh("iptables-legacy -D FORWARD -j KUBE-IPVS-BPF-FILTER");
+        sh(&format!("iptables-legacy -D FORWARD {}", service_accept()));
         let r = dp.repair_node();
         assert_eq!(parts(&r), vec![Part::Iptables], "{r:?}");
         assert_eq!(
             r.repairs[0].found,
-            "IPv4: jump FORWARD -> KUBE-IPVS-BPF-FILTER missing"
+            format!(
+                "IPv4: rule \"{}\" missing from FORWARD",
+                rules::SERVICE_ACCEPT
+            )
         );
         assert_eq!(
-            rules::missing(&save(), false, rules::Notrack::Nftables),
+            rules::missing(&save(), MARK_SVC, false, rules::Notrack::Nftables),
             Vec::<String>::new()
         );
 

@@ -606,10 +606,10 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         let save = ns.sh("iptables-save -t raw; iptables-save -t filter");
         let table = ns.sh("nft list table inet kube-ipvs-bpf 2>/dev/null || true");
         [
-            "-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT",
-            "-A INPUT -j KUBE-IPVS-BPF-FILTER",
-            "-A FORWARD -j KUBE-IPVS-BPF-FILTER",
-            "-A KUBE-IPVS-BPF-FILTER",
+            "-A OUTPUT -m mark ! --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: host traffic, not untracked yet\" -j KUBE-IPVS-BPF-OUTPUT",
+            "-A INPUT -m mark --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT",
+            "-A FORWARD -m mark --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT",
+            "-A KUBE-IPVS-BPF-OUTPUT -m bpf",
         ]
         .iter()
         .all(|r| save.contains(r))
@@ -1723,19 +1723,25 @@ fn services_work_untracked_behind(kind: NodeFirewall, name: &str) {
             let first = save
                 .lines()
                 .find(|l| l.starts_with(&format!("-A {chain} ")));
-            assert_eq!(
-                first,
-                Some(format!("-A {chain} -j KUBE-IPVS-BPF-FILTER").as_str()),
+            assert!(
+                first.is_some_and(|l| l.ends_with(
+                    "-m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT"
+                )),
                 "{family}-{ours}: our accept must come first in {chain}:\n{save}"
             );
         }
-        assert!(save.contains("-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT"), "{save}");
+        assert!(
+            save.lines()
+                .any(|l| l.starts_with("-A OUTPUT -m mark ! --mark ")
+                    && l.ends_with("-j KUBE-IPVS-BPF-OUTPUT")),
+            "{save}"
+        );
         assert!(!save.contains("KUBE-IPVS-BPF-PREROUTING"), "{save}");
         let elsewhere = t
             .node
             .sh(&format!("{family}-{other}-save 2>/dev/null || true"));
         assert!(
-            !elsewhere.contains("KUBE-IPVS-BPF"),
+            !elsewhere.contains("KUBE-IPVS-BPF") && !elsewhere.contains("kube-ipvs-bpf:"),
             "rules of ours in {family}-{other}:\n{elsewhere}"
         );
     }

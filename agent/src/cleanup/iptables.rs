@@ -3,7 +3,8 @@
 //! removes them and every jump to them ([`plan`], [`Plan::restore_input`]), and the shell-outs to
 //! the four `{ip,ip6}tables-{legacy,nft}-{save,restore}` commands ([`Variant`]).
 //!
-//! The restore input touches nothing but the owned chains and the rules that jump to them: it
+//! The restore input touches nothing but the owned chains, the rules that jump to them and (this
+//! agent's) its rules in the built-in chains, known by their `kube-ipvs-bpf:` comment: it
 //! flushes each owned chain (declaring an existing chain in `--noflush` mode flushes it),
 //! deletes each jump by its exact rule text (`-D CHAIN <spec as saved>`, so a concurrent change
 //! to another chain is never clobbered and a changed jump makes the whole table's transaction
@@ -63,6 +64,9 @@ pub const KUBELET_CHAINS: &[&str] = &["KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT
 /// Prefix of this agent's own chains.
 pub const AGENT_CHAIN_PREFIX: &str = "KUBE-IPVS-BPF-";
 
+/// Prefix of the comments of this agent's rules.
+pub const AGENT_COMMENT_PREFIX: &str = "kube-ipvs-bpf:";
+
 /// Whose chains to remove.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
@@ -97,7 +101,8 @@ pub struct TablePlan {
     pub table: String,
     /// Owned chains, in the order the dump declares them.
     pub chains: Vec<String>,
-    /// Rules of other chains that jump to an owned chain: (chain, rule text after `-A CHAIN `).
+    /// Rules of other chains that jump to an owned chain, and (this agent's) the rules of its
+    /// own in built-in chains, known by their comment: (chain, rule text after `-A CHAIN `).
     pub jumps: Vec<(String, String)>,
 }
 
@@ -187,6 +192,14 @@ fn strip_counters(line: &str) -> &str {
     line
 }
 
+/// Whether a rule carries the comment of one of this agent's rules (`kube-ipvs-bpf: …`): its
+/// accepts sit in the built-in chains themselves, with no chain of ours to jump to.
+fn has_agent_comment(spec: &str) -> bool {
+    tokenize(spec)
+        .windows(2)
+        .any(|w| w[0] == "--comment" && w[1].starts_with(AGENT_COMMENT_PREFIX))
+}
+
 /// Computes what to remove from an `iptables-save` dump (of any iptables variant, with or
 /// without counters): `owner`'s chains, and the rules in other chains that jump to them.
 /// Pure; see the module documentation for the guarantees.
@@ -210,7 +223,8 @@ pub fn plan(save: &str, owner: Owner) -> Plan {
                     .into_iter()
                     .filter(|(chain, spec)| {
                         !owned_set.contains(chain.as_str())
-                            && target(spec).is_some_and(|t| owned_set.contains(t.as_str()))
+                            && (target(spec).is_some_and(|t| owned_set.contains(t.as_str()))
+                                || (owner == Owner::Agent && has_agent_comment(spec)))
                     })
                     .collect();
                 if !owned.is_empty() || !jumps.is_empty() {

@@ -77,11 +77,122 @@ impl Backend {
     }
 }
 
-/// The restore input that (re)writes the agent's chains, plus a jump for each built-in chain
-/// whose current rules (`save`, the output of `iptables-save` for that table set) lack it.
-/// `switch_window`: the switch window from kube-proxy is open (the filter chain also accepts
-/// `ct state established,related`). With [`Notrack::Nftables`] there is no PREROUTING chain of
-/// ours: one found in `save` is removed with its jump.
+/// The comment of the filter accept of service traffic, first in INPUT and FORWARD.
+pub const SERVICE_ACCEPT: &str = "kube-ipvs-bpf: service traffic (untracked)";
+
+/// The comment of the raw OUTPUT jump to [`CHAIN_OUTPUT`] (packets without the service mark).
+pub const OUTPUT_JUMP: &str = "kube-ipvs-bpf: host traffic, not untracked yet";
+
+/// The comment of the rule in [`CHAIN_OUTPUT`].
+const HOST_NOTRACK: &str = "kube-ipvs-bpf: host service traffic is not tracked";
+
+/// The comment of the rule in [`CHAIN_PREROUTING`].
+const PREROUTING_NOTRACK: &str = "kube-ipvs-bpf: service traffic is not tracked";
+
+/// Whether a rule spec (after `-A CHAIN `, as `iptables-save` prints it) is one of ours in a
+/// built-in chain: it carries a comment of ours or jumps to a chain of ours.
+fn is_ours(spec: &str) -> bool {
+    spec.contains("--comment \"kube-ipvs-bpf:") || spec.contains("-j KUBE-IPVS-BPF-")
+}
+
+/// A rule of ours in a built-in chain: its table and chain, its comment (empty for the
+/// PREROUTING jump) and its spec, written as `iptables-save` prints it back (legacy and nft
+/// alike), so that a saved rule is this one when its text is the same.
+struct BuiltinRule {
+    table: &'static str,
+    chain: &'static str,
+    comment: &'static str,
+    spec: String,
+}
+
+impl BuiltinRule {
+    /// Whether saved rule `spec` (after `-A CHAIN `) is this one.
+    fn matches(&self, spec: &str) -> bool {
+        spec == self.spec
+    }
+}
+
+/// The rules of ours that sit in built-in chains, first in them:
+/// - filter INPUT and FORWARD: accept service-marked packets (untracked: `ct state
+///   established` never matches them), as one rule with no jump, so that an accepted packet
+///   walks one rule; while the switch window is open, also `ct state established,related`;
+/// - raw OUTPUT: a jump to [`CHAIN_OUTPUT`] for packets *without* the service mark. IPVS sends
+///   what it forwards through LOCAL_OUT, marked and untracked in PREROUTING already: those
+///   packets fail the jump's mark match and walk nothing of ours;
+/// - raw PREROUTING, with [`Notrack::Iptables`] only: the jump to [`CHAIN_PREROUTING`].
+fn builtin_rules(mark_svc: u32, switch_window: bool, notrack: Notrack) -> Vec<BuiltinRule> {
+    let mark = format!("{mark_svc:#x}/{mark_svc:#x}");
+    let mut rules = Vec::new();
+    if notrack == Notrack::Iptables {
+        rules.push(BuiltinRule {
+            table: "raw",
+            chain: "PREROUTING",
+            comment: "",
+            spec: format!("-j {CHAIN_PREROUTING}"),
+        });
+    }
+    rules.push(BuiltinRule {
+        table: "raw",
+        chain: "OUTPUT",
+        comment: OUTPUT_JUMP,
+        spec: format!(
+            "-m mark ! --mark {mark} -m comment --comment \"{OUTPUT_JUMP}\" -j {CHAIN_OUTPUT}"
+        ),
+    });
+    for chain in ["INPUT", "FORWARD"] {
+        rules.push(BuiltinRule {
+            table: "filter",
+            chain,
+            comment: SERVICE_ACCEPT,
+            spec: format!(
+                "-m mark --mark {mark} -m comment --comment \"{SERVICE_ACCEPT}\" -j ACCEPT"
+            ),
+        });
+        if switch_window {
+            rules.push(BuiltinRule {
+                table: "filter",
+                chain,
+                comment: SWITCH_ACCEPT,
+                spec: format!(
+                    "-m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{SWITCH_ACCEPT}\" -j ACCEPT"
+                ),
+            });
+        }
+    }
+    rules
+}
+
+/// The saved rules of one table (`*table` … `COMMIT` of `save`) outside our own chains:
+/// (chain, spec).
+fn table_rules<'a>(save: &'a str, table: &str) -> Vec<(&'a str, &'a str)> {
+    let mut in_table = false;
+    let mut out = Vec::new();
+    for l in save.lines() {
+        if let Some(name) = l.strip_prefix('*') {
+            in_table = name.trim() == table;
+        } else if in_table
+            && let Some((chain, spec)) = l.strip_prefix("-A ").and_then(|r| r.split_once(' '))
+            && !chain.starts_with("KUBE-IPVS-BPF-")
+        {
+            out.push((chain, spec));
+        }
+    }
+    out
+}
+
+/// Whether `save` declares chain `chain` (in any table: our chain names are unique).
+fn has_chain(save: &str, chain: &str) -> bool {
+    save.lines().any(|l| l.starts_with(&format!(":{chain} ")))
+}
+
+/// The restore input that (re)writes the agent's chains and its rules in the built-in chains
+/// (`save`: the output of `iptables-save` for the `raw` and `filter` tables): each chain of ours
+/// is rewritten whole; a built-in rule of ours that is missing is inserted first in its chain,
+/// and one that is not wanted any more (the switch window's accept after it closed, a rule with
+/// another mark, the jumps of an older agent) is deleted by its saved text. `switch_window`: the
+/// switch window from kube-proxy is open. With [`Notrack::Nftables`] there is no PREROUTING
+/// chain of ours: one found in `save` is removed with its jump; so is the filter chain an older
+/// agent jumped to.
 pub fn restore_input(
     save: &str,
     mark_svc: u32,
@@ -89,68 +200,56 @@ pub fn restore_input(
     switch_window: bool,
     notrack: Notrack,
 ) -> String {
-    let has_jump = |chain: &str, target: &str| {
-        save.lines()
-            .any(|l| l.starts_with(&format!("-A {chain} ")) && l.contains(&format!("-j {target}")))
-    };
+    let wanted = builtin_rules(mark_svc, switch_window, notrack);
     let mut out = String::new();
-    out.push_str("*raw\n");
-    let has_prerouting = save
-        .lines()
-        .any(|l| l.starts_with(&format!(":{CHAIN_PREROUTING} ")));
-    if notrack == Notrack::Iptables || has_prerouting {
-        out.push_str(&format!(":{CHAIN_PREROUTING} - [0:0]\n"));
-    }
-    out.push_str(&format!(":{CHAIN_OUTPUT} - [0:0]\n"));
-    match notrack {
-        Notrack::Iptables => {
+    for table in TABLES {
+        out.push_str(&format!("*{table}\n"));
+        // Our chains: declared (which flushes them), then their rules.
+        let mut removed = Vec::new();
+        if table == "raw" {
+            let has_prerouting = has_chain(save, CHAIN_PREROUTING);
+            if notrack == Notrack::Iptables {
+                out.push_str(&format!(":{CHAIN_PREROUTING} - [0:0]\n"));
+                out.push_str(&format!(
+                    "-A {CHAIN_PREROUTING} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"{PREROUTING_NOTRACK}\" -j CT --notrack\n"
+                ));
+            } else if has_prerouting {
+                out.push_str(&format!(":{CHAIN_PREROUTING} - [0:0]\n"));
+                removed.push(CHAIN_PREROUTING);
+            }
+            out.push_str(&format!(":{CHAIN_OUTPUT} - [0:0]\n"));
             out.push_str(&format!(
-                "-A {CHAIN_PREROUTING} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic is not tracked\" -j CT --notrack\n"
+                "-A {CHAIN_OUTPUT} -m bpf --object-pinned {} -m comment --comment \"{HOST_NOTRACK}\" -j CT --notrack\n",
+                xt_svc_pin.display()
             ));
-            if !has_jump("PREROUTING", CHAIN_PREROUTING) {
-                out.push_str(&format!("-I PREROUTING 1 -j {CHAIN_PREROUTING}\n"));
+        } else if has_chain(save, CHAIN_FILTER) {
+            out.push_str(&format!(":{CHAIN_FILTER} - [0:0]\n"));
+            removed.push(CHAIN_FILTER);
+        }
+        // Built-in rules of ours not wanted (any more), then the wanted ones missing.
+        let saved = table_rules(save, table);
+        for (chain, spec) in &saved {
+            if is_ours(spec)
+                && !wanted
+                    .iter()
+                    .any(|w| w.table == table && w.chain == *chain && w.matches(spec))
+            {
+                out.push_str(&format!("-D {chain} {spec}\n"));
             }
         }
-        Notrack::Nftables => {
-            for l in save.lines() {
-                if l.starts_with("-A PREROUTING ") && l.ends_with(&format!("-j {CHAIN_PREROUTING}"))
-                {
-                    out.push_str(&format!("{}\n", l.replacen("-A ", "-D ", 1)));
-                }
-            }
-            if has_prerouting {
-                out.push_str(&format!("-X {CHAIN_PREROUTING}\n"));
+        for w in wanted.iter().filter(|w| w.table == table) {
+            if !saved
+                .iter()
+                .any(|(c, spec)| *c == w.chain && w.matches(spec))
+            {
+                out.push_str(&format!("-I {} 1 {}\n", w.chain, w.spec));
             }
         }
-    }
-    // IPVS sends what it forwards through LOCAL_OUT: those packets carry the mark TC ingress
-    // set and were untracked in PREROUTING, so they skip the (costlier) program match.
-    out.push_str(&format!(
-        "-A {CHAIN_OUTPUT} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: forwarded by IPVS, already untracked\" -j RETURN\n"
-    ));
-    out.push_str(&format!(
-        "-A {CHAIN_OUTPUT} -m bpf --object-pinned {} -m comment --comment \"kube-ipvs-bpf: host service traffic is not tracked\" -j CT --notrack\n",
-        xt_svc_pin.display()
-    ));
-    if !has_jump("OUTPUT", CHAIN_OUTPUT) {
-        out.push_str(&format!("-I OUTPUT 1 -j {CHAIN_OUTPUT}\n"));
-    }
-    out.push_str("COMMIT\n*filter\n");
-    out.push_str(&format!(":{CHAIN_FILTER} - [0:0]\n"));
-    out.push_str(&format!(
-        "-A {CHAIN_FILTER} -m mark --mark {mark_svc:#x}/{mark_svc:#x} -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT\n"
-    ));
-    if switch_window {
-        out.push_str(&format!(
-            "-A {CHAIN_FILTER} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"{SWITCH_ACCEPT}\" -j ACCEPT\n"
-        ));
-    }
-    for chain in ["INPUT", "FORWARD"] {
-        if !has_jump(chain, CHAIN_FILTER) {
-            out.push_str(&format!("-I {chain} 1 -j {CHAIN_FILTER}\n"));
+        for chain in removed {
+            out.push_str(&format!("-X {chain}\n"));
         }
+        out.push_str("COMMIT\n");
     }
-    out.push_str("COMMIT\n");
     out
 }
 
@@ -252,85 +351,65 @@ pub fn legacy_table_info(ipv6: bool, table: &str) -> std::io::Result<Vec<u8>> {
     Ok(info[32..].to_vec())
 }
 
-/// The comments of the rules in each chain of ours (`restore_input` writes them); the
-/// PREROUTING chain only with [`Notrack::Iptables`].
-const CHAIN_RULES: [(&str, &[&str]); 3] = [
-    (
-        CHAIN_PREROUTING,
-        &["kube-ipvs-bpf: service traffic is not tracked"],
-    ),
-    (
-        CHAIN_OUTPUT,
-        &[
-            "kube-ipvs-bpf: forwarded by IPVS, already untracked",
-            "kube-ipvs-bpf: host service traffic is not tracked",
-        ],
-    ),
-    (
-        CHAIN_FILTER,
-        &["kube-ipvs-bpf: service traffic (untracked)"],
-    ),
-];
-
-/// The jumps into our chains: (built-in chain, our chain).
-const JUMPS: [(&str, &str); 4] = [
-    ("PREROUTING", CHAIN_PREROUTING),
-    ("OUTPUT", CHAIN_OUTPUT),
-    ("INPUT", CHAIN_FILTER),
-    ("FORWARD", CHAIN_FILTER),
-];
-
 /// What `save` (the `raw` and `filter` tables as `iptables-save` prints them) lacks of our
-/// rules: a chain, one of its rules (known by its comment), or a jump; the switch window's
-/// accept where it is not wanted (or missing where it is); with [`Notrack::Nftables`], a
-/// PREROUTING chain of ours left over. Empty: all as wanted.
-pub fn missing(save: &str, switch_window: bool, notrack: Notrack) -> Vec<String> {
+/// rules, or holds that is not wanted: a chain of ours or its rule (known by its comment), a
+/// built-in rule of ours (the switch window's accept included, while it is open) or one left
+/// over (the switch window's accept after it closed, another mark, an older agent's jumps and
+/// chains). Empty: all as wanted.
+pub fn missing(save: &str, mark_svc: u32, switch_window: bool, notrack: Notrack) -> Vec<String> {
     let mut out = Vec::new();
-    let has_chain = |chain: &str| save.lines().any(|l| l.starts_with(&format!(":{chain} ")));
-    for (chain, comments) in CHAIN_RULES {
-        if chain == CHAIN_PREROUTING && notrack == Notrack::Nftables {
-            if has_chain(chain) {
-                out.push(format!(
-                    "chain {chain} left over (nf_tables untracks service traffic)"
-                ));
-            }
-            continue;
-        }
-        if !has_chain(chain) {
-            out.push(format!("chain {chain} missing"));
-            continue;
-        }
-        let rules: Vec<&str> = save
-            .lines()
+    let chain_rules = |chain: &str| -> Vec<&str> {
+        save.lines()
             .filter(|l| l.starts_with(&format!("-A {chain} ")))
-            .collect();
-        for c in comments.iter() {
-            if !rules.iter().any(|r| r.contains(c)) {
-                out.push(format!("rule \"{c}\" missing from {chain}"));
-            }
-        }
-        if chain == CHAIN_FILTER {
-            match (
-                switch_window,
-                rules.iter().any(|r| r.contains(SWITCH_ACCEPT)),
-            ) {
-                (true, false) => out.push(format!("rule \"{SWITCH_ACCEPT}\" missing from {chain}")),
-                (false, true) => out.push(format!(
-                    "rule \"{SWITCH_ACCEPT}\" in {chain} after the switch window closed"
-                )),
-                _ => {}
-            }
+            .collect()
+    };
+    let mut chains = vec![(CHAIN_OUTPUT, HOST_NOTRACK)];
+    if notrack == Notrack::Iptables {
+        chains.push((CHAIN_PREROUTING, PREROUTING_NOTRACK));
+    } else if has_chain(save, CHAIN_PREROUTING) {
+        out.push(format!(
+            "chain {CHAIN_PREROUTING} left over (nf_tables untracks service traffic)"
+        ));
+    }
+    if has_chain(save, CHAIN_FILTER) {
+        out.push(format!(
+            "chain {CHAIN_FILTER} left over (the accept is in INPUT and FORWARD)"
+        ));
+    }
+    for (chain, comment) in chains {
+        if !has_chain(save, chain) {
+            out.push(format!("chain {chain} missing"));
+        } else if !chain_rules(chain).iter().any(|r| r.contains(comment)) {
+            out.push(format!("rule \"{comment}\" missing from {chain}"));
         }
     }
-    for (builtin, chain) in JUMPS {
-        if chain == CHAIN_PREROUTING && notrack == Notrack::Nftables {
-            continue;
+    let wanted = builtin_rules(mark_svc, switch_window, notrack);
+    for table in TABLES {
+        let saved = table_rules(save, table);
+        for w in wanted.iter().filter(|w| w.table == table) {
+            if !saved
+                .iter()
+                .any(|(c, spec)| *c == w.chain && w.matches(spec))
+            {
+                out.push(if w.comment.is_empty() {
+                    format!("jump {} -> {CHAIN_PREROUTING} missing", w.chain)
+                } else {
+                    format!("rule \"{}\" missing from {}", w.comment, w.chain)
+                });
+            }
         }
-        let jump = save.lines().any(|l| {
-            l.starts_with(&format!("-A {builtin} ")) && l.ends_with(&format!("-j {chain}"))
-        });
-        if !jump {
-            out.push(format!("jump {builtin} -> {chain} missing"));
+        for (chain, spec) in &saved {
+            if is_ours(spec)
+                && !wanted
+                    .iter()
+                    .any(|w| w.table == table && w.chain == *chain && w.matches(spec))
+            {
+                out.push(if spec.contains(SWITCH_ACCEPT) {
+                    format!("rule \"{SWITCH_ACCEPT}\" in {chain} after the switch window closed")
+                } else {
+                    format!("rule \"{spec}\" in {chain} not wanted")
+                });
+            }
         }
     }
     out
@@ -373,7 +452,7 @@ pub fn repair(
     notrack: Notrack,
 ) -> Result<Vec<String>, RulesError> {
     let save = save(backend, ipv6)?;
-    let missing = missing(&save, switch_window, notrack);
+    let missing = missing(&save, mark_svc, switch_window, notrack);
     if !missing.is_empty() {
         restore(
             backend,
@@ -479,9 +558,30 @@ pub fn detect_backend() -> (Backend, &'static str) {
 mod tests {
     use super::*;
 
+    /// `restore_input`'s output as `iptables-save` would print it afterwards: inserted rules
+    /// (`-I CHAIN 1`) listed as appended, deletions and chain removals gone. (Apply it to an
+    /// empty `save` only: a real restore keeps the saved rules too.)
+    fn as_saved(input: &str) -> String {
+        input
+            .lines()
+            .filter(|l| !l.starts_with("-D ") && !l.starts_with("-X "))
+            .map(|l| {
+                let l = match l.strip_prefix("-I ").and_then(|r| r.split_once(" 1 ")) {
+                    Some((chain, spec)) => format!("-A {chain} {spec}"),
+                    None => l.to_owned(),
+                };
+                format!("{l}\n")
+            })
+            .collect()
+    }
+
+    const PIN: &str = "/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc";
+    const SERVICE_RULE: &str = "-m mark --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT";
+    const OUTPUT_RULE: &str = "-m mark ! --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: host traffic, not untracked yet\" -j KUBE-IPVS-BPF-OUTPUT";
+
     #[test]
-    fn first_run_inserts_jumps_and_later_runs_only_rewrite_the_chains() {
-        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc");
+    fn first_run_inserts_the_builtin_rules_and_later_runs_only_rewrite_the_chains() {
+        let pin = Path::new(PIN);
         let first = restore_input(
             "*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n",
             0x200000,
@@ -490,40 +590,82 @@ mod tests {
             Notrack::Iptables,
         );
         assert!(first.contains("-I PREROUTING 1 -j KUBE-IPVS-BPF-PREROUTING\n"));
-        assert!(first.contains("-I OUTPUT 1 -j KUBE-IPVS-BPF-OUTPUT\n"));
-        assert!(first.contains("-I INPUT 1 -j KUBE-IPVS-BPF-FILTER\n"));
-        assert!(first.contains("-I FORWARD 1 -j KUBE-IPVS-BPF-FILTER\n"));
-        assert!(first.contains("-m mark --mark 0x200000/0x200000"));
-        assert!(first.contains("-m bpf --object-pinned /sys/fs/bpf/kube-ipvs-bpf/v1/prog_xt_svc"));
-        // Forwarded (already marked) packets return before the program match.
-        let ret = first
-            .find("-A KUBE-IPVS-BPF-OUTPUT -m mark --mark 0x200000/0x200000")
-            .expect("mark return in OUTPUT");
-        assert!(ret < first.find("-m bpf").expect("bpf match"), "{first}");
+        // Service traffic is accepted by one rule first in INPUT and FORWARD, with no jump.
         assert!(
-            first[ret..]
-                .lines()
-                .next()
-                .is_some_and(|l| l.ends_with("-j RETURN"))
+            first.contains(&format!("-I INPUT 1 {SERVICE_RULE}\n")),
+            "{first}"
         );
-        let save = "*raw\n-A PREROUTING -j KUBE-IPVS-BPF-PREROUTING\n-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT\nCOMMIT\n*filter\n-A INPUT -j KUBE-IPVS-BPF-FILTER\n-A FORWARD -j KUBE-IPVS-BPF-FILTER\nCOMMIT\n";
-        let again = restore_input(save, 0x200000, pin, false, Notrack::Iptables);
-        assert!(!again.contains("-I "), "{again}");
-        assert!(again.contains(":KUBE-IPVS-BPF-FILTER - [0:0]"));
+        assert!(
+            first.contains(&format!("-I FORWARD 1 {SERVICE_RULE}\n")),
+            "{first}"
+        );
+        assert!(!first.contains(CHAIN_FILTER), "{first}");
+        // Packets IPVS forwards (marked) do not jump to the program match.
+        assert!(
+            first.contains(&format!("-I OUTPUT 1 {OUTPUT_RULE}\n")),
+            "{first}"
+        );
+        assert!(first.contains(&format!(
+            "-A KUBE-IPVS-BPF-OUTPUT -m bpf --object-pinned {PIN} -m comment"
+        )));
+        assert!(!first.contains("-j RETURN"), "{first}");
+        let again = restore_input(&as_saved(&first), 0x200000, pin, false, Notrack::Iptables);
+        assert!(!again.contains("-I ") && !again.contains("-D "), "{again}");
+        assert!(again.contains(":KUBE-IPVS-BPF-OUTPUT - [0:0]"));
     }
 
     #[test]
-    fn missing_names_each_absent_chain_rule_and_jump() {
-        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
-        // What the restore input creates, as iptables-save prints it (jumps appended).
-        let mut save = String::new();
-        for l in restore_input("", 0x200000, pin, false, Notrack::Iptables).lines() {
-            let l = l.replace("-I ", "-A ").replace(" 1 -j", " -j");
-            save.push_str(&l);
-            save.push('\n');
-        }
+    fn an_older_agents_jumps_and_filter_chain_are_replaced() {
+        let pin = Path::new(PIN);
+        let old = "*raw\n:OUTPUT ACCEPT [0:0]\n:KUBE-IPVS-BPF-OUTPUT - [0:0]\n-A OUTPUT -j KUBE-IPVS-BPF-OUTPUT\n-A KUBE-IPVS-BPF-OUTPUT -m mark --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: forwarded by IPVS, already untracked\" -j RETURN\nCOMMIT\n*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:KUBE-IPVS-BPF-FILTER - [0:0]\n-A INPUT -j KUBE-IPVS-BPF-FILTER\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A FORWARD -j KUBE-IPVS-BPF-FILTER\n-A KUBE-IPVS-BPF-FILTER -m mark --mark 0x200000/0x200000 -m comment --comment \"kube-ipvs-bpf: service traffic (untracked)\" -j ACCEPT\nCOMMIT\n";
+        let found = missing(old, 0x200000, false, Notrack::Nftables);
         assert_eq!(
-            missing(&save, false, Notrack::Iptables),
+            found,
+            vec![
+                format!("chain {CHAIN_FILTER} left over (the accept is in INPUT and FORWARD)"),
+                format!("rule \"{HOST_NOTRACK}\" missing from {CHAIN_OUTPUT}"),
+                format!("rule \"{OUTPUT_JUMP}\" missing from OUTPUT"),
+                format!("rule \"-j {CHAIN_OUTPUT}\" in OUTPUT not wanted"),
+                format!("rule \"{SERVICE_ACCEPT}\" missing from INPUT"),
+                format!("rule \"{SERVICE_ACCEPT}\" missing from FORWARD"),
+                format!("rule \"-j {CHAIN_FILTER}\" in INPUT not wanted"),
+                format!("rule \"-j {CHAIN_FILTER}\" in FORWARD not wanted"),
+            ]
+        );
+        let upgrade = restore_input(old, 0x200000, pin, false, Notrack::Nftables);
+        // The filter chain is flushed, the jumps to it deleted, then the chain.
+        let flush = upgrade
+            .find(":KUBE-IPVS-BPF-FILTER - [0:0]\n")
+            .expect("flush");
+        let unjump = upgrade
+            .find("-D INPUT -j KUBE-IPVS-BPF-FILTER\n")
+            .expect("jump deleted");
+        let delete = upgrade
+            .find("-X KUBE-IPVS-BPF-FILTER\n")
+            .expect("chain deleted");
+        assert!(flush < unjump && unjump < delete, "{upgrade}");
+        assert!(upgrade.contains("-D FORWARD -j KUBE-IPVS-BPF-FILTER\n"));
+        assert!(upgrade.contains("-D OUTPUT -j KUBE-IPVS-BPF-OUTPUT\n"));
+        assert!(upgrade.contains(&format!("-I OUTPUT 1 {OUTPUT_RULE}\n")));
+        assert!(upgrade.contains(&format!("-I INPUT 1 {SERVICE_RULE}\n")));
+        // The firewall's own rule is never touched.
+        assert!(
+            !upgrade.contains("RELATED,ESTABLISHED -j ACCEPT"),
+            "{upgrade}"
+        );
+    }
+
+    #[test]
+    fn missing_names_each_absent_chain_and_rule() {
+        let save = as_saved(&restore_input(
+            "",
+            0x200000,
+            Path::new(PIN),
+            false,
+            Notrack::Iptables,
+        ));
+        assert_eq!(
+            missing(&save, 0x200000, false, Notrack::Iptables),
             Vec::<String>::new(),
             "{save}"
         );
@@ -535,90 +677,90 @@ mod tests {
         };
         assert_eq!(
             missing(
-                &without(&|l| l == "-A INPUT -j KUBE-IPVS-BPF-FILTER"),
+                &without(&|l| l.starts_with("-A INPUT ")),
+                0x200000,
                 false,
                 Notrack::Iptables
             ),
-            vec!["jump INPUT -> KUBE-IPVS-BPF-FILTER missing"]
+            vec![format!("rule \"{SERVICE_ACCEPT}\" missing from INPUT")]
         );
         assert_eq!(
             missing(
                 &without(&|l| l.contains("host service traffic")),
+                0x200000,
                 false,
                 Notrack::Iptables
             ),
-            vec![
-                "rule \"kube-ipvs-bpf: host service traffic is not tracked\" missing from KUBE-IPVS-BPF-OUTPUT"
-            ]
+            vec![format!(
+                "rule \"{HOST_NOTRACK}\" missing from {CHAIN_OUTPUT}"
+            )]
         );
+        // Another service mark: each built-in rule of ours is replaced (missing, not wanted).
+        assert_eq!(missing(&save, 0x400, false, Notrack::Iptables).len(), 6);
         // A flushed ruleset: everything.
-        assert_eq!(missing("", false, Notrack::Iptables).len(), 7);
+        assert_eq!(missing("", 0x200000, false, Notrack::Iptables).len(), 6);
     }
 
     #[test]
     fn the_switch_windows_accept_is_wanted_while_it_is_open_and_unwanted_after() {
-        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
-        let as_saved = |window: bool| -> String {
-            restore_input("", 0x200000, pin, window, Notrack::Iptables)
-                .lines()
-                .map(|l| format!("{}\n", l.replace("-I ", "-A ").replace(" 1 -j", " -j")))
-                .collect()
+        let as_saved_at = |window: bool| -> String {
+            as_saved(&restore_input(
+                "",
+                0x200000,
+                Path::new(PIN),
+                window,
+                Notrack::Iptables,
+            ))
         };
-        let (open, closed) = (as_saved(true), as_saved(false));
-        let accept = open
-            .lines()
-            .find(|l| l.contains(SWITCH_ACCEPT))
-            .expect("the window's accept");
+        let (open, closed) = (as_saved_at(true), as_saved_at(false));
+        let accepts: Vec<&str> = open.lines().filter(|l| l.contains(SWITCH_ACCEPT)).collect();
+        assert_eq!(accepts.len(), 2, "{open}");
         assert!(
-            accept
-                .starts_with("-A KUBE-IPVS-BPF-FILTER -m conntrack --ctstate RELATED,ESTABLISHED")
-                && accept.ends_with("-j ACCEPT"),
-            "{accept}"
+            accepts[0].starts_with("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED")
+                && accepts[0].ends_with("-j ACCEPT"),
+            "{accepts:?}"
         );
         assert!(!closed.contains(SWITCH_ACCEPT));
-        assert!(missing(&open, true, Notrack::Iptables).is_empty());
-        assert!(missing(&closed, false, Notrack::Iptables).is_empty());
-        // Opened: the accept is missing; closed: it is left over. Either way a rewrite.
+        assert!(missing(&open, 0x200000, true, Notrack::Iptables).is_empty());
+        assert!(missing(&closed, 0x200000, false, Notrack::Iptables).is_empty());
+        // Opened: the accepts are missing; closed: they are left over. Either way a rewrite.
         assert_eq!(
-            missing(&closed, true, Notrack::Iptables),
-            vec![format!(
-                "rule \"{SWITCH_ACCEPT}\" missing from KUBE-IPVS-BPF-FILTER"
-            )]
+            missing(&closed, 0x200000, true, Notrack::Iptables),
+            vec![
+                format!("rule \"{SWITCH_ACCEPT}\" missing from INPUT"),
+                format!("rule \"{SWITCH_ACCEPT}\" missing from FORWARD"),
+            ]
         );
         assert_eq!(
-            missing(&open, false, Notrack::Iptables),
-            vec![format!(
-                "rule \"{SWITCH_ACCEPT}\" in KUBE-IPVS-BPF-FILTER after the switch window closed"
-            )]
+            missing(&open, 0x200000, false, Notrack::Iptables),
+            vec![
+                format!("rule \"{SWITCH_ACCEPT}\" in INPUT after the switch window closed"),
+                format!("rule \"{SWITCH_ACCEPT}\" in FORWARD after the switch window closed"),
+            ]
         );
-    }
-
-    /// `restore_input`'s output as `iptables-save` would print it afterwards (jumps appended).
-    fn as_saved(input: &str) -> String {
-        input
-            .lines()
-            .filter(|l| !l.starts_with("-D ") && !l.starts_with("-X "))
-            .map(|l| format!("{}\n", l.replace("-I ", "-A ").replace(" 1 -j", " -j")))
-            .collect()
+        let close = restore_input(&open, 0x200000, Path::new(PIN), false, Notrack::Iptables);
+        assert_eq!(close.matches("-D ").count(), 2, "{close}");
+        assert!(!close.contains("-I "), "{close}");
     }
 
     #[test]
     fn with_nftables_notrack_there_is_no_prerouting_chain_and_an_old_one_is_removed() {
-        let pin = Path::new("/sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc");
+        let pin = Path::new(PIN);
         let fresh = restore_input("", 0x200000, pin, false, Notrack::Nftables);
         assert!(!fresh.contains(CHAIN_PREROUTING), "{fresh}");
-        assert!(fresh.contains("-I OUTPUT 1 -j KUBE-IPVS-BPF-OUTPUT\n"));
+        assert!(fresh.contains(&format!("-I OUTPUT 1 {OUTPUT_RULE}\n")));
         assert!(fresh.contains("-m bpf --object-pinned"));
-        assert!(fresh.contains("-I INPUT 1 -j KUBE-IPVS-BPF-FILTER\n"));
+        assert!(fresh.contains(&format!("-I INPUT 1 {SERVICE_RULE}\n")));
         let saved = as_saved(&fresh);
-        assert!(missing(&saved, false, Notrack::Nftables).is_empty());
-        // The iptables-only ruleset lacks nothing but has a PREROUTING chain too many.
+        assert!(missing(&saved, 0x200000, false, Notrack::Nftables).is_empty());
+        // The iptables-only ruleset lacks nothing but has a PREROUTING chain and jump too many.
         let old = as_saved(&restore_input("", 0x200000, pin, false, Notrack::Iptables));
         assert_eq!(
-            missing(&old, false, Notrack::Nftables),
-            vec![format!(
-                "chain {CHAIN_PREROUTING} left over (nf_tables untracks service traffic)"
-            )]
+            missing(&old, 0x200000, false, Notrack::Nftables),
+            vec![
+                format!("chain {CHAIN_PREROUTING} left over (nf_tables untracks service traffic)"),
+                format!("rule \"-j {CHAIN_PREROUTING}\" in PREROUTING not wanted"),
+            ]
         );
         // Rewriting it flushes the chain, deletes the jump, then the chain.
         let upgrade = restore_input(&old, 0x200000, pin, false, Notrack::Nftables);
@@ -638,7 +780,7 @@ mod tests {
         );
         // And the other way: a kernel without nf_tables wants the chain back.
         assert_eq!(
-            missing(&saved, false, Notrack::Iptables),
+            missing(&saved, 0x200000, false, Notrack::Iptables),
             vec![
                 format!("chain {CHAIN_PREROUTING} missing"),
                 format!("jump PREROUTING -> {CHAIN_PREROUTING} missing"),

@@ -327,3 +327,44 @@ COMMIT
         ]
     );
 }
+
+/// This agent's rules that sit in the built-in chains (its accept of service traffic first in
+/// INPUT and FORWARD, the switch window's accept, the raw OUTPUT jump) are its own by their
+/// comment: its cleanup removes them with its chains; kube-proxy's cleanup leaves them.
+#[test]
+fn agent_cleanup_removes_its_rules_in_builtin_chains() {
+    const BEFORE: &str = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-IPVS-BPF-OUTPUT - [0:0]
+-A OUTPUT -m mark ! --mark 0x200000/0x200000 -m comment --comment "kube-ipvs-bpf: host traffic, not untracked yet" -j KUBE-IPVS-BPF-OUTPUT
+-A OUTPUT -p udp --dport 53 -j CT --notrack
+-A KUBE-IPVS-BPF-OUTPUT -m bpf --object-pinned /sys/fs/bpf/kube-ipvs-bpf/v2/prog_xt_svc -m comment --comment "kube-ipvs-bpf: host service traffic is not tracked" -j CT --notrack
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "kube-ipvs-bpf: connections open before the switch from kube-proxy" -j ACCEPT
+-A INPUT -m mark --mark 0x200000/0x200000 -m comment --comment "kube-ipvs-bpf: service traffic (untracked)" -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m comment --comment "ssh" -p tcp --dport 22 -j ACCEPT
+-A FORWARD -m mark --mark 0x200000/0x200000 -m comment --comment "kube-ipvs-bpf: service traffic (untracked)" -j ACCEPT
+COMMIT
+"#;
+    const AFTER: &str = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p udp --dport 53 -j CT --notrack
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m comment --comment "ssh" -p tcp --dport 22 -j ACCEPT
+COMMIT
+"#;
+    check(BEFORE, Owner::Agent, AFTER);
+    assert_eq!(removal_restore_input(BEFORE, Owner::KubeProxy), "");
+}
