@@ -561,6 +561,64 @@ fn kube_ipvs0_deleted_or_stripped_of_an_address_is_restored() {
     .expect("a network namespace");
 }
 
+/// An agent upgraded from one that kept its filter accept in a chain of its own
+/// (`KUBE-IPVS-BPF-FILTER`, jumped to from INPUT and FORWARD) and jumped every raw OUTPUT packet
+/// to `KUBE-IPVS-BPF-OUTPUT` (whose first rule returned marked ones): the start replaces that
+/// layout in both families, the accept first in INPUT and FORWARD, the OUTPUT jump only for
+/// unmarked packets, the old chain gone, the firewall's own rules where they were; a check
+/// afterwards finds nothing to repair.
+#[test]
+fn the_filter_chain_and_output_jump_of_an_older_agent_are_replaced_at_start() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("oldfilter");
+    in_netns(|| {
+        for tool in ["iptables-nft", "ip6tables-nft"] {
+            sh(&format!(
+                "{tool} -P INPUT DROP && \
+                 {tool} -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT && \
+                 {tool} -N KUBE-IPVS-BPF-FILTER && \
+                 {tool} -A KUBE-IPVS-BPF-FILTER -m mark --mark 0x200000/0x200000 -m comment --comment 'kube-ipvs-bpf: service traffic (untracked)' -j ACCEPT && \
+                 {tool} -I INPUT 1 -j KUBE-IPVS-BPF-FILTER && \
+                 {tool} -I FORWARD 1 -j KUBE-IPVS-BPF-FILTER && \
+                 {tool} -t raw -N KUBE-IPVS-BPF-OUTPUT && \
+                 {tool} -t raw -A KUBE-IPVS-BPF-OUTPUT -m mark --mark 0x200000/0x200000 -j RETURN && \
+                 {tool} -t raw -I OUTPUT 1 -j KUBE-IPVS-BPF-OUTPUT"
+            ));
+        }
+        let mut dp = Datapath::start(scratch.config()).expect("start the datapath");
+        for (save, ipv6) in [("iptables-nft-save", false), ("ip6tables-nft-save", true)] {
+            let all = sh(&format!("{save} -t raw; {save} -t filter"));
+            assert!(!all.contains("KUBE-IPVS-BPF-FILTER"), "{save}:\n{all}");
+            assert!(!all.contains("-j RETURN"), "{save}:\n{all}");
+            for chain in ["INPUT", "FORWARD"] {
+                let first = all.lines().find(|l| l.starts_with(&format!("-A {chain} ")));
+                assert_eq!(
+                    first,
+                    Some(format!("-A {chain} {}", service_accept()).as_str()),
+                    "{save}:\n{all}"
+                );
+            }
+            assert!(
+                all.contains("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+                "{save}:\n{all}"
+            );
+            let output: Vec<&str> = all.lines().filter(|l| l.starts_with("-A OUTPUT ")).collect();
+            assert_eq!(output.len(), 1, "{save}:\n{all}");
+            assert!(output[0].starts_with("-A OUTPUT -m mark ! --mark 0x200000/0x200000"));
+            assert_eq!(
+                rules::missing(&all, MARK_SVC, false, rules::Notrack::Nftables),
+                Vec::<String>::new(),
+                "IPv6: {ipv6}"
+            );
+        }
+        let r = dp.repair_node();
+        assert!(r.repairs.is_empty() && r.failures.is_empty(), "{r:?}");
+    })
+    .expect("a network namespace");
+}
+
 /// An agent upgraded from one that untracked service traffic in iptables (raw PREROUTING,
 /// `KUBE-IPVS-BPF-PREROUTING`): the start writes the nf_tables table and removes the old chain
 /// and its jump, in both families; a check afterwards finds nothing to repair.
