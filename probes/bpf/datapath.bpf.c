@@ -7,7 +7,8 @@
  *   nat_write_egress / nat_write_ingress: the direct-write rewrite the TC programs hand
  *     translations to by tail call (nat_writers_*);
  * Both TC programs try the fast path first (flow_cache.h: an established IPv4/IPv6 TCP/UDP flow whose
- * per-CPU flow-cache slot translates it, handed to nat_write in skb->cb), then the general path.
+ * per-CPU flow-cache slot translates it, handed to nat_write in skb->cb, or rewritten with the
+ * helpers where no nat_write is installed), then the general path.
  *   xt_svc: socket-filter match for the iptables raw OUTPUT rule (`-m bpf --object-pinned`).
  * The _l3 variants serve devices without an Ethernet header; each pair shares one always_inline
  * body with the link-layer length as a constant parameter. TC programs return TC_ACT_UNSPEC (the
@@ -265,6 +266,20 @@ dropped:
 	return TC_ACT_SHOT;
 }
 
+/*
+ * A fast-path translation no nat_write program took (kernels before 6.2, or the agent gone): the
+ * helpers rewrite it, counted as nat_write counts it.
+ */
+static __always_inline int fast_nat_helpers(struct __sk_buff *skb, __u32 l2_len, int dir)
+{
+	stat_inc(dir == NAT_SRC ? STAT_FWD_HIT : STAT_REV_HIT);
+	if (fast_rewrite_helpers(skb, l2_len, dir)) {
+		stat_inc(STAT_PARSE_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
 static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 {
 	struct config *cfg = config_get();
@@ -273,13 +288,14 @@ static __always_inline int handle_ingress(struct __sk_buff *skb, __u32 l2_len)
 	/* mark_svc == 0: not configured yet, everything passes untouched. */
 	if (!cfg || !cfg->mark_svc)
 		return TC_ACT_UNSPEC;
-	fast = fast_path(skb, l2_len, NAT_DST, cfg->flags & CFG_F_DIRECT_WRITES);
+	fast = fast_path(skb, l2_len, NAT_DST);
 	if (fast == FAST_DONE)
 		return TC_ACT_UNSPEC;
 	if (fast == FAST_NAT) {
 		skb->mark |= cfg->mark_svc | reply_mark(cfg);
-		bpf_tail_call(skb, &nat_writers_ingress, 0);
-		/* No writer (the agent is gone): the general path translates. */
+		if (cfg->flags & CFG_F_DIRECT_WRITES)
+			bpf_tail_call(skb, &nat_writers_ingress, 0);
+		return fast_nat_helpers(skb, l2_len, NAT_DST);
 	}
 	return ingress_general(skb, l2_len, cfg);
 }
@@ -474,11 +490,14 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 	/* A reply ingress recognized (reverse SNAT, a conns hit): nothing to do here. */
 	if (skb->mark & reply_mark(cfg))
 		return TC_ACT_UNSPEC;
-	fast = fast_path(skb, l2_len, NAT_SRC, cfg->flags & CFG_F_DIRECT_WRITES);
+	fast = fast_path(skb, l2_len, NAT_SRC);
 	if (fast == FAST_DONE)
 		return TC_ACT_UNSPEC;
-	if (fast == FAST_NAT)
-		bpf_tail_call(skb, &nat_writers_egress, 0);
+	if (fast == FAST_NAT) {
+		if (cfg->flags & CFG_F_DIRECT_WRITES)
+			bpf_tail_call(skb, &nat_writers_egress, 0);
+		return fast_nat_helpers(skb, l2_len, NAT_SRC);
+	}
 	return egress_general(skb, l2_len, cfg);
 }
 

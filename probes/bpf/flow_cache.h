@@ -267,8 +267,8 @@ enum fast_result {
  * The fast path, tried first by both TC programs: a linear, unfragmented IPv4 (20-byte header) or
  * IPv6 (no extension header) TCP/UDP packet that is no TCP SYN, whose flow_cache slot is younger
  * than its TTL and holds, for direction dir (NAT_SRC on egress, NAT_DST on ingress):
- *   - a translation (when nat_ok: the nat_write programs are there): the translation is put in
- *     skb->cb for nat_write (FAST_JOB_*): FAST_NAT. A FIN or RST first records its state bits in
+ *   - a translation: the translation is put in skb->cb (FAST_JOB_*) for nat_write, or for
+ *     fast_rewrite_helpers() where there is none: FAST_NAT. A FIN or RST first records its state bits in
  *     the slot's table record (flow_slot_record_close(); FAST_MISS when the record no longer
  *     holds the translation). No last-seen refresh: the slot is younger than its TTL;
  *   - a verdict: on ingress the packet gets its mark bits and counts its counter; on egress it
@@ -276,7 +276,7 @@ enum fast_result {
  *     since (flow_gen): FAST_DONE.
  * Anything else is FAST_MISS.
  */
-static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 dir, int nat_ok)
+static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 dir)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -360,7 +360,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 			stat_inc(w[SLOT_VERDICT_STAT]);
 		return FAST_DONE;
 	}
-	if (!nat_ok || tag != SLOT_TAG(proto, dir, family))
+	if (tag != SLOT_TAG(proto, dir, family))
 		return FAST_MISS;
 	if ((tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) &&
 	    !flow_slot_record_close(s, dir, tcp_flags, now_jiffies))

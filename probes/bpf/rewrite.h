@@ -4,7 +4,8 @@
  * every checksum, once the translation is known. nat_commit() hands the rewrite to the nat_write
  * programs (direct writes, tail call through nat_writers_*: the per-CPU nat_job, or skb->cb for a
  * fast-path hit, FAST_JOB_*) when the kernel has them and the headers are linear, else rewrites
- * with the helpers (nat_rewrite). nat_write_direct() and nat_write_fast() are the writers' side.
+ * with the helpers (nat_rewrite; fast_rewrite_helpers() for a fast-path hit). nat_write_direct()
+ * and nat_write_fast() are the writers' side.
  */
 #ifndef KIB_REWRITE_H
 #define KIB_REWRITE_H
@@ -253,6 +254,64 @@ static __always_inline int nat_write_fast(struct __sk_buff *skb, __u32 cb4, int 
 	nat_write_l4(skb, (__u16 *)(l4 + TCP_CSUM_OFF), (__be16 *)(l4 + (dir == NAT_SRC ? 0 : 2)),
 		     new_port, pseudo, summed, 0, v4, old4, new4);
 	return 0;
+}
+
+/*
+ * The fast path's translation (skb->cb, FAST_JOB_*, as nat_write_fast() takes it) with the
+ * helpers, where no nat_write program is there to take it (kernels before 6.2, which cannot read
+ * ip_summed; or the agent gone): the headers fast_path() checked, as the struct pkt nat_rewrite()
+ * needs. Returns nat_rewrite()'s result, -1 when the headers are not where they were.
+ */
+static __always_inline int fast_rewrite_helpers(struct __sk_buff *skb, __u32 l2_len, int dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 cb4 = skb->cb[4];
+	__u8 *l3 = data + l2_len;
+	__u8 new_addr[ADDR_LEN];
+	struct pkt p = {};
+	__u32 *na = (__u32 *)new_addr;
+	const __u32 *ports;
+
+	p.l3_off = l2_len;
+	p.frag = FRAG_NONE;
+	p.has_ports = 1;
+	if ((cb4 >> 16 & ~FAST_JOB_L3) == FAST_JOB_V4) {
+		if ((void *)(l3 + 24) > data_end)
+			return -1;
+		p.family = 4;
+		p.proto = l3[9];
+		p.l4_off = l2_len + 20;
+		addr_set_v4(p.saddr, *(__be32 *)(l3 + 12));
+		addr_set_v4(p.daddr, *(__be32 *)(l3 + 16));
+		addr_set_v4(new_addr, skb->cb[3]);
+		ports = (const __u32 *)(l3 + 20);
+	} else {
+		const __u32 *sa = (const __u32 *)(l3 + 8);
+		__u32 *ps = (__u32 *)p.saddr, *pd = (__u32 *)p.daddr;
+
+		if ((void *)(l3 + 44) > data_end)
+			return -1;
+		p.family = 6;
+		p.proto = l3[6];
+		p.l4_off = l2_len + 40;
+		ps[0] = sa[0];
+		ps[1] = sa[1];
+		ps[2] = sa[2];
+		ps[3] = sa[3];
+		pd[0] = sa[4];
+		pd[1] = sa[5];
+		pd[2] = sa[6];
+		pd[3] = sa[7];
+		na[0] = skb->cb[0];
+		na[1] = skb->cb[1];
+		na[2] = skb->cb[2];
+		na[3] = skb->cb[3];
+		ports = (const __u32 *)(l3 + 40);
+	}
+	p.sport = ((const __be16 *)ports)[0];
+	p.dport = ((const __be16 *)ports)[1];
+	return nat_rewrite(skb, &p, dir, new_addr, (__be16)cb4);
 }
 
 /*
