@@ -377,12 +377,27 @@ next:
 	return passed_busy ? -EBUSY : -ENOSPC;
 }
 
+/*
+ * The way a claim holds, checked below NAT_WAYS. The empty asm makes the checked value a new one
+ * to clang, which otherwise may index with a spilled copy of c->way it knows equal in that branch:
+ * 6.1's verifier does not carry the check over to that copy ("unbounded memory access").
+ */
+static __always_inline __u32 claim_way(const struct nat_claim *c)
+{
+	__u32 way = c->way;
+
+	if (way >= NAT_WAYS)
+		way = 0;
+	asm volatile("" : "+r"(way));
+	return way;
+}
+
 /* Points the claimed way at record `rec` (written and REC_USED already) and unlocks. */
 static __always_inline void nat_publish(void *index, int dir, const struct nat_claim *c,
 					__u32 rec)
 {
 	__u32 bucket = c->bucket;
-	__u32 way = c->way < NAT_WAYS ? c->way : 0;
+	__u32 way = claim_way(c);
 	struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
 	__u32 *home_lock = nat_stripe(dir, c->home);
 
@@ -401,7 +416,7 @@ static __always_inline void nat_publish(void *index, int dir, const struct nat_c
 static __always_inline void nat_unclaim(void *index, int dir, const struct nat_claim *c)
 {
 	__u32 bucket = c->bucket;
-	__u32 way = c->way < NAT_WAYS ? c->way : 0;
+	__u32 way = claim_way(c);
 	struct nat_bucket *b = bpf_map_lookup_elem(index, &bucket);
 	__u32 *home_lock = nat_stripe(dir, c->home);
 
