@@ -1697,9 +1697,9 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
         "- What ours removes (NodePort profile, minus direct): conntrack and NAT, {ct:.1} µs per \
          connection in ipvs mode and {ctn:.1} in nftables mode, and most of kube-proxy's rule \
          evaluation ({:.1} / {:.1} µs). What it adds: BPF programs, helpers and map lookups \
-         {bpf:.1} µs, its own rules (the nf_tables `notrack`, the mark return in iptables raw \
-         OUTPUT, the filter accept) plus the node's firewall evaluated on untracked packets {ours_rules:.1} \
-         µs, and IPVS itself stays ({ipvs_core:.1} µs, as in ipvs mode). nftables mode needs no \
+         {bpf:.1} µs, its own rules (the nf_tables `notrack`, the filter accept first in INPUT \
+         and FORWARD, the raw OUTPUT jump that forwarded packets fail) plus the node's firewall \
+         evaluated on untracked packets {ours_rules:.1} µs, and IPVS itself stays ({ipvs_core:.1} µs, as in ipvs mode). nftables mode needs no \
          IPVS at all, which is why it is the harder comparison.",
         p("ipvs", "iptables / nftables rules", "nodeport"),
         p("nftables", "iptables / nftables rules", "nodeport"),
@@ -1710,12 +1710,13 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
          of untranslated flows and the translations of established ones, so most of those runs \
          are a slot lookup, and egress passes the replies ingress recognized on their reply \
          mark; `bpf_stats` above counts what is left): (1) the general path's runs — the SYNs, \
-         the first reply, FINs of translated flows, the first egress run of an untranslated \
-         flow — still hash 20–40-byte keys (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM \
-         trie, and `tc_ingress` is now the larger program; (2) the filter accept straight in the \
-         firewall's built-in chain rather than a jump to a chain of ours (the `notrack` is one \
-         native nf_tables rule already), and the iptables-nft base chains of LOCAL_OUT that every \
-         packet IPVS forwards walks; (3) IPVS's own cost \
+         the first reply, the first egress run of an untranslated flow (FINs and RSTs of \
+         translated flows take the fast path and record their state through the slot's record) — \
+         still hash 20–40-byte keys (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM trie, \
+         and the IPVS probe's `conns` insert is a hash-map update per connection; (2) the \
+         iptables-nft base chains every service packet still walks (one rule of ours each) and \
+         IPVS's reroute of each forwarded reply (`vs.snat_reroute`, an output route lookup per \
+         packet that nftables mode does not make); (3) IPVS's own cost \
          (about 10 µs per connection) is the floor of this design: going below nftables mode \
          needs IPVS's per-packet work gone for established packets (stage 2). `__memset` is not \
          ours: it is the kernel zeroing each allocation (`CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y` in \
