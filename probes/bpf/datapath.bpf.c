@@ -145,7 +145,6 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct svc_value *svc;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
-	struct nat_pos rev_pos;
 	__u32 index, gen = 0;
 	__u64 now_jiffies;
 	long rec;
@@ -186,8 +185,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	/* Before the lookup whose miss a verdict records (flow_cache.h, flow_gen). */
 	if (slot)
 		gen = flow_gen_read(index);
-	rev_pos = nat_pos_rev(cfg, &key);
-	rec = snat_rev_find(cfg, &key, rev_pos.home, rev_pos.tag);
+	rec = snat_rev_record(cfg, &key);
 	e = record_entry(record_at(rec), NAT_INDEX_REV);
 	if (e) {
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));

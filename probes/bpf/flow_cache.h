@@ -201,8 +201,6 @@ static __always_inline int flow_slot_record_close(struct flow_slot *s, __u8 dir,
 {
 	__u32 n = s->record;
 	struct nat_record *r = bpf_map_lookup_elem(&snat_records, &n);
-	const __u32 *sw = (const __u32 *)s;
-	const __u32 *ew;
 	struct snat_entry *e;
 	__u32 state;
 	__u8 bits = (dir == NAT_DST ? STATE_REPLY : 0) | (tcp_flags & TCP_FLAG_FIN ? STATE_FIN : 0) |
@@ -215,9 +213,8 @@ static __always_inline int flow_slot_record_close(struct flow_slot *s, __u8 dir,
 		return 0;
 	r = (struct nat_record *)((__u8 *)r + nat_dep(state));
 	e = dir == NAT_SRC ? &r->fwd : &r->rev;
-	ew = (const __u32 *)e;
 	if (!flow_slot_holds(s, dir == NAT_SRC ? &r->fwd_key : &r->rev_key) || e->port != s->port ||
-	    ((ew[0] ^ sw[10]) | (ew[1] ^ sw[11]) | (ew[2] ^ sw[12]) | (ew[3] ^ sw[13])) != 0)
+	    !addr_equal(e->addr, s->addr))
 		return 0;
 	entry_touch(e, bits, clock_coarse_ns(scratch_get(), now_jiffies));
 	s->state |= bits;

@@ -287,22 +287,13 @@ static __always_inline int fast_rewrite_helpers(struct __sk_buff *skb, __u32 l2_
 		addr_set_v4(new_addr, skb->cb[3]);
 		ports = (const __u32 *)(l3 + 20);
 	} else {
-		const __u32 *sa = (const __u32 *)(l3 + 8);
-		__u32 *ps = (__u32 *)p.saddr, *pd = (__u32 *)p.daddr;
-
 		if ((void *)(l3 + 44) > data_end)
 			return -1;
 		p.family = 6;
 		p.proto = l3[6];
 		p.l4_off = l2_len + 40;
-		ps[0] = sa[0];
-		ps[1] = sa[1];
-		ps[2] = sa[2];
-		ps[3] = sa[3];
-		pd[0] = sa[4];
-		pd[1] = sa[5];
-		pd[2] = sa[6];
-		pd[3] = sa[7];
+		addr_copy(p.saddr, l3 + 8);
+		addr_copy(p.daddr, l3 + 24);
 		na[0] = skb->cb[0];
 		na[1] = skb->cb[1];
 		na[2] = skb->cb[2];

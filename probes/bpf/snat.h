@@ -52,12 +52,18 @@ static __always_inline struct snat_entry *snat_fwd_lookup(const struct config *c
 	return snat_fwd_find_at(cfg, k, nat_pos_fwd(cfg, k));
 }
 
-static __always_inline struct snat_entry *snat_rev_lookup(const struct config *cfg,
-							  const struct tuple *k)
+/* The number of the record of a connection's reply tuple k, or a negative errno. */
+static __always_inline long snat_rev_record(const struct config *cfg, const struct tuple *k)
 {
 	struct nat_pos pos = nat_pos_rev(cfg, k);
 
-	return record_entry(record_at(snat_rev_find(cfg, k, pos.home, pos.tag)), NAT_INDEX_REV);
+	return snat_rev_find(cfg, k, pos.home, pos.tag);
+}
+
+static __always_inline struct snat_entry *snat_rev_lookup(const struct config *cfg,
+							  const struct tuple *k)
+{
+	return record_entry(record_at(snat_rev_record(cfg, k)), NAT_INDEX_REV);
 }
 
 /* SNAT ports tried one after the other before the rest of the probes go to random ports. */
