@@ -194,7 +194,7 @@ fn strip_counters(line: &str) -> &str {
 
 /// Whether a rule carries the comment of one of this agent's rules (`kube-ipvs-bpf: …`): its
 /// accepts sit in the built-in chains themselves, with no chain of ours to jump to.
-fn has_agent_comment(spec: &str) -> bool {
+pub fn has_agent_comment(spec: &str) -> bool {
     tokenize(spec)
         .windows(2)
         .any(|w| w[0] == "--comment" && w[1].starts_with(AGENT_COMMENT_PREFIX))

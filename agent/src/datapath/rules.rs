@@ -25,6 +25,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::cleanup::iptables;
+
 pub const CHAIN_PREROUTING: &str = "KUBE-IPVS-BPF-PREROUTING";
 pub const CHAIN_OUTPUT: &str = "KUBE-IPVS-BPF-OUTPUT";
 pub const CHAIN_FILTER: &str = "KUBE-IPVS-BPF-FILTER";
@@ -90,9 +92,11 @@ const HOST_NOTRACK: &str = "kube-ipvs-bpf: host service traffic is not tracked";
 const PREROUTING_NOTRACK: &str = "kube-ipvs-bpf: service traffic is not tracked";
 
 /// Whether a rule spec (after `-A CHAIN `, as `iptables-save` prints it) is one of ours in a
-/// built-in chain: it carries a comment of ours or jumps to a chain of ours.
+/// built-in chain: it carries a comment of ours or jumps to a chain of ours (as `cleanup` finds
+/// them).
 fn is_ours(spec: &str) -> bool {
-    spec.contains("--comment \"kube-ipvs-bpf:") || spec.contains("-j KUBE-IPVS-BPF-")
+    iptables::has_agent_comment(spec)
+        || iptables::target(spec).is_some_and(|t| t.starts_with(iptables::AGENT_CHAIN_PREFIX))
 }
 
 /// A rule of ours in a built-in chain: its table and chain, its comment (empty for the
@@ -180,6 +184,35 @@ fn table_rules<'a>(save: &'a str, table: &str) -> Vec<(&'a str, &'a str)> {
     out
 }
 
+/// How the built-in rules of ours in one table of `save` differ from `wanted`: the wanted rules
+/// missing, and the saved rules of ours that are not wanted, as (chain, spec).
+fn builtin_changes<'s, 'w>(
+    save: &'s str,
+    table: &str,
+    wanted: &'w [BuiltinRule],
+) -> (Vec<&'w BuiltinRule>, Vec<(&'s str, &'s str)>) {
+    let saved = table_rules(save, table);
+    let absent = wanted
+        .iter()
+        .filter(|w| w.table == table)
+        .filter(|w| {
+            !saved
+                .iter()
+                .any(|(c, spec)| *c == w.chain && w.matches(spec))
+        })
+        .collect();
+    let unwanted = saved
+        .into_iter()
+        .filter(|(chain, spec)| {
+            is_ours(spec)
+                && !wanted
+                    .iter()
+                    .any(|w| w.table == table && w.chain == *chain && w.matches(spec))
+        })
+        .collect();
+    (absent, unwanted)
+}
+
 /// Whether `save` declares chain `chain` (in any table: our chain names are unique).
 fn has_chain(save: &str, chain: &str) -> bool {
     save.lines().any(|l| l.starts_with(&format!(":{chain} ")))
@@ -227,23 +260,12 @@ pub fn restore_input(
             removed.push(CHAIN_FILTER);
         }
         // Built-in rules of ours not wanted (any more), then the wanted ones missing.
-        let saved = table_rules(save, table);
-        for (chain, spec) in &saved {
-            if is_ours(spec)
-                && !wanted
-                    .iter()
-                    .any(|w| w.table == table && w.chain == *chain && w.matches(spec))
-            {
-                out.push_str(&format!("-D {chain} {spec}\n"));
-            }
+        let (absent, unwanted) = builtin_changes(save, table, &wanted);
+        for (chain, spec) in unwanted {
+            out.push_str(&format!("-D {chain} {spec}\n"));
         }
-        for w in wanted.iter().filter(|w| w.table == table) {
-            if !saved
-                .iter()
-                .any(|(c, spec)| *c == w.chain && w.matches(spec))
-            {
-                out.push_str(&format!("-I {} 1 {}\n", w.chain, w.spec));
-            }
+        for w in absent {
+            out.push_str(&format!("-I {} 1 {}\n", w.chain, w.spec));
         }
         for chain in removed {
             out.push_str(&format!("-X {chain}\n"));
@@ -385,31 +407,20 @@ pub fn missing(save: &str, mark_svc: u32, switch_window: bool, notrack: Notrack)
     }
     let wanted = builtin_rules(mark_svc, switch_window, notrack);
     for table in TABLES {
-        let saved = table_rules(save, table);
-        for w in wanted.iter().filter(|w| w.table == table) {
-            if !saved
-                .iter()
-                .any(|(c, spec)| *c == w.chain && w.matches(spec))
-            {
-                out.push(if w.comment.is_empty() {
-                    format!("jump {} -> {CHAIN_PREROUTING} missing", w.chain)
-                } else {
-                    format!("rule \"{}\" missing from {}", w.comment, w.chain)
-                });
-            }
+        let (absent, unwanted) = builtin_changes(save, table, &wanted);
+        for w in absent {
+            out.push(if w.comment.is_empty() {
+                format!("jump {} -> {CHAIN_PREROUTING} missing", w.chain)
+            } else {
+                format!("rule \"{}\" missing from {}", w.comment, w.chain)
+            });
         }
-        for (chain, spec) in &saved {
-            if is_ours(spec)
-                && !wanted
-                    .iter()
-                    .any(|w| w.table == table && w.chain == *chain && w.matches(spec))
-            {
-                out.push(if spec.contains(SWITCH_ACCEPT) {
-                    format!("rule \"{SWITCH_ACCEPT}\" in {chain} after the switch window closed")
-                } else {
-                    format!("rule \"{spec}\" in {chain} not wanted")
-                });
-            }
+        for (chain, spec) in unwanted {
+            out.push(if spec.contains(SWITCH_ACCEPT) {
+                format!("rule \"{SWITCH_ACCEPT}\" in {chain} after the switch window closed")
+            } else {
+                format!("rule \"{spec}\" in {chain} not wanted")
+            });
         }
     }
     out
