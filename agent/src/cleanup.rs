@@ -24,8 +24,10 @@
 //! touches: [`is_kube_proxy_table`]), its TC filters (netlink clsact filters with its handle and priority on every
 //! interface), its pinned BPF objects under the pin root (pinned links detached first), its IPVS
 //! services and `kube-ipvs0` (same rule as above; unless `keep_ipvs`, as at the end of a drain
-//! for the rollback to kube-proxy, which owns them again), and its state file. The IPVS sysctls
-//! it set are left as they are (their previous values are not recorded).
+//! for the rollback to kube-proxy, which owns them again), and its state file.
+//! `net.ipv4.vs.snat_reroute` goes back to 1, the kernel's default, which kube-proxy leaves; the
+//! other IPVS sysctls it set are left as they are (kube-proxy wants the same values; their
+//! previous values are not recorded).
 //!
 //! IPVS is only looked at when the `ip_vs` module is loaded (`/proc/net/ip_vs`): connecting
 //! would load it. Everything happens in the network namespace of the calling thread.
@@ -230,9 +232,11 @@ pub async fn cleanup_self(opts: &CleanupOptions) -> Result<CleanupReport, Cleanu
         interface_step(opts, &rtnl, &mut report).await;
     }
     state_step(opts, &mut report);
-    report
-        .notes
-        .push("IPVS sysctls (net.ipv4.vs.*) and ARP sysctls are left as they are".to_owned());
+    snat_reroute_step(opts, &mut report);
+    report.notes.push(
+        "the other IPVS sysctls (net.ipv4.vs.*) and the ARP sysctls are left as they are"
+            .to_owned(),
+    );
     Ok(report)
 }
 
@@ -506,6 +510,27 @@ fn pins_step(opts: &CleanupOptions, report: &mut CleanupReport) {
         Ok(()) => report.removed("bpf pins", name),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.removed("bpf pins", name),
         Err(e) => report.errors.push(format!("removing {name}: {e}")),
+    }
+}
+
+/// `net.ipv4.vs.snat_reroute` back to the kernel's default (1), which kube-proxy leaves, when
+/// this agent's `auto` or `off` had it at 0 (`crate::datapath::reroute`). Not when IPVS is not
+/// loaded (no `/proc/sys/net/ipv4/vs`).
+fn snat_reroute_step(opts: &CleanupOptions, report: &mut CleanupReport) {
+    use crate::datapath::{reroute, sysctl};
+    let root = sysctl::default_root();
+    let want = reroute::KERNEL_DEFAULT;
+    match sysctl::read_in(&root, want.name) {
+        Ok(v) if v == want.value => {}
+        Ok(_) if opts.dry_run => report.removed("sysctl", format!("{} = 0", want.name)),
+        Ok(_) => match sysctl::set_in(&root, &want) {
+            Ok(_) => report.removed("sysctl", format!("{} = 0", want.name)),
+            Err(e) => report
+                .errors
+                .push(format!("setting {} = {}: {e}", want.name, want.value)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => report.errors.push(format!("reading {}: {e}", want.name)),
     }
 }
 

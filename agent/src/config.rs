@@ -58,6 +58,8 @@
 //!                                 # ports (ip_local_port_range) and the NodePorts; an explicit
 //!                                 # range must avoid both (checked at start-up)
 //!     sweepPeriod: 10s            # how often expired SNAT entries are swept (100ms..1m)
+//!     snatReroute: auto           # net.ipv4.vs.snat_reroute: auto (off while routes depend on
+//!                                 # the destination alone), on or off (datapath::reroute)
 //! ```
 
 use std::collections::BTreeMap;
@@ -69,6 +71,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::datapath::reroute::SnatReroute;
 use crate::model::{self, ModelConfig, NodePortAddresses};
 
 /// `apiVersion` of kube-proxy's configuration.
@@ -286,6 +289,8 @@ pub struct DatapathSection {
     pub snat_port_range: Option<String>,
     /// How often expired SNAT entries are swept (`--sweep-period`).
     pub sweep_period: Option<String>,
+    /// `auto`, `on` or `off`: `net.ipv4.vs.snat_reroute` (`--snat-reroute`).
+    pub snat_reroute: Option<String>,
 }
 
 /// Flags given on the command line: `None` (or empty) where the operator gave none, so the file
@@ -304,6 +309,7 @@ pub struct Overrides {
     pub min_sync_period: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub sweep_period: Option<Duration>,
+    pub snat_reroute: Option<SnatReroute>,
     pub state_dir: Option<PathBuf>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
@@ -460,6 +466,8 @@ pub struct DatapathSettings {
     pub snat_port_range: Option<RangeInclusive<u16>>,
     /// How often expired SNAT entries are swept.
     pub sweep_period: Duration,
+    /// `net.ipv4.vs.snat_reroute` (`crate::datapath::reroute`).
+    pub snat_reroute: SnatReroute,
 }
 
 impl DatapathSettings {
@@ -495,6 +503,7 @@ impl Default for DatapathSettings {
             mark_reply: None,
             snat_port_range: None,
             sweep_period: DEFAULT_SWEEP_PERIOD,
+            snat_reroute: SnatReroute::Auto,
         }
     }
 }
@@ -783,6 +792,9 @@ fn file_datapath(own: &OwnSection, cfg: &mut AgentConfig) -> Result<(), ConfigEr
             cfg.datapath.sweep_period = parse_go_duration(s)
                 .map_err(|m| invalid("kubeIpvsBpf.datapath.sweepPeriod", format!("{s:?}: {m}")))?;
         }
+        if let Some(s) = non_empty(&dp.snat_reroute) {
+            cfg.datapath.snat_reroute = value_enum("kubeIpvsBpf.datapath.snatReroute", s)?;
+        }
     }
     Ok(())
 }
@@ -818,6 +830,7 @@ fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigErr
     over(&mut cfg.timing.min_sync_period, &o.min_sync_period);
     over(&mut cfg.timing.drain_timeout, &o.drain_timeout);
     over(&mut cfg.datapath.sweep_period, &o.sweep_period);
+    over(&mut cfg.datapath.snat_reroute, &o.snat_reroute);
     over(&mut cfg.state_dir, &o.state_dir);
     over(&mut cfg.listeners.healthz, &o.healthz_bind_address);
     over(&mut cfg.listeners.metrics, &o.metrics_bind_address);

@@ -413,16 +413,30 @@ pub fn local_addresses(links: &[Link], entries: &[AddressEntry]) -> Vec<LocalAdd
         .collect()
 }
 
-/// The interface index of every link or address change on the node (rtnetlink multicast
-/// groups RTMGRP_LINK, RTMGRP_IPV4_IFADDR and RTMGRP_IPV6_IFADDR).
-pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<u32>, NodeError> {
+/// A change on the node that [`link_events`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A link or one of its addresses changed: the interface's index.
+    Link(u32),
+    /// A FIB rule was added or deleted (either family): the routing policy
+    /// `datapath::reroute` reads.
+    Rule,
+}
+
+/// Every link, address and FIB rule change on the node (rtnetlink multicast groups
+/// RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTNLGRP_IPV4_RULE and
+/// RTNLGRP_IPV6_RULE).
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<NodeEvent>, NodeError> {
     use futures::StreamExt;
     use netlink_packet_core::NetlinkPayload;
     use netlink_packet_route::RouteNetlinkMessage as M;
     use netlink_sys::AsyncSocket;
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().map_err(NodeError::Connect)?;
-    let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    let group = |g: libc::c_uint| 1u32 << (g - 1);
+    let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32
+        | group(libc::RTNLGRP_IPV4_RULE)
+        | group(libc::RTNLGRP_IPV6_RULE);
     conn.socket_mut()
         .socket_mut()
         .bind(&netlink_sys::SocketAddr::new(0, groups))
@@ -431,12 +445,17 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<u32>, NodeEr
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            let index = match msg.payload {
-                NetlinkPayload::InnerMessage(M::NewLink(m) | M::DelLink(m)) => m.header.index,
-                NetlinkPayload::InnerMessage(M::NewAddress(m) | M::DelAddress(m)) => m.header.index,
+            let event = match msg.payload {
+                NetlinkPayload::InnerMessage(M::NewLink(m) | M::DelLink(m)) => {
+                    NodeEvent::Link(m.header.index)
+                }
+                NetlinkPayload::InnerMessage(M::NewAddress(m) | M::DelAddress(m)) => {
+                    NodeEvent::Link(m.header.index)
+                }
+                NetlinkPayload::InnerMessage(M::NewRule(_) | M::DelRule(_)) => NodeEvent::Rule,
                 _ => continue,
             };
-            if tx.send(index).is_err() {
+            if tx.send(event).is_err() {
                 break;
             }
         }

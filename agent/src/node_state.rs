@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::datapath::{notrack, rules, sysctl};
+use crate::datapath::{notrack, reroute, rules, sysctl};
 use crate::model::DUMMY_INTERFACE;
 use crate::node::{AddressChange, NodeError, Rtnl};
 
@@ -144,6 +144,12 @@ pub struct DesiredNodeState {
     /// Where the sysctls are read and written (`/proc/sys`, see `sysctl::default_root`).
     pub sysctl_root: PathBuf,
     pub sysctls: Vec<sysctl::Sysctl>,
+    /// `net.ipv4.vs.snat_reroute`, decided at each check from the routing policy
+    /// ([`reroute`]).
+    pub snat_reroute: reroute::SnatReroute,
+    /// The decision last written: a new one is logged at info, the value found changed under
+    /// the same one is a repair.
+    pub snat_reroute_applied: Option<reroute::Decision>,
     pub rules: Option<RulesSpec>,
 }
 
@@ -154,21 +160,54 @@ impl DesiredNodeState {
         sysctl_root: PathBuf,
         kernel: Option<(u32, u32)>,
         strict_arp: bool,
+        snat_reroute: reroute::SnatReroute,
         rules: Option<RulesSpec>,
     ) -> DesiredNodeState {
         DesiredNodeState {
             phase,
             sysctl_root,
             sysctls: sysctl::owned(kernel, strict_arp),
+            snat_reroute,
+            snat_reroute_applied: None,
             rules,
         }
+    }
+
+    /// Decides `net.ipv4.vs.snat_reroute` from the routing policy as it is now and writes it
+    /// if it differs. A failure to read the policy decides "on" ([`reroute::decide`]).
+    pub fn apply_snat_reroute(&mut self) -> RepairReport {
+        let mut report = RepairReport::default();
+        let ipv6 = self.sysctl_root.join("net/ipv6").exists();
+        let decision = reroute::decide(self.snat_reroute, || reroute::source_dependence(ipv6));
+        let s = decision.sysctl();
+        let unchanged = self.snat_reroute_applied.as_ref() == Some(&decision);
+        match sysctl::set_in(&self.sysctl_root, &s) {
+            Ok(Some(old)) if unchanged => report.repairs.push(Repair::new(
+                Part::Sysctl,
+                format!("{} = {old} (want {}: {})", s.name, s.value, decision.why),
+            )),
+            Ok(old) => {
+                if !unchanged {
+                    tracing::info!(
+                        sysctl = s.name,
+                        value = s.value,
+                        previous = old.as_deref().unwrap_or(s.value),
+                        why = %decision.why,
+                        "IPVS reroute of replies decided"
+                    );
+                }
+                self.snat_reroute_applied = Some(decision);
+            }
+            Err(e) => report.failed(format!("setting {} = {}: {e}", s.name, s.value)),
+        }
+        report
     }
 
     /// Reads each sysctl and the rules back from the kernel and rewrites what differs.
     /// `checked`: what the rulesets looked like at the last check that found the rules whole
     /// ([`RulesChecked`]); while they still look so, the rules are not read back. Updated here.
-    pub fn repair(&self, checked: &mut Option<RulesChecked>) -> RepairReport {
-        let mut report = RepairReport::default();
+    pub fn repair(&mut self, checked: &mut Option<RulesChecked>) -> RepairReport {
+        let mut report = self.apply_snat_reroute();
         for s in &self.sysctls {
             match sysctl::set_in(&self.sysctl_root, s) {
                 Ok(Some(old)) => report.repairs.push(Repair::new(
@@ -449,6 +488,7 @@ mod tests {
             PathBuf::from("/proc/sys"),
             Some((6, 12)),
             false,
+            reroute::SnatReroute::Auto,
             Some(spec.clone()),
         );
         assert_eq!(d.sysctls, sysctl::owned(Some((6, 12)), false));

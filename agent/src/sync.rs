@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::config::{IpvsSettings, SyncTiming};
 use crate::datapath::{Datapath, DatapathConfig, DeviceReport};
 use crate::model::{self, DUMMY_INTERFACE, DesiredState, ModelConfig, NodeInfo};
-use crate::node::{AddressEntry, Link, Rtnl};
+use crate::node::{AddressEntry, Link, NodeEvent, Rtnl};
 use crate::node_state;
 use crate::reconcile::datapath::{MapPlan, sctp_not_source_nated};
 use crate::reconcile::{addresses, ipvs as ipvs_rec};
@@ -932,6 +932,12 @@ const NODE_CHECK_DELAY: Duration = Duration::from_millis(300);
 /// rules change all the time, e.g. another agent's, costs at most one check a second).
 const NODE_CHECK_SPACING: Duration = Duration::from_secs(1);
 
+/// When a node check asked for by a change runs: [`NODE_CHECK_DELAY`] from now, and no sooner
+/// than [`NODE_CHECK_SPACING`] after the last check (`last`).
+fn check_after(last: Instant) -> Instant {
+    (Instant::now() + NODE_CHECK_DELAY).max(last + NODE_CHECK_SPACING)
+}
+
 /// Checks and repairs the node state and counts the repairs; a re-created kube-ipvs0 brings the
 /// next full sync forward. `addresses`: kube-ipvs0's addresses too (after a change to it).
 async fn check_node_state(
@@ -1039,16 +1045,17 @@ pub async fn run(
                 match event {
                     // Our own service addresses on kube-ipvs0 change nothing the node view needs;
                     // kube-ipvs0 is checked (deleted, or an address removed by someone).
-                    Some(index) if index == syncer.dummy_index => {
+                    Some(NodeEvent::Link(index)) if index == syncer.dummy_index => {
                         check_addresses = true;
-                        check_soon.get_or_insert(
-                            (Instant::now() + NODE_CHECK_DELAY)
-                                .max(last_node_check + NODE_CHECK_SPACING),
-                        );
+                        check_soon.get_or_insert(check_after(last_node_check));
                     }
-                    Some(_) => {
+                    Some(NodeEvent::Link(_)) => {
                         syncer.node_changed();
                         pending = true;
+                    }
+                    // The routing policy that decides IPVS's reroute of replies.
+                    Some(NodeEvent::Rule) => {
+                        check_soon.get_or_insert(check_after(last_node_check));
                     }
                     None => link_events = None,
                 }
@@ -1057,10 +1064,7 @@ pub async fn run(
             notice = async { nft_events.as_mut()?.recv().await }, if nft_events.is_some() => {
                 match notice {
                     Some(()) => {
-                        check_soon.get_or_insert(
-                            (Instant::now() + NODE_CHECK_DELAY)
-                                .max(last_node_check + NODE_CHECK_SPACING),
-                        );
+                        check_soon.get_or_insert(check_after(last_node_check));
                     }
                     None => nft_events = None,
                 }

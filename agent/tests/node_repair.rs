@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent::admin::metrics::Metrics;
+use agent::datapath::reroute::SnatReroute;
 use agent::datapath::{Datapath, DatapathConfig, rules};
-use agent::node_state::{Part, RepairReport};
+use agent::node_state::{DesiredNodeState, NodeStatePhase, Part, RepairReport};
 
 /// The service mark the tests' agent configures (the default).
 const MARK_SVC: u32 = probes::maps::DEFAULT_MARK_SVC;
@@ -75,6 +76,7 @@ impl Scratch {
             ("conntrack", "1"),
             ("expire_nodest_conn", "0"),
             ("expire_quiescent_template", "0"),
+            ("snat_reroute", "1"),
         ] {
             std::fs::write(vs.join(name), value).unwrap();
         }
@@ -83,6 +85,10 @@ impl Scratch {
             sysctls.path().join("net/ipv4/conf"),
         )
         .unwrap();
+        if Path::new("/proc/sys/net/ipv6").exists() {
+            std::os::unix::fs::symlink("/proc/sys/net/ipv6", sysctls.path().join("net/ipv6"))
+                .unwrap();
+        }
         Scratch { root, sysctls }
     }
 
@@ -874,6 +880,109 @@ fn batched_address_requests_answer_each_address() {
             }
             assert_eq!(addresses_on("kib-addr0"), BTreeSet::new());
         });
+    })
+    .expect("a network namespace of its own");
+}
+
+/// `net.ipv4.vs.snat_reroute` in `auto` follows the namespace's routing policy as rtnetlink and
+/// xfrm netlink report it: 0 with the kernel's own FIB rules; 1 once a source rule, a fwmark
+/// rule, a VRF (its l3mdev rule), an IPv6 source route or an xfrm policy exists, each named in
+/// the decision, and not counted as a repair; 0 again once it is gone. A 1 written by hand under
+/// an unchanged policy is a repair.
+#[test]
+fn snat_reroute_in_auto_follows_the_routing_policy_and_a_hand_written_value_is_repaired() {
+    if skip() {
+        return;
+    }
+    in_netns(|| {
+        let scratch = Scratch::new("reroute");
+        let file = scratch.sysctls.path().join("net/ipv4/vs/snat_reroute");
+        let value = || std::fs::read_to_string(&file).unwrap().trim().to_owned();
+        let mut node = DesiredNodeState::new(
+            NodeStatePhase::Normal,
+            scratch.sysctls.path().to_path_buf(),
+            Some((6, 12)),
+            false,
+            SnatReroute::Auto,
+            None,
+        );
+        let quiet = |r: &RepairReport, what: &str| {
+            assert!(
+                r.repairs.is_empty() && r.failures.is_empty(),
+                "{what}: {:?} {:?}",
+                r.repairs,
+                r.failures
+            )
+        };
+        sh("ip link set lo up");
+        quiet(&node.apply_snat_reroute(), "the kernel's own rules");
+        assert_eq!(
+            value(),
+            "0",
+            "the kernel's own rules: no reroute ({:?})",
+            node.snat_reroute_applied
+        );
+        let cases = [
+            (
+                "ip rule add from 10.0.3.1 lookup 100",
+                "ip rule del from 10.0.3.1 lookup 100",
+                "from 10.0.3.1/32 lookup 100",
+            ),
+            (
+                "ip -6 rule add fwmark 0x10 lookup main",
+                "ip -6 rule del fwmark 0x10 lookup main",
+                "IPv6 rule",
+            ),
+            (
+                "ip link add kib-vrf type vrf table 10",
+                "ip link del kib-vrf",
+                "rule 1000:",
+            ),
+            (
+                "ip -6 route add 2001:db8::/64 from 2001:db8:1::/64 dev lo",
+                "ip -6 route del 2001:db8::/64 from 2001:db8:1::/64 dev lo",
+                "1 IPv6 routes with a source prefix",
+            ),
+            (
+                "ip xfrm policy add src 10.1.0.0/24 dst 10.2.0.0/24 dir out",
+                "ip xfrm policy flush",
+                "1 xfrm policies",
+            ),
+        ];
+        for (add, remove, named) in cases {
+            let out = std::process::Command::new("sh")
+                .args(["-c", add])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                // A kernel without VRF, IPv6 subtrees or xfrm_user: that case cannot exist.
+                eprintln!(
+                    "skipped {add:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                continue;
+            }
+            quiet(&node.apply_snat_reroute(), add);
+            assert_eq!(value(), "1", "after {add:?}");
+            let why = &node.snat_reroute_applied.as_ref().unwrap().why;
+            assert!(
+                why.contains(named),
+                "after {add:?}, the decision names {named:?}: {why}"
+            );
+            sh(remove);
+            quiet(&node.apply_snat_reroute(), remove);
+            assert_eq!(value(), "0", "after {remove:?}");
+        }
+        std::fs::write(&file, "1").unwrap();
+        let r = node.apply_snat_reroute();
+        assert_eq!(value(), "0", "the hand-written 1 rewritten");
+        assert_eq!(r.repairs.len(), 1, "{:?}", r.repairs);
+        assert_eq!(r.repairs[0].part, Part::Sysctl);
+        assert!(
+            r.repairs[0].found.contains("net.ipv4.vs.snat_reroute = 1"),
+            "{:?}",
+            r.repairs[0]
+        );
     })
     .expect("a network namespace of its own");
 }

@@ -9,7 +9,8 @@ use lab::agent::{Agent, Manifests, ops_issued, service_yaml, slice_yaml};
 use lab::ipvsadm;
 use lab::topology::SnatTopology;
 use lab::traffic::{
-    HeldConnection, Server, seen_source, tcp_request, udp_request, udp_request_from,
+    HeldConnection, Server, seen_source, tcp_request, tcp_request_from, udp_request,
+    udp_request_from,
 };
 use lab::{Netns, Topology, require_lab};
 
@@ -591,17 +592,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     let t = SnatTopology::new("ag-repair");
     t.node_firewall(false);
     let (_srv, m) = remote_web_service(&t, "repair");
-    let agent = Agent::start(
-        &t.node,
-        &m.dir,
-        &[
-            "--cluster-cidr",
-            SnatTopology::CLUSTER_CIDRS,
-            "--node-check-period",
-            "2s",
-        ],
-    );
-    agent.wait_sync(0, 1);
+    let agent = agent_checking_the_node_every(&t, &m, "2s");
     let rules_in_place = |ns: &Netns| {
         let save = ns.sh("iptables-save -t raw; iptables-save -t filter");
         let table = ns.sh("nft list table inet kube-ipvs-bpf 2>/dev/null || true");
@@ -615,7 +606,7 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
         .all(|r| save.contains(r))
             && table.contains("meta mark & 0x00200000 == 0x00200000 notrack")
     };
-    let vs_conntrack = |ns: &Netns| ns.sh("sysctl -n net.ipv4.vs.conntrack").trim().to_string();
+    let vs_conntrack = |ns: &Netns| sysctl(ns, "net.ipv4.vs.conntrack");
     assert!(rules_in_place(&t.node));
     assert_eq!(vs_conntrack(&t.node), "0");
 
@@ -636,6 +627,134 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
     }
 
     service_connections_leave_no_conntrack_entry(&t, "after the repair");
+}
+
+/// `net.ipv4.vs.snat_reroute` follows the node's routing policy, and a source-routed second
+/// uplink keeps working. The node gets a second uplink, eth2 (10.0.3.1), to a client whose
+/// address (10.0.4.2) the node reaches only through table 100, which a FIB rule selects for
+/// the node's address on eth2; the main table's default goes to the first client, which
+/// forwards nothing. With the kernel's own rules the agent turns the reroute off (0); adding
+/// the rule turns it on (1) through the rule change notice alone (the periodic check is a
+/// minute away), naming the rule in its log; a NodePort connection through eth2 then gets its
+/// replies through eth2. Written to 0 by hand, the reroute is missing and the same connection
+/// fails (the test would prove nothing otherwise); the next check repairs it and the connection
+/// works again. Deleting the rule turns it off.
+#[test]
+fn snat_reroute_is_off_with_the_kernels_own_rules_and_on_while_a_source_rule_routes_a_second_uplink()
+ {
+    require_lab();
+    let t = SnatTopology::new("ag-rr");
+    let (_srv, m) = remote_web_service(&t, "reroute");
+    let uplink2 = Netns::new("ag-rr-c2");
+    lab::topology::veth(
+        &t.node,
+        "eth2",
+        &["10.0.3.1/24"],
+        &uplink2,
+        "eth0",
+        &["10.0.3.2/24"],
+    );
+    // The client's connections leave from 10.0.4.2, also to the node's on-link address.
+    uplink2.sh("ip link set lo up && ip addr add 10.0.4.2/32 dev lo && \
+         ip route replace 10.0.3.0/24 dev eth0 src 10.0.4.2 && \
+         ip route add default via 10.0.3.1 src 10.0.4.2");
+    t.node
+        .sh("ip route add default via 10.0.1.2 && ip route add default via 10.0.3.2 table 100");
+    let agent = agent_checking_the_node_every(&t, &m, "60s");
+    let reroute = |ns: &Netns| sysctl(ns, "net.ipv4.vs.snat_reroute");
+    assert_eq!(reroute(&t.node), "0", "the kernel's own rules: no reroute");
+    tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
+        .expect("NodePort through the first uplink with the reroute off");
+
+    let mark = agent.mark();
+    t.node
+        .sh("ip rule add from 10.0.3.1 lookup 100 priority 100");
+    eventually(
+        Duration::from_secs(20),
+        "snat_reroute on after the rule",
+        || reroute(&t.node) == "1",
+    );
+    agent.wait_for(mark, Duration::from_secs(10), |v| {
+        v["message"] == "IPVS reroute of replies decided"
+            && v["value"] == "1"
+            && v["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("IPv4 rule 100: from 10.0.3.1/32 lookup 100"))
+    });
+    let second = "10.0.3.1:30080".parse().unwrap();
+    let (from, a) =
+        tcp_request_from(&uplink2, second).expect("NodePort through the source-routed uplink");
+    assert_eq!(from.ip(), ip("10.0.4.2"), "the client's address");
+    assert_eq!(
+        seen_source(&a).map(|s| s.ip()),
+        Some(ip("10.0.2.1")),
+        "the remote pod sees the node's address: {a}"
+    );
+
+    let mark = agent.mark();
+    t.node.sh("sysctl -qw net.ipv4.vs.snat_reroute=0");
+    let without = tcp_request(&uplink2, second);
+    assert!(
+        without.is_err(),
+        "without the reroute the replies leave by the main table's default: the connection \
+         must fail, or this topology does not need the reroute ({without:?}; snat_reroute now \
+         {}; route {}; ipvs {}; events since: {:?})",
+        reroute(&t.node),
+        t.node.sh("ip route get 10.0.4.2 from 10.244.2.2 iif eth1; ip route get 10.0.4.2 from 10.0.3.1; ip rule; sysctl net.ipv4.ip_forward net.ipv4.conf.all.rp_filter"),
+        t.node.sh("ipvsadm -Lnc; ipvsadm -Ln --stats"),
+        agent.events().into_iter().skip(mark).collect::<Vec<_>>(),
+    );
+    agent.wait_for(mark, Duration::from_secs(90), |v| {
+        v["message"] == "node state repaired"
+            && v["what"] == "sysctl"
+            && v["found"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("net.ipv4.vs.snat_reroute = 0"))
+    });
+    assert_eq!(reroute(&t.node), "1");
+    tcp_request(&uplink2, second).expect("NodePort through the second uplink after the repair");
+
+    t.node
+        .sh("ip rule del from 10.0.3.1 lookup 100 priority 100");
+    eventually(
+        Duration::from_secs(20),
+        "snat_reroute off after the rule went",
+        || reroute(&t.node) == "0",
+    );
+    tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
+        .expect("NodePort through the first uplink with the reroute off again");
+
+    // `cleanup` gives the node back the kernel's default, which kube-proxy leaves.
+    agent.stop();
+    let report = t.node.sh(&format!(
+        "{} cleanup --pin-root {} --state-dir /tmp/agent-state-{}",
+        lab::agent::agent_bin(),
+        lab::agent::pin_root(&t.node),
+        t.node.name()
+    ));
+    assert_eq!(reroute(&t.node), "1", "after cleanup:\n{report}");
+}
+
+/// The agent on `t`'s node serving manifests `m`, checking the node state every `period`, after
+/// its first sync.
+fn agent_checking_the_node_every(t: &SnatTopology, m: &Manifests, period: &str) -> Agent {
+    let agent = Agent::start(
+        &t.node,
+        &m.dir,
+        &[
+            "--cluster-cidr",
+            SnatTopology::CLUSTER_CIDRS,
+            "--node-check-period",
+            period,
+        ],
+    );
+    agent.wait_sync(0, 1);
+    agent
+}
+
+/// A sysctl's value in `ns`.
+fn sysctl(ns: &Netns, name: &str) -> String {
+    ns.sh(&format!("sysctl -n {name}")).trim().to_string()
 }
 
 /// Service `web` (10.96.0.10:80, NodePort 30080) with its one endpoint on the remote node,

@@ -128,7 +128,7 @@ pub const IPSET_ERR_BUSY: i32 = 4100;
 /// An nfnetlink failure.
 #[derive(Debug, thiserror::Error)]
 pub enum NfnlError {
-    #[error("netfilter netlink socket: {0}")]
+    #[error("netlink socket: {0}")]
     Io(#[from] std::io::Error),
     /// The kernel refused the request (`errno` is positive).
     #[error("{what}: {}", describe(*errno))]
@@ -701,7 +701,13 @@ pub struct Nfnl {
 
 impl Nfnl {
     pub fn open() -> Result<Self, NfnlError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        Nfnl::open_protocol(NETLINK_NETFILTER)
+    }
+
+    /// A blocking socket of another netlink protocol, for its dumps ([`Nfnl::dump`]):
+    /// `NETLINK_ROUTE` and `NETLINK_XFRM` (`crate::datapath::reroute`).
+    pub fn open_protocol(protocol: isize) -> Result<Self, NfnlError> {
+        let mut socket = Socket::new(protocol)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
         let timeout = nix::sys::time::TimeVal::new(5, 0);
@@ -712,6 +718,11 @@ impl Nfnl {
         )
         .map_err(std::io::Error::from)?;
         Ok(Self { socket, seq: 1 })
+    }
+
+    /// Dump requests are checked strictly, and their headers filter (`NETLINK_GET_STRICT_CHK`).
+    pub fn strict_checking(&self) -> Result<(), NfnlError> {
+        Ok(self.socket.set_netlink_get_strict_chk(true)?)
     }
 
     fn next_seq(&mut self, n: u32) -> u32 {

@@ -15,6 +15,8 @@ mod source;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+
+use crate::datapath::reroute::SnatReroute;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -273,6 +275,11 @@ pub struct RunArgs {
     /// How often expired SNAT entries are swept (default 10s; 100ms to 1m).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub sweep_period: Option<Duration>,
+    /// Whether IPVS routes each reply again after giving it the service's source address
+    /// (net.ipv4.vs.snat_reroute): auto (default) turns it off while no FIB rule, IPv6 source
+    /// route or xfrm policy can make a route depend on the source, and on otherwise.
+    #[arg(long, value_enum)]
+    pub snat_reroute: Option<SnatReroute>,
     /// How often the node state outside IPVS (iptables rules, sysctls, TC programs,
     /// kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner
     /// (default 5s).

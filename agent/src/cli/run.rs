@@ -44,6 +44,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sync_period: args.sync_period,
         drain_timeout: args.drain_timeout,
         sweep_period: args.sweep_period,
+        snat_reroute: args.snat_reroute,
         state_dir: args.state_dir.clone(),
         healthz_bind_address: args.healthz_bind_address,
         metrics_bind_address: args.metrics_bind_address,
@@ -148,6 +149,7 @@ fn sync_config(cfg: &config::AgentConfig, node_name: &str) -> SyncConfig {
             timeouts: cfg.ipvs.timeouts.sweep(),
             map_sizes: dp.map_sizes,
             sysctl_root: crate::datapath::sysctl::default_root(),
+            snat_reroute: dp.snat_reroute,
         }),
         sweep_period: dp.sweep_period,
         ..SyncConfig::default()

@@ -419,6 +419,12 @@ pub const FIELDS: &[Field] = &[
         "–",
         "how often expired SNAT entries are swept (100ms..1m; `--sweep-period`)",
     ),
+    f(
+        "kubeIpvsBpf.datapath.snatReroute",
+        "auto",
+        "–",
+        "`net.ipv4.vs.snat_reroute`: `auto` turns IPVS's second route lookup of each reply off while no FIB rule other than the kernel's own, IPv6 source route or xfrm policy can make a route depend on the source, and on otherwise; `on` or `off` (`--snat-reroute`; docs/datapath.md)",
+    ),
 ];
 
 /// docs/configuration.md.

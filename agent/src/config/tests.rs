@@ -456,6 +456,37 @@ fn sweep_period_from_file_or_flag_zero_and_absurd_values_refused() {
     assert_eq!(flag.datapath.sweep_period, Duration::from_millis(500));
 }
 
+#[test]
+fn snat_reroute_is_auto_by_default_set_by_file_or_flag_and_unknown_values_refused() {
+    use crate::config::SnatReroute;
+    assert_eq!(
+        AgentConfig::default().datapath.snat_reroute,
+        SnatReroute::Auto
+    );
+    let cfg = resolved(&ours(
+        "kubeIpvsBpf:\n  datapath:\n    snatReroute: \"off\"\n",
+    ));
+    assert_eq!(cfg.datapath.snat_reroute, SnatReroute::Off);
+    assert_names(
+        &ours("kubeIpvsBpf:\n  datapath:\n    snatReroute: sometimes\n"),
+        "kubeIpvsBpf.datapath.snatReroute",
+    );
+    let flag = resolve(
+        Some(
+            &parse(&ours(
+                "kubeIpvsBpf:\n  datapath:\n    snatReroute: \"off\"\n",
+            ))
+            .unwrap(),
+        ),
+        &Overrides {
+            snat_reroute: Some(SnatReroute::On),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(flag.datapath.snat_reroute, SnatReroute::On, "the flag wins");
+}
+
 // --- accepted and ignored ------------------------------------------------------------------
 
 #[test]

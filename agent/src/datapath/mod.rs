@@ -16,6 +16,7 @@ pub mod drain;
 pub mod ipvs_conns;
 pub mod lock;
 pub mod notrack;
+pub mod reroute;
 pub mod rules;
 pub mod sweep;
 pub mod switch;
@@ -59,6 +60,8 @@ pub struct DatapathConfig {
     pub timeouts: sweep::Timeouts,
     /// Where sysctls are read and written ([`sysctl::default_root`]).
     pub sysctl_root: PathBuf,
+    /// `net.ipv4.vs.snat_reroute` ([`reroute`]).
+    pub snat_reroute: reroute::SnatReroute,
 }
 
 impl Default for DatapathConfig {
@@ -77,6 +80,7 @@ impl Default for DatapathConfig {
             map_sizes: MapSizes::default(),
             timeouts: sweep::Timeouts::default(),
             sysctl_root: sysctl::default_root(),
+            snat_reroute: reroute::SnatReroute::Auto,
         }
     }
 }
@@ -376,11 +380,12 @@ impl Datapath {
         );
         // An agent restarted during the switch window finds it open in the pinned config.
         let window = loaded.maps().switch_window_open().unwrap_or(false);
-        let node = DesiredNodeState::new(
+        let mut node = DesiredNodeState::new(
             NodeStatePhase::of_switch_window(window),
             cfg.sysctl_root.clone(),
             kernel,
             cfg.strict_arp,
+            cfg.snat_reroute,
             Some(RulesSpec {
                 backend: resolve_backend(cfg.rules_backend),
                 // Until the first write finds nf_tables missing (see write_rules).
@@ -390,6 +395,8 @@ impl Datapath {
                 ipv6: std::path::Path::new("/proc/sys/net/ipv6").exists(),
             }),
         );
+        // Not fatal: the kernel's default (on) is the safe value.
+        node.apply_snat_reroute();
         let mut dp = Datapath {
             node,
             rules_checked: None,

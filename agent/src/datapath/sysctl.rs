@@ -7,6 +7,9 @@
 //! | `net.ipv4.vs.expire_quiescent_template` | 1 | persistence templates to a weight-0 destination expire, as kube-proxy sets it |
 //! | `net.ipv4.vs.conn_reuse_mode` | 0 on kernels < 5.9 | the 1 s SYN drop on port reuse (kubernetes#81775), as kube-proxy sets it; left alone on newer kernels |
 //! | `net.ipv4.conf.all.arp_ignore` / `arp_announce` | 1 / 2 with strict ARP | service addresses on kube-ipvs0 are not answered for on other interfaces (kube-proxy's `ipvs.strictARP`) |
+//!
+//! `net.ipv4.vs.snat_reroute` depends on the node's routing policy at each check, not on the
+//! kernel: `super::reroute` decides it.
 
 use std::path::{Path, PathBuf};
 
