@@ -30,7 +30,8 @@
 //!
 //! Environment (defaults in brackets): BENCH_ROUNDS [5], BENCH_CONNS [2000] connections per CPS
 //! case, BENCH_CONCURRENCY [16], BENCH_RR_REQUESTS [2000], BENCH_BULK_MB [32],
-//! BENCH_UDP_REQUESTS [1000], BENCH_FILL [10000], BENCH_EVENT_CONNS [200],
+//! BENCH_UDP_REQUESTS [1000], BENCH_FILL [10000], BENCH_DETAIL_FILL [0] (1: the detail phase
+//! with the fill Services too, for profiles of the filled case), BENCH_EVENT_CONNS [200],
 //! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
 //! [__memset,nft_do_chain] (symbols whose callers each
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
@@ -75,6 +76,9 @@ struct Config {
     bulk_mb: u64,
     udp_requests: u64,
     fill: usize,
+    /// The detail phase (events, BPF statistics, profiles, idle, table full) with the fill
+    /// Services too (`BENCH_DETAIL_FILL=1`): where the time of the filled case goes.
+    detail_fill: bool,
     event_conns: u64,
     profile_conns: u64,
     hold_conns: usize,
@@ -109,6 +113,7 @@ impl Config {
             bulk_mb: env_num("BENCH_BULK_MB", 32)?,
             udp_requests: env_num("BENCH_UDP_REQUESTS", 1000)?,
             fill: env_num("BENCH_FILL", 10_000)?,
+            detail_fill: env_num("BENCH_DETAIL_FILL", 0u8)? != 0,
             event_conns: env_num("BENCH_EVENT_CONNS", 200)?,
             profile_conns: env_num("BENCH_PROFILE_CONNS", 1000)?,
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
@@ -129,6 +134,7 @@ impl Config {
             "bulk_mb": self.bulk_mb,
             "udp_requests": self.udp_requests,
             "fill_services": self.fill,
+            "detail_fill": self.detail_fill,
             "event_conns": self.event_conns,
             "profile_conns": self.profile_conns,
             "hold_conns": self.hold_conns,
@@ -1026,11 +1032,25 @@ fn bpf_prog_stats() -> Result<BTreeMap<String, (u64, u64)>> {
 
 /// Per datapath, on a fresh topology: conntrack events per connection, BPF run-time statistics
 /// (ours), and the table-full case.
-fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value> {
+fn detail(
+    cfg: &Config,
+    dp: Datapath,
+    globals: ConntrackGlobals,
+    fill: &[ServicePort],
+) -> Result<Value> {
     let t = SnatTopology::try_new(&format!("d{}", &dp.name()[..2]))?;
     let _srv = start_servers(&t)?;
-    let (active, _) = Active::program(dp, &t, &bench_services(), globals)?;
+    let bench = bench_services();
+    let (mut active, _) = Active::program(dp, &t, &bench, globals)?;
     verify(&t)?;
+    let services = if cfg.detail_fill && !fill.is_empty() {
+        let all: Vec<ServicePort> = bench.iter().chain(fill).cloned().collect();
+        active.add(&t, &all, fill)?;
+        verify(&t)?;
+        1 + fill.len()
+    } else {
+        1
+    };
     let mut events = serde_json::Map::new();
     for (name, from_pod, to) in [
         ("clusterip", true, format!("{CLUSTER_IP}:80")),
@@ -1202,6 +1222,7 @@ fn detail(cfg: &Config, dp: Datapath, globals: ConntrackGlobals) -> Result<Value
     active.teardown(&t)?;
     Ok(json!({
         "datapath": dp.name(),
+        "services": services,
         "conntrack_events": events,
         "bpf_stats": bpf,
         "profile": profiles,
@@ -1392,7 +1413,7 @@ fn run() -> Result<()> {
         }
         details.push(detail_direct(&cfg)?);
         for &dp in &cfg.datapaths {
-            details.push(detail(&cfg, dp, globals)?);
+            details.push(detail(&cfg, dp, globals, &fill)?);
         }
         Ok(())
     })();
