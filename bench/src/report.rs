@@ -1714,9 +1714,9 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
          translated flows take the fast path and record their state through the slot's record) — \
          still hash 20–40-byte keys (`conns`, `svc_ports`) and walk `cluster_cidrs`' LPM trie, \
          and the IPVS probe's `conns` insert is a hash-map update per connection; (2) the \
-         iptables-nft base chains every service packet still walks (one rule of ours each) and \
-         IPVS's reroute of each forwarded reply (`vs.snat_reroute`, an output route lookup per \
-         packet that nftables mode does not make); (3) IPVS's own cost \
+         iptables-nft base chains every service packet still walks (one rule of ours each; \
+         IPVS's reroute of each forwarded reply, `vs.snat_reroute`, is off on this node, whose \
+         routes depend on the destination alone); (3) IPVS's own cost \
          (about 10 µs per connection) is the floor of this design: going below nftables mode \
          needs IPVS's per-packet work gone for established packets (stage 2). `__memset` is not \
          ours: it is the kernel zeroing each allocation (`CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y` in \
