@@ -835,6 +835,11 @@ impl Syncer {
         report
     }
 
+    /// `net.ipv4.vs.snat_reroute` as the datapath last wrote it (mode, on), for the metrics.
+    pub fn snat_reroute(&self) -> Option<(crate::datapath::reroute::SnatReroute, bool)> {
+        self.datapath.as_ref()?.snat_reroute()
+    }
+
     /// Whether destinations are draining (the loop then checks them periodically).
     pub fn draining(&self) -> bool {
         !self.drains.is_empty()
@@ -938,6 +943,13 @@ fn check_after(last: Instant) -> Instant {
     (Instant::now() + NODE_CHECK_DELAY).max(last + NODE_CHECK_SPACING)
 }
 
+/// Exports `net.ipv4.vs.snat_reroute` as last written (nothing without the datapath).
+fn snat_reroute_metric(syncer: &Syncer, observers: &Observers) {
+    if let Some((mode, on)) = syncer.snat_reroute() {
+        observers.metrics.snat_reroute(mode.as_str(), on);
+    }
+}
+
 /// Checks and repairs the node state and counts the repairs; a re-created kube-ipvs0 brings the
 /// next full sync forward. `addresses`: kube-ipvs0's addresses too (after a change to it).
 async fn check_node_state(
@@ -948,6 +960,7 @@ async fn check_node_state(
 ) {
     let r = syncer.repair_node_state(addresses).await;
     observers.metrics.node_repairs(&r.repairs);
+    snat_reroute_metric(syncer, observers);
     if r.full_sync {
         *next_full = Instant::now();
     }
@@ -977,6 +990,7 @@ pub async fn run(
     // The sweeper runs on a thread of its own (a pass over full maps takes a while): stopped
     // when this returns.
     let _sweeper = syncer.start_sweeper(&observers.metrics);
+    snat_reroute_metric(&syncer, &observers);
     // The node state (rules, sysctls, TC, kube-ipvs0): periodically, and soon after a change.
     let node_check_period = cfg.timing.node_check_period.max(Duration::from_millis(100));
     let mut node_check = tokio::time::interval_at(

@@ -635,7 +635,8 @@ fn a_flushed_ruleset_and_vs_conntrack_set_to_1_are_repaired_and_nodeport_stays_c
 /// the node's address on eth2; the main table's default goes to the first client, which
 /// forwards nothing. With the kernel's own rules the agent turns the reroute off (0); adding
 /// the rule turns it on (1) through the rule change notice alone (the periodic check is a
-/// minute away), naming the rule in its log; a NodePort connection through eth2 then gets its
+/// minute away), naming the rule in its log; `/metrics` follows
+/// (`kube_ipvs_bpf_ipvs_snat_reroute{mode="auto"}`); a NodePort connection through eth2 then gets its
 /// replies through eth2. Written to 0 by hand, the reroute is missing and the same connection
 /// fails (the test would prove nothing otherwise); the next check repairs it and the connection
 /// works again. Deleting the rule turns it off.
@@ -662,7 +663,14 @@ fn snat_reroute_is_off_with_the_kernels_own_rules_and_on_while_a_source_rule_rou
         .sh("ip route add default via 10.0.1.2 && ip route add default via 10.0.3.2 table 100");
     let agent = agent_checking_the_node_every(&t, &m, "60s");
     let reroute = |ns: &Netns| sysctl(ns, "net.ipv4.vs.snat_reroute");
+    let exported = |ns: &Netns| {
+        metrics(ns)
+            .lines()
+            .find_map(|l| l.strip_prefix("kube_ipvs_bpf_ipvs_snat_reroute{mode=\"auto\"} "))
+            .map(str::to_owned)
+    };
     assert_eq!(reroute(&t.node), "0", "the kernel's own rules: no reroute");
+    assert_eq!(exported(&t.node).as_deref(), Some("0"), "the metric");
     tcp_request(&t.client, "10.0.1.1:30080".parse().unwrap())
         .expect("NodePort through the first uplink with the reroute off");
 
@@ -690,6 +698,10 @@ fn snat_reroute_is_off_with_the_kernels_own_rules_and_on_while_a_source_rule_rou
         Some(ip("10.0.2.1")),
         "the remote pod sees the node's address: {a}"
     );
+    // Set once the node check that decided it is over.
+    eventually(Duration::from_secs(10), "the metric at 1", || {
+        exported(&t.node).as_deref() == Some("1")
+    });
 
     let mark = agent.mark();
     t.node.sh("sysctl -qw net.ipv4.vs.snat_reroute=0");
@@ -750,6 +762,20 @@ fn agent_checking_the_node_every(t: &SnatTopology, m: &Manifests, period: &str) 
     );
     agent.wait_sync(0, 1);
     agent
+}
+
+/// The agent's `/metrics` in `ns` (its default address, 127.0.0.1:10249).
+fn metrics(ns: &Netns) -> String {
+    ns.run(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:10249").expect("connect to /metrics");
+        c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("GET /metrics");
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("read /metrics");
+        out
+    })
 }
 
 /// A sysctl's value in `ns`.

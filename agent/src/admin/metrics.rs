@@ -42,6 +42,7 @@
 //! | `kube_ipvs_bpf_rejected_objects` | gauge | `kind` (`Service`, `EndpointSlice`) |
 //! | `kube_ipvs_bpf_sync_failures_total` | counter | |
 //! | `kube_ipvs_bpf_node_repairs_total` | counter | `what` (`iptables`, `nftables`, `sysctl`, `tc`, `kube_ipvs0`): node state found changed behind the agent's back and rewritten (`crate::node_state`) |
+//! | `kube_ipvs_bpf_ipvs_snat_reroute` | gauge | `mode` (`auto`, `on`, `off`): `net.ipv4.vs.snat_reroute` as the agent last wrote it, 1 or 0 (`crate::datapath::reroute`); absent without the datapath |
 //!
 //! The datapath series are refreshed by the sweeper after each pass (`--sweep-period`, 10 s) and
 //! after each sync.
@@ -156,6 +157,11 @@ struct WhatLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -217,6 +223,7 @@ struct Inner {
     rejected: Family<KindLabels, Gauge>,
     sync_failures: Counter,
     node_repairs: Family<WhatLabels, Counter>,
+    snat_reroute: Family<ModeLabels, Gauge>,
 }
 
 /// The agent's metrics. Cheap to clone; every method takes `&self`.
@@ -297,6 +304,7 @@ impl Metrics {
             rejected: Family::default(),
             sync_failures: Counter::default(),
             node_repairs: Family::default(),
+            snat_reroute: Family::default(),
             registry: Registry::default(),
         };
         // Counters are registered without their `_total` suffix: the encoder adds it.
@@ -420,6 +428,11 @@ impl Metrics {
             "Node state (iptables rules, sysctls, TC attachments, kube-ipvs0) found changed and repaired, by part",
             inner.node_repairs.clone(),
         );
+        registry.register(
+            "kube_ipvs_bpf_ipvs_snat_reroute",
+            "net.ipv4.vs.snat_reroute as the agent last wrote it: 1, IPVS routes each forwarded reply again by its new source; 0, it does not (kubeIpvsBpf.datapath.snatReroute)",
+            inner.snat_reroute.clone(),
+        );
         // Every part is exported from the start, at 0.
         for part in crate::node_state::Part::ALL {
             let _ = inner.node_repairs.get_or_create(&WhatLabels {
@@ -508,6 +521,21 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// `net.ipv4.vs.snat_reroute` as last written under `mode` (one series: a new mode replaces
+    /// the old one).
+    pub fn snat_reroute(&self, mode: &str, on: bool) {
+        let labels = ModeLabels {
+            mode: mode.to_owned(),
+        };
+        if self.inner.snat_reroute.get(&labels).is_none() {
+            self.inner.snat_reroute.clear();
+        }
+        self.inner
+            .snat_reroute
+            .get_or_create(&labels)
+            .set(i64::from(on));
     }
 
     /// A sync that failed after `duration` (kube-proxy records its duration too).

@@ -578,6 +578,15 @@ impl Datapath {
     /// the sysctls and iptables rules ([`DesiredNodeState::repair`]) and the TC programs on
     /// every device it attached to (re-attached when the kernel no longer runs them there). A
     /// device that cannot be re-attached is forgotten: the next device sync attaches it again.
+    /// `net.ipv4.vs.snat_reroute`'s mode and whether it was last written on; `None` before the
+    /// first decision was written.
+    pub fn snat_reroute(&self) -> Option<(reroute::SnatReroute, bool)> {
+        self.node
+            .snat_reroute_applied
+            .as_ref()
+            .map(|d| (self.node.snat_reroute, d.value == "1"))
+    }
+
     pub fn repair_node(&mut self) -> RepairReport {
         let mut report = RepairReport::default();
         if let Err(e) = self.follow_switch_window() {

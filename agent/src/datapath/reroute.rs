@@ -59,6 +59,17 @@ pub enum SnatReroute {
     Off,
 }
 
+impl SnatReroute {
+    /// The setting's name, as the configuration spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnatReroute::Auto => "auto",
+            SnatReroute::On => "on",
+            SnatReroute::Off => "off",
+        }
+    }
+}
+
 /// The value chosen for the sysctl and why (logged when it changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {

@@ -221,6 +221,40 @@ fn node_repairs_exist_at_zero_and_count_each_repair_by_part() {
 }
 
 #[test]
+fn snat_reroute_appears_once_written_with_its_mode() {
+    let m = Metrics::new(&[]);
+    assert!(!m.encode().contains("kube_ipvs_bpf_ipvs_snat_reroute{"));
+    m.snat_reroute("auto", false);
+    let t = m.encode();
+    assert!(
+        t.contains("# TYPE kube_ipvs_bpf_ipvs_snat_reroute gauge"),
+        "{t}"
+    );
+    assert_eq!(
+        sample(&t, "kube_ipvs_bpf_ipvs_snat_reroute{mode=\"auto\"}"),
+        Some(0.0)
+    );
+    m.snat_reroute("auto", true);
+    assert_eq!(
+        sample(
+            &m.encode(),
+            "kube_ipvs_bpf_ipvs_snat_reroute{mode=\"auto\"}"
+        ),
+        Some(1.0)
+    );
+    m.snat_reroute("on", true);
+    let t = m.encode();
+    assert_eq!(
+        sample(&t, "kube_ipvs_bpf_ipvs_snat_reroute{mode=\"auto\"}"),
+        None
+    );
+    assert_eq!(
+        sample(&t, "kube_ipvs_bpf_ipvs_snat_reroute{mode=\"on\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn datapath_counters_advance_by_difference_and_survive_resets() {
     let m = Metrics::new(&[]);
     m.datapath_counters(&[("snat_alloc", 10), ("port_exhausted", 0)]);
