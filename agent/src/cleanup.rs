@@ -520,17 +520,19 @@ fn snat_reroute_step(opts: &CleanupOptions, report: &mut CleanupReport) {
     use crate::datapath::{reroute, sysctl};
     let root = sysctl::default_root();
     let want = reroute::KERNEL_DEFAULT;
-    match sysctl::read_in(&root, want.name) {
-        Ok(v) if v == want.value => {}
-        Ok(_) if opts.dry_run => report.removed("sysctl", format!("{} = 0", want.name)),
-        Ok(_) => match sysctl::set_in(&root, &want) {
-            Ok(_) => report.removed("sysctl", format!("{} = 0", want.name)),
-            Err(e) => report
-                .errors
-                .push(format!("setting {} = {}: {e}", want.name, want.value)),
-        },
+    // The value found when it is not the default (`set_in` writes the default in the same step).
+    let found = if opts.dry_run {
+        sysctl::read_in(&root, want.name).map(|v| (v != want.value).then_some(v))
+    } else {
+        sysctl::set_in(&root, &want)
+    };
+    match found {
+        Ok(Some(old)) => report.removed("sysctl", format!("{} = {old}", want.name)),
+        Ok(None) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => report.errors.push(format!("reading {}: {e}", want.name)),
+        Err(e) => report
+            .errors
+            .push(format!("setting {} = {}: {e}", want.name, want.value)),
     }
 }
 
