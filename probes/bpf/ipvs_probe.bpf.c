@@ -6,12 +6,14 @@
  * are skipped. While the agent drains for a rollback (docs/switching.md) it records nothing, and
  * while it prepares one it also puts each connection in switch_flows.
  *
- * Two programs with one body: fexit (kernels whose trampoline takes 7 arguments) and kretprobe
- * (every kernel). Neither is autoloaded: the loader enables the one it tries.
+ * Three programs with one body, tried in this order: fexit on ip_vs_conn_new (kernels whose
+ * trampoline takes its 7 arguments), fexit on ip_vs_schedule (its caller for every connection a
+ * virtual service schedules: kernels whose trampoline takes 5) and kretprobe on ip_vs_conn_new
+ * (every kernel). None is autoloaded: the loader enables the one it tries.
  * struct ip_vs_conn is read with CO-RE against the ip_vs module's BTF; only the fields read are
  * declared. Integer fields are read with their relocated size (BPF_CORE_READ_BITFIELD*), so a
  * kernel that narrows one (af and daf became u8 in later reworks) still reads right; the fexit
- * program reads them directly, the kretprobe with bpf_probe_read_kernel (CONN_FIELD).
+ * programs read them directly, the kretprobe with bpf_probe_read_kernel (CONN_FIELD).
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -54,7 +56,7 @@ struct ip_vs_dest;
 
 /*
  * The fields of struct ip_vs_conn, read at their relocated offset and size: with direct loads in
- * the fexit program (its argument is a BTF pointer, so a load is one instruction the verifier
+ * the fexit programs (their argument is a BTF pointer, so a load is one instruction the verifier
  * guards), with bpf_probe_read_kernel in the kretprobe (a register holds a plain address there).
  * `direct` is a constant in each program: the other branch is compiled out.
  */
@@ -145,6 +147,28 @@ SEC("?fexit/ip_vs_conn_new")
 int BPF_PROG(ipvs_conn_new_fexit, const struct ip_vs_conn_param *p, int dest_af,
 	     const union nf_inet_addr *daddr, __be16 dport, unsigned int flags,
 	     struct ip_vs_dest *dest, __u32 fwmark, struct ip_vs_conn *ret)
+{
+	return record_conn(ret, 1);
+}
+
+/* Opaque argument types of ip_vs_schedule (only passed through). */
+struct ip_vs_service;
+struct sk_buff;
+struct ip_vs_proto_data;
+struct ip_vs_iphdr;
+
+/*
+ * Kernels whose trampoline takes fewer than ip_vs_conn_new's 7 arguments (6.1's x86-64 takes 6):
+ * the return of ip_vs_schedule() (5 arguments), the scheduler's entry for every new connection of a
+ * virtual service (each protocol's conn_schedule calls it; persistence templates are made inside
+ * it, and it returns the connection). ip_vs_conn_new's other callers are not seen here: the sync
+ * daemon's backup connections, cache bypass (no destination, vs.cache_bypass) and connections a
+ * real server starts (UDP, only with a persistence engine: SIP), none of which kube-ipvs-bpf sets.
+ */
+SEC("?fexit/ip_vs_schedule")
+int BPF_PROG(ipvs_schedule_fexit, struct ip_vs_service *svc, struct sk_buff *skb,
+	     struct ip_vs_proto_data *pd, int *ignored, struct ip_vs_iphdr *iph,
+	     struct ip_vs_conn *ret)
 {
 	return record_conn(ret, 1);
 }

@@ -37,7 +37,7 @@ use crate::maps::{CFG_F_DIRECT_WRITES, Config};
 use crate::nat_table::{SnatHandles, SnatTable};
 use crate::objects::{
     DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
-    PROBE_KRETPROBE_PROGRAM, PROBE_TARGET_FUNCTION,
+    PROBE_KRETPROBE_PROGRAM, PROBE_SCHEDULE_FEXIT_PROGRAM, PROBE_TARGET_FUNCTION,
 };
 use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
 
@@ -204,7 +204,7 @@ impl TcAttachMode {
 pub enum ProbePreference {
     /// fexit, falling back to kretprobe.
     Auto,
-    /// fexit only.
+    /// fexit only (either function).
     Fexit,
     /// kretprobe only.
     Kretprobe,
@@ -213,8 +213,11 @@ pub enum ProbePreference {
 /// The IPVS probe flavour attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
-    /// `fexit/ip_vs_conn_new` (BPF trampoline; needs 7-argument support, ≥ 6.x).
+    /// `fexit/ip_vs_conn_new` (BPF trampoline; needs a trampoline taking 7 arguments: 6.12, not 6.1).
     Fexit,
+    /// `fexit/ip_vs_schedule` (5 arguments: 6.1), which returns every connection a
+    /// virtual service schedules; a kretprobe costs more per connection.
+    FexitSchedule,
     /// `kretprobe/ip_vs_conn_new` (every kernel).
     Kretprobe,
 }
@@ -223,6 +226,7 @@ impl ProbeKind {
     fn program(self) -> &'static str {
         match self {
             ProbeKind::Fexit => PROBE_FEXIT_PROGRAM,
+            ProbeKind::FexitSchedule => PROBE_SCHEDULE_FEXIT_PROGRAM,
             ProbeKind::Kretprobe => PROBE_KRETPROBE_PROGRAM,
         }
     }
@@ -304,6 +308,8 @@ struct AttachedDevice {
 #[derive(Debug)]
 struct AttachedProbe {
     kind: ProbeKind,
+    /// Why each flavour tried before `kind` did not attach.
+    passed_over: Vec<String>,
     link: Link,
     _object: Object,
 }
@@ -1047,15 +1053,15 @@ impl Datapath {
         let object = load_object(open, "ipvs_probe")?;
         let program = find_program(&object, kind.program())?;
         let link = match kind {
-            ProbeKind::Fexit => program.attach_trace(),
+            ProbeKind::Fexit | ProbeKind::FexitSchedule => program.attach_trace(),
             ProbeKind::Kretprobe => program.attach_kprobe(true, PROBE_TARGET_FUNCTION),
         }
         .map_err(object_error("ipvs_probe", "attach"))?;
         Ok((object, link))
     }
 
-    /// Attaches the IPVS connection probe: fexit first (when allowed by `preference`), then
-    /// kretprobe. The new probe is attached before a previous one (pinned by an earlier run) is
+    /// Attaches the IPVS connection probe: fexit on `ip_vs_conn_new`, then on `ip_vs_schedule`
+    /// (when allowed by `preference`), then kretprobe. The new probe is attached before a previous one (pinned by an earlier run) is
     /// detached. Returns the flavour attached.
     pub fn attach_ipvs_probe(&mut self, preference: ProbePreference) -> Result<ProbeKind> {
         if !Path::new("/sys/module/ip_vs").exists() {
@@ -1064,8 +1070,12 @@ impl Datapath {
             ));
         }
         let candidates: &[ProbeKind] = match preference {
-            ProbePreference::Auto => &[ProbeKind::Fexit, ProbeKind::Kretprobe],
-            ProbePreference::Fexit => &[ProbeKind::Fexit],
+            ProbePreference::Auto => &[
+                ProbeKind::Fexit,
+                ProbeKind::FexitSchedule,
+                ProbeKind::Kretprobe,
+            ],
+            ProbePreference::Fexit => &[ProbeKind::Fexit, ProbeKind::FexitSchedule],
             ProbePreference::Kretprobe => &[ProbeKind::Kretprobe],
         };
         let mut failures = Vec::new();
@@ -1088,12 +1098,22 @@ impl Datapath {
                     })?;
                     self.probe = Some(AttachedProbe {
                         kind,
+                        passed_over: failures,
                         link,
                         _object: object,
                     });
                     return Ok(kind);
                 }
-                Err(error) => failures.push(format!("{kind:?}: {error}")),
+                Err(error) => {
+                    // libbpf's error keeps the kernel's errno in its sources.
+                    let mut reason = error.to_string();
+                    let mut source = std::error::Error::source(&error);
+                    while let Some(cause) = source {
+                        reason = format!("{reason}: {cause}");
+                        source = cause.source();
+                    }
+                    failures.push(format!("{kind:?}: {reason}"))
+                }
             }
         }
         Err(Error::ProbeUnavailable(failures.join("; ")))
@@ -1102,6 +1122,11 @@ impl Datapath {
     /// The IPVS probe flavour attached by this `Datapath`, if any.
     pub fn ipvs_probe(&self) -> Option<ProbeKind> {
         self.probe.as_ref().map(|p| p.kind)
+    }
+
+    /// Why each flavour preferred to the attached one did not attach ("Fexit: …").
+    pub fn ipvs_probe_passed_over(&self) -> &[String] {
+        self.probe.as_ref().map_or(&[], |p| &p.passed_over)
     }
 
     /// Detaches the IPVS probe (ours, or one pinned by an earlier run).

@@ -54,6 +54,9 @@ pub const NAT_WRITERS: [(&str, &str); 2] = [
 
 /// Name of the fexit program on `ip_vs_conn_new` in [`IPVS_PROBE_OBJECT`].
 pub const PROBE_FEXIT_PROGRAM: &str = "ipvs_conn_new_fexit";
+/// Name of the fexit program on `ip_vs_schedule` (which makes every connection a virtual
+/// service schedules, through `ip_vs_conn_new`) in [`IPVS_PROBE_OBJECT`].
+pub const PROBE_SCHEDULE_FEXIT_PROGRAM: &str = "ipvs_schedule_fexit";
 /// Name of the kretprobe program on `ip_vs_conn_new` in [`IPVS_PROBE_OBJECT`].
 pub const PROBE_KRETPROBE_PROGRAM: &str = "ipvs_conn_new_kretprobe";
 /// The kernel function the probe hooks.

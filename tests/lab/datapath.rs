@@ -292,6 +292,56 @@ fn clusterip_from_a_pod_to_a_remote_backend_keeps_the_pod_address_untracked() {
     assert!(c.get("reply_marked").copied().unwrap_or(0) >= 10, "{c:?}");
 }
 
+/// The IPVS probe is a BPF trampoline, not the dearer kretprobe, on the lab's kernels: fexit on
+/// `ip_vs_conn_new` where the trampoline takes its 7 arguments (6.12), fexit on `ip_vs_schedule`
+/// (5 arguments; it returns every connection a virtual service schedules) where it does not (6.1
+/// on x86-64). Read from the kernel:
+/// the program behind the agent's pinned probe link, by bpftool. What it records marks the
+/// replies of untranslated connections (`reply_marked`, none tracked).
+#[test]
+fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
+    let l = lab("dp-probe", None);
+    let pin = format!("{}/links/ipvs_probe", lab::agent::pin_root(&l.t.node));
+    let link = l.t.node.sh(&format!("bpftool -j link show pinned {pin}"));
+    let link: serde_json::Value = serde_json::from_str(&link).expect("bpftool link JSON");
+    let id = link["prog_id"].as_u64().expect("the link's prog_id");
+    let prog = l.t.node.sh(&format!("bpftool -j prog show id {id}"));
+    let prog: serde_json::Value = serde_json::from_str(&prog).expect("bpftool prog JSON");
+    let release = l.t.node.sh("uname -r");
+    let arch = l.t.node.sh("uname -m");
+    let expected = if release.starts_with("6.1.") && arch.trim() == "x86_64" {
+        "ipvs_schedule_fexit"
+    } else {
+        "ipvs_conn_new_fexit"
+    };
+    // The agent logs the flavours it passed over, and why.
+    let attached = l
+        .agent
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("IPVS connection probe"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        prog["name"].as_str(),
+        Some(expected),
+        "{} {}: {link}\n{prog}\n{attached}",
+        release.trim(),
+        arch.trim()
+    );
+    assert_eq!(prog["type"].as_str(), Some("tracing"), "{prog}");
+
+    let before = l.t.conntrack_count();
+    for _ in 0..5 {
+        let a = tcp_request(&l.t.pod, addr("10.96.0.10:80")).expect("ClusterIP from the pod");
+        assert!(a.starts_with("10.244.1.2:"), "no SNAT expected: {a}");
+    }
+    let c = l.agent.counters(&l.t.node);
+    assert!(c.get("probe_conn").copied().unwrap_or(0) >= 5, "{c:?}");
+    assert!(c.get("reply_marked").copied().unwrap_or(0) >= 5, "{c:?}");
+    assert_eq!(l.t.conntrack_count(), before, "replies must be untracked");
+}
+
 #[test]
 fn host_to_clusterip_is_source_natted_to_the_node() {
     let l = lab("dp-host", None);

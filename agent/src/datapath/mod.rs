@@ -413,7 +413,8 @@ impl Datapath {
         dp.write_config()?;
         match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
             Ok(kind) => {
-                tracing::info!(probe = ?kind, "IPVS connection probe attached");
+                let passed_over = dp.loaded.ipvs_probe_passed_over().join("; ");
+                tracing::info!(probe = ?kind, passed_over, "IPVS connection probe attached");
                 dp.probe = Some(kind);
             }
             // Nothing depends on the probe alone (docs/datapath.md): run without it.
