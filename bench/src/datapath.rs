@@ -20,7 +20,9 @@
 //! and to the NodePort (from the client) at `BENCH_CONCURRENCY`; with 1 Service also the same
 //! one connection at a time (latency without queueing, a quarter of the connections),
 //! request/response on kept-alive connections, bulk throughput and UDP request/response
-//! through the NodePort. After the
+//! through the NodePort, and traffic that is not service traffic through the same devices (the
+//! local pod and the node itself connecting straight to the remote pod), which the direct
+//! baseline and a `firewall` reference (the node's firewall, no service proxy) run too. After the
 //! rounds, per datapath on a fresh topology: conntrack events per connection (`conntrack -E`),
 //! BPF run-time statistics (ours; `kernel.bpf_stats_enabled`, outside the timed windows), a
 //! system-wide `perf` profile of each CPS case (also of the direct baseline) with the call
@@ -35,7 +37,7 @@
 //! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
 //! [__memset,nft_do_chain] (symbols whose callers each
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
-//! [5000], BENCH_CT_MAX [1024], BENCH_DATAPATHS [ipvs,nftables,ours], BENCH_CLOCK (a label:
+//! [5000], BENCH_CT_MAX [1024], BENCH_DATAPATHS [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
 
 use std::collections::BTreeMap;
@@ -101,7 +103,7 @@ fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
 impl Config {
     fn from_env() -> Result<Config> {
         let datapaths = std::env::var("BENCH_DATAPATHS")
-            .unwrap_or_else(|_| "ipvs,nftables,ours".into())
+            .unwrap_or_else(|_| "firewall,ipvs,nftables,ours".into())
             .split(',')
             .map(Datapath::parse)
             .collect::<Result<Vec<_>>>()?;
@@ -148,6 +150,9 @@ impl Config {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Datapath {
+    /// No service proxy: the node with its firewall alone, the reference for traffic that is
+    /// not service traffic (what each proxy adds to it).
+    Firewall,
     Ipvs,
     Nftables,
     Ours,
@@ -156,19 +161,26 @@ enum Datapath {
 impl Datapath {
     fn parse(s: &str) -> Result<Datapath> {
         Ok(match s.trim() {
+            "firewall" => Datapath::Firewall,
             "ipvs" => Datapath::Ipvs,
             "nftables" => Datapath::Nftables,
             "ours" => Datapath::Ours,
-            other => bail!("unknown datapath {other:?} (ipvs, nftables, ours)"),
+            other => bail!("unknown datapath {other:?} (firewall, ipvs, nftables, ours)"),
         })
     }
 
     fn name(self) -> &'static str {
         match self {
+            Datapath::Firewall => "firewall",
             Datapath::Ipvs => "ipvs",
             Datapath::Nftables => "nftables",
             Datapath::Ours => "ours",
         }
+    }
+
+    /// A service proxy (every datapath but the firewall-only reference).
+    fn serves(self) -> bool {
+        self != Datapath::Firewall
     }
 }
 
@@ -433,6 +445,7 @@ impl Active {
             globals,
         };
         match dp {
+            Datapath::Firewall => t.try_node_firewall(false)?,
             Datapath::Ipvs => {
                 ConntrackGlobals::apply_kube_proxy(cpus)?;
                 kube_proxy::apply_ipvs_mode(&t.node, services, &node_config())?;
@@ -481,6 +494,7 @@ impl Active {
     fn add(&mut self, t: &SnatTopology, all: &[ServicePort], added: &[ServicePort]) -> Result<f64> {
         let started = Instant::now();
         match self.dp {
+            Datapath::Firewall => bail!("no service proxy to add Services to"),
             Datapath::Ipvs => {
                 kube_proxy::add_ipvs_mode_services(&t.node, all, added, &node_config())?
             }
@@ -522,6 +536,7 @@ impl Active {
     /// Removes the datapath completely and resets the kernel-wide conntrack limits.
     fn teardown(mut self, t: &SnatTopology) -> Result<()> {
         match self.dp {
+            Datapath::Firewall => {}
             Datapath::Ipvs => kube_proxy::teardown_ipvs_mode(&t.node)?,
             Datapath::Nftables => kube_proxy::teardown_nftables_mode(&t.node)?,
             Datapath::Ours => {
@@ -599,9 +614,30 @@ fn write_manifests(dir: &std::path::Path, services: &[ServicePort]) -> Result<()
 // --- cases ----------------------------------------------------------------------------------
 
 /// A traffic case: where it runs from and the loadgen arguments.
+/// The namespace a case's loadgen runs in.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The local pod, behind the node's `cni0`.
+    Pod,
+    /// The off-cluster client.
+    Client,
+    /// The node itself.
+    Node,
+}
+
+impl Source {
+    fn ns(self, t: &SnatTopology) -> &Netns {
+        match self {
+            Source::Pod => &t.pod,
+            Source::Client => &t.client,
+            Source::Node => &t.node,
+        }
+    }
+}
+
 struct Case {
     name: &'static str,
-    from_pod: bool,
+    from: Source,
     args: Vec<String>,
     /// Connections it opens (for per-connection figures).
     conns: u64,
@@ -654,34 +690,34 @@ fn cases(cfg: &Config, full: bool, to: &Targets) -> Vec<Case> {
     let mut v = vec![
         Case {
             name: "cps_clusterip",
-            from_pod: true,
+            from: Source::Pod,
             args: cps_args(&to.clusterip, cfg.conns, cfg.concurrency),
             conns: cfg.conns,
         },
         Case {
             name: "cps_nodeport",
-            from_pod: false,
+            from: Source::Client,
             args: cps_args(&np, cfg.conns, cfg.concurrency),
             conns: cfg.conns,
         },
     ];
     if full {
         // Latency without queueing: one connection at a time.
-        for (name, from_pod, to) in [
-            ("lat_clusterip", true, to.clusterip.clone()),
-            ("lat_nodeport", false, np.clone()),
+        for (name, from, to) in [
+            ("lat_clusterip", Source::Pod, to.clusterip.clone()),
+            ("lat_nodeport", Source::Client, np.clone()),
         ] {
             let n = (cfg.conns / 4).max(1);
             v.push(Case {
                 name,
-                from_pod,
+                from,
                 args: cps_args(&to, n, 1),
                 conns: n,
             });
         }
         v.push(Case {
             name: "rr_nodeport",
-            from_pod: false,
+            from: Source::Client,
             args: s(&[
                 "rr",
                 "--to",
@@ -695,7 +731,7 @@ fn cases(cfg: &Config, full: bool, to: &Targets) -> Vec<Case> {
         });
         v.push(Case {
             name: "bulk_nodeport",
-            from_pod: false,
+            from: Source::Client,
             args: s(&[
                 "bulk",
                 "--to",
@@ -707,7 +743,7 @@ fn cases(cfg: &Config, full: bool, to: &Targets) -> Vec<Case> {
         });
         v.push(Case {
             name: "udp_nodeport",
-            from_pod: false,
+            from: Source::Client,
             args: s(&[
                 "udp-rr",
                 "--to",
@@ -725,9 +761,29 @@ fn cases(cfg: &Config, full: bool, to: &Targets) -> Vec<Case> {
     v
 }
 
+/// Traffic that is not service traffic, through the node's devices: the local pod and the node
+/// itself connecting straight to the remote pod. Every datapath runs them with its 1 Service
+/// (the firewall-only reference with none), and so does the direct baseline: what each adds over
+/// the firewall alone is what it costs traffic it does not serve.
+fn other_cases(cfg: &Config) -> Vec<Case> {
+    let to = format!("{REMOTE_POD}:8080");
+    [
+        ("cps_pod_to_pod", Source::Pod),
+        ("cps_node_to_remote", Source::Node),
+    ]
+    .into_iter()
+    .map(|(name, from)| Case {
+        name,
+        from,
+        args: cps_args(&to, cfg.conns, cfg.concurrency),
+        conns: cfg.conns,
+    })
+    .collect()
+}
+
 /// Runs one case: conntrack before and after, the datapath's counters, the loadgen figures.
 fn run_case(t: &SnatTopology, active: Option<&Active>, case: &Case) -> Result<Value> {
-    let ns = if case.from_pod { &t.pod } else { &t.client };
+    let ns = case.from.ns(t);
     // Every case starts from an empty conntrack table, so its growth is the entries it made
     // (none expire within a window: TIME_WAIT lasts 120 s) and no datapath carries another
     // case's entries.
@@ -849,7 +905,10 @@ fn baseline(cfg: &Config, round: usize) -> Result<Vec<Value>> {
     t.router.try_sh("ip route add 10.0.1.0/24 via 10.0.2.1")?;
     let _srv = start_servers(&t)?;
     let mut out = Vec::new();
-    for case in cases(cfg, true, &Targets::direct()) {
+    for case in cases(cfg, true, &Targets::direct())
+        .into_iter()
+        .chain(other_cases(cfg))
+    {
         let r = run_case(&t, None, &case)?;
         log(&format!(
             "round {round} direct {}: {:.0}/s",
@@ -875,6 +934,9 @@ fn datapath_round(
     let _srv = start_servers(&t)?;
     let bench = bench_services();
     let (mut active, program_s) = Active::program(dp, &t, &bench, globals)?;
+    if !dp.serves() {
+        return firewall_round(cfg, round, &t, active);
+    }
     verify(&t)?;
     log(&format!(
         "round {round} {}: programmed in {program_s:.1}s",
@@ -901,7 +963,11 @@ fn datapath_round(
         };
         // Services present (bench/web counts once, whatever its ports).
         let services = if with_fill { 1 + fill.len() } else { 1 };
-        for case in cases(cfg, !with_fill, &Targets::service()) {
+        let others = if with_fill { vec![] } else { other_cases(cfg) };
+        for case in cases(cfg, !with_fill, &Targets::service())
+            .into_iter()
+            .chain(others)
+        {
             let r = run_case(&t, Some(&active), &case)?;
             log(&format!(
                 "round {round} {} services={services} {}: {:.0}/s p99 {}us ct/conn {:.2}",
@@ -930,6 +996,30 @@ fn datapath_round(
         dp.name(),
         t0.elapsed().as_secs_f64()
     ));
+    Ok(out)
+}
+
+/// The firewall-only reference in one round: the traffic that is not service traffic
+/// ([`other_cases`]), recorded with 0 Services.
+fn firewall_round(
+    cfg: &Config,
+    round: usize,
+    t: &SnatTopology,
+    active: Active,
+) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for case in other_cases(cfg) {
+        let r = run_case(t, None, &case)?;
+        log(&format!(
+            "round {round} firewall {}: {:.0}/s",
+            case.name,
+            r["loadgen"]["rate_per_s"].as_f64().unwrap_or(0.0)
+        ));
+        out.push(json!({
+            "round": round, "datapath": "firewall", "services": 0, "case": case.name, "result": r,
+        }));
+    }
+    active.teardown(t)?;
     Ok(out)
 }
 
@@ -1052,11 +1142,15 @@ fn detail(
         1
     };
     let mut events = serde_json::Map::new();
-    for (name, from_pod, to) in [
-        ("clusterip", true, format!("{CLUSTER_IP}:80")),
-        ("nodeport", false, format!("{NODE_IP}:{TCP_NODE_PORT}")),
+    for (name, from, to) in [
+        ("clusterip", Source::Pod, format!("{CLUSTER_IP}:80")),
+        (
+            "nodeport",
+            Source::Client,
+            format!("{NODE_IP}:{TCP_NODE_PORT}"),
+        ),
     ] {
-        let ns = if from_pod { &t.pod } else { &t.client };
+        let ns = from.ns(&t);
         let before = ct_count(&t.node)?;
         let allocs = CtAllocProbe::start();
         let (n, lg) =
@@ -1084,11 +1178,18 @@ fn detail(
     let mut bpf = serde_json::Map::new();
     if dp == Datapath::Ours {
         try_sh("sysctl -qw kernel.bpf_stats_enabled=1")?;
-        for (name, from_pod, to) in [
-            ("clusterip", true, format!("{CLUSTER_IP}:80")),
-            ("nodeport", false, format!("{NODE_IP}:{TCP_NODE_PORT}")),
+        // And on traffic that is not service traffic: the runs it pays, and what each costs.
+        for (name, from, to) in [
+            ("clusterip", Source::Pod, format!("{CLUSTER_IP}:80")),
+            (
+                "nodeport",
+                Source::Client,
+                format!("{NODE_IP}:{TCP_NODE_PORT}"),
+            ),
+            ("pod_to_pod", Source::Pod, format!("{REMOTE_POD}:8080")),
+            ("node_to_remote", Source::Node, format!("{REMOTE_POD}:8080")),
         ] {
-            let ns = if from_pod { &t.pod } else { &t.client };
+            let ns = from.ns(&t);
             let c0 = active.counters(&t);
             let before = bpf_prog_stats()?;
             let lg = loadgen(ns, &cps_args(&to, cfg.event_conns, 4))?;
@@ -1412,7 +1513,7 @@ fn run() -> Result<()> {
             }
         }
         details.push(detail_direct(&cfg)?);
-        for &dp in &cfg.datapaths {
+        for &dp in cfg.datapaths.iter().filter(|dp| dp.serves()) {
             details.push(detail(&cfg, dp, globals, &fill)?);
         }
         Ok(())

@@ -16,6 +16,15 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 const DATAPATHS: [&str; 3] = ["ipvs", "nftables", "ours"];
+/// The datapaths and the firewall-only reference (the node's firewall, no service proxy), which
+/// runs only the cases of traffic that is not service traffic ([`OTHER_CASES`]).
+const SUMMARIZED: [&str; 4] = ["firewall", "ipvs", "nftables", "ours"];
+/// Traffic that is not service traffic through the node's devices: the local pod and the node
+/// itself connecting straight to the remote pod.
+const OTHER_CASES: [(&str, &str); 2] = [
+    ("cps_pod_to_pod", "pod to a remote pod"),
+    ("cps_node_to_remote", "the node to a remote pod"),
+];
 
 fn main() {
     if let Err(e) = run() {
@@ -176,7 +185,7 @@ impl RunDoc {
     fn service_counts(&self) -> Vec<u64> {
         let mut r: Vec<u64> = self
             .records()
-            .filter(|r| r["datapath"] != "direct")
+            .filter(|r| r["datapath"] != "direct" && r["datapath"] != "firewall")
             .filter_map(|r| r["services"].as_u64())
             .collect();
         r.sort_unstable();
@@ -189,7 +198,11 @@ impl RunDoc {
             r["round"].as_u64() == Some(round)
                 && r["datapath"] == dp
                 && r["case"] == case
-                && (dp == "direct" || r["services"].as_u64() == Some(services))
+                // The direct baseline has no Services; the firewall reference, recorded with
+                // none, sits in the 1-Service row beside the proxies' runs of the same cases.
+                && (dp == "direct"
+                    || (dp == "firewall" && services == 1)
+                    || r["services"].as_u64() == Some(services))
         })
     }
 
@@ -489,7 +502,7 @@ fn summarize(run: &RunDoc) -> Value {
         let mut by_services = Map::new();
         for &n in &services {
             let mut by_dp = Map::new();
-            for dp in DATAPATHS {
+            for dp in SUMMARIZED {
                 let mut m = Map::new();
                 for metric in METRICS {
                     let v: Vec<f64> = run
@@ -533,6 +546,22 @@ fn summarize(run: &RunDoc) -> Value {
                 let b = run.node_cpu(theirs, n, case);
                 if let Some(r) = RunDoc::paired_ratio(&a, &b) {
                     ratios.insert(format!("node_cpu_vs_{theirs}"), json!(round(r)));
+                }
+            }
+            // What each datapath adds over the firewall alone (µs per connection, median over
+            // rounds of the paired difference): its cost on traffic it does not serve.
+            let firewall: BTreeMap<u64, f64> =
+                run.node_cpu("firewall", n, case).into_iter().collect();
+            if !firewall.is_empty() {
+                for dp in DATAPATHS {
+                    let d: Vec<f64> = run
+                        .node_cpu(dp, n, case)
+                        .into_iter()
+                        .filter_map(|(r, v)| Some(v - firewall.get(&r)?))
+                        .collect();
+                    if let Some(m) = median(&d) {
+                        ratios.insert(format!("{dp}_minus_firewall_us"), json!(round(m)));
+                    }
                 }
             }
             if !by_dp.is_empty() {
@@ -666,10 +695,16 @@ fn bpf_summary(b: &Value) -> Value {
                 }),
             );
         }
+        let (ns, runs) = (
+            v["bpf_ns_per_conn"].as_f64(),
+            v["bpf_runs_per_conn"].as_f64(),
+        );
         out.insert(
             case.clone(),
             json!({
-                "bpf_ns_per_conn": round(v["bpf_ns_per_conn"].as_f64().unwrap_or(0.0)),
+                "bpf_ns_per_conn": round(ns.unwrap_or(0.0)),
+                "bpf_runs_per_conn": round(runs.unwrap_or(0.0)),
+                "ns_per_run": ns.zip(runs.filter(|r| *r > 0.0)).map(|(n, r)| round(n / r)),
                 "programs": progs,
                 "counters_per_conn": v["counters_per_conn"],
             }),
@@ -722,6 +757,9 @@ fn headline_ratios(s: &Value) -> Value {
         "rr_node_cpu_vs_nftables": r("rr_nodeport", "node_cpu_vs_nftables"),
         "udp_node_cpu_vs_nftables": r("udp_nodeport", "node_cpu_vs_nftables"),
         "bulk_node_cpu_vs_nftables": r("bulk_nodeport", "node_cpu_vs_nftables"),
+        "pod_to_pod_ours_minus_firewall_us": r("cps_pod_to_pod", "ours_minus_firewall_us"),
+        "node_to_remote_ours_minus_firewall_us": r("cps_node_to_remote", "ours_minus_firewall_us"),
+        "pod_to_pod_ns_per_bpf_run": num(s, &["details", "ours", "bpf_stats", "pod_to_pod", "ns_per_run"]),
     })
 }
 
@@ -760,7 +798,7 @@ struct Goal {
 
 /// Issue 15's goals: the node's share of CPU per connection (minus the direct baseline) under
 /// `-icount`, stage 1 (IPVS forwarding every packet) and stage 2 (the moonshot).
-const GOALS: [Goal; 9] = [
+const GOALS: [Goal; 12] = [
     Goal {
         what: "NodePort node CPU per connection vs nftables mode (stage 1)",
         key: "nodeport_node_cpu_vs_nftables",
@@ -813,6 +851,24 @@ const GOALS: [Goal; 9] = [
         what: "ClusterIP node CPU per connection vs nftables mode (stage 2)",
         key: "clusterip_node_cpu_vs_nftables",
         target: 0.9,
+        at_least: false,
+    },
+    Goal {
+        what: "pod to a remote pod, not a Service: node CPU ours adds per connection over the firewall alone (µs)",
+        key: "pod_to_pod_ours_minus_firewall_us",
+        target: 1.0,
+        at_least: false,
+    },
+    Goal {
+        what: "the node to a remote pod, not a Service: node CPU ours adds per connection over the firewall alone (µs)",
+        key: "node_to_remote_ours_minus_firewall_us",
+        target: 1.0,
+        at_least: false,
+    },
+    Goal {
+        what: "pod to a remote pod: BPF run time per run (bpf_stats ns: guest instructions under -icount, its clock reads included)",
+        key: "pod_to_pod_ns_per_bpf_run",
+        target: 60.0,
         at_least: false,
     },
 ];
@@ -978,7 +1034,10 @@ fn markdown(
              --sync-period 1h`, release build), timed only after its first sync.\n\n\
              Each round: a direct baseline (the same traffic straight to the pod, no Service, no \
              firewall), then ipvs, nftables, ours, each with 1 Service and then with {} more \
-             ClusterIP Services (endpoints elsewhere). Rounds: {}. Short connections (connect, \
+             ClusterIP Services (endpoints elsewhere); with 1 Service each also carries traffic that is \
+             not service traffic (the local pod and the node itself connecting straight to the \
+             remote pod), which the direct baseline and a firewall-only reference (the node's \
+             firewall, no service proxy) carry too. Rounds: {}. Short connections (connect, \
              one 64-byte request, a 128-byte response, close) at concurrency {}: {} per case; \
              one at a time: a quarter of that; {} requests on {} kept-alive connections; a {} \
              MiB download; {} UDP requests. Ratios are ours/theirs, the median over rounds of \
@@ -1206,6 +1265,7 @@ fn markdown(
                 f(tf["peak_conntrack_count"].as_f64()),
             );
         }
+        other_traffic_table(&mut md, s);
         let _ = writeln!(
             md,
             "\nProgramming time in round 0 (s): {}\n",
@@ -1278,6 +1338,45 @@ fn markdown(
 
     json_sections(&mut md, doc);
     md
+}
+
+/// Traffic that is not service traffic: each datapath's node CPU per connection (minus the direct
+/// baseline), what it adds over the firewall alone, and our programs' runs on it.
+fn other_traffic_table(md: &mut String, s: &Value) {
+    if OTHER_CASES
+        .iter()
+        .all(|(case, _)| get(s, &["cases", case, "1"]).is_null())
+    {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nTraffic that is not service traffic, through the same devices (short connections \
+         straight to the remote pod; the firewall row is the node with its firewall and no \
+         service proxy): node CPU per connection minus the direct baseline (µs), and what each \
+         datapath adds over the firewall alone:\n\n\
+         | case | firewall | ipvs | nftables | ours | ipvs − firewall | nftables − firewall | ours − firewall | our BPF runs per conn | our BPF ns per run |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (case, label) in OTHER_CASES {
+        let c = get(s, &["cases", case, "1"]);
+        let node = |dp: &str| f(c[dp]["node_cpu_us_per_conn"]["median"].as_f64());
+        let over = |dp: &str| f(c["ratios"][format!("{dp}_minus_firewall_us")].as_f64());
+        let bpf_case = case.trim_start_matches("cps_");
+        let b = get(s, &["details", "ours", "bpf_stats", bpf_case]);
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            node("firewall"),
+            node("ipvs"),
+            node("nftables"),
+            node("ours"),
+            over("ipvs"),
+            over("nftables"),
+            over("ours"),
+            f(b["bpf_runs_per_conn"].as_f64()),
+            f(b["ns_per_run"].as_f64()),
+        );
+    }
 }
 
 /// The sections made from docs/benchmarks.json alone, after the datapath's: the eBPF
@@ -2041,6 +2140,58 @@ mod tests {
         let b = [(0, 1.0), (1, 2.0), (3, 9.0)];
         // Rounds 0 and 1 pair up: ratios 2.0 and 1.5.
         assert_eq!(RunDoc::paired_ratio(&a, &b), Some(1.75));
+    }
+
+    /// A record of one case: `busy_s` of guest CPU over `ok` connections (1 CPU, no idle).
+    fn record(dp: &str, services: u64, case: &str, busy_s: f64, ok: f64) -> Value {
+        json!({
+            "round": 0, "datapath": dp, "services": services, "case": case,
+            "result": {"loadgen": {"ok": ok, "cpu": {"window_s": busy_s, "idle_s": 0.0}}},
+        })
+    }
+
+    #[test]
+    fn traffic_that_is_no_service_traffic_is_measured_over_the_firewall_alone() {
+        let case = "cps_pod_to_pod";
+        let doc = json!({
+            "lab_kernel": "6.12", "clock": "icount", "cpus": 1,
+            "records": [
+                record("direct", 0, case, 0.100, 1000.0),
+                record("firewall", 0, case, 0.110, 1000.0),
+                record("nftables", 1, case, 0.113, 1000.0),
+                record("ours", 1, case, 0.1105, 1000.0),
+                record("ours", 1, "cps_nodeport", 0.2, 1000.0),
+                record("ours", 10001, "cps_nodeport", 0.2, 1000.0),
+            ],
+            "details": [{"datapath": "ours", "bpf_stats": {"pod_to_pod": {
+                "bpf_ns_per_conn": 1200.0, "bpf_runs_per_conn": 20.0, "programs": {},
+            }}}],
+        });
+        let run = RunDoc {
+            doc,
+            series: "6.12".into(),
+            clock: "icount".into(),
+            cpus: 1.0,
+        };
+        let s = summarize(&run);
+        let c = &s["cases"][case]["1"];
+        // Node shares: firewall 10 µs, nftables 13, ours 10.5 over the direct baseline's 100.
+        assert_eq!(c["firewall"]["node_cpu_us_per_conn"]["median"], 10.0);
+        assert_eq!(c["ratios"]["ours_minus_firewall_us"], 0.5);
+        assert_eq!(c["ratios"]["nftables_minus_firewall_us"], 3.0);
+        // The firewall is no row of the filled case.
+        assert!(s["cases"][case]["10001"].is_null(), "{s}");
+        let h = headline_ratios(&s);
+        assert_eq!(h["pod_to_pod_ours_minus_firewall_us"], 0.5);
+        assert_eq!(h["pod_to_pod_ns_per_bpf_run"], 60.0);
+        let mut md = String::new();
+        other_traffic_table(&mut md, &s);
+        assert!(
+            md.contains(
+                "| pod to a remote pod | 10.00 | – | 13.00 | 10.50 | – | 3.00 | 0.500 | 20.00 | 60.00 |"
+            ),
+            "{md}"
+        );
     }
 
     #[test]
