@@ -1352,8 +1352,8 @@ fn other_traffic_table(md: &mut String, s: &Value) {
     let _ = writeln!(
         md,
         "\nTraffic that is not service traffic, through the same devices (short connections \
-         straight to the remote pod; the firewall row is the node with its firewall and no \
-         service proxy): node CPU per connection minus the direct baseline (µs), and what each \
+         straight to a port of the remote pod that is no endpoint; the firewall column is the \
+         node with its firewall and no service proxy): node CPU per connection minus the direct baseline (µs), and what each \
          datapath adds over the firewall alone:\n\n\
          | case | firewall | ipvs | nftables | ours | ipvs − firewall | nftables − firewall | ours − firewall | our BPF runs per conn | our BPF ns per run |\n|---|---|---|---|---|---|---|---|---|---|"
     );

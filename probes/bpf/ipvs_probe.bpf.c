@@ -162,8 +162,9 @@ struct ip_vs_iphdr;
  * the return of ip_vs_schedule() (5 arguments), the scheduler's entry for every new connection of a
  * virtual service (each protocol's conn_schedule calls it; persistence templates are made inside
  * it, and it returns the connection). ip_vs_conn_new's other callers are not seen here: the sync
- * daemon's backup connections, cache bypass (no destination, vs.cache_bypass) and connections a
- * real server starts (UDP, only with a persistence engine: SIP), none of which kube-ipvs-bpf sets.
+ * daemon's backup connections, cache bypass (no destination, vs.cache_bypass), connections a
+ * real server starts (UDP, only with a persistence engine: SIP) and ip_vs_ftp's data connections,
+ * none of which kube-ipvs-bpf sets up.
  */
 SEC("?fexit/ip_vs_schedule")
 int BPF_PROG(ipvs_schedule_fexit, struct ip_vs_service *svc, struct sk_buff *skb,
