@@ -174,7 +174,7 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	bits = pkt_state_bits(&p) | STATE_REPLY;
 	now_jiffies = bpf_jiffies64();
 	cs = scratch_get();
-	index = flow_index(&key);
+	index = flow_index(&key, NAT_DST);
 	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_DST, bits, now_jiffies)) {
 		skb->mark |= cfg->mark_svc | reply_mark(cfg);
@@ -380,7 +380,7 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	bits = pkt_state_bits(&p);
 	now_jiffies = bpf_jiffies64();
 	cs = scratch_get();
-	index = flow_index(&key);
+	index = flow_index(&key, NAT_SRC);
 	slot = p.frag == FRAG_NONE ? flow_cache_slot(index) : NULL;
 	if (slot && flow_slot_hit(slot, &key, NAT_SRC, bits, now_jiffies)) {
 		stat_inc(STAT_FWD_HIT);
@@ -456,11 +456,12 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	}
 	if (ret == ALLOC_NEW) {
 		/*
-		 * Published: ends every CPU's verdicts on the indexes of its two tuples (egress "no
-		 * SNAT"; ingress "not ours" on its replies).
+		 * Published: ends every CPU's verdicts on the indexes of its two tuples: egress "no
+		 * SNAT" on its forward tuple's egress index, ingress "not ours" on its replies' ingress
+		 * index.
 		 */
 		flow_gen_bump(index);
-		flow_gen_bump(flow_index(&cs->rev_key));
+		flow_gen_bump(flow_index(&cs->rev_key, NAT_DST));
 		stat_inc(STAT_SNAT_ALLOC);
 		if (entry.flags & SNAT_F_PORT_KEPT)
 			stat_inc(STAT_SNAT_PORT_REUSE);

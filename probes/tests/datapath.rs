@@ -586,6 +586,55 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
 }
 both_families!(flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl);
 
+/// A forwarded flow crosses TC ingress on one device and TC egress on another with the same
+/// tuple: each program keeps its verdict in a slot of its own (flow_cache.h, FLOW_INDEX_EGRESS).
+/// With one slot for both, each evicted the other's and every packet of a pod-to-pod connection
+/// through the node took the general path twice. Shown by the map (the tuple's two slots: an
+/// egress verdict, 2, and an ingress verdict, 3) and by behaviour: after egress has judged the
+/// flow, ingress still serves its own verdict when the maps change under it.
+fn a_forwarded_flow_keeps_its_ingress_and_egress_verdicts_apart(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let cpu = allowed_cpus()[0];
+    on_cpu(cpu, || {
+        // Traffic between two pods through the node, no Service: ingress marks nothing, egress
+        // translates nothing, each from the general path.
+        let ack = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
+        assert_eq!(fx.ingress(&ack, 0).mark, 0);
+        assert_eq!(fx.egress(&ack, 0).packet, ack);
+        let tuple = Tuple::new(
+            backend(f),
+            BACKEND_PORT,
+            client(f),
+            CLIENT_PORT,
+            L4Proto::Tcp,
+        );
+        let mut dirs: Vec<u8> = flow_slots(&fx, &tuple).iter().map(|s| s.dir).collect();
+        dirs.sort_unstable();
+        assert_eq!(dirs, [2, 3], "an egress and an ingress verdict");
+        // The maps now make the flow a service connection's replies: the next packets keep both
+        // verdicts until the TTL (a general run would mark this one SVC|REPLY).
+        add_conn(
+            &fx,
+            f,
+            &Tuple::new(
+                client(f),
+                CLIENT_PORT,
+                backend(f),
+                BACKEND_PORT,
+                L4Proto::Tcp,
+            ),
+            0x0100,
+        );
+        for _ in 0..3 {
+            assert_eq!(fx.ingress(&ack, 0).mark, 0, "ingress verdict kept");
+            assert_eq!(fx.egress(&ack, 0).packet, ack, "egress verdict kept");
+        }
+        assert_eq!(flow_slots(&fx, &tuple).len(), 2);
+    });
+    assert_counters(&fx.stats(), &[]);
+}
+both_families!(a_forwarded_flow_keeps_its_ingress_and_egress_verdicts_apart);
+
 /// An egress "no SNAT" verdict is per CPU, but the translation a packet of the same flow gets on
 /// another CPU (other marks) ends it at once (flow_gen, flow_cache.h): a connection in snat_fwd
 /// always leaves translated. (The bounded fuzzer found this race when verdicts had no counter.)
