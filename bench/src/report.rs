@@ -772,7 +772,13 @@ fn ours_conntrack_per_conn(s: &Value) -> Option<f64> {
             worst = Some(worst.map_or(v, |w: f64| w.max(v)));
         }
     };
-    for (_, by_n) in get(s, &["cases"]).as_object().into_iter().flatten() {
+    // Traffic that is not service traffic is tracked by design (the node's firewall).
+    let services = get(s, &["cases"])
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(case, _)| !OTHER_CASES.iter().any(|(other, _)| other == case));
+    for (_, by_n) in services {
         for (n, v) in by_n.as_object().into_iter().flatten() {
             if n != "direct" {
                 see(num(v, &["ours", "conntrack_per_conn", "max"]));
@@ -2142,11 +2148,20 @@ mod tests {
         assert_eq!(RunDoc::paired_ratio(&a, &b), Some(1.75));
     }
 
-    /// A record of one case: `busy_s` of guest CPU over `ok` connections (1 CPU, no idle).
+    /// A record of one case: `busy_s` of guest CPU over `ok` connections (1 CPU, no idle), the
+    /// conntrack entries of the traffic that is not service traffic (the firewall's).
     fn record(dp: &str, services: u64, case: &str, busy_s: f64, ok: f64) -> Value {
+        let ct = if OTHER_CASES.iter().any(|(c, _)| *c == case) {
+            1.0
+        } else {
+            0.0
+        };
         json!({
             "round": 0, "datapath": dp, "services": services, "case": case,
-            "result": {"loadgen": {"ok": ok, "cpu": {"window_s": busy_s, "idle_s": 0.0}}},
+            "result": {
+                "loadgen": {"ok": ok, "cpu": {"window_s": busy_s, "idle_s": 0.0}},
+                "conntrack": {"per_conn": ct},
+            },
         })
     }
 
@@ -2181,6 +2196,8 @@ mod tests {
         assert_eq!(c["ratios"]["nftables_minus_firewall_us"], 3.0);
         // The firewall is no row of the filled case.
         assert!(s["cases"][case]["10001"].is_null(), "{s}");
+        // Tracked by the node's firewall, as it should be: no service connection's entry.
+        assert_eq!(ours_conntrack_per_conn(&s), Some(0.0));
         let h = headline_ratios(&s);
         assert_eq!(h["pod_to_pod_ours_minus_firewall_us"], 0.5);
         assert_eq!(h["pod_to_pod_ns_per_bpf_run"], 60.0);
