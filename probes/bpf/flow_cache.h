@@ -81,12 +81,18 @@ static __always_inline __u8 addr_family(const __u8 a[ADDR_LEN])
  */
 #define FLOW_INDEX_EGRESS (FLOW_CACHE_SLOTS / 2)
 
-/* The flow_cache (and flow_gen) index of tuple t in direction dir (NAT_SRC: egress). */
+/* The index of a flow_hash() in direction dir (NAT_SRC: egress). */
+static __always_inline __u32 flow_index_dir(__u32 hash, __u8 dir)
+{
+	return hash ^ (dir == NAT_SRC ? FLOW_INDEX_EGRESS : 0);
+}
+
+/* The flow_cache (and flow_gen) index of tuple t in direction dir. */
 static __always_inline __u32 flow_index(const struct tuple *t, __u8 dir)
 {
-	return flow_hash(addr_fold(t->saddr), addr_fold(t->daddr), *(const __u32 *)&t->sport,
-			 t->proto) ^
-	       (dir == NAT_SRC ? FLOW_INDEX_EGRESS : 0);
+	return flow_index_dir(flow_hash(addr_fold(t->saddr), addr_fold(t->daddr),
+					*(const __u32 *)&t->sport, t->proto),
+			      dir);
 }
 
 static __always_inline struct flow_slot *flow_cache_slot(__u32 index)
@@ -326,8 +332,8 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 		__u32 saddr = *(__u32 *)(l3 + 12);
 		__u32 daddr = *(__u32 *)(l3 + 16);
 
-		index = flow_hash(saddr ^ V4_MAPPED_WORD2, daddr ^ V4_MAPPED_WORD2, ports, proto) ^
-			(dir == NAT_SRC ? FLOW_INDEX_EGRESS : 0);
+		index = flow_index_dir(
+			flow_hash(saddr ^ V4_MAPPED_WORD2, daddr ^ V4_MAPPED_WORD2, ports, proto), dir);
 		s = bpf_map_lookup_elem(&flow_cache, &index);
 		if (!s)
 			return FAST_MISS;
@@ -339,9 +345,9 @@ static __always_inline int fast_path(struct __sk_buff *skb, __u32 l2_len, __u8 d
 		const __u32 *sa = (const __u32 *)(l3 + 8);
 		const __u32 *da = (const __u32 *)(l3 + 24);
 
-		index = flow_hash(sa[0] ^ sa[1] ^ sa[2] ^ sa[3], da[0] ^ da[1] ^ da[2] ^ da[3], ports,
-				  proto) ^
-			(dir == NAT_SRC ? FLOW_INDEX_EGRESS : 0);
+		index = flow_index_dir(flow_hash(sa[0] ^ sa[1] ^ sa[2] ^ sa[3],
+						 da[0] ^ da[1] ^ da[2] ^ da[3], ports, proto),
+				       dir);
 		s = bpf_map_lookup_elem(&flow_cache, &index);
 		if (!s)
 			return FAST_MISS;
