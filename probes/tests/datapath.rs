@@ -122,6 +122,17 @@ fn add_service_address(fx: &Fixture, addr: IpAddr) {
 
 /// Records the IPVS connection `conn` (client -> backend) of the service vip:VIP_PORT in
 /// `conns`, with these IPVS flags, as the probe would.
+/// The test connection as IPVS forwards it: client -> backend, TCP (the `conns` key).
+fn client_to_backend(f: Family) -> Tuple {
+    Tuple::new(
+        client(f),
+        CLIENT_PORT,
+        backend(f),
+        BACKEND_PORT,
+        L4Proto::Tcp,
+    )
+}
+
 fn add_conn(fx: &Fixture, f: Family, conn: &Tuple, ipvs_flags: u32) {
     fx.dp
         .maps()
@@ -315,13 +326,7 @@ fn closing_packets_record_their_state_from_the_fast_path(f: Family, name: &str) 
     let cpu = allowed_cpus()[0];
     on_cpu(cpu, || {
         let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
-        let fwd_key = Tuple::new(
-            client(f),
-            CLIENT_PORT,
-            backend(f),
-            BACKEND_PORT,
-            L4Proto::Tcp,
-        );
+        let fwd_key = client_to_backend(f);
         let rev_key = Tuple::new(backend(f), BACKEND_PORT, node(f), port, L4Proto::Tcp);
         // The reply's SYN-ACK goes through snat_rev and fills the ingress slot.
         let syn_ack = tcp(backend(f), BACKEND_PORT, node(f), port, TCP_SYN | TCP_ACK);
@@ -419,13 +424,7 @@ fn flow_cache_serves_established_packets_until_its_ttl(f: Family, name: &str) {
         CLIENT_PORT
     );
     let maps = fx.dp.maps();
-    let fwd_key = Tuple::new(
-        client(f),
-        CLIENT_PORT,
-        backend(f),
-        BACKEND_PORT,
-        L4Proto::Tcp,
-    );
+    let fwd_key = client_to_backend(f);
     let rev_key = Tuple::new(backend(f), BACKEND_PORT, node(f), port, L4Proto::Tcp);
     let (rec, record) = maps
         .snat
@@ -491,18 +490,7 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     assert!(in_local_range(CLIENT_PORT));
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1);
-    add_conn(
-        &fx,
-        f,
-        &Tuple::new(
-            client(f),
-            CLIENT_PORT,
-            backend(f),
-            BACKEND_PORT,
-            L4Proto::Tcp,
-        ),
-        0x0100,
-    );
+    add_conn(&fx, f, &client_to_backend(f), 0x0100);
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1, "verdict kept");
     // ... until a SYN goes by the maps and replaces the verdict.
     let syn_ack = tcp(
@@ -613,18 +601,7 @@ fn a_forwarded_flow_keeps_its_ingress_and_egress_verdicts_apart(f: Family, name:
         assert_eq!(dirs, [2, 3], "an egress and an ingress verdict");
         // The maps now make the flow a service connection's replies: the next packets keep both
         // verdicts until the TTL (a general run would mark this one SVC|REPLY).
-        add_conn(
-            &fx,
-            f,
-            &Tuple::new(
-                client(f),
-                CLIENT_PORT,
-                backend(f),
-                BACKEND_PORT,
-                L4Proto::Tcp,
-            ),
-            0x0100,
-        );
+        add_conn(&fx, f, &client_to_backend(f), 0x0100);
         for _ in 0..3 {
             assert_eq!(fx.ingress(&ack, 0).mark, 0, "ingress verdict kept");
             assert_eq!(fx.egress(&ack, 0).packet, ack, "egress verdict kept");
@@ -761,13 +738,7 @@ both_families!(reply_reverse_translated);
 
 fn reply_of_untranslated_service_connection_marked(f: Family, name: &str) {
     let fx = Fixture::new(name);
-    let conn = Tuple::new(
-        client(f),
-        CLIENT_PORT,
-        backend(f),
-        BACKEND_PORT,
-        L4Proto::Tcp,
-    );
+    let conn = client_to_backend(f);
     add_conn(&fx, f, &conn, 0x0100);
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     let out = fx.ingress(&reply, 0);
@@ -854,13 +825,7 @@ both_families!(replies_carry_the_reply_mark_and_egress_passes_them);
 fn first_packet_leaves_service_resolution_to_the_agent(f: Family, name: &str) {
     let fx = Fixture::new(name);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 42);
-    let conn = Tuple::new(
-        client(f),
-        CLIENT_PORT,
-        backend(f),
-        BACKEND_PORT,
-        L4Proto::Tcp,
-    );
+    let conn = client_to_backend(f);
     add_conn(&fx, f, &conn, 0);
     let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
     let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
@@ -1445,13 +1410,7 @@ fn switch_window_leaves_old_connections_to_conntrack(f: Family, name: &str) {
     // The old connection as TC ingress meets its request (its conntrack original tuple) and as
     // TC egress meets it after IPVS (the reply tuple reversed).
     let at_ingress = Tuple::new(client(f), CLIENT_PORT, vip(f), VIP_PORT, L4Proto::Tcp);
-    let at_egress = Tuple::new(
-        client(f),
-        CLIENT_PORT,
-        backend(f),
-        BACKEND_PORT,
-        L4Proto::Tcp,
-    );
+    let at_egress = client_to_backend(f);
     old_connection(&fx, &at_ingress);
     old_connection(&fx, &at_egress);
     let request = tcp(client(f), CLIENT_PORT, vip(f), VIP_PORT, TCP_ACK);
