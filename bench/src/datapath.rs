@@ -912,19 +912,30 @@ fn baseline(cfg: &Config, round: usize) -> Result<Vec<Value>> {
     let t = SnatTopology::try_new(&format!("b{round}"))?;
     t.router.try_sh("ip route add 10.0.1.0/24 via 10.0.2.1")?;
     let _srv = start_servers(&t)?;
-    let mut out = Vec::new();
-    for case in cases(cfg, true, &Targets::direct())
+    let all = cases(cfg, true, &Targets::direct())
         .into_iter()
-        .chain(other_cases(cfg))
-    {
-        let r = run_case(&t, None, &case)?;
+        .chain(other_cases(cfg));
+    reference_cases(&t, round, "direct", all)
+}
+
+/// Runs the cases of a reference without a service proxy (`label`: the direct baseline, or the
+/// firewall alone), recorded with 0 Services.
+fn reference_cases(
+    t: &SnatTopology,
+    round: usize,
+    label: &str,
+    cases: impl IntoIterator<Item = Case>,
+) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for case in cases {
+        let r = run_case(t, None, &case)?;
         log(&format!(
-            "round {round} direct {}: {:.0}/s",
+            "round {round} {label} {}: {:.0}/s",
             case.name,
             r["loadgen"]["rate_per_s"].as_f64().unwrap_or(0.0)
         ));
         out.push(json!({
-            "round": round, "datapath": "direct", "services": 0, "case": case.name, "result": r,
+            "round": round, "datapath": label, "services": 0, "case": case.name, "result": r,
         }));
     }
     Ok(out)
@@ -1008,25 +1019,14 @@ fn datapath_round(
 }
 
 /// The firewall-only reference in one round: the traffic that is not service traffic
-/// ([`other_cases`]), recorded with 0 Services.
+/// ([`other_cases`]).
 fn firewall_round(
     cfg: &Config,
     round: usize,
     t: &SnatTopology,
     active: Active,
 ) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for case in other_cases(cfg) {
-        let r = run_case(t, None, &case)?;
-        log(&format!(
-            "round {round} firewall {}: {:.0}/s",
-            case.name,
-            r["loadgen"]["rate_per_s"].as_f64().unwrap_or(0.0)
-        ));
-        out.push(json!({
-            "round": round, "datapath": "firewall", "services": 0, "case": case.name, "result": r,
-        }));
-    }
+    let out = reference_cases(t, round, "firewall", other_cases(cfg))?;
     active.teardown(t)?;
     Ok(out)
 }
