@@ -64,6 +64,11 @@ enum cfg_flags {
 	CFG_F_DRAIN = 0x10, /* rollback drain: only connections in switch_flows are the agent's */
 	CFG_F_DRAIN_RECORD = 0x20, /* the probe also puts each new connection in switch_flows */
 	/*
+	 * port_filter holds every port it must (the agent filled it from the maps after the
+	 * programs that keep it were attached): the programs skip the lookups it rules out.
+	 */
+	CFG_F_PORT_FILTER = 0x40,
+	/*
 	 * Bits 24-29: the reply mark's bit number plus one (0: no reply mark). Ingress sets that bit
 	 * (with mark_svc) on the replies it recognizes (reverse SNAT, a conns hit); egress passes a
 	 * packet carrying it at once: a reply of a service connection never needs SNAT.
@@ -157,6 +162,11 @@ enum flow_cache_geometry {
 	FLOW_CACHE_TTL_JIFFIES = 256,
 };
 
+/* port_filter: 64-bit words per bitmap (one bit per port). */
+enum port_filter_geometry {
+	PORT_FILTER_WORDS = 65536 / 64,
+};
+
 /*
  * What a flow_cache slot holds for its tuple: a translation (NAT_SRC, NAT_DST), or a verdict that
  * needs no rewrite (FLOW_VERDICT_*: flow_cache.h).
@@ -201,6 +211,7 @@ struct kib_consts {
 	enum switch_flows_size switch_flows_size;
 	enum default_nat_buckets default_nat_buckets;
 	enum flow_cache_geometry flow_cache_geometry;
+	enum port_filter_geometry port_filter_geometry;
 	enum nat_dir nat_dir;
 };
 

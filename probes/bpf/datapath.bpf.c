@@ -32,6 +32,7 @@
 #include "snat.h"
 #include "icmp_xlate.h"
 #include "switch.h"
+#include "port_filter.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -43,11 +44,15 @@ static __always_inline __u32 reply_mark(const struct config *cfg)
 	return n ? 1u << ((n - 1) & 31) : 0;
 }
 
-static __always_inline struct svc_value *svc_port_lookup(const __u8 addr[ADDR_LEN], __be16 port,
+/* The svc_ports entry of addr:port, NULL when there is none (or the port filter rules it out). */
+static __always_inline struct svc_value *svc_port_lookup(const struct config *cfg,
+							 const __u8 addr[ADDR_LEN], __be16 port,
 							 __u8 proto)
 {
 	struct svc_key key = {};
 
+	if (!port_may_be(cfg, PORT_SERVICE, port))
+		return NULL;
 	addr_copy(key.addr, addr);
 	key.port = port;
 	key.proto = proto;
@@ -185,7 +190,14 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 	/* Before the lookup whose miss a verdict records (flow_cache.h, flow_gen). */
 	if (slot)
 		gen = flow_gen_read(index);
-	rec = snat_rev_record(cfg, &key);
+	/*
+	 * Steps 1 and 2 look up the reply's tuple, whose source port is its connection's backend
+	 * port: a port no such connection has (port_filter.h) skips both lookups. A translation's
+	 * reply also comes to the node's port of it.
+	 */
+	if (!port_may_be(cfg, PORT_BACKEND, p.sport))
+		goto not_a_reply;
+	rec = port_may_be(cfg, PORT_SNAT, p.dport) ? snat_rev_record(cfg, &key) : -ENOENT;
 	e = record_entry(record_at(rec), NAT_INDEX_REV);
 	if (e) {
 		entry_touch(e, bits, clock_coarse_ns(cs, now_jiffies));
@@ -217,9 +229,10 @@ static __always_inline int ingress_general(struct __sk_buff *skb, __u32 l2_len,
 		return TC_ACT_UNSPEC;
 	}
 	tuple_from_pkt(&p, &key);
+not_a_reply:
 
 	/* 3. Service port. */
-	svc = svc_port_lookup(p.daddr, p.dport, p.proto);
+	svc = svc_port_lookup(cfg, p.daddr, p.dport, p.proto);
 	if (svc) {
 		__u32 bits = cfg->mark_svc;
 
@@ -337,9 +350,9 @@ static __always_inline __u8 snat_reason(const struct pkt *p, __u32 mark, const s
 	 * never translated, whatever the client's address.
 	 */
 	if ((mark & cfg->mark_svc) && (cfg->flags & CFG_F_CLUSTER_CIDRS) &&
-	    !addr_in_cluster(p->daddr) && !svc_port_lookup(p->saddr, p->sport, p->proto))
+	    !addr_in_cluster(p->daddr) && !svc_port_lookup(cfg, p->saddr, p->sport, p->proto))
 		return SNAT_F_OFFCLUSTER;
-	if (addr_is_service(p->saddr) && !svc_port_lookup(p->saddr, p->sport, p->proto))
+	if (addr_is_service(p->saddr) && !svc_port_lookup(cfg, p->saddr, p->sport, p->proto))
 		return SNAT_F_HOST;
 	return 0;
 }
@@ -356,7 +369,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	struct dev_value *dev;
 	struct flow_slot *slot;
 	struct cpu_scratch *cs;
-	struct nat_pos fwd_pos;
+	struct nat_pos fwd_pos = {};
+	int fwd_pos_known;
 	const __u8 *node_addr;
 	__u32 ifindex = skb->ifindex;
 	__u32 index, gen = 0;
@@ -390,8 +404,16 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	/* Before the lookup whose miss a verdict records (flow_cache.h, FLOW_VERDICT_EGRESS). */
 	if (slot)
 		gen = flow_gen_read(index);
-	fwd_pos = nat_pos_fwd(cfg, &key);
-	found = snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag);
+	/*
+	 * A forward packet's destination port is its connection's backend port: a port no such
+	 * connection has (port_filter.h) skips the lookup, and its hash until an allocation needs it.
+	 */
+	fwd_pos_known = port_may_be(cfg, PORT_BACKEND, p.dport);
+	found = -ENOENT;
+	if (fwd_pos_known) {
+		fwd_pos = nat_pos_fwd(cfg, &key);
+		found = snat_fwd_find(cfg, &key, fwd_pos.home, fwd_pos.tag);
+	}
 	r = record_at(found);
 	e = record_entry(r, NAT_INDEX_FWD);
 	if (e) {
@@ -441,6 +463,8 @@ static __always_inline int egress_general(struct __sk_buff *skb, __u32 l2_len,
 	if (!cs)
 		return TC_ACT_UNSPEC;
 	now = clock_coarse_ns(cs, now_jiffies);
+	if (!fwd_pos_known)
+		fwd_pos = nat_pos_fwd(cfg, &key);
 	ret = snat_allocate(&key, fwd_pos, cfg, cs, node_addr, flags, bits, now, &entry, &rec);
 	if (ret == ALLOC_EXHAUSTED) {
 		stat_drop(STAT_PORT_EXHAUSTED, &key);
@@ -582,17 +606,18 @@ int nat_write_ingress(struct __sk_buff *skb)
 SEC("socket")
 int xt_svc(struct __sk_buff *skb)
 {
+	struct config *cfg = config_get();
 	struct pkt p = {};
 	struct tuple key = {};
 
-	if (parse_from_l3(skb, 0, &p) != PARSE_OK || !p.has_ports)
+	if (!cfg || parse_from_l3(skb, 0, &p) != PARSE_OK || !p.has_ports)
 		return 0;
-	if (svc_port_lookup(p.daddr, p.dport, p.proto)) {
-		struct config *cfg = config_get();
-
+	if (svc_port_lookup(cfg, p.daddr, p.dport, p.proto)) {
 		/* A connection open before a switch keeps the handling it had (switch.h). */
-		return !cfg || switch_ours(cfg, &p, &key);
+		return switch_ours(cfg, &p, &key);
 	}
+	if (!port_may_be(cfg, PORT_BACKEND, p.sport))
+		return 0;
 	tuple_reversed_from_pkt(&p, &key);
 	if (conns_has(&key))
 		return 1;

@@ -25,6 +25,7 @@
 
 #define KIB_PROBE_OBJECT
 #include "maps.h"
+#include "port_filter.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -136,6 +137,8 @@ static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 	value.vport = CONN_FIELD(direct, cp, vport);
 	value.ipvs_flags = flags;
 	value.created_ns = bpf_ktime_get_ns();
+	/* Before the entry can be found (port_filter.h): its replies come from this port. */
+	port_filter_add(PORT_BACKEND, key.dport);
 	bpf_map_update_elem(&conns, &key, &value, BPF_ANY);
 	if (cfg && (cfg->flags & CFG_F_DRAIN_RECORD))
 		record_drain_flow(&key, &value);

@@ -162,6 +162,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
+/*
+ * port_filter: the ports that can be a translated or IPVS-scheduled connection's backend port, and
+ * the service ports (port_filter.h). Mapped by the agent, which sets bits with atomic ORs.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct port_filter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} port_filter SEC(".maps");
+
 #ifndef KIB_PROBE_OBJECT
 /*
  * The datapath object's own maps (not shared with the probe, never pinned): the flow cache, the

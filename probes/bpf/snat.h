@@ -18,6 +18,7 @@
 #include "maps.h"
 #include "parsing.h"
 #include "table.h"
+#include "port_filter.h"
 
 /* Random ports tried before giving up (port_exhausted). */
 #define SNAT_PORT_PROBES 32
@@ -154,6 +155,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	int reserved = 0;
 	int ret;
 
+	/* Before the record is published (its REC_USED release store orders it): port_filter.h. */
+	port_filter_add(PORT_BACKEND, fwd_key->dport);
 	__builtin_memset(rev_key, 0, sizeof(*rev_key));
 	__builtin_memset(rev_value, 0, sizeof(*rev_value));
 	addr_copy(rev_key->saddr, fwd_key->daddr);
@@ -189,6 +192,8 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 		if (ret)
 			return ALLOC_EXHAUSTED;
 	}
+	/* The reply tuple's port, before the record is published (port_filter.h). */
+	port_filter_add(PORT_SNAT, rev_key->dport);
 
 	addr_copy(out->addr, node_addr);
 	out->port = rev_key->dport;

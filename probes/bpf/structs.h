@@ -235,7 +235,23 @@ struct switch_flow {
 	__u64 seen_ns; /* CLOCK_MONOTONIC: the agent's last dump that listed the connection */
 };
 
+/*
+ * port_filter's one value: a bit per port (host byte order; word port / 64, bit port % 64).
+ * backend: the destination port of every connection IPVS scheduled (the probe sets it before its
+ * conns entry) and of every translated connection as it leaves (the allocation sets it before the
+ * record is published): a reply's source port, a forward packet's destination port. service: the
+ * port of every svc_ports key (the agent sets it before the entry). snat: the node's port of every
+ * translation (its reply tuple's destination port; the allocation sets it before the record is
+ * published). Bits are never cleared while programs run.
+ */
+struct port_filter {
+	__u64 backend[PORT_FILTER_WORDS];
+	__u64 service[PORT_FILTER_WORDS];
+	__u64 snat[PORT_FILTER_WORDS];
+};
+
 _Static_assert(sizeof(struct drop_event) == 48, "drop_event");
+_Static_assert(sizeof(struct port_filter) == 24576, "port_filter");
 _Static_assert(sizeof(struct switch_flow) == 16, "switch_flow");
 _Static_assert(sizeof(struct svc_key) == 20, "svc_key");
 _Static_assert(sizeof(struct svc_value) == 8, "svc_value");

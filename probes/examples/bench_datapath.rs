@@ -191,6 +191,8 @@ fn load(pin_root: PathBuf, rewrite: RewritePolicy) -> BenchResult<Datapath> {
         ..DatapathOptions::default()
     })?;
     dp.maps().set_config(&Config::default())?;
+    // As the agent runs them: the programs trust the port filter (bpf/port_filter.h).
+    dp.maps().enable_port_filter()?;
     dp.maps().set_device(
         1,
         &DevValue::new(
@@ -421,9 +423,8 @@ fn entry(addr: IpAddr, port: u16) -> SnatEntry {
 fn insert_cycle(dp: &Datapath, f: Family, port: u16) -> BenchResult<()> {
     let a = addresses(f);
     let c = client(f, 0);
-    let table = &dp.maps().snat;
     for (from, from_port, to, to_port) in [(c, 40_000, a.node, port), (a.node, port, c, 40_000)] {
-        table.insert(
+        dp.maps().insert_translation(
             &Tuple::new(from, from_port, a.backend, 8080, L4Proto::Tcp),
             &Tuple::new(a.backend, 8080, to, to_port, L4Proto::Tcp),
             &entry(to, to_port),
@@ -537,7 +538,7 @@ fn bench_family_repeat(
             |o| o.packet == other,
         )?,
     ));
-    maps.svc_ports.insert(
+    maps.put_service_port(
         &SvcKey::new(a.vip, 80, L4Proto::Tcp),
         &SvcValue {
             flags: 0,
@@ -878,7 +879,7 @@ fn bench_family(dp: &Datapath, f: Family, iterations: usize) -> BenchResult<Valu
         return Err("passthrough moved a counter".into());
     }
 
-    dp.maps().svc_ports.insert(
+    dp.maps().put_service_port(
         &SvcKey::new(a.vip, 80, L4Proto::Tcp),
         &SvcValue {
             flags: 0,

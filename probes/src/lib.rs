@@ -10,6 +10,7 @@ pub mod maps;
 pub mod nat_protocol;
 pub mod nat_table;
 pub mod objects;
+pub mod port_filter;
 pub mod typed_map;
 
 pub use error::{Error, Result};
@@ -21,4 +22,5 @@ pub use loader::{
 };
 pub use nat_table::{Index, SnatTable};
 pub use objects::DatapathProgram;
+pub use port_filter::{PortFilter, PortKind};
 pub use typed_map::{DatapathMaps, PerCpuArray, TypedMap, UpdateFlags};

@@ -33,12 +33,13 @@ use libbpf_rs::{
 
 use crate::error::{Error, Result};
 use crate::maps::{self, Stats, map_names};
-use crate::maps::{CFG_F_DIRECT_WRITES, Config};
+use crate::maps::{CFG_F_DIRECT_WRITES, CFG_F_PORT_FILTER, Config};
 use crate::nat_table::{SnatHandles, SnatTable};
 use crate::objects::{
     DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
     PROBE_KRETPROBE_PROGRAM, PROBE_SCHEDULE_FEXIT_PROGRAM, PROBE_TARGET_FUNCTION,
 };
+use crate::port_filter::PortFilter;
 use crate::typed_map::{DatapathMaps, PerCpuArray, TypedMap};
 
 /// Default pin root; `v2` is the map layout version (a layout change gets a new directory).
@@ -492,6 +493,7 @@ fn map_handle(object: &Object, name: &'static str) -> Result<MapHandle> {
 fn datapath_maps(
     object: &Object,
     table_reused: bool,
+    filter_reused: bool,
     direct_writes: bool,
     new_seed: Option<u32>,
 ) -> Result<DatapathMaps> {
@@ -529,18 +531,26 @@ fn datapath_maps(
             object,
             map_names::SWITCH_FLOWS,
         )?)?),
+        port_filter: Some(PortFilter::open(&map_handle(
+            object,
+            map_names::PORT_FILTER,
+        )?)?),
         owned_flags: if direct_writes {
             CFG_F_DIRECT_WRITES
         } else {
             0
         },
     };
-    // The loader's fields; the agent's (all zero on a new map: programs inert) are kept.
-    let loader_flags = current.flags & !CFG_F_DIRECT_WRITES;
-    maps.set_config(&Config {
-        flags: loader_flags,
+    // The loader's fields; the agent's (all zero on a new map: programs inert) are kept. A new
+    // port filter is empty: the programs must not trust it until the agent fills it.
+    let mut config = maps.complete(&Config {
+        flags: current.flags & !CFG_F_DIRECT_WRITES,
         ..current
-    })?;
+    });
+    if !filter_reused {
+        config.flags &= !CFG_F_PORT_FILTER;
+    }
+    maps.config.insert(&0, &config)?;
     Ok(maps)
 }
 
@@ -684,7 +694,16 @@ impl Datapath {
             .iter()
             .filter(|r| r.name.starts_with("snat_"))
             .all(|r| r.reused);
-        let maps = datapath_maps(&object, table_reused, direct_writes, options.nat_seed)?;
+        let filter_reused = map_reuse
+            .iter()
+            .any(|r| r.name == map_names::PORT_FILTER && r.reused);
+        let maps = datapath_maps(
+            &object,
+            table_reused,
+            filter_reused,
+            direct_writes,
+            options.nat_seed,
+        )?;
         Ok(Datapath {
             object,
             options,

@@ -77,6 +77,12 @@ pub fn reply_mark_flags(mark: u32) -> u32 {
     (mark.trailing_zeros() + 1) << CFG_REPLY_MARK_SHIFT
 }
 
+/// `config.flags`: `port_filter` holds every port it must (the agent filled it from the maps after
+/// the programs that keep it were attached): the programs skip the lookups it rules out. Set only
+/// by [`crate::DatapathMaps::enable_port_filter`]; every other configuration write keeps it.
+pub const CFG_F_PORT_FILTER: u32 = 0x40;
+/// `port_filter`: 64-bit words per bitmap (`PORT_FILTER_WORDS`).
+pub const PORT_FILTER_WORDS: usize = 65536 / 64;
 /// The `config.flags` bits of a switch between kube-proxy and the agent, each set only by the
 /// switch's own code ([`crate::DatapathMaps::set_switch_flags`]): every other configuration write
 /// keeps them.
@@ -167,8 +173,10 @@ pub mod map_names {
     pub const DROP_LAST: &str = "drop_last";
     /// `switch_flows`: the connections kube-proxy's conntrack held at the switch, by tuple.
     pub const SWITCH_FLOWS: &str = "switch_flows";
+    /// `port_filter`: the backend ports and service ports in use, one bit per port.
+    pub const PORT_FILTER: &str = "port_filter";
     /// Every map name.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SVC_PORTS,
         SVC_ADDRS,
         SRC_RANGES,
@@ -185,6 +193,7 @@ pub mod map_names {
         STATS,
         DROP_LAST,
         SWITCH_FLOWS,
+        PORT_FILTER,
     ];
     /// `flow_cache`: per-CPU cache of translations in front of the SNAT table.
     pub const FLOW_CACHE: &str = "flow_cache";
@@ -666,6 +675,19 @@ pub struct SwitchFlow {
     /// The agent's last dump (conntrack's, or IPVS's) that listed the connection, CLOCK_MONOTONIC
     /// ns.
     pub seen_ns: u64,
+}
+
+/// `struct port_filter`, `port_filter`'s one value: one bit per port (host byte order; word
+/// `port / 64`, bit `port % 64`). `backend`: the destination port of every connection IPVS
+/// scheduled and of every translated connection as it leaves; `service`: the port of every
+/// `svc_ports` key; `snat`: the node's port of every translation (its reply tuple's destination
+/// port). Set before the entry they stand for, never cleared (bpf/port_filter.h).
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PortFilterValue {
+    pub backend: [u64; PORT_FILTER_WORDS],
+    pub service: [u64; PORT_FILTER_WORDS],
+    pub snat: [u64; PORT_FILTER_WORDS],
 }
 
 /// `struct conn_value`: an IPVS connection seen by the probe.

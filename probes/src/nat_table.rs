@@ -86,7 +86,7 @@ fn tag_of(h: u64) -> u8 {
 
 /// A map mapped into memory (unmapped on drop).
 #[derive(Debug)]
-struct Mapping {
+pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     entries: u32,
@@ -102,7 +102,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(handle: &MapHandle, value_size: usize) -> Result<Mapping> {
+    pub(crate) fn new(handle: &MapHandle, value_size: usize) -> Result<Mapping> {
         let name = handle.name().to_string_lossy().into_owned();
         if handle.value_size() as usize != value_size || handle.key_size() != 4 {
             return Err(Error::MapLayout {
@@ -151,7 +151,7 @@ impl Mapping {
 
     /// Element `index` as a `T` (the caller keeps index below `entries`; `T` is the map's
     /// value type, checked in [`Mapping::new`]).
-    fn element<T>(&self, index: u32) -> *mut T {
+    pub(crate) fn element<T>(&self, index: u32) -> *mut T {
         debug_assert!(index < self.entries);
         debug_assert!(size_of::<T>() <= self.stride);
         // SAFETY: index < entries keeps the offset inside the mapping.

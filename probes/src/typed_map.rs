@@ -14,9 +14,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::error::{Error, Result};
 use crate::maps::{
     AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, DEVICE_SLOTS, DevSlot, DevValue,
-    DropEvent, FragKey, FragValue, RangeKey, Stats, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
+    DropEvent, FragKey, FragValue, RangeKey, SnatEntry, Stats, SvcKey, SvcValue, SwitchFlow, Tuple,
+    map_names,
 };
 use crate::nat_table::{SnatHandles, SnatTable};
+use crate::port_filter::{PortFilter, PortKind};
 
 /// A plain-old-data type that can be a map key or value.
 pub trait MapPod: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {}
@@ -360,6 +362,8 @@ pub struct DatapathMaps {
     pub drop_last: Option<PerCpuArray<DropEvent>>,
     /// `switch_flows` (absent in the pins of an agent from before it existed).
     pub switch_flows: Option<TypedMap<Tuple, SwitchFlow>>,
+    /// `port_filter` (absent in the pins of an agent from before it existed).
+    pub port_filter: Option<PortFilter>,
     /// `config.flags` bits the loader owns (`CFG_F_DIRECT_WRITES`), kept by `set_config`.
     pub(crate) owned_flags: u32,
 }
@@ -396,8 +400,73 @@ impl DatapathMaps {
                 p if p.exists() => Some(TypedMap::open_pinned(&p)?),
                 _ => None,
             },
+            port_filter: match path(map_names::PORT_FILTER) {
+                p if p.exists() => Some(PortFilter::open(&open_pinned_handle(&p)?.0)?),
+                _ => None,
+            },
             owned_flags: current.flags & crate::maps::CFG_F_DIRECT_WRITES,
         })
+    }
+
+    /// Writes a `svc_ports` entry, its port put in the port filter first (bpf/port_filter.h).
+    pub fn put_service_port(&self, key: &SvcKey, value: &SvcValue) -> Result<()> {
+        if let Some(filter) = &self.port_filter {
+            filter.add(PortKind::Service, key.port.get());
+        }
+        self.svc_ports.update(key, value, UpdateFlags::Any)
+    }
+
+    /// Inserts a translated connection into the SNAT table as a program's allocation does, its
+    /// backend port and node port put in the port filter first ([`SnatTable::insert`]: tests and
+    /// benchmarks).
+    pub fn insert_translation(
+        &self,
+        fwd_key: &Tuple,
+        rev_key: &Tuple,
+        fwd: &SnatEntry,
+        rev: &SnatEntry,
+    ) -> Result<u32> {
+        if let Some(filter) = &self.port_filter {
+            filter.add(PortKind::Backend, fwd_key.dport.get());
+            filter.add(PortKind::Snat, rev_key.dport.get());
+        }
+        self.snat.insert(fwd_key, rev_key, fwd, rev)
+    }
+
+    /// Fills the port filter from the maps (every `conns` entry's and live SNAT record's
+    /// backend port, every live record's node port, every `svc_ports` key's port) and then lets the programs trust it
+    /// (`CFG_F_PORT_FILTER`). Call it once every program that keeps the filter is the one
+    /// attached (the probe, and the TC programs on every device): an older agent's programs
+    /// make entries without their bits, which the fill covers only up to this call. Returns
+    /// whether the filter is in use (false when the pins have none).
+    pub fn enable_port_filter(&self) -> Result<bool> {
+        let Some(filter) = &self.port_filter else {
+            return Ok(false);
+        };
+        let mut config = self.config()?.unwrap_or_default();
+        if config.flags & crate::maps::CFG_F_PORT_FILTER != 0 {
+            return Ok(true);
+        }
+        for (key, _) in self.conns.entries_batched()? {
+            filter.add(PortKind::Backend, key.dport.get());
+        }
+        for (_, record) in self.snat.records() {
+            filter.add(PortKind::Backend, record.fwd_key.dport.get());
+            filter.add(PortKind::Snat, record.rev_key.dport.get());
+        }
+        for (key, _) in self.svc_ports.entries()? {
+            filter.add(PortKind::Service, key.port.get());
+        }
+        config.flags |= crate::maps::CFG_F_PORT_FILTER;
+        self.config.insert(&0, &config)?;
+        Ok(true)
+    }
+
+    /// Whether the programs trust the port filter (`CFG_F_PORT_FILTER`).
+    pub fn port_filter_enabled(&self) -> Result<bool> {
+        Ok(self
+            .config()?
+            .is_some_and(|c| c.flags & crate::maps::CFG_F_PORT_FILTER != 0))
     }
 
     /// Every counter summed over CPUs.
@@ -466,13 +535,14 @@ impl DatapathMaps {
     /// has them (`CFG_SWITCH_FLAGS`, set only by [`DatapathMaps::set_switch_flags`]) filled in
     /// (what [`DatapathMaps::set_config`] writes).
     pub fn complete(&self, config: &Config) -> Config {
-        let switch = self
+        let kept_flags = crate::maps::CFG_SWITCH_FLAGS | crate::maps::CFG_F_PORT_FILTER;
+        let kept = self
             .config()
             .ok()
             .flatten()
-            .map_or(0, |c| c.flags & crate::maps::CFG_SWITCH_FLAGS);
+            .map_or(0, |c| c.flags & kept_flags);
         Config {
-            flags: (config.flags & !crate::maps::CFG_SWITCH_FLAGS) | self.owned_flags | switch,
+            flags: (config.flags & !kept_flags) | self.owned_flags | kept,
             nat_seed: self.snat.seed(),
             nat_buckets: self.snat.buckets(),
             nat_records: self.snat.capacity(),

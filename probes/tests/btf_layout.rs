@@ -13,8 +13,8 @@ use libbpf_rs::btf::{BtfKind, BtfType};
 use libbpf_rs::{Btf, HasSize, ObjectBuilder};
 use probes::maps::{
     self, AddrKey, AddrValue, CidrKey, Config, ConnValue, Counter, CpuScratch, DevSlot, DevValue,
-    DropEvent, FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord, RangeKey,
-    SnatEntry, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
+    DropEvent, FlowSlot, FragKey, FragValue, NatBucket, NatClaim, NatJob, NatRecord,
+    PortFilterValue, RangeKey, SnatEntry, SvcKey, SvcValue, SwitchFlow, Tuple, map_names,
 };
 use probes::objects::{DATAPATH_OBJECT, IPVS_PROBE_OBJECT};
 
@@ -138,6 +138,14 @@ fn datapath_only_layouts() -> Vec<(&'static str, RustLayout)> {
                 ct_id,
                 pad,
                 seen_ns
+            }),
+        ),
+        (
+            "port_filter",
+            rust_layout!(PortFilterValue {
+                backend,
+                service,
+                snat
             }),
         ),
     ]
@@ -322,6 +330,7 @@ fn map_key_and_value_sizes_match_rust_types() {
             map_names::STATS => (4, 8),
             map_names::DROP_LAST => (4, size_of::<DropEvent>()),
             map_names::SWITCH_FLOWS => (size_of::<Tuple>(), size_of::<SwitchFlow>()),
+            map_names::PORT_FILTER => (4, size_of::<PortFilterValue>()),
             map_names::FLOW_CACHE => (4, size_of::<FlowSlot>()),
             map_names::CPU_SCRATCH => (4, size_of::<CpuScratch>()),
             map_names::FLOW_GEN => (4, 4),
@@ -414,6 +423,8 @@ fn mirrored_constants() -> Vec<(String, i64)> {
         CFG_F_CLUSTER_CIDRS,
         CFG_F_DIRECT_WRITES,
         CFG_F_SWITCH,
+        CFG_F_PORT_FILTER,
+        PORT_FILTER_WORDS,
         CFG_REPLY_MARK_SHIFT,
         CFG_REPLY_MARK_MASK,
         SWITCH_FLOWS_SIZE,

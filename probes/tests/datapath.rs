@@ -11,7 +11,7 @@ use libbpf_rs::query::{ProgInfoIter, ProgInfoQueryOptions};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use probes::maps::{
     ADDR_F_SERVICE, AddrKey, AddrValue, CFG_F_CLUSTER_CIDRS, CFG_F_DRAIN, CFG_F_MASQ_ALL,
-    CFG_F_SWITCH, CidrKey, Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX,
+    CFG_F_PORT_FILTER, CFG_F_SWITCH, CidrKey, Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX,
     DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ, DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX,
     DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey, SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ,
     SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ,
@@ -19,7 +19,7 @@ use probes::maps::{
     addr_to_bytes, reply_mark_flags,
 };
 use probes::maps::{FLOW_CACHE_SLOTS, FlowSlot, map_names};
-use probes::{DatapathProgram, RewritePolicy};
+use probes::{DatapathProgram, PortFilter, PortKind, RewritePolicy};
 use zerocopy::FromBytes;
 use zerocopy::byteorder::network_endian::U16;
 
@@ -99,8 +99,7 @@ fn assert_counters(stats: &Stats, expected: &[(Counter, u64)]) {
 fn add_service(fx: &Fixture, addr: IpAddr, port: u16, proto: L4Proto, flags: u32, svc_id: u32) {
     fx.dp
         .maps()
-        .svc_ports
-        .insert(&SvcKey::new(addr, port, proto), &SvcValue { flags, svc_id })
+        .put_service_port(&SvcKey::new(addr, port, proto), &SvcValue { flags, svc_id })
         .expect("svc_ports");
     add_service_address(fx, addr);
 }
@@ -134,20 +133,16 @@ fn client_to_backend(f: Family) -> Tuple {
 }
 
 fn add_conn(fx: &Fixture, f: Family, conn: &Tuple, ipvs_flags: u32) {
-    fx.dp
-        .maps()
-        .conns
-        .insert(
-            conn,
-            &ConnValue {
-                vaddr: addr_to_bytes(vip(f)),
-                vport: U16::new(VIP_PORT),
-                pad: 0,
-                ipvs_flags,
-                created_ns: 1,
-            },
-        )
-        .expect("conns");
+    fx.probe_conn(
+        conn,
+        &ConnValue {
+            vaddr: addr_to_bytes(vip(f)),
+            vport: U16::new(VIP_PORT),
+            pad: 0,
+            ipvs_flags,
+            created_ns: 1,
+        },
+    );
 }
 
 fn set_cluster_cidr(fx: &Fixture, f: Family, extra_flags: u32) {
@@ -1348,14 +1343,10 @@ both_families!(ingress_service_classification);
 fn xt_svc_matches_service_traffic(f: Family, name: &str) {
     let fx = Fixture::new(name);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
-    fx.dp
-        .maps()
-        .conns
-        .insert(
-            &Tuple::new(client(f), CLIENT_PORT, node(f), BACKEND_PORT, L4Proto::Tcp),
-            &ConnValue::default(),
-        )
-        .expect("conns");
+    fx.probe_conn(
+        &Tuple::new(client(f), CLIENT_PORT, node(f), BACKEND_PORT, L4Proto::Tcp),
+        &ConnValue::default(),
+    );
     let verdict = |packet: &[u8]| fx.run(DatapathProgram::XtSvc, packet, 0).return_value;
     // Host-originated connection to a service port.
     assert_eq!(verdict(&tcp(vip(f), 45_000, vip(f), VIP_PORT, TCP_SYN)), 1);
@@ -1621,4 +1612,195 @@ fn ipv4_options_packet_translated() {
         &fx.stats(),
         &[(Counter::SnatAlloc, 1), (Counter::RevHit, 1)],
     );
+}
+
+/// Writes `config.flags` with `CFG_F_PORT_FILTER` set or cleared as given, bypassing
+/// `set_config` (which keeps the map's): an agent's state before it turns the filter on.
+fn set_port_filter_flag(fx: &Fixture, on: bool) {
+    let maps = fx.dp.maps();
+    let mut config = maps.config().expect("config").expect("config entry");
+    if on {
+        config.flags |= CFG_F_PORT_FILTER;
+    } else {
+        config.flags &= !CFG_F_PORT_FILTER;
+    }
+    maps.config.insert(&0, &config).expect("config");
+}
+
+fn port_filter(fx: &Fixture) -> &PortFilter {
+    fx.dp.maps().port_filter.as_ref().expect("port_filter")
+}
+
+/// The port filter (bpf/port_filter.h) holds what the programs and the agent put in it: the
+/// allocation puts a translated connection's backend port, `put_service_port` a service port.
+/// A connection to a port nobody uses passes both programs untouched, counted nowhere and put
+/// nowhere, while the translated connection's replies are still found.
+fn the_port_filter_holds_what_the_programs_and_the_agent_put_in_it(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    assert!(fx.dp.maps().port_filter_enabled().expect("config"));
+    let filter = port_filter(&fx);
+    assert!(!filter.contains(PortKind::Backend, BACKEND_PORT));
+    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    assert!(
+        filter.contains(PortKind::Backend, BACKEND_PORT),
+        "allocation"
+    );
+    assert!(
+        filter.contains(PortKind::Snat, port),
+        "allocation's node port"
+    );
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    assert!(
+        filter.contains(PortKind::Service, VIP_PORT),
+        "put_service_port"
+    );
+
+    let before = fx.stats();
+    for flags in [TCP_SYN, TCP_ACK] {
+        let out_of_pod = tcp(client(f), 45_000, backend(f), 8081, flags);
+        let reply = tcp(backend(f), 8081, client(f), 45_000, flags | TCP_ACK);
+        for (out, packet) in [
+            (fx.ingress(&out_of_pod, 0), &out_of_pod),
+            (fx.egress(&out_of_pod, 0), &out_of_pod),
+            (fx.ingress(&reply, 0), &reply),
+            (fx.egress(&reply, 0), &reply),
+        ] {
+            assert_eq!(out.return_value, TC_ACT_UNSPEC);
+            assert_eq!(&out.packet, packet, "untouched");
+            assert_eq!(out.mark, 0, "unmarked");
+        }
+    }
+    assert_eq!(
+        fx.stats().delta(&before),
+        Stats::default(),
+        "counted nowhere"
+    );
+    for port in [8081, 45_000] {
+        for kind in [PortKind::Backend, PortKind::Service, PortKind::Snat] {
+            assert!(!filter.contains(kind, port), "{kind:?} {port}");
+        }
+    }
+    let back = fx.ingress(&tcp(backend(f), BACKEND_PORT, node(f), port, TCP_ACK), 0);
+    let p = check_frame(&back.packet);
+    assert_eq!(
+        (p.dst, p.dport()),
+        (client(f), CLIENT_PORT),
+        "reply translated"
+    );
+}
+both_families!(the_port_filter_holds_what_the_programs_and_the_agent_put_in_it);
+
+/// Turning the filter on fills it from the maps first: a translation, an IPVS connection and a
+/// service port that an older agent's programs and agent made without their bits are found
+/// after `enable_port_filter`. Without the fill they would not be: a reply whose backend port
+/// the filter lacks is not looked up (shown with another connection, as the programs' own
+/// verdict then stays cached for its flow).
+fn turning_the_port_filter_on_fills_it_from_the_maps(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    set_port_filter_flag(&fx, false);
+    let maps = fx.dp.maps();
+    let entry = |addr: IpAddr, port: u16| SnatEntry {
+        addr: addr_to_bytes(addr),
+        port: U16::new(port),
+        ..SnatEntry::default()
+    };
+    // What an older agent left: two translations, an IPVS connection, a Service; no bits.
+    for (client_port, node_port) in [(CLIENT_PORT, 1234), (CLIENT_PORT + 1, 1235)] {
+        maps.snat
+            .insert(
+                &Tuple::new(
+                    client(f),
+                    client_port,
+                    backend(f),
+                    BACKEND_PORT,
+                    L4Proto::Tcp,
+                ),
+                &Tuple::new(backend(f), BACKEND_PORT, node(f), node_port, L4Proto::Tcp),
+                &entry(node(f), node_port),
+                &entry(client(f), client_port),
+            )
+            .expect("insert");
+    }
+    maps.conns
+        .insert(
+            &Tuple::new(client_b(f), 41_000, backend(f), 9090, L4Proto::Tcp),
+            &ConnValue::default(),
+        )
+        .expect("conns");
+    maps.svc_ports
+        .insert(
+            &SvcKey::new(vip(f), VIP_PORT, L4Proto::Tcp),
+            &SvcValue {
+                flags: 0,
+                svc_id: 1,
+            },
+        )
+        .expect("svc_ports");
+    add_service_address(&fx, vip(f));
+    let filter = port_filter(&fx);
+    for port in [BACKEND_PORT, 9090] {
+        assert!(!filter.contains(PortKind::Backend, port));
+    }
+
+    // Trusted unfilled, the filter hides the first translation's replies.
+    set_port_filter_flag(&fx, true);
+    let reply = tcp(backend(f), BACKEND_PORT, node(f), 1234, TCP_ACK);
+    assert_eq!(fx.ingress(&reply, 0).packet, reply, "not looked up");
+    set_port_filter_flag(&fx, false);
+
+    assert!(maps.enable_port_filter().expect("enable"));
+    assert!(maps.port_filter_enabled().expect("config"));
+    assert!(
+        filter.contains(PortKind::Backend, BACKEND_PORT),
+        "the table's"
+    );
+    assert!(
+        filter.contains(PortKind::Snat, 1235),
+        "the table's node port"
+    );
+    assert!(filter.contains(PortKind::Backend, 9090), "conns'");
+    assert!(filter.contains(PortKind::Service, VIP_PORT), "svc_ports'");
+    let back = fx.ingress(&tcp(backend(f), BACKEND_PORT, node(f), 1235, TCP_ACK), 0);
+    let p = check_frame(&back.packet);
+    assert_eq!(
+        (p.dst, p.dport()),
+        (client(f), CLIENT_PORT + 1),
+        "translated"
+    );
+    let out = fx.egress(
+        &tcp(
+            client(f),
+            CLIENT_PORT + 1,
+            backend(f),
+            BACKEND_PORT,
+            TCP_ACK,
+        ),
+        0,
+    );
+    assert_eq!(check_frame(&out.packet).src, node(f), "forward translated");
+    let marked = fx.ingress(&tcp(backend(f), 9090, client_b(f), 41_000, TCP_ACK), 0);
+    assert_eq!(marked.mark & SVC, SVC, "conns' reply marked");
+    let svc = fx.ingress(&tcp(client(f), 45_000, vip(f), VIP_PORT, TCP_SYN), 0);
+    assert_eq!(svc.mark & SVC, SVC, "service classified");
+}
+both_families!(turning_the_port_filter_on_fills_it_from_the_maps);
+
+/// A port filter the loader creates (none was pinned: an older agent's pins) is not trusted
+/// until it is filled, whatever the pinned configuration says.
+#[test]
+fn a_new_port_filter_is_not_trusted_until_filled() {
+    let fx = Fixture::new("port_filter_new");
+    assert!(fx.dp.maps().port_filter_enabled().expect("config"));
+    std::fs::remove_file(fx.pins.root.join(map_names::PORT_FILTER)).expect("unpin");
+    let again = probes::Datapath::load(probes::DatapathOptions {
+        pin_root: fx.pins.root.clone(),
+        map_sizes: test_map_sizes(),
+        tc_attach: probes::TcAttachPolicy::Auto,
+        rewrite: RewritePolicy::Auto,
+        nat_seed: Some(TEST_NAT_SEED),
+    })
+    .expect("load again");
+    assert!(!again.maps().port_filter_enabled().expect("config"));
+    assert!(again.maps().enable_port_filter().expect("enable"));
+    assert!(again.maps().port_filter_enabled().expect("config"));
 }

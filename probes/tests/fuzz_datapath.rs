@@ -947,12 +947,11 @@ fn configure(fx: &Fixture) {
             (9000, L4Proto::Sctp, SVC_F_MASQ, 6),
         ];
         for (port, proto, flags, id) in services {
-            maps.svc_ports
-                .insert(
-                    &SvcKey::new(vip(f), port, proto),
-                    &SvcValue { flags, svc_id: id },
-                )
-                .expect("svc_ports");
+            maps.put_service_port(
+                &SvcKey::new(vip(f), port, proto),
+                &SvcValue { flags, svc_id: id },
+            )
+            .expect("svc_ports");
         }
         maps.svc_addrs
             .insert(
@@ -974,12 +973,10 @@ fn configure(fx: &Fixture) {
         maps.cluster_cidrs
             .insert(&CidrKey::new(net, len).expect("cidr"), &1)
             .expect("cidrs");
-        maps.conns
-            .insert(
-                &Tuple::new(client(f), 40_000, backend(f), 8080, L4Proto::Tcp),
-                &ConnValue::default(),
-            )
-            .expect("conns");
+        fx.probe_conn(
+            &Tuple::new(client(f), 40_000, backend(f), 8080, L4Proto::Tcp),
+            &ConnValue::default(),
+        );
     }
     fx.set_config(Config {
         flags: CFG_F_CLUSTER_CIDRS | reply_mark_flags(REPLY),

@@ -37,8 +37,10 @@ fn programs_translate_what_the_agent_inserts(f: Family) {
     let table = &fx.dp.maps().snat;
     let fwd_key = Tuple::new(client(f), 40_000, backend(f), BACKEND_PORT, L4Proto::Tcp);
     let rev_key = Tuple::new(backend(f), BACKEND_PORT, node(f), 1234, L4Proto::Tcp);
-    let rec = table
-        .insert(
+    let rec = fx
+        .dp
+        .maps()
+        .insert_translation(
             &fwd_key,
             &rev_key,
             &entry(node(f), 1234),
@@ -391,7 +393,7 @@ fn agent_insert_past_a_busy_bucket_stays_reachable() {
     let (home, ports) = ports_sharing_a_home(&fx, f, NAT_WAYS + 1);
     let table = &fx.dp.maps().snat;
     let insert = |port: u16| {
-        table.insert(
+        fx.dp.maps().insert_translation(
             &fwd_tuple(f, port),
             &Tuple::new(backend(f), BACKEND_PORT, node(f), port, L4Proto::Tcp),
             &entry(node(f), port),

@@ -342,6 +342,86 @@ fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
     assert_eq!(l.t.conntrack_count(), before, "replies must be untracked");
 }
 
+/// The value of key 0 of a pinned array map, as bpftool reads it from the kernel.
+fn pinned_value(l: &Lab, map: &str) -> Vec<u8> {
+    let pin = format!("{}/{map}", lab::agent::pin_root(&l.t.node));
+    let out =
+        l.t.node
+            .sh(&format!("bpftool -j map lookup pinned {pin} key 0 0 0 0"));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool map JSON");
+    v["value"]
+        .as_array()
+        .expect("the value's bytes")
+        .iter()
+        .map(|b| {
+            let b = b.as_str().expect("a hex byte");
+            u8::from_str_radix(b.trim_start_matches("0x"), 16).expect("a hex byte")
+        })
+        .collect()
+}
+
+/// The port filter (docs/datapath.md "Port filter") on a node the agent runs: the agent turns it
+/// on once its probe and programs are attached (`CFG_F_PORT_FILTER` in the pinned `config`), the
+/// probe and the SNAT allocation put the backend port of the connections they see in it, the
+/// agent the service ports; a port nothing uses stays out, and a connection to it (no Service)
+/// passes untouched. Read from the kernel with bpftool.
+#[test]
+fn the_port_filter_holds_the_backend_and_service_ports_in_use() {
+    let l = lab("dp-portfilter", None);
+    let _direct = Server::tcp(&l.t.remote, "10.244.2.2:8081".parse().unwrap());
+    let a = tcp_request(&l.t.pod, addr("10.96.0.10:80")).expect("ClusterIP from the pod");
+    assert!(a.starts_with("10.244.1.2:"), "no SNAT expected: {a}");
+    let a = tcp_request(&l.t.node, addr("10.96.0.10:80")).expect("ClusterIP from the host");
+    assert!(a.starts_with("10.0.2.1:"), "{a}");
+    let node_port = usize::from(seen_source(&a).expect("the source the server saw").port());
+    let before = l.agent.counters(&l.t.node);
+    let a = tcp_request(&l.t.pod, addr("10.244.2.2:8081")).expect("the remote pod, directly");
+    assert!(a.starts_with("10.244.1.2:"), "untouched: {a}");
+    let after = l.agent.counters(&l.t.node);
+    for counter in [
+        "svc_marked",
+        "reply_marked",
+        "snat_alloc",
+        "rev_hit",
+        "fwd_hit",
+    ] {
+        assert_eq!(
+            before.get(counter),
+            after.get(counter),
+            "{counter}: a connection to no Service is none of the agent's"
+        );
+    }
+
+    let config = pinned_value(&l, "config");
+    let flags = u32::from_le_bytes(config[16..20].try_into().expect("config.flags"));
+    assert_ne!(flags & 0x40, 0, "CFG_F_PORT_FILTER: flags {flags:#x}");
+    let filter = pinned_value(&l, "port_filter");
+    assert_eq!(filter.len(), 24576, "three bitmaps of 65536 bits");
+    let has = |bitmap: usize, port: usize| {
+        let word = bitmap * 8192 + port / 64 * 8;
+        let word = u64::from_le_bytes(filter[word..word + 8].try_into().expect("a word"));
+        word >> (port % 64) & 1 == 1
+    };
+    // The backend port of the connections IPVS scheduled: the pod's, untranslated, and the
+    // host's, source-NATed.
+    assert!(has(0, 8080), "backend 8080");
+    assert!(
+        has(2, node_port),
+        "the host's translation's node port {node_port}"
+    );
+    for port in [80, 53, 30080, 30090] {
+        assert!(has(1, port), "service port {port}");
+    }
+    assert!(
+        !has(0, 8081) && !has(1, 8081) && !has(2, 8081),
+        "8081 is nobody's port"
+    );
+    assert!(
+        l.agent.log_text().contains("port filter on"),
+        "the agent logs it"
+    );
+}
+
 #[test]
 fn host_to_clusterip_is_source_natted_to_the_node() {
     let l = lab("dp-host", None);

@@ -332,6 +332,9 @@ pub struct Datapath {
     /// Whether the node rules were written once (the first write decides nf_tables or
     /// iptables notrack, and logs it).
     rules_written: bool,
+    /// Whether the programs trust the port filter (docs/datapath.md "Port filter"): turned on
+    /// once the probe and every device run this agent's programs, which keep it.
+    port_filter: bool,
     /// The sysctls, nf_tables table and iptables rules kept on the node (checked by [`Datapath::repair_node`]).
     node: DesiredNodeState,
     /// The last node check that found the rules whole (the next skips reading them back while
@@ -409,6 +412,7 @@ impl Datapath {
             last_addresses: None,
             other_layouts_removed: false,
             rules_written: false,
+            port_filter: false,
         };
         dp.write_config()?;
         match dp.loaded.attach_ipvs_probe(ProbePreference::Auto) {
@@ -733,7 +737,28 @@ impl Datapath {
         if !self.other_layouts_removed && report.failures.is_empty() {
             self.remove_other_layouts();
         }
+        if report.failures.is_empty() {
+            self.enable_port_filter();
+        }
         report
+    }
+
+    /// Lets the programs trust the port filter once nothing an older agent loaded can still add
+    /// entries without their bits: this agent's probe is attached (it replaced the pinned one)
+    /// and its programs are on every device. Without the probe the filter stays off (an older
+    /// probe may still be attached); the datapath does every lookup then, as before.
+    fn enable_port_filter(&mut self) {
+        if self.port_filter || self.probe.is_none() {
+            return;
+        }
+        match self.loaded.maps().enable_port_filter() {
+            Ok(true) => {
+                self.port_filter = true;
+                tracing::info!("port filter on: lookups that cannot hit are skipped");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("port filter left off: {e:#}"),
+        }
     }
 
     /// Removes what an agent with another map layout left pinned (its programs, links, probe

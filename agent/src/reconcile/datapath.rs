@@ -313,7 +313,7 @@ pub fn apply(
     let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
     for op in ops {
         let r = match op {
-            MapOp::PutPort(k, v) => maps.svc_ports.update(k, v, UpdateFlags::Any).map(|()| {
+            MapOp::PutPort(k, v) => maps.put_service_port(k, v).map(|()| {
                 observed.max_id = observed.max_id.max(v.svc_id);
                 observed.svc_ports.insert(*k, *v);
             }),

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Once;
 
-use probes::maps::{Config, DevValue};
+use probes::maps::{Config, ConnValue, DevValue, Tuple};
 use probes::{
-    Datapath, DatapathOptions, DatapathProgram, MapSizes, RewritePolicy, SkbContext,
+    Datapath, DatapathOptions, DatapathProgram, MapSizes, PortKind, RewritePolicy, SkbContext,
     TcAttachPolicy, TestRunOutput,
 };
 
@@ -126,6 +126,11 @@ impl Fixture {
         .expect("load datapath");
         let fixture = Fixture { dp, pins };
         fixture.set_config(Config::default());
+        // As the agent runs them: the programs trust the port filter (bpf/port_filter.h).
+        assert!(
+            fixture.dp.maps().enable_port_filter().expect("port filter"),
+            "port filter"
+        );
         let node4 = match node(Family::V4) {
             IpAddr::V4(a) => a,
             IpAddr::V6(_) => unreachable!(),
@@ -140,6 +145,16 @@ impl Fixture {
             .set_device(LOOPBACK_IFINDEX, &DevValue::new(Some(node4), Some(node6)))
             .expect("devices");
         fixture
+    }
+
+    /// Puts an IPVS connection (client -> backend) in `conns` as the probe does: its backend
+    /// port in the port filter first.
+    pub fn probe_conn(&self, key: &Tuple, value: &ConnValue) {
+        let maps = self.dp.maps();
+        if let Some(filter) = &maps.port_filter {
+            filter.add(PortKind::Backend, key.dport.get());
+        }
+        maps.conns.insert(key, value).expect("conns");
     }
 
     pub fn set_config(&self, config: Config) {
