@@ -265,10 +265,13 @@ unmarked:
 	 * Not service traffic (or not the agent's, switch.h): its next packets pass at once, until a
 	 * translation whose replies are this flow is made (by another CPU, or before its first
 	 * reply: a UDP reply is no SYN): that bumps flow_gen on this index and ends the verdict.
+	 * It gets the reply mark without the service mark: egress has nothing to do for it either
+	 * (docs/datapath.md, Marks), unless another NAT than IPVS sent it back to its own source.
 	 */
+	skb->mark |= reply_mark(cfg);
 	if (slot)
-		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, 0, 0, STAT_MAX, gen,
-				  now_jiffies);
+		flow_verdict_fill(slot, &key, FLOW_VERDICT_INGRESS, reply_mark(cfg), 0, STAT_MAX,
+				  gen, now_jiffies);
 	return TC_ACT_UNSPEC;
 dropped:
 	/* A verdict the slot may still hold for this tuple is over. */
@@ -510,8 +513,14 @@ static __always_inline int handle_egress(struct __sk_buff *skb, __u32 l2_len)
 
 	if (!cfg || !cfg->mark_svc)
 		return TC_ACT_UNSPEC;
-	/* A reply ingress recognized (reverse SNAT, a conns hit): nothing to do here. */
-	if (skb->mark & reply_mark(cfg))
+	/*
+	 * The reply mark: a reply ingress recognized (with the service mark: reverse SNAT, a conns
+	 * hit), or traffic ingress found none of the agent's (without it). Nothing to do here, but
+	 * for the hairpin of another NAT than IPVS (a DNAT back to the packet's own source): only
+	 * egress sees that, and it needs SNAT.
+	 */
+	if ((skb->mark & reply_mark(cfg)) &&
+	    ((skb->mark & cfg->mark_svc) || !pkt_may_be_hairpin(skb, l2_len)))
 		return TC_ACT_UNSPEC;
 	fast = fast_path(skb, l2_len, NAT_SRC);
 	if (fast == FAST_DONE)

@@ -307,6 +307,32 @@ static __always_inline __u8 ip_version(struct __sk_buff *skb, __u32 l2_len, void
 	return *(__u8 *)data >> 4;
 }
 
+/*
+ * Whether the IP packet at l2_len may have the same source and destination address (a hairpin),
+ * read from the linear area only: 1 when they are equal or not there to compare, 0 when they
+ * differ or the packet is not IP. A function of its own: inlined, the compiler kept a pointer into
+ * the context from here for the rewrite's reads of skb->data_end, which the verifier refuses.
+ */
+static __attribute__((noinline)) int pkt_may_be_hairpin(struct __sk_buff *skb, __u32 l2_len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 version = ip_version(skb, l2_len, data, data_end);
+	const __u32 *w = data + l2_len;
+
+	if (version == 4) {
+		if ((void *)(w + 5) > data_end)
+			return 1;
+		return w[3] == w[4];
+	}
+	if (version == 6) {
+		if ((void *)(w + 10) > data_end)
+			return 1;
+		return ((w[2] ^ w[6]) | (w[3] ^ w[7]) | (w[4] ^ w[8]) | (w[5] ^ w[9])) == 0;
+	}
+	return version == IP_VERSION_UNREAD;
+}
+
 static __always_inline int parse_packet(struct __sk_buff *skb, __u32 l2_len, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;

@@ -1804,3 +1804,48 @@ fn a_new_port_filter_is_not_trusted_until_filled() {
     assert!(again.maps().enable_port_filter().expect("enable"));
     assert!(again.maps().port_filter_enabled().expect("config"));
 }
+
+/// Traffic ingress finds none of the agent's gets the reply mark alone (docs/datapath.md, Marks),
+/// from the general path and from the flow's cached verdict, and egress passes it at once,
+/// untouched and counted nowhere; service traffic does not get it. A hairpin carrying it (another
+/// NAT than IPVS sent the packet back to its own source) is still source-NATed by egress.
+fn traffic_none_of_the_agents_gets_the_reply_mark_alone(f: Family, name: &str) {
+    let fx = Fixture::new(name);
+    let reply = probes::maps::DEFAULT_MARK_REPLY;
+    fx.set_config(Config {
+        flags: reply_mark_flags(reply),
+        ..Config::default()
+    });
+    add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 1);
+    let before = fx.stats();
+    for flags in [TCP_SYN, TCP_ACK, TCP_ACK] {
+        let packet = tcp(client(f), 45_000, backend(f), 8081, flags);
+        let ingress = fx.ingress(&packet, 0);
+        assert_eq!(ingress.packet, packet);
+        assert_eq!(ingress.mark, reply, "the reply mark alone ({flags:#x})");
+        let egress = fx.egress(&packet, ingress.mark);
+        assert_eq!(egress.return_value, TC_ACT_UNSPEC);
+        assert_eq!(egress.packet, packet, "passed untouched");
+    }
+    assert_eq!(
+        fx.stats().delta(&before),
+        Stats::default(),
+        "counted nowhere"
+    );
+
+    let to_service = fx.ingress(&tcp(client(f), 45_001, vip(f), VIP_PORT, TCP_SYN), 0);
+    assert_eq!(
+        to_service.mark, SVC,
+        "service traffic: the service mark only"
+    );
+
+    let hairpin = tcp(client(f), 45_002, client(f), BACKEND_PORT, TCP_SYN);
+    let out = fx.egress(&hairpin, reply);
+    assert_eq!(out.return_value, TC_ACT_UNSPEC);
+    assert_eq!(
+        check_frame(&out.packet).src,
+        node(f),
+        "the hairpin source-NATed"
+    );
+}
+both_families!(traffic_none_of_the_agents_gets_the_reply_mark_alone);

@@ -17,7 +17,9 @@
 //!   TC_ACT_UNSPEC or TC_ACT_SHOT; the packet keeps its length;
 //! - marks: egress never changes the mark, ingress only adds the service/masquerade/reply bits
 //!   (the datapath runs with the reply mark configured, as the agent writes it);
-//! - reply mark: an egress packet carrying it is passed untouched;
+//! - reply mark: an egress packet carrying it is passed untouched (with the service mark: a reply;
+//!   without it: traffic ingress found none of the agent's), but for a hairpin without the
+//!   service mark (another NAT than IPVS sent it back to its source), which egress translates;
 //! - not IP, or malformed/truncated IP (the programs' parse rules, below): passed untouched;
 //! - masquerade: an egress TCP/UDP/SCTP packet carrying the masquerade mark, or one of a
 //!   connection already in `snat_fwd`, without the reply mark, leaves translated to its `snat_fwd` entry (read from the
@@ -779,6 +781,8 @@ impl Gen {
                     0,
                     0x1 | MASQ,
                     SVC | REPLY,
+                    REPLY,
+                    REPLY | MASQ,
                     r,
                 ])
             }
@@ -1123,8 +1127,10 @@ fn check(t: &Target, case: &Case, gen_: &mut Gen, rng: &mut Rng, tally: &mut Tal
         Parse::Ok(v) => v,
     };
 
-    // A packet ingress recognized as a reply: egress has nothing to do.
-    if egress && case.mark & REPLY != 0 {
+    // A packet ingress recognized as a reply (the reply and service marks), or found none of
+    // the agent's (the reply mark alone): egress has nothing to do, but for a hairpin.
+    let hairpin = p[v.src()] == p[v.dst()];
+    if egress && case.mark & REPLY != 0 && (case.mark & SVC != 0 || !hairpin) {
         if dropped || q != p {
             fail(
                 case,

@@ -405,7 +405,7 @@ pub const FIELDS: &[Field] = &[
         "kubeIpvsBpf.datapath.markReply",
         "`0x100000` (when markService or markMasquerade use it: the first of `0x800000`, `0x1000000`, `0x2000000`, `0x80000` they leave free)",
         "–",
-        "the mark bit TC ingress sets, with the service mark, on the replies of service connections it recognizes, so that TC egress passes them without a lookup; a single bit, or 0 for none",
+        "the mark bit TC ingress sets on the packets TC egress has nothing to do for, so that it passes them without a lookup: with the service mark on the replies of service connections it recognizes, alone on traffic that is none of the agent's; a single bit, or 0 for none",
     ),
     f(
         "kubeIpvsBpf.datapath.snatPortRange",
