@@ -163,8 +163,9 @@ struct {
 } stats SEC(".maps");
 
 /*
- * port_filter: the ports that can be a translated or IPVS-scheduled connection's backend port, and
- * the service ports (port_filter.h). Mapped by the agent, which sets bits with atomic ORs.
+ * port_filter: the ports that can be a translated or IPVS-scheduled connection's backend port, the
+ * service ports and the translations' node ports (port_filter.h). Mapped by the agent, which sets
+ * bits with atomic ORs.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -173,7 +173,8 @@ pub mod map_names {
     pub const DROP_LAST: &str = "drop_last";
     /// `switch_flows`: the connections kube-proxy's conntrack held at the switch, by tuple.
     pub const SWITCH_FLOWS: &str = "switch_flows";
-    /// `port_filter`: the backend ports and service ports in use, one bit per port.
+    /// `port_filter`: the backend ports, service ports and translations' node ports in use, one
+    /// bit per port.
     pub const PORT_FILTER: &str = "port_filter";
     /// Every map name.
     pub const ALL: [&str; 17] = [

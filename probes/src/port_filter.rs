@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::maps::{PORT_FILTER_WORDS, PortFilterValue};
 use crate::nat_table::Mapping;
 
-/// Which of the filter's two bitmaps.
+/// Which of the filter's three bitmaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortKind {
     /// A connection's backend port: a reply's source port, a forward packet's destination
