@@ -37,7 +37,9 @@
 //! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
 //! [__memset,nft_do_chain] (symbols whose callers each
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
-//! [5000], BENCH_CT_MAX [1024], BENCH_DATAPATHS [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
+//! [5000], BENCH_CT_MAX [1024], BENCH_IDLE_SECONDS [30] (the window without traffic after the
+//! profiles, three of the agent's sweep periods: its steady CPU rate, which the report counts in
+//! every timed window of ours instead of the agent's CPU the window caught), BENCH_DATAPATHS [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
 
 use std::collections::BTreeMap;
@@ -56,6 +58,7 @@ use lab::topology::SnatTopology;
 use lab::{Netns, try_sh};
 use serde_json::{Value, json};
 
+mod agent_cpu;
 mod procstat;
 use procstat::{busy_processes, cpu_ticks, stat_ticks, ticks_per_second};
 
@@ -127,7 +130,7 @@ impl Config {
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
             ct_max: env_num("BENCH_CT_MAX", 1024)?,
             // Two of the agent's 10 s sweep periods and five of its 5 s node checks.
-            idle_seconds: env_num("BENCH_IDLE_SECONDS", 25)?,
+            idle_seconds: env_num("BENCH_IDLE_SECONDS", 30)?,
             datapaths,
             clock: std::env::var("BENCH_CLOCK").unwrap_or_else(|_| "tcg".into()),
         })
@@ -1366,11 +1369,13 @@ fn idle_window(window: Duration) -> Value {
         let total: u64 = v.iter().take(8).sum();
         Some(total.saturating_sub(v.get(3)? + v.get(4).unwrap_or(&0)))
     };
-    let (p0, b0, start) = (cpu_ticks("/proc"), busy_ticks(), Instant::now());
+    let agent = || agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+    let (p0, a0, b0, start) = (cpu_ticks("/proc"), agent(), busy_ticks(), Instant::now());
     std::thread::sleep(window);
-    let (b1, window_s, p1) = (
+    let (b1, window_s, a1, p1) = (
         busy_ticks(),
         start.elapsed().as_secs_f64(),
+        agent(),
         cpu_ticks("/proc"),
     );
     match (b0, b1) {
@@ -1378,6 +1383,12 @@ fn idle_window(window: Duration) -> Value {
             "window_s": window_s,
             "busy_s": b1.saturating_sub(b0) as f64 / ticks_per_second(),
             "processes_cpu_s": busy_processes(&p0, &p1),
+            // The agent's steady rate (schedstat, precise): what the report counts for it in
+            // every timed window of ours instead of what the window's phase caught.
+            "agent_cpu_s": match (a0, a1) {
+                (Some(a0), Some(a1)) => json!(a1.saturating_sub(a0) as f64 / 1e9),
+                _ => Value::Null,
+            },
         }),
         _ => Value::Null,
     }

@@ -1,7 +1,8 @@
 //! `loadgen`: the datapath benchmark's traffic generator and its server, one binary, one JSON
 //! object on stdout per run. This program owns the wire protocol between the two and the
 //! figures of one traffic run: rates, latency percentiles, failures by kind, the machine's CPU
-//! time over the timed window (`/proc/stat`) and the process's own rusage.
+//! time over the timed window (`/proc/stat`), the agent's within it (`agent_s`, its threads'
+//! schedstat, where it runs) and the process's own rusage.
 //!
 //! Modes (every client mode is bounded in count and in time, `--max-time`):
 //! - `server`: answers TCP requests (any number per connection, multi-threaded, held
@@ -20,6 +21,8 @@
 //!
 //! The program only talks to the address it is given; the benchmark runs it inside lab network
 //! namespaces (`nsenter --net=…`).
+
+mod agent_cpu;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -346,29 +349,40 @@ impl Failures {
     }
 }
 
-/// The window of one run: start time and CPU times, and the deadline.
+/// The window of one run: start time and CPU times (the machine's, and the agent's where it
+/// runs), and the deadline.
 struct Window {
     start: Instant,
     cpu: CpuTimes,
+    agent_ns: Option<u64>,
     deadline: Instant,
 }
 
 impl Window {
     fn open(max_time: f64) -> Window {
+        let agent_ns = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
         let cpu = CpuTimes::read();
         let start = Instant::now();
         Window {
             start,
             cpu,
+            agent_ns,
             deadline: start + Duration::from_secs_f64(max_time),
         }
     }
 
-    /// Closes the window: elapsed seconds and the CPU figures.
+    /// Closes the window: elapsed seconds and the CPU figures, with the agent's CPU time in the
+    /// window (`agent_s`, null without an agent).
     fn close(&self) -> (f64, Value) {
         let elapsed = self.start.elapsed().as_secs_f64();
         let end = CpuTimes::read();
-        (elapsed, self.cpu.delta_json(&end, elapsed))
+        let agent_end = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+        let mut cpu = self.cpu.delta_json(&end, elapsed);
+        cpu["agent_s"] = match (self.agent_ns, agent_end) {
+            (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1e9),
+            _ => Value::Null,
+        };
+        (elapsed, cpu)
     }
 
     fn expired(&self) -> bool {

@@ -206,6 +206,14 @@ impl RunDoc {
         })
     }
 
+    /// The agent's steady CPU rate (CPU seconds per second) of the record's datapath: its CPU
+    /// over the idle window, which spans whole sweep periods. `None` without an agent.
+    fn agent_rate(&self, rec: &Value) -> Option<f64> {
+        let idle = &self.detail(rec["datapath"].as_str()?)?["idle"];
+        let (cpu, window) = (idle["agent_cpu_s"].as_f64()?, idle["window_s"].as_f64()?);
+        (window > 0.0).then(|| cpu / window)
+    }
+
     fn detail(&self, dp: &str) -> Option<&Value> {
         self.doc["details"]
             .as_array()
@@ -227,8 +235,16 @@ impl RunDoc {
             Metric::CpuPerUnit => {
                 // Busy CPU time of the whole guest over the window: window × CPUs − idle (the
                 // window is measured precisely; /proc/stat's idle ticks are ~0 when saturated).
-                let busy = lg["cpu"]["window_s"].as_f64()? * self.cpus
-                    - lg["cpu"]["idle_s"].as_f64().unwrap_or(0.0);
+                let window = lg["cpu"]["window_s"].as_f64()?;
+                let mut busy = window * self.cpus - lg["cpu"]["idle_s"].as_f64().unwrap_or(0.0);
+                // The agent at its steady rate: its CPU in the window (a sweep pass or a node
+                // check, or none, by the window's phase) replaced by its rate over the idle
+                // window's whole sweep periods, for the window's length.
+                if let (Some(in_window), Some(rate)) =
+                    (lg["cpu"]["agent_s"].as_f64(), self.agent_rate(rec))
+                {
+                    busy += rate * window - in_window;
+                }
                 let units = if case.starts_with("bulk") {
                     lg["bytes"].as_f64()? / f64::from(1u32 << 20)
                 } else {
@@ -671,6 +687,7 @@ fn idle_summary(i: &Value) -> Value {
         (Some(busy), Some(window)) if window > 0.0 => json!({
             "window_s": round(window),
             "busy_ms_per_s": round(busy * 1000.0 / window),
+            "agent_ms_per_s": i["agent_cpu_s"].as_f64().map(|a| round(a * 1000.0 / window)),
             "processes_cpu_s": i["processes_cpu_s"],
         }),
         _ => Value::Null,
@@ -1050,7 +1067,11 @@ fn markdown(
              the per-round ratio; `±` is half the spread (max − min) over rounds, relative to \
              the median.\n\n\
              **CPU per connection** is the guest's busy CPU time over the timed window (window × \
-             CPUs − idle) divided by connections; the **node's share** subtracts the direct \
+             CPUs − idle) divided by connections, with ours counting the agent at its steady \
+             rate (its threads' CPU time over the idle window after the profiles, whole sweep \
+             periods, for the window's length) instead of the agent's CPU within the window \
+             (both from schedstat: a sweep pass caught or missed by a window's phase moved a \
+             node share by a few per cent); the **node's share** subtracts the direct \
              baseline of the same round, which carries the client's and the server's constant \
              costs (loadgen, both TCP stacks, veth, routing), so the ratio of node shares is the \
              service path's cost undiluted. (The loadgen processes' own rusage is recorded but \
@@ -1317,9 +1338,12 @@ fn markdown(
                 md,
                 "Busy CPU without traffic over {} s after the profiles (periodic work, such as \
                  the agent's node checks and sweeps, that a timed window catches or misses by \
-                 its phase): {}.\n",
+                 its phase; from the guest's ticks): {}. The agent's own CPU over that window, \
+                 from its threads' schedstat: {} ms/s, the rate at which the node shares count \
+                 it.\n",
                 f(s["config"]["idle_seconds"].as_f64()),
-                idle.join("; ")
+                idle.join("; "),
+                f(num(s, &["details", "ours", "idle", "agent_ms_per_s"])),
             );
         }
     }
@@ -1766,29 +1790,23 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
         f(r["clusterip_node_cpu_vs_ipvs"].as_f64()),
         f(r["clusterip_node_cpu_vs_nftables"].as_f64()),
     );
-    // The periodic work a timed window catches or misses by its phase, spread over every
-    // connection instead: each datapath's busy CPU without traffic at its NodePort CPS.
-    let background = |dp: &str| {
-        let ms = num(s, &["details", dp, "idle", "busy_ms_per_s"])?;
-        let cps = num(s, &["cases", "cps_nodeport", "1", dp, "rate", "median"])?;
-        (cps > 0.0).then(|| ms * 1000.0 / cps)
-    };
-    if let (Some(ours), Some(nft), Some(b_ours), Some(b_nft)) = (
-        node("ours", "cps_nodeport"),
-        node("nftables", "cps_nodeport"),
-        background("ours"),
-        background("nftables"),
+    // The agent's periodic work, which a timed window catches or misses by its phase: the node
+    // shares above count it at its steady rate instead (Metric::CpuPerUnit).
+    if let (Some(ms), Some(window), Some(cps)) = (
+        num(s, &["details", "ours", "idle", "agent_ms_per_s"]),
+        num(s, &["details", "ours", "idle", "window_s"]),
+        num(s, &["cases", "cps_nodeport", "1", "ours", "rate", "median"]),
     ) {
         let _ = writeln!(
             md,
-            "- **With the steady background** (busy CPU without traffic, at each datapath's \
-             NodePort CPS: ours {} µs per connection, nftables mode {}), added to the node's \
-             share instead of whatever a timed window caught: NodePort ours {} µs, {}× \
-             nftables mode.",
-            f(Some(b_ours)),
-            f(Some(b_nft)),
-            f(Some(ours + b_ours)),
-            f((nft + b_nft > 0.0).then(|| (ours + b_ours) / (nft + b_nft))),
+            "- **The agent** is counted at its steady rate in every timed window of ours: {} ms \
+             of CPU a second over {} s without traffic (whole sweep periods: its sweeps and \
+             node checks, with the maps holding the run's connections), {} µs per connection at \
+             the NodePort CPS. Its CPU within each window, whatever the window's phase caught, \
+             is replaced by that rate.",
+            f(Some(ms)),
+            f(Some(window)),
+            f((cps > 0.0).then(|| ms * 1000.0 / cps)),
         );
     }
     let ct = p("ipvs", "conntrack and NAT", "nodeport");
@@ -2209,6 +2227,42 @@ mod tests {
             ),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_agent_counts_at_its_steady_rate_not_what_a_window_caught() {
+        let case = "cps_nodeport";
+        let with_agent = |busy_s: f64, agent_s: f64| {
+            let mut r = record("ours", 1, case, busy_s, 1000.0);
+            r["result"]["loadgen"]["cpu"]["agent_s"] = json!(agent_s);
+            r
+        };
+        let doc = |ours: Value| {
+            json!({
+                "lab_kernel": "6.12", "clock": "icount", "cpus": 1,
+                "records": [record("direct", 0, case, 0.100, 1000.0), ours],
+                // 3 ms of agent CPU a second without traffic.
+                "details": [{"datapath": "ours",
+                    "idle": {"window_s": 30.0, "busy_s": 0.2, "agent_cpu_s": 0.09}}],
+            })
+        };
+        let share = |ours: Value| {
+            let run = RunDoc {
+                doc: doc(ours),
+                series: "6.12".into(),
+                clock: "icount".into(),
+                cpus: 1.0,
+            };
+            run.node_cpu("ours", 1, case)[0].1
+        };
+        // A 0.2 s window that caught a 12 ms sweep pass, and one that caught nothing: each
+        // counts 0.6 ms of agent CPU instead (3 ms/s for 0.2 s), over 1000 connections.
+        let caught = share(with_agent(0.2, 0.012));
+        let missed = share(with_agent(0.2, 0.0));
+        assert!((caught - 88.6).abs() < 1e-9, "{caught}");
+        assert!((missed - 100.6).abs() < 1e-9, "{missed}");
+        // Without the agent's figures (another datapath, an older document) the window stands.
+        assert!((share(record("ours", 1, case, 0.2, 1000.0)) - 100.0).abs() < 1e-9);
     }
 
     #[test]
