@@ -104,7 +104,7 @@ fn fill(dp: &Datapath) -> usize {
                 8080,
                 L4Proto::Tcp,
             );
-            maps.conns.insert(&tuple, &value).expect("conns");
+            maps.put_conn(&tuple, &value).expect("conns");
             dp.test_run(
                 DatapathProgram::TcEgress,
                 &syn(src, sport, backend(i), 8080),
@@ -276,7 +276,7 @@ fn insert_until(maps: &probes::DatapathMaps, stop: &AtomicBool, inserted: &Atomi
             8080,
             L4Proto::Tcp,
         );
-        if maps.conns.insert(&tuple, &value).is_ok() {
+        if maps.put_conn(&tuple, &value).is_ok() {
             inserted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -298,7 +298,7 @@ fn a_full_lru_conns_read_under_inserts_returns_each_entry_once() {
             8080,
             L4Proto::Tcp,
         );
-        maps.conns.insert(&tuple, &value).expect("conns");
+        maps.put_conn(&tuple, &value).expect("conns");
     }
     let stop = AtomicBool::new(false);
     let inserted = AtomicU64::new(0);
@@ -382,7 +382,7 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
             8080,
             L4Proto::Tcp,
         );
-        maps.conns.insert(&tuple, &conn_value()).expect("conns");
+        maps.put_conn(&tuple, &conn_value()).expect("conns");
     }
     agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops);
     assert_eq!(

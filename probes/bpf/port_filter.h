@@ -26,11 +26,12 @@ enum port_filter_kind {
 	PORT_SNAT = 2,
 };
 
-static __always_inline __u64 *port_filter_word(int kind, __be16 port)
+/* The word of the kind's bitmap that holds the port (host order), NULL without the map. */
+static __always_inline __u64 *port_filter_word(int kind, __u16 port)
 {
 	__u32 zero = 0;
 	struct port_filter *pf = bpf_map_lookup_elem(&port_filter, &zero);
-	__u32 word = bpf_ntohs(port) >> 6;
+	__u32 word = port >> 6;
 
 	if (!pf)
 		return NULL;
@@ -50,14 +51,15 @@ static __always_inline __u64 *port_filter_word(int kind, __be16 port)
 /* 0 when a lookup keyed by this port as `kind` cannot hit; 1 when it may (or no filter is trusted). */
 static __always_inline int port_may_be(const struct config *cfg, int kind, __be16 port)
 {
+	__u16 host_port = bpf_ntohs(port);
 	__u64 *word;
 
 	if (!(cfg->flags & CFG_F_PORT_FILTER))
 		return 1;
-	word = port_filter_word(kind, port);
+	word = port_filter_word(kind, host_port);
 	if (!word)
 		return 1;
-	return (*(volatile __u64 *)word >> (bpf_ntohs(port) & 63)) & 1;
+	return (*(volatile __u64 *)word >> (host_port & 63)) & 1;
 }
 
 /*
@@ -67,8 +69,9 @@ static __always_inline int port_may_be(const struct config *cfg, int kind, __be1
  */
 static __always_inline void port_filter_add(int kind, __be16 port)
 {
-	__u64 *word = port_filter_word(kind, port);
-	__u64 bit = 1ull << (bpf_ntohs(port) & 63);
+	__u16 host_port = bpf_ntohs(port);
+	__u64 *word = port_filter_word(kind, host_port);
+	__u64 bit = 1ull << (host_port & 63);
 
 	if (word && !(*(volatile __u64 *)word & bit))
 		__sync_fetch_and_or(word, bit);

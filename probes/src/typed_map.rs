@@ -416,6 +416,15 @@ impl DatapathMaps {
         self.svc_ports.update(key, value, UpdateFlags::Any)
     }
 
+    /// Puts an IPVS connection (client -> backend) in `conns` as the probe does, its backend
+    /// port in the port filter first (tests and benchmarks).
+    pub fn put_conn(&self, key: &Tuple, value: &ConnValue) -> Result<()> {
+        if let Some(filter) = &self.port_filter {
+            filter.add(PortKind::Backend, key.dport.get());
+        }
+        self.conns.insert(key, value)
+    }
+
     /// Inserts a translated connection into the SNAT table as a program's allocation does, its
     /// backend port and node port put in the port filter first ([`SnatTable::insert`]: tests and
     /// benchmarks).
@@ -434,8 +443,8 @@ impl DatapathMaps {
     }
 
     /// Fills the port filter from the maps (every `conns` entry's and live SNAT record's
-    /// backend port, every live record's node port, every `svc_ports` key's port) and then lets the programs trust it
-    /// (`CFG_F_PORT_FILTER`). Call it once every program that keeps the filter is the one
+    /// backend port, every live record's node port, every `svc_ports` key's port) and then
+    /// lets the programs trust it (`CFG_F_PORT_FILTER`). Call it once every program that keeps the filter is the one
     /// attached (the probe, and the TC programs on every device): an older agent's programs
     /// make entries without their bits, which the fill covers only up to this call. Returns
     /// whether the filter is in use (false when the pins have none).

@@ -1792,14 +1792,8 @@ fn a_new_port_filter_is_not_trusted_until_filled() {
     let fx = Fixture::new("port_filter_new");
     assert!(fx.dp.maps().port_filter_enabled().expect("config"));
     std::fs::remove_file(fx.pins.root.join(map_names::PORT_FILTER)).expect("unpin");
-    let again = probes::Datapath::load(probes::DatapathOptions {
-        pin_root: fx.pins.root.clone(),
-        map_sizes: test_map_sizes(),
-        tc_attach: probes::TcAttachPolicy::Auto,
-        rewrite: RewritePolicy::Auto,
-        nat_seed: Some(TEST_NAT_SEED),
-    })
-    .expect("load again");
+    let again = probes::Datapath::load(fixture_options(fx.pins.root.clone(), test_map_sizes()))
+        .expect("load again");
     assert!(!again.maps().port_filter_enabled().expect("config"));
     assert!(again.maps().enable_port_filter().expect("enable"));
     assert!(again.maps().port_filter_enabled().expect("config"));

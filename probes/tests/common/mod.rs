@@ -10,7 +10,7 @@ use std::sync::Once;
 
 use probes::maps::{Config, ConnValue, DevValue, Tuple};
 use probes::{
-    Datapath, DatapathOptions, DatapathProgram, MapSizes, PortKind, RewritePolicy, SkbContext,
+    Datapath, DatapathOptions, DatapathProgram, MapSizes, RewritePolicy, SkbContext,
     TcAttachPolicy, TestRunOutput,
 };
 
@@ -103,6 +103,18 @@ pub fn test_map_sizes() -> MapSizes {
     }
 }
 
+/// The options a [`Fixture`] loads its datapath with, at `pin_root` (a test that loads again over
+/// a fixture's pins uses the same).
+pub fn fixture_options(pin_root: PathBuf, map_sizes: MapSizes) -> DatapathOptions {
+    DatapathOptions {
+        pin_root,
+        map_sizes,
+        tc_attach: TcAttachPolicy::Auto,
+        rewrite: REWRITE.with(|r| r.get()),
+        nat_seed: Some(TEST_NAT_SEED),
+    }
+}
+
 pub struct Fixture {
     pub dp: Datapath,
     pub pins: PinDir,
@@ -116,14 +128,8 @@ impl Fixture {
 
     pub fn with_sizes(test: &str, map_sizes: MapSizes) -> Fixture {
         let pins = PinDir::new(test);
-        let dp = Datapath::load(DatapathOptions {
-            pin_root: pins.root.clone(),
-            map_sizes,
-            tc_attach: TcAttachPolicy::Auto,
-            rewrite: REWRITE.with(|r| r.get()),
-            nat_seed: Some(TEST_NAT_SEED),
-        })
-        .expect("load datapath");
+        let dp =
+            Datapath::load(fixture_options(pins.root.clone(), map_sizes)).expect("load datapath");
         let fixture = Fixture { dp, pins };
         fixture.set_config(Config::default());
         // As the agent runs them: the programs trust the port filter (bpf/port_filter.h).
@@ -150,11 +156,7 @@ impl Fixture {
     /// Puts an IPVS connection (client -> backend) in `conns` as the probe does: its backend
     /// port in the port filter first.
     pub fn probe_conn(&self, key: &Tuple, value: &ConnValue) {
-        let maps = self.dp.maps();
-        if let Some(filter) = &maps.port_filter {
-            filter.add(PortKind::Backend, key.dport.get());
-        }
-        maps.conns.insert(key, value).expect("conns");
+        self.dp.maps().put_conn(key, value).expect("conns");
     }
 
     pub fn set_config(&self, config: Config) {
