@@ -181,11 +181,19 @@ fn unindex_way<M: TableMemory + ?Sized>(m: &M, index: Index, k: &Tuple, rec: u32
 
 /// Frees every dead record ([`REC_DEAD`] → [`REC_FREE`]); returns how many. A release (of the
 /// compare-and-swap) after the ways' clearing: a program whose allocation reads `REC_FREE` sees
-/// the ways cleared (case 5).
+/// the ways cleared (case 5). Only a record read dead is swapped: a compare-and-swap takes its
+/// cache line exclusive, failed or not, from every CPU whose program reads the record.
 pub fn reclaim<M: TableMemory + ?Sized>(m: &M) -> usize {
     (0..m.capacity())
         .filter(|&rec| {
-            m.state_compare_exchange(rec, REC_DEAD, REC_FREE, Ordering::AcqRel, Ordering::Relaxed)
+            m.state_load(rec, Ordering::Relaxed) == REC_DEAD
+                && m.state_compare_exchange(
+                    rec,
+                    REC_DEAD,
+                    REC_FREE,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         })
         .count()

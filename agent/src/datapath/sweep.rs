@@ -244,12 +244,25 @@ pub fn sweep_with_ipvs(
         ..SweepReport::default()
     };
     let mut svc_ids = HashMap::new();
+    // The probe's entries by tuple, from the copy just read, when a record is new: the probe
+    // writes a connection's entry when IPVS creates it, before its first packet leaves, so
+    // before the record (made by that packet's translation) the pass started from. One lookup
+    // in memory per new record, where a system call each cost the sweeper several µs per
+    // connection.
+    let conn_of: HashMap<&Tuple, &ConnValue> = if records
+        .iter()
+        .any(|(_, r)| r.fwd.flags & SNAT_F_RESOLVED == 0)
+    {
+        conns.iter().map(|(k, v)| (k, v)).collect()
+    } else {
+        HashMap::new()
+    };
     // The forward tuples of the records expired now, with their last packet.
     let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
     for (rec, record) in records {
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
-            let conn = maps.conns.get(&record.fwd_key)?;
-            let (svc_id, flags) = resolve_with(maps, &record, conn.as_ref(), &mut svc_ids)?;
+            let conn = conn_of.get(&record.fwd_key).copied();
+            let (svc_id, flags) = resolve_with(maps, &record, conn, &mut svc_ids)?;
             maps.snat.resolve(rec, svc_id, flags);
             if flags & SNAT_F_PROBE_HIT != 0 {
                 report.probe_hits += 1;
