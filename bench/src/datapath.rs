@@ -73,6 +73,8 @@ const TCP_NODE_PORT: u16 = 30080;
 /// 411 and 393 of 6,000 from the local pod at 7ac1347 on 6.12, none in nftables mode.
 const OTHER_PORT: u16 = 8081;
 const UDP_NODE_PORT: u16 = 30053;
+/// The agent's sweep period (its default `--sweep-period`, which the benchmark runs it with).
+const AGENT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 /// Services per nft transaction when the extra Services are added in nftables mode.
 const NFT_BATCH: usize = 500;
 
@@ -129,7 +131,8 @@ impl Config {
             profile_conns: env_num("BENCH_PROFILE_CONNS", 1000)?,
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
             ct_max: env_num("BENCH_CT_MAX", 1024)?,
-            // Two of the agent's 10 s sweep periods and five of its 5 s node checks.
+            // Three of the agent's 10 s sweep periods and six of its 5 s node checks (whole ones,
+            // whatever the phase).
             idle_seconds: env_num("BENCH_IDLE_SECONDS", 30)?,
             datapaths,
             clock: std::env::var("BENCH_CLOCK").unwrap_or_else(|_| "tcg".into()),
@@ -966,6 +969,11 @@ fn datapath_round(
     ));
     let mut out = Vec::new();
     let mut all = bench.clone();
+    // The agent's CPU over the round's cases and two sweep periods after them (a pass has then
+    // resolved every record the cases made, whatever its phase): the report charges its
+    // per-connection part to the service connections (Metric::CpuPerUnit).
+    let agent_start = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+    let span_start = Instant::now();
     for with_fill in [false, true] {
         if with_fill && fill.is_empty() {
             continue;
@@ -1007,6 +1015,19 @@ fn datapath_round(
                 "program_s": add_s,
                 "result": r,
             }));
+        }
+    }
+    if let Some(a0) = agent_start {
+        std::thread::sleep(2 * AGENT_SWEEP_PERIOD);
+        if let Some(a1) = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM) {
+            let agent = json!({
+                "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
+                "span_s": span_start.elapsed().as_secs_f64(),
+            });
+            log(&format!("round {round} {}: agent {agent}", dp.name()));
+            for r in &mut out {
+                r["agent_round"] = agent.clone();
+            }
         }
     }
     let t0 = Instant::now();

@@ -26,6 +26,13 @@ const OTHER_CASES: [(&str, &str); 2] = [
     ("cps_node_to_remote", "the node to a remote pod"),
 ];
 
+/// Whether a case opens short connections through a Service (one each: the agent's work per
+/// connection is charged to it).
+fn is_service_connection_case(case: &str) -> bool {
+    (case.starts_with("cps_") || case.starts_with("lat_"))
+        && !OTHER_CASES.iter().any(|(c, _)| *c == case)
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("bench-report: {e:#}");
@@ -214,6 +221,24 @@ impl RunDoc {
         (window > 0.0).then(|| cpu / window)
     }
 
+    /// The agent's CPU per service connection (seconds) in the record's round: its CPU over
+    /// the round's cases and the two sweep periods after them (`agent_round`), less its rate
+    /// without traffic over that span, over the connections the round's short-connection
+    /// service cases made (records resolved, `conns` entries read and expired). Charged to
+    /// ClusterIP connections too, which make no record: an over-estimate, never an under.
+    fn agent_per_connection(&self, rec: &Value) -> Option<f64> {
+        let agent = &rec["agent_round"];
+        let (cpu, span) = (agent["cpu_s"].as_f64()?, agent["span_s"].as_f64()?);
+        let conns: f64 = self
+            .records()
+            .filter(|r| r["round"] == rec["round"] && r["datapath"] == rec["datapath"])
+            .filter(|r| r["case"].as_str().is_some_and(is_service_connection_case))
+            .filter_map(|r| r["result"]["loadgen"]["ok"].as_f64())
+            .sum();
+        let rate = self.agent_rate(rec)?;
+        (conns > 0.0).then(|| ((cpu - rate * span) / conns).max(0.0))
+    }
+
     fn detail(&self, dp: &str) -> Option<&Value> {
         self.doc["details"]
             .as_array()
@@ -237,13 +262,17 @@ impl RunDoc {
                 // window is measured precisely; /proc/stat's idle ticks are ~0 when saturated).
                 let window = lg["cpu"]["window_s"].as_f64()?;
                 let mut busy = window * self.cpus - lg["cpu"]["idle_s"].as_f64().unwrap_or(0.0);
-                // The agent at its steady rate: its CPU in the window (a sweep pass or a node
-                // check, or none, by the window's phase) replaced by its rate over the idle
-                // window's whole sweep periods, for the window's length.
+                // The agent, counted whatever the window's phase caught of it (a sweep pass, a
+                // node check, or nothing): its CPU in the window replaced by its rate without
+                // traffic for the window's length, plus its work per service connection.
                 if let (Some(in_window), Some(rate)) =
                     (lg["cpu"]["agent_s"].as_f64(), self.agent_rate(rec))
                 {
                     busy += rate * window - in_window;
+                    if is_service_connection_case(case) {
+                        busy += self.agent_per_connection(rec).unwrap_or(0.0)
+                            * lg["ok"].as_f64().unwrap_or(0.0);
+                    }
                 }
                 let units = if case.starts_with("bulk") {
                     lg["bytes"].as_f64()? / f64::from(1u32 << 20)
@@ -1067,11 +1096,14 @@ fn markdown(
              the per-round ratio; `±` is half the spread (max − min) over rounds, relative to \
              the median.\n\n\
              **CPU per connection** is the guest's busy CPU time over the timed window (window × \
-             CPUs − idle) divided by connections, with ours counting the agent at its steady \
-             rate (its threads' CPU time over the idle window after the profiles, whole sweep \
-             periods, for the window's length) instead of the agent's CPU within the window \
-             (both from schedstat: a sweep pass caught or missed by a window's phase moved a \
-             node share by a few per cent); the **node's share** subtracts the direct \
+             CPUs − idle) divided by connections. Ours counts the agent whatever a window's \
+             phase caught of it (a sweep pass costs tens of ms under `-icount`): its CPU \
+             within the window (its threads' schedstat) is replaced by its rate without traffic \
+             (the idle window after the profiles, whole sweep periods) for the window's length \
+             plus, for each connection through a Service, its work per connection (its CPU over \
+             the round's cases and two sweep periods after them, less that rate, over the \
+             connections the round's short-connection service cases made); the **node's \
+             share** subtracts the direct \
              baseline of the same round, which carries the client's and the server's constant \
              costs (loadgen, both TCP stacks, veth, routing), so the ratio of node shares is the \
              service path's cost undiluted. (The loadgen processes' own rusage is recorded but \
@@ -1797,16 +1829,20 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
         num(s, &["details", "ours", "idle", "window_s"]),
         num(s, &["cases", "cps_nodeport", "1", "ours", "rate", "median"]),
     ) {
+        let per_conn = num(s, &["details", "ours", "agent_us_per_service_conn"]);
+        let at_rate = (cps > 0.0).then(|| ms * 1000.0 / cps);
         let _ = writeln!(
             md,
-            "- **The agent** is counted at its steady rate in every timed window of ours: {} ms \
-             of CPU a second over {} s without traffic (whole sweep periods: its sweeps and \
-             node checks, with the maps holding the run's connections), {} µs per connection at \
-             the NodePort CPS. Its CPU within each window, whatever the window's phase caught, \
-             is replaced by that rate.",
+            "- **The agent** is in the node shares of ours whatever a window's phase caught of \
+             it: {} ms of CPU a second without traffic (over {} s, whole sweep periods: its \
+             sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
+             work per service connection (its sweeper's resolution of each new record, its \
+             reads of `conns`): {} µs per NodePort connection in all.",
             f(Some(ms)),
             f(Some(window)),
-            f((cps > 0.0).then(|| ms * 1000.0 / cps)),
+            f(at_rate),
+            f(per_conn),
+            f(per_conn.map(|b| b + at_rate.unwrap_or(0.0))),
         );
     }
     let ct = p("ipvs", "conntrack and NAT", "nodeport");
@@ -2263,6 +2299,15 @@ mod tests {
         assert!((missed - 100.6).abs() < 1e-9, "{missed}");
         // Without the agent's figures (another datapath, an older document) the window stands.
         assert!((share(record("ours", 1, case, 0.2, 1000.0)) - 100.0).abs() < 1e-9);
+        // Its work per connection: 65 ms over a 20 s round, 60 of them its rate without
+        // traffic, so 5 ms over the round's 1000 service connections, 5 µs each.
+        let mut round = with_agent(0.2, 0.0);
+        round["agent_round"] = json!({"cpu_s": 0.065, "span_s": 20.0});
+        let charged = share(round);
+        assert!((charged - 105.6).abs() < 1e-9, "{charged}");
+        assert!(is_service_connection_case("lat_clusterip"));
+        assert!(!is_service_connection_case("cps_pod_to_pod"));
+        assert!(!is_service_connection_case("rr_nodeport"));
     }
 
     #[test]
