@@ -61,6 +61,57 @@ fn probe_saw(maps: &probes::DatapathMaps, key: &Tuple, created_ns: u64) {
         .expect("conns");
 }
 
+/// Few new records among many `conns` entries: the pass looks each one up in the map rather
+/// than index its copy of `conns` (`RESOLVE_SYSCALL_HASHES`); the resolution is the same.
+#[test]
+fn a_new_record_among_many_conns_entries_is_resolved_too() {
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = test_pins("sweep-lookup");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
+    let maps = dp.maps();
+    let now = monotonic_ns();
+    let seen = Tuple::new(
+        IpAddr::V4(SEEN),
+        5000,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    );
+    probe_saw(maps, &seen, now);
+    for i in 0..40u16 {
+        let other = Tuple::new(
+            IpAddr::V4(UNSEEN),
+            10_000 + i,
+            IpAddr::V4(BACKEND),
+            8080,
+            L4Proto::Tcp,
+        );
+        probe_saw(maps, &other, now);
+    }
+    let context = SkbContext {
+        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
+        ifindex: 1,
+        ingress_ifindex: 0,
+    };
+    dp.test_run(
+        DatapathProgram::TcEgress,
+        &syn(SEEN, 5000, BACKEND, 8080),
+        &context,
+    )
+    .expect("first packet");
+    let report = sweep(maps, monotonic_ns(), &Timeouts::default()).expect("sweep");
+    assert_eq!((report.probe_hits, report.probe_misses), (1, 0));
+    assert_eq!((report.conns_expired, report.conns_live), (0, 41));
+    let (_, record) = maps.snat.find(Index::Fwd, &seen).expect("seen");
+    assert_eq!((record.fwd.svc_id, record.rev.svc_id), (7, 7));
+    assert_eq!(
+        record.fwd.flags,
+        SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT
+    );
+}
+
 #[test]
 fn sweeps_resolve_new_records_then_expire_and_free_them() {
     if !can_load_datapath() {
