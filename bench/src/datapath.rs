@@ -973,6 +973,7 @@ fn datapath_round(
     // resolved every record the cases made, whatever its phase): the report charges its
     // per-connection part to the service connections (Metric::CpuPerUnit).
     let agent_start = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+    let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
     let span_start = Instant::now();
     for with_fill in [false, true] {
         if with_fill && fill.is_empty() {
@@ -1020,9 +1021,19 @@ fn datapath_round(
     if let Some(a0) = agent_start {
         std::thread::sleep(2 * AGENT_SWEEP_PERIOD);
         if let Some(a1) = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM) {
+            let threads: BTreeMap<String, f64> =
+                agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM)
+                    .into_iter()
+                    .map(|(name, ns)| {
+                        let before = threads_start.get(&name).copied().unwrap_or(0);
+                        (name, ns.saturating_sub(before) as f64 / 1e9)
+                    })
+                    .filter(|(_, s)| *s > 0.0)
+                    .collect();
             let agent = json!({
                 "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
                 "span_s": span_start.elapsed().as_secs_f64(),
+                "threads_cpu_s": threads,
             });
             log(&format!("round {round} {}: agent {agent}", dp.name()));
             for r in &mut out {

@@ -355,33 +355,46 @@ struct Window {
     start: Instant,
     cpu: CpuTimes,
     agent_ns: Option<u64>,
+    agent_threads: BTreeMap<String, u64>,
     deadline: Instant,
 }
 
 impl Window {
     fn open(max_time: f64) -> Window {
         let agent_ns = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+        let agent_threads = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         let cpu = CpuTimes::read();
         let start = Instant::now();
         Window {
             start,
             cpu,
             agent_ns,
+            agent_threads,
             deadline: start + Duration::from_secs_f64(max_time),
         }
     }
 
     /// Closes the window: elapsed seconds and the CPU figures, with the agent's CPU time in the
-    /// window (`agent_s`, null without an agent).
+    /// window (`agent_s`, null without an agent) and the threads that used it.
     fn close(&self) -> (f64, Value) {
         let elapsed = self.start.elapsed().as_secs_f64();
         let end = CpuTimes::read();
         let agent_end = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+        let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         let mut cpu = self.cpu.delta_json(&end, elapsed);
         cpu["agent_s"] = match (self.agent_ns, agent_end) {
             (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1e9),
             _ => Value::Null,
         };
+        let threads: BTreeMap<&String, f64> = threads_end
+            .iter()
+            .map(|(name, ns)| {
+                let before = self.agent_threads.get(name).copied().unwrap_or(0);
+                (name, ns.saturating_sub(before) as f64 / 1e9)
+            })
+            .filter(|(_, s)| *s > 0.0)
+            .collect();
+        cpu["agent_threads_s"] = json!(threads);
         (elapsed, cpu)
     }
 
