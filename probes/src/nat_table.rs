@@ -20,6 +20,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use libbpf_rs::{MapCore, MapHandle};
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::{Error, Result};
 use crate::maps::{
@@ -44,7 +45,7 @@ const HASH_MULTIPLIERS: [u64; 10] = [
 
 /// `tuple_hash()`: the seeded 64-bit hash of a tuple's ten native-endian words.
 pub fn tuple_hash(t: &Tuple, seed: u32) -> u64 {
-    let bytes = zerocopy::IntoBytes::as_bytes(t);
+    let bytes = t.as_bytes();
     let mut h = (u64::from(seed) << 32) | u64::from(seed);
     for (i, word) in bytes.chunks_exact(4).enumerate() {
         let w = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
@@ -308,13 +309,24 @@ impl SnatTable {
         unsafe { atomic(std::ptr::addr_of_mut!((*r).state)) }
     }
 
-    /// A copy of record `rec` (any state), `None` past the table.
+    /// A copy of record `rec` (any state), `None` past the table: a relaxed atomic load of each
+    /// of its 8-byte words (possibly torn while a program writes it). A volatile read of the
+    /// struct compiled to a copy about 500 instructions long; the sweeper copies every live
+    /// record each pass.
     pub fn record(&self, rec: u32) -> Option<NatRecord> {
         if rec >= self.capacity() {
             return None;
         }
-        // SAFETY: rec < capacity; a volatile copy of plain data (possibly torn while written).
-        Some(unsafe { std::ptr::read_volatile(self.records.element::<NatRecord>(rec)) })
+        const _: () = assert!(size_of::<NatRecord>().is_multiple_of(8));
+        let base = self.records.element::<u64>(rec);
+        let mut words = [0u64; size_of::<NatRecord>() / 8];
+        for (i, word) in words.iter_mut().enumerate() {
+            // SAFETY: rec < capacity and i < the record's words keep the address inside the
+            // mapping's element; elements are 8-byte aligned (the stride is the record's size,
+            // a multiple of 8, from a page-aligned mapping); AtomicU64 has u64's layout.
+            *word = unsafe { AtomicU64::from_ptr(base.add(i)) }.load(Ordering::Relaxed);
+        }
+        NatRecord::read_from_bytes(words.as_bytes()).ok()
     }
 
     /// Every live record ([`REC_USED`]) with its number.
