@@ -61,6 +61,39 @@ fn probe_saw(maps: &probes::DatapathMaps, key: &Tuple, created_ns: u64) {
         .expect("conns");
 }
 
+/// The connection `src:sport` -> BACKEND:8080 over TCP, as it leaves (the `conns` key).
+fn to_backend(src: Ipv4Addr, sport: u16) -> Tuple {
+    Tuple::new(
+        IpAddr::V4(src),
+        sport,
+        IpAddr::V4(BACKEND),
+        8080,
+        L4Proto::Tcp,
+    )
+}
+
+/// A packet IPVS forwarded to a backend, marked for masquerade, leaving device 1.
+fn masqueraded() -> SkbContext {
+    SkbContext {
+        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
+        ifindex: 1,
+        ingress_ifindex: 0,
+    }
+}
+
+/// The first packet of `src:sport` -> BACKEND:8080 through TC egress, translated to NODE (its
+/// SNAT record made).
+fn first_packet(dp: &probes::Datapath, src: Ipv4Addr, sport: u16) {
+    let out = dp
+        .test_run(
+            DatapathProgram::TcEgress,
+            &syn(src, sport, BACKEND, 8080),
+            &masqueraded(),
+        )
+        .expect("first packet");
+    assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
+}
+
 /// Few new records among many `conns` entries: the pass looks each one up in the map rather
 /// than index its copy of `conns` (`RESOLVE_SYSCALL_HASHES`); the resolution is the same.
 #[test]
@@ -72,35 +105,12 @@ fn a_new_record_among_many_conns_entries_is_resolved_too() {
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let now = monotonic_ns();
-    let seen = Tuple::new(
-        IpAddr::V4(SEEN),
-        5000,
-        IpAddr::V4(BACKEND),
-        8080,
-        L4Proto::Tcp,
-    );
+    let seen = to_backend(SEEN, 5000);
     probe_saw(maps, &seen, now);
     for i in 0..40u16 {
-        let other = Tuple::new(
-            IpAddr::V4(UNSEEN),
-            10_000 + i,
-            IpAddr::V4(BACKEND),
-            8080,
-            L4Proto::Tcp,
-        );
-        probe_saw(maps, &other, now);
+        probe_saw(maps, &to_backend(UNSEEN, 10_000 + i), now);
     }
-    let context = SkbContext {
-        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
-        ifindex: 1,
-        ingress_ifindex: 0,
-    };
-    dp.test_run(
-        DatapathProgram::TcEgress,
-        &syn(SEEN, 5000, BACKEND, 8080),
-        &context,
-    )
-    .expect("first packet");
+    first_packet(&dp, SEEN, 5000);
     let report = sweep(maps, monotonic_ns(), &Timeouts::default()).expect("sweep");
     assert_eq!((report.probe_hits, report.probe_misses), (1, 0));
     assert_eq!((report.conns_expired, report.conns_live), (0, 41));
@@ -129,44 +139,13 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
     // ago than IPVS's TCP timeout, and an untranslated one as long ago.
     let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
-    let seen = Tuple::new(
-        IpAddr::V4(SEEN),
-        5000,
-        IpAddr::V4(BACKEND),
-        8080,
-        L4Proto::Tcp,
-    );
-    let unseen = Tuple::new(
-        IpAddr::V4(UNSEEN),
-        5001,
-        IpAddr::V4(BACKEND),
-        8080,
-        L4Proto::Tcp,
-    );
-    let untranslated = Tuple::new(
-        IpAddr::V4(UNSEEN),
-        6000,
-        IpAddr::V4(BACKEND),
-        8080,
-        L4Proto::Tcp,
-    );
+    let (seen, unseen) = (to_backend(SEEN, 5000), to_backend(UNSEEN, 5001));
+    let untranslated = to_backend(UNSEEN, 6000);
     for key in [seen, untranslated] {
         probe_saw(maps, &key, long_ago);
     }
-    let context = SkbContext {
-        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
-        ifindex: 1,
-        ingress_ifindex: 0,
-    };
     for (src, sport) in [(SEEN, 5000), (UNSEEN, 5001)] {
-        let out = dp
-            .test_run(
-                DatapathProgram::TcEgress,
-                &syn(src, sport, BACKEND, 8080),
-                &context,
-            )
-            .expect("first packet");
-        assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
+        first_packet(&dp, src, sport);
     }
     let now = monotonic_ns();
 
@@ -235,15 +214,7 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
     // clock (which may have run for less than that).
     let long_ago = monotonic_ns();
     let now = long_ago + Duration::from_secs(1000).as_nanos() as u64;
-    let conn = |sport| {
-        Tuple::new(
-            IpAddr::V4(SEEN),
-            sport,
-            IpAddr::V4(BACKEND),
-            8080,
-            L4Proto::Tcp,
-        )
-    };
+    let conn = |sport| to_backend(SEEN, sport);
     let (long_lived, ended, young) = (conn(7000), conn(7001), conn(7002));
     for (key, created_ns) in [(long_lived, long_ago), (ended, long_ago), (young, now)] {
         probe_saw(maps, &key, created_ns);
@@ -293,18 +264,8 @@ fn a_connection_reopened_during_a_sweep_pass_keeps_its_record() {
     let pins = test_pins("sweep-reopen");
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
-    let context = SkbContext {
-        mark: probes::maps::DEFAULT_MARK_SVC | probes::maps::DEFAULT_MARK_MASQ,
-        ifindex: 1,
-        ingress_ifindex: 0,
-    };
-    let client = Tuple::new(
-        IpAddr::V4(SEEN),
-        5000,
-        IpAddr::V4(BACKEND),
-        8080,
-        L4Proto::Tcp,
-    );
+    let context = masqueraded();
+    let client = to_backend(SEEN, 5000);
     let send = |flags: u8| {
         dp.test_run(
             DatapathProgram::TcEgress,
