@@ -61,14 +61,26 @@ pub fn busy_processes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+
+    /// This thread's CPU time (ns).
+    fn thread_cpu_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for clock_gettime to write.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime");
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
 
     #[test]
     fn reads_this_process_and_its_threads_names_and_cpu_ticks() {
-        // Burn a little CPU so the tick count is non-zero on any clock.
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(100) {
+        // Burn three ticks' worth of this thread's CPU time (not of wall time, which a loaded
+        // machine can leave without one tick of CPU), so the tick count is non-zero.
+        let tick_ns = (1e9 / ticks_per_second()) as u64;
+        let (start, mut x) = (thread_cpu_ns(), 0u64);
+        while thread_cpu_ns() - start < 3 * tick_ns {
             x = x.wrapping_mul(31).wrapping_add(1);
         }
         std::hint::black_box(x);

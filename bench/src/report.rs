@@ -695,6 +695,17 @@ fn summarize(run: &RunDoc) -> Value {
                 "bpf_stats": bpf_summary(&d["bpf_stats"]),
                 "profile_us_per_conn": profile,
                 "idle": idle_summary(&d["idle"]),
+                // The agent's work per service connection (µs; median over rounds), which the
+                // node shares of ours count.
+                "agent_us_per_service_conn": median(
+                    &run.rounds()
+                        .into_iter()
+                        .filter_map(|r| run.record(r, dp, 1, "cps_nodeport"))
+                        .filter_map(|r| run.agent_per_connection(r))
+                        .map(|s| s * 1e6)
+                        .collect::<Vec<_>>()
+                )
+                .map(round),
             }),
         );
     }
