@@ -5,8 +5,9 @@
 /// The agent's command name.
 pub const AGENT_COMM: &str = "kube-ipvs-bpf";
 
-/// [`run_time_ns`] by thread name (`/proc/PID/task/TID/comm`): which of the agent's threads
-/// used it (the sweeper, the sync loop's runtime, the admin servers).
+/// The CPU time (ns) of every thread of the processes named `comm`, by thread name
+/// (`/proc/PID/task/TID/comm`): which of the agent's threads used it (the sweeper, the sync
+/// loop's runtime, the admin servers). [`total`] sums it.
 pub fn run_time_ns_by_thread(comm: &str) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
     for task in tasks_of(comm) {
@@ -51,19 +52,13 @@ fn schedstat_ns(task: &std::path::Path) -> Option<u64> {
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
 }
 
-/// CPU time (ns) of every thread of the processes named `comm`, in user and kernel mode, from
-/// the scheduler's own clock (`/proc/PID/task/TID/schedstat`'s first field; interrupt time is
-/// not charged to the task). Precise where utime+stime are sampled: a task woken by a timer on
-/// the tick is charged whole ticks. `None` when no such process runs or the kernel has no
-/// schedstat files.
-pub fn run_time_ns(comm: &str) -> Option<u64> {
-    let mut total = None;
-    for task in tasks_of(comm) {
-        if let Some(ns) = schedstat_ns(&task) {
-            *total.get_or_insert(0) += ns;
-        }
-    }
-    total
+/// The CPU time (ns) of all of [`run_time_ns_by_thread`]'s threads: every thread of the
+/// processes named `comm`, in user and kernel mode, from the scheduler's own clock (schedstat's
+/// first field; interrupt time is not charged to the task). Precise where utime+stime are
+/// sampled: a task woken by a timer on the tick is charged whole ticks. `None` when no such
+/// process runs or the kernel has no schedstat files.
+pub fn total(threads: &std::collections::BTreeMap<String, u64>) -> Option<u64> {
+    (!threads.is_empty()).then(|| threads.values().sum())
 }
 
 #[cfg(test)]
@@ -85,16 +80,16 @@ mod tests {
     #[test]
     fn counts_this_process_cpu_time_in_nanoseconds() {
         let own = std::fs::read_to_string("/proc/self/comm").expect("comm");
-        let before = run_time_ns(own.trim_end()).expect("own schedstat");
+        let before = total(&run_time_ns_by_thread(own.trim_end())).expect("own schedstat");
         // Burn 20 ms of this thread's CPU time, however loaded the machine is.
         let (start, mut x) = (thread_cpu_ns(), 0u64);
         while thread_cpu_ns() - start < 20_000_000 {
             x = x.wrapping_mul(31).wrapping_add(1);
         }
         std::hint::black_box(x);
-        let used = run_time_ns(own.trim_end()).expect("own schedstat") - before;
+        let used = total(&run_time_ns_by_thread(own.trim_end())).expect("own schedstat") - before;
         assert!(used >= 20_000_000, "{used} ns");
-        assert_eq!(run_time_ns("no-such-command-here"), None);
+        assert_eq!(total(&run_time_ns_by_thread("no-such-command-here")), None);
         // The same time by thread: this process's threads add up to at least it.
         let threads = run_time_ns_by_thread(own.trim_end());
         assert!(threads.values().sum::<u64>() >= used, "{threads:?}");

@@ -39,7 +39,8 @@
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
 //! [5000], BENCH_CT_MAX [1024], BENCH_IDLE_SECONDS [30] (the window without traffic after the
 //! profiles, three of the agent's sweep periods: its steady CPU rate, which the report counts in
-//! every timed window of ours instead of the agent's CPU the window caught), BENCH_DATAPATHS [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
+//! every timed window of ours instead of the agent's CPU the window caught), BENCH_DATAPATHS
+//! [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
 
 use std::collections::BTreeMap;
@@ -972,8 +973,8 @@ fn datapath_round(
     // The agent's CPU over the round's cases and two sweep periods after them (a pass has then
     // resolved every record the cases made, whatever its phase): the report charges its
     // per-connection part to the service connections (Metric::CpuPerUnit).
-    let agent_start = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
     let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
+    let agent_start = agent_cpu::total(&threads_start);
     let span_start = Instant::now();
     for with_fill in [false, true] {
         if with_fill && fill.is_empty() {
@@ -1020,16 +1021,16 @@ fn datapath_round(
     }
     if let Some(a0) = agent_start {
         std::thread::sleep(2 * AGENT_SWEEP_PERIOD);
-        if let Some(a1) = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM) {
-            let threads: BTreeMap<String, f64> =
-                agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM)
-                    .into_iter()
-                    .map(|(name, ns)| {
-                        let before = threads_start.get(&name).copied().unwrap_or(0);
-                        (name, ns.saturating_sub(before) as f64 / 1e9)
-                    })
-                    .filter(|(_, s)| *s > 0.0)
-                    .collect();
+        let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
+        if let Some(a1) = agent_cpu::total(&threads_end) {
+            let threads: BTreeMap<String, f64> = threads_end
+                .into_iter()
+                .map(|(name, ns)| {
+                    let before = threads_start.get(&name).copied().unwrap_or(0);
+                    (name, ns.saturating_sub(before) as f64 / 1e9)
+                })
+                .filter(|(_, s)| *s > 0.0)
+                .collect();
             let agent = json!({
                 "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
                 "span_s": span_start.elapsed().as_secs_f64(),
@@ -1401,7 +1402,7 @@ fn idle_window(window: Duration) -> Value {
         let total: u64 = v.iter().take(8).sum();
         Some(total.saturating_sub(v.get(3)? + v.get(4).unwrap_or(&0)))
     };
-    let agent = || agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
+    let agent = || agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM));
     let (p0, a0, b0, start) = (cpu_ticks("/proc"), agent(), busy_ticks(), Instant::now());
     std::thread::sleep(window);
     let (b1, window_s, a1, p1) = (

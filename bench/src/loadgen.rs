@@ -354,21 +354,18 @@ impl Failures {
 struct Window {
     start: Instant,
     cpu: CpuTimes,
-    agent_ns: Option<u64>,
     agent_threads: BTreeMap<String, u64>,
     deadline: Instant,
 }
 
 impl Window {
     fn open(max_time: f64) -> Window {
-        let agent_ns = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
         let agent_threads = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         let cpu = CpuTimes::read();
         let start = Instant::now();
         Window {
             start,
             cpu,
-            agent_ns,
             agent_threads,
             deadline: start + Duration::from_secs_f64(max_time),
         }
@@ -379,10 +376,13 @@ impl Window {
     fn close(&self) -> (f64, Value) {
         let elapsed = self.start.elapsed().as_secs_f64();
         let end = CpuTimes::read();
-        let agent_end = agent_cpu::run_time_ns(agent_cpu::AGENT_COMM);
         let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         let mut cpu = self.cpu.delta_json(&end, elapsed);
-        cpu["agent_s"] = match (self.agent_ns, agent_end) {
+        let (start, end_ns) = (
+            agent_cpu::total(&self.agent_threads),
+            agent_cpu::total(&threads_end),
+        );
+        cpu["agent_s"] = match (start, end_ns) {
             (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1e9),
             _ => Value::Null,
         };
