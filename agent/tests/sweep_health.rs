@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use agent::admin::health::HealthState;
 use agent::admin::metrics::Metrics;
-use agent::datapath::sweep::{Sweeper, Timeouts, monotonic_ns, sweep};
+use agent::datapath::sweep::{ConnsRead, Sweeper, Timeouts, monotonic_ns, sweep};
 use probes::maps::{ConnValue, L4Proto, Tuple, addr_to_bytes};
 use probes::{Datapath, DatapathProgram, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
@@ -349,7 +349,7 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
     };
     let mut drops = agent::datapath::sweep::DropLog::default();
     let t = Timeouts::default();
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops);
+    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
     let snat = "kube_ipvs_bpf_datapath_map_entries{map=\"snat\"}";
     let conns = "kube_ipvs_bpf_datapath_map_entries{map=\"conns\"}";
     assert_eq!((sample(snat), sample(conns)), (Some(0.0), Some(0.0)));
@@ -384,7 +384,7 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
         );
         maps.put_conn(&tuple, &conn_value()).expect("conns");
     }
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops);
+    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
     assert_eq!(
         (sample(snat), sample(conns)),
         (Some(maps.snat.len() as f64), Some(3.0))
@@ -394,4 +394,18 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
         sample("kube_ipvs_bpf_datapath_events_total{event=\"snat_alloc\"}"),
         Some(5.0)
     );
+    // A pass that does not read `conns` in full leaves its gauge at the last full read's count.
+    let (src, sport) = client(200);
+    let tuple = Tuple::new(
+        IpAddr::V4(src),
+        sport,
+        IpAddr::V4(backend(1)),
+        8080,
+        L4Proto::Tcp,
+    );
+    maps.put_conn(&tuple, &conn_value()).expect("conns");
+    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::OfExpiredRecords);
+    assert_eq!((sample(snat), sample(conns)), (Some(5.0), Some(3.0)));
+    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
+    assert_eq!(sample(conns), Some(4.0));
 }

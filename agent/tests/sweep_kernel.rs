@@ -1,9 +1,10 @@
 //! Host-kernel test of the sweeper (`agent::datapath::sweep`) on a real loaded datapath: SNAT
-//! records created by the programs (BPF_PROG_TEST_RUN) are resolved against `conns` (service id,
-//! flags, the `probe_hit`/`probe_miss` counters), expired with the IPVS-like timeouts, and freed
-//! one pass after they are removed; `conns` entries older than IPVS's timeout stay while a
-//! record translates their connection and go with it, untranslated ones go unless IPVS still
-//! holds their connection (a long-lived one); a connection
+//! records created by the programs (BPF_PROG_TEST_RUN), resolved by them, are expired with the
+//! IPVS-like timeouts and freed one pass after they are removed; one an older program left
+//! unresolved is resolved against `conns` (service id, flags, the `probe_hit`/`probe_miss`
+//! counters); `conns` entries older than IPVS's timeout stay while a record translates their
+//! connection and go with it (on the passes that do not read `conns` in full, too), untranslated
+//! ones go unless IPVS still holds their connection (a long-lived one); a connection
 //! reopened while a pass runs is not removed on the pass's older copy; a dropped packet is
 //! logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
 //! passes without them.
@@ -14,10 +15,13 @@ use common::{can_load_datapath, load_with_one_service, small_map_sizes, test_pin
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use agent::datapath::sweep::{Timeouts, monotonic_ns, sweep, sweep_records, sweep_with_ipvs};
+use agent::datapath::sweep::{
+    CONNS_FULL_READ_PASSES, ConnsRead, Timeouts, monotonic_ns, sweep, sweep_pass, sweep_records,
+    sweep_with_ipvs,
+};
 use probes::maps::{
     ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
-    Tuple, addr_to_bytes,
+    SnatEntry, Tuple, addr_to_bytes,
 };
 use probes::{DatapathProgram, Index, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
@@ -94,36 +98,53 @@ fn first_packet(dp: &probes::Datapath, src: Ipv4Addr, sport: u16) {
     assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
 }
 
-/// Few new records among many `conns` entries: the pass looks each one up in the map rather
-/// than index its copy of `conns` (`RESOLVE_SYSCALL_HASHES`); the resolution is the same.
+/// A record an older program made without resolving its service (TC egress now does it when it
+/// allocates): a pass resolves it from `conns` and `svc_ports`, and counts it.
 #[test]
-fn a_new_record_among_many_conns_entries_is_resolved_too() {
+fn a_record_an_older_program_left_unresolved_is_resolved_by_a_pass() {
     if !can_load_datapath() {
         return;
     }
-    let pins = test_pins("sweep-lookup");
+    let pins = test_pins("sweep-resolve");
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
     let now = monotonic_ns();
     let seen = to_backend(SEEN, 5000);
     probe_saw(maps, &seen, now);
-    for i in 0..40u16 {
-        probe_saw(maps, &to_backend(UNSEEN, 10_000 + i), now);
-    }
-    first_packet(&dp, SEEN, 5000);
+    let rev_key = Tuple::new(
+        IpAddr::V4(BACKEND),
+        8080,
+        IpAddr::V4(NODE),
+        5000,
+        L4Proto::Tcp,
+    );
+    let entry = |addr: Ipv4Addr| SnatEntry {
+        addr: addr_to_bytes(IpAddr::V4(addr)),
+        port: U16::new(5000),
+        flags: SNAT_F_MASQ | SNAT_F_PORT_KEPT,
+        created_ns: now,
+        last_seen_ns: now,
+        ..SnatEntry::default()
+    };
+    maps.snat
+        .insert(&seen, &rev_key, &entry(NODE), &entry(SEEN))
+        .expect("record");
     let report = sweep(maps, monotonic_ns(), &Timeouts::default()).expect("sweep");
     assert_eq!((report.probe_hits, report.probe_misses), (1, 0));
-    assert_eq!((report.conns_expired, report.conns_live), (0, 41));
     let (_, record) = maps.snat.find(Index::Fwd, &seen).expect("seen");
     assert_eq!((record.fwd.svc_id, record.rev.svc_id), (7, 7));
-    assert_eq!(
-        record.fwd.flags,
-        SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT
-    );
+    let resolved = SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT;
+    assert_eq!((record.fwd.flags, record.rev.flags), (resolved, resolved));
+    assert_eq!(maps.stats().expect("stats").get(Counter::ProbeHit), 1);
+    // Resolved once.
+    let report = sweep(maps, monotonic_ns(), &Timeouts::default()).expect("sweep");
+    assert_eq!((report.probe_hits, report.probe_misses), (0, 0));
 }
 
+/// TC egress resolved both records when it made them (the probe saw one connection); passes
+/// expire them, free them a pass later, and remove the `conns` entry that goes with a record.
 #[test]
-fn sweeps_resolve_new_records_then_expire_and_free_them() {
+fn sweeps_expire_records_then_free_them_and_their_conns_entries_go_with_them() {
     if !can_load_datapath() {
         return;
     }
@@ -149,14 +170,14 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     }
     let now = monotonic_ns();
 
-    // First pass: both resolved, no record expired; the untranslated connection's entry is
-    // past IPVS's timeout, SEEN's stays with its record.
+    // First pass: nothing left to resolve, no record expired; the untranslated connection's
+    // entry is past IPVS's timeout, SEEN's stays with its record.
     let report = sweep(maps, now, &t).expect("sweep");
     assert_eq!(
         (report.probe_hits, report.probe_misses, report.snat_live),
-        (1, 1, 2)
+        (0, 0, 2)
     );
-    assert_eq!((report.conns_expired, report.conns_live), (1, 1));
+    assert_eq!((report.conns_expired, report.conns_live), (1, Some(1)));
     assert!(maps.conns.get(&seen).expect("conns").is_some());
     assert!(maps.conns.get(&untranslated).expect("conns").is_none());
     let (_, record) = maps.snat.find(Index::Fwd, &seen).expect("seen");
@@ -177,11 +198,6 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
         (1, 1)
     );
 
-    // Second pass: nothing new to resolve.
-    let report = sweep(maps, now, &t).expect("sweep");
-    assert_eq!((report.probe_hits, report.probe_misses), (0, 0));
-    assert_eq!(maps.stats().expect("stats").get(Counter::ProbeHit), 1);
-
     // Past the SYN-only timeout: both removed from the indexes, dead until the next pass.
     let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
     let report = sweep(maps, later, &t).expect("sweep");
@@ -195,6 +211,64 @@ fn sweeps_resolve_new_records_then_expire_and_free_them() {
     assert_eq!(report.snat_reclaimed, 2);
     let (used, busy, dead, _) = maps.snat.occupancy();
     assert_eq!((used, busy, dead), (0, 0, 0));
+}
+
+/// A pass that does not read `conns` in full (five in six, `ConnsRead::OfExpiredRecords`) takes
+/// the entries of the records it expires, and only them: an entry the probe rewrote after the
+/// record's last packet (a new IPVS connection on the same tuple) is put back, and an
+/// untranslated connection's entry past its timeout waits for the next full read.
+#[test]
+fn a_pass_without_the_full_conns_read_takes_only_the_entries_of_what_it_expires() {
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = test_pins("sweep-partial");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
+    let maps = dp.maps();
+    let t = Timeouts {
+        tcp: Duration::from_secs(20),
+        ..Timeouts::default()
+    };
+    let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
+    let (closed, reused, untranslated) = (
+        to_backend(SEEN, 5000),
+        to_backend(SEEN, 5001),
+        to_backend(UNSEEN, 6000),
+    );
+    for key in [closed, reused, untranslated] {
+        probe_saw(maps, &key, long_ago);
+    }
+    first_packet(&dp, SEEN, 5000);
+    first_packet(&dp, SEEN, 5001);
+    let now = monotonic_ns();
+    // IPVS made a new connection on `reused`'s tuple after its record's last packet.
+    probe_saw(
+        maps,
+        &reused,
+        now + Duration::from_secs(1).as_nanos() as u64,
+    );
+    let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
+    assert_eq!(
+        agent::datapath::sweep::conns_read_of_pass(1),
+        ConnsRead::OfExpiredRecords
+    );
+    let report = sweep_pass(maps, later, &t, ConnsRead::OfExpiredRecords).expect("sweep");
+    assert_eq!((report.snat_expired, report.snat_live), (2, 0));
+    assert_eq!((report.conns_expired, report.conns_live), (1, None));
+    assert!(maps.conns.get(&closed).expect("conns").is_none());
+    assert!(
+        maps.conns.get(&reused).expect("conns").is_some(),
+        "the new connection's entry is back"
+    );
+    assert!(maps.conns.get(&untranslated).expect("conns").is_some());
+    // The next full read expires the untranslated entry, and the new connection's, which no
+    // record translates and which is past the timeout here.
+    assert_eq!(
+        agent::datapath::sweep::conns_read_of_pass(CONNS_FULL_READ_PASSES),
+        ConnsRead::Full
+    );
+    let report = sweep_with_ipvs(maps, maps.snat.records(), later, &t, || None).expect("sweep");
+    assert_eq!((report.conns_expired, report.conns_live), (2, Some(0)));
 }
 
 /// An untranslated connection (pod to ClusterIP) past IPVS's established timeout from its
@@ -232,7 +306,7 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
             report.conns_held_by_ipvs,
             report.conns_live
         ),
-        (1, 1, 2)
+        (1, 1, Some(2))
     );
     assert!(maps.conns.get(&long_lived).expect("conns").is_some());
     assert!(maps.conns.get(&ended).expect("conns").is_none());
@@ -241,14 +315,14 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
         Some(std::collections::HashSet::new())
     })
     .expect("sweep");
-    assert_eq!((report.conns_expired, report.conns_live), (1, 1));
+    assert_eq!((report.conns_expired, report.conns_live), (1, Some(1)));
     assert!(maps.conns.get(&long_lived).expect("conns").is_none());
     // Nothing up for expiry: IPVS's table is not read.
     let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
         panic!("IPVS's table read with no entry up for expiry")
     })
     .expect("sweep");
-    assert_eq!(report.conns_live, 1);
+    assert_eq!(report.conns_live, Some(1));
 }
 
 /// A client that reuses its port for a new connection while a sweep pass runs: the pass started

@@ -90,12 +90,12 @@ enum entry_state {
 /* snat_entry.flags: why the connection was translated and how */
 enum snat_flags {
 	SNAT_F_PORT_KEPT = 0x01, /* the client's own port was kept */
-	SNAT_F_PROBE_HIT = 0x02, /* the IPVS probe recorded it: svc_id is its service (agent) */
+	SNAT_F_PROBE_HIT = 0x02, /* the IPVS probe recorded it: svc_id is its service */
 	SNAT_F_MASQ = 0x04, /* masquerade mark set at ingress */
 	SNAT_F_HAIRPIN = 0x08, /* source == destination */
 	SNAT_F_OFFCLUSTER = 0x10, /* service backend outside the cluster CIDRs */
 	SNAT_F_HOST = 0x20, /* host-originated connection from a service address */
-	SNAT_F_RESOLVED = 0x40, /* the agent looked the connection up in conns (svc_id, PROBE_HIT) */
+	SNAT_F_RESOLVED = 0x40, /* looked up in conns at allocation (svc_id, PROBE_HIT) */
 };
 
 /* IPVS connection flags (include/uapi/linux/ip_vs.h) */

@@ -137,13 +137,15 @@ __attribute__((noinline)) int snat_reserve_port(const struct config *cfg, struct
  * else one snat_reserve_port() finds. A port is taken by claiming its reply tuple in snat_rev
  * (table.h: a claim holds the tuple's bucket until published); then the forward tuple is claimed
  * in snat_fwd, a record allocated and written, and both ways published (or every claim given
- * back). *out receives the forward entry in use and *rec_out the number of its record. svc_id is
- * left 0: the agent fills it from conns (SNAT_F_RESOLVED).
+ * back). *out receives the forward entry in use and *rec_out the number of its record. Both
+ * entries get svc_id and flags (the caller's resolution of the connection's service: its reason
+ * with SNAT_F_RESOLVED, and SNAT_F_PROBE_HIT when the IPVS probe recorded it).
  */
 static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat_pos fwd_pos,
 					 const struct config *cfg, struct cpu_scratch *cs,
-					 const __u8 node_addr[ADDR_LEN], __u8 flags, __u8 state,
-					 __u64 now, struct snat_entry *out, __u32 *rec_out)
+					 const __u8 node_addr[ADDR_LEN], __u32 svc_id, __u8 flags,
+					 __u8 state, __u64 now, struct snat_entry *out,
+					 __u32 *rec_out)
 {
 	struct tuple *rev_key = &cs->rev_key;
 	struct snat_entry *rev_value = &cs->rev_value;
@@ -167,6 +169,7 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 
 	addr_copy(rev_value->addr, fwd_key->saddr);
 	rev_value->port = fwd_key->sport;
+	rev_value->svc_id = svc_id;
 	rev_value->created_ns = now;
 	rev_value->last_seen_ns = now;
 
@@ -199,7 +202,7 @@ static __always_inline int snat_allocate(const struct tuple *fwd_key, struct nat
 	out->port = rev_key->dport;
 	out->state = state;
 	out->flags = rev_value->flags;
-	out->svc_id = 0;
+	out->svc_id = svc_id;
 	out->created_ns = now;
 	out->last_seen_ns = now;
 	ret = snat_fwd_claim(cfg, fwd_key, fwd_pos.home, fwd_pos.tag, &cs->fwd_claim);

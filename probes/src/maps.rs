@@ -103,8 +103,7 @@ pub const STATE_REPLY: u8 = 0x08;
 
 /// `snat_entry.flags`: the client's own port was kept.
 pub const SNAT_F_PORT_KEPT: u8 = 0x01;
-/// `snat_entry.flags`: the IPVS probe recorded the connection; `svc_id` is its service port
-/// (set by the agent when it resolves the entry).
+/// `snat_entry.flags`: the IPVS probe recorded the connection; `svc_id` is its service port.
 pub const SNAT_F_PROBE_HIT: u8 = 0x02;
 /// `snat_entry.flags`: translated because of the masquerade mark.
 pub const SNAT_F_MASQ: u8 = 0x04;
@@ -114,8 +113,9 @@ pub const SNAT_F_HAIRPIN: u8 = 0x08;
 pub const SNAT_F_OFFCLUSTER: u8 = 0x10;
 /// `snat_entry.flags`: a host-originated connection from a service address.
 pub const SNAT_F_HOST: u8 = 0x20;
-/// `snat_entry.flags`: the agent looked the connection up in `conns` (`svc_id`,
-/// [`SNAT_F_PROBE_HIT`], the `probe_hit`/`probe_miss` counters).
+/// `snat_entry.flags`: the connection was looked up in `conns` (`svc_id`, [`SNAT_F_PROBE_HIT`],
+/// the `probe_hit`/`probe_miss` counters): by TC egress when it allocated the record, or by the
+/// agent's sweeper for a record an older program made without it.
 pub const SNAT_F_RESOLVED: u8 = 0x40;
 
 /// `conn_value.ipvs_flags`: IPVS persistence template (never recorded by the probe).
@@ -1000,10 +1000,10 @@ counters! {
     ProbeConn => probe_conn,
     /// IPVS persistence templates skipped by the probe.
     ProbeTemplateSkipped => probe_template_skipped,
-    /// Translated connections the IPVS probe had recorded (counted by the agent when it
-    /// resolves a new SNAT record against `conns`).
+    /// Translated connections the IPVS probe had recorded (counted by TC egress when it
+    /// allocates the record and finds the connection in `conns`).
     ProbeHit => probe_hit,
-    /// Translated connections without a `conns` entry (counted by the agent, likewise).
+    /// Translated connections without a `conns` entry (counted likewise).
     ProbeMiss => probe_miss,
     /// Packets dropped: other port on a service address.
     FilteredPort => filtered_port,

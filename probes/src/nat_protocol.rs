@@ -136,11 +136,43 @@ pub fn find<M: TableMemory + ?Sized>(m: &M, index: Index, k: &Tuple) -> Option<(
 /// so the copy is the record as written before the program published it (case 3), and the copy's
 /// own state checked again.
 pub fn live_records<M: TableMemory + ?Sized>(m: &M) -> Vec<(u32, NatRecord)> {
-    (0..m.capacity())
-        .filter(|&rec| m.state_load(rec, Ordering::Acquire) == REC_USED)
-        .filter_map(|rec| m.record_copy(rec).map(|r| (rec, r)))
-        .filter(|(_, r)| r.state == REC_USED)
-        .collect()
+    walk_records(m, false).1
+}
+
+/// [`reclaim`] and [`live_records`] in one walk of the state words, a sweep pass's: each record
+/// read [`REC_DEAD`] is freed, each [`REC_USED`] one copied. Returns the number freed and the
+/// live records.
+pub fn reclaim_and_live_records<M: TableMemory + ?Sized>(m: &M) -> (usize, Vec<(u32, NatRecord)>) {
+    walk_records(m, true)
+}
+
+fn walk_records<M: TableMemory + ?Sized>(m: &M, reclaim: bool) -> (usize, Vec<(u32, NatRecord)>) {
+    let mut freed = 0;
+    let mut live = Vec::new();
+    for rec in 0..m.capacity() {
+        match m.state_load(rec, Ordering::Acquire) {
+            REC_USED => {
+                if let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED) {
+                    live.push((rec, r));
+                }
+            }
+            REC_DEAD
+                if reclaim
+                    && m.state_compare_exchange(
+                        rec,
+                        REC_DEAD,
+                        REC_FREE,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok() =>
+            {
+                freed += 1;
+            }
+            _ => {}
+        }
+    }
+    (freed, live)
 }
 
 /// Removes record `rec` from both indexes (each way's tag byte cleared by a compare-and-swap)

@@ -412,6 +412,12 @@ impl SnatTable {
         nat_protocol::reclaim(self)
     }
 
+    /// [`SnatTable::reclaim`] and [`SnatTable::records`] in one walk of the records' state
+    /// words (a sweep pass's): the number of records freed, and the live ones.
+    pub fn reclaim_and_records(&self) -> (usize, Vec<(u32, NatRecord)>) {
+        nat_protocol::reclaim_and_live_records(self)
+    }
+
     /// Sets the resolution of record `rec` (the agent's join with `conns`): `flags` ORed into
     /// both entries' flags, `svc_id` written. The flags byte shares a 32-bit word with the port and
     /// state (which programs OR bits into), so the OR is atomic.

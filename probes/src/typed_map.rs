@@ -157,6 +157,17 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         }
     }
 
+    /// Removes `key` and returns the value it had (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, one system
+    /// call); `None` when it was absent.
+    pub fn take(&self, key: &K) -> Result<Option<V>> {
+        let mut value = V::new_zeroed();
+        let found = self
+            .handle
+            .lookup_into_and_delete(key.as_bytes(), value.as_mut_bytes())
+            .map_err(|e| self.error("lookup and delete", e))?;
+        Ok(found.then_some(value))
+    }
+
     /// The keys present now (the kernel's iteration: entries changing meanwhile may be missed).
     pub fn keys(&self) -> impl Iterator<Item = K> + '_ {
         self.handle

@@ -14,9 +14,9 @@ use probes::maps::{
     CFG_F_PORT_FILTER, CFG_F_SWITCH, CidrKey, Config, ConnValue, Counter, DEFAULT_LOCAL_PORT_MAX,
     DEFAULT_LOCAL_PORT_MIN, DEFAULT_MARK_MASQ, DEFAULT_MARK_SVC, DEFAULT_SNAT_PORT_MAX,
     DEFAULT_SNAT_PORT_MIN, DevValue, L4Proto, RangeKey, SNAT_F_HAIRPIN, SNAT_F_HOST, SNAT_F_MASQ,
-    SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, STATE_FIN, STATE_REPLY, STATE_SYN, SVC_F_MASQ,
-    SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey, SvcValue, SwitchFlow, Tuple,
-    addr_to_bytes, reply_mark_flags,
+    SNAT_F_OFFCLUSTER, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED, STATE_FIN, STATE_REPLY,
+    STATE_SYN, SVC_F_MASQ, SVC_F_MASQ_OFFCLUSTER, SVC_F_SRC_RANGES, SnatEntry, Stats, SvcKey,
+    SvcValue, SwitchFlow, Tuple, addr_to_bytes, reply_mark_flags,
 };
 use probes::maps::{FLOW_CACHE_SLOTS, FlowSlot, map_names};
 use probes::{DatapathProgram, PortFilter, PortKind, RewritePolicy};
@@ -85,15 +85,25 @@ fn rev(fx: &Fixture, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option
         .lookup_rev(&Tuple::new(src, sport, dst, dport, L4Proto::Tcp))
 }
 
-/// Only these counters moved, by these amounts.
+/// Only these counters moved, by these amounts. Every allocation also counted whether the IPVS
+/// probe had recorded its connection: `probe_hit` and `probe_miss` sum to `snat_alloc`, and each
+/// is checked by value where it is listed.
 fn assert_counters(stats: &Stats, expected: &[(Counter, u64)]) {
     for (counter, value) in stats.iter() {
         let want = expected
             .iter()
             .find(|(c, _)| *c == counter)
-            .map_or(0, |(_, v)| *v);
-        assert_eq!(value, want, "counter {}", counter.name());
+            .map(|(_, v)| *v);
+        if matches!(counter, Counter::ProbeHit | Counter::ProbeMiss) && want.is_none() {
+            continue;
+        }
+        assert_eq!(value, want.unwrap_or(0), "counter {}", counter.name());
     }
+    assert_eq!(
+        stats.get(Counter::ProbeHit) + stats.get(Counter::ProbeMiss),
+        stats.get(Counter::SnatAlloc),
+        "each allocation counts a probe hit or miss"
+    );
 }
 
 fn add_service(fx: &Fixture, addr: IpAddr, port: u16, proto: L4Proto, flags: u32, svc_id: u32) {
@@ -194,7 +204,7 @@ fn first_packet_snat(f: Family, name: &str) {
     assert_eq!(entry.address(), node(f));
     assert_eq!(entry.port.get(), port);
     assert_eq!(entry.state, STATE_SYN);
-    assert_eq!(entry.flags, SNAT_F_MASQ);
+    assert_eq!(entry.flags, SNAT_F_MASQ | SNAT_F_RESOLVED);
     assert!(entry.created_ns > 0 && entry.last_seen_ns == entry.created_ns);
     let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
     assert_eq!(reverse.address(), client(f));
@@ -225,7 +235,10 @@ fn client_port_outside_local_range_is_kept(f: Family, name: &str) {
         let (_, translated) = snat_first(&fx, f, client(f), port);
         assert_eq!(translated, port);
         let entry = fwd(&fx, client(f), port, backend(f), BACKEND_PORT).expect("snat_fwd");
-        assert_eq!(entry.flags, SNAT_F_MASQ | SNAT_F_PORT_KEPT);
+        assert_eq!(
+            entry.flags,
+            SNAT_F_MASQ | SNAT_F_PORT_KEPT | SNAT_F_RESOLVED
+        );
     }
     assert_counters(
         &fx.stats(),
@@ -546,7 +559,10 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
         "other marks: by the maps"
     );
     let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!(entry.flags, SNAT_F_HOST);
+    assert_eq!(
+        entry.flags,
+        SNAT_F_HOST | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT
+    );
     let out = fx.egress(&fwd_ack, SVC);
     assert_eq!(
         check_frame(&out.packet).src,
@@ -814,23 +830,47 @@ fn replies_carry_the_reply_mark_and_egress_passes_them(f: Family, name: &str) {
 }
 both_families!(replies_carry_the_reply_mark_and_egress_passes_them);
 
-/// The first packet does not consult `conns` (the agent resolves the service later, see
-/// agent/src/datapath/sweep.rs): the new record has no service and is not resolved, whatever the
-/// probe recorded.
-fn first_packet_leaves_service_resolution_to_the_agent(f: Family, name: &str) {
+/// The first packet resolves its connection's service: the IPVS probe's `conns` entry for its
+/// forward tuple gives the service address:port, `svc_ports` its id, which both entries of the
+/// record carry with `SNAT_F_RESOLVED | SNAT_F_PROBE_HIT` (`probe_hit` counts it). A connection
+/// the probe did not record gets `SNAT_F_RESOLVED` alone and id 0 (`probe_miss`).
+fn first_packet_resolves_its_service_from_the_probes_conns_entry(f: Family, name: &str) {
     let fx = Fixture::new(name);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 42);
     let conn = client_to_backend(f);
     add_conn(&fx, f, &conn, 0);
     let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    let resolved = SNAT_F_MASQ | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT;
     let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!(entry.svc_id, 0);
-    assert_eq!(entry.flags, SNAT_F_MASQ);
+    assert_eq!((entry.svc_id, entry.flags), (42, resolved));
     let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
-    assert_eq!((reverse.svc_id, reverse.flags), (0, SNAT_F_MASQ));
-    assert_counters(&fx.stats(), &[(Counter::SnatAlloc, 1)]);
+    assert_eq!((reverse.svc_id, reverse.flags), (42, resolved));
+    assert_counters(
+        &fx.stats(),
+        &[(Counter::SnatAlloc, 1), (Counter::ProbeHit, 1)],
+    );
+    // Another client, which the probe did not record.
+    let (_, port) = snat_first(&fx, f, client_b(f), CLIENT_PORT);
+    let entry = fwd(&fx, client_b(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+    assert_eq!(
+        (entry.svc_id, entry.flags),
+        (0, SNAT_F_MASQ | SNAT_F_RESOLVED)
+    );
+    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
+    assert_eq!(
+        (reverse.svc_id, reverse.flags),
+        (0, SNAT_F_MASQ | SNAT_F_RESOLVED)
+    );
+    assert_counters(
+        &fx.stats(),
+        &[
+            (Counter::SnatAlloc, 2),
+            (Counter::ProbeHit, 1),
+            (Counter::ProbeMiss, 1),
+        ],
+    );
 }
-both_families!(first_packet_leaves_service_resolution_to_the_agent);
+both_families!(first_packet_resolves_its_service_from_the_probes_conns_entry);
 
 fn icmp_error_translated(f: Family, name: &str) {
     let fx = Fixture::new(name);
@@ -1195,7 +1235,7 @@ fn hairpin(f: Family, name: &str) {
     let p = check_frame(&out.packet);
     assert_eq!((p.src, p.dst), (node(f), client(f)));
     let entry = fwd(&fx, client(f), CLIENT_PORT, client(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!(entry.flags, SNAT_F_HAIRPIN);
+    assert_eq!(entry.flags, SNAT_F_HAIRPIN | SNAT_F_RESOLVED);
     let reply = tcp(client(f), BACKEND_PORT, node(f), p.sport(), TCP_ACK);
     let out = fx.ingress(&reply, 0);
     let p = check_frame(&out.packet);
@@ -1219,7 +1259,7 @@ fn host_originated_and_offcluster_backend(f: Family, name: &str) {
     let p = check_frame(&out.packet);
     assert_eq!(p.src, node(f));
     let entry = fwd(&fx, vip(f), 45_000, backend(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!(entry.flags, SNAT_F_HOST);
+    assert_eq!(entry.flags, SNAT_F_HOST | SNAT_F_RESOLVED);
     // A service backend outside the cluster CIDRs (marked as service traffic at ingress).
     let out = fx.egress(
         &tcp(client(f), CLIENT_PORT, offcluster(f), 443, TCP_SYN),
@@ -1228,7 +1268,7 @@ fn host_originated_and_offcluster_backend(f: Family, name: &str) {
     let p = check_frame(&out.packet);
     assert_eq!(p.src, node(f));
     let entry = fwd(&fx, client(f), CLIENT_PORT, offcluster(f), 443).expect("snat_fwd");
-    assert_eq!(entry.flags, SNAT_F_OFFCLUSTER);
+    assert_eq!(entry.flags, SNAT_F_OFFCLUSTER | SNAT_F_RESOLVED);
     // IPVS's replies leave from the service port: never translated, even towards an off-cluster
     // client and with the service mark the reply got at ingress.
     for mark in [0, SVC] {

@@ -2,10 +2,9 @@
 //! programs never delete: the agent sweeps the SNAT table (each record holds both directions of
 //! a connection) and `conns` from their own state, with IPVS's timeouts measured from the last
 //! packet seen in either direction, and, for an untranslated connection (no packet of it leaves
-//! a trace in the maps), from IPVS's own connection table ([`super::ipvs_conns`]). It also
-//! resolves each new SNAT record against the IPVS probe's `conns` (its service, and the
-//! `probe_hit`/`probe_miss` counters), which the programs leave out of a connection's first
-//! packet.
+//! a trace in the maps), from IPVS's own connection table ([`super::ipvs_conns`]). TC egress
+//! resolves a new record's service from the IPVS probe's `conns` when it allocates it; the
+//! sweeper resolves only records an older program made without it.
 //!
 //! The [`Sweeper`] is a thread of its own with its own handles on the pinned maps: a pass over
 //! full maps takes a while (docs/datapath.md, Expiry), and neither the sync loop nor the health
@@ -17,11 +16,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use probes::DatapathMaps;
 use probes::maps::{
     ConnValue, Counter, DropEvent, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
     STATE_FIN, STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
+use probes::{DatapathMaps, UpdateFlags};
 
 use super::ipvs_conns;
 use crate::admin::metrics::{DROP_REASONS, Metrics};
@@ -166,56 +165,78 @@ pub struct SweepReport {
     /// `conns` entries of untranslated connections past their timeout kept because IPVS still
     /// holds the connection (a long-lived one).
     pub conns_held_by_ipvs: usize,
-    /// `conns` entries left after it.
-    pub conns_live: usize,
+    /// `conns` entries left after it, when it read `conns` in full ([`ConnsRead::Full`]).
+    pub conns_live: Option<usize>,
 }
 
-/// The resolution of a new SNAT record: its service port's id and flags, from the IPVS probe's
-/// `conns` entry for its forward tuple (client → backend), if the probe recorded it.
+/// The resolution of a SNAT record TC egress made without one (an older program's): its
+/// service port's id and flags, from the IPVS probe's `conns` entry for its forward tuple
+/// (client → backend), if the probe recorded it. What egress does at allocation
+/// (docs/datapath.md, TC egress step 3).
 pub fn resolution(maps: &DatapathMaps, record: &NatRecord) -> probes::Result<(u32, u8)> {
-    let conn = maps.conns.get(&record.fwd_key)?;
-    resolve_with(maps, record, conn.as_ref(), &mut HashMap::new())
-}
-
-/// [`resolution`] with the `conns` entry given, service ids looked up once per pass.
-fn resolve_with(
-    maps: &DatapathMaps,
-    record: &NatRecord,
-    conn: Option<&ConnValue>,
-    svc_ids: &mut HashMap<SvcKey, u32>,
-) -> probes::Result<(u32, u8)> {
-    let Some(conn) = conn else {
+    let Some(conn) = maps.conns.get(&record.fwd_key)? else {
         return Ok((0, SNAT_F_RESOLVED));
     };
     let svc_id = match L4Proto::from_number(record.fwd_key.proto) {
         Some(proto) => {
             let key = SvcKey::new(addr_from_bytes(conn.vaddr), conn.vport.get(), proto);
-            match svc_ids.get(&key) {
-                Some(id) => *id,
-                None => {
-                    let id = maps.svc_ports.get(&key)?.map_or(0, |v| v.svc_id);
-                    svc_ids.insert(key, id);
-                    id
-                }
-            }
+            maps.svc_ports.get(&key)?.map_or(0, |v| v.svc_id)
         }
         None => 0,
     };
     Ok((svc_id, SNAT_F_RESOLVED | SNAT_F_PROBE_HIT))
 }
 
-/// A map lookup (a system call) costs at least this many hashes of a `conns` key into an index
-/// of the pass's copy (host: 1.2-1.5 µs against 60-80 ns): the sweeper resolves new records
-/// against that index when they number at least the copy's entries over this.
-const RESOLVE_SYSCALL_HASHES: usize = 8;
+/// What a pass reads of `conns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnsRead {
+    /// Every entry, in batches: the entries of untranslated connections past their timeout
+    /// expire, and the pass counts the live ones.
+    Full,
+    /// Only the entries of the connections whose records this pass expires, each taken by a
+    /// lookup-and-delete. On a busy node `conns` holds every connection of the last 15 minutes
+    /// (an untranslated one's entry lives as long as IPVS's established timeout), and reading it
+    /// all was most of what a pass cost per connection.
+    OfExpiredRecords,
+}
 
-/// One pass: reads `conns` (in batches), frees the records the previous pass expired, resolves
-/// new records, expires idle ones (unindexed now, freed at the next pass: a program that found
-/// one just before is done with it by then), and removes the `conns` entries whose connection
-/// is over ([`conn_expired`]). Only the `conns` entries old enough to expire are looked up in
-/// the SNAT table, and only new records in `conns`.
+/// The sweeper reads `conns` in full every this many passes (a minute at the default period of
+/// 10 s), the first pass included; the other passes read only what they expire
+/// ([`ConnsRead::OfExpiredRecords`]). An untranslated connection's entry goes up to this many
+/// periods after its timeout; nothing reads it meanwhile but the replies' lookups, which it
+/// marks as IPVS's own table would.
+pub const CONNS_FULL_READ_PASSES: u64 = 6;
+
+/// Which `conns` read pass number `pass` (from 0) of a sweeper makes.
+pub fn conns_read_of_pass(pass: u64) -> ConnsRead {
+    if pass.is_multiple_of(CONNS_FULL_READ_PASSES) {
+        ConnsRead::Full
+    } else {
+        ConnsRead::OfExpiredRecords
+    }
+}
+
+/// One pass that reads `conns` in full ([`sweep_pass`] with [`ConnsRead::Full`]).
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
-    sweep_records(maps, maps.snat.records(), now_ns, t)
+    sweep_pass(maps, now_ns, t, ConnsRead::Full)
+}
+
+/// One pass: frees the records the previous pass expired while it copies the live ones (one
+/// walk of the records' state words), resolves the records an older program made without a
+/// resolution, expires idle ones (unindexed now, freed at the next pass: a program that found
+/// one just before is done with it by then), and removes the `conns` entries whose connection
+/// is over ([`conn_expired`]): with [`ConnsRead::Full`], every such entry, the old enough ones
+/// looked up in the SNAT table; otherwise those of the records it expired.
+pub fn sweep_pass(
+    maps: &DatapathMaps,
+    now_ns: u64,
+    t: &Timeouts,
+    read: ConnsRead,
+) -> probes::Result<SweepReport> {
+    let (reclaimed, records) = maps.snat.reclaim_and_records();
+    let mut report = sweep_inner(maps, records, now_ns, t, read, ipvs_conns::held_by_backend)?;
+    report.snat_reclaimed = reclaimed;
+    Ok(report)
 }
 
 /// [`sweep`] from `records`, the copy of the live records its pass starts from. The programs
@@ -241,35 +262,27 @@ pub fn sweep_with_ipvs(
     t: &Timeouts,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
 ) -> probes::Result<SweepReport> {
-    let mut ipvs_held = Some(ipvs_held);
-    let mut held: Option<HashSet<Tuple>> = None;
-    let conns = maps.conns.entries()?;
-    let mut report = SweepReport {
-        snat_reclaimed: maps.snat.reclaim(),
-        ..SweepReport::default()
-    };
-    let mut svc_ids = HashMap::new();
-    // The probe's entries by tuple, from the copy just read, when many records are new: the
-    // probe writes a connection's entry when IPVS creates it, before its first packet leaves,
-    // so before the record (made by that packet's translation) the pass started from. Indexing
-    // the copy costs a hash per entry, a lookup in the map a system call per new record: the
-    // pass takes the cheaper.
-    let new_records = records
-        .iter()
-        .filter(|(_, r)| r.fwd.flags & SNAT_F_RESOLVED == 0)
-        .count();
-    let conn_of: Option<HashMap<&Tuple, &ConnValue>> = (new_records > 0
-        && new_records * RESOLVE_SYSCALL_HASHES >= conns.len())
-    .then(|| conns.iter().map(|(k, v)| (k, v)).collect());
+    let reclaimed = maps.snat.reclaim();
+    let mut report = sweep_inner(maps, records, now_ns, t, ConnsRead::Full, ipvs_held)?;
+    report.snat_reclaimed = reclaimed;
+    Ok(report)
+}
+
+/// A pass after its walk of the records (`records`, the live ones it copied).
+fn sweep_inner(
+    maps: &DatapathMaps,
+    records: Vec<(u32, NatRecord)>,
+    now_ns: u64,
+    t: &Timeouts,
+    read: ConnsRead,
+    ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
+) -> probes::Result<SweepReport> {
+    let mut report = SweepReport::default();
     // The forward tuples of the records expired now, with their last packet.
     let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
     for (rec, record) in records {
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
-            let conn = match &conn_of {
-                Some(copy) => copy.get(&record.fwd_key).map(|c| **c),
-                None => maps.conns.get(&record.fwd_key)?,
-            };
-            let (svc_id, flags) = resolve_with(maps, &record, conn.as_ref(), &mut svc_ids)?;
+            let (svc_id, flags) = resolution(maps, &record)?;
             maps.snat.resolve(rec, svc_id, flags);
             if flags & SNAT_F_PROBE_HIT != 0 {
                 report.probe_hits += 1;
@@ -288,8 +301,45 @@ pub fn sweep_with_ipvs(
             report.snat_live += 1;
         }
     }
-    maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
-    maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
+    if report.probe_hits > 0 {
+        maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
+    }
+    if report.probe_misses > 0 {
+        maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
+    }
+    match read {
+        ConnsRead::Full => expire_conns(maps, &expired_now, now_ns, t, ipvs_held, &mut report)?,
+        ConnsRead::OfExpiredRecords => {
+            for (key, &last_seen_ns) in &expired_now {
+                if let Some(conn) = maps.conns.take(key)? {
+                    if conn.created_ns <= last_seen_ns {
+                        report.conns_expired += 1;
+                    } else {
+                        // A new IPVS connection with the same tuple since the record's last
+                        // packet (its first packet not yet translated): its entry goes back.
+                        let _ = maps.conns.update(key, &conn, UpdateFlags::NoExist);
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The full read's part of a pass: each `conns` entry whose connection is over is removed
+/// ([`conn_expired`]), the others counted live.
+fn expire_conns(
+    maps: &DatapathMaps,
+    expired_now: &HashMap<Tuple, u64>,
+    now_ns: u64,
+    t: &Timeouts,
+    ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
+    report: &mut SweepReport,
+) -> probes::Result<()> {
+    let mut ipvs_held = Some(ipvs_held);
+    let mut held: Option<HashSet<Tuple>> = None;
+    let conns = maps.conns.entries()?;
+    report.conns_live = Some(0);
     for (key, conn) in &conns {
         let translation = match expired_now.get(key) {
             Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
@@ -319,10 +369,10 @@ pub fn sweep_with_ipvs(
                 report.conns_expired += 1;
             }
         } else {
-            report.conns_live += 1;
+            report.conns_live = report.conns_live.map(|n| n + 1);
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Sweeps `maps` every `period` on a thread of its own, from its start until dropped, and
@@ -346,8 +396,9 @@ impl Sweeper {
             .name("sweeper".into())
             .spawn(move || {
                 let mut drops = DropLog::default();
-                loop {
-                    sweep_once(&maps, &timeouts, &metrics, &mut drops);
+                for pass in 0.. {
+                    let read = conns_read_of_pass(pass);
+                    sweep_once(&maps, &timeouts, &metrics, &mut drops, read);
                     match stopped.recv_timeout(period) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -371,8 +422,15 @@ impl Drop for Sweeper {
     }
 }
 
-/// One pass of the sweeper, measured, and the metrics it refreshes.
-pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &mut DropLog) {
+/// One pass of the sweeper (reading `conns` as `read` says), measured, and the metrics it
+/// refreshes: the `conns` occupancy only when it read the map in full.
+pub fn sweep_once(
+    maps: &DatapathMaps,
+    t: &Timeouts,
+    metrics: &Metrics,
+    drops: &mut DropLog,
+    read: ConnsRead,
+) {
     // The switch window's tuples still tracked (0 once closed), for the map gauges.
     let switch_tracked = match super::switch::refresh_from_conntrack(maps, monotonic_ns()) {
         Ok(Some(p)) => {
@@ -397,25 +455,24 @@ pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &
         }
     };
     let started = Instant::now();
-    let result = sweep(maps, monotonic_ns(), t);
+    let result = sweep_pass(maps, monotonic_ns(), t, read);
     let took = started.elapsed();
     match result {
         Ok(r) => {
+            let mut occupancy = vec![
+                ("snat", r.snat_live as u64, u64::from(maps.snat.capacity())),
+                (
+                    "switch_flows",
+                    switch_tracked as u64,
+                    u64::from(probes::maps::SWITCH_FLOWS_SIZE),
+                ),
+            ];
+            if let Some(live) = r.conns_live {
+                occupancy.push(("conns", live as u64, u64::from(maps.conns.max_entries())));
+            }
             metrics.swept(
                 took,
-                &[
-                    ("snat", r.snat_live as u64, u64::from(maps.snat.capacity())),
-                    (
-                        "conns",
-                        r.conns_live as u64,
-                        u64::from(maps.conns.max_entries()),
-                    ),
-                    (
-                        "switch_flows",
-                        switch_tracked as u64,
-                        u64::from(probes::maps::SWITCH_FLOWS_SIZE),
-                    ),
-                ],
+                &occupancy,
                 &[
                     ("snat", r.snat_expired as u64),
                     ("conns", r.conns_expired as u64),
@@ -426,7 +483,7 @@ pub fn sweep_once(maps: &DatapathMaps, t: &Timeouts, metrics: &Metrics, drops: &
                     snat_expired = r.snat_expired,
                     snat_live = r.snat_live,
                     conns_expired = r.conns_expired,
-                    conns_live = r.conns_live,
+                    conns_live = ?r.conns_live,
                     duration_ms = took.as_secs_f64() * 1e3,
                     "swept"
                 );
