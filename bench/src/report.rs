@@ -1847,8 +1847,9 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
             "- **The agent** is in the node shares of ours whatever a window's phase caught of \
              it: {} ms of CPU a second without traffic (over {} s, whole sweep periods: its \
              sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
-             work per service connection (its sweeper's resolution of each new record, its \
-             reads of `conns`): {} µs per NodePort connection in all.",
+             work per service connection (the sweeper's copies of its record and its reads of \
+             `conns` over the round; the records' expiry, after the round, is not in it): {} µs \
+             per NodePort connection in all.",
             f(Some(ms)),
             f(Some(window)),
             f(at_rate),
