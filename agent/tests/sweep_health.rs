@@ -373,8 +373,9 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
         )
         .expect("first packet");
     }
-    for j in 0..3 {
-        let (src, sport) = client(100 + j);
+    // The `conns` entry of an untranslated connection from client j to backend 1.
+    let untranslated = |j: u32| {
+        let (src, sport) = client(j);
         let tuple = Tuple::new(
             IpAddr::V4(src),
             sport,
@@ -383,6 +384,9 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
             L4Proto::Tcp,
         );
         maps.put_conn(&tuple, &conn_value()).expect("conns");
+    };
+    for j in 0..3 {
+        untranslated(100 + j);
     }
     agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
     assert_eq!(
@@ -395,15 +399,7 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
         Some(5.0)
     );
     // A pass that does not read `conns` in full leaves its gauge at the last full read's count.
-    let (src, sport) = client(200);
-    let tuple = Tuple::new(
-        IpAddr::V4(src),
-        sport,
-        IpAddr::V4(backend(1)),
-        8080,
-        L4Proto::Tcp,
-    );
-    maps.put_conn(&tuple, &conn_value()).expect("conns");
+    untranslated(200);
     agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::OfExpiredRecords);
     assert_eq!((sample(snat), sample(conns)), (Some(5.0), Some(3.0)));
     agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);

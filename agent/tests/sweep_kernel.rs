@@ -98,6 +98,18 @@ fn first_packet(dp: &probes::Datapath, src: Ipv4Addr, sport: u16) {
     assert_eq!(&out.packet[26..30], &NODE.octets(), "translated");
 }
 
+/// IPVS's established TCP timeout at 20 s, and a time (CLOCK_MONOTONIC ns) longer ago than it:
+/// one this machine's monotonic clock has seen (a CI machine may run this minutes after
+/// booting).
+fn short_tcp_timeout() -> (Timeouts, u64) {
+    let t = Timeouts {
+        tcp: Duration::from_secs(20),
+        ..Timeouts::default()
+    };
+    let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
+    (t, long_ago)
+}
+
 /// A record an older program made without resolving its service (TC egress now does it when it
 /// allocates): a pass resolves it from `conns` and `svc_ports`, and counts it.
 #[test]
@@ -151,15 +163,9 @@ fn sweeps_expire_records_then_free_them_and_their_conns_entries_go_with_them() {
     let pins = test_pins("sweep");
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
-    // IPVS's established TCP timeout at 20 s, so that "longer ago than it" is a time this
-    // machine's monotonic clock has seen (a CI machine may run this minutes after booting).
-    let t = Timeouts {
-        tcp: Duration::from_secs(20),
-        ..Timeouts::default()
-    };
+    let (t, long_ago) = short_tcp_timeout();
     // The IPVS probe saw SEEN's connection (SEEN:5000 -> BACKEND:8080 through VIP:80), longer
     // ago than IPVS's TCP timeout, and an untranslated one as long ago.
-    let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
     let (seen, unseen) = (to_backend(SEEN, 5000), to_backend(UNSEEN, 5001));
     let untranslated = to_backend(UNSEEN, 6000);
     for key in [seen, untranslated] {
@@ -225,11 +231,7 @@ fn a_pass_without_the_full_conns_read_takes_only_the_entries_of_what_it_expires(
     let pins = test_pins("sweep-partial");
     let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
     let maps = dp.maps();
-    let t = Timeouts {
-        tcp: Duration::from_secs(20),
-        ..Timeouts::default()
-    };
-    let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
+    let (t, long_ago) = short_tcp_timeout();
     let (closed, reused, untranslated) = (
         to_backend(SEEN, 5000),
         to_backend(SEEN, 5001),

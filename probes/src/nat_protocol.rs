@@ -156,19 +156,7 @@ fn walk_records<M: TableMemory + ?Sized>(m: &M, reclaim: bool) -> (usize, Vec<(u
                     live.push((rec, r));
                 }
             }
-            REC_DEAD
-                if reclaim
-                    && m.state_compare_exchange(
-                        rec,
-                        REC_DEAD,
-                        REC_FREE,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok() =>
-            {
-                freed += 1;
-            }
+            REC_DEAD if reclaim && free_dead(m, rec) => freed += 1,
             _ => {}
         }
     }
@@ -217,16 +205,13 @@ fn unindex_way<M: TableMemory + ?Sized>(m: &M, index: Index, k: &Tuple, rec: u32
 /// cache line exclusive, failed or not, from every CPU whose program reads the record.
 pub fn reclaim<M: TableMemory + ?Sized>(m: &M) -> usize {
     (0..m.capacity())
-        .filter(|&rec| {
-            m.state_load(rec, Ordering::Relaxed) == REC_DEAD
-                && m.state_compare_exchange(
-                    rec,
-                    REC_DEAD,
-                    REC_FREE,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        })
+        .filter(|&rec| m.state_load(rec, Ordering::Relaxed) == REC_DEAD && free_dead(m, rec))
         .count()
+}
+
+/// Frees record `rec`, read dead: [`REC_DEAD`] → [`REC_FREE`] by a compare-and-swap whose
+/// release orders the ways' clearing before it ([`reclaim`]). `false` if it was no longer dead.
+fn free_dead<M: TableMemory + ?Sized>(m: &M, rec: u32) -> bool {
+    m.state_compare_exchange(rec, REC_DEAD, REC_FREE, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
 }

@@ -839,27 +839,23 @@ fn first_packet_resolves_its_service_from_the_probes_conns_entry(f: Family, name
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 42);
     let conn = client_to_backend(f);
     add_conn(&fx, f, &conn, 0);
-    let (_, port) = snat_first(&fx, f, client(f), CLIENT_PORT);
+    // The first packet of `src`'s connection; the (svc_id, flags) of both entries of its record.
+    let resolution_of = |src: IpAddr| {
+        let (_, port) = snat_first(&fx, f, src, CLIENT_PORT);
+        let entry = fwd(&fx, src, CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
+        let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
+        [(entry.svc_id, entry.flags), (reverse.svc_id, reverse.flags)]
+    };
     let resolved = SNAT_F_MASQ | SNAT_F_RESOLVED | SNAT_F_PROBE_HIT;
-    let entry = fwd(&fx, client(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
-    assert_eq!((entry.svc_id, entry.flags), (42, resolved));
-    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
-    assert_eq!((reverse.svc_id, reverse.flags), (42, resolved));
+    assert_eq!(resolution_of(client(f)), [(42, resolved); 2]);
     assert_counters(
         &fx.stats(),
         &[(Counter::SnatAlloc, 1), (Counter::ProbeHit, 1)],
     );
     // Another client, which the probe did not record.
-    let (_, port) = snat_first(&fx, f, client_b(f), CLIENT_PORT);
-    let entry = fwd(&fx, client_b(f), CLIENT_PORT, backend(f), BACKEND_PORT).expect("snat_fwd");
     assert_eq!(
-        (entry.svc_id, entry.flags),
-        (0, SNAT_F_MASQ | SNAT_F_RESOLVED)
-    );
-    let reverse = rev(&fx, backend(f), BACKEND_PORT, node(f), port).expect("snat_rev");
-    assert_eq!(
-        (reverse.svc_id, reverse.flags),
-        (0, SNAT_F_MASQ | SNAT_F_RESOLVED)
+        resolution_of(client_b(f)),
+        [(0, SNAT_F_MASQ | SNAT_F_RESOLVED); 2]
     );
     assert_counters(
         &fx.stats(),

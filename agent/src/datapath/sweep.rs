@@ -339,7 +339,7 @@ fn expire_conns(
     let mut ipvs_held = Some(ipvs_held);
     let mut held: Option<HashSet<Tuple>> = None;
     let conns = maps.conns.entries()?;
-    report.conns_live = Some(0);
+    let mut live = 0;
     for (key, conn) in &conns {
         let translation = match expired_now.get(key) {
             Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
@@ -369,9 +369,10 @@ fn expire_conns(
                 report.conns_expired += 1;
             }
         } else {
-            report.conns_live = report.conns_live.map(|n| n + 1);
+            live += 1;
         }
     }
+    report.conns_live = Some(live);
     Ok(())
 }
 
