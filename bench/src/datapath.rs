@@ -37,8 +37,9 @@
 //! BENCH_PROFILE_CONNS [1000] (per profiled case, when `perf` is on PATH), BENCH_PROFILE_CALLERS
 //! [__memset,nft_do_chain] (symbols whose callers each
 //! profile keeps: `perf report --no-children -g callee`), BENCH_HOLD_CONNS
-//! [5000], BENCH_CT_MAX [1024], BENCH_IDLE_SECONDS [30] (the window without traffic after the
-//! profiles, three of the agent's sweep periods: its steady CPU rate, which the report counts in
+//! [5000], BENCH_CT_MAX [1024], BENCH_IDLE_SECONDS [60] (the window without traffic after the
+//! profiles, six of the agent's sweep periods, one of them a full read of `conns`: its steady
+//! CPU rate, which the report counts in
 //! every timed window of ours instead of the agent's CPU the window caught), BENCH_DATAPATHS
 //! [firewall,ipvs,nftables,ours], BENCH_CLOCK (a label:
 //! tcg or icount), KUBE_IPVS_BPF_BIN, LOADGEN_BIN (default: beside this program).
@@ -132,9 +133,10 @@ impl Config {
             profile_conns: env_num("BENCH_PROFILE_CONNS", 1000)?,
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
             ct_max: env_num("BENCH_CT_MAX", 1024)?,
-            // Three of the agent's 10 s sweep periods and six of its 5 s node checks (whole ones,
-            // whatever the phase).
-            idle_seconds: env_num("BENCH_IDLE_SECONDS", 30)?,
+            // Six of the agent's 10 s sweep periods, one of them a full read of `conns`
+            // (agent::datapath::sweep::CONNS_FULL_READ_PASSES), and twelve of its 5 s node checks
+            // (whole ones, whatever the phase).
+            idle_seconds: env_num("BENCH_IDLE_SECONDS", 60)?,
             datapaths,
             clock: std::env::var("BENCH_CLOCK").unwrap_or_else(|_| "tcg".into()),
         })
@@ -970,8 +972,10 @@ fn datapath_round(
     ));
     let mut out = Vec::new();
     let mut all = bench.clone();
-    // The agent's CPU over the round's cases and two sweep periods after them (a pass has then
-    // resolved every record the cases made, whatever its phase): the report charges its
+    // The agent's CPU over the round's cases and the lives of the records they made: IPVS's FIN
+    // timeout after the last case (a closed connection's record lives that long after its last
+    // packet) and two sweep periods more (a pass has then expired each of them and taken its
+    // `conns` entry, and the next freed it, whatever their phase). The report charges its
     // per-connection part to the service connections (Metric::CpuPerUnit).
     let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
     let agent_start = agent_cpu::total(&threads_start);
@@ -1020,7 +1024,8 @@ fn datapath_round(
         }
     }
     if let Some(a0) = agent_start {
-        std::thread::sleep(2 * AGENT_SWEEP_PERIOD);
+        let fin = ipvs_tcp_fin_timeout(&t);
+        std::thread::sleep(fin + 2 * AGENT_SWEEP_PERIOD);
         let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         if let Some(a1) = agent_cpu::total(&threads_end) {
             let threads: BTreeMap<String, f64> = threads_end
@@ -1034,6 +1039,7 @@ fn datapath_round(
             let agent = json!({
                 "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
                 "span_s": span_start.elapsed().as_secs_f64(),
+                "tail_s": (fin + 2 * AGENT_SWEEP_PERIOD).as_secs_f64(),
                 "threads_cpu_s": threads,
             });
             log(&format!("round {round} {}: agent {agent}", dp.name()));
@@ -1052,6 +1058,17 @@ fn datapath_round(
         t0.elapsed().as_secs_f64()
     ));
     Ok(out)
+}
+
+/// IPVS's timeout of a TCP connection after its FIN in the node's namespace (`ipvsadm -L
+/// --timeout`: `Timeout (tcp tcpfin udp): 900 120 300`), the life of a closed connection's SNAT
+/// record after its last packet; IPVS's default (120 s) when it cannot be read.
+fn ipvs_tcp_fin_timeout(t: &SnatTopology) -> Duration {
+    let read = t.node.try_sh("ipvsadm -L --timeout").ok().and_then(|out| {
+        let (_, values) = out.split_once(':')?;
+        values.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    Duration::from_secs(read.unwrap_or(120))
 }
 
 /// The firewall-only reference in one round: the traffic that is not service traffic
