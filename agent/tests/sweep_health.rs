@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use agent::admin::health::HealthState;
 use agent::admin::metrics::Metrics;
-use agent::datapath::sweep::{ConnsRead, Sweeper, Timeouts, monotonic_ns, sweep};
+use agent::datapath::sweep::{ConnsRead, ExpiredRecords, Sweeper, Timeouts, monotonic_ns, sweep};
 use probes::maps::{ConnValue, L4Proto, Tuple, addr_to_bytes};
 use probes::{Datapath, DatapathProgram, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
@@ -347,9 +347,16 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     };
-    let mut drops = agent::datapath::sweep::DropLog::default();
+    let (mut drops, mut expired) = (
+        agent::datapath::sweep::DropLog::default(),
+        ExpiredRecords::default(),
+    );
     let t = Timeouts::default();
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
+    // One pass of the sweeper thread's, reading `conns` as `read` says.
+    let mut pass = |read| {
+        agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, read, &mut expired)
+    };
+    pass(ConnsRead::Full);
     let snat = "kube_ipvs_bpf_datapath_map_entries{map=\"snat\"}";
     let conns = "kube_ipvs_bpf_datapath_map_entries{map=\"conns\"}";
     assert_eq!((sample(snat), sample(conns)), (Some(0.0), Some(0.0)));
@@ -388,7 +395,7 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
     for j in 0..3 {
         untranslated(100 + j);
     }
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
+    pass(ConnsRead::Full);
     assert_eq!(
         (sample(snat), sample(conns)),
         (Some(maps.snat.len() as f64), Some(3.0))
@@ -400,8 +407,8 @@ fn occupancy_metrics_follow_records_inserted_into_the_maps() {
     );
     // A pass that does not read `conns` in full leaves its gauge at the last full read's count.
     untranslated(200);
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::OfExpiredRecords);
+    pass(ConnsRead::OfExpiredRecords);
     assert_eq!((sample(snat), sample(conns)), (Some(5.0), Some(3.0)));
-    agent::datapath::sweep::sweep_once(maps, &t, &metrics, &mut drops, ConnsRead::Full);
+    pass(ConnsRead::Full);
     assert_eq!(sample(conns), Some(4.0));
 }

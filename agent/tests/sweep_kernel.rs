@@ -3,11 +3,11 @@
 //! IPVS-like timeouts and freed one pass after they are removed; one an older program left
 //! unresolved is resolved against `conns` (service id, flags, the `probe_hit`/`probe_miss`
 //! counters); `conns` entries older than IPVS's timeout stay while a record translates their
-//! connection and go with it (on the passes that do not read `conns` in full, too), untranslated
-//! ones go unless IPVS still holds their connection (a long-lived one); a connection
-//! reopened while a pass runs is not removed on the pass's older copy; a dropped packet is
-//! logged with its connection from `drop_last`. Needs root and bpffs (mounted when missing); says so and
-//! passes without them.
+//! connection and go with it (at the next full read of `conns` when a pass without it expired
+//! the record), untranslated ones go unless IPVS still holds their connection (a long-lived
+//! one); a connection reopened while a pass runs is not removed on the pass's older copy; a
+//! dropped packet is logged with its connection from `drop_last`. Needs root and bpffs (mounted
+//! when missing); says so and passes without them.
 
 mod common;
 
@@ -16,8 +16,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use agent::datapath::sweep::{
-    CONNS_FULL_READ_PASSES, ConnsRead, Timeouts, monotonic_ns, sweep, sweep_pass, sweep_records,
-    sweep_with_ipvs,
+    CONNS_FULL_READ_PASSES, ConnsRead, ExpiredRecords, Timeouts, monotonic_ns, sweep, sweep_pass,
+    sweep_records, sweep_with_ipvs,
 };
 use probes::maps::{
     ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
@@ -108,6 +108,26 @@ fn short_tcp_timeout() -> (Timeouts, u64) {
     };
     let long_ago = monotonic_ns().saturating_sub(Duration::from_secs(40).as_nanos() as u64);
     (t, long_ago)
+}
+
+/// A first full read of `conns` (nothing expired before it) with IPVS's table as `ipvs_held`
+/// reads it.
+fn full_read_with_ipvs(
+    maps: &probes::DatapathMaps,
+    now: u64,
+    t: &Timeouts,
+    ipvs_held: impl FnOnce() -> Option<std::collections::HashSet<Tuple>>,
+) -> agent::datapath::sweep::SweepReport {
+    let records = maps.snat.records();
+    sweep_with_ipvs(
+        maps,
+        records,
+        now,
+        t,
+        &mut ExpiredRecords::default(),
+        ipvs_held,
+    )
+    .expect("sweep")
 }
 
 /// A record an older program made without resolving its service (TC egress now does it when it
@@ -219,12 +239,13 @@ fn sweeps_expire_records_then_free_them_and_their_conns_entries_go_with_them() {
     assert_eq!((used, busy, dead), (0, 0, 0));
 }
 
-/// A pass that does not read `conns` in full (five in six, `ConnsRead::OfExpiredRecords`) takes
-/// the entries of the records it expires, and only them: an entry the probe rewrote after the
-/// record's last packet (a new IPVS connection on the same tuple) is put back, and an
-/// untranslated connection's entry past its timeout waits for the next full read.
+/// A pass that does not read `conns` in full (five in six, `ConnsRead::OfExpiredRecords`) makes
+/// no system call for the records it expires: their forward tuples wait for the next full read
+/// (`ExpiredRecords`), which removes their entries, in one batch with an untranslated
+/// connection's past its timeout, and keeps an entry the probe rewrote after the record's last
+/// packet (a new IPVS connection on the same tuple).
 #[test]
-fn a_pass_without_the_full_conns_read_takes_only_the_entries_of_what_it_expires() {
+fn a_pass_without_the_full_conns_read_leaves_the_entries_of_what_it_expires_to_the_next() {
     if !can_load_datapath() {
         return;
     }
@@ -243,34 +264,42 @@ fn a_pass_without_the_full_conns_read_takes_only_the_entries_of_what_it_expires(
     first_packet(&dp, SEEN, 5000);
     first_packet(&dp, SEEN, 5001);
     let now = monotonic_ns();
-    // IPVS made a new connection on `reused`'s tuple after its record's last packet.
-    probe_saw(
-        maps,
-        &reused,
-        now + Duration::from_secs(1).as_nanos() as u64,
-    );
     let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
     assert_eq!(
         agent::datapath::sweep::conns_read_of_pass(1),
         ConnsRead::OfExpiredRecords
     );
-    let report = sweep_pass(maps, later, &t, ConnsRead::OfExpiredRecords).expect("sweep");
+    let mut expired = ExpiredRecords::default();
+    let report =
+        sweep_pass(maps, later, &t, ConnsRead::OfExpiredRecords, &mut expired).expect("sweep");
     assert_eq!((report.snat_expired, report.snat_live), (2, 0));
-    assert_eq!((report.conns_expired, report.conns_live), (1, None));
-    assert!(maps.conns.get(&closed).expect("conns").is_none());
-    assert!(
-        maps.conns.get(&reused).expect("conns").is_some(),
-        "the new connection's entry is back"
+    assert_eq!((report.conns_expired, report.conns_live), (0, None));
+    assert_eq!(expired.len(), 2);
+    assert!(expired.contains(&closed) && expired.contains(&reused));
+    for key in [closed, reused, untranslated] {
+        assert!(maps.conns.get(&key).expect("conns").is_some(), "{key:?}");
+    }
+    // IPVS makes a new connection on `reused`'s tuple after its record's last packet, before
+    // the next full read (younger than any timeout then).
+    probe_saw(
+        maps,
+        &reused,
+        later - Duration::from_secs(5).as_nanos() as u64,
     );
-    assert!(maps.conns.get(&untranslated).expect("conns").is_some());
-    // The next full read expires the untranslated entry, and the new connection's, which no
-    // record translates and which is past the timeout here.
     assert_eq!(
         agent::datapath::sweep::conns_read_of_pass(CONNS_FULL_READ_PASSES),
         ConnsRead::Full
     );
-    let report = sweep_with_ipvs(maps, maps.snat.records(), later, &t, || None).expect("sweep");
-    assert_eq!((report.conns_expired, report.conns_live), (2, Some(0)));
+    let report = sweep_with_ipvs(maps, maps.snat.records(), later, &t, &mut expired, || None)
+        .expect("sweep");
+    assert_eq!((report.conns_expired, report.conns_live), (2, Some(1)));
+    assert!(maps.conns.get(&closed).expect("conns").is_none());
+    assert!(maps.conns.get(&untranslated).expect("conns").is_none());
+    assert!(
+        maps.conns.get(&reused).expect("conns").is_some(),
+        "the new connection's entry stays"
+    );
+    assert!(expired.is_empty(), "the full read took them");
 }
 
 /// An untranslated connection (pod to ClusterIP) past IPVS's established timeout from its
@@ -296,11 +325,10 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
         probe_saw(maps, &key, created_ns);
     }
     let mut reads = 0;
-    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
+    let report = full_read_with_ipvs(maps, now, &t, || {
         reads += 1;
         Some([long_lived, young].into_iter().collect())
-    })
-    .expect("sweep");
+    });
     assert_eq!(reads, 1, "IPVS's table read once");
     assert_eq!(
         (
@@ -313,17 +341,13 @@ fn an_untranslated_connection_ipvs_still_holds_keeps_its_conns_entry() {
     assert!(maps.conns.get(&long_lived).expect("conns").is_some());
     assert!(maps.conns.get(&ended).expect("conns").is_none());
     // IPVS no longer holds it: the entry goes.
-    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
-        Some(std::collections::HashSet::new())
-    })
-    .expect("sweep");
+    let report = full_read_with_ipvs(maps, now, &t, || Some(std::collections::HashSet::new()));
     assert_eq!((report.conns_expired, report.conns_live), (1, Some(1)));
     assert!(maps.conns.get(&long_lived).expect("conns").is_none());
     // Nothing up for expiry: IPVS's table is not read.
-    let report = sweep_with_ipvs(maps, maps.snat.records(), now, &t, || {
+    let report = full_read_with_ipvs(maps, now, &t, || {
         panic!("IPVS's table read with no entry up for expiry")
-    })
-    .expect("sweep");
+    });
     assert_eq!(report.conns_live, Some(1));
 }
 

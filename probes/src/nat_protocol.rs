@@ -48,6 +48,41 @@ pub trait TableMemory {
     ) -> std::result::Result<u32, u32>;
     /// A copy of record `rec` (any state; plain loads), `None` past the table.
     fn record_copy(&self, rec: u32) -> Option<NatRecord>;
+    /// What a sweep pass decides on of record `rec` (any state; plain loads of its words),
+    /// `None` past the table. By default, from a whole copy.
+    fn record_summary(&self, rec: u32) -> Option<RecordSummary> {
+        self.record_copy(rec).map(|r| RecordSummary::of(&r))
+    }
+}
+
+/// The fields of a record a sweep pass decides on, which it reads without copying the record:
+/// whether the record is live, and whether its connection has expired or its service is still
+/// to resolve (the pass then copies it whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordSummary {
+    /// `REC_*`.
+    pub state: u32,
+    /// The forward tuple's IP protocol.
+    pub proto: u8,
+    /// Both directions' `STATE_*` bits.
+    pub state_bits: u8,
+    /// The forward entry's `SNAT_F_*`.
+    pub fwd_flags: u8,
+    /// The later of both directions' last packet (CLOCK_MONOTONIC ns).
+    pub last_seen_ns: u64,
+}
+
+impl RecordSummary {
+    /// The summary of a record.
+    pub fn of(r: &NatRecord) -> RecordSummary {
+        RecordSummary {
+            state: r.state,
+            proto: r.fwd_key.proto,
+            state_bits: r.state_bits(),
+            fwd_flags: r.fwd.flags,
+            last_seen_ns: r.last_seen_ns(),
+        }
+    }
 }
 
 /// The bucket after `bucket` (wrapping).
@@ -136,31 +171,46 @@ pub fn find<M: TableMemory + ?Sized>(m: &M, index: Index, k: &Tuple) -> Option<(
 /// so the copy is the record as written before the program published it (case 3), and the copy's
 /// own state checked again.
 pub fn live_records<M: TableMemory + ?Sized>(m: &M) -> Vec<(u32, NatRecord)> {
-    walk_records(m, false).1
-}
-
-/// [`reclaim`] and [`live_records`] in one walk of the state words, a sweep pass's: each record
-/// read [`REC_DEAD`] is freed, each [`REC_USED`] one copied. Returns the number freed and the
-/// live records.
-pub fn reclaim_and_live_records<M: TableMemory + ?Sized>(m: &M) -> (usize, Vec<(u32, NatRecord)>) {
-    walk_records(m, true)
-}
-
-fn walk_records<M: TableMemory + ?Sized>(m: &M, reclaim: bool) -> (usize, Vec<(u32, NatRecord)>) {
-    let mut freed = 0;
     let mut live = Vec::new();
+    for rec in 0..m.capacity() {
+        if m.state_load(rec, Ordering::Acquire) == REC_USED
+            && let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED)
+        {
+            live.push((rec, r));
+        }
+    }
+    live
+}
+
+/// A sweep pass's walk of the state words: each record read [`REC_DEAD`] is freed, each
+/// [`REC_USED`] one summarized ([`TableMemory::record_summary`], after its state's `Acquire`
+/// load, as [`live_records`] copies) and copied whole only when `pick` says the pass has work
+/// with it (the copy's own state checked again). Returns the number freed, the number live and
+/// the picked copies.
+pub fn reclaim_and_pick<M: TableMemory + ?Sized>(
+    m: &M,
+    mut pick: impl FnMut(&RecordSummary) -> bool,
+) -> (usize, usize, Vec<(u32, NatRecord)>) {
+    let (mut freed, mut live) = (0, 0);
+    let mut picked = Vec::new();
     for rec in 0..m.capacity() {
         match m.state_load(rec, Ordering::Acquire) {
             REC_USED => {
-                if let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED) {
-                    live.push((rec, r));
+                let Some(summary) = m.record_summary(rec).filter(|s| s.state == REC_USED) else {
+                    continue;
+                };
+                live += 1;
+                if pick(&summary)
+                    && let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED)
+                {
+                    picked.push((rec, r));
                 }
             }
-            REC_DEAD if reclaim && free_dead(m, rec) => freed += 1,
+            REC_DEAD if free_dead(m, rec) => freed += 1,
             _ => {}
         }
     }
-    (freed, live)
+    (freed, live, picked)
 }
 
 /// Removes record `rec` from both indexes (each way's tag byte cleared by a compare-and-swap)

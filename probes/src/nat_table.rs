@@ -27,7 +27,7 @@ use crate::maps::{
     NAT_LOCK_STRIPES, NAT_PROBE_BUCKETS, NAT_WAYS, NatBucket, NatRecord, REC_BUSY, REC_DEAD,
     REC_FREE, REC_USED, SnatEntry, TAG_BUSY, TAG_FREE, TAG_VALID, Tuple,
 };
-use crate::nat_protocol::{self, TableMemory};
+use crate::nat_protocol::{self, RecordSummary, TableMemory};
 
 /// The odd constants of `tuple_hash()` (table.h), one per 32-bit word of a tuple.
 const HASH_MULTIPLIERS: [u64; 10] = [
@@ -412,10 +412,15 @@ impl SnatTable {
         nat_protocol::reclaim(self)
     }
 
-    /// [`SnatTable::reclaim`] and [`SnatTable::records`] in one walk of the records' state
-    /// words (a sweep pass's): the number of records freed, and the live ones.
-    pub fn reclaim_and_records(&self) -> (usize, Vec<(u32, NatRecord)>) {
-        nat_protocol::reclaim_and_live_records(self)
+    /// A sweep pass's one walk of the records' state words ([`nat_protocol::reclaim_and_pick`]):
+    /// frees dead records, counts the
+    /// live ones and copies those `pick` says the pass has work with, deciding on six words of
+    /// each instead of its copy. Returns the number freed, the number live and the copies.
+    pub fn reclaim_and_pick(
+        &self,
+        pick: impl FnMut(&RecordSummary) -> bool,
+    ) -> (usize, usize, Vec<(u32, NatRecord)>) {
+        nat_protocol::reclaim_and_pick(self, pick)
     }
 
     /// Sets the resolution of record `rec` (the agent's join with `conns`): `flags` ORed into
@@ -647,7 +652,58 @@ impl TableMemory for SnatTable {
     fn record_copy(&self, rec: u32) -> Option<NatRecord> {
         self.record(rec)
     }
+
+    fn record_summary(&self, rec: u32) -> Option<RecordSummary> {
+        if rec >= self.capacity() {
+            return None;
+        }
+        let base = self.records.element::<u64>(rec);
+        // SAFETY: rec < capacity and every SUMMARY_WORDS index is a word of the record, which
+        // keeps the address inside the mapping's element (8-byte aligned: see `record`).
+        let word = |i: usize| unsafe { AtomicU64::from_ptr(base.add(i)) }.load(Ordering::Relaxed);
+        let byte = |(w, b): (usize, usize)| word(w).to_ne_bytes()[b];
+        let [
+            state,
+            proto,
+            fwd_bits,
+            fwd_flags,
+            rev_bits,
+            fwd_seen,
+            rev_seen,
+        ] = SUMMARY_WORDS;
+        Some(RecordSummary {
+            state: u32::from_ne_bytes(word(state.0).to_ne_bytes()[..4].try_into().ok()?),
+            proto: byte(proto),
+            state_bits: byte(fwd_bits) | byte(rev_bits),
+            fwd_flags: byte(fwd_flags),
+            last_seen_ns: word(fwd_seen.0).max(word(rev_seen.0)),
+        })
+    }
 }
+
+/// Where [`RecordSummary`]'s fields are in a record: (64-bit word, byte in it) of the state,
+/// the forward tuple's protocol, the forward entry's state bits and flags, the reverse entry's
+/// state bits, and both entries' last packet (whole words).
+const SUMMARY_WORDS: [(usize, usize); 7] = {
+    use std::mem::offset_of;
+    const fn at(offset: usize) -> (usize, usize) {
+        (offset / 8, offset % 8)
+    }
+    let fwd = offset_of!(NatRecord, fwd);
+    let rev = offset_of!(NatRecord, rev);
+    let words = [
+        at(offset_of!(NatRecord, state)),
+        at(offset_of!(NatRecord, fwd_key) + offset_of!(Tuple, proto)),
+        at(fwd + offset_of!(SnatEntry, state)),
+        at(fwd + offset_of!(SnatEntry, flags)),
+        at(rev + offset_of!(SnatEntry, state)),
+        at(fwd + offset_of!(SnatEntry, last_seen_ns)),
+        at(rev + offset_of!(SnatEntry, last_seen_ns)),
+    ];
+    // The state is the first 4 bytes of its word, the last packets whole words.
+    assert!(words[0].1 == 0 && words[5].1 == 0 && words[6].1 == 0);
+    words
+};
 
 /// Tries [`SnatTable::insert`] makes at a stripe lock before it gives up (`NAT_LOCK_SPINS` in
 /// table.h; more here: this side can be preempted between tries, a program cannot).

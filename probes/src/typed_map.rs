@@ -157,15 +157,51 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         }
     }
 
-    /// Removes `key` and returns the value it had (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, one system
-    /// call); `None` when it was absent.
-    pub fn take(&self, key: &K) -> Result<Option<V>> {
-        let mut value = V::new_zeroed();
-        let found = self
-            .handle
-            .lookup_into_and_delete(key.as_bytes(), value.as_mut_bytes())
-            .map_err(|e| self.error("lookup and delete", e))?;
-        Ok(found.then_some(value))
+    /// Deletes `keys` (`BPF_MAP_DELETE_BATCH`: one system call for up to [`DELETE_BATCH`] keys,
+    /// where [`TypedMap::delete`] makes one each); a key absent by then is skipped. Returns how
+    /// many were deleted. One delete per key where the kernel has no batch operations for the
+    /// map's type.
+    pub fn delete_all(&self, keys: &[K]) -> Result<usize> {
+        let mut deleted = 0;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(DELETE_BATCH)];
+            let mut count = chunk.len() as u32;
+            let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+                sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+                ..Default::default()
+            };
+            // SAFETY: `chunk` holds `count` keys of the map's key size (checked when the map was
+            // opened), which the kernel only reads; `opts` is a valid `bpf_map_batch_opts`.
+            let ret = unsafe {
+                libbpf_rs::libbpf_sys::bpf_map_delete_batch(
+                    self.handle.as_fd().as_raw_fd(),
+                    chunk.as_ptr().cast(),
+                    &mut count,
+                    &opts,
+                )
+            };
+            // The kernel stops at the first key it cannot delete and reports how many it did.
+            let done = (count as usize).min(chunk.len());
+            deleted += done;
+            if ret == 0 {
+                rest = &rest[chunk.len()..];
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Absent: deleted since it was read, or evicted.
+                Some(libc::ENOENT) => rest = &rest[done + 1..],
+                _ if batch_unsupported(&e) => {
+                    for key in &rest[done..] {
+                        deleted += usize::from(self.delete(key)?);
+                    }
+                    return Ok(deleted);
+                }
+                _ => return Err(self.error("batch delete", e.into())),
+            }
+        }
+        Ok(deleted)
     }
 
     /// The keys present now (the kernel's iteration: entries changing meanwhile may be missed).
@@ -273,6 +309,9 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         Ok(entries)
     }
 }
+
+/// Keys per `BPF_MAP_DELETE_BATCH` call ([`TypedMap::delete_all`]).
+pub const DELETE_BATCH: usize = 4096;
 
 /// Whether a batch operation failed because the kernel has none for the map's type (an LPM
 /// trie; kernels before 5.6).

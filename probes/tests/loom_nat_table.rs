@@ -461,9 +461,9 @@ fn case2_two_inserts_of_one_tuple() {
     });
 }
 
-/// Case 3, the sweeper's walk (`SnatTable::reclaim_and_records`, which frees dead records as it
-/// copies live ones) reads a record by its state while a program writes it: a record listed as
-/// live is listed as written.
+/// Case 3, the sweeper's walk (`SnatTable::reclaim_and_pick`, which frees dead records as it
+/// summarizes live ones and copies those it picks) reads a record by its state while a program
+/// writes it: a record counted live is summarized and copied as written.
 #[test]
 fn case3_sweeper_reads_a_record_being_written() {
     loom::model(|| {
@@ -474,11 +474,18 @@ fn case3_sweeper_reads_a_record_being_written() {
             bpf_write(m, 0, 1);
             store_release(&m.records[0].state, REC_USED);
         });
-        let (freed, live) = nat_protocol::reclaim_and_live_records(&*m);
+        let (freed, live, picked) = nat_protocol::reclaim_and_pick(&*m, |s| {
+            assert!(
+                s.last_seen_ns >= WRITTEN_AT,
+                "summarized before written: {s:?}"
+            );
+            true
+        });
         assert_eq!(freed, 0);
-        for (rec, r) in live {
+        assert_eq!(live, picked.len());
+        for (rec, r) in picked {
             assert_eq!(rec, 0);
-            assert!(written(&r, 1), "listed before written: {r:?}");
+            assert!(written(&r, 1), "copied before written: {r:?}");
         }
         p0.join().unwrap();
     });

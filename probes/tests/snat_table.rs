@@ -267,6 +267,66 @@ fn first_packet_writes_a_consistent_record() {
     assert_eq!(r.fwd.created_ns, r.rev.created_ns);
 }
 
+/// A sweep pass decides on six words of each live record (`RecordSummary`, read in place): they
+/// read as the record's copy does, whatever its state (a reset, a FIN, an IPv6 tuple); the walk
+/// frees dead records, counts the live ones and copies only those it picks.
+#[test]
+fn a_pass_summarizes_each_live_record_as_its_copy_and_copies_only_what_it_picks() {
+    use probes::maps::{SNAT_F_RESOLVED, STATE_FIN, STATE_RST};
+    use probes::nat_protocol::{RecordSummary, TableMemory};
+    let fx = Fixture::new("table_summary");
+    let conns = [
+        (Family::V4, 41_000),
+        (Family::V6, 41_001),
+        (Family::V4, 41_002),
+        (Family::V6, 41_003),
+    ];
+    for (f, port) in conns {
+        fx.egress(
+            &tcp(client(f), port, backend(f), BACKEND_PORT, TCP_SYN),
+            SVC | MASQ,
+        );
+    }
+    let [(f_rst, rst), (f_fin, fin), (f_dead, dead), _] = conns;
+    fx.egress(
+        &tcp(client(f_rst), rst, backend(f_rst), BACKEND_PORT, TCP_RST),
+        SVC | MASQ,
+    );
+    fx.egress(
+        &tcp(
+            client(f_fin),
+            fin,
+            backend(f_fin),
+            BACKEND_PORT,
+            TCP_ACK | TCP_FIN,
+        ),
+        SVC | MASQ,
+    );
+    let table = &fx.dp.maps().snat;
+    let records = table.records();
+    assert_eq!(records.len(), 4);
+    for (rec, r) in &records {
+        let summary = table.record_summary(*rec).expect("summary");
+        assert_eq!(summary, RecordSummary::of(r), "record {rec}: {r:?}");
+        assert_ne!(summary.fwd_flags & SNAT_F_RESOLVED, 0);
+    }
+    let state_of = |f: Family, port: u16| {
+        let (rec, _) = table.find(Index::Fwd, &fwd_tuple(f, port)).expect("record");
+        table.record_summary(rec).expect("summary").state_bits
+    };
+    assert_ne!(state_of(f_rst, rst) & STATE_RST, 0);
+    assert_ne!(state_of(f_fin, fin) & STATE_FIN, 0);
+    let (dead_rec, _) = table
+        .find(Index::Fwd, &fwd_tuple(f_dead, dead))
+        .expect("record");
+    assert!(table.unindex(dead_rec));
+    let (freed, live, picked) = table.reclaim_and_pick(|s| s.state_bits & STATE_RST != 0);
+    assert_eq!((freed, live), (1, 3));
+    assert_eq!(picked.len(), 1);
+    assert_eq!(picked[0].1.fwd_key, fwd_tuple(f_rst, rst));
+    assert_eq!(table.record(dead_rec).expect("record").state, REC_FREE);
+}
+
 /// The forward tuple of a connection from the client at `port` to the backend.
 fn fwd_tuple(f: Family, port: u16) -> Tuple {
     Tuple::new(client(f), port, backend(f), BACKEND_PORT, L4Proto::Tcp)

@@ -1,9 +1,9 @@
 //! Host-kernel stress of the SNAT table (bpf/table.h, probes::nat_table): one thread per CPU
 //! (pinned with sched_setaffinity) runs the TC programs with BPF_PROG_TEST_RUN on first packets,
 //! established (fast-path) packets, closes, replies and ICMP errors, while a sweeper thread does
-//! what the agent's sweeper does to the table (reclaims, resolves, unindexes) and a holder thread
-//! takes bucket locks for a while through the mapped `snat_locks`, as a program preempted inside
-//! an insert would (a test run, unlike the TC hook, can be preempted). The table is shrunk to 64
+//! what the agent's sweeper does to the table (its walk: reclaims, summaries, copies, resolves,
+//! unindexes) and a holder thread takes bucket locks for a while through the mapped
+//! `snat_locks`, as a program preempted inside an insert would (a test run, unlike the TC hook, can be preempted). The table is shrunk to 64
 //! buckets an index and 192 records, so that claims meet full buckets, busy locks and a full
 //! table. Then, with every thread stopped, the table is checked from its mapped memory: every
 //! live record reachable from both indexes and indexed once in each, no tuple indexed twice, no
@@ -303,18 +303,27 @@ struct Swept {
     reclaimed: u64,
 }
 
-/// One pass of what the agent's sweeper does to the table (agent/src/datapath/sweep.rs): free
-/// the records the previous pass removed, resolve new ones, remove expired ones. A closed
-/// connection (FIN or RST) counts as expired at once, and one live record in 16 at random.
+/// One pass of what the agent's sweeper does to the table (agent/src/datapath/sweep.rs), in its
+/// one walk (`reclaim_and_pick`): free the records the previous pass removed, and of the live
+/// ones copy those with work, decided on their summaries: resolve new ones, remove expired
+/// ones. A closed connection (FIN or RST) counts as expired at once, and one live record in 16
+/// at random.
 fn sweep_pass(table: &SnatTable, rng: &mut Rng, swept: &mut Swept) {
-    swept.reclaimed += table.reclaim() as u64;
-    for (rec, r) in table.records() {
-        if r.fwd.flags & SNAT_F_RESOLVED == 0 {
+    let (freed, _, picked) = table.reclaim_and_pick(|s| {
+        s.fwd_flags & SNAT_F_RESOLVED == 0
+            || s.state_bits & (STATE_FIN | STATE_RST) != 0
+            || rng.below(16) == 0
+    });
+    swept.reclaimed += freed as u64;
+    for (rec, r) in picked {
+        let unresolved = r.fwd.flags & SNAT_F_RESOLVED == 0;
+        if unresolved {
             table.resolve(rec, 0, SNAT_F_RESOLVED);
             swept.resolved += 1;
         }
+        // Picked closed, or at random (or unresolved: one in 16 of those).
         let closed = r.state_bits() & (STATE_FIN | STATE_RST) != 0;
-        if (closed || rng.below(16) == 0) && table.unindex(rec) {
+        if (closed || !unresolved || rng.below(16) == 0) && table.unindex(rec) {
             swept.unindexed += 1;
         }
     }

@@ -16,11 +16,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use probes::DatapathMaps;
 use probes::maps::{
     ConnValue, Counter, DropEvent, L4Proto, NatRecord, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
     STATE_FIN, STATE_REPLY, STATE_RST, SvcKey, Tuple, addr_from_bytes,
 };
-use probes::{DatapathMaps, UpdateFlags};
+use probes::nat_protocol::RecordSummary;
 
 use super::ipvs_conns;
 use crate::admin::metrics::{DROP_REASONS, Metrics};
@@ -101,8 +102,19 @@ pub fn timeout_for(proto: u8, state: u8, t: &Timeouts) -> Duration {
 /// Whether a translated connection has expired at `now_ns` (CLOCK_MONOTONIC): its state is the
 /// union of both directions', its last activity the later of the two.
 pub fn expired(record: &NatRecord, now_ns: u64, t: &Timeouts) -> bool {
-    let idle = Duration::from_nanos(now_ns.saturating_sub(record.last_seen_ns()));
-    idle >= timeout_for(record.fwd_key.proto, record.state_bits(), t).max(MIN_IDLE_TIMEOUT)
+    summary_expired(&RecordSummary::of(record), now_ns, t)
+}
+
+/// [`expired`] on a record's summary, which a pass reads of every live record.
+pub fn summary_expired(s: &RecordSummary, now_ns: u64, t: &Timeouts) -> bool {
+    let idle = Duration::from_nanos(now_ns.saturating_sub(s.last_seen_ns));
+    idle >= timeout_for(s.proto, s.state_bits, t).max(MIN_IDLE_TIMEOUT)
+}
+
+/// Whether a pass has work with a live record: its connection has expired, or its service is
+/// still to resolve (an older program's record). The pass copies only those.
+fn has_work(s: &RecordSummary, now_ns: u64, t: &Timeouts) -> bool {
+    s.fwd_flags & SNAT_F_RESOLVED == 0 || summary_expired(s, now_ns, t)
 }
 
 /// What the SNAT table says of the connection a `conns` entry records.
@@ -190,14 +202,39 @@ pub fn resolution(maps: &DatapathMaps, record: &NatRecord) -> probes::Result<(u3
 /// What a pass reads of `conns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnsRead {
-    /// Every entry, in batches: the entries of untranslated connections past their timeout
-    /// expire, and the pass counts the live ones.
+    /// Every entry, in batches: the entries of the records expired since the last full read
+    /// ([`ExpiredRecords`]) and of untranslated connections past their timeout are removed (in
+    /// batches too), and the pass counts the live ones.
     Full,
-    /// Only the entries of the connections whose records this pass expires, each taken by a
-    /// lookup-and-delete. On a busy node `conns` holds every connection of the last 15 minutes
-    /// (an untranslated one's entry lives as long as IPVS's established timeout), and reading it
-    /// all was most of what a pass cost per connection.
+    /// None: the forward tuples of the records this pass expires are kept for the next full
+    /// read ([`ExpiredRecords`]), no system call per record. On a busy node `conns` holds every
+    /// connection of the last 15 minutes (an untranslated one's entry lives as long as IPVS's
+    /// established timeout), and reading it all was most of what a pass cost per connection.
     OfExpiredRecords,
+}
+
+/// The records expired since the last full read of `conns`, by forward tuple, with their last
+/// packet (CLOCK_MONOTONIC ns): their `conns` entries, which that read removes with the others
+/// it finds over, unless the probe wrote one after the record's last packet (a new IPVS
+/// connection on the same tuple). A sweeper keeps one across its passes; an entry it loses (the
+/// agent restarted) is an untranslated connection's to the next agent, removed by age.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExpiredRecords(HashMap<Tuple, u64>);
+
+impl ExpiredRecords {
+    /// Records waiting for the next full read.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the record of forward tuple `key` is among them.
+    pub fn contains(&self, key: &Tuple) -> bool {
+        self.0.contains_key(key)
+    }
 }
 
 /// The sweeper reads `conns` in full every this many passes (a minute at the default period of
@@ -216,25 +253,43 @@ pub fn conns_read_of_pass(pass: u64) -> ConnsRead {
     }
 }
 
-/// One pass that reads `conns` in full ([`sweep_pass`] with [`ConnsRead::Full`]).
+/// One pass that reads `conns` in full ([`sweep_pass`] with [`ConnsRead::Full`]), as a first
+/// pass (no records expired before it).
 pub fn sweep(maps: &DatapathMaps, now_ns: u64, t: &Timeouts) -> probes::Result<SweepReport> {
-    sweep_pass(maps, now_ns, t, ConnsRead::Full)
+    sweep_pass(
+        maps,
+        now_ns,
+        t,
+        ConnsRead::Full,
+        &mut ExpiredRecords::default(),
+    )
 }
 
-/// One pass: frees the records the previous pass expired while it copies the live ones (one
-/// walk of the records' state words), resolves the records an older program made without a
+/// One pass: frees the records the previous pass expired while it counts the live ones and
+/// copies those it has work with (one walk of the records' state words, deciding on six words
+/// of each live record: [`has_work`]), resolves the records an older program made without a
 /// resolution, expires idle ones (unindexed now, freed at the next pass: a program that found
 /// one just before is done with it by then), and removes the `conns` entries whose connection
-/// is over ([`conn_expired`]): with [`ConnsRead::Full`], every such entry, the old enough ones
-/// looked up in the SNAT table; otherwise those of the records it expired.
+/// is over ([`conn_expired`]) on a pass with [`ConnsRead::Full`]: every such entry, those of
+/// the records expired since the last full read (`expired`, which other passes add to) among
+/// them, the old enough ones looked up in the SNAT table.
 pub fn sweep_pass(
     maps: &DatapathMaps,
     now_ns: u64,
     t: &Timeouts,
     read: ConnsRead,
+    expired: &mut ExpiredRecords,
 ) -> probes::Result<SweepReport> {
-    let (reclaimed, records) = maps.snat.reclaim_and_records();
-    let mut report = sweep_inner(maps, records, now_ns, t, read, ipvs_conns::held_by_backend)?;
+    let (reclaimed, live, records) = maps.snat.reclaim_and_pick(|s| has_work(s, now_ns, t));
+    let mut report = sweep_inner(
+        maps,
+        (live, records),
+        now_ns,
+        t,
+        read,
+        expired,
+        ipvs_conns::held_by_backend,
+    )?;
     report.snat_reclaimed = reclaimed;
     Ok(report)
 }
@@ -249,37 +304,54 @@ pub fn sweep_records(
     now_ns: u64,
     t: &Timeouts,
 ) -> probes::Result<SweepReport> {
-    sweep_with_ipvs(maps, records, now_ns, t, ipvs_conns::held_by_backend)
+    sweep_with_ipvs(
+        maps,
+        records,
+        now_ns,
+        t,
+        &mut ExpiredRecords::default(),
+        ipvs_conns::held_by_backend,
+    )
 }
 
 /// [`sweep_records`] with IPVS's connection table (by client -> backend tuple) read by
 /// `ipvs_held` — at most once, and only when an untranslated connection's entry is past its
-/// timeout; `None` (unreadable) expires such entries by age alone.
+/// timeout; `None` (unreadable) expires such entries by age alone. A full read, after the
+/// passes that left `expired`.
 pub fn sweep_with_ipvs(
     maps: &DatapathMaps,
     records: Vec<(u32, NatRecord)>,
     now_ns: u64,
     t: &Timeouts,
+    expired: &mut ExpiredRecords,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
 ) -> probes::Result<SweepReport> {
     let reclaimed = maps.snat.reclaim();
-    let mut report = sweep_inner(maps, records, now_ns, t, ConnsRead::Full, ipvs_held)?;
+    let mut report = sweep_inner(
+        maps,
+        (records.len(), records),
+        now_ns,
+        t,
+        ConnsRead::Full,
+        expired,
+        ipvs_held,
+    )?;
     report.snat_reclaimed = reclaimed;
     Ok(report)
 }
 
-/// A pass after its walk of the records (`records`, the live ones it copied).
+/// A pass after its walk of the records, `(live, records)`: how many are live, and the copies of
+/// those it has work with (all of them will do).
 fn sweep_inner(
     maps: &DatapathMaps,
-    records: Vec<(u32, NatRecord)>,
+    (live, records): (usize, Vec<(u32, NatRecord)>),
     now_ns: u64,
     t: &Timeouts,
     read: ConnsRead,
+    since_full_read: &mut ExpiredRecords,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
 ) -> probes::Result<SweepReport> {
     let mut report = SweepReport::default();
-    // The forward tuples of the records expired now, with their last packet.
-    let mut expired_now: HashMap<Tuple, u64> = HashMap::new();
     for (rec, record) in records {
         if record.fwd.flags & SNAT_F_RESOLVED == 0 {
             let (svc_id, flags) = resolution(maps, &record)?;
@@ -296,41 +368,31 @@ fn sweep_inner(
             });
         if removed {
             report.snat_expired += 1;
-            expired_now.insert(record.fwd_key, record.last_seen_ns());
-        } else {
-            report.snat_live += 1;
+            since_full_read
+                .0
+                .insert(record.fwd_key, record.last_seen_ns());
         }
     }
+    report.snat_live = live.saturating_sub(report.snat_expired);
     if report.probe_hits > 0 {
         maps.add_to_counter(Counter::ProbeHit, report.probe_hits as u64)?;
     }
     if report.probe_misses > 0 {
         maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
     }
-    match read {
-        ConnsRead::Full => expire_conns(maps, &expired_now, now_ns, t, ipvs_held, &mut report)?,
-        ConnsRead::OfExpiredRecords => {
-            for (key, &last_seen_ns) in &expired_now {
-                if let Some(conn) = maps.conns.take(key)? {
-                    if conn.created_ns <= last_seen_ns {
-                        report.conns_expired += 1;
-                    } else {
-                        // A new IPVS connection with the same tuple since the record's last
-                        // packet (its first packet not yet translated): its entry goes back.
-                        let _ = maps.conns.update(key, &conn, UpdateFlags::NoExist);
-                    }
-                }
-            }
-        }
+    if read == ConnsRead::Full {
+        expire_conns(maps, &since_full_read.0, now_ns, t, ipvs_held, &mut report)?;
+        since_full_read.0.clear();
     }
     Ok(report)
 }
 
 /// The full read's part of a pass: each `conns` entry whose connection is over is removed
-/// ([`conn_expired`]), the others counted live.
+/// ([`conn_expired`]; `expired_since`: the records expired since the last full read), in
+/// batches, the others counted live.
 fn expire_conns(
     maps: &DatapathMaps,
-    expired_now: &HashMap<Tuple, u64>,
+    expired_since: &HashMap<Tuple, u64>,
     now_ns: u64,
     t: &Timeouts,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
@@ -340,8 +402,9 @@ fn expire_conns(
     let mut held: Option<HashSet<Tuple>> = None;
     let conns = maps.conns.entries()?;
     let mut live = 0;
+    let mut over = Vec::new();
     for (key, conn) in &conns {
-        let translation = match expired_now.get(key) {
+        let translation = match expired_since.get(key) {
             Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
             // Younger than any timeout it can have: kept, whatever translates it.
             None if !conn_expired(key, conn, Translation::None, now_ns, t) => Translation::None,
@@ -365,13 +428,14 @@ fn expire_conns(
             }
         }
         if expired {
-            if maps.conns.delete(key)? {
-                report.conns_expired += 1;
-            }
+            over.push(*key);
         } else {
             live += 1;
         }
     }
+    // Deleted by key, as one delete each did: an entry the probe rewrote between the read and
+    // here (a new IPVS connection on the tuple within the pass) goes too.
+    report.conns_expired = maps.conns.delete_all(&over)?;
     report.conns_live = Some(live);
     Ok(())
 }
@@ -397,9 +461,10 @@ impl Sweeper {
             .name("sweeper".into())
             .spawn(move || {
                 let mut drops = DropLog::default();
+                let mut expired = ExpiredRecords::default();
                 for pass in 0.. {
                     let read = conns_read_of_pass(pass);
-                    sweep_once(&maps, &timeouts, &metrics, &mut drops, read);
+                    sweep_once(&maps, &timeouts, &metrics, &mut drops, read, &mut expired);
                     match stopped.recv_timeout(period) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -431,6 +496,7 @@ pub fn sweep_once(
     metrics: &Metrics,
     drops: &mut DropLog,
     read: ConnsRead,
+    expired: &mut ExpiredRecords,
 ) {
     // The switch window's tuples still tracked (0 once closed), for the map gauges.
     let switch_tracked = match super::switch::refresh_from_conntrack(maps, monotonic_ns()) {
@@ -456,7 +522,7 @@ pub fn sweep_once(
         }
     };
     let started = Instant::now();
-    let result = sweep_pass(maps, monotonic_ns(), t, read);
+    let result = sweep_pass(maps, monotonic_ns(), t, read, expired);
     let took = started.elapsed();
     match result {
         Ok(r) => {
