@@ -671,11 +671,13 @@ impl TableMemory for SnatTable {
             fwd_seen,
             rev_seen,
         ] = SUMMARY_WORDS;
+        // The forward entry's state bits and flags share a word: one load.
+        let fwd = word(fwd_bits.0).to_ne_bytes();
         Some(RecordSummary {
             state: u32::from_ne_bytes(word(state.0).to_ne_bytes()[..4].try_into().ok()?),
             proto: byte(proto),
-            state_bits: byte(fwd_bits) | byte(rev_bits),
-            fwd_flags: byte(fwd_flags),
+            state_bits: fwd[fwd_bits.1] | byte(rev_bits),
+            fwd_flags: fwd[fwd_flags.1],
             last_seen_ns: word(fwd_seen.0).max(word(rev_seen.0)),
         })
     }
@@ -700,8 +702,10 @@ const SUMMARY_WORDS: [(usize, usize); 7] = {
         at(fwd + offset_of!(SnatEntry, last_seen_ns)),
         at(rev + offset_of!(SnatEntry, last_seen_ns)),
     ];
-    // The state is the first 4 bytes of its word, the last packets whole words.
+    // The state is the first 4 bytes of its word, the last packets whole words, the forward
+    // entry's state bits and flags in one word.
     assert!(words[0].1 == 0 && words[5].1 == 0 && words[6].1 == 0);
+    assert!(words[2].0 == words[3].0);
     words
 };
 
