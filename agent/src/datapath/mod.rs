@@ -21,6 +21,7 @@ pub mod rules;
 pub mod sweep;
 pub mod switch;
 pub mod sysctl;
+pub mod tuple_hash;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -24,6 +24,7 @@ use probes::maps::{
 use probes::nat_protocol::RecordSummary;
 
 use super::ipvs_conns;
+use super::tuple_hash::TupleHashing;
 use crate::admin::metrics::{DROP_REASONS, Metrics};
 
 /// Idle timeouts (IPVS's: tcp 900 s, tcpfin 120 s, udp 300 s by default, or the kernel's as
@@ -219,7 +220,7 @@ pub enum ConnsRead {
 /// connection on the same tuple). A sweeper keeps one across its passes; an entry it loses (the
 /// agent restarted) is an untranslated connection's to the next agent, removed by age.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ExpiredRecords(HashMap<Tuple, u64>);
+pub struct ExpiredRecords(HashMap<Tuple, u64, TupleHashing>);
 
 impl ExpiredRecords {
     /// Records waiting for the next full read.
@@ -392,7 +393,7 @@ fn sweep_inner(
 /// batches, the others counted live.
 fn expire_conns(
     maps: &DatapathMaps,
-    expired_since: &HashMap<Tuple, u64>,
+    expired_since: &HashMap<Tuple, u64, TupleHashing>,
     now_ns: u64,
     t: &Timeouts,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
