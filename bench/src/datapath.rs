@@ -77,6 +77,10 @@ const OTHER_PORT: u16 = 8081;
 const UDP_NODE_PORT: u16 = 30053;
 /// The agent's sweep period (its default `--sweep-period`, which the benchmark runs it with).
 const AGENT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
+/// Every this many of its passes reads `conns` in full (agent::datapath::sweep::
+/// CONNS_FULL_READ_PASSES): the one that removes the `conns` entries of the records the passes
+/// before it expired.
+const AGENT_FULL_READ_PASSES: u32 = 6;
 /// Services per nft transaction when the extra Services are added in nftables mode.
 const NFT_BATCH: usize = 500;
 
@@ -134,7 +138,7 @@ impl Config {
             hold_conns: env_num("BENCH_HOLD_CONNS", 5000)?,
             ct_max: env_num("BENCH_CT_MAX", 1024)?,
             // Six of the agent's 10 s sweep periods, one of them a full read of `conns`
-            // (agent::datapath::sweep::CONNS_FULL_READ_PASSES), and twelve of its 5 s node checks
+            // (AGENT_FULL_READ_PASSES), and twelve of its 5 s node checks
             // (whole ones, whatever the phase).
             idle_seconds: env_num("BENCH_IDLE_SECONDS", 60)?,
             datapaths,
@@ -974,9 +978,10 @@ fn datapath_round(
     let mut all = bench.clone();
     // The agent's CPU over the round's cases and the lives of the records they made: IPVS's FIN
     // timeout after the last case (a closed connection's record lives that long after its last
-    // packet) and two sweep periods more (a pass has then expired each of them and taken its
-    // `conns` entry, and the next freed it, whatever their phase). The report charges its
-    // per-connection part to the service connections (Metric::CpuPerUnit).
+    // packet), two sweep periods more (a pass has then expired each of them, and the next freed
+    // it, whatever their phase) and a full read's interval (the full read after their expiry
+    // has removed their `conns` entries). The report charges its per-connection part to the
+    // service connections (Metric::CpuPerUnit).
     let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
     let agent_start = agent_cpu::total(&threads_start);
     let span_start = Instant::now();
@@ -1025,7 +1030,8 @@ fn datapath_round(
     }
     if let Some(a0) = agent_start {
         let fin = ipvs_tcp_fin_timeout(&t);
-        std::thread::sleep(fin + 2 * AGENT_SWEEP_PERIOD);
+        let tail = fin + (2 + AGENT_FULL_READ_PASSES) * AGENT_SWEEP_PERIOD;
+        std::thread::sleep(tail);
         let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         if let Some(a1) = agent_cpu::total(&threads_end) {
             let threads: BTreeMap<String, f64> = threads_end
@@ -1039,7 +1045,7 @@ fn datapath_round(
             let agent = json!({
                 "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
                 "span_s": span_start.elapsed().as_secs_f64(),
-                "tail_s": (fin + 2 * AGENT_SWEEP_PERIOD).as_secs_f64(),
+                "tail_s": tail.as_secs_f64(),
                 "threads_cpu_s": threads,
             });
             log(&format!("round {round} {}: agent {agent}", dp.name()));

@@ -222,8 +222,9 @@ impl RunDoc {
     }
 
     /// The agent's CPU per service connection (seconds) in the record's round: its CPU over
-    /// the round's cases and, after them, IPVS's FIN timeout and two sweep periods
-    /// (`agent_round`: the lives of the records the cases made, their expiry included), less
+    /// the round's cases and, after them, IPVS's FIN timeout, two sweep periods and a full
+    /// read's interval (`agent_round`: the lives of the records the cases made, their expiry and
+    /// their `conns` entries' removal included), less
     /// its rate without traffic over that span, over the connections the round's
     /// short-connection service cases made (records copied by each pass and expired, `conns`
     /// entries read and taken). Charged to ClusterIP connections too, which make no record.
@@ -1115,8 +1116,9 @@ fn markdown(
              within the window (its threads' schedstat) is replaced by its rate without traffic \
              (the idle window after the profiles, whole sweep periods) for the window's length \
              plus, for each connection through a Service, its work per connection (its CPU over \
-             the round's cases and, after them, IPVS's FIN timeout and two sweep periods — the \
-             lives of the records they made, their expiry included — less that rate, over the \
+             the round's cases and, after them, IPVS's FIN timeout, two sweep periods and a \
+             minute — the lives of the records they made, their expiry and their `conns` \
+             entries' removal included — less that rate, over the \
              connections the round's short-connection service cases made); the **node's \
              share** subtracts the direct \
              baseline of the same round, which carries the client's and the server's constant \
@@ -1851,8 +1853,8 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
             "- **The agent** is in the node shares of ours whatever a window's phase caught of \
              it: {} ms of CPU a second without traffic (over {} s, whole sweep periods: its \
              sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
-             work per service connection (the sweeper's copies of its record over its life, its \
-             expiry and the taking of its `conns` entry, and the full reads of `conns` over the \
+             work per service connection (the sweeper's reads of its record over its life, its \
+             expiry and the removal of its `conns` entry, and the full reads of `conns` over the \
              round and the records' life after it; not the full reads of an untranslated \
              connection's entry after that, which lives 15 minutes): {} µs per NodePort \
              connection in all.",
