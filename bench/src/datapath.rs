@@ -982,6 +982,20 @@ fn datapath_round(
     // it, whatever their phase) and a full read's interval (the full read after their expiry
     // has removed their `conns` entries). The report charges its per-connection part to the
     // service connections (Metric::CpuPerUnit).
+    // First its rate without traffic, over a full read's interval of sweep periods with maps
+    // the cases have not filled: what the report subtracts from that CPU over the span, and
+    // counts in each timed window instead of what the window caught (the idle window after the
+    // profiles finds the maps holding what the detail phase left).
+    let idle =
+        agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM)).map(|before| {
+            let start = Instant::now();
+            std::thread::sleep(AGENT_FULL_READ_PASSES * AGENT_SWEEP_PERIOD);
+            let after = agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM));
+            (
+                after.unwrap_or(before).saturating_sub(before) as f64 / 1e9,
+                start.elapsed().as_secs_f64(),
+            )
+        });
     let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
     let agent_start = agent_cpu::total(&threads_start);
     let span_start = Instant::now();
@@ -1046,6 +1060,8 @@ fn datapath_round(
                 "cpu_s": a1.saturating_sub(a0) as f64 / 1e9,
                 "span_s": span_start.elapsed().as_secs_f64(),
                 "tail_s": tail.as_secs_f64(),
+                "idle_cpu_s": idle.map(|(cpu, _)| cpu),
+                "idle_s": idle.map(|(_, s)| s),
                 "threads_cpu_s": threads,
             });
             log(&format!("round {round} {}: agent {agent}", dp.name()));

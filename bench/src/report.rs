@@ -213,11 +213,20 @@ impl RunDoc {
         })
     }
 
-    /// The agent's steady CPU rate (CPU seconds per second) of the record's datapath: its CPU
-    /// over the idle window, which spans whole sweep periods. `None` without an agent.
+    /// The agent's steady CPU rate (CPU seconds per second) in the record's round: its CPU
+    /// without traffic over a full read's interval before the round's cases (`agent_round`'s
+    /// `idle_cpu_s` over `idle_s`, maps the cases have not filled), else over the idle window
+    /// after the profiles (whole sweep periods, maps holding what the detail phase left).
+    /// `None` without an agent.
     fn agent_rate(&self, rec: &Value) -> Option<f64> {
-        let idle = &self.detail(rec["datapath"].as_str()?)?["idle"];
-        let (cpu, window) = (idle["agent_cpu_s"].as_f64()?, idle["window_s"].as_f64()?);
+        let round = &rec["agent_round"];
+        let (cpu, window) = match (round["idle_cpu_s"].as_f64(), round["idle_s"].as_f64()) {
+            (Some(cpu), Some(window)) => (cpu, window),
+            _ => {
+                let idle = &self.detail(rec["datapath"].as_str()?)?["idle"];
+                (idle["agent_cpu_s"].as_f64()?, idle["window_s"].as_f64()?)
+            }
+        };
         (window > 0.0).then(|| cpu / window)
     }
 
@@ -710,6 +719,17 @@ fn summarize(run: &RunDoc) -> Value {
                         .collect::<Vec<_>>()
                 )
                 .map(round),
+                // The agent's CPU without traffic (ms a second; median over rounds), which the
+                // node shares of ours count for each window's length.
+                "agent_idle_ms_per_s": median(
+                    &run.rounds()
+                        .into_iter()
+                        .filter_map(|r| run.record(r, dp, 1, "cps_nodeport"))
+                        .filter_map(|r| run.agent_rate(r))
+                        .map(|s| s * 1e3)
+                        .collect::<Vec<_>>()
+                )
+                .map(round),
             }),
         );
     }
@@ -1114,7 +1134,8 @@ fn markdown(
              CPUs − idle) divided by connections. Ours counts the agent whatever a window's \
              phase caught of it (a sweep pass costs tens of ms under `-icount`): its CPU \
              within the window (its threads' schedstat) is replaced by its rate without traffic \
-             (the idle window after the profiles, whole sweep periods) for the window's length \
+             (over a minute before each round's cases: six sweep periods, one full read of \
+             `conns`) for the window's length \
              plus, for each connection through a Service, its work per connection (its CPU over \
              the round's cases and, after them, IPVS's FIN timeout, two sweep periods and a \
              minute — the lives of the records they made, their expiry and their `conns` \
@@ -1388,8 +1409,8 @@ fn markdown(
                 "Busy CPU without traffic over {} s after the profiles (periodic work, such as \
                  the agent's node checks and sweeps, that a timed window catches or misses by \
                  its phase; from the guest's ticks): {}. The agent's own CPU over that window, \
-                 from its threads' schedstat: {} ms/s, the rate at which the node shares count \
-                 it.\n",
+                 from its threads' schedstat: {} ms/s (its maps then hold what the detail phase \
+                 left; the node shares count the rate measured before each round's cases).\n",
                 f(s["config"]["idle_seconds"].as_f64()),
                 idle.join("; "),
                 f(num(s, &["details", "ours", "idle", "agent_ms_per_s"])),
@@ -1841,9 +1862,9 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
     );
     // The agent's periodic work, which a timed window catches or misses by its phase: the node
     // shares above count it at its steady rate instead (Metric::CpuPerUnit).
-    if let (Some(ms), Some(window), Some(cps)) = (
-        num(s, &["details", "ours", "idle", "agent_ms_per_s"]),
-        num(s, &["details", "ours", "idle", "window_s"]),
+    if let (Some(ms), Some(cps)) = (
+        num(s, &["details", "ours", "agent_idle_ms_per_s"])
+            .or_else(|| num(s, &["details", "ours", "idle", "agent_ms_per_s"])),
         num(s, &["cases", "cps_nodeport", "1", "ours", "rate", "median"]),
     ) {
         let per_conn = num(s, &["details", "ours", "agent_us_per_service_conn"]);
@@ -1851,15 +1872,14 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
         let _ = writeln!(
             md,
             "- **The agent** is in the node shares of ours whatever a window's phase caught of \
-             it: {} ms of CPU a second without traffic (over {} s, whole sweep periods: its \
-             sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
+             it: {} ms of CPU a second without traffic (over a minute before each round's \
+             cases: its sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
              work per service connection (the sweeper's reads of its record over its life, its \
              expiry and the removal of its `conns` entry, and the full reads of `conns` over the \
              round and the records' life after it; not the full reads of an untranslated \
              connection's entry after that, which lives 15 minutes): {} µs per NodePort \
              connection in all.",
             f(Some(ms)),
-            f(Some(window)),
             f(at_rate),
             f(per_conn),
             f(per_conn.map(|b| b + at_rate.unwrap_or(0.0))),
