@@ -2343,8 +2343,15 @@ mod tests {
         // traffic, so 5 ms over the round's 1000 service connections, 5 µs each.
         let mut round = with_agent(0.2, 0.0);
         round["agent_round"] = json!({"cpu_s": 0.065, "span_s": 20.0});
-        let charged = share(round);
+        let charged = share(round.clone());
         assert!((charged - 105.6).abs() < 1e-9, "{charged}");
+        // Measured before the round's cases, its rate without traffic is that round's (1 ms/s
+        // here, the idle window after the profiles said 3): 0.2 ms for the window, and 45 of the
+        // 65 ms its work, 45 µs a connection.
+        round["agent_round"]["idle_cpu_s"] = json!(0.06);
+        round["agent_round"]["idle_s"] = json!(60.0);
+        let own_rate = share(round);
+        assert!((own_rate - 145.2).abs() < 1e-9, "{own_rate}");
         assert!(is_service_connection_case("lat_clusterip"));
         assert!(!is_service_connection_case("cps_pod_to_pod"));
         assert!(!is_service_connection_case("rr_nodeport"));
