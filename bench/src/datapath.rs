@@ -976,26 +976,25 @@ fn datapath_round(
     ));
     let mut out = Vec::new();
     let mut all = bench.clone();
-    // The agent's CPU over the round's cases and the lives of the records they made: IPVS's FIN
+    // First the agent's rate without traffic, over a full read's interval of sweep periods with
+    // maps the cases have not filled: what the report subtracts from its CPU over the span
+    // below, and counts in each timed window instead of what the window caught (the idle window
+    // after the profiles finds the maps holding what the detail phase left).
+    let idle = agent_total_ns().map(|before| {
+        let start = Instant::now();
+        std::thread::sleep(AGENT_FULL_READ_PASSES * AGENT_SWEEP_PERIOD);
+        let after = agent_total_ns().unwrap_or(before);
+        (
+            after.saturating_sub(before) as f64 / 1e9,
+            start.elapsed().as_secs_f64(),
+        )
+    });
+    // Then its CPU over the round's cases and the lives of the records they made: IPVS's FIN
     // timeout after the last case (a closed connection's record lives that long after its last
     // packet), two sweep periods more (a pass has then expired each of them, and the next freed
     // it, whatever their phase) and a full read's interval (the full read after their expiry
     // has removed their `conns` entries). The report charges its per-connection part to the
     // service connections (Metric::CpuPerUnit).
-    // First its rate without traffic, over a full read's interval of sweep periods with maps
-    // the cases have not filled: what the report subtracts from that CPU over the span, and
-    // counts in each timed window instead of what the window caught (the idle window after the
-    // profiles finds the maps holding what the detail phase left).
-    let idle =
-        agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM)).map(|before| {
-            let start = Instant::now();
-            std::thread::sleep(AGENT_FULL_READ_PASSES * AGENT_SWEEP_PERIOD);
-            let after = agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM));
-            (
-                after.unwrap_or(before).saturating_sub(before) as f64 / 1e9,
-                start.elapsed().as_secs_f64(),
-            )
-        });
     let threads_start = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
     let agent_start = agent_cpu::total(&threads_start);
     let span_start = Instant::now();
@@ -1080,6 +1079,11 @@ fn datapath_round(
         t0.elapsed().as_secs_f64()
     ));
     Ok(out)
+}
+
+/// The agent's CPU time (ns) now: [`agent_cpu::total`] of its threads; `None` without an agent.
+fn agent_total_ns() -> Option<u64> {
+    agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM))
 }
 
 /// IPVS's timeout of a TCP connection after its FIN in the node's namespace (`ipvsadm -L
@@ -1441,7 +1445,7 @@ fn idle_window(window: Duration) -> Value {
         let total: u64 = v.iter().take(8).sum();
         Some(total.saturating_sub(v.get(3)? + v.get(4).unwrap_or(&0)))
     };
-    let agent = || agent_cpu::total(&agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM));
+    let agent = agent_total_ns;
     let (p0, a0, b0, start) = (cpu_ticks("/proc"), agent(), busy_ticks(), Instant::now());
     std::thread::sleep(window);
     let (b1, window_s, a1, p1) = (

@@ -233,10 +233,10 @@ impl RunDoc {
     /// The agent's CPU per service connection (seconds) in the record's round: its CPU over
     /// the round's cases and, after them, IPVS's FIN timeout, two sweep periods and a full
     /// read's interval (`agent_round`: the lives of the records the cases made, their expiry and
-    /// their `conns` entries' removal included), less
-    /// its rate without traffic over that span, over the connections the round's
-    /// short-connection service cases made (records copied by each pass and expired, `conns`
-    /// entries read and taken). Charged to ClusterIP connections too, which make no record.
+    /// their `conns` entries' removal included), less its rate without traffic over that span,
+    /// over the connections the round's short-connection service cases made (records read by
+    /// each pass and expired, `conns` entries read and removed). Charged to ClusterIP
+    /// connections too, which make no record.
     /// What it leaves out: the full reads of an untranslated connection's `conns` entry after
     /// the span (its entry lives as long as IPVS's established timeout, 15 minutes).
     fn agent_per_connection(&self, rec: &Value) -> Option<f64> {
@@ -649,6 +649,19 @@ fn summarize(run: &RunDoc) -> Value {
     let mut details = Map::new();
     for dp in DATAPATHS {
         let Some(d) = run.detail(dp) else { continue };
+        // A figure of the agent's in each round (from the round's NodePort record), scaled:
+        // the median over rounds.
+        let agent_median = |figure: fn(&RunDoc, &Value) -> Option<f64>, scale: f64| {
+            median(
+                &run.rounds()
+                    .into_iter()
+                    .filter_map(|r| run.record(r, dp, 1, "cps_nodeport"))
+                    .filter_map(|r| figure(run, r))
+                    .map(|x| x * scale)
+                    .collect::<Vec<_>>(),
+            )
+            .map(round)
+        };
         let mut profile = Map::new();
         for case in ["nodeport", "clusterip"] {
             let p = &d["profile"][case];
@@ -710,26 +723,10 @@ fn summarize(run: &RunDoc) -> Value {
                 "idle": idle_summary(&d["idle"]),
                 // The agent's work per service connection (µs; median over rounds), which the
                 // node shares of ours count.
-                "agent_us_per_service_conn": median(
-                    &run.rounds()
-                        .into_iter()
-                        .filter_map(|r| run.record(r, dp, 1, "cps_nodeport"))
-                        .filter_map(|r| run.agent_per_connection(r))
-                        .map(|s| s * 1e6)
-                        .collect::<Vec<_>>()
-                )
-                .map(round),
+                "agent_us_per_service_conn": agent_median(RunDoc::agent_per_connection, 1e6),
                 // The agent's CPU without traffic (ms a second; median over rounds), which the
                 // node shares of ours count for each window's length.
-                "agent_idle_ms_per_s": median(
-                    &run.rounds()
-                        .into_iter()
-                        .filter_map(|r| run.record(r, dp, 1, "cps_nodeport"))
-                        .filter_map(|r| run.agent_rate(r))
-                        .map(|s| s * 1e3)
-                        .collect::<Vec<_>>()
-                )
-                .map(round),
+                "agent_idle_ms_per_s": agent_median(RunDoc::agent_rate, 1e3),
             }),
         );
     }
@@ -1873,12 +1870,12 @@ fn analysis(md: &mut String, s: &Value, series: &str, clock: &str) {
             md,
             "- **The agent** is in the node shares of ours whatever a window's phase caught of \
              it: {} ms of CPU a second without traffic (over a minute before each round's \
-             cases: its sweeps and node checks), {} µs per connection at the NodePort CPS, and {} µs of \
-             work per service connection (the sweeper's reads of its record over its life, its \
-             expiry and the removal of its `conns` entry, and the full reads of `conns` over the \
-             round and the records' life after it; not the full reads of an untranslated \
-             connection's entry after that, which lives 15 minutes): {} µs per NodePort \
-             connection in all.",
+             cases: its sweeps and node checks), {} µs per connection at the NodePort CPS, and \
+             {} µs of work per service connection (the sweeper's reads of its record over its \
+             life, its expiry and the removal of its `conns` entry, and the full reads of \
+             `conns` over the round and the records' life after it; not the full reads of an \
+             untranslated connection's entry after that, which lives 15 minutes): {} µs per \
+             NodePort connection in all.",
             f(Some(ms)),
             f(at_rate),
             f(per_conn),

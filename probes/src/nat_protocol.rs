@@ -174,7 +174,7 @@ pub fn live_records<M: TableMemory + ?Sized>(m: &M) -> Vec<(u32, NatRecord)> {
     let mut live = Vec::new();
     for rec in 0..m.capacity() {
         if m.state_load(rec, Ordering::Acquire) == REC_USED
-            && let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED)
+            && let Some(r) = live_copy(m, rec)
         {
             live.push((rec, r));
         }
@@ -201,7 +201,7 @@ pub fn reclaim_and_pick<M: TableMemory + ?Sized>(
                 };
                 live += 1;
                 if pick(&summary)
-                    && let Some(r) = m.record_copy(rec).filter(|r| r.state == REC_USED)
+                    && let Some(r) = live_copy(m, rec)
                 {
                     picked.push((rec, r));
                 }
@@ -211,6 +211,12 @@ pub fn reclaim_and_pick<M: TableMemory + ?Sized>(
         }
     }
     (freed, live, picked)
+}
+
+/// A copy of record `rec`, whose state was read [`REC_USED`] (`Acquire`), if the copy's own
+/// state says so too.
+fn live_copy<M: TableMemory + ?Sized>(m: &M, rec: u32) -> Option<NatRecord> {
+    m.record_copy(rec).filter(|r| r.state == REC_USED)
 }
 
 /// Removes record `rec` from both indexes (each way's tag byte cleared by a compare-and-swap)

@@ -413,9 +413,9 @@ impl SnatTable {
     }
 
     /// A sweep pass's one walk of the records' state words ([`nat_protocol::reclaim_and_pick`]):
-    /// frees dead records, counts the
-    /// live ones and copies those `pick` says the pass has work with, deciding on six words of
-    /// each instead of its copy. Returns the number freed, the number live and the copies.
+    /// frees dead records, counts the live ones and copies those `pick` says the pass has work
+    /// with, deciding on six words of each instead of its copy. Returns the number freed, the
+    /// number live and the copies.
     pub fn reclaim_and_pick(
         &self,
         pick: impl FnMut(&RecordSummary) -> bool,

@@ -167,10 +167,7 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(DELETE_BATCH)];
             let mut count = chunk.len() as u32;
-            let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
-                sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
-                ..Default::default()
-            };
+            let opts = batch_opts();
             // SAFETY: `chunk` holds `count` keys of the map's key size (checked when the map was
             // opened), which the kernel only reads; `opts` is a valid `bpf_map_batch_opts`.
             let ret = unsafe {
@@ -245,10 +242,7 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
         let token_len = size_of::<K>().max(size_of::<u64>());
         let (mut in_token, mut out_token) = (vec![0u8; token_len], vec![0u8; token_len]);
         let mut first = true;
-        let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
-            sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
-            ..Default::default()
-        };
+        let opts = batch_opts();
         loop {
             let mut count = batch as u32;
             // SAFETY: keys and values hold `batch` elements of the map's key and value sizes
@@ -307,6 +301,14 @@ impl<K: MapPod, V: MapPod> TypedMap<K, V> {
             }
         }
         Ok(entries)
+    }
+}
+
+/// The options of a batch operation: none but their size.
+fn batch_opts() -> libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+    libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+        ..Default::default()
     }
 }
 

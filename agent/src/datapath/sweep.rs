@@ -382,7 +382,7 @@ fn sweep_inner(
         maps.add_to_counter(Counter::ProbeMiss, report.probe_misses as u64)?;
     }
     if read == ConnsRead::Full {
-        expire_conns(maps, &since_full_read.0, now_ns, t, ipvs_held, &mut report)?;
+        expire_conns(maps, since_full_read, now_ns, t, ipvs_held, &mut report)?;
         since_full_read.0.clear();
     }
     Ok(report)
@@ -393,7 +393,7 @@ fn sweep_inner(
 /// batches, the others counted live.
 fn expire_conns(
     maps: &DatapathMaps,
-    expired_since: &HashMap<Tuple, u64, TupleHashing>,
+    expired_since: &ExpiredRecords,
     now_ns: u64,
     t: &Timeouts,
     ipvs_held: impl FnOnce() -> Option<HashSet<Tuple>>,
@@ -405,7 +405,7 @@ fn expire_conns(
     let mut live = 0;
     let mut over = Vec::new();
     for (key, conn) in &conns {
-        let translation = match expired_since.get(key) {
+        let translation = match expired_since.0.get(key) {
             Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
             // Younger than any timeout it can have: kept, whatever translates it.
             None if !conn_expired(key, conn, Translation::None, now_ns, t) => Translation::None,
