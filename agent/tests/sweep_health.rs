@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use agent::admin::health::HealthState;
 use agent::admin::metrics::Metrics;
-use agent::datapath::sweep::{ConnsRead, ExpiredRecords, Sweeper, Timeouts, monotonic_ns, sweep};
+use agent::datapath::sweep::{
+    ConnsRead, ConnsRemoval, ExpiredRecords, Sweeper, Timeouts, monotonic_ns, sweep,
+};
 use probes::maps::{ConnValue, L4Proto, Tuple, addr_to_bytes};
 use probes::{Datapath, DatapathProgram, MapSizes, SkbContext};
 use zerocopy::byteorder::network_endian::U16;
@@ -58,9 +60,8 @@ fn conn_value() -> ConnValue {
     ConnValue {
         vaddr: addr_to_bytes(IpAddr::V4(VIP)),
         vport: U16::new(80),
-        pad: 0,
-        ipvs_flags: 0,
         created_ns: monotonic_ns(),
+        ..ConnValue::default()
     }
 }
 
@@ -222,6 +223,7 @@ fn health_answers_while_full_maps_are_swept_and_a_sync_holds_the_main_runtime() 
         Duration::from_millis(10),
         Timeouts::default(),
         metrics.clone(),
+        ConnsRemoval::BySweeper,
     )
     .expect("sweeper");
     // A sync holding the main runtime meanwhile (model, reconcilers: computation).

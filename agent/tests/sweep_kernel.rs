@@ -16,8 +16,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use agent::datapath::sweep::{
-    CONNS_FULL_READ_PASSES, ConnsRead, ExpiredRecords, Timeouts, monotonic_ns, sweep, sweep_pass,
-    sweep_records, sweep_with_ipvs,
+    CONNS_FULL_READ_PASSES, CONNS_FULL_READ_PASSES_AFTER_FREE, ConnsRead, ConnsRemoval,
+    ExpiredRecords, Timeouts, monotonic_ns, sweep, sweep_pass, sweep_records, sweep_with_ipvs,
 };
 use probes::maps::{
     ConnValue, Counter, L4Proto, SNAT_F_MASQ, SNAT_F_PORT_KEPT, SNAT_F_PROBE_HIT, SNAT_F_RESOLVED,
@@ -57,9 +57,8 @@ fn probe_saw(maps: &probes::DatapathMaps, key: &Tuple, created_ns: u64) {
             &ConnValue {
                 vaddr: addr_to_bytes(IpAddr::V4(VIP)),
                 vport: U16::new(80),
-                pad: 0,
-                ipvs_flags: 0,
                 created_ns,
+                ..ConnValue::default()
             },
         )
         .expect("conns");
@@ -266,7 +265,7 @@ fn a_pass_without_the_full_conns_read_leaves_the_entries_of_what_it_expires_to_t
     let now = monotonic_ns();
     let later = now + (t.tcp_syn + Duration::from_secs(1)).as_nanos() as u64;
     assert_eq!(
-        agent::datapath::sweep::conns_read_of_pass(1),
+        ConnsRemoval::BySweeper.read_of_pass(1),
         ConnsRead::OfExpiredRecords
     );
     let mut expired = ExpiredRecords::default();
@@ -287,7 +286,7 @@ fn a_pass_without_the_full_conns_read_leaves_the_entries_of_what_it_expires_to_t
         later - Duration::from_secs(5).as_nanos() as u64,
     );
     assert_eq!(
-        agent::datapath::sweep::conns_read_of_pass(CONNS_FULL_READ_PASSES),
+        ConnsRemoval::BySweeper.read_of_pass(CONNS_FULL_READ_PASSES),
         ConnsRead::Full
     );
     let report = sweep_with_ipvs(maps, maps.snat.records(), later, &t, &mut expired, || None)
@@ -300,6 +299,66 @@ fn a_pass_without_the_full_conns_read_leaves_the_entries_of_what_it_expires_to_t
         "the new connection's entry stays"
     );
     assert!(expired.is_empty(), "the full read took them");
+}
+
+/// With the probe on IPVS freeing a connection attached (`ConnsRemoval::AtIpvsFree`), that probe
+/// removes a connection's `conns` entry: a pass keeps none of the records it expires for a
+/// full read, and leaves their entries; the full reads come every 15 minutes, and still remove
+/// an untranslated connection's entry past IPVS's timeout that IPVS no longer holds (an entry
+/// no probe removed: an older probe's, or one whose connection was freed while none was
+/// attached).
+#[test]
+fn with_the_probe_on_ipvs_frees_a_pass_keeps_no_expired_records_and_full_reads_are_rare() {
+    if !can_load_datapath() {
+        return;
+    }
+    let pins = test_pins("sweep-at-free");
+    let dp = load_with_one_service(&pins, small_map_sizes(), NODE, VIP);
+    let maps = dp.maps();
+    let (t, long_ago) = short_tcp_timeout();
+    // A record of a SYN alone expires after the shortest idle timeout (5 s here), a `conns`
+    // entry after IPVS's established one (20 s).
+    let t = Timeouts {
+        tcp_syn: Duration::from_secs(1),
+        ..t
+    };
+    let now = monotonic_ns();
+    let (closed, untranslated) = (to_backend(SEEN, 5100), to_backend(UNSEEN, 6100));
+    probe_saw(maps, &closed, now);
+    probe_saw(maps, &untranslated, long_ago);
+    first_packet(&dp, SEEN, 5100);
+    let later = now + Duration::from_secs(6).as_nanos() as u64;
+    let removal = ConnsRemoval::AtIpvsFree;
+    assert_eq!(
+        removal.full_read_passes(),
+        CONNS_FULL_READ_PASSES_AFTER_FREE
+    );
+    assert_eq!(removal.read_of_pass(0), ConnsRead::Full);
+    for pass in 1..CONNS_FULL_READ_PASSES_AFTER_FREE {
+        assert_eq!(
+            removal.read_of_pass(pass),
+            ConnsRead::OfExpiredRecords,
+            "{pass}"
+        );
+    }
+    assert_eq!(
+        removal.read_of_pass(CONNS_FULL_READ_PASSES_AFTER_FREE),
+        ConnsRead::Full
+    );
+    let mut expired = ExpiredRecords::for_removal(removal);
+    let report =
+        sweep_pass(maps, later, &t, ConnsRead::OfExpiredRecords, &mut expired).expect("sweep");
+    assert_eq!((report.snat_expired, report.snat_live), (1, 0));
+    assert!(expired.is_empty(), "nothing kept for a full read");
+    let report = sweep_with_ipvs(maps, maps.snat.records(), later, &t, &mut expired, || {
+        Some(Default::default())
+    })
+    .expect("sweep");
+    // The untranslated entry is past IPVS's timeout and not in its table: removed. The closed
+    // connection's entry is younger than that timeout and its record gone: left to the probe.
+    assert_eq!((report.conns_expired, report.conns_live), (1, Some(1)));
+    assert!(maps.conns.get(&untranslated).expect("conns").is_none());
+    assert!(maps.conns.get(&closed).expect("conns").is_some());
 }
 
 /// An untranslated connection (pod to ClusterIP) past IPVS's established timeout from its

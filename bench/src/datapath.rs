@@ -77,10 +77,13 @@ const OTHER_PORT: u16 = 8081;
 const UDP_NODE_PORT: u16 = 30053;
 /// The agent's sweep period (its default `--sweep-period`, which the benchmark runs it with).
 const AGENT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
-/// Every this many of its passes reads `conns` in full (agent::datapath::sweep::
-/// CONNS_FULL_READ_PASSES): the one that removes the `conns` entries of the records the passes
-/// before it expired.
+/// Every this many of its passes reads `conns` in full when no probe on IPVS's free is attached
+/// (agent::datapath::sweep::CONNS_FULL_READ_PASSES): the one that removes the `conns` entries of
+/// the records the passes before it expired. The windows keep this length with the probe too.
 const AGENT_FULL_READ_PASSES: u32 = 6;
+/// The probe on IPVS freeing a connection, as `bpftool prog show` names it (15 characters of
+/// `ipvs_conn_free_fentry` or `ipvs_conn_free_kprobe`).
+const FREE_PROBE_PROGRAM_PREFIX: &str = "ipvs_conn_free";
 /// Services per nft transaction when the extra Services are added in nftables mode.
 const NFT_BATCH: usize = 500;
 
@@ -619,7 +622,7 @@ fn our_programs() -> Result<Vec<String>> {
         .into_iter()
         .flatten()
         .filter_map(|p| p["name"].as_str())
-        .filter(|n| n.starts_with("ipvs_conn_new") || n.starts_with("tc_") || *n == "xt_svc")
+        .filter(|n| n.starts_with("ipvs_") || n.starts_with("tc_") || *n == "xt_svc")
         .map(String::from)
         .collect())
 }
@@ -1044,7 +1047,29 @@ fn datapath_round(
     if let Some(a0) = agent_start {
         let fin = ipvs_tcp_fin_timeout(&t);
         let tail = fin + (2 + AGENT_FULL_READ_PASSES) * AGENT_SWEEP_PERIOD;
+        // IPVS frees the round's connections here, mostly (its TIME_WAIT is as long as the FIN
+        // timeout), and the probe on that free removes their `conns` entries in the kernel: its
+        // run time (bpf_stats, on over the tail, where no timed window runs) is the agent's
+        // work too.
+        let stats_on =
+            dp == Datapath::Ours && try_sh("sysctl -qw kernel.bpf_stats_enabled=1").is_ok();
+        let free_before = stats_on.then(bpf_prog_stats).and_then(Result::ok);
         std::thread::sleep(tail);
+        let free_after = stats_on.then(bpf_prog_stats).and_then(Result::ok);
+        if stats_on {
+            try_sh("sysctl -qw kernel.bpf_stats_enabled=0")?;
+        }
+        let free_probe = free_before.zip(free_after).map(|(before, after)| {
+            let (mut runs, mut ns) = (0u64, 0u64);
+            for (prog, &(cnt, time)) in &after {
+                if prog.starts_with(FREE_PROBE_PROGRAM_PREFIX) {
+                    let (c0, n0) = before.get(prog).copied().unwrap_or((0, 0));
+                    runs += cnt.saturating_sub(c0);
+                    ns += time.saturating_sub(n0);
+                }
+            }
+            json!({"runs": runs, "run_time_ns": ns})
+        });
         let threads_end = agent_cpu::run_time_ns_by_thread(agent_cpu::AGENT_COMM);
         if let Some(a1) = agent_cpu::total(&threads_end) {
             let threads: BTreeMap<String, f64> = threads_end
@@ -1062,6 +1087,7 @@ fn datapath_round(
                 "idle_cpu_s": idle.map(|(cpu, _)| cpu),
                 "idle_s": idle.map(|(_, s)| s),
                 "threads_cpu_s": threads,
+                "free_probe": free_probe,
             });
             log(&format!("round {round} {}: agent {agent}", dp.name()));
             for r in &mut out {

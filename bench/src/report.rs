@@ -235,13 +235,18 @@ impl RunDoc {
     /// read's interval (`agent_round`: the lives of the records the cases made, their expiry and
     /// their `conns` entries' removal included), less its rate without traffic over that span,
     /// over the connections the round's short-connection service cases made (records read by
-    /// each pass and expired, `conns` entries read and removed). Charged to ClusterIP
+    /// each pass and expired, `conns` entries read and removed), plus the run time of the probe
+    /// on IPVS freeing a connection over the tail (`agent_round.free_probe`: it removes the
+    /// entries in the kernel as IPVS frees their connections). Charged to ClusterIP
     /// connections too, which make no record.
-    /// What it leaves out: the full reads of an untranslated connection's `conns` entry after
-    /// the span (its entry lives as long as IPVS's established timeout, 15 minutes).
+    /// What it leaves out without that probe: the full reads of an untranslated connection's
+    /// `conns` entry after the span (its entry then lives as long as IPVS's established
+    /// timeout, 15 minutes). With it, the trampoline's few instructions around each run.
     fn agent_per_connection(&self, rec: &Value) -> Option<f64> {
         let agent = &rec["agent_round"];
         let (cpu, span) = (agent["cpu_s"].as_f64()?, agent["span_s"].as_f64()?);
+        // The probe on IPVS freeing a connection: its run time over the tail, in the kernel.
+        let cpu = cpu + agent["free_probe"]["run_time_ns"].as_f64().unwrap_or(0.0) / 1e9;
         let conns: f64 = self
             .records()
             .filter(|r| r["round"] == rec["round"] && r["datapath"] == rec["datapath"])
@@ -2347,8 +2352,12 @@ mod tests {
         // 65 ms its work, 45 µs a connection.
         round["agent_round"]["idle_cpu_s"] = json!(0.06);
         round["agent_round"]["idle_s"] = json!(60.0);
-        let own_rate = share(round);
+        let own_rate = share(round.clone());
         assert!((own_rate - 145.2).abs() < 1e-9, "{own_rate}");
+        // The probe on IPVS's free ran 5 ms in the kernel over the tail: 5 µs a connection more.
+        round["agent_round"]["free_probe"] = json!({"runs": 1000, "run_time_ns": 5_000_000});
+        let with_free = share(round);
+        assert!((with_free - 150.2).abs() < 1e-9, "{with_free}");
         assert!(is_service_connection_case("lat_clusterip"));
         assert!(!is_service_connection_case("cps_pod_to_pod"));
         assert!(!is_service_connection_case("rr_nodeport"));

@@ -103,6 +103,11 @@ enum ipvs_conn_flags {
 	IP_VS_CONN_F_TEMPLATE = 0x1000,
 };
 
+/* conn_value.conn_id_hi: the entry carries its IPVS connection's identity (structs.h). */
+enum conn_id_bits {
+	CONN_ID_SET_HI = 0x8000,
+};
+
 /* stats indices */
 enum stat_index {
 	STAT_SNAT_ALLOC = 0,
@@ -125,6 +130,8 @@ enum stat_index {
 	STAT_NO_SNAT_ADDR,
 	STAT_PARSE_ERROR,
 	STAT_LOCK_BUSY,
+	STAT_PROBE_FREE_REMOVED,
+	STAT_PROBE_FREE_KEPT,
 	STAT_MAX,
 };
 
@@ -205,6 +212,7 @@ struct kib_consts {
 	enum entry_state entry_state;
 	enum snat_flags snat_flags;
 	enum ipvs_conn_flags ipvs_conn_flags;
+	enum conn_id_bits conn_id_bits;
 	enum stat_index stat_index;
 	enum default_sizes default_sizes;
 	enum device_slots_size device_slots_size;

@@ -10,6 +10,13 @@
  * trampoline takes its 7 arguments), fexit on ip_vs_schedule (its caller for every connection a
  * virtual service schedules: kernels whose trampoline takes 5) and kretprobe on ip_vs_conn_new
  * (every kernel). None is autoloaded: the loader enables the one it tries.
+ *
+ * The hook on IPVS freeing a connection (ip_vs_conn_rcu_free(), the RCU callback that returns
+ * it to its slab once it is unhashed and unreferenced) removes the connection's `conns` entry,
+ * if the entry still carries the connection's identity (conn_id()): a new connection on the same
+ * tuple, made before the old one was freed, rewrote it. An untranslated connection's entry so
+ * goes with IPVS's connection instead of waiting for the agent's full read after IPVS's
+ * established timeout (docs/datapath.md, "conns"). fentry, else kprobe; the loader enables one.
  * struct ip_vs_conn is read with CO-RE against the ip_vs module's BTF; only the fields read are
  * declared. Integer fields are read with their relocated size (BPF_CORE_READ_BITFIELD*), so a
  * kernel that narrows one (af and daf became u8 in later reworks) still reads right; the fexit
@@ -38,6 +45,11 @@ union nf_inet_addr {
 	__be32 ip6[4];
 } __attribute__((preserve_access_index));
 
+struct callback_head {
+	void *next;
+	void *func;
+} __attribute__((preserve_access_index));
+
 struct ip_vs_conn {
 	__be16 cport;
 	__be16 dport;
@@ -49,6 +61,8 @@ struct ip_vs_conn {
 	__u32 flags;
 	__u16 protocol;
 	__u16 daf;
+	/* `struct rcu_head rcu_head` in the source: rcu_head is a macro for callback_head. */
+	struct callback_head callback_head;
 } __attribute__((preserve_access_index));
 
 /* Opaque argument types of ip_vs_conn_new (only passed through). */
@@ -88,6 +102,49 @@ static __always_inline void read_addr(__u8 out[ADDR_LEN], const union nf_inet_ad
 }
 
 /*
+ * The identity of an IPVS connection in its `conns` entry: its address, which no other live
+ * connection has (the slab object is reused only after ip_vs_conn_rcu_free(), where the free
+ * program runs first), shifted right by 3 (slab objects are at least 8-byte aligned) and cut to
+ * 47 bits (distinct across 1 PiB of addresses), with CONN_ID_SET_HI above them.
+ */
+static __always_inline void conn_id_set(struct conn_value *v, __u64 cp)
+{
+	__u64 id = (cp >> 3) & ((1ULL << 47) - 1);
+
+	v->conn_id_lo = (__u32)id;
+	v->conn_id_hi = (__u16)(id >> 32) | CONN_ID_SET_HI;
+}
+
+/*
+ * A BTF pointer's value (an fexit or fentry argument) as a plain integer: the verifier allows it
+ * no arithmetic but adding and subtracting, so it is copied out of a stack slot.
+ */
+static __always_inline __u64 pointer_value(const void *p)
+{
+	const void *slot = p;
+	__u64 value = 0;
+
+	bpf_probe_read_kernel(&value, sizeof(value), &slot);
+	return value;
+}
+
+/*
+ * The `conns` key of an IPVS connection: client -> backend and protocol, as record_conn() writes
+ * it; the client port (0 for a persistence template, which has no entry) in `key->sport`.
+ */
+static __always_inline void conn_key(struct tuple *key, struct ip_vs_conn *cp, const int direct)
+{
+	__u16 af = CONN_FIELD(direct, cp, af);
+	__u16 daf = CONN_FIELD(direct, cp, daf);
+
+	read_addr(key->saddr, &cp->caddr, af, direct);
+	read_addr(key->daddr, &cp->daddr, daf, direct);
+	key->sport = CONN_FIELD(direct, cp, cport);
+	key->dport = CONN_FIELD(direct, cp, dport);
+	key->proto = CONN_FIELD(direct, cp, protocol);
+}
+
+/*
  * While the agent prepares a rollback (CFG_F_DRAIN_RECORD, docs/switching.md), a connection IPVS
  * makes is one the programs still mark: its client -> service tuple goes in switch_flows, so it
  * stays the agent's once the drain starts.
@@ -108,8 +165,6 @@ static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 	struct conn_value value = {};
 	struct config *cfg = config_get();
 	__u32 flags;
-	__u16 af;
-	__u16 daf;
 	__be16 cport;
 
 	if (!cp)
@@ -126,16 +181,10 @@ static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 		stat_inc(STAT_PROBE_TEMPLATE_SKIPPED);
 		return 0;
 	}
-	af = CONN_FIELD(direct, cp, af);
-	daf = CONN_FIELD(direct, cp, daf);
-	read_addr(key.saddr, &cp->caddr, af, direct);
-	read_addr(key.daddr, &cp->daddr, daf, direct);
-	key.sport = cport;
-	key.dport = CONN_FIELD(direct, cp, dport);
-	key.proto = CONN_FIELD(direct, cp, protocol);
-	read_addr(value.vaddr, &cp->vaddr, af, direct);
+	conn_key(&key, cp, direct);
+	read_addr(value.vaddr, &cp->vaddr, CONN_FIELD(direct, cp, af), direct);
 	value.vport = CONN_FIELD(direct, cp, vport);
-	value.ipvs_flags = flags;
+	conn_id_set(&value, direct ? pointer_value(cp) : (__u64)(unsigned long)cp);
 	value.created_ns = bpf_ktime_get_ns();
 	/* Before the entry can be found (port_filter.h): its replies come from this port. */
 	port_filter_add(PORT_BACKEND, key.dport);
@@ -181,4 +230,52 @@ SEC("?kretprobe/ip_vs_conn_new")
 int BPF_KRETPROBE(ipvs_conn_new_kretprobe, struct ip_vs_conn *ret)
 {
 	return record_conn(ret, 0);
+}
+
+/*
+ * IPVS frees a connection: its `conns` entry goes, unless it carries another identity (a newer
+ * connection on the same tuple, or none: an older probe's entry, left to the agent's sweeper).
+ * ip_vs_conn_rcu_free() runs once per connection, after IPVS unhashed it and an RCU grace
+ * period, so no packet finds the connection any more. The argument is the connection's rcu_head;
+ * its fields are read with bpf_probe_read_kernel (CONN_FIELD), the pointer being computed.
+ * Between the lookup and the delete, a connection IPVS makes on the same tuple on another CPU
+ * would lose its entry: that needs the client to reuse the tuple within those few hundred
+ * nanoseconds of the old connection's free, after IPVS had unhashed it (a reuse before that
+ * makes the new connection earlier, and its identity keeps the entry).
+ */
+static __always_inline int forget_conn(__u64 head)
+{
+	/* A plain address (container_of), read with bpf_probe_read_kernel only. */
+	__u64 addr = head - bpf_core_field_offset(struct ip_vs_conn, callback_head);
+	struct ip_vs_conn *cp = (void *)(unsigned long)addr;
+	struct conn_value mine = {};
+	struct conn_value *v;
+	struct tuple key = {};
+
+	conn_key(&key, cp, 0);
+	if (key.sport == 0)
+		return 0;
+	v = bpf_map_lookup_elem(&conns, &key);
+	if (!v)
+		return 0;
+	conn_id_set(&mine, addr);
+	if (v->conn_id_lo != mine.conn_id_lo || v->conn_id_hi != mine.conn_id_hi) {
+		stat_inc(STAT_PROBE_FREE_KEPT);
+		return 0;
+	}
+	bpf_map_delete_elem(&conns, &key);
+	stat_inc(STAT_PROBE_FREE_REMOVED);
+	return 0;
+}
+
+SEC("?fentry/ip_vs_conn_rcu_free")
+int BPF_PROG(ipvs_conn_free_fentry, struct callback_head *head)
+{
+	return forget_conn(pointer_value(head));
+}
+
+SEC("?kprobe/ip_vs_conn_rcu_free")
+int BPF_KPROBE(ipvs_conn_free_kprobe, struct callback_head *head)
+{
+	return forget_conn((__u64)(unsigned long)head);
 }

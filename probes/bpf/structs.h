@@ -84,11 +84,18 @@ struct snat_entry {
 	__u64 last_seen_ns;
 };
 
+/*
+ * conn_value: an IPVS connection the probe recorded. `conn_id_hi`:`conn_id_lo` is the connection's
+ * identity (ipvs_probe.bpf.c, conn_id()): its kernel address shifted right by 3, 47 bits, with
+ * CONN_ID_SET_HI (bit 47) set; none (bit clear) in an entry an older probe wrote, whose six bytes
+ * here were padding and the IPVS flags. The probe on IPVS freeing a connection removes the entry
+ * only while it carries that connection's identity.
+ */
 struct conn_value {
 	__u8 vaddr[ADDR_LEN];
 	__be16 vport;
-	__u16 pad;
-	__u32 ipvs_flags;
+	__u16 conn_id_hi;
+	__u32 conn_id_lo;
 	__u64 created_ns;
 };
 

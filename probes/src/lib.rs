@@ -16,9 +16,9 @@ pub mod typed_map;
 pub use error::{Error, Result};
 pub use features::KernelFeatures;
 pub use loader::{
-    AttachedPrograms, Datapath, DatapathOptions, DeviceKind, MapReuse, MapSizes, ProbeKind,
-    ProbePreference, ProgramRunStats, RewritePolicy, SkbContext, TEST_RUN_CHECKSUM_COMPLETE,
-    TcAttachMode, TcAttachPolicy, TestRunOutput,
+    AttachedPrograms, Datapath, DatapathOptions, DeviceKind, FreeProbeKind, MapReuse, MapSizes,
+    ProbeKind, ProbePreference, ProgramRunStats, RewritePolicy, SkbContext,
+    TEST_RUN_CHECKSUM_COMPLETE, TcAttachMode, TcAttachPolicy, TestRunOutput,
 };
 pub use nat_table::{Index, SnatTable};
 pub use objects::DatapathProgram;

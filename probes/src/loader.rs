@@ -36,7 +36,8 @@ use crate::maps::{self, Stats, map_names};
 use crate::maps::{CFG_F_DIRECT_WRITES, CFG_F_PORT_FILTER, Config};
 use crate::nat_table::{SnatHandles, SnatTable};
 use crate::objects::{
-    DATAPATH_OBJECT, DatapathProgram, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
+    DATAPATH_OBJECT, DatapathProgram, FREE_PROBE_FENTRY_PROGRAM, FREE_PROBE_KPROBE_PROGRAM,
+    FREE_PROBE_TARGET_FUNCTION, IPVS_PROBE_OBJECT, NAT_WRITERS, PROBE_FEXIT_PROGRAM,
     PROBE_KRETPROBE_PROGRAM, PROBE_SCHEDULE_FEXIT_PROGRAM, PROBE_TARGET_FUNCTION,
 };
 use crate::port_filter::PortFilter;
@@ -50,6 +51,8 @@ pub const XT_SVC_PIN_NAME: &str = "prog_xt_svc";
 pub const LINKS_DIR: &str = "links";
 /// File name of the pinned IPVS probe link under [`LINKS_DIR`].
 pub const PROBE_LINK_NAME: &str = "ipvs_probe";
+/// File name of the pinned link of the probe on IPVS freeing a connection under [`LINKS_DIR`].
+pub const FREE_PROBE_LINK_NAME: &str = "ipvs_free_probe";
 /// Handle of the clsact filters (netlink path).
 pub const CLSACT_HANDLE: u32 = 0x4b49;
 /// Priority of the clsact filters (netlink path).
@@ -233,6 +236,25 @@ impl ProbeKind {
     }
 }
 
+/// The flavour of the probe on IPVS freeing a connection (`ip_vs_conn_rcu_free`), which
+/// removes the connection's `conns` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreeProbeKind {
+    /// `fentry/ip_vs_conn_rcu_free` (BPF trampoline; the function in the module's BTF).
+    Fentry,
+    /// `kprobe/ip_vs_conn_rcu_free` (the function in kallsyms).
+    Kprobe,
+}
+
+impl FreeProbeKind {
+    fn program(self) -> &'static str {
+        match self {
+            FreeProbeKind::Fentry => FREE_PROBE_FENTRY_PROGRAM,
+            FreeProbeKind::Kprobe => FREE_PROBE_KPROBE_PROGRAM,
+        }
+    }
+}
+
 /// What happened to one map at load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapReuse {
@@ -307,8 +329,8 @@ struct AttachedDevice {
 }
 
 #[derive(Debug)]
-struct AttachedProbe {
-    kind: ProbeKind,
+struct AttachedProbe<K> {
+    kind: K,
     /// Why each flavour tried before `kind` did not attach.
     passed_over: Vec<String>,
     link: Link,
@@ -327,7 +349,8 @@ pub struct Datapath {
     map_reuse: Vec<MapReuse>,
     maps: DatapathMaps,
     devices: BTreeMap<u32, AttachedDevice>,
-    probe: Option<AttachedProbe>,
+    probe: Option<AttachedProbe<ProbeKind>>,
+    free_probe: Option<AttachedProbe<FreeProbeKind>>,
 }
 
 fn object_error(
@@ -713,6 +736,7 @@ impl Datapath {
             maps,
             devices: BTreeMap::new(),
             probe: None,
+            free_probe: None,
         })
     }
 
@@ -1051,7 +1075,12 @@ impl Datapath {
             .ok_or(Error::MissingProgram(program.name()))
     }
 
-    fn try_probe(&self, kind: ProbeKind) -> Result<(Object, Link)> {
+    /// Loads the probe object with only `program` in it and attaches that program.
+    fn try_probe(
+        &self,
+        program: &'static str,
+        kprobe: Option<(bool, &str)>,
+    ) -> Result<(Object, Link)> {
         let mut builder = ObjectBuilder::default();
         builder
             .pin_root_path(&self.options.pin_root)
@@ -1066,62 +1095,53 @@ impl Datapath {
             "ipvs_probe",
         )?;
         for mut prog in open.progs_mut() {
-            let wanted = prog.name() == kind.program();
+            let wanted = prog.name() == program;
             prog.set_autoload(wanted);
         }
         let object = load_object(open, "ipvs_probe")?;
-        let program = find_program(&object, kind.program())?;
-        let link = match kind {
-            ProbeKind::Fexit | ProbeKind::FexitSchedule => program.attach_trace(),
-            ProbeKind::Kretprobe => program.attach_kprobe(true, PROBE_TARGET_FUNCTION),
+        let loaded = find_program(&object, program)?;
+        let link = match kprobe {
+            None => loaded.attach_trace(),
+            Some((retprobe, function)) => loaded.attach_kprobe(retprobe, function),
         }
         .map_err(object_error("ipvs_probe", "attach"))?;
         Ok((object, link))
     }
 
-    /// Attaches the IPVS connection probe: fexit on `ip_vs_conn_new`, then on `ip_vs_schedule`
-    /// (when allowed by `preference`), then kretprobe. The new probe is attached before a previous one (pinned by an earlier run) is
-    /// detached. Returns the flavour attached.
-    pub fn attach_ipvs_probe(&mut self, preference: ProbePreference) -> Result<ProbeKind> {
-        if !Path::new("/sys/module/ip_vs").exists() {
-            return Err(Error::ProbeUnavailable(
-                "the ip_vs module is not loaded (/sys/module/ip_vs is missing)".to_owned(),
-            ));
-        }
-        let candidates: &[ProbeKind] = match preference {
-            ProbePreference::Auto => &[
-                ProbeKind::Fexit,
-                ProbeKind::FexitSchedule,
-                ProbeKind::Kretprobe,
-            ],
-            ProbePreference::Fexit => &[ProbeKind::Fexit, ProbeKind::FexitSchedule],
-            ProbePreference::Kretprobe => &[ProbeKind::Kretprobe],
-        };
+    /// Attaches the first of `candidates` that loads and attaches (`try_one`), pinned as
+    /// `link_name` under [`LINKS_DIR`]: the new link is attached before a previous one (pinned by
+    /// an earlier run, or `previous`) is detached.
+    fn attach_pinned_probe<K: Copy + std::fmt::Debug>(
+        &self,
+        candidates: &[K],
+        link_name: &str,
+        previous: Option<AttachedProbe<K>>,
+        try_one: impl Fn(K) -> Result<(Object, Link)>,
+    ) -> Result<AttachedProbe<K>> {
         let mut failures = Vec::new();
         for &kind in candidates {
-            match self.try_probe(kind) {
+            match try_one(kind) {
                 Ok((object, mut link)) => {
-                    let path = self.links_dir()?.join(PROBE_LINK_NAME);
+                    let path = self.links_dir()?.join(link_name);
                     if path.exists() {
                         if let Ok(old) = Link::open(&path) {
                             let _ = old.detach();
                         }
                         fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
                     }
-                    if let Some(previous) = self.probe.take() {
+                    if let Some(previous) = previous {
                         let _ = previous.link.detach();
                     }
                     link.pin(&path).map_err(|source| Error::Pin {
                         path: path.clone(),
                         source,
                     })?;
-                    self.probe = Some(AttachedProbe {
+                    return Ok(AttachedProbe {
                         kind,
                         passed_over: failures,
                         link,
                         _object: object,
                     });
-                    return Ok(kind);
                 }
                 Err(error) => {
                     // libbpf's error keeps the kernel's errno in its sources.
@@ -1138,6 +1158,40 @@ impl Datapath {
         Err(Error::ProbeUnavailable(failures.join("; ")))
     }
 
+    fn require_ip_vs() -> Result<()> {
+        if Path::new("/sys/module/ip_vs").exists() {
+            Ok(())
+        } else {
+            Err(Error::ProbeUnavailable(
+                "the ip_vs module is not loaded (/sys/module/ip_vs is missing)".to_owned(),
+            ))
+        }
+    }
+
+    /// Attaches the IPVS connection probe: fexit on `ip_vs_conn_new`, then on `ip_vs_schedule`
+    /// (when allowed by `preference`), then kretprobe. The new probe is attached before a
+    /// previous one (pinned by an earlier run) is detached. Returns the flavour attached.
+    pub fn attach_ipvs_probe(&mut self, preference: ProbePreference) -> Result<ProbeKind> {
+        Self::require_ip_vs()?;
+        let candidates: &[ProbeKind] = match preference {
+            ProbePreference::Auto => &[
+                ProbeKind::Fexit,
+                ProbeKind::FexitSchedule,
+                ProbeKind::Kretprobe,
+            ],
+            ProbePreference::Fexit => &[ProbeKind::Fexit, ProbeKind::FexitSchedule],
+            ProbePreference::Kretprobe => &[ProbeKind::Kretprobe],
+        };
+        let previous = self.probe.take();
+        let probe = self.attach_pinned_probe(candidates, PROBE_LINK_NAME, previous, |kind| {
+            let kprobe = (kind == ProbeKind::Kretprobe).then_some((true, PROBE_TARGET_FUNCTION));
+            self.try_probe(kind.program(), kprobe)
+        })?;
+        let kind = probe.kind;
+        self.probe = Some(probe);
+        Ok(kind)
+    }
+
     /// The IPVS probe flavour attached by this `Datapath`, if any.
     pub fn ipvs_probe(&self) -> Option<ProbeKind> {
         self.probe.as_ref().map(|p| p.kind)
@@ -1148,17 +1202,54 @@ impl Datapath {
         self.probe.as_ref().map_or(&[], |p| &p.passed_over)
     }
 
-    /// Detaches the IPVS probe (ours, or one pinned by an earlier run).
+    /// Attaches the probe on IPVS freeing a connection (`ip_vs_conn_rcu_free`), which removes
+    /// the connection's `conns` entry: fentry, then kprobe, pinned beside the connection probe.
+    /// Returns the flavour attached.
+    pub fn attach_ipvs_free_probe(&mut self) -> Result<FreeProbeKind> {
+        Self::require_ip_vs()?;
+        let previous = self.free_probe.take();
+        let probe = self.attach_pinned_probe(
+            &[FreeProbeKind::Fentry, FreeProbeKind::Kprobe],
+            FREE_PROBE_LINK_NAME,
+            previous,
+            |kind| {
+                let kprobe =
+                    (kind == FreeProbeKind::Kprobe).then_some((false, FREE_PROBE_TARGET_FUNCTION));
+                self.try_probe(kind.program(), kprobe)
+            },
+        )?;
+        let kind = probe.kind;
+        self.free_probe = Some(probe);
+        Ok(kind)
+    }
+
+    /// The flavour of the probe on IPVS freeing a connection attached by this `Datapath`.
+    pub fn ipvs_free_probe(&self) -> Option<FreeProbeKind> {
+        self.free_probe.as_ref().map(|p| p.kind)
+    }
+
+    /// Why each flavour of it preferred to the attached one did not attach.
+    pub fn ipvs_free_probe_passed_over(&self) -> &[String] {
+        self.free_probe.as_ref().map_or(&[], |p| &p.passed_over)
+    }
+
+    /// Detaches the IPVS probes, the connection probe and the probe on its free (ours, or
+    /// ones pinned by an earlier run).
     pub fn detach_ipvs_probe(&mut self) -> Result<()> {
         if let Some(probe) = self.probe.take() {
             let _ = probe.link.detach();
         }
-        let path = self.options.pin_root.join(LINKS_DIR).join(PROBE_LINK_NAME);
-        if path.exists() {
-            if let Ok(link) = Link::open(&path) {
-                let _ = link.detach();
+        if let Some(probe) = self.free_probe.take() {
+            let _ = probe.link.detach();
+        }
+        for name in [PROBE_LINK_NAME, FREE_PROBE_LINK_NAME] {
+            let path = self.options.pin_root.join(LINKS_DIR).join(name);
+            if path.exists() {
+                if let Ok(link) = Link::open(&path) {
+                    let _ = link.detach();
+                }
+                fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
             }
-            fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
         }
         Ok(())
     }
@@ -1258,7 +1349,7 @@ fn is_our_layout_entry(name: &str) -> bool {
 
 /// Whether `name` is a link pin of ours under [`LINKS_DIR`].
 fn is_our_link_entry(name: &str) -> bool {
-    name == PROBE_LINK_NAME || tcx_link_ifindex(name).is_some()
+    name == PROBE_LINK_NAME || name == FREE_PROBE_LINK_NAME || tcx_link_ifindex(name).is_some()
 }
 
 /// Whether `dir` holds one of our layouts: the maps every layout has had (`config`,

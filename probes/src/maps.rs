@@ -118,8 +118,10 @@ pub const SNAT_F_HOST: u8 = 0x20;
 /// agent's sweeper for a record an older program made without it.
 pub const SNAT_F_RESOLVED: u8 = 0x40;
 
-/// `conn_value.ipvs_flags`: IPVS persistence template (never recorded by the probe).
+/// IPVS connection flag: a persistence template (the probe records none).
 pub const IP_VS_CONN_F_TEMPLATE: u32 = 0x1000;
+/// `conn_value.conn_id_hi`: the entry carries its IPVS connection's identity.
+pub const CONN_ID_SET_HI: u16 = 0x8000;
 
 /// Default `svc_ports` size.
 pub const DEFAULT_SVC_PORTS_SIZE: u32 = 65_536;
@@ -718,12 +720,24 @@ pub struct ConnValue {
     pub vaddr: Addr,
     /// Service port, network byte order.
     pub vport: Be16,
-    /// Padding, zero.
-    pub pad: u16,
-    /// IPVS connection flags (`IP_VS_CONN_F_*`).
-    pub ipvs_flags: u32,
+    /// The IPVS connection's identity, bits 32..47 ([`CONN_ID_SET_HI`] set when it has one);
+    /// see [`ConnValue::ipvs_conn_id`].
+    pub conn_id_hi: u16,
+    /// Its bits 0..32.
+    pub conn_id_lo: u32,
     /// When the probe saw it, CLOCK_MONOTONIC ns.
     pub created_ns: u64,
+}
+
+impl ConnValue {
+    /// The identity of the IPVS connection the entry records (its kernel address >> 3, 47 bits),
+    /// which the probe on IPVS freeing a connection compares before removing the entry; `None`
+    /// in an entry an older probe wrote.
+    pub fn ipvs_conn_id(&self) -> Option<u64> {
+        (self.conn_id_hi & CONN_ID_SET_HI != 0).then(|| {
+            (u64::from(self.conn_id_hi & !CONN_ID_SET_HI) << 32) | u64::from(self.conn_id_lo)
+        })
+    }
 }
 
 /// `struct frag_key`: a fragmented datagram as its fragments arrive (before translation).
@@ -1020,6 +1034,12 @@ counters! {
     /// Packets dropped: a SNAT table bucket lock the new connection's insert needed stayed
     /// taken (bpf/table.h; only a preempted holder, as in a test run, holds one that long).
     LockBusy => lock_busy,
+    /// `conns` entries the probe on IPVS freeing a connection removed (the entry was that
+    /// connection's).
+    ProbeFreeRemoved => probe_free_removed,
+    /// `conns` entries it kept: a newer connection's on the same tuple, or an older probe's
+    /// without an identity (left to the sweeper).
+    ProbeFreeKept => probe_free_kept,
 }
 
 impl Counter {

@@ -4,7 +4,8 @@
 /// `bpf/datapath.bpf.c`: the TC programs and the `xt_svc` socket filter.
 pub const DATAPATH_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
 
-/// `bpf/ipvs_probe.bpf.c`: the fexit and kretprobe programs on `ip_vs_conn_new`.
+/// `bpf/ipvs_probe.bpf.c`: the fexit and kretprobe programs on `ip_vs_conn_new`, and the fentry
+/// and kprobe programs on `ip_vs_conn_rcu_free`.
 pub const IPVS_PROBE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ipvs_probe.bpf.o"));
 
 /// A program of the datapath object.
@@ -61,6 +62,13 @@ pub const PROBE_SCHEDULE_FEXIT_PROGRAM: &str = "ipvs_schedule_fexit";
 pub const PROBE_KRETPROBE_PROGRAM: &str = "ipvs_conn_new_kretprobe";
 /// The kernel function the probe hooks.
 pub const PROBE_TARGET_FUNCTION: &str = "ip_vs_conn_new";
+/// Name of the fentry program on `ip_vs_conn_rcu_free` (IPVS freeing a connection) in
+/// [`IPVS_PROBE_OBJECT`].
+pub const FREE_PROBE_FENTRY_PROGRAM: &str = "ipvs_conn_free_fentry";
+/// Name of the kprobe program on `ip_vs_conn_rcu_free` in [`IPVS_PROBE_OBJECT`].
+pub const FREE_PROBE_KPROBE_PROGRAM: &str = "ipvs_conn_free_kprobe";
+/// The kernel function the probe on IPVS freeing a connection hooks.
+pub const FREE_PROBE_TARGET_FUNCTION: &str = "ip_vs_conn_rcu_free";
 
 /// `bpf/bench_baseline.bpf.c`: an empty TC program (`bench_baseline`) the benchmark measures to
 /// report the measurement floor. Not part of the datapath.

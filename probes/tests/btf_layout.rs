@@ -199,8 +199,8 @@ fn rust_layouts() -> Vec<(&'static str, RustLayout)> {
             rust_layout!(ConnValue {
                 vaddr,
                 vport,
-                pad,
-                ipvs_flags,
+                conn_id_hi,
+                conn_id_lo,
                 created_ns
             }),
         ),
@@ -440,6 +440,7 @@ fn mirrored_constants() -> Vec<(String, i64)> {
         SNAT_F_HOST,
         SNAT_F_RESOLVED,
         IP_VS_CONN_F_TEMPLATE,
+        CONN_ID_SET_HI,
         DEFAULT_SVC_PORTS_SIZE,
         DEFAULT_SVC_ADDRS_SIZE,
         DEFAULT_SRC_RANGES_SIZE,

@@ -142,15 +142,14 @@ fn client_to_backend(f: Family) -> Tuple {
     )
 }
 
-fn add_conn(fx: &Fixture, f: Family, conn: &Tuple, ipvs_flags: u32) {
+fn add_conn(fx: &Fixture, f: Family, conn: &Tuple) {
     fx.probe_conn(
         conn,
         &ConnValue {
             vaddr: addr_to_bytes(vip(f)),
             vport: U16::new(VIP_PORT),
-            pad: 0,
-            ipvs_flags,
             created_ns: 1,
+            ..ConnValue::default()
         },
     );
 }
@@ -498,7 +497,7 @@ fn flow_cache_keeps_verdicts_of_untranslated_flows_until_their_ttl(f: Family, na
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     assert!(in_local_range(CLIENT_PORT));
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1);
-    add_conn(&fx, f, &client_to_backend(f), 0x0100);
+    add_conn(&fx, f, &client_to_backend(f));
     assert_eq!(fx.ingress(&reply, 0x1).mark, 0x1, "verdict kept");
     // ... until a SYN goes by the maps and replaces the verdict.
     let syn_ack = tcp(
@@ -612,7 +611,7 @@ fn a_forwarded_flow_keeps_its_ingress_and_egress_verdicts_apart(f: Family, name:
         assert_eq!(dirs, [2, 3], "an egress and an ingress verdict");
         // The maps now make the flow a service connection's replies: the next packets keep both
         // verdicts until the TTL (a general run would mark this one SVC|REPLY).
-        add_conn(&fx, f, &client_to_backend(f), 0x0100);
+        add_conn(&fx, f, &client_to_backend(f));
         for _ in 0..3 {
             assert_eq!(fx.ingress(&ack, 0).mark, 0, "ingress verdict kept");
             assert_eq!(fx.egress(&ack, 0).packet, ack, "egress verdict kept");
@@ -750,7 +749,7 @@ both_families!(reply_reverse_translated);
 fn reply_of_untranslated_service_connection_marked(f: Family, name: &str) {
     let fx = Fixture::new(name);
     let conn = client_to_backend(f);
-    add_conn(&fx, f, &conn, 0x0100);
+    add_conn(&fx, f, &conn);
     let reply = tcp(backend(f), BACKEND_PORT, client(f), CLIENT_PORT, TCP_ACK);
     let out = fx.ingress(&reply, 0);
     assert_eq!(out.return_value, TC_ACT_UNSPEC);
@@ -799,7 +798,7 @@ fn replies_carry_the_reply_mark_and_egress_passes_them(f: Family, name: &str) {
         BACKEND_PORT,
         L4Proto::Tcp,
     );
-    add_conn(&fx, f, &conn, 0x0100);
+    add_conn(&fx, f, &conn);
     for _ in 0..2 {
         let reply = tcp(backend(f), BACKEND_PORT, client_b(f), CLIENT_PORT, TCP_ACK);
         let out = fx.ingress(&reply, 0);
@@ -838,7 +837,7 @@ fn first_packet_resolves_its_service_from_the_probes_conns_entry(f: Family, name
     let fx = Fixture::new(name);
     add_service(&fx, vip(f), VIP_PORT, L4Proto::Tcp, 0, 42);
     let conn = client_to_backend(f);
-    add_conn(&fx, f, &conn, 0);
+    add_conn(&fx, f, &conn);
     // The first packet of `src`'s connection; the (svc_id, flags) of both entries of its record.
     let resolution_of = |src: IpAddr| {
         let (_, port) = snat_first(&fx, f, src, CLIENT_PORT);

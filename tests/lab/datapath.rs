@@ -13,8 +13,8 @@ use std::time::Duration;
 use lab::agent::{Agent, Manifests};
 use lab::topology::SnatTopology;
 use lab::traffic::{
-    HeldConnection, Server, seen_source, tcp_request, tcp_request_from, udp_request,
-    udp_request_from,
+    HeldConnection, Server, seen_source, tcp_request, tcp_request_from, tcp_request_reset,
+    udp_request, udp_request_from,
 };
 use lab::{Netns, require_lab};
 
@@ -294,12 +294,7 @@ fn clusterip_from_a_pod_to_a_remote_backend_keeps_the_pod_address_untracked() {
 #[test]
 fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
     let l = lab("dp-probe", None);
-    let pin = format!("{}/links/ipvs_probe", lab::agent::pin_root(&l.t.node));
-    let link = l.t.node.sh(&format!("bpftool -j link show pinned {pin}"));
-    let link: serde_json::Value = serde_json::from_str(&link).expect("bpftool link JSON");
-    let id = link["prog_id"].as_u64().expect("the link's prog_id");
-    let prog = l.t.node.sh(&format!("bpftool -j prog show id {id}"));
-    let prog: serde_json::Value = serde_json::from_str(&prog).expect("bpftool prog JSON");
+    let prog = linked_program(&l, "ipvs_probe");
     let release = l.t.node.sh("uname -r");
     let arch = l.t.node.sh("uname -m");
     let expected = if release.starts_with("6.1.") && arch.trim() == "x86_64" {
@@ -318,7 +313,7 @@ fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
     assert_eq!(
         prog["name"].as_str(),
         Some(expected),
-        "{} {}: {link}\n{prog}\n{attached}",
+        "{} {}: {prog}\n{attached}",
         release.trim(),
         arch.trim()
     );
@@ -337,20 +332,197 @@ fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
 
 /// The value of key 0 of a pinned array map, as bpftool reads it from the kernel.
 fn pinned_value(l: &Lab, map: &str) -> Vec<u8> {
+    pinned_lookup(l, map, &[0; 4]).expect("key 0")
+}
+
+/// The value of `key` in a pinned map, as bpftool reads it from the kernel; `None` if absent.
+fn pinned_lookup(l: &Lab, map: &str, key: &[u8]) -> Option<Vec<u8>> {
     let pin = format!("{}/{map}", lab::agent::pin_root(&l.t.node));
-    let out =
-        l.t.node
-            .sh(&format!("bpftool -j map lookup pinned {pin} key 0 0 0 0"));
+    let key: Vec<String> = key.iter().map(|b| b.to_string()).collect();
+    let (status, out, err) = l.t.node.sh_status(&format!(
+        "bpftool -j map lookup pinned {pin} key {}",
+        key.join(" ")
+    ));
+    if status != 0 {
+        // bpftool -j prints `null` for a key the map does not hold (and exits 254).
+        assert!(
+            out.trim() == "null" || format!("{out}{err}").to_lowercase().contains("not found"),
+            "bpftool map lookup: {out} {err}"
+        );
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool map JSON");
-    v["value"]
-        .as_array()
-        .expect("the value's bytes")
-        .iter()
-        .map(|b| {
-            let b = b.as_str().expect("a hex byte");
-            u8::from_str_radix(b.trim_start_matches("0x"), 16).expect("a hex byte")
-        })
-        .collect()
+    Some(
+        v["value"]
+            .as_array()
+            .expect("the value's bytes")
+            .iter()
+            .map(|b| {
+                let b = b.as_str().expect("a hex byte");
+                u8::from_str_radix(b.trim_start_matches("0x"), 16).expect("a hex byte")
+            })
+            .collect(),
+    )
+}
+
+/// The `conns` key (`struct tuple`) of a TCP connection from `client` to `backend` (IPv4).
+fn conns_key(client: SocketAddr, backend: SocketAddr) -> Vec<u8> {
+    let v4_mapped = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(ip) => ip.octets(),
+    };
+    let mut key = Vec::with_capacity(40);
+    key.extend_from_slice(&v4_mapped(client));
+    key.extend_from_slice(&v4_mapped(backend));
+    key.extend_from_slice(&client.port().to_be_bytes());
+    key.extend_from_slice(&backend.port().to_be_bytes());
+    key.extend_from_slice(&[6, 0, 0, 0]);
+    key
+}
+
+/// The identity of the IPVS connection a `conns` value (`struct conn_value`) records:
+/// `conn_id_hi`:`conn_id_lo` when CONN_ID_SET_HI is set.
+fn conn_id(value: &[u8]) -> Option<u64> {
+    let hi = u16::from_ne_bytes([value[18], value[19]]);
+    let lo = u32::from_ne_bytes([value[20], value[21], value[22], value[23]]);
+    (hi & 0x8000 != 0).then(|| (u64::from(hi & 0x7fff) << 32) | u64::from(lo))
+}
+
+/// The name of the program behind one of the agent's pinned links, by bpftool.
+fn linked_program(l: &Lab, link: &str) -> serde_json::Value {
+    let pin = format!("{}/links/{link}", lab::agent::pin_root(&l.t.node));
+    let link = l.t.node.sh(&format!("bpftool -j link show pinned {pin}"));
+    let link: serde_json::Value = serde_json::from_str(&link).expect("bpftool link JSON");
+    let id = link["prog_id"].as_u64().expect("the link's prog_id");
+    let prog = l.t.node.sh(&format!("bpftool -j prog show id {id}"));
+    serde_json::from_str(&prog).expect("bpftool prog JSON")
+}
+
+/// Polls `done` every half second for up to `secs` seconds.
+fn wait_for(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The probe on IPVS freeing a connection (an fentry on `ip_vs_conn_rcu_free`) removes the
+/// `conns` entries of the connections IPVS frees, untranslated (a pod to a ClusterIP) and
+/// translated (NodePort) alike: reset connections (IPVS's CLOSE state lasts 10 s) lose their
+/// entries within seconds of IPVS dropping them, not at a full read of the sweeper's after
+/// IPVS's 15-minute established timeout (which alone would remove an untranslated one). Read
+/// from the kernel: the entries by bpftool, the probe's counter `probe_free_removed`.
+#[test]
+fn conns_entries_go_when_ipvs_frees_their_connections() {
+    let l = lab("dp-free", None);
+    // The agent logs the flavours it passed over, and why.
+    let attached = l
+        .agent
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("IPVS freeing a connection"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let pin = format!("{}/links/ipvs_free_probe", lab::agent::pin_root(&l.t.node));
+    assert!(
+        l.t.node.sh_status(&format!("test -e {pin}")).0 == 0,
+        "{attached}"
+    );
+    let prog = linked_program(&l, "ipvs_free_probe");
+    assert_eq!(
+        prog["name"].as_str(),
+        Some("ipvs_conn_free_fentry"),
+        "{prog}\n{attached}"
+    );
+    assert_eq!(prog["type"].as_str(), Some("tracing"), "{prog}");
+    let backend = addr("10.244.2.2:8080");
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        for (from, to) in [(&l.t.pod, "10.96.0.10:80"), (&l.t.client, "10.0.1.1:30080")] {
+            let (local, answer) = tcp_request_reset(from, addr(to)).expect("request");
+            assert!(answer.contains("->"), "{answer}");
+            keys.push(conns_key(local, backend));
+        }
+    }
+    for key in &keys {
+        let value = pinned_lookup(&l, "conns", key).expect("the probe's entry");
+        assert!(conn_id(&value).is_some(), "no identity: {value:?}");
+    }
+    let gone = wait_for(45, || {
+        keys.iter()
+            .all(|key| pinned_lookup(&l, "conns", key).is_none())
+    });
+    assert!(
+        gone,
+        "conns entries left after IPVS freed their connections; IPVS holds:\n{}",
+        l.t.node.sh("ipvsadm -Lnc")
+    );
+    let c = l.agent.counters(&l.t.node);
+    assert!(
+        c.get("probe_free_removed").copied().unwrap_or(0) >= keys.len() as u64,
+        "{c:?}"
+    );
+}
+
+/// A connection on the tuple of one IPVS still holds (a client port reused after a reset: IPVS
+/// schedules it as a new connection and expires the old one at once) keeps its `conns` entry
+/// when IPVS frees the old connection: the entry carries the new connection's identity, the
+/// probe keeps it (`probe_free_kept`), and the new connection's replies stay marked (its echo
+/// comes back, nothing in conntrack). Its own free then removes it.
+#[test]
+fn a_connection_reusing_a_tuple_keeps_its_conns_entry_when_ipvs_frees_the_old_one() {
+    let l = lab("dp-reuse", None);
+    let echo = std::net::SocketAddrV4::new([10, 96, 0, 30].into(), 80);
+    let port = 41234;
+    let key = conns_key(
+        SocketAddr::from(([10, 244, 1, 2], port)),
+        addr("10.244.2.2:9000"),
+    );
+    let tracked = l.t.conntrack_count();
+    let mut first = HeldConnection::open_from(&l.t.pod, port, echo).expect("first connection");
+    assert_eq!(first.echo("one").expect("echo"), "one");
+    let old = pinned_lookup(&l, "conns", &key)
+        .and_then(|v| conn_id(&v))
+        .expect("the first connection's entry");
+    let kept = |l: &Lab| {
+        l.agent
+            .counters(&l.t.node)
+            .get("probe_free_kept")
+            .copied()
+            .unwrap_or(0)
+    };
+    let kept_before = kept(&l);
+    first.reset().expect("reset");
+    let mut second = HeldConnection::open_from(&l.t.pod, port, echo).expect("second connection");
+    assert_eq!(second.echo("two").expect("echo"), "two");
+    assert!(
+        wait_for(30, || kept(&l) > kept_before),
+        "IPVS did not free the first connection: {}\n{:?}",
+        l.t.node.sh("ipvsadm -Lnc"),
+        l.agent.counters(&l.t.node)
+    );
+    let new = pinned_lookup(&l, "conns", &key)
+        .and_then(|v| conn_id(&v))
+        .expect("the second connection's entry, kept");
+    assert_ne!(new, old, "a new IPVS connection, a new identity");
+    assert_eq!(second.echo("three").expect("echo"), "three");
+    assert_eq!(
+        l.t.conntrack_count(),
+        tracked,
+        "replies must stay untracked"
+    );
+    second.reset().expect("reset");
+    assert!(
+        wait_for(45, || pinned_lookup(&l, "conns", &key).is_none()),
+        "the second connection's entry outlived it:\n{}",
+        l.t.node.sh("ipvsadm -Lnc")
+    );
 }
 
 /// The port filter (docs/datapath.md "Port filter") on a node the agent runs: the agent turns it

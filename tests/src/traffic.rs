@@ -241,6 +241,115 @@ impl HeldConnection {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.stream.local_addr()
     }
+
+    /// [`HeldConnection::open`] from a chosen local port (bound before the connect, with
+    /// `SO_REUSEADDR`), IPv4.
+    pub fn open_from(
+        ns: &Netns,
+        port: u16,
+        to: std::net::SocketAddrV4,
+    ) -> std::io::Result<HeldConnection> {
+        let stream = ns.run(move || connect_from(port, to))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(HeldConnection { stream })
+    }
+
+    /// Closes the connection with a reset (`SO_LINGER` 0): IPVS's CLOSE state (10 s), and no
+    /// TIME_WAIT on the client, whose port is free again at once.
+    pub fn reset(self) -> std::io::Result<()> {
+        set_linger_zero(&self.stream)
+    }
+}
+
+fn os_result(ret: libc::c_int) -> std::io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `SO_LINGER` 0 on `stream`: its close sends a reset.
+fn set_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a `linger` of the size given.
+    os_result(unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// A TCP connection from local port `port` to `to` (the calling thread's namespace), the
+/// connect bounded by [`IO_TIMEOUT`] (`SO_SNDTIMEO`).
+fn connect_from(port: u16, to: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns (`fd`), with arguments of
+    // the sizes given.
+    unsafe {
+        let raw = os_result(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0))?;
+        let fd = OwnedFd::from_raw_fd(raw);
+        let one: libc::c_int = 1;
+        os_result(libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let timeout = libc::timeval {
+            tv_sec: IO_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        os_result(libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        ))?;
+        let local = sockaddr(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::UNSPECIFIED,
+            port,
+        ));
+        os_result(libc::bind(raw, (&raw const local).cast(), len))?;
+        let remote = sockaddr(to);
+        os_result(libc::connect(raw, (&raw const remote).cast(), len))?;
+        Ok(TcpStream::from(fd))
+    }
+}
+
+/// [`tcp_request_from`], closed with a reset once the answer is read (see
+/// [`HeldConnection::reset`]).
+pub fn tcp_request_reset(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    ns.run(move || {
+        let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+        let local = c.local_addr()?;
+        c.set_read_timeout(Some(IO_TIMEOUT))?;
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        set_linger_zero(&c)?;
+        Ok((local, out))
+    })
 }
 
 /// One plain HTTP/1.1 GET of `path` at `addr` from inside `ns`: the raw response.

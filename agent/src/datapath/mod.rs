@@ -425,6 +425,22 @@ impl Datapath {
             // Nothing depends on the probe alone (docs/datapath.md): run without it.
             Err(e) => tracing::warn!("IPVS connection probe not attached: {e}"),
         }
+        match dp.loaded.attach_ipvs_free_probe() {
+            Ok(kind) => {
+                let passed_over = dp.loaded.ipvs_free_probe_passed_over().join("; ");
+                tracing::info!(
+                    probe = ?kind,
+                    passed_over,
+                    "probe on IPVS freeing a connection attached: conns entries go with their \
+                     connections"
+                );
+            }
+            // The sweeper then removes the entries itself (sweep::ConnsRemoval::BySweeper).
+            Err(e) => tracing::warn!(
+                "probe on IPVS freeing a connection not attached, the sweeper reads conns in \
+                 full every minute instead: {e}"
+            ),
+        }
         dp.write_rules()?;
         dp.observed = maps_rec::observe(dp.loaded.maps()).context("reading the service maps")?;
         dp.sources = dp.loaded.maps().devices.entries()?.into_iter().collect();
@@ -855,7 +871,12 @@ impl Datapath {
         let pins = self.loaded.pin_root();
         let maps = probes::DatapathMaps::open_pinned(pins)
             .with_context(|| format!("opening the maps pinned under {}", pins.display()))?;
-        sweep::Sweeper::start(maps, period, self.cfg.timeouts, metrics)
+        let removal = if self.loaded.ipvs_free_probe().is_some() {
+            sweep::ConnsRemoval::AtIpvsFree
+        } else {
+            sweep::ConnsRemoval::BySweeper
+        };
+        sweep::Sweeper::start(maps, period, self.cfg.timeouts, metrics, removal)
             .context("starting the sweeper thread")
     }
 

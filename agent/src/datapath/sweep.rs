@@ -214,45 +214,103 @@ pub enum ConnsRead {
     OfExpiredRecords,
 }
 
+/// Who removes the `conns` entry of a connection IPVS is done with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnsRemoval {
+    /// The probe on IPVS freeing a connection (`ip_vs_conn_rcu_free`), as IPVS frees it: the
+    /// sweeper keeps no [`ExpiredRecords`], and its full reads, every
+    /// [`CONNS_FULL_READ_PASSES_AFTER_FREE`] passes, only find what that probe could not remove:
+    /// entries an older probe wrote (without the connection's identity) and connections freed
+    /// while no probe was attached, by age.
+    AtIpvsFree,
+    /// The sweeper (no probe on IPVS's free attached): a record's entry at the full read after its
+    /// expiry ([`ExpiredRecords`]), an untranslated connection's once older than IPVS's
+    /// established timeout and no longer in IPVS's table; a full read every
+    /// [`CONNS_FULL_READ_PASSES`] passes.
+    BySweeper,
+}
+
+impl ConnsRemoval {
+    /// The passes from one full read of `conns` to the next.
+    pub fn full_read_passes(self) -> u64 {
+        match self {
+            ConnsRemoval::AtIpvsFree => CONNS_FULL_READ_PASSES_AFTER_FREE,
+            ConnsRemoval::BySweeper => CONNS_FULL_READ_PASSES,
+        }
+    }
+
+    /// Which `conns` read pass number `pass` (from 0) of a sweeper makes: a full read on the
+    /// first pass and every [`ConnsRemoval::full_read_passes`] after it.
+    pub fn read_of_pass(self, pass: u64) -> ConnsRead {
+        if pass.is_multiple_of(self.full_read_passes()) {
+            ConnsRead::Full
+        } else {
+            ConnsRead::OfExpiredRecords
+        }
+    }
+}
+
 /// The records expired since the last full read of `conns`, by forward tuple, with their last
 /// packet (CLOCK_MONOTONIC ns): their `conns` entries, which that read removes with the others
 /// it finds over, unless the probe wrote one after the record's last packet (a new IPVS
 /// connection on the same tuple). A sweeper keeps one across its passes; an entry it loses (the
-/// agent restarted) is an untranslated connection's to the next agent, removed by age.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ExpiredRecords(HashMap<Tuple, u64, TupleHashing>);
+/// agent restarted) is an untranslated connection's to the next agent, removed by age. Under
+/// [`ConnsRemoval::AtIpvsFree`] it keeps nothing ([`ExpiredRecords::for_removal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredRecords {
+    records: HashMap<Tuple, u64, TupleHashing>,
+    /// Whether expired records are kept (the sweeper removes their entries).
+    keep: bool,
+}
+
+impl Default for ExpiredRecords {
+    fn default() -> Self {
+        Self::for_removal(ConnsRemoval::BySweeper)
+    }
+}
 
 impl ExpiredRecords {
+    /// Empty, keeping the records a pass expires only if the sweeper removes their entries.
+    pub fn for_removal(removal: ConnsRemoval) -> Self {
+        ExpiredRecords {
+            records: HashMap::default(),
+            keep: removal == ConnsRemoval::BySweeper,
+        }
+    }
+
+    fn insert(&mut self, key: Tuple, last_seen_ns: u64) {
+        if self.keep {
+            self.records.insert(key, last_seen_ns);
+        }
+    }
+
     /// Records waiting for the next full read.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.records.is_empty()
     }
 
     /// Whether the record of forward tuple `key` is among them.
     pub fn contains(&self, key: &Tuple) -> bool {
-        self.0.contains_key(key)
+        self.records.contains_key(key)
     }
 }
 
-/// The sweeper reads `conns` in full every this many passes (a minute at the default period of
-/// 10 s), the first pass included; the other passes read only what they expire
-/// ([`ConnsRead::OfExpiredRecords`]). An untranslated connection's entry goes up to this many
-/// periods after its timeout; nothing reads it meanwhile but the replies' lookups, which it
-/// marks as IPVS's own table would.
+/// Under [`ConnsRemoval::BySweeper`], the sweeper reads `conns` in full every this many passes
+/// (a minute at the default period of 10 s), the first pass included; the other passes read
+/// only what they expire ([`ConnsRead::OfExpiredRecords`]). An untranslated connection's entry
+/// goes up to this many periods after its timeout; nothing reads it meanwhile but the replies'
+/// lookups, which it marks as IPVS's own table would.
 pub const CONNS_FULL_READ_PASSES: u64 = 6;
 
-/// Which `conns` read pass number `pass` (from 0) of a sweeper makes.
-pub fn conns_read_of_pass(pass: u64) -> ConnsRead {
-    if pass.is_multiple_of(CONNS_FULL_READ_PASSES) {
-        ConnsRead::Full
-    } else {
-        ConnsRead::OfExpiredRecords
-    }
-}
+/// Under [`ConnsRemoval::AtIpvsFree`], the passes from one full read to the next: 15 minutes at
+/// the default period, IPVS's established timeout. A full read costs about a microsecond per
+/// entry under `-icount` (docs/benchmarks.json `sweep_icount`) and, on a map of 262,144
+/// buckets, some 40 ms when empty.
+pub const CONNS_FULL_READ_PASSES_AFTER_FREE: u64 = 90;
 
 /// One pass that reads `conns` in full ([`sweep_pass`] with [`ConnsRead::Full`]), as a first
 /// pass (no records expired before it).
@@ -369,9 +427,7 @@ fn sweep_inner(
             });
         if removed {
             report.snat_expired += 1;
-            since_full_read
-                .0
-                .insert(record.fwd_key, record.last_seen_ns());
+            since_full_read.insert(record.fwd_key, record.last_seen_ns());
         }
     }
     report.snat_live = live.saturating_sub(report.snat_expired);
@@ -383,7 +439,7 @@ fn sweep_inner(
     }
     if read == ConnsRead::Full {
         expire_conns(maps, since_full_read, now_ns, t, ipvs_held, &mut report)?;
-        since_full_read.0.clear();
+        since_full_read.records.clear();
     }
     Ok(report)
 }
@@ -405,7 +461,7 @@ fn expire_conns(
     let mut live = 0;
     let mut over = Vec::new();
     for (key, conn) in &conns {
-        let translation = match expired_since.0.get(key) {
+        let translation = match expired_since.records.get(key) {
             Some(&last_seen_ns) => Translation::Expired { last_seen_ns },
             // Younger than any timeout it can have: kept, whatever translates it.
             None if !conn_expired(key, conn, Translation::None, now_ns, t) => Translation::None,
@@ -456,15 +512,16 @@ impl Sweeper {
         period: Duration,
         timeouts: Timeouts,
         metrics: Metrics,
+        removal: ConnsRemoval,
     ) -> std::io::Result<Sweeper> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("sweeper".into())
             .spawn(move || {
                 let mut drops = DropLog::default();
-                let mut expired = ExpiredRecords::default();
+                let mut expired = ExpiredRecords::for_removal(removal);
                 for pass in 0.. {
-                    let read = conns_read_of_pass(pass);
+                    let read = removal.read_of_pass(pass);
                     sweep_once(&maps, &timeouts, &metrics, &mut drops, read, &mut expired);
                     match stopped.recv_timeout(period) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
