@@ -60,6 +60,8 @@
 //!     sweepPeriod: 10s            # how often expired SNAT entries are swept (100ms..1m)
 //!     snatReroute: auto           # net.ipv4.vs.snat_reroute: auto (off while routes depend on
 //!                                 # the destination alone), on or off (datapath::reroute)
+//!     ipvsFreeProbe: true         # the probe on IPVS freeing a connection removes its conns
+//!                                 # entry; false: the sweeper does (sweep::ConnsRemoval)
 //! ```
 
 use std::collections::BTreeMap;
@@ -291,6 +293,8 @@ pub struct DatapathSection {
     pub sweep_period: Option<String>,
     /// `auto`, `on` or `off`: `net.ipv4.vs.snat_reroute` (`--snat-reroute`).
     pub snat_reroute: Option<String>,
+    /// Whether the probe on IPVS freeing a connection is attached (`--ipvs-free-probe`).
+    pub ipvs_free_probe: Option<bool>,
 }
 
 /// Flags given on the command line: `None` (or empty) where the operator gave none, so the file
@@ -310,6 +314,7 @@ pub struct Overrides {
     pub drain_timeout: Option<Duration>,
     pub sweep_period: Option<Duration>,
     pub snat_reroute: Option<SnatReroute>,
+    pub ipvs_free_probe: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
@@ -468,6 +473,9 @@ pub struct DatapathSettings {
     pub sweep_period: Duration,
     /// `net.ipv4.vs.snat_reroute` (`crate::datapath::reroute`).
     pub snat_reroute: SnatReroute,
+    /// Whether the probe on IPVS freeing a connection is attached (it removes the
+    /// connection's `conns` entry; without it the sweeper does: `sweep::ConnsRemoval`).
+    pub ipvs_free_probe: bool,
 }
 
 impl DatapathSettings {
@@ -504,6 +512,7 @@ impl Default for DatapathSettings {
             snat_port_range: None,
             sweep_period: DEFAULT_SWEEP_PERIOD,
             snat_reroute: SnatReroute::Auto,
+            ipvs_free_probe: true,
         }
     }
 }
@@ -795,6 +804,7 @@ fn file_datapath(own: &OwnSection, cfg: &mut AgentConfig) -> Result<(), ConfigEr
         if let Some(s) = non_empty(&dp.snat_reroute) {
             cfg.datapath.snat_reroute = value_enum("kubeIpvsBpf.datapath.snatReroute", s)?;
         }
+        over(&mut cfg.datapath.ipvs_free_probe, &dp.ipvs_free_probe);
     }
     Ok(())
 }
@@ -831,6 +841,7 @@ fn apply_overrides(cfg: &mut AgentConfig, o: &Overrides) -> Result<(), ConfigErr
     over(&mut cfg.timing.drain_timeout, &o.drain_timeout);
     over(&mut cfg.datapath.sweep_period, &o.sweep_period);
     over(&mut cfg.datapath.snat_reroute, &o.snat_reroute);
+    over(&mut cfg.datapath.ipvs_free_probe, &o.ipvs_free_probe);
     over(&mut cfg.state_dir, &o.state_dir);
     over(&mut cfg.listeners.healthz, &o.healthz_bind_address);
     over(&mut cfg.listeners.metrics, &o.metrics_bind_address);

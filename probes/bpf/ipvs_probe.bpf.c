@@ -116,19 +116,6 @@ static __always_inline void conn_id_set(struct conn_value *v, __u64 cp)
 }
 
 /*
- * A BTF pointer's value (an fexit or fentry argument) as a plain integer: the verifier allows it
- * no arithmetic but adding and subtracting, so it is copied out of a stack slot.
- */
-static __always_inline __u64 pointer_value(const void *p)
-{
-	const void *slot = p;
-	__u64 value = 0;
-
-	bpf_probe_read_kernel(&value, sizeof(value), &slot);
-	return value;
-}
-
-/*
  * The `conns` key of an IPVS connection: client -> backend and protocol, as record_conn() writes
  * it; the client port (0 for a persistence template, which has no entry) in `key->sport`.
  */
@@ -159,7 +146,11 @@ static __always_inline void record_drain_flow(const struct tuple *conn, const st
 	bpf_map_update_elem(&switch_flows, &key, &flow, BPF_ANY);
 }
 
-static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
+/*
+ * `cp`'s address is `addr`, a plain integer: a BTF pointer (the fexit programs' argument) allows
+ * no arithmetic but adding and subtracting, so those take it from bpf_get_func_ret().
+ */
+static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct, __u64 addr)
 {
 	struct tuple key = {};
 	struct conn_value value = {};
@@ -184,7 +175,7 @@ static __always_inline int record_conn(struct ip_vs_conn *cp, const int direct)
 	conn_key(&key, cp, direct);
 	read_addr(value.vaddr, &cp->vaddr, CONN_FIELD(direct, cp, af), direct);
 	value.vport = CONN_FIELD(direct, cp, vport);
-	conn_id_set(&value, direct ? pointer_value(cp) : (__u64)(unsigned long)cp);
+	conn_id_set(&value, addr);
 	value.created_ns = bpf_ktime_get_ns();
 	/* Before the entry can be found (port_filter.h): its replies come from this port. */
 	port_filter_add(PORT_BACKEND, key.dport);
@@ -200,7 +191,10 @@ int BPF_PROG(ipvs_conn_new_fexit, const struct ip_vs_conn_param *p, int dest_af,
 	     const union nf_inet_addr *daddr, __be16 dport, unsigned int flags,
 	     struct ip_vs_dest *dest, __u32 fwmark, struct ip_vs_conn *ret)
 {
-	return record_conn(ret, 1);
+	__u64 addr = 0;
+
+	bpf_get_func_ret(ctx, &addr);
+	return record_conn(ret, 1, addr);
 }
 
 /* Opaque argument types of ip_vs_schedule (only passed through). */
@@ -223,13 +217,16 @@ int BPF_PROG(ipvs_schedule_fexit, struct ip_vs_service *svc, struct sk_buff *skb
 	     struct ip_vs_proto_data *pd, int *ignored, struct ip_vs_iphdr *iph,
 	     struct ip_vs_conn *ret)
 {
-	return record_conn(ret, 1);
+	__u64 addr = 0;
+
+	bpf_get_func_ret(ctx, &addr);
+	return record_conn(ret, 1, addr);
 }
 
 SEC("?kretprobe/ip_vs_conn_new")
 int BPF_KRETPROBE(ipvs_conn_new_kretprobe, struct ip_vs_conn *ret)
 {
-	return record_conn(ret, 0);
+	return record_conn(ret, 0, (__u64)(unsigned long)ret);
 }
 
 /*
@@ -271,7 +268,11 @@ static __always_inline int forget_conn(__u64 head)
 SEC("?fentry/ip_vs_conn_rcu_free")
 int BPF_PROG(ipvs_conn_free_fentry, struct callback_head *head)
 {
-	return forget_conn(pointer_value(head));
+	__u64 addr = 0;
+
+	/* The argument as a plain integer (see record_conn). */
+	bpf_get_func_arg(ctx, 0, &addr);
+	return forget_conn(addr);
 }
 
 SEC("?kprobe/ip_vs_conn_rcu_free")

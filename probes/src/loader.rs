@@ -1233,25 +1233,34 @@ impl Datapath {
         self.free_probe.as_ref().map_or(&[], |p| &p.passed_over)
     }
 
+    /// Detaches the probe on IPVS freeing a connection (ours, or one pinned by an earlier run).
+    pub fn detach_ipvs_free_probe(&mut self) -> Result<()> {
+        if let Some(probe) = self.free_probe.take() {
+            let _ = probe.link.detach();
+        }
+        self.remove_link_pin(FREE_PROBE_LINK_NAME)
+    }
+
+    /// Detaches and unpins the pinned link `name` under [`LINKS_DIR`], if any.
+    fn remove_link_pin(&self, name: &str) -> Result<()> {
+        let path = self.options.pin_root.join(LINKS_DIR).join(name);
+        if path.exists() {
+            if let Ok(link) = Link::open(&path) {
+                let _ = link.detach();
+            }
+            fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
+        }
+        Ok(())
+    }
+
     /// Detaches the IPVS probes, the connection probe and the probe on its free (ours, or
     /// ones pinned by an earlier run).
     pub fn detach_ipvs_probe(&mut self) -> Result<()> {
         if let Some(probe) = self.probe.take() {
             let _ = probe.link.detach();
         }
-        if let Some(probe) = self.free_probe.take() {
-            let _ = probe.link.detach();
-        }
-        for name in [PROBE_LINK_NAME, FREE_PROBE_LINK_NAME] {
-            let path = self.options.pin_root.join(LINKS_DIR).join(name);
-            if path.exists() {
-                if let Ok(link) = Link::open(&path) {
-                    let _ = link.detach();
-                }
-                fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
-            }
-        }
-        Ok(())
+        self.remove_link_pin(PROBE_LINK_NAME)?;
+        self.detach_ipvs_free_probe()
     }
 
     /// Runs one of the datapath programs once on `packet` with BPF_PROG_TEST_RUN.

@@ -1,6 +1,8 @@
 #!/bin/sh
 # The guest side of `scripts/bench sweep`: what one full read of `conns` costs the sweeper per
-# entry. Runs the agent on the example Services, sums its sweeper thread's CPU (schedstat) over
+# entry. Runs the agent on the example Services with the probe on IPVS's free off
+# (`--ipvs-free-probe=false`: the sweeper then reads `conns` in full every minute; with the probe,
+# every 15 minutes), sums its sweeper thread's CPU (schedstat) over
 # WINDOW seconds (six full reads at the default 10 s period: a full read every sixth pass) with
 # `conns` empty, adds ENTRIES young entries (created in the far future, so no pass expires them)
 # with one `bpftool batch`, sums it again, and prints the figures as one JSON line. Under
@@ -10,7 +12,7 @@ export PATH=/lab/bin:$PATH LD_LIBRARY_PATH=/lab/lib
 WINDOW=${WINDOW:-360} ENTRIES=${ENTRIES:-20000}
 ip link add dummy0 type dummy && ip addr add 10.0.1.1/24 dev dummy0 && ip link set dummy0 up
 mkdir -p /tmp/services && cp /lab/bin/services.yaml /tmp/services/
-kube-ipvs-bpf run --source file:/tmp/services --node-name lab 2>/tmp/agent.log &
+kube-ipvs-bpf run --source file:/tmp/services --node-name lab --ipvs-free-probe=false 2>/tmp/agent.log &
 sleep 40
 pid=$(pidof kube-ipvs-bpf)
 pin=$(ls -d /sys/fs/bpf/kube-ipvs-bpf/*/conns | head -n1)

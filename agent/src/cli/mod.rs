@@ -280,6 +280,11 @@ pub struct RunArgs {
     /// route or xfrm policy can make a route depend on the source, and on otherwise.
     #[arg(long, value_enum)]
     pub snat_reroute: Option<SnatReroute>,
+    /// Attach the probe on IPVS freeing a connection, which removes the connection's conns
+    /// entry as IPVS frees it (default true); false: the sweeper removes the entries, reading
+    /// conns in full every minute.
+    #[arg(long)]
+    pub ipvs_free_probe: Option<bool>,
     /// How often the node state outside IPVS (iptables rules, sysctls, TC programs,
     /// kube-ipvs0) is checked and repaired; nf_tables and kube-ipvs0 changes are noticed sooner
     /// (default 5s).

@@ -45,6 +45,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         sweep_period: args.sweep_period,
         snat_reroute: args.snat_reroute,
+        ipvs_free_probe: args.ipvs_free_probe,
         state_dir: args.state_dir.clone(),
         healthz_bind_address: args.healthz_bind_address,
         metrics_bind_address: args.metrics_bind_address,
@@ -150,6 +151,7 @@ fn sync_config(cfg: &config::AgentConfig, node_name: &str) -> SyncConfig {
             map_sizes: dp.map_sizes,
             sysctl_root: crate::datapath::sysctl::default_root(),
             snat_reroute: dp.snat_reroute,
+            ipvs_free_probe: dp.ipvs_free_probe,
         }),
         sweep_period: dp.sweep_period,
         ..SyncConfig::default()

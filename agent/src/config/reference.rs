@@ -425,6 +425,12 @@ pub const FIELDS: &[Field] = &[
         "–",
         "`net.ipv4.vs.snat_reroute`: `auto` turns IPVS's second route lookup of each reply off while no FIB rule other than the kernel's own, IPv6 source route or xfrm policy can make a route depend on the source, and on otherwise; `on` or `off` (`--snat-reroute`; docs/datapath.md)",
     ),
+    f(
+        "kubeIpvsBpf.datapath.ipvsFreeProbe",
+        "true",
+        "–",
+        "attach the probe on IPVS freeing a connection, which removes the connection's `conns` entry as IPVS frees it; `false`: the sweeper removes the entries, reading `conns` in full every minute (`--ipvs-free-probe`; docs/datapath.md, IPVS probe)",
+    ),
 ];
 
 /// docs/configuration.md.

@@ -457,6 +457,28 @@ fn sweep_period_from_file_or_flag_zero_and_absurd_values_refused() {
 }
 
 #[test]
+fn the_probe_on_ipvs_frees_is_on_by_default_and_off_by_file_or_flag() {
+    assert!(AgentConfig::default().datapath.ipvs_free_probe);
+    let off = resolved(&ours(
+        "kubeIpvsBpf:\n  datapath:\n    ipvsFreeProbe: false\n",
+    ));
+    assert!(!off.datapath.ipvs_free_probe);
+    let file = parse(&ours(
+        "kubeIpvsBpf:\n  datapath:\n    ipvsFreeProbe: false\n",
+    ))
+    .unwrap();
+    let flag = resolve(
+        Some(&file),
+        &Overrides {
+            ipvs_free_probe: Some(true),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert!(flag.datapath.ipvs_free_probe, "the flag over the file");
+}
+
+#[test]
 fn snat_reroute_is_auto_by_default_set_by_file_or_flag_and_unknown_values_refused() {
     use crate::config::SnatReroute;
     assert_eq!(

@@ -63,6 +63,8 @@ pub struct DatapathConfig {
     pub sysctl_root: PathBuf,
     /// `net.ipv4.vs.snat_reroute` ([`reroute`]).
     pub snat_reroute: reroute::SnatReroute,
+    /// Whether to attach the probe on IPVS freeing a connection ([`sweep::ConnsRemoval`]).
+    pub ipvs_free_probe: bool,
 }
 
 impl Default for DatapathConfig {
@@ -82,6 +84,7 @@ impl Default for DatapathConfig {
             timeouts: sweep::Timeouts::default(),
             sysctl_root: sysctl::default_root(),
             snat_reroute: reroute::SnatReroute::Auto,
+            ipvs_free_probe: true,
         }
     }
 }
@@ -425,21 +428,31 @@ impl Datapath {
             // Nothing depends on the probe alone (docs/datapath.md): run without it.
             Err(e) => tracing::warn!("IPVS connection probe not attached: {e}"),
         }
-        match dp.loaded.attach_ipvs_free_probe() {
-            Ok(kind) => {
-                let passed_over = dp.loaded.ipvs_free_probe_passed_over().join("; ");
-                tracing::info!(
-                    probe = ?kind,
-                    passed_over,
-                    "probe on IPVS freeing a connection attached: conns entries go with their \
-                     connections"
-                );
+        if !dp.cfg.ipvs_free_probe {
+            dp.loaded
+                .detach_ipvs_free_probe()
+                .context("detaching the probe on IPVS freeing a connection")?;
+            tracing::info!(
+                "probe on IPVS freeing a connection off (kubeIpvsBpf.datapath.ipvsFreeProbe): the \
+                 sweeper removes conns entries, reading conns in full every minute"
+            );
+        } else {
+            match dp.loaded.attach_ipvs_free_probe() {
+                Ok(kind) => {
+                    let passed_over = dp.loaded.ipvs_free_probe_passed_over().join("; ");
+                    tracing::info!(
+                        probe = ?kind,
+                        passed_over,
+                        "probe on IPVS freeing a connection attached: conns entries go with \
+                         their connections"
+                    );
+                }
+                // The sweeper then removes the entries itself (sweep::ConnsRemoval::BySweeper).
+                Err(e) => tracing::warn!(
+                    "probe on IPVS freeing a connection not attached, the sweeper reads conns in \
+                     full every minute instead: {e}"
+                ),
             }
-            // The sweeper then removes the entries itself (sweep::ConnsRemoval::BySweeper).
-            Err(e) => tracing::warn!(
-                "probe on IPVS freeing a connection not attached, the sweeper reads conns in \
-                 full every minute instead: {e}"
-            ),
         }
         dp.write_rules()?;
         dp.observed = maps_rec::observe(dp.loaded.maps()).context("reading the service maps")?;
