@@ -303,13 +303,7 @@ fn the_ipvs_probe_is_an_fexit_on_ip_vs_conn_new_or_else_on_ip_vs_schedule() {
         "ipvs_conn_new_fexit"
     };
     // The agent logs the flavours it passed over, and why.
-    let attached = l
-        .agent
-        .log_text()
-        .lines()
-        .filter(|line| line.contains("IPVS connection probe"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let attached = log_lines(&l, "IPVS connection probe");
     assert_eq!(
         prog["name"].as_str(),
         Some(expected),
@@ -388,7 +382,17 @@ fn conn_id(value: &[u8]) -> Option<u64> {
     (hi & 0x8000 != 0).then(|| (u64::from(hi & 0x7fff) << 32) | u64::from(lo))
 }
 
-/// The name of the program behind one of the agent's pinned links, by bpftool.
+/// The agent's log lines that contain `needle`.
+fn log_lines(l: &Lab, needle: &str) -> String {
+    l.agent
+        .log_text()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The program behind one of the agent's pinned links, by bpftool.
 fn linked_program(l: &Lab, link: &str) -> serde_json::Value {
     let pin = format!("{}/links/{link}", lab::agent::pin_root(&l.t.node));
     let link = l.t.node.sh(&format!("bpftool -j link show pinned {pin}"));
@@ -422,13 +426,7 @@ fn wait_for(secs: u64, mut done: impl FnMut() -> bool) -> bool {
 fn conns_entries_go_when_ipvs_frees_their_connections() {
     let l = lab("dp-free", None);
     // The agent logs the flavours it passed over, and why.
-    let attached = l
-        .agent
-        .log_text()
-        .lines()
-        .filter(|line| line.contains("IPVS freeing a connection"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let attached = log_lines(&l, "IPVS freeing a connection");
     let pin = format!("{}/links/ipvs_free_probe", lab::agent::pin_root(&l.t.node));
     assert!(
         l.t.node.sh_status(&format!("test -e {pin}")).0 == 0,

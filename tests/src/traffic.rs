@@ -177,6 +177,20 @@ pub fn tcp_request(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
 
 /// [`tcp_request`], also returning the client's own address:port (its side of the connection).
 pub fn tcp_request_from(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    tcp_request_closed(ns, to, false)
+}
+
+/// [`tcp_request_from`], closed with a reset once the answer is read (see
+/// [`HeldConnection::reset`]).
+pub fn tcp_request_reset(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    tcp_request_closed(ns, to, true)
+}
+
+fn tcp_request_closed(
+    ns: &Netns,
+    to: SocketAddr,
+    reset: bool,
+) -> std::io::Result<(SocketAddr, String)> {
     ns.run(move || {
         let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
         let local = c.local_addr()?;
@@ -184,6 +198,9 @@ pub fn tcp_request_from(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAd
         c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
         let mut out = String::new();
         c.read_to_string(&mut out)?;
+        if reset {
+            set_linger_zero(&c)?;
+        }
         Ok((local, out))
     })
 }
@@ -335,21 +352,6 @@ fn connect_from(port: u16, to: std::net::SocketAddrV4) -> std::io::Result<TcpStr
         os_result(libc::connect(raw, (&raw const remote).cast(), len))?;
         Ok(TcpStream::from(fd))
     }
-}
-
-/// [`tcp_request_from`], closed with a reset once the answer is read (see
-/// [`HeldConnection::reset`]).
-pub fn tcp_request_reset(ns: &Netns, to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
-    ns.run(move || {
-        let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
-        let local = c.local_addr()?;
-        c.set_read_timeout(Some(IO_TIMEOUT))?;
-        c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        let mut out = String::new();
-        c.read_to_string(&mut out)?;
-        set_linger_zero(&c)?;
-        Ok((local, out))
-    })
 }
 
 /// One plain HTTP/1.1 GET of `path` at `addr` from inside `ns`: the raw response.
