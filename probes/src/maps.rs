@@ -1114,11 +1114,12 @@ mod tests {
 
     #[test]
     fn counters_are_indexed_in_order() {
-        assert_eq!(Counter::COUNT, 20);
+        assert_eq!(Counter::COUNT, 22);
         for (i, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(counter.index() as usize, i);
         }
         assert_eq!(Counter::ParseError.name(), "parse_error");
+        assert_eq!(Counter::ProbeFreeKept.name(), "probe_free_kept");
         let mut stats = Stats::default();
         stats.set(Counter::RevHit, 3);
         assert_eq!(stats.rev_hit, 3);
