@@ -1123,12 +1123,7 @@ impl Datapath {
             match try_one(kind) {
                 Ok((object, mut link)) => {
                     let path = self.links_dir()?.join(link_name);
-                    if path.exists() {
-                        if let Ok(old) = Link::open(&path) {
-                            let _ = old.detach();
-                        }
-                        fs::remove_file(&path).map_err(io_error("remove probe pin", &path))?;
-                    }
+                    self.remove_link_pin(link_name)?;
                     if let Some(previous) = previous {
                         let _ = previous.link.detach();
                     }
